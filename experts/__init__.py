@@ -1,0 +1,1 @@
+"""Vision experts and their plugin registry."""

@@ -1,0 +1,95 @@
+"""`denseforge` command line: run, resume, status, bench. Exit code 0 only on success."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from denseforge.errors import DenseforgeError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.config import dump_config, load_config
+    from denseforge.pipeline.runner import run
+
+    config = load_config(args.config, args.set)
+    if args.dry_run:
+        print(dump_config(config), end="")
+        return 0
+    out = Path(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stats = run(config, out.resolve(), args.address)
+    return 0 if stats["funnel"]["balanced"] else 1
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.runner import resume
+
+    stats = resume(Path(args.dir).resolve(), args.address)
+    return 0 if stats["funnel"]["balanced"] else 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.status import describe_run
+
+    print(describe_run(Path(args.dir)))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.bench import run_benchmark
+
+    result = run_benchmark(args.name, images=args.images, processes=args.processes, threads=args.threads)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="denseforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="start a run from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--out", help="run directory (default runs/<run.name>-<time>)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; run nothing")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("resume", help="finish a run that stopped (killed, crashed, interrupted)")
+    p.add_argument("dir")
+    p.add_argument("--address")
+    p.set_defaults(func=_cmd_resume)
+    p = sub.add_parser("status", help="where a run is")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("bench", help="benchmarks, JSON out")
+    p.add_argument("name", choices=["ingest"])
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--threads", type=int, default=16)
+    p.add_argument("--json", help="also write the result to this file")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # albumentations (imported by img2dataset) phones home for updates unless told not to.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DenseforgeError as err:
+        print(f"denseforge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("denseforge: interrupted; continue with `denseforge resume DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The run configuration: one YAML file validated by pydantic before anything runs.
+
+Unknown keys and bad values fail with the key path and what was expected. `--set a.b=c` overrides
+any key (the value is parsed as YAML, so `--set ingest.threads=8` gives an int).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from denseforge.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "denseforge"
+    seed: int = 0
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None starts an embedded local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="local cluster only; None = all cores")
+    object_store_memory: int | None = Field(None, ge=75 * 2**20, description="bytes, local only")
+
+
+class InputConfig(_Section):
+    kind: Literal["table", "folder", "webdataset"] = "table"
+    path: str | None = Field(None, description="file, directory or glob; the demo makes its own")
+    format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    keep_cols: list[str] | None = Field(
+        None, description="extra source columns carried into the sample JSON; None = all"
+    )
+
+
+class IngestConfig(_Section):
+    processes: int = Field(2, ge=1, description="input shards downloaded at once (Ray tasks)")
+    threads: int = Field(32, ge=1, le=1024, description="download threads per shard")
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0, le=10)
+    shard_retries: int = Field(2, ge=0, le=10, description="re-runs of a shard whose task died")
+    image_size: int = Field(512, ge=16, le=16384)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    min_image_size: int = Field(0, ge=0, description="reject if the short edge is smaller (px)")
+    max_aspect_ratio: float = Field(10.0, ge=1.0)
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, description="decoded pixel count above which an image is a bomb"
+    )
+    max_download_bytes: int = Field(32 * 2**20, ge=1024)
+    encode_quality: int = Field(95, ge=1, le=100)
+    allow_private_addresses: bool = Field(
+        False, description="allow loopback/private/link-local targets (local mirrors, the demo)"
+    )
+    user_agent_token: str | None = "denseforge"
+
+
+class OutputConfig(_Section):
+    samples_per_shard: int = Field(1000, ge=1, le=99_999)
+
+
+class DemoConfig(_Section):
+    """The offline demo: the run serves its own sample corpus on a loopback HTTP server."""
+
+    enabled: bool = False
+    copies: int = Field(2, ge=1, le=100, description="variants generated per bundled photo")
+    include_broken: bool = Field(True, description="add a dead link, a 500, HTML and a truncated JPEG")
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    input: InputConfig = InputConfig()
+    ingest: IngestConfig = IngestConfig()
+    output: OutputConfig = OutputConfig()
+    demo: DemoConfig = DemoConfig()
+
+    @model_validator(mode="after")
+    def _demo_needs_loopback(self) -> "Config":
+        if self.demo.enabled and not self.ingest.allow_private_addresses:
+            raise ValueError(
+                "demo.enabled serves images on 127.0.0.1; set ingest.allow_private_addresses: true"
+            )
+        if not self.demo.enabled and self.input.path is None:
+            raise ValueError("input.path is required (a table file, folder or shard glob)")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {path}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"  {path}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides to a nested mapping; the value is parsed as YAML."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set ingest.threads=8")
+        dotted, raw = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML: {exc}") from exc
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a mapping")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate a mapping into a Config, raising ConfigError naming each bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides, validate; a relative input path resolves against the cwd."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    config = parse_config(data, str(path))
+    if config.input.path and "://" not in config.input.path:
+        config.input.path = str(Path(config.input.path).expanduser().resolve())
+    return config
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML, as saved in the run directory."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

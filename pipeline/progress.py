@@ -1,0 +1,47 @@
+"""Progress on stderr: one bar per phase with running counts, notes, and the final summary."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class PhaseBar:
+    """A tqdm bar over units that also shows counts (written, rejected, …)."""
+
+    def __init__(self, name: str, total: int, done: int, unit: str):
+        self.counts: Counter[str] = Counter()
+        self._bar = tqdm(total=total, initial=done, desc=f"{name:>8}", unit=unit, file=sys.stderr,
+                         mininterval=1.0, dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1, **counts: int) -> None:
+        self.counts.update(counts)
+        self._bar.set_postfix(dict(self.counts), refresh=False)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class Progress:
+    def phase(self, name: str, total: int, done: int = 0, unit: str = "it") -> PhaseBar:
+        return PhaseBar(name, total, done, unit)
+
+    def note(self, message: str) -> None:
+        print(f"denseforge: {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"denseforge: warning: {message}", file=sys.stderr, flush=True)
+
+    def summary(self, stats: dict[str, Any], root: Path) -> None:
+        f = stats["funnel"]
+        lines = [f"done: {f['input_rows']} input rows -> {f['written']} written, {f['rejected']} rejected, "
+                 f"{f['removed']} removed as duplicates (balanced: {f['balanced']})"]
+        for reason, n in sorted(f["rejected_by_reason"].items(), key=lambda kv: -kv[1])[:10]:
+            lines.append(f"  {n:>8}  {reason}")
+        lines.append(f"shards, manifest.parquet, rejects.parquet, stats.json, report.html in {root}")
+        print("\n".join(lines), file=sys.stderr, flush=True)

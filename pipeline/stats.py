@@ -1,0 +1,112 @@
+"""Finalize a run: merge per-unit parts into manifest/rejects, write stats.json and report.html.
+
+The funnel must balance: input rows = written + rejected + removed. A run whose sums do not add up
+fails loudly; that is a bug, never a rounding matter.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from denseforge import __version__
+from denseforge.errors import DenseforgeError
+from denseforge.pipeline.config import Config
+from denseforge.pipeline.rundir import RunDir
+from denseforge.stages.read_input import REJECT_SCHEMA
+from denseforge.stages.write import MANIFEST_SCHEMA
+
+
+def _merge(parts: list[Path], target: Path, schema) -> int:
+    """Concatenate parquet parts in order, streaming (one part in memory at a time)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    rows = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for part in parts:
+            table = pq.read_table(part, schema=schema)
+            rows += table.num_rows
+            writer.write_table(table)
+    tmp.replace(target)
+    return rows
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "denseforge": __version__}
+    for dist in ("ray", "img2dataset", "pillow", "pyarrow", "webdataset"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: dict[str, float]) -> dict[str, Any]:
+    """Merge parts, compute the funnel and write report.html; returns the stats dict."""
+    parts = rd.shards / "_parts"
+    done = sorted((rd.shards / "_done").glob("*.json"))
+    written = _merge(sorted(parts.glob("*.manifest.parquet")), rd.manifest, MANIFEST_SCHEMA)
+    rejected = _merge(sorted(parts.glob("*.rejects.parquet")), rd.rejects, REJECT_SCHEMA)
+    by_reason: Counter[str] = Counter()
+    by_stage: Counter[str] = Counter()
+    unit_rows = 0
+    for marker in done:
+        counts = json.loads(marker.read_text())
+        unit_rows += counts["rows"]
+        for reason, n in counts["reasons"].items():
+            by_reason[reason] += n
+            by_stage[reason.split("/", 1)[0]] += n
+    input_rows = planned_rows if planned_rows is not None else unit_rows
+    removed = 0
+    balanced = input_rows == written + rejected + removed == unit_rows
+    ingest = [json.loads(p.read_text()) for p in sorted(rd.raw.glob("*.ingested.json"))]
+    ingest_s = timings.get("ingest_s", 0.0)
+    stats = {
+        "funnel": {
+            "input_rows": input_rows, "written": written, "rejected": rejected, "removed": removed,
+            "balanced": balanced, "rejected_by_stage": dict(sorted(by_stage.items())),
+            "rejected_by_reason": dict(sorted(by_reason.items())), "removed_by_reason": {},
+        },
+        "units": len(done),
+        "ingest": {
+            "downloaded": sum(m.get("successes", 0) for m in ingest),
+            "failed_to_download": sum(m.get("failed_to_download", 0) for m in ingest),
+            "failed_to_resize": sum(m.get("failed_to_resize", 0) for m in ingest),
+            "failed_units": sum(1 for m in ingest if m.get("failed")),
+            "images_per_s_this_session": (sum(m.get("successes", 0) for m in ingest) / ingest_s) if ingest_s > 0.5 else None,
+        },
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "versions": versions(),
+        "run": {"name": config.run.name, "seed": config.run.seed},
+    }
+    rd.report.write_text(render_report(stats))
+    if not balanced:
+        raise DenseforgeError(
+            f"the funnel does not balance: {input_rows} input rows vs {written} written + {rejected} rejected + "
+            f"{removed} removed ({unit_rows} rows seen by the writer); stats.json and rejects.parquet hold the detail")
+    return stats
+
+
+def render_report(stats: dict[str, Any]) -> str:
+    """A small self-contained HTML page with the funnel and the reasons."""
+    f = stats["funnel"]
+    rows = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td></tr>" for r, n in
+                   sorted(f["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
+    timing = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in stats["timings"].items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>denseforge run</title>
+<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto}}td{{padding:2px 12px}}</style></head><body>
+<h1>denseforge run: {html.escape(stats['run']['name'])}</h1>
+<h2>Funnel</h2><table>
+<tr><td>input rows</td><td>{f['input_rows']}</td></tr><tr><td>written</td><td>{f['written']}</td></tr>
+<tr><td>rejected</td><td>{f['rejected']}</td></tr><tr><td>removed as duplicates</td><td>{f['removed']}</td></tr>
+<tr><td>balanced</td><td>{f['balanced']}</td></tr></table>
+<h2>Rejected, by stage/reason</h2><table>{rows}</table>
+<h2>Timings (s)</h2><table>{timing}</table>
+<p>versions: {html.escape(json.dumps(stats['versions']))}</p></body></html>
+"""

@@ -1,0 +1,1 @@
+"""Pipeline stages: pure batch transforms with no Ray inside."""
