@@ -1,0 +1,57 @@
+"""Test set-up: offline switches before anything imports a model library; shared fixtures."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_OFFLINE = {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False",
+    "YOLO_CONFIG_DIR": tempfile.mkdtemp(prefix="denseforge-yolo-"), "NO_ALBUMENTATIONS_UPDATE": "1",
+    "RAY_AUTH_MODE": "disabled",
+}
+for _k, _v in _OFFLINE.items():
+    os.environ.setdefault(_k, _v)
+
+import io  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from denseforge.pipeline.demo import LoopbackImageServer, load_photo  # noqa: E402
+
+
+def jpeg_bytes(img: Image.Image, **kwargs) -> bytes:
+    out = io.BytesIO()
+    img.convert("RGB").save(out, format="JPEG", **kwargs)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory) -> Path:
+    """Real photos (scikit-image) plus the files a crawl meets: HTML, truncated JPEG."""
+    root = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        (root / f"{name}.jpg").write_bytes(jpeg_bytes(load_photo(name), quality=90))
+    good = (root / "coffee.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "page.jpg").write_bytes(b"<!doctype html><html><body>nope</body></html>")
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_server(photo_dir):
+    with LoopbackImageServer(photo_dir) as server:
+        yield server
+
+
+def run_cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real `denseforge` CLI in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-m", "denseforge.pipeline.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"denseforge {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc

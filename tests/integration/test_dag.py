@@ -1,0 +1,132 @@
+"""The whole DAG for real: CLI → embedded Ray → img2dataset over loopback HTTP → webdataset shards."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from ..conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+run: {name: it}
+ray: {num_cpus: 2}
+input: {kind: table, path: %(path)s, url_col: URL, caption_col: TEXT}
+ingest: {processes: 2, threads: 4, timeout_s: 5, image_size: 256, allow_private_addresses: true}
+output: {samples_per_shard: 4}
+"""
+
+
+def _write_config(tmp_path: Path, path: Path, extra: str = "") -> Path:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG % {"path": path} + extra)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory, photo_server):
+    tmp = tmp_path_factory.mktemp("table_run")
+    base = photo_server.base_url
+    rows = [(f"{base}/img/{n}.jpg", f"a photo of {n}", n) for n in ("astronaut", "coffee", "chelsea", "rocket")]
+    rows += [
+        (f"{base}/img/gone.jpg", "dead link", "dead"),
+        (f"{base}/status/500", "server error", "e500"),
+        (f"{base}/img/page.jpg", "html", "html"),
+        (f"{base}/img/truncated.jpg", "truncated", "trunc"),
+        (f"{base}/redirect?to={base}/img/coffee.jpg", "redirected coffee", "redirect"),
+        ("ftp://example.com/x.jpg", "ftp", "ftp"),
+        ("", "empty", "empty"),
+    ]
+    table = tmp / "laion.csv"
+    with open(table, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["URL", "TEXT", "source_id"])
+        writer.writerows(rows)
+        fh.write("http://example.com/malformed.jpg,too,many,fields\n")
+    out = tmp / "run"
+    proc = run_cli("run", str(_write_config(tmp, table)), "--out", str(out))
+    return out, proc
+
+
+def test_funnel_balances_and_every_bad_row_has_its_reason(table_run):
+    out, proc = table_run
+    stats = json.loads((out / "stats.json").read_text())
+    f = stats["funnel"]
+    assert (f["input_rows"], f["written"], f["rejected"], f["removed"]) == (12, 5, 7, 0) and f["balanced"]
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    by_url = {r["url"]: (r["stage"], r["reason"]) for r in rejects}
+    assert by_url[next(u for u in by_url if u and u.endswith("gone.jpg"))] == ("ingest", "http_404")
+    assert by_url[next(u for u in by_url if u and u.endswith("status/500"))] == ("ingest", "http_500")
+    assert by_url[next(u for u in by_url if u and u.endswith("page.jpg"))] == ("ingest", "not_an_image")
+    assert by_url[next(u for u in by_url if u and u.endswith("truncated.jpg"))] == ("ingest", "truncated")
+    assert by_url["ftp://example.com/x.jpg"] == ("input", "unsupported_scheme")
+    reasons = sorted(r["reason"] for r in rejects if r["stage"] == "input")
+    assert reasons == ["malformed_row", "missing_url", "unsupported_scheme"]
+    assert all(r["detail"] for r in rejects)
+    assert "done: 12 input rows -> 5 written, 7 rejected" in proc.stderr
+
+
+def test_shards_hold_the_contract(table_run):
+    out, _ = table_run
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    shards = sorted(out.glob("shards/*.tar"))
+    samples = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False))
+    assert sorted(s["__key__"] for s in samples) == sorted(m["key"] for m in manifest)
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert set(meta) >= {"key", "url", "alt_text", "width", "height", "sha256", "experts", "caption", "provenance"}
+        img = Image.open(io.BytesIO(s["jpg"]))
+        assert img.mode == "RGB" and img.size == (meta["width"], meta["height"]) and min(img.size) == 256
+        assert meta["source"]["source_id"] in {"astronaut", "coffee", "chelsea", "rocket", "redirect"}
+        assert meta["alt_text"].startswith(("a photo of", "redirected"))
+    assert (out / "report.html").read_text().count("ingest/http_404") == 1
+
+
+def test_status_and_refusing_to_overwrite(table_run, tmp_path):
+    out, _ = table_run
+    status = run_cli("status", str(out)).stdout
+    assert "complete" in status and "write: 3/3 units" in status
+    again = run_cli("run", str(out / "config.yaml"), "--out", str(out), check=False)
+    assert again.returncode == 2 and "denseforge resume" in again.stderr
+
+
+def test_bad_config_fails_before_anything_runs(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("input: {path: x.csv}\ningest: {threads: -1, colour: red}\n")
+    proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2
+    assert "ingest.threads" in proc.stderr and "ingest.colour: unknown key" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_input_then_its_raw_shards_as_webdataset_input(tmp_path, photo_dir):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "page", "truncated"):
+        (folder / f"{name}.jpg").write_bytes((photo_dir / f"{name}.jpg").read_bytes())
+    (folder / "coffee.txt").write_text("a cup of coffee")
+    cfg = tmp_path / "folder.yaml"
+    cfg.write_text(f"input: {{kind: folder, path: {folder}}}\nray: {{num_cpus: 2}}\noutput: {{samples_per_shard: 10}}\n")
+    out = tmp_path / "folder_run"
+    run_cli("run", str(cfg), "--out", str(out))
+    f = json.loads((out / "stats.json").read_text())["funnel"]
+    assert (f["input_rows"], f["written"], f["rejected"]) == (4, 2, 2)
+    samples = {json.loads(s["json"])["source"]["path"].rsplit("/", 1)[1]: json.loads(s["json"])
+               for s in wds.WebDataset(str(out / "shards" / "0000000.tar"), shardshuffle=False)}
+    assert samples["coffee.jpg"]["alt_text"] == "a cup of coffee"
+
+    # The raw shards img2dataset wrote are valid webdataset input for another run.
+    cfg2 = tmp_path / "wds.yaml"
+    cfg2.write_text(f"input: {{kind: webdataset, path: '{out}/raw/*.tar'}}\nray: {{num_cpus: 2}}\n")
+    out2 = tmp_path / "wds_run"
+    run_cli("run", str(cfg2), "--out", str(out2))
+    f2 = json.loads((out2 / "stats.json").read_text())["funnel"]
+    assert (f2["input_rows"], f2["written"], f2["rejected"]) == (2, 2, 0) and f2["balanced"]

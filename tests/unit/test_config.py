@@ -1,0 +1,68 @@
+import pytest
+
+from denseforge.errors import ConfigError
+from denseforge.pipeline.config import apply_overrides, load_config, parse_config
+
+
+def test_unknown_key_names_its_path():
+    with pytest.raises(ConfigError, match=r"ingest\.thredas: unknown key"):
+        parse_config({"input": {"path": "x.parquet"}, "ingest": {"thredas": 4}})
+
+
+def test_bad_value_names_path_and_expectation():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"input": {"path": "x.parquet"}, "ingest": {"threads": "many", "resize_mode": "squash"}})
+    text = str(err.value)
+    assert "ingest.threads" in text and "integer" in text
+    assert "ingest.resize_mode" in text and "keep_ratio" in text
+
+
+def test_missing_input_path_is_an_error_unless_demo():
+    with pytest.raises(ConfigError, match="input.path is required"):
+        parse_config({})
+    cfg = parse_config({"demo": {"enabled": True}, "ingest": {"allow_private_addresses": True}})
+    assert cfg.demo.enabled
+
+
+def test_demo_requires_private_addresses():
+    with pytest.raises(ConfigError, match="allow_private_addresses"):
+        parse_config({"demo": {"enabled": True}})
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("input: {path: table.parquet}\ningest: {threads: 4}\n")
+    cfg = load_config(path, ["ingest.threads=12", "output.samples_per_shard=50", "input.url_col=URL"])
+    assert cfg.ingest.threads == 12 and cfg.output.samples_per_shard == 50 and cfg.input.url_col == "URL"
+    assert cfg.input.path.endswith("table.parquet") and cfg.input.path.startswith("/")
+
+
+def test_set_rejects_malformed_items():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["ingest.threads"])
+    with pytest.raises(ConfigError, match="is not a mapping"):
+        apply_overrides({"ingest": 3}, ["ingest.threads=2"])
+
+
+def test_set_with_unknown_key_fails_validation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("input: {path: t.parquet}\n")
+    with pytest.raises(ConfigError, match=r"output\.per_shard: unknown key"):
+        load_config(path, ["output.per_shard=3"])
+
+
+def test_unreadable_and_non_mapping_configs(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(bad)
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        load_config(path, ["input.path=x.parquet"] if "demo" not in path.name else [])

@@ -1,0 +1,107 @@
+"""download_unit (real img2dataset, no Ray) → read_raw_unit → write_unit, on a loopback server."""
+
+import hashlib
+import io
+import json
+import tarfile
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from denseforge.stages.image_normalize import ImageNormalizer
+from denseforge.stages.ingest import (
+    DownloadSettings, classify_failure, download_unit, ingest_webdataset_unit, read_raw_unit,
+)
+from denseforge.stages.read_input import InputRow, write_units
+from denseforge.stages.sample import Sample
+from denseforge.stages.write import done_marker, write_unit
+
+from ..conftest import jpeg_bytes
+
+
+@pytest.fixture
+def one_unit(tmp_path, photo_server):
+    base = photo_server.base_url
+    rows = [InputRow(f"{base}/img/{n}", f"caption {n}", {"row": i}) for i, n in enumerate(
+        ["coffee.jpg", "astronaut.jpg", "missing.jpg", "page.jpg", "truncated.jpg"])]
+    rows += [InputRow(f"{base}/status/503", "boom", {}), InputRow("gopher://x/y", "", {})]
+    units = tmp_path / "input"
+    plan = write_units(iter(rows), units, 100, allow_private=True)
+    assert plan.units == 1
+    raw = tmp_path / "raw"
+    stats = download_unit(0, units / "0000000.arrow", raw, ImageNormalizer(image_size=256),
+                          DownloadSettings(threads=4, timeout_s=5, allow_private_addresses=True))
+    return tmp_path, stats, read_raw_unit(0, units / "0000000.arrow", raw, units / "0000000.screened.parquet")
+
+
+def test_every_row_comes_back_once_with_a_reason(one_unit):
+    _, stats, rows = one_unit
+    assert stats["count"] == 6 and stats["successes"] == 2
+    assert len(rows) == 7 and len({r["key"] for r in rows}) == 7
+    reasons = {json.loads(r["reject"])["url"].rsplit("/", 1)[-1]: json.loads(r["reject"])["reason"]
+               for r in rows if r["reject"]}
+    assert reasons == {"missing.jpg": "http_404", "page.jpg": "not_an_image", "truncated.jpg": "truncated",
+                       "503": "http_503", "y": "unsupported_scheme"}
+    samples = [Sample.model_validate_json(r["sample"]) for r in rows if r["sample"]]
+    coffee = next(s for s in samples if s.url.endswith("coffee.jpg"))
+    assert (coffee.width, coffee.height, coffee.original_width) == (384, 256, 600)
+    assert coffee.alt_text == "caption coffee.jpg" and coffee.source == {"row": 0}
+    image = next(r["image"] for r in rows if r["key"] == coffee.key)
+    assert hashlib.sha256(image).hexdigest() == coffee.sha256
+
+
+def test_the_input_unit_survives_for_resume(one_unit):
+    tmp_path, _, _ = one_unit
+    assert (tmp_path / "input" / "0000000.arrow").exists()
+
+
+def test_write_unit_makes_a_webdataset_shard_and_is_idempotent(one_unit):
+    tmp_path, _, rows = one_unit
+    shards = tmp_path / "shards"
+    counts = write_unit(0, list(reversed(rows)), shards)
+    assert (counts["written"], counts["rejected"]) == (2, 5)
+    assert json.loads(done_marker(shards, 0).read_text())["reasons"]["ingest/http_404"] == 1
+    tar_bytes = (shards / "0000000.tar").read_bytes()
+    with tarfile.open(shards / "0000000.tar") as tar:
+        names = tar.getnames()
+    assert names == sorted(names) and all(n.count(".") == 1 and "/" not in n for n in names)
+    assert not any(n.endswith(".txt") for n in names)  # no captioner ran: no caption is invented
+    samples = list(wds.WebDataset(str(shards / "0000000.tar"), shardshuffle=False))
+    assert len(samples) == 2
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert meta["key"] == s["__key__"] and meta["caption"] is None
+        assert Image.open(io.BytesIO(s["jpg"])).size == (meta["width"], meta["height"])
+    write_unit(0, rows, shards)
+    assert (shards / "0000000.tar").read_bytes() == tar_bytes  # same rows, same bytes
+
+
+def test_classify_failure():
+    assert classify_failure("failed_to_download", "HTTP Error 404: Not Found") == "http_404"
+    assert classify_failure("failed_to_download", "<urlopen error timed out>") == "timeout"
+    assert classify_failure("failed_to_download", "<urlopen error [Errno 111] Connection refused>") == "connection_refused"
+    assert classify_failure("failed_to_download", "<urlopen error [private_address] x resolves to 10.0.0.1>") == "private_address"
+    assert classify_failure("failed_to_resize", "[decompression_bomb] 1x1") == "decompression_bomb"
+    assert classify_failure("failed_to_download", "Use of image disallowed by X-Robots-Tag directive") == "robots_disallowed"
+    assert classify_failure("failed_to_download", "something new") == "download_error"
+
+
+def test_webdataset_input_is_normalised_and_accounted(tmp_path, photo_dir):
+    src = tmp_path / "in.tar"
+    with wds.TarWriter(str(src)) as sink:
+        sink.write({"__key__": "a", "jpg": (photo_dir / "coffee.jpg").read_bytes(), "txt": "a mug",
+                    "json": json.dumps({"url": "http://example.com/a.jpg", "similarity": 0.3}).encode()})
+        sink.write({"__key__": "b", "png": b"not really a png", "txt": "broken"})
+        sink.write({"__key__": "c", "txt": "no image at all"})
+        sink.write({"__key__": "d", "jpeg": jpeg_bytes(Image.new("RGB", (40, 30)))})
+    raw = tmp_path / "raw"
+    stats = ingest_webdataset_unit(3, src, raw, ImageNormalizer(image_size=64))
+    assert (stats["count"], stats["successes"]) == (4, 2)
+    rows = read_raw_unit(3, None, raw, None)
+    assert [r["key"] for r in rows] == [f"00000030000{i}" for i in range(4)]
+    first = Sample.model_validate_json(rows[0]["sample"])
+    assert first.alt_text == "a mug" and first.url == "http://example.com/a.jpg"
+    assert first.source == {"source_key": "a", "similarity": 0.3}
+    assert json.loads(rows[1]["reject"])["reason"] == "not_an_image"
+    assert json.loads(rows[2]["reject"])["reason"] == "no_image"
