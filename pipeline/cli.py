@@ -42,7 +42,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from denseforge.pipeline.bench import run_benchmark
 
-    result = run_benchmark(args.name, images=args.images, processes=args.processes, threads=args.threads)
+    result = run_benchmark(args.name, images=args.images, processes=args.processes, threads=args.threads,
+                           repeats=args.repeats)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--threads", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best counts")
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=_cmd_bench)
     return parser
