@@ -23,3 +23,7 @@ class RunDirError(DenseforgeError):
 
 class IngestError(DenseforgeError):
     """Ingest could not complete a unit of work after its retries."""
+
+
+class ModelLoadError(DenseforgeError):
+    """A configured model cannot be loaded (wrong name, missing weights, offline hub)."""

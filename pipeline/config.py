@@ -63,6 +63,54 @@ class IngestConfig(_Section):
     user_agent_token: str | None = "denseforge"
 
 
+class EmbedConfig(_Section):
+    """open_clip image embeddings for deduplication and selection."""
+
+    enabled: bool = True
+    model: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"
+    checkpoint: str | None = Field(None, description="local weights file; wins over pretrained")
+    weights: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: an untrained architecture, for offline tests and the demo only")
+    batch_size: int = Field(64, ge=1, le=4096)
+    concurrency: int = Field(1, ge=1, description="embedding actors")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions share one GPU)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DedupConfig(_Section):
+    """Exact, perceptual and semantic (SemDeDup) duplicates; needs embed.enabled."""
+
+    enabled: bool = True
+    exact: bool = True
+    phash_max_distance: int | None = Field(4, ge=0, le=32, description="Hamming distance; null disables")
+    epsilon: float | None = Field(0.05, gt=0, lt=2, description="duplicate when cosine > 1 - epsilon; null disables")
+    sweep: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.4])
+    clusters: int | None = Field(None, ge=1, description="k for k-means; null derives it from N")
+    target_cluster_size: int = Field(1000, ge=1)
+    kmeans_iters: int = Field(20, ge=1)
+    max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many points")
+    keep: Literal["nearest_centroid", "farthest_centroid", "largest_image", "first_key"] = "nearest_centroid"
+    block_size: int = Field(2048, ge=16)
+    buckets: int = Field(16, ge=1, description="parallel dedup tasks (clusters are hashed into buckets)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs for k-means training (faiss-gpu)")
+
+    @model_validator(mode="after")
+    def _sweep_in_range(self) -> "DedupConfig":
+        if any(not 0 < e < 2 for e in self.sweep):
+            raise ValueError("dedup.sweep values must lie in (0, 2)")
+        return self
+
+
+class SelectConfig(_Section):
+    """Prefilters and cluster-balanced selection (after dedup)."""
+
+    min_short_edge: int = Field(0, ge=0, description="px, on the original image (DenseFusion: 448)")
+    max_aspect_ratio: float | None = Field(None, ge=1)
+    per_cluster: int | None = Field(None, ge=1, description="top n per cluster (DenseFusion: 20)")
+    target_total: int | None = Field(None, ge=1, description="cluster-balanced down to this many")
+
+
 class OutputConfig(_Section):
     samples_per_shard: int = Field(1000, ge=1, le=99_999)
 
@@ -80,6 +128,9 @@ class Config(_Section):
     ray: RayConfig = RayConfig()
     input: InputConfig = InputConfig()
     ingest: IngestConfig = IngestConfig()
+    embed: EmbedConfig = EmbedConfig()
+    dedup: DedupConfig = DedupConfig()
+    select: SelectConfig = SelectConfig()
     output: OutputConfig = OutputConfig()
     demo: DemoConfig = DemoConfig()
 
@@ -89,6 +140,11 @@ class Config(_Section):
             raise ValueError(
                 "demo.enabled serves images on 127.0.0.1; set ingest.allow_private_addresses: true"
             )
+        if self.dedup.enabled and not self.embed.enabled:
+            raise ValueError("dedup.enabled needs embed.enabled (semantic dedup works on embeddings)")
+        chosen = self.select.model_dump(exclude_defaults=True)
+        if chosen and not self.dedup.enabled:
+            raise ValueError(f"select.{next(iter(chosen))} needs dedup.enabled (selection works on its clusters)")
         if not self.demo.enabled and self.input.path is None:
             raise ValueError("input.path is required (a table file, folder or shard glob)")
         return self

@@ -89,6 +89,14 @@ def build_demo_corpus(root: Path, base_url: str, copies: int = 2, include_broken
                 (files / filename).write_bytes(data)
                 rows.append({"url": f"{base_url}/img/{filename}", "caption": f"{name} stored as {variant}",
                              "source_id": f"{name}-{variant}", "license": "scikit-image sample data"})
+    # planted duplicates: a byte-identical copy under another URL, and an 85 % re-encode
+    original = files / f"{PHOTOS[2]}_0.jpg"
+    (files / "copy_of_chelsea.jpg").write_bytes(original.read_bytes())
+    smaller = Image.open(original)
+    smaller = smaller.resize((round(smaller.width * 0.85), round(smaller.height * 0.85)))
+    (files / "resized_chelsea.jpg").write_bytes(_encode(smaller, "JPEG", quality=80))
+    rows += [{"url": f"{base_url}/img/{name}", "caption": why, "source_id": name, "license": "scikit-image sample data"}
+             for name, why in (("copy_of_chelsea.jpg", "an exact copy"), ("resized_chelsea.jpg", "an 85% re-encode"))]
     images = len(rows)
     if include_broken:
         good = (files / f"{PHOTOS[1]}_0.jpg").read_bytes()

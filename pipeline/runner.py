@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from denseforge.errors import DenseforgeError
 from denseforge.pipeline.config import Config, IngestConfig, RayConfig
+from denseforge.pipeline.dedup_phase import apply_decisions, run_dedup, run_embed
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
 from denseforge.pipeline.progress import Progress
 from denseforge.pipeline.rundir import RunDir
@@ -36,7 +37,8 @@ from denseforge.stages.write import done_marker, write_unit
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE", "YOLO_AUTOINSTALL",
                     "YOLO_CONFIG_DIR", "NO_ALBUMENTATIONS_UPDATE", "RAY_AUTH_MODE")
 ROW_SCHEMA = pa.schema([("unit", pa.int64()), ("unit_rows", pa.int64()), ("key", pa.string()),
-                        ("image", pa.binary()), ("sample", pa.string()), ("reject", pa.string())])
+                        ("image", pa.binary()), ("sample", pa.string()), ("reject", pa.string()),
+                        ("removed", pa.string())])
 
 
 @dataclass
@@ -180,7 +182,7 @@ def write_units_batch(batch: pa.Table, root: str) -> pa.Table:
                 f"unit {unit:07d} reached the writer split across blocks ({len(rows)} of "
                 f"{rows[0]['unit_rows']} rows); lower output.samples_per_shard")
         counts.append(write_unit(unit, rows, shards))
-    return pa.Table.from_pylist([{k: c[k] for k in ("unit", "written", "rejected")} for c in counts])
+    return pa.Table.from_pylist([{k: c[k] for k in ("unit", "written", "rejected", "removed")} for c in counts])
 
 
 def run_process(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> None:
@@ -195,12 +197,14 @@ def run_process(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> N
     ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(load_units, fn_kwargs={"root": str(rd.root), "kind": plan.kind}, batch_size=1,
                         batch_format="pyarrow")
-    # Per-image stages (embed, perceive, fuse, ground, qa) slot in here, one map_batches each.
+    if config.dedup.enabled:
+        ds = ds.map_batches(apply_decisions, fn_kwargs={"root": str(rd.root)}, batch_size=None, batch_format="pyarrow")
+    # Per-image stages (perceive, fuse, ground, qa) slot in here, one map_batches each.
     ds = ds.map_batches(write_units_batch, fn_kwargs={"root": str(rd.root)}, batch_size=None,
                         batch_format="pyarrow")
     for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in result.to_pylist():
-            bar.update(1, written=row["written"], rejected=row["rejected"])
+            bar.update(1, written=row["written"], rejected=row["rejected"], removed=row["removed"])
     bar.close()
 
 
@@ -233,6 +237,14 @@ def execute(rd: RunDir, config: Config, address: str | None = None) -> dict[str,
         start = time.perf_counter()
         run_ingest(config, rd, plan, progress)
         timings["ingest_s"] = time.perf_counter() - start
+        if config.embed.enabled:
+            start = time.perf_counter()
+            run_embed(config, rd, plan.units, progress, load_units)
+            timings["embed_s"] = time.perf_counter() - start
+        if config.dedup.enabled:
+            start = time.perf_counter()
+            run_dedup(config, rd, plan.units, progress)
+            timings["dedup_s"] = time.perf_counter() - start
         start = time.perf_counter()
         run_process(config, rd, plan, progress)
         timings["process_s"] = time.perf_counter() - start

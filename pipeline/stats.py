@@ -55,15 +55,17 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
     rejected = _merge(sorted(parts.glob("*.rejects.parquet")), rd.rejects, REJECT_SCHEMA)
     by_reason: Counter[str] = Counter()
     by_stage: Counter[str] = Counter()
-    unit_rows = 0
+    removed_by: Counter[str] = Counter()
+    unit_rows = removed = 0
     for marker in done:
         counts = json.loads(marker.read_text())
         unit_rows += counts["rows"]
+        removed += counts.get("removed", 0)
+        removed_by.update(counts.get("removed_reasons", {}))
         for reason, n in counts["reasons"].items():
             by_reason[reason] += n
             by_stage[reason.split("/", 1)[0]] += n
     input_rows = planned_rows if planned_rows is not None else unit_rows
-    removed = 0
     balanced = input_rows == written + rejected + removed == unit_rows
     ingest = [json.loads(p.read_text()) for p in sorted(rd.raw.glob("*.ingested.json"))]
     ingest_s = timings.get("ingest_s", 0.0)
@@ -71,9 +73,10 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
         "funnel": {
             "input_rows": input_rows, "written": written, "rejected": rejected, "removed": removed,
             "balanced": balanced, "rejected_by_stage": dict(sorted(by_stage.items())),
-            "rejected_by_reason": dict(sorted(by_reason.items())), "removed_by_reason": {},
+            "rejected_by_reason": dict(sorted(by_reason.items())), "removed_by_reason": dict(sorted(removed_by.items())),
         },
         "units": len(done),
+        "dedup": json.loads((rd.root / "dedup" / "summary.json").read_text()) if (rd.root / "dedup" / "summary.json").exists() else None,
         "ingest": {
             "downloaded": sum(m.get("successes", 0) for m in ingest),
             "failed_to_download": sum(m.get("failed_to_download", 0) for m in ingest),

@@ -40,7 +40,10 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_unit(unit: int, rows: list[dict[str, Any]], shards_dir: Path) -> dict[str, Any]:
-    """Write all rows of one unit; returns the unit's counts (also saved as its marker)."""
+    """Write all rows of one unit; returns the unit's counts (also saved as its marker).
+
+    Rows removed by dedup/select are only counted here: `dedup/decisions.parquet` lists them.
+    """
     shard_name = f"{unit:07d}.tar"
     parts_dir = shards_dir / "_parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -49,9 +52,14 @@ def write_unit(unit: int, rows: list[dict[str, Any]], shards_dir: Path) -> dict[
     manifest: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     reasons: Counter[str] = Counter()
+    removed: Counter[str] = Counter()
     tmp_tar = shards_dir / f".{shard_name}.tmp"  # dot-prefixed: never matched by *.tar
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         for row in rows:
+            if row.get("removed") is not None:
+                gone = json.loads(row["removed"])
+                removed[f"{gone['stage']}/{gone['reason']}"] += 1
+                continue
             if row["reject"] is not None:
                 reject = Reject.model_validate_json(row["reject"])
                 rejects.append(reject.model_dump())
@@ -76,6 +84,7 @@ def write_unit(unit: int, rows: list[dict[str, Any]], shards_dir: Path) -> dict[
     write_rejects(rejects, parts_dir / f"{unit:07d}.rejects.parquet")
     write_parquet_atomic(parts_dir / f"{unit:07d}.manifest.parquet", manifest, MANIFEST_SCHEMA)
     counts = {"unit": unit, "rows": len(rows), "written": len(manifest), "rejected": len(rejects),
-              "reasons": dict(sorted(reasons.items()))}
+              "removed": sum(removed.values()), "reasons": dict(sorted(reasons.items())),
+              "removed_reasons": dict(sorted(removed.items()))}
     write_json_atomic(done_marker(shards_dir, unit), counts)
     return counts

@@ -1,0 +1,263 @@
+"""The embed and dedup phases on Ray: per-unit embedding actors, then a global dedup.
+
+embed: a Ray Data stream of units through `ClipImageEmbedder` actors (their own GPUs/CPUs);
+one parquet per unit under `embeddings/`, written atomically, so resume skips finished units.
+
+dedup: a global step that waits for every embedding and holds at scale: k-means is trained on a
+bounded sample, every unit is assigned to clusters in parallel tasks that also shuffle rows into
+buckets by cluster, and each bucket is deduplicated cluster by cluster in its own task. Only key
+columns (no vectors) come back to the driver for the balanced selection.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from denseforge.pipeline.config import Config
+from denseforge.pipeline.progress import Progress
+from denseforge.pipeline.rundir import RunDir
+from denseforge.stages import dedup as dd
+from denseforge.stages.embed import (
+    ClipImageEmbedder, EmbedSettings, embedding_table, embeddings_matrix, perceptual_hash,
+)
+from denseforge.stages.files import write_json_atomic
+from denseforge.stages.sample import Sample
+
+DECISION_SCHEMA = pa.schema([
+    ("key", pa.string()), ("unit", pa.int64()), ("cluster", pa.int64()), ("distance", pa.float32()),
+    ("rank", pa.int64()), ("reason", pa.string()), ("dup_of", pa.string()),
+])
+
+
+def embed_settings(config: Config) -> EmbedSettings:
+    e = config.embed
+    return EmbedSettings(model=e.model, pretrained=e.pretrained, checkpoint=e.checkpoint, weights=e.weights,
+                         batch_size=e.batch_size, device=e.device)
+
+
+def embeddings_file(rd: RunDir, unit: int) -> Path:
+    return rd.root / "embeddings" / f"{unit:07d}.parquet"
+
+
+class EmbedUnits:
+    """Ray Data actor: embeds and hashes the samples of each unit, writes the unit's file."""
+
+    def __init__(self, root: str, settings: EmbedSettings):
+        self.rd = RunDir(Path(root))
+        self.embedder = ClipImageEmbedder(settings)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for unit in sorted(set(batch.column("unit").to_pylist())):
+            rows = [r for r in batch.filter(pc.equal(batch.column("unit"), unit)).to_pylist() if r["sample"]]
+            samples = [Sample.model_validate_json(r["sample"]) for r in rows]
+            vectors = self.embedder([r["image"] for r in rows])
+            table = embedding_table(
+                [s.key for s in samples], [unit] * len(samples), vectors,
+                {"sha256": [s.sha256 for s in samples],
+                 "phash": pa.array([perceptual_hash(r["image"]) for r in rows], pa.int64()),
+                 "width": pa.array([s.original_width or s.width for s in samples], pa.int64()),
+                 "height": pa.array([s.original_height or s.height for s in samples], pa.int64())})
+            path = embeddings_file(self.rd, unit)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            pq.write_table(table.replace_schema_metadata({"provenance": json.dumps(self.embedder.provenance)}), tmp)
+            tmp.replace(path)
+            out.append({"unit": unit, "embedded": len(samples)})
+        return pa.Table.from_pylist(out)
+
+
+def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, load_units) -> None:
+    """Embed every unit that has no embeddings file yet."""
+    import ray
+
+    pending = [u for u in range(plan_units) if not embeddings_file(rd, u).exists()]
+    bar = progress.phase("embed", total=plan_units, done=plan_units - len(pending), unit="shard")
+    if pending:
+        ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
+        ds = ds.map_batches(load_units, fn_kwargs={"root": str(rd.root), "kind": config.input.kind},
+                            batch_size=1, batch_format="pyarrow")
+        ds = ds.map_batches(EmbedUnits, fn_constructor_args=(str(rd.root), embed_settings(config)),
+                            batch_size=None, batch_format="pyarrow", num_gpus=config.embed.num_gpus,
+                            compute=ray.data.ActorPoolStrategy(size=config.embed.concurrency))
+        for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in result.to_pylist():
+                bar.update(1, images=row["embedded"])
+    bar.close()
+
+
+# -- dedup ------------------------------------------------------------------------------------
+
+
+def _train_sample(files: list[str], fraction: float, seed: int) -> np.ndarray:
+    parts = []
+    for i, f in enumerate(files):
+        x = embeddings_matrix(pq.read_table(f, columns=["embedding"]))
+        if len(x):
+            pick = np.random.default_rng(seed + i).random(len(x)) < fraction
+            parts.append(x[pick])
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _train(files: list[str], k: int, fraction: float, seed: int, niter: int, mppc: int, use_gpu: bool) -> np.ndarray:
+    sample = _train_sample(files, fraction, seed)
+    return dd.train_kmeans(sample, min(k, len(sample)), niter=niter, seed=seed, use_gpu=use_gpu,
+                           max_points_per_centroid=mppc)
+
+
+def _assign_unit(file: str, centroids: np.ndarray, bucket_dir: str, buckets: int) -> int:
+    table = pq.read_table(file)
+    if table.num_rows == 0:
+        return 0
+    labels, sims = dd.assign_clusters(embeddings_matrix(table), centroids)
+    table = table.append_column("cluster", pa.array(labels)).append_column("centroid_sim", pa.array(sims))
+    bucket_of = labels % buckets
+    for b in np.unique(bucket_of):
+        target = Path(bucket_dir) / f"{b:05d}"
+        target.mkdir(parents=True, exist_ok=True)
+        path = target / Path(file).name
+        pq.write_table(table.filter(pa.array(bucket_of == b)), path.with_name(f".{path.name}.tmp"))
+        path.with_name(f".{path.name}.tmp").replace(path)
+    return table.num_rows
+
+
+def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> dict[str, Any]:
+    files = sorted(Path(bucket_path).glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    sweep_kept: Counter[float] = Counter()
+    rows: list[dict[str, Any]] = []
+    if table is not None and table.num_rows:
+        vectors = embeddings_matrix(table)
+        keys = np.asarray(table.column("key").to_pylist())
+        cluster = table.column("cluster").to_numpy()
+        sims = table.column("centroid_sim").to_numpy()
+        width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
+        sha, phash = np.asarray(table.column("sha256").to_pylist()), table.column("phash").to_numpy()
+        units = table.column("unit").to_numpy()
+        pre = dd.prefilter(width, height, settings["min_short_edge"], settings["max_aspect_ratio"])
+        for c in np.unique(cluster):
+            idx = np.flatnonzero((cluster == c) & (pre == dd.KEPT))
+            reason = np.full(0, "", dtype=object)
+            if len(idx):
+                result = dd.dedup_cluster(
+                    keys[idx], vectors[idx], sha[idx], phash[idx], sims[idx], (width * height)[idx],
+                    epsilon=settings["epsilon"], phash_max_distance=settings["phash_max_distance"],
+                    exact=settings["exact"], policy=settings["keep"], sweep=settings["sweep"], block=settings["block"])
+                reason = result.reason
+                sweep_kept.update(result.sweep_kept)
+                for j, i in enumerate(idx):
+                    rows.append({"key": keys[i], "unit": int(units[i]), "cluster": int(c), "distance": float(1 - sims[i]),
+                                 "rank": int(result.rank[j]), "reason": reason[j],
+                                 "dup_of": keys[idx[result.dup_of[j]]] if result.dup_of[j] >= 0 else None})
+            for i in np.flatnonzero((cluster == c) & (pre != dd.KEPT)):
+                rows.append({"key": keys[i], "unit": int(units[i]), "cluster": int(c), "distance": float(1 - sims[i]),
+                             "rank": -1, "reason": pre[i], "dup_of": None})
+    tmp = Path(out_file).with_name(f".{Path(out_file).name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), tmp)
+    tmp.replace(out_file)
+    return {"rows": len(rows), "sweep_kept": {str(k): v for k, v in sweep_kept.items()}}
+
+
+def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -> dict[str, Any]:
+    """Cluster, deduplicate and select; writes dedup/decisions.parquet and dedup/summary.json."""
+    import ray
+
+    out = rd.root / "dedup"
+    summary_file = out / "summary.json"
+    if summary_file.exists():
+        return json.loads(summary_file.read_text())
+    cfg, sel = config.dedup, config.select
+    files = [str(embeddings_file(rd, u)) for u in range(plan_units)]
+    n = sum(pq.read_metadata(f).num_rows for f in files)
+    k = dd.clusters_for(n, cfg.clusters, cfg.target_cluster_size)
+    bar = progress.phase("dedup", total=3, unit="step")
+    decisions = out / "decisions.parquet"
+    out.mkdir(parents=True, exist_ok=True)
+    sweep: Counter[float] = Counter()
+    if n:
+        fraction = min(1.0, k * cfg.max_points_per_centroid / n)
+        train = ray.remote(num_gpus=cfg.num_gpus)(_train)
+        centroids = ray.get(train.remote(files, k, fraction, config.run.seed, cfg.kmeans_iters,
+                                         cfg.max_points_per_centroid, cfg.num_gpus > 0 or None))
+        bar.update(1, clusters=len(centroids))
+        buckets = min(cfg.buckets, len(centroids))
+        bucket_dir = out / "buckets"
+        ref = ray.put(centroids)
+        ray.get([ray.remote(_assign_unit).remote(f, ref, str(bucket_dir), buckets) for f in files])
+        bar.update(1)
+        settings = {"min_short_edge": sel.min_short_edge, "max_aspect_ratio": sel.max_aspect_ratio,
+                    "epsilon": cfg.epsilon, "phash_max_distance": cfg.phash_max_distance,
+                    "exact": cfg.exact, "keep": cfg.keep, "sweep": cfg.sweep, "block": cfg.block_size}
+        parts = [out / "parts" / f"{b:05d}.parquet" for b in range(buckets)]
+        parts[0].parent.mkdir(exist_ok=True)
+        task = ray.remote(_dedup_bucket)
+        for result in ray.get([task.remote(str(bucket_dir / f"{b:05d}"), str(p), settings) for b, p in enumerate(parts)]):
+            sweep.update({float(e): v for e, v in result["sweep_kept"].items()})
+        table = pa.concat_tables([pq.read_table(p) for p in parts if p.exists()])
+        table = _select(table, sel.per_cluster, sel.target_total)
+        table = table.sort_by([("key", "ascending")])
+        pq.write_table(table, decisions)
+        bar.update(1)
+    else:
+        pq.write_table(pa.Table.from_pylist([], schema=DECISION_SCHEMA), decisions)
+        centroids = np.zeros((0, 0))
+    bar.close()
+    reasons = Counter(r for r in pq.read_table(decisions, columns=["reason"]).column("reason").to_pylist() if r)
+    summary = {"embedded": n, "clusters": int(len(centroids)), "epsilon": cfg.epsilon, "keep": cfg.keep,
+               "removed_by_reason": dict(sorted(reasons.items())),
+               "epsilon_sweep": {str(e): sweep[e] for e in sorted(sweep)},
+               "epsilon_sweep_note": "images each epsilon would keep after exact/perceptual dedup and prefilters"}
+    for e in sorted(sweep):
+        progress.note(f"epsilon sweep: epsilon={e:<5} keeps {sweep[e]} of {n} embedded images")
+    write_json_atomic(summary_file, summary)
+    return summary
+
+
+def _select(table: pa.Table, per_cluster: int | None, target_total: int | None) -> pa.Table:
+    reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
+    kept = reason == dd.KEPT
+    if (per_cluster is None and target_total is None) or not kept.any():
+        return table
+    idx = np.flatnonzero(kept)
+    chosen = dd.select_balanced(table.column("cluster").to_numpy()[idx], table.column("rank").to_numpy()[idx],
+                                np.asarray(table.column("key").to_pylist())[idx], per_cluster, target_total)
+    reason[idx[~chosen]] = dd.NOT_SELECTED
+    return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason.tolist(), pa.string()))
+
+
+def unit_decisions(rd: RunDir, unit: int) -> dict[str, dict[str, Any]]:
+    """The dedup decision of every embedded sample of one unit, by key."""
+    path = rd.root / "dedup" / "decisions.parquet"
+    table = pq.read_table(path, filters=[("unit", "=", unit)])
+    return {r["key"]: r for r in table.to_pylist()}
+
+
+def apply_decisions(batch: pa.Table, root: str) -> pa.Table:
+    """Mark removed samples (duplicates, not selected) and set the cluster of kept ones."""
+    rd = RunDir(Path(root))
+    rows = batch.to_pylist()
+    for unit in sorted({r["unit"] for r in rows}):
+        decisions = unit_decisions(rd, unit)
+        for row in rows:
+            if row["unit"] != unit or not row["sample"]:
+                continue
+            decision = decisions.get(row["key"])
+            if decision is None:
+                raise RuntimeError(f"sample {row['key']} has no dedup decision; delete {rd.root / 'dedup'} and resume")
+            if decision["reason"]:
+                row["removed"] = json.dumps({"key": row["key"], "stage": "dedup", "reason": decision["reason"],
+                                             "dup_of": decision["dup_of"], "cluster": decision["cluster"]})
+                row["sample"], row["image"] = None, None
+            else:
+                sample = Sample.model_validate_json(row["sample"])
+                sample.cluster = decision["cluster"]
+                row["sample"] = sample.model_dump_json()
+    return pa.Table.from_pylist(rows, schema=batch.schema)

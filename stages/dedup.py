@@ -1,0 +1,224 @@
+"""dedup/select: exact, perceptual and semantic (SemDeDup) duplicates, then balanced selection.
+
+The recipe (DenseFusion-1M): keep short edge >= 448 px, spherical k-means of CLIP features into
+many clusters, remove near-duplicates inside each cluster at threshold epsilon (an item is a
+duplicate when its cosine similarity to an item already kept exceeds 1 - epsilon), then keep the
+top n per cluster. Everything here is numpy/FAISS over arrays; the pipeline decides where it runs.
+
+Inside a cluster, items are visited in keep-priority order (`KeepPolicy`); exact copies (same
+sha256), then perceptual near-copies (pHash Hamming distance), then semantic duplicates are
+removed greedily against the items kept so far, in bounded-memory blocks. Identical and
+re-encoded images embed almost identically, so they share a cluster and the per-cluster pass
+finds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+KeepPolicy = Literal["nearest_centroid", "farthest_centroid", "largest_image", "first_key"]
+
+KEPT = ""
+EXACT, NEAR, SEMANTIC = "exact_duplicate", "near_duplicate", "semantic_duplicate"
+TOO_SMALL, BAD_ASPECT, NOT_SELECTED = "too_small", "bad_aspect_ratio", "not_selected"
+
+
+# -- clustering ------------------------------------------------------------------------------
+
+
+def faiss_gpu_available() -> bool:
+    """True when this process has faiss-gpu and a visible GPU (decided where the work runs)."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def clusters_for(n: int, k: int | None, target_cluster_size: int) -> int:
+    """k from config, or derived from n; never more clusters than points."""
+    if n <= 0:
+        return 0
+    return max(1, min(n, k if k else round(n / target_cluster_size)))
+
+
+def train_kmeans(sample: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: bool | None = None,
+                 max_points_per_centroid: int = 256) -> np.ndarray:
+    """Spherical k-means centroids (k, d), trained with FAISS on a sample of the embeddings."""
+    import faiss
+
+    if use_gpu is None:
+        use_gpu = faiss_gpu_available()
+    km = faiss.Kmeans(sample.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=bool(use_gpu),
+                      max_points_per_centroid=max_points_per_centroid, verbose=False)
+    km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return km.centroids.copy()
+
+
+def assign_clusters(x: np.ndarray, centroids: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (inner product) and the similarity to it, for every row, in batches."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels = np.empty(len(x), dtype=np.int64)
+    sims = np.empty(len(x), dtype=np.float32)
+    for s in range(0, len(x), batch):
+        d, i = index.search(np.ascontiguousarray(x[s:s + batch], dtype=np.float32), 1)
+        labels[s:s + batch], sims[s:s + batch] = i[:, 0], d[:, 0]
+    return labels, sims
+
+
+# -- greedy removal inside one cluster -------------------------------------------------------
+
+
+def greedy_duplicates(vectors: np.ndarray, thresholds: Sequence[float], block: int = 2048,
+                      active: np.ndarray | None = None) -> list[np.ndarray]:
+    """For each threshold t: dup_of[i] = index of an earlier kept row with similarity > t, or -1.
+
+    Rows are in priority order: row i is kept unless an earlier *kept* row is more similar than t.
+    `active` rows (default all) take part; inactive rows are neither kept nor compared. Memory is
+    O(block²) whatever the number of rows.
+    """
+    n = len(vectors)
+    active = np.ones(n, dtype=bool) if active is None else active
+    dups = [np.full(n, -1, dtype=np.int64) for _ in thresholds]
+    kept = [active.copy() for _ in thresholds]
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        q = vectors[s:e]
+        best = [np.full(e - s, -np.inf, dtype=np.float32) for _ in thresholds]
+        arg = [np.full(e - s, -1, dtype=np.int64) for _ in thresholds]
+        for c in range(0, s, block):
+            ce = min(s, c + block)
+            sims = q @ vectors[c:ce].T
+            for ti in range(len(thresholds)):
+                mask = kept[ti][c:ce]
+                if not mask.any():
+                    continue
+                masked = np.where(mask[None, :], sims, -np.inf)
+                top, where = masked.max(axis=1), masked.argmax(axis=1)
+                better = top > best[ti]
+                best[ti][better], arg[ti][better] = top[better], where[better] + c
+        inner = q @ q.T
+        for ti, t in enumerate(thresholds):
+            local_active = active[s:e]
+            removed = (best[ti] > t) & local_active
+            dups[ti][s:e][removed] = arg[ti][removed]
+            local_kept = local_active & ~removed
+            above = np.triu(inner > t, k=1) & local_active[:, None]
+            for j in np.flatnonzero(above.any(axis=0) & local_kept):
+                earlier = np.flatnonzero(above[:j, j] & local_kept[:j])
+                if earlier.size:
+                    local_kept[j] = False
+                    dups[ti][s + j] = s + earlier[np.argmax(inner[earlier, j])]
+            kept[ti][s:e] = local_kept
+    return dups
+
+
+def phash_vectors(phashes: np.ndarray) -> np.ndarray:
+    """64-bit hashes as ±1/8 vectors: dot product = 1 - 2·hamming/64."""
+    bits = ((phashes.astype(np.int64).view(np.uint64)[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1))
+    return (bits.astype(np.float32) * 2 - 1) / 8.0
+
+
+@dataclass
+class ClusterResult:
+    """Per-row outcome for one cluster, in the caller's row order."""
+
+    reason: np.ndarray  # object array: "" for kept, else a removal reason
+    dup_of: np.ndarray  # int64 row index into the cluster, -1 if kept
+    rank: np.ndarray  # keep-priority rank inside the cluster (0 = best)
+    sweep_kept: dict[float, int] = field(default_factory=dict)
+
+
+def priority_order(keys: Sequence[str], centroid_sim: np.ndarray, area: np.ndarray, policy: KeepPolicy) -> np.ndarray:
+    """Row order in which items claim to be kept; ties broken by key for determinism."""
+    keys_arr = np.asarray(keys)
+    if policy == "nearest_centroid":
+        return np.lexsort((keys_arr, -centroid_sim))
+    if policy == "farthest_centroid":
+        return np.lexsort((keys_arr, centroid_sim))
+    if policy == "largest_image":
+        return np.lexsort((keys_arr, -area))
+    return np.argsort(keys_arr, kind="stable")
+
+
+def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str], phash: np.ndarray,
+                  centroid_sim: np.ndarray, area: np.ndarray, *, epsilon: float | None, phash_max_distance: int | None,
+                  exact: bool = True, policy: KeepPolicy = "nearest_centroid", sweep: Sequence[float] = (),
+                  block: int = 2048) -> ClusterResult:
+    """Exact, perceptual and semantic duplicates inside one cluster (see module doc)."""
+    n = len(keys)
+    order = priority_order(keys, centroid_sim, area, policy)
+    reason = np.full(n, KEPT, dtype=object)
+    dup = np.full(n, -1, dtype=np.int64)  # in priority positions
+    active = np.ones(n, dtype=bool)
+    if exact:
+        first: dict[str, int] = {}
+        for pos, row in enumerate(order):
+            holder = first.setdefault(sha256[row], pos)
+            if holder != pos:
+                reason[pos], dup[pos], active[pos] = EXACT, holder, False
+    if phash_max_distance is not None:
+        t = 1.0 - 2.0 * (phash_max_distance + 0.5) / 64.0
+        near = greedy_duplicates(phash_vectors(phash[order]), [t], block, active)[0]
+        hit = near >= 0
+        reason[hit], dup[hit], active[hit] = NEAR, near[hit], False
+    sweep_kept: dict[float, int] = {}
+    eps_list = ([epsilon] if epsilon is not None else []) + [e for e in sweep if e != epsilon]
+    if eps_list:
+        sem = greedy_duplicates(vectors[order], [1.0 - e for e in eps_list], block, active)
+        for e, d in zip(eps_list, sem):
+            sweep_kept[e] = int((active & (d < 0)).sum())
+        if epsilon is not None:
+            hit = sem[0] >= 0
+            reason[hit], dup[hit] = SEMANTIC, sem[0][hit]
+    else:
+        sweep_kept = {}
+    # point every duplicate at the item that finally stays
+    for pos in range(n):
+        target = dup[pos]
+        while target >= 0 and dup[target] >= 0:
+            target = dup[target]
+        dup[pos] = target
+    out_reason = np.empty(n, dtype=object)
+    out_dup = np.full(n, -1, dtype=np.int64)
+    rank = np.empty(n, dtype=np.int64)
+    out_reason[order] = reason
+    out_dup[order] = np.where(dup >= 0, order[np.maximum(dup, 0)], -1)
+    kept_positions = np.flatnonzero(reason == KEPT)
+    rank[order] = n  # removed items rank last
+    rank[order[kept_positions]] = np.arange(len(kept_positions))
+    return ClusterResult(out_reason, out_dup, rank, sweep_kept)
+
+
+# -- prefilters and selection ----------------------------------------------------------------
+
+
+def prefilter(width: np.ndarray, height: np.ndarray, min_short_edge: int, max_aspect_ratio: float | None) -> np.ndarray:
+    """Removal reason per row for the size/shape prefilters ("" = passes)."""
+    reason = np.full(len(width), KEPT, dtype=object)
+    short, long = np.minimum(width, height), np.maximum(width, height)
+    if max_aspect_ratio is not None:
+        reason[long > max_aspect_ratio * np.maximum(short, 1)] = BAD_ASPECT
+    reason[short < min_short_edge] = TOO_SMALL
+    return reason
+
+
+def select_balanced(cluster: np.ndarray, rank: np.ndarray, keys: Sequence[str], per_cluster: int | None,
+                    target_total: int | None) -> np.ndarray:
+    """Which kept rows survive selection: top `per_cluster` per cluster by rank, then, to reach
+    `target_total`, round-robin over clusters (everyone's best first, then second best, …)."""
+    chosen = np.ones(len(rank), dtype=bool)
+    if per_cluster is not None:
+        chosen &= rank < per_cluster
+    if target_total is not None and chosen.sum() > target_total:
+        idx = np.flatnonzero(chosen)
+        order = np.lexsort((np.asarray(keys)[idx], cluster[idx], rank[idx]))
+        keep = np.zeros(len(rank), dtype=bool)
+        keep[idx[order[:target_total]]] = True
+        chosen = keep
+    return chosen

@@ -1,0 +1,117 @@
+"""embed: open_clip image embeddings (L2-normalised) and image hashes for deduplication.
+
+`ClipImageEmbedder` loads its model once (one per Ray actor) and decides CPU or GPU where it runs,
+never on the driver. A configured pretrained model that cannot be loaded is an error; random
+weights happen only when `embed.weights: random` says so, and the provenance says it too.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from denseforge.errors import ModelLoadError
+
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    model: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"
+    checkpoint: str | None = None
+    weights: Literal["pretrained", "random"] = "pretrained"
+    batch_size: int = 64
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def pick_device(requested: str) -> str:
+    """Resolve `auto` in the process that will run the model."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("embed.device is cuda but this worker sees no GPU")
+    return requested
+
+
+def load_clip(settings: EmbedSettings, device: str):
+    """(model, preprocess, provenance) for an open_clip model; never silently random."""
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIGS)
+    if settings.weights == "random":
+        pretrained, source = None, "random weights (embed.weights: random) - embeddings carry no meaning"
+    elif settings.checkpoint:
+        pretrained, source = settings.checkpoint, f"checkpoint {settings.checkpoint}"
+    elif settings.pretrained:
+        pretrained, source = settings.pretrained, f"open_clip pretrained tag {settings.pretrained}"
+    else:
+        raise ModelLoadError("embed: set embed.pretrained or embed.checkpoint, or embed.weights: random for tests")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            settings.model, pretrained=pretrained, device=device, load_weights=pretrained is not None)
+    except Exception as exc:  # noqa: BLE001 - hub misses, bad paths and bad names all land here
+        raise ModelLoadError(
+            f"cannot load open_clip model {settings.model!r} with {source}: {type(exc).__name__}: {exc}. "
+            "Offline? Download the weights elsewhere and set embed.checkpoint to the file.") from None
+    model.eval()
+    return model, preprocess, {"library": "open_clip", "model": settings.model, "weights": source, "device": device}
+
+
+class ClipImageEmbedder:
+    """Images (encoded bytes) to L2-normalised float32 embeddings, batched."""
+
+    def __init__(self, settings: EmbedSettings):
+        self.settings = settings
+        self.device = pick_device(settings.device)
+        self.model, self.preprocess, self.provenance = load_clip(settings, self.device)
+
+    def __call__(self, images: list[bytes]) -> np.ndarray:
+        import torch
+
+        out = []
+        for start in range(0, len(images), self.settings.batch_size):
+            chunk = images[start:start + self.settings.batch_size]
+            pixels = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in chunk])
+            with torch.inference_mode():
+                feats = self.model.encode_image(pixels.to(self.device)).float()
+            out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
+        if not out:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def perceptual_hash(image: bytes) -> int:
+    """64-bit DCT perceptual hash (imagehash.phash) as a signed int64."""
+    import imagehash
+
+    bits = imagehash.phash(Image.open(io.BytesIO(image))).hash.flatten()
+    value = int("".join("1" if b else "0" for b in bits), 2)
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def embedding_table(keys: list[str], units: list[int], vectors: np.ndarray, extra: dict[str, list[Any]]) -> pa.Table:
+    """The per-unit embeddings file: key, unit, embedding (fixed-size list) and the hash columns."""
+    dim = vectors.shape[1] if vectors.size else 0
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    columns = {"key": pa.array(keys, pa.string()), "unit": pa.array(units, pa.int64()),
+               "embedding": pa.FixedSizeListArray.from_arrays(flat, dim) if dim else pa.nulls(len(keys), pa.list_(pa.float32()))}
+    columns.update({name: pa.array(values) for name, values in extra.items()})
+    return pa.table(columns)
+
+
+def embeddings_matrix(table: pa.Table) -> np.ndarray:
+    """The embedding column of an embeddings table as an (n, d) float32 matrix."""
+    column = table.column("embedding").combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
