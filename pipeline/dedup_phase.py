@@ -40,7 +40,7 @@ DECISION_SCHEMA = pa.schema([
 def embed_settings(config: Config) -> EmbedSettings:
     e = config.embed
     return EmbedSettings(model=e.model, pretrained=e.pretrained, checkpoint=e.checkpoint, weights=e.weights,
-                         batch_size=e.batch_size, device=e.device)
+                         batch_size=e.batch_size, device=e.device, seed=config.run.seed)
 
 
 def embeddings_file(rd: RunDir, unit: int) -> Path:

@@ -104,16 +104,18 @@ def greedy_duplicates(vectors: np.ndarray, thresholds: Sequence[float], block: i
                 best[ti][better], arg[ti][better] = top[better], where[better] + c
         inner = q @ q.T
         for ti, t in enumerate(thresholds):
-            local_active = active[s:e]
-            removed = (best[ti] > t) & local_active
-            dups[ti][s:e][removed] = arg[ti][removed]
-            local_kept = local_active & ~removed
-            above = np.triu(inner > t, k=1) & local_active[:, None]
-            for j in np.flatnonzero(above.any(axis=0) & local_kept):
+            local_kept = active[s:e].copy()
+            above = np.triu(inner > t, k=1)
+            for j in np.flatnonzero(local_kept & ((best[ti] > t) | above.any(axis=0))):
+                top, where = best[ti][j], arg[ti][j]
                 earlier = np.flatnonzero(above[:j, j] & local_kept[:j])
                 if earlier.size:
+                    i = earlier[np.argmax(inner[earlier, j])]
+                    if inner[i, j] > top:
+                        top, where = inner[i, j], s + i
+                if top > t:
                     local_kept[j] = False
-                    dups[ti][s + j] = s + earlier[np.argmax(inner[earlier, j])]
+                    dups[ti][s + j] = where
             kept[ti][s:e] = local_kept
     return dups
 

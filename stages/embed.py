@@ -29,6 +29,7 @@ class EmbedSettings:
     weights: Literal["pretrained", "random"] = "pretrained"
     batch_size: int = 64
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # random weights are drawn from this, so every actor and rerun embeds alike
 
 
 def pick_device(requested: str) -> str:
@@ -45,10 +46,12 @@ def pick_device(requested: str) -> str:
 def load_clip(settings: EmbedSettings, device: str):
     """(model, preprocess, provenance) for an open_clip model; never silently random."""
     import open_clip
+    import torch
 
     open_clip.add_model_config(MODEL_CONFIGS)
     if settings.weights == "random":
-        pretrained, source = None, "random weights (embed.weights: random) - embeddings carry no meaning"
+        pretrained = None
+        source = f"random weights, seed {settings.seed} (embed.weights: random) - embeddings carry no meaning"
     elif settings.checkpoint:
         pretrained, source = settings.checkpoint, f"checkpoint {settings.checkpoint}"
     elif settings.pretrained:
@@ -56,8 +59,10 @@ def load_clip(settings: EmbedSettings, device: str):
     else:
         raise ModelLoadError("embed: set embed.pretrained or embed.checkpoint, or embed.weights: random for tests")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            settings.model, pretrained=pretrained, device=device, load_weights=pretrained is not None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                settings.model, pretrained=pretrained, device=device, load_weights=pretrained is not None)
     except Exception as exc:  # noqa: BLE001 - hub misses, bad paths and bad names all land here
         raise ModelLoadError(
             f"cannot load open_clip model {settings.model!r} with {source}: {type(exc).__name__}: {exc}. "

@@ -25,6 +25,8 @@ def _config(tmp_path: Path, table: Path) -> Path:
 ray: {{num_cpus: 2}}
 input: {{path: {table}}}
 ingest: {{processes: 1, threads: 1, image_size: 128, allow_private_addresses: true}}
+embed: {{model: df-tiny-clip, weights: random}}
+dedup: {{epsilon: null, clusters: 3, keep: first_key}}
 output: {{samples_per_shard: 2}}
 """)
     return cfg
@@ -88,8 +90,10 @@ def test_sigkill_then_resume_equals_a_clean_run(tmp_path, photo_dir):
 
     killed_manifest, killed_shards = _result(killed)
     clean_manifest, clean_shards = _result(clean)
-    assert len(clean_manifest) == 16
+    assert len(clean_manifest) == 4  # 16 downloads of 4 photos: 12 exact duplicates removed
     assert killed_manifest == clean_manifest  # none lost, none twice
     assert killed_shards == clean_shards  # byte-identical shards
     rejects = sorted(r["reason"] for r in pq.read_table(killed / "rejects.parquet").to_pylist())
     assert rejects == ["http_404", "not_an_image"]
+    decisions = [pq.read_table(d / "dedup" / "decisions.parquet").to_pylist() for d in (killed, clean)]
+    assert decisions[0] == decisions[1] and sum(1 for r in decisions[0] if r["reason"]) == 12

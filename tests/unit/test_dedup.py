@@ -1,0 +1,159 @@
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from denseforge.pipeline.demo import PHOTOS, load_photo
+from denseforge.stages import dedup as dd
+from denseforge.stages.embed import perceptual_hash
+from denseforge.stages.image_normalize import ImageNormalizer
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def naive_greedy(vectors, t, active=None):
+    """Reference: visit rows in order, compare with every kept row."""
+    n = len(vectors)
+    active = np.ones(n, bool) if active is None else active
+    dup, kept = np.full(n, -1), []
+    for j in range(n):
+        if not active[j]:
+            continue
+        sims = [(vectors[i] @ vectors[j], i) for i in kept]
+        best = max(sims, default=(-np.inf, -1))
+        if best[0] > t:
+            dup[j] = best[1]
+        else:
+            kept.append(j)
+    return dup
+
+
+@pytest.fixture(scope="module")
+def planted():
+    rng = np.random.default_rng(0)
+    base = _unit(rng.normal(size=(300, 32)))
+    copies = _unit(base[:60] + rng.normal(scale=0.04, size=(60, 32)))  # cos ~0.97
+    x = np.concatenate([base, copies])
+    perm = rng.permutation(len(x))
+    return x[perm]
+
+
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_blocked_greedy_matches_the_naive_reference_across_block_boundaries(planted, block):
+    thresholds = [0.9, 0.95, 0.5]
+    got = dd.greedy_duplicates(planted, thresholds, block=block)
+    for t, dup in zip(thresholds, got):
+        np.testing.assert_array_equal(dup, naive_greedy(planted, t))
+
+
+def test_greedy_respects_inactive_rows(planted):
+    active = np.ones(len(planted), bool)
+    active[::3] = False
+    got = dd.greedy_duplicates(planted, [0.9], block=50, active=active)[0]
+    np.testing.assert_array_equal(got, naive_greedy(planted, 0.9, active))
+    assert (got[~active] == -1).all()
+
+
+def test_semantic_dedup_finds_planted_pairs():
+    rng = np.random.default_rng(1)
+    base = _unit(rng.normal(size=(200, 64)))
+    copies = _unit(base[:50] + rng.normal(scale=0.02, size=(50, 64)))
+    x = np.concatenate([base, copies])
+    keys = [f"{i:05d}" for i in range(len(x))]
+    res = dd.dedup_cluster(keys, x, keys, np.arange(len(x)), np.zeros(len(x)), np.ones(len(x)),
+                           epsilon=0.05, phash_max_distance=None, exact=True, policy="first_key", sweep=[0.01, 1.0])
+    removed = np.flatnonzero(res.reason != "")
+    assert sorted(removed) == list(range(200, 250))
+    assert all(res.dup_of[i] == i - 200 for i in removed)
+    assert res.sweep_kept[0.05] == 200 and res.sweep_kept[0.01] >= 200 and res.sweep_kept[1.0] < 150
+
+
+def test_dup_of_points_at_the_item_that_stays():
+    # a: kept; b: exact copy of c; c: semantic duplicate of a  ->  b.dup_of must be a
+    x = _unit(np.array([[1, 0], [1, 0.05], [1, 0.05]], dtype=np.float32))
+    res = dd.dedup_cluster(["a", "b", "c"], x, ["s1", "s2", "s2"], np.array([1, 2, 3]), np.array([0.9, 0.5, 0.8]),
+                           np.ones(3), epsilon=0.1, phash_max_distance=None, policy="nearest_centroid")
+    assert list(res.reason) == ["", "exact_duplicate", "semantic_duplicate"]
+    assert list(res.dup_of) == [-1, 0, 0]
+    assert list(res.rank) == [0, 3, 3]
+
+
+@pytest.mark.parametrize("policy, winner", [("nearest_centroid", 1), ("farthest_centroid", 0),
+                                            ("largest_image", 2), ("first_key", 0)])
+def test_keep_policies(policy, winner):
+    x = _unit(np.ones((3, 4), dtype=np.float32))
+    res = dd.dedup_cluster(["k0", "k1", "k2"], x, ["a", "b", "c"], np.array([0, 1 << 40, 7]),
+                           np.array([0.1, 0.9, 0.5]), np.array([10, 20, 30]), epsilon=0.01,
+                           phash_max_distance=None, policy=policy)
+    assert [i for i in range(3) if res.reason[i] == ""] == [winner]
+
+
+def _jpeg(img, **kw):
+    out = io.BytesIO()
+    img.convert("RGB").save(out, format="JPEG", **kw)
+    return out.getvalue()
+
+
+def test_planted_duplicates_among_real_photos_are_removed_and_distinct_photos_kept():
+    normalizer = ImageNormalizer(image_size=256)
+    entries = []  # (key, stored bytes, planted original key or None)
+    for i, name in enumerate(PHOTOS):
+        photo = load_photo(name)
+        entries.append((f"{i}a-orig", _jpeg(photo, quality=92), None))
+        if i % 2 == 0:
+            entries.append((f"{i}b-copy", entries[-1][1], f"{i}a-orig"))
+        if i % 3 == 0:
+            entries.append((f"{i}c-reenc", _jpeg(photo, quality=60), f"{i}a-orig"))
+        if i % 3 == 1:
+            small = photo.resize((round(photo.width * 0.85), round(photo.height * 0.85)))
+            entries.append((f"{i}d-resize", _jpeg(small, quality=85), f"{i}a-orig"))
+    stored = [normalizer.normalize(b).data for _, b, _ in entries]
+    keys = [k for k, _, _ in entries]
+    sha = [hashlib.sha256(s).hexdigest() for s in stored]
+    phash = np.array([perceptual_hash(s) for s in stored])
+    sizes = np.array([Image.open(io.BytesIO(s)).size for s in stored])
+    res = dd.dedup_cluster(keys, np.zeros((len(keys), 1), np.float32), sha, phash, np.zeros(len(keys)),
+                           sizes[:, 0] * sizes[:, 1], epsilon=None, phash_max_distance=4, policy="first_key")
+    for j, (key, _, original) in enumerate(entries):
+        if original is None:
+            assert res.reason[j] == "", f"distinct photo {key} was removed"
+        else:
+            assert res.reason[j] in ("exact_duplicate", "near_duplicate"), key
+            assert keys[res.dup_of[j]] == original
+    assert {r for r in res.reason if r} == {"exact_duplicate", "near_duplicate"}
+
+
+def test_kmeans_is_seeded_and_assignment_is_nearest():
+    rng = np.random.default_rng(3)
+    centers = _unit(rng.normal(size=(5, 16)))
+    x = _unit(np.repeat(centers, 100, axis=0) + rng.normal(scale=0.05, size=(500, 16)))
+    a = dd.train_kmeans(x, 5, seed=7, use_gpu=False)
+    b = dd.train_kmeans(x, 5, seed=7, use_gpu=False)
+    np.testing.assert_array_equal(a, b)
+    labels, sims = dd.assign_clusters(x, a, batch=64)
+    np.testing.assert_array_equal(labels, np.argmax(x @ a.T, axis=1))
+    assert len(set(labels[:100])) == 1 and len(set(labels)) == 5 and sims.min() > 0.8
+
+
+def test_clusters_for():
+    assert dd.clusters_for(0, None, 1000) == 0
+    assert dd.clusters_for(10, None, 1000) == 1
+    assert dd.clusters_for(1_000_000, None, 20) == 50_000
+    assert dd.clusters_for(10, 50, 1000) == 10
+
+
+def test_prefilter_and_balanced_selection():
+    reason = dd.prefilter(np.array([500, 300, 2000, 448]), np.array([600, 900, 100, 448]), 448, 3.0)
+    assert list(reason) == ["", "too_small", "too_small", ""]
+    reason = dd.prefilter(np.array([1000, 500]), np.array([200, 500]), 0, 3.0)
+    assert list(reason) == ["bad_aspect_ratio", ""]
+    cluster = np.array([0, 0, 0, 1, 1, 2])
+    rank = np.array([0, 1, 2, 0, 1, 0])
+    keys = [f"k{i}" for i in range(6)]
+    assert list(dd.select_balanced(cluster, rank, keys, 2, None)) == [1, 1, 0, 1, 1, 1]
+    # target 4: every cluster's best first (k0, k3, k5), then the best second (k1 before k4 by cluster)
+    assert list(dd.select_balanced(cluster, rank, keys, None, 4)) == [1, 1, 0, 1, 0, 1]
