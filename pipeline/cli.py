@@ -42,8 +42,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from denseforge.pipeline.bench import run_benchmark
 
-    result = run_benchmark(args.name, images=args.images, processes=args.processes, threads=args.threads,
-                           repeats=args.repeats)
+    if args.name == "ingest":
+        options = {"images": args.images, "processes": args.processes, "threads": args.threads, "repeats": args.repeats}
+    else:
+        options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n}
+    result = run_benchmark(args.name, **options)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -69,11 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=_cmd_status)
     p = sub.add_parser("bench", help="benchmarks, JSON out")
-    p.add_argument("name", choices=["ingest"])
-    p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--threads", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best counts")
+    p.add_argument("name", choices=["ingest", "dedup"])
+    p.add_argument("--images", type=int, default=1000, help="ingest: corpus size")
+    p.add_argument("--processes", type=int, default=2, help="ingest: shards at once")
+    p.add_argument("--threads", type=int, default=16, help="ingest: download threads per shard")
+    p.add_argument("--repeats", type=int, default=2, help="ingest: alternating runs per side; the best counts")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="dedup: numbers of embeddings")
+    p.add_argument("--epsilon", type=float, default=0.05, help="dedup: duplicate when cosine > 1 - epsilon")
+    p.add_argument("--baseline-n", type=int, default=20_000, help="dedup: n for the brute-force baseline")
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=_cmd_bench)
     return parser

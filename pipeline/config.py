@@ -89,7 +89,7 @@ class DedupConfig(_Section):
     clusters: int | None = Field(None, ge=1, description="k for k-means; null derives it from N")
     target_cluster_size: int = Field(1000, ge=1)
     kmeans_iters: int = Field(20, ge=1)
-    max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many points")
+    max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many points (FAISS default)")
     keep: Literal["nearest_centroid", "farthest_centroid", "largest_image", "first_key"] = "nearest_centroid"
     block_size: int = Field(2048, ge=16)
     buckets: int = Field(16, ge=1, description="parallel dedup tasks (clusters are hashed into buckets)")

@@ -132,38 +132,28 @@ def _assign_unit(file: str, centroids: np.ndarray, bucket_dir: str, buckets: int
 def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> dict[str, Any]:
     files = sorted(Path(bucket_path).glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
-    sweep_kept: Counter[float] = Counter()
     rows: list[dict[str, Any]] = []
+    sweep: dict[float, int] = {}
     if table is not None and table.num_rows:
-        vectors = embeddings_matrix(table)
-        keys = np.asarray(table.column("key").to_pylist())
-        cluster = table.column("cluster").to_numpy()
-        sims = table.column("centroid_sim").to_numpy()
+        keys = table.column("key").to_pylist()
+        cluster, sims = table.column("cluster").to_numpy(), table.column("centroid_sim").to_numpy()
         width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
-        sha, phash = np.asarray(table.column("sha256").to_pylist()), table.column("phash").to_numpy()
-        units = table.column("unit").to_numpy()
         pre = dd.prefilter(width, height, settings["min_short_edge"], settings["max_aspect_ratio"])
-        for c in np.unique(cluster):
-            idx = np.flatnonzero((cluster == c) & (pre == dd.KEPT))
-            reason = np.full(0, "", dtype=object)
-            if len(idx):
-                result = dd.dedup_cluster(
-                    keys[idx], vectors[idx], sha[idx], phash[idx], sims[idx], (width * height)[idx],
-                    epsilon=settings["epsilon"], phash_max_distance=settings["phash_max_distance"],
-                    exact=settings["exact"], policy=settings["keep"], sweep=settings["sweep"], block=settings["block"])
-                reason = result.reason
-                sweep_kept.update(result.sweep_kept)
-                for j, i in enumerate(idx):
-                    rows.append({"key": keys[i], "unit": int(units[i]), "cluster": int(c), "distance": float(1 - sims[i]),
-                                 "rank": int(result.rank[j]), "reason": reason[j],
-                                 "dup_of": keys[idx[result.dup_of[j]]] if result.dup_of[j] >= 0 else None})
-            for i in np.flatnonzero((cluster == c) & (pre != dd.KEPT)):
-                rows.append({"key": keys[i], "unit": int(units[i]), "cluster": int(c), "distance": float(1 - sims[i]),
-                             "rank": -1, "reason": pre[i], "dup_of": None})
+        result = dd.dedup_all(
+            cluster, embeddings_matrix(table), keys, table.column("sha256").to_pylist(),
+            table.column("phash").to_numpy(), sims, width * height, candidates=pre == dd.KEPT,
+            epsilon=settings["epsilon"], phash_max_distance=settings["phash_max_distance"], exact=settings["exact"],
+            policy=settings["keep"], sweep=settings["sweep"], block=settings["block"])
+        sweep = result.sweep_kept
+        units = table.column("unit").to_pylist()
+        for i, key in enumerate(keys):
+            rows.append({"key": key, "unit": units[i], "cluster": int(cluster[i]), "distance": float(1 - sims[i]),
+                         "rank": int(result.rank[i]), "reason": pre[i] or result.reason[i],
+                         "dup_of": keys[result.dup_of[i]] if result.dup_of[i] >= 0 else None})
     tmp = Path(out_file).with_name(f".{Path(out_file).name}.tmp")
     pq.write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), tmp)
     tmp.replace(out_file)
-    return {"rows": len(rows), "sweep_kept": {str(k): v for k, v in sweep_kept.items()}}
+    return {"rows": len(rows), "sweep_kept": {str(k): v for k, v in sweep.items()}}
 
 
 def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -> dict[str, Any]:

@@ -44,30 +44,71 @@ def clusters_for(n: int, k: int | None, target_cluster_size: int) -> int:
     return max(1, min(n, k if k else round(n / target_cluster_size)))
 
 
-def train_kmeans(sample: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: bool | None = None,
-                 max_points_per_centroid: int = 256) -> np.ndarray:
-    """Spherical k-means centroids (k, d), trained with FAISS on a sample of the embeddings."""
+def _flat_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool, mppc: int) -> np.ndarray:
     import faiss
 
-    if use_gpu is None:
-        use_gpu = faiss_gpu_available()
-    km = faiss.Kmeans(sample.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=bool(use_gpu),
-                      max_points_per_centroid=max_points_per_centroid, verbose=False)
+    km = faiss.Kmeans(sample.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=use_gpu,
+                      max_points_per_centroid=mppc, verbose=False)
     km.train(np.ascontiguousarray(sample, dtype=np.float32))
     return km.centroids.copy()
 
 
-def assign_clusters(x: np.ndarray, centroids: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (inner product) and the similarity to it, for every row, in batches."""
+def train_kmeans(sample: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: bool | None = None,
+                 max_points_per_centroid: int = 256, two_level_above: int = 4096) -> np.ndarray:
+    """Spherical k-means centroids (k, d), trained with FAISS on a sample of the embeddings.
+
+    Above `two_level_above` clusters, training is hierarchical: sqrt(k) coarse centroids, then each
+    coarse cell is split in proportion to its share of the sample. Cost grows as k^1.5 instead of
+    k², which is what keeps 50,000 clusters trainable. Rows come back grouped by coarse cell.
+    """
+    if use_gpu is None:
+        use_gpu = faiss_gpu_available()
+    k = min(k, len(sample))
+    if k <= two_level_above:
+        return _flat_kmeans(sample, k, niter, seed, bool(use_gpu), max_points_per_centroid)
+    k1 = int(np.ceil(np.sqrt(k)))
+    coarse = _flat_kmeans(sample, k1, niter, seed, bool(use_gpu), max_points_per_centroid)
+    labels, _ = assign_clusters(sample, coarse)
+    counts = np.bincount(labels, minlength=k1)
+    share = np.maximum(1, np.floor(k * counts / counts.sum()).astype(int))
+    share = np.minimum(share, np.maximum(counts, 1))
+    fine = []
+    for c in range(k1):
+        members = sample[labels == c]
+        if len(members) == 0:
+            continue
+        fine.append(members if share[c] >= len(members) else
+                    _flat_kmeans(members, int(share[c]), niter, seed + c, bool(use_gpu), max_points_per_centroid))
+    centroids = np.concatenate(fine).astype(np.float32)
+    return centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+
+
+def assign_clusters(x: np.ndarray, centroids: np.ndarray, batch: int = 65536, nprobe: int = 8,
+                    exact_below: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (inner product) and the similarity to it, for every row, in batches.
+
+    Up to `exact_below` centroids the search is exhaustive; above, an IVF index over the centroids
+    visits `nprobe` of sqrt(k) cells, so the cost per row grows as sqrt(k), not k.
+    """
     import faiss
 
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    d = centroids.shape[1]
+    if len(centroids) < exact_below:
+        index = faiss.IndexFlatIP(d)
+    else:
+        cells = int(np.ceil(np.sqrt(len(centroids))))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, cells, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 0
+        index.train(centroids)
+        index.nprobe = min(nprobe, cells)
+    index.add(centroids)
     labels = np.empty(len(x), dtype=np.int64)
     sims = np.empty(len(x), dtype=np.float32)
     for s in range(0, len(x), batch):
-        d, i = index.search(np.ascontiguousarray(x[s:s + batch], dtype=np.float32), 1)
-        labels[s:s + batch], sims[s:s + batch] = i[:, 0], d[:, 0]
+        dist, idx = index.search(np.ascontiguousarray(x[s:s + batch], dtype=np.float32), 1)
+        labels[s:s + batch], sims[s:s + batch] = idx[:, 0], dist[:, 0]
     return labels, sims
 
 
@@ -195,6 +236,38 @@ def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str
     rank[order] = n  # removed items rank last
     rank[order[kept_positions]] = np.arange(len(kept_positions))
     return ClusterResult(out_reason, out_dup, rank, sweep_kept)
+
+
+@dataclass
+class DedupResult:
+    """Per-row outcome over many clusters: reason ("" kept), dup_of row index (-1), rank in cluster."""
+
+    reason: np.ndarray
+    dup_of: np.ndarray
+    rank: np.ndarray
+    sweep_kept: dict[float, int]
+
+
+def dedup_all(labels: np.ndarray, vectors: np.ndarray, keys: Sequence[str], sha256: Sequence[str], phash: np.ndarray,
+              centroid_sim: np.ndarray, area: np.ndarray, candidates: np.ndarray | None = None, **options) -> DedupResult:
+    """`dedup_cluster` over every cluster in `labels`; rows outside `candidates` are left alone
+    (reason "" and rank -1): the caller has already removed them (prefilters)."""
+    n = len(labels)
+    reason = np.full(n, KEPT, dtype=object)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    rank = np.full(n, -1, dtype=np.int64)
+    sweep: dict[float, int] = {}
+    rows = np.arange(n) if candidates is None else np.flatnonzero(candidates)
+    order = rows[np.argsort(labels[rows], kind="stable")]
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    keys_arr, sha_arr = np.asarray(keys), np.asarray(sha256)
+    for idx in np.split(order, bounds) if len(order) else []:
+        res = dedup_cluster(keys_arr[idx], vectors[idx], sha_arr[idx], phash[idx], centroid_sim[idx], area[idx], **options)
+        reason[idx], rank[idx] = res.reason, res.rank
+        dup_of[idx] = np.where(res.dup_of >= 0, idx[np.maximum(res.dup_of, 0)], -1)
+        for e, kept in res.sweep_kept.items():
+            sweep[e] = sweep.get(e, 0) + kept
+    return DedupResult(reason, dup_of, rank, sweep)
 
 
 # -- prefilters and selection ----------------------------------------------------------------

@@ -157,3 +157,15 @@ def test_prefilter_and_balanced_selection():
     assert list(dd.select_balanced(cluster, rank, keys, 2, None)) == [1, 1, 0, 1, 1, 1]
     # target 4: every cluster's best first (k0, k3, k5), then the best second (k1 before k4 by cluster)
     assert list(dd.select_balanced(cluster, rank, keys, None, 4)) == [1, 1, 0, 1, 0, 1]
+
+
+def test_dedup_all_works_cluster_by_cluster_and_skips_non_candidates():
+    x = _unit(np.array([[1, 0], [1, 0.01], [0, 1], [0.01, 1], [1, 0.02]], dtype=np.float32))
+    labels = np.array([0, 0, 1, 1, 1])  # row 4 is near row 0 but sits in another cluster
+    keys = ["a", "b", "c", "d", "e"]
+    candidates = np.array([True, True, True, False, True])
+    res = dd.dedup_all(labels, x, keys, keys, np.arange(5), np.zeros(5), np.ones(5), candidates=candidates,
+                       epsilon=0.01, phash_max_distance=None, policy="first_key", sweep=[0.01])
+    assert list(res.reason) == ["", "semantic_duplicate", "", "", ""]
+    assert list(res.dup_of) == [-1, 0, -1, -1, -1]
+    assert res.rank[3] == -1 and res.sweep_kept == {0.01: 3}
