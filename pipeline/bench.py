@@ -103,7 +103,8 @@ def _ours(table: Path, out: Path, processes: int, threads: int, spp: int) -> dic
 
     from denseforge.pipeline.progress import Progress
     from denseforge.pipeline.rundir import RunDir
-    from denseforge.pipeline.runner import plan_units, run_ingest, start_ray
+    from denseforge.pipeline.ray_session import start_ray
+    from denseforge.pipeline.runner import plan_units, run_ingest
 
     config = parse_config({
         "input": {"path": str(table)}, "ray": {"num_cpus": max(processes, 2)},

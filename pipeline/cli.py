@@ -18,6 +18,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     if args.dry_run:
+        if config.perceive.enabled:
+            from denseforge.pipeline.perceive_phase import plan_experts
+
+            order = [spec.instance for spec, _, _ in plan_experts(config.perceive)]
+            print(f"# experts, in order: {', '.join(order)}")
         print(dump_config(config), end="")
         return 0
     out = Path(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -36,6 +41,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from denseforge.pipeline.status import describe_run
 
     print(describe_run(Path(args.dir)))
+    return 0
+
+
+def _cmd_experts(args: argparse.Namespace) -> int:
+    from denseforge.experts.registry import describe_experts
+
+    rows = describe_experts()
+    cols = ("name", "kind", "consumes", "resources", "package")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols))
     return 0
 
 
@@ -71,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="where a run is")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("experts", help="list installed expert plugins")
+    p.set_defaults(func=_cmd_experts)
     p = sub.add_parser("bench", help="benchmarks, JSON out")
     p.add_argument("name", choices=["ingest", "dedup"])
     p.add_argument("--images", type=int, default=1000, help="ingest: corpus size")

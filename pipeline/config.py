@@ -74,6 +74,7 @@ class EmbedConfig(_Section):
         "pretrained", description="random: an untrained architecture, for offline tests and the demo only")
     batch_size: int = Field(64, ge=1, le=4096)
     concurrency: int = Field(1, ge=1, description="embedding actors")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions share one GPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -111,6 +112,39 @@ class SelectConfig(_Section):
     target_total: int | None = Field(None, ge=1, description="cluster-balanced down to this many")
 
 
+class ExpertSpec(_Section):
+    """One expert instance: a plugin, its options (checked against the plugin's own model), resources."""
+
+    plugin: str
+    name: str | None = Field(None, description="instance name; defaults to the plugin name")
+    options: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
+    score_threshold: float = Field(0.0, ge=0, le=1, description="boxes below it are ignored when detectors merge")
+
+    @property
+    def instance(self) -> str:
+        return self.name or self.plugin
+
+
+class PerceiveConfig(_Section):
+    enabled: bool = False
+    experts: list[ExpertSpec] = Field(default_factory=list)
+    on_error: Literal["keep", "reject"] = Field(
+        "keep", description="an expert failing on an image: keep the sample (error recorded) or reject it")
+    merge_iou: float = Field(0.65, gt=0, le=1, description="IoU at which boxes of several detectors agree")
+    merge_min_votes: int = Field(1, ge=1, description="detectors that must agree on a box (GranD: 2)")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "PerceiveConfig":
+        names = [e.instance for e in self.experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"perceive.experts: instance names must be unique, repeated: {', '.join(dupes)}")
+        if self.enabled and not self.experts:
+            raise ValueError("perceive.enabled needs at least one entry in perceive.experts")
+        return self
+
+
 class OutputConfig(_Section):
     samples_per_shard: int = Field(1000, ge=1, le=99_999)
 
@@ -131,6 +165,7 @@ class Config(_Section):
     embed: EmbedConfig = EmbedConfig()
     dedup: DedupConfig = DedupConfig()
     select: SelectConfig = SelectConfig()
+    perceive: PerceiveConfig = PerceiveConfig()
     output: OutputConfig = OutputConfig()
     demo: DemoConfig = DemoConfig()
 

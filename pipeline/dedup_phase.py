@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.progress import Progress
+from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
 from denseforge.stages.embed import (
@@ -84,9 +85,10 @@ def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, l
     if pending:
         ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(load_units, fn_kwargs={"root": str(rd.root), "kind": config.input.kind},
-                            batch_size=1, batch_format="pyarrow")
+                            batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
         ds = ds.map_batches(EmbedUnits, fn_constructor_args=(str(rd.root), embed_settings(config)),
                             batch_size=None, batch_format="pyarrow", num_gpus=config.embed.num_gpus,
+                            num_cpus=config.embed.num_cpus,
                             compute=ray.data.ActorPoolStrategy(size=config.embed.concurrency))
         for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in result.to_pylist():

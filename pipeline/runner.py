@@ -8,8 +8,6 @@ of it. Work is cut into units (input shards); each phase leaves a completion mar
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -20,10 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from denseforge.errors import DenseforgeError
-from denseforge.pipeline.config import Config, IngestConfig, RayConfig
+from denseforge.pipeline.config import Config, IngestConfig
 from denseforge.pipeline.dedup_phase import apply_decisions, run_dedup, run_embed
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
+from denseforge.pipeline.perceive_phase import add_perceive, plan_experts
 from denseforge.pipeline.progress import Progress
+from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, start_ray
 from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import finalize_run
 from denseforge.stages.files import write_json_atomic
@@ -34,8 +34,6 @@ from denseforge.stages.ingest import (
 from denseforge.stages.read_input import expand_paths, iter_folder_rows, iter_table_rows, write_units
 from denseforge.stages.write import done_marker, write_unit
 
-OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE", "YOLO_AUTOINSTALL",
-                    "YOLO_CONFIG_DIR", "NO_ALBUMENTATIONS_UPDATE", "RAY_AUTH_MODE")
 ROW_SCHEMA = pa.schema([("unit", pa.int64()), ("unit_rows", pa.int64()), ("key", pa.string()),
                         ("image", pa.binary()), ("sample", pa.string()), ("reject", pa.string()),
                         ("removed", pa.string())])
@@ -47,28 +45,6 @@ class Plan:
     units: int
     rows: int | None  # None until ingest has counted the rows of webdataset inputs
     sources: list[str] = field(default_factory=list)
-
-
-def start_ray(cfg: RayConfig, address: str | None) -> None:
-    """Join `address`, or start an embedded local cluster sized by the config."""
-    import ray
-
-    env = {k: os.environ[k] for k in OFFLINE_SWITCHES if k in os.environ}
-    common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-                  runtime_env={"env_vars": env} if env else None, configure_logging=True)
-    address = address or cfg.address
-    if address:
-        ray.init(address=address, **common)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, **common)
-    from ray.data import DataContext
-
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # our own bars report progress
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # One block is one unit all the way to the writer, which checks it got the whole unit.
-    ctx.target_max_block_size = 2 * 2**30
 
 
 def make_normalizer(cfg: IngestConfig) -> ImageNormalizer:
@@ -196,12 +172,15 @@ def run_process(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> N
         return
     ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(load_units, fn_kwargs={"root": str(rd.root), "kind": plan.kind}, batch_size=1,
-                        batch_format="pyarrow")
+                        batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     if config.dedup.enabled:
-        ds = ds.map_batches(apply_decisions, fn_kwargs={"root": str(rd.root)}, batch_size=None, batch_format="pyarrow")
-    # Per-image stages (perceive, fuse, ground, qa) slot in here, one map_batches each.
+        ds = ds.map_batches(apply_decisions, fn_kwargs={"root": str(rd.root)}, batch_size=None, batch_format="pyarrow",
+                            num_cpus=LIGHT_TASK_CPUS)
+    if config.perceive.enabled:
+        ds = add_perceive(ds, config)
+    # Per-image stages (fuse, ground, qa) slot in here, one map_batches each.
     ds = ds.map_batches(write_units_batch, fn_kwargs={"root": str(rd.root)}, batch_size=None,
-                        batch_format="pyarrow")
+                        batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in result.to_pylist():
             bar.update(1, written=row["written"], rejected=row["rejected"], removed=row["removed"])
@@ -217,6 +196,8 @@ def execute(rd: RunDir, config: Config, address: str | None = None) -> dict[str,
 
     progress = Progress()
     timings: dict[str, float] = {}
+    if config.perceive.enabled:
+        plan_experts(config.perceive)  # unknown plugins and bad options fail before anything runs
     with ExitStack() as stack:
         if config.demo.enabled:
             state = rd.read_state()

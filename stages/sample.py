@@ -83,6 +83,7 @@ class Sample(_Record):
     )
     cluster: int | None = None
     experts: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    errors: dict[str, str] = Field(default_factory=dict, description="expert instance -> why it has no output here")
     caption: str | None = None
     grounding: list[Grounding] = Field(default_factory=list)
     regions: list[Region] = Field(default_factory=list)

@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from denseforge.errors import ConfigError
+from denseforge.experts import ContractError, Expert, ExpertInput, check_expert
+from denseforge.experts.clip_tags import ClipTagExpert, read_vocabulary
+from denseforge.experts.ocr import PaddleOcrExpert, RapidOcrExpert
+from denseforge.experts.registry import describe_experts, load_expert_class
+from denseforge.experts.yolo import YoloExpert
+from denseforge.pipeline.config import parse_config
+from denseforge.pipeline.demo import load_photo
+from denseforge.pipeline.perceive_phase import plan_experts
+from denseforge.stages.perceive import iou
+
+TINY_TAGS = {"model": "df-tiny-clip", "weights": "random", "threshold": 0.0, "device": "cpu"}
+
+
+def render_text(lines, size=(640, 240), scale=1.0):
+    """An image with text drawn at known places, and the drawn boxes (after an optional resize)."""
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    boxes = []
+    for text, xy, px in lines:
+        font = ImageFont.load_default(size=px)
+        draw.text(xy, text, fill="black", font=font)
+        boxes.append([v * scale for v in draw.textbbox(xy, text, font=font)])
+    if scale != 1.0:
+        img = img.resize((round(size[0] * scale), round(size[1] * scale)), Image.Resampling.LANCZOS)
+    return img, boxes
+
+
+@pytest.fixture(scope="module")
+def ocr():
+    expert = RapidOcrExpert()
+    expert.setup()
+    return expert
+
+
+@pytest.mark.parametrize("lines, scale", [
+    ([("DENSEFORGE", (30, 40), 48)], 1.0),
+    ([("Hello world", (20, 20), 32), ("Line 2: 1234", (40, 140), 40)], 1.0),
+    ([("small print", (10, 10), 22)], 1.0),
+    ([("RESIZED TEXT", (30, 60), 56)], 0.6),
+])
+def test_rapidocr_reads_rendered_text_where_it_was_drawn(ocr, lines, scale):
+    img, boxes = render_text(lines, scale=scale)
+    [found] = ocr([ExpertInput("k", img)])
+    assert len(found) == len(lines)
+    for (text, _, _), box in zip(lines, boxes):
+        match = max(found, key=lambda o: iou(o["box"], box))
+        assert match["text"].replace(" ", "") == text.replace(" ", "")
+        assert iou(match["box"], box) >= 0.5 and match["score"] > 0.8 and len(match["polygon"]) == 4
+
+
+def test_builtins_pass_the_contract_checker():
+    photos = [load_photo(n).convert("RGB").resize((160, 120)) for n in ("coffee", "chelsea")]
+    check_expert(RapidOcrExpert(), [render_text([("CONTRACT", (20, 20), 40)])[0], photos[0]])
+    tags = check_expert(ClipTagExpert(TINY_TAGS), photos)
+    assert all(len(t) == 5 for t in tags)
+    check_expert(YoloExpert({"model": "yolov8n.pt", "weights": "random", "conf": 0.0, "device": "cpu"}), photos)
+    world = YoloExpert({"model": "yolov8s-worldv2.pt", "weights": "random", "conf": 0.0, "device": "cpu",
+                        "classes_from": "tags", "text_model": "df-tiny-clip-512", "text_weights": "random"})
+    observations = [{"tags": [{"label": "cat", "score": 0.9}, {"label": "cup", "score": 0.5}]}, {"tags": []}]
+    found = check_expert(world, photos, observations)
+    assert found[1] == []  # no tags, no open-vocabulary query
+    assert {o["label"] for o in found[0]} <= {"cat", "cup"}
+    assert world.provenance()["vocabulary"] == "tags of the same image"
+
+
+def test_contract_checker_names_violations():
+    class Broken(Expert):
+        name, kind = "broken", "objects"
+
+        def __call__(self, batch):
+            return [[{"label": "x", "score": 2.0, "box": [0, 0, 10_000, 5]}] for _ in batch][:-1]
+
+    with pytest.raises(ContractError, match="one list per image"):
+        check_expert(Broken)
+
+    class Outside(Broken):
+        def __call__(self, batch):
+            return [[{"label": "x", "score": float(np.random.rand()), "box": [5, 5, 1, 9999]}] for _ in batch]
+
+    with pytest.raises(ContractError) as err:
+        check_expert(Outside)
+    assert "outside" in str(err.value) and "repeat call" in str(err.value)
+
+
+def test_paddleocr_absent_is_a_clear_error():
+    try:
+        import paddleocr  # noqa: F401
+    except ImportError:
+        with pytest.raises(Exception, match="pip install paddleocr"):
+            PaddleOcrExpert().setup()
+    else:
+        pytest.skip("paddleocr is installed here")
+
+
+def test_registry_lists_builtins_and_rejects_unknown_names():
+    names = {row["name"]: row for row in describe_experts()}
+    assert {"yolo", "rapidocr", "paddleocr", "clip-tags"} <= set(names)
+    assert names["clip-tags"]["kind"] == "tags" and names["yolo"]["package"] == "denseforge"
+    assert load_expert_class("rapidocr") is RapidOcrExpert
+    with pytest.raises(ConfigError, match="no expert plugin named 'nope'.*installed: "):
+        load_expert_class("nope")
+
+
+def test_vocabulary_ships_and_bad_paths_are_config_errors(tmp_path):
+    tags = read_vocabulary("builtin:common")
+    assert "person" in tags and "street" in tags and len(tags) == len(set(tags)) > 100
+    with pytest.raises(ConfigError, match="cannot be read"):
+        read_vocabulary(str(tmp_path / "missing.txt"))
+
+
+def _perceive(*experts):
+    return parse_config({"input": {"path": "x"}, "perceive": {"enabled": True, "experts": list(experts)}}).perceive
+
+
+def test_experts_are_ordered_after_what_they_consume():
+    order = plan_experts(_perceive(
+        {"plugin": "yolo", "name": "world", "options": {"model": "yolov8s-worldv2.pt", "classes_from": "tags"}},
+        {"plugin": "rapidocr"},
+        {"plugin": "clip-tags", "options": {"model": "df-tiny-clip"}},
+    ))
+    assert [spec.instance for spec, _, _ in order] == ["rapidocr", "clip-tags", "world"]
+
+
+def test_expert_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"perceive.experts\[0\].options.conf"):
+        plan_experts(_perceive({"plugin": "yolo", "options": {"conf": 3}}))
+    with pytest.raises(ConfigError, match=r"perceive.experts\[1\].resources.batch_size"):
+        plan_experts(_perceive({"plugin": "rapidocr"}, {"plugin": "clip-tags", "resources": {"batch_size": 0}}))
+    with pytest.raises(ConfigError, match="needs tags, which no configured expert produces"):
+        plan_experts(_perceive({"plugin": "yolo", "options": {"classes_from": "tags"}}))
+    with pytest.raises(ConfigError, match="must be unique"):
+        _perceive({"plugin": "rapidocr"}, {"plugin": "rapidocr"})
