@@ -64,7 +64,7 @@ class ClipTagExpert(Expert):
         with torch.inference_mode():
             text = self.model.encode_text(tokenizer([o.prompt.format(t) for t in self.tags]).to(self.device)).float()
         self.text = torch.nn.functional.normalize(text, dim=-1)
-        self.scale = float(self.model.logit_scale.exp()) if hasattr(self.model, "logit_scale") else 100.0
+        self.scale = float(self.model.logit_scale.detach().exp()) if hasattr(self.model, "logit_scale") else 100.0
 
     def __call__(self, batch: list[ExpertInput]) -> list[list[dict[str, Any]]]:
         import torch

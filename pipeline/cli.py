@@ -60,9 +60,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from denseforge.pipeline.bench import run_benchmark
 
     if args.name == "ingest":
-        options = {"images": args.images, "processes": args.processes, "threads": args.threads, "repeats": args.repeats}
-    else:
+        options = {"images": args.images or 1000, "processes": args.processes, "threads": args.threads, "repeats": args.repeats}
+    elif args.name == "dedup":
         options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n}
+    else:
+        options = {"images": args.images or 96}
     result = run_benchmark(args.name, **options)
     text = json.dumps(result, indent=2)
     if args.json:
@@ -91,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)
     p = sub.add_parser("bench", help="benchmarks, JSON out")
-    p.add_argument("name", choices=["ingest", "dedup"])
-    p.add_argument("--images", type=int, default=1000, help="ingest: corpus size")
+    p.add_argument("name", choices=["ingest", "dedup", "experts"])
+    p.add_argument("--images", type=int, default=None, help="ingest: corpus size (1000); experts: images (96)")
     p.add_argument("--processes", type=int, default=2, help="ingest: shards at once")
     p.add_argument("--threads", type=int, default=16, help="ingest: download threads per shard")
     p.add_argument("--repeats", type=int, default=2, help="ingest: alternating runs per side; the best counts")

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "camera")
 
@@ -97,6 +97,13 @@ def build_demo_corpus(root: Path, base_url: str, copies: int = 2, include_broken
     (files / "resized_chelsea.jpg").write_bytes(_encode(smaller, "JPEG", quality=80))
     rows += [{"url": f"{base_url}/img/{name}", "caption": why, "source_id": name, "license": "scikit-image sample data"}
              for name, why in (("copy_of_chelsea.jpg", "an exact copy"), ("resized_chelsea.jpg", "an 85% re-encode"))]
+    # a sign with text, so the OCR expert has something real to read
+    sign = Image.new("RGB", (640, 240), (250, 250, 240))
+    draw = ImageDraw.Draw(sign)
+    draw.text((40, 50), "DENSEFORGE", fill=(20, 20, 120), font=ImageFont.load_default(size=64))
+    draw.text((40, 150), "Open 24 hours", fill=(120, 20, 20), font=ImageFont.load_default(size=40))
+    sign.save(files / "sign.png")
+    rows.append({"url": f"{base_url}/img/sign.png", "caption": "a shop sign", "source_id": "sign", "license": "generated"})
     images = len(rows)
     if include_broken:
         good = (files / f"{PHOTOS[1]}_0.jpg").read_bytes()

@@ -51,7 +51,7 @@ def load_clip(settings: EmbedSettings, device: str):
     open_clip.add_model_config(MODEL_CONFIGS)
     if settings.weights == "random":
         pretrained = None
-        source = f"random weights, seed {settings.seed} (embed.weights: random) - embeddings carry no meaning"
+        source = f"random weights, seed {settings.seed} (weights: random) - its outputs carry no meaning"
     elif settings.checkpoint:
         pretrained, source = settings.checkpoint, f"checkpoint {settings.checkpoint}"
     elif settings.pretrained:
