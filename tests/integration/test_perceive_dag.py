@@ -20,9 +20,13 @@ PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "denseforge-colors"
 
 
 @pytest.fixture(scope="module")
-def colors_plugin():
+def colors_plugin(tmp_path_factory):
+    import shutil
+
+    source = tmp_path_factory.mktemp("plugin") / PLUGIN.name  # build outside the source tree
+    shutil.copytree(PLUGIN, source)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["install", "--no-deps", "--no-build-isolation", str(PLUGIN)], check=True, timeout=300)
+    subprocess.run(pip + ["install", "--no-deps", "--no-build-isolation", str(source)], check=True, timeout=300)
     yield
     subprocess.run(pip + ["uninstall", "-y", "denseforge-colors"], check=True, timeout=300)
 
