@@ -145,6 +145,40 @@ class PerceiveConfig(_Section):
         return self
 
 
+class OpenAIBackendConfig(_Section):
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="an OpenAI-compatible server (vLLM, SGLang, ...)")
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key ('EMPTY' if unset)")
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.2, ge=0, le=2)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0, description="retries with backoff on 429/5xx/connection errors")
+    concurrency: int = Field(8, ge=1, description="requests in flight per captioner actor")
+
+
+class FuseConfig(_Section):
+    enabled: bool = False
+    backend: Literal["template", "openai"] = "template"
+    prompt_file: str | None = Field(None, description="template with $word_limit and $perception; None = built-in")
+    word_limit: int = Field(192, ge=10)
+    grounding: Literal["mentions", "markup"] = Field(
+        "mentions", description="markup: the model marks phrases <ref id=N>..</ref>; mentions: found afterwards")
+    openai: OpenAIBackendConfig = OpenAIBackendConfig()
+    concurrency: int = Field(1, ge=1, description="captioner actors")
+    num_cpus: float = Field(0.25, gt=0)
+
+
+class QaConfig(_Section):
+    enabled: bool = True
+    min_words: int = Field(5, ge=0)
+    max_words: int = Field(400, ge=1)
+    max_repetition: float = Field(0.3, ge=0, le=1)
+    max_hallucination: float = Field(0.5, ge=0, le=1)
+    min_ocr_fidelity: float = Field(0.5, ge=0, le=1)
+    ocr_min_score: float = Field(0.8, ge=0, le=1)
+    vocabulary: str = Field("builtin:objects", description="nouns the hallucination check looks for")
+
+
 class OutputConfig(_Section):
     samples_per_shard: int = Field(1000, ge=1, le=99_999)
 
@@ -166,6 +200,8 @@ class Config(_Section):
     dedup: DedupConfig = DedupConfig()
     select: SelectConfig = SelectConfig()
     perceive: PerceiveConfig = PerceiveConfig()
+    fuse: FuseConfig = FuseConfig()
+    qa: QaConfig = QaConfig()
     output: OutputConfig = OutputConfig()
     demo: DemoConfig = DemoConfig()
 

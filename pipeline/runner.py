@@ -21,12 +21,14 @@ from denseforge.errors import DenseforgeError
 from denseforge.pipeline.config import Config, IngestConfig
 from denseforge.pipeline.dedup_phase import apply_decisions, run_dedup, run_embed
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
+from denseforge.pipeline.fuse_phase import add_fuse
 from denseforge.pipeline.perceive_phase import add_perceive, plan_experts
 from denseforge.pipeline.progress import Progress
 from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, start_ray
 from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import finalize_run
 from denseforge.stages.files import write_json_atomic
+from denseforge.stages.fuse import PromptTemplate
 from denseforge.stages.image_normalize import ImageNormalizer
 from denseforge.stages.ingest import (
     DownloadSettings, download_unit, ingest_webdataset_unit, marker_path, read_raw_unit,
@@ -178,7 +180,8 @@ def run_process(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> N
                             num_cpus=LIGHT_TASK_CPUS)
     if config.perceive.enabled:
         ds = add_perceive(ds, config)
-    # Per-image stages (fuse, ground, qa) slot in here, one map_batches each.
+    if config.fuse.enabled:
+        ds = add_fuse(ds, config)
     ds = ds.map_batches(write_units_batch, fn_kwargs={"root": str(rd.root)}, batch_size=None,
                         batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -198,6 +201,8 @@ def execute(rd: RunDir, config: Config, address: str | None = None) -> dict[str,
     timings: dict[str, float] = {}
     if config.perceive.enabled:
         plan_experts(config.perceive)  # unknown plugins and bad options fail before anything runs
+    if config.fuse.enabled and config.fuse.backend != "template":
+        PromptTemplate.load(config.fuse.prompt_file, config.fuse.word_limit)  # a bad prompt file fails now
     with ExitStack() as stack:
         if config.demo.enabled:
             state = rd.read_state()

@@ -1,0 +1,63 @@
+"""fuse → ground → qa in the real DAG, against an OpenAI-compatible server on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from ..conftest import run_cli
+from ..unit.test_experts import render_text
+from ..unit.test_fuse_ground_qa import _Chat, _ChatServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def chat_url():
+    server = _ChatServer(("127.0.0.1", 0), _Chat)
+    server.requests_seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_captions_are_written_grounded_and_checked(tmp_path, photo_dir, chat_url):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "coffee.jpg").write_bytes((photo_dir / "coffee.jpg").read_bytes())
+    render_text([("STOP", (200, 60), 64)], size=(640, 240))[0].save(folder / "sign.png")
+    (folder / "sign.txt").write_text("LONG caption please")  # the stub server answers with finish_reason=length
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+ray: {{num_cpus: 2}}
+input: {{kind: folder, path: {folder}}}
+embed: {{enabled: false}}
+dedup: {{enabled: false}}
+perceive:
+  enabled: true
+  experts: [{{plugin: rapidocr, resources: {{num_cpus: 0.5}}}}]
+fuse:
+  enabled: true
+  backend: openai
+  openai: {{base_url: "{chat_url}", model: tiny-vlm, max_retries: 1, timeout_s: 10}}
+qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0}}
+""")
+    out = tmp_path / "run"
+    run_cli("run", str(cfg), "--out", str(out))
+    f = json.loads((out / "stats.json").read_text())["funnel"]
+    assert (f["input_rows"], f["written"], f["rejected"]) == (2, 1, 1)
+    assert f["rejected_by_reason"] == {"qa/truncated_caption": 1}
+    [sample] = list(wds.WebDataset(str(out / "shards" / "0000000.tar"), shardshuffle=False))
+    meta = json.loads(sample["json"])
+    assert sample["txt"].decode() == meta["caption"] == "Two dogs and a car."
+    assert meta["provenance"]["captioner"]["model"] == "tiny-vlm-served"
+    assert meta["qa"]["passed"] and "hallucination" in meta["qa"]["scores"]
+    assert meta["qa"]["scores"]["hallucination"] == 1.0  # "dogs" and "car": no expert saw either
+    [reject] = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert reject["stage"] == "qa" and "truncated_caption" in reject["detail"]
