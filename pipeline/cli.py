@@ -44,6 +44,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.export_run import export_run
+
+    root = Path(args.dir)
+    target = export_run(root, args.format, Path(args.out) if args.out else root / "export" / args.format)
+    print(target)
+    return 0
+
+
 def _cmd_experts(args: argparse.Namespace) -> int:
     from denseforge.experts.registry import describe_experts
 
@@ -90,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="where a run is")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("export", help="write a finished run in a training format")
+    p.add_argument("dir")
+    p.add_argument("--format", required=True, choices=["llava", "coco", "refcoco", "qwen-grounding", "kosmos2"])
+    p.add_argument("--out", help="output folder (default DIR/export/FORMAT)")
+    p.set_defaults(func=_cmd_export)
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)
     p = sub.add_parser("bench", help="benchmarks, JSON out")

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop"]
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
+OPEN_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # MPO opens through the JPEG plugin
 
 
 class ImageRejected(ValueError):
@@ -55,8 +56,11 @@ class ImageNormalizer:
     def normalize(self, data: bytes) -> NormalizedImage:
         """Bytes in, upright RGB JPEG out; raises ImageRejected with a reason code."""
         try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
+            # Only the decoders we support look at untrusted bytes.
+            img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+        except (UnidentifiedImageError, ImportError):
+            # ImportError: ultralytics replaces PIL.Image.open process-wide and, on unidentified
+            # bytes, tries to import pi_heif; without it that surfaces as ModuleNotFoundError.
             raise ImageRejected("not_an_image", _sniff(data)) from None
         except Image.DecompressionBombError as exc:
             raise ImageRejected("decompression_bomb", str(exc)) from None

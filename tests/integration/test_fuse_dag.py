@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -61,3 +62,10 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
     assert meta["qa"]["scores"]["hallucination"] == 1.0  # "dogs" and "car": no expert saw either
     [reject] = pq.read_table(out / "rejects.parquet").to_pylist()
     assert reject["stage"] == "qa" and "truncated_caption" in reject["detail"]
+
+    # export: every format reads back the written sample
+    llava = json.loads(Path(run_cli("export", str(out), "--format", "llava").stdout.strip()).read_text())
+    assert [r["conversations"][1]["value"] for r in llava] == ["Two dogs and a car."]
+    assert (out / "export" / "llava" / llava[0]["image"]).stat().st_size > 0
+    for fmt in ("coco", "refcoco", "qwen-grounding", "kosmos2"):
+        assert Path(run_cli("export", str(out), "--format", fmt).stdout.strip()).exists()

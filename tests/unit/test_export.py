@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from denseforge.stages import export as ex
+from denseforge.stages.ground import ground_mentions
+from denseforge.stages.sample import Sample
+
+
+@pytest.fixture
+def sample():
+    s = Sample(key="000000000007", width=640, height=480, sha256="0" * 64,
+               experts={"objects": [{"label": "dog", "score": 0.9, "box": [10.0, 20.0, 330.0, 400.0]},
+                                    {"label": "dog", "score": 0.8, "box": [400.0, 100.0, 600.0, 300.0]},
+                                    {"label": "car", "score": 0.7, "box": [0.0, 300.0, 640.0, 480.0]}],
+                        "ocr": [{"text": "STOP", "score": 0.99, "box": [500.0, 10.0, 600.0, 60.0], "polygon": []}]})
+    s.caption = "Two dogs run past a red car under a sign reading STOP."
+    s.grounding = ground_mentions(s.caption, s.experts)
+    return s
+
+
+def test_qwen_round_trip(sample):
+    text = ex.qwen_text(sample)
+    assert text.startswith("Two <ref>dogs</ref><box>(16,42),(516,833)</box><box>(625,208),(938,625)</box> run")
+    plain, refs = ex.parse_qwen(text)
+    assert plain == sample.caption
+    assert [r[0] for r in refs] == ["dogs", "car", "STOP"]
+    for (phrase, boxes), group in zip(refs, [[0, 1], [2], None]):
+        if group is None:
+            continue
+        for box, i in zip(boxes, group):
+            orig = sample.experts["objects"][i]["box"]
+            assert all(abs(v * (640 if k % 2 == 0 else 480) / 1000 - o) <= 0.5 * 640 / 1000 + 1e-9 for k, (v, o) in enumerate(zip(box, orig)))
+
+
+def test_kosmos2_round_trip_within_a_bin(sample):
+    text = ex.kosmos_text(sample)
+    assert "<phrase>dogs</phrase><object><patch_index_" in text and "</delimiter_of_multi_objects/>" in text
+    plain, refs = ex.parse_kosmos(text, 640, 480)
+    assert plain == sample.caption and [r[0] for r in refs] == ["dogs", "car", "STOP"]
+    car = refs[1][1][0]
+    orig = sample.experts["objects"][2]["box"]
+    assert all(abs(a - b) <= 640 / 32 for a, b in zip(car, orig))
+
+
+def test_llava_record(sample):
+    record = ex.llava_record(sample, "images/x.jpg")
+    assert record["conversations"][0]["value"].startswith("<image>\n")
+    assert record["conversations"][1] == {"from": "gpt", "value": sample.caption}
+    json.dumps(record)
+
+
+def test_coco_loads_in_pycocotools(sample, tmp_path):
+    pycocotools = pytest.importorskip("pycocotools.coco")
+    data = ex.coco_dataset([(sample, "images/a.jpg")])
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(data))
+    coco = pycocotools.COCO(str(path))
+    dogs = coco.getCatIds(catNms=["dog"])
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[1], catIds=dogs))
+    back = sorted([a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns)
+    assert back == sorted(o["box"] for o in sample.experts["objects"] if o["label"] == "dog")
+    assert data["captions"][0]["caption"] == sample.caption
+
+
+def test_refcoco_refs_tie_phrases_to_object_boxes(sample):
+    refs = list(ex.refcoco_refs([(sample, "images/a.jpg")]))
+    assert [r["sentences"][0]["sent"] for r in refs] == ["dogs", "dogs", "car"]
+    for r in refs:
+        x, y, w, h = r["bbox"]
+        assert sample.caption[r["span"][0]:r["span"][1]] == r["sentences"][0]["sent"]
+        assert [x, y, x + w, y + h] in [o["box"] for o in sample.experts["objects"]]
