@@ -70,6 +70,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.name == "ingest":
         options = {"images": args.images or 1000, "processes": args.processes, "threads": args.threads, "repeats": args.repeats}
+    elif args.name == "fuse":
+        options = {"samples": args.images or 256}
     elif args.name == "dedup":
         options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n}
     else:
@@ -107,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)
     p = sub.add_parser("bench", help="benchmarks, JSON out")
-    p.add_argument("name", choices=["ingest", "dedup", "experts"])
-    p.add_argument("--images", type=int, default=None, help="ingest: corpus size (1000); experts: images (96)")
+    p.add_argument("name", choices=["ingest", "dedup", "experts", "fuse"])
+    p.add_argument("--images", type=int, default=None, help="ingest: corpus size (1000); experts: images (96); fuse: samples (256)")
     p.add_argument("--processes", type=int, default=2, help="ingest: shards at once")
     p.add_argument("--threads", type=int, default=16, help="ingest: download threads per shard")
     p.add_argument("--repeats", type=int, default=2, help="ingest: alternating runs per side; the best counts")

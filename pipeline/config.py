@@ -163,6 +163,8 @@ class FuseConfig(_Section):
     word_limit: int = Field(192, ge=10)
     grounding: Literal["mentions", "markup"] = Field(
         "mentions", description="markup: the model marks phrases <ref id=N>..</ref>; mentions: found afterwards")
+    ground_aliases: str | None = Field(
+        "builtin:aliases", description="fine-grained name -> detector label TSV for knowledge-aligned grounding")
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
     concurrency: int = Field(1, ge=1, description="captioner actors")
     num_cpus: float = Field(0.25, gt=0)

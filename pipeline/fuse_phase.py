@@ -11,7 +11,7 @@ import pyarrow as pa
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.stages.fuse import OpenAICaptioner, PromptTemplate, TemplateCaptioner
-from denseforge.stages.ground import ground_mentions, parse_ref_markup
+from denseforge.stages.ground import ground_mentions, parse_ref_markup, read_aliases
 from denseforge.stages.qa import QaSettings, assess
 from denseforge.stages.sample import Reject, Sample
 
@@ -58,16 +58,17 @@ class CaptionStage:
         return pa.Table.from_pylist(rows, schema=batch.schema)
 
 
-def ground_and_check(batch: pa.Table, qa: dict[str, Any] | None, markup: bool) -> pa.Table:
+def ground_and_check(batch: pa.Table, qa: dict[str, Any] | None, markup: bool, aliases: str | None) -> pa.Table:
     """Ground the caption (unless markup did) and apply the quality gate."""
     settings = QaSettings(**qa) if qa is not None else None
+    alias_map = read_aliases(aliases)
     rows = batch.to_pylist()
     for row in rows:
         if not row["sample"]:
             continue
         sample = Sample.model_validate_json(row["sample"])
         if not markup:
-            sample.grounding = ground_mentions(sample.caption or "", sample.experts)
+            sample.grounding = ground_mentions(sample.caption or "", sample.experts, alias_map)
         if settings is not None:
             sample.qa = assess(sample, settings, truncated=sample.provenance.get("captioner", {}).get("truncated", False))
             if not sample.qa.passed:
@@ -90,5 +91,7 @@ def add_fuse(ds, config: Config):
     if config.qa.enabled:
         qa = config.qa.model_dump(exclude={"enabled"})
     markup = config.fuse.grounding == "markup" and config.fuse.backend != "template"
-    return ds.map_batches(ground_and_check, fn_kwargs={"qa": qa, "markup": markup}, batch_size=None,
+    read_aliases(config.fuse.ground_aliases)  # a bad alias file fails here, on the driver, before any work
+    return ds.map_batches(ground_and_check, fn_kwargs={"qa": qa, "markup": markup, "aliases": config.fuse.ground_aliases},
+                          batch_size=None,
                           batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)

@@ -10,6 +10,7 @@ markup. Every entry satisfies `caption[span[0]:span[1]] == phrase`.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 from denseforge.stages.sample import Grounding
@@ -37,25 +38,71 @@ def _area(box: list[float]) -> float:
     return (box[2] - box[0]) * (box[3] - box[1])
 
 
-def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]]) -> list[Grounding]:
-    """Spans of object labels and OCR strings in the caption, tied to their boxes."""
+@lru_cache(maxsize=8)
+def read_aliases(spec: str | None) -> dict[str, str]:
+    """Fine-grained name -> detector label, from `builtin:aliases` or a TSV path (None: no aliases)."""
+    from pathlib import Path
+
+    from denseforge.errors import ConfigError
+
+    if spec is None:
+        return {}
+    path = Path(__file__).parent / "prompts" / "aliases.tsv" if spec == "builtin:aliases" else Path(spec)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"fuse.ground_aliases {spec!r} cannot be read: {exc.strerror}") from None
+    pairs = [line.split("\t") for line in lines if line.strip() and not line.startswith("#")]
+    bad = [p for p in pairs if len(p) != 2]
+    if bad:
+        raise ConfigError(f"fuse.ground_aliases {spec!r}: expected 'name<TAB>label' lines, got {bad[0]!r}")
+    return {name.strip().lower(): label.strip().lower() for name, label in pairs}
+
+
+_MODIFIER = r"(?:(?:[A-Z][\w'-]*|\d[\w.-]*)\s+){1,3}"  # capitalised or numeric words: "Falcon 9 ", "Golden "
+_DETERMINERS = {"the", "a", "an", "this", "that", "these", "those", "its", "their", "his", "her", "our", "my",
+                "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "some",
+                "many", "both", "each", "every", "another", "other", "in", "on", "at", "with", "and", "of"}
+
+
+def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]],
+                    aliases: dict[str, str] | None = None) -> list[Grounding]:
+    """Spans of object labels (with proper-name modifiers: "Falcon 9 rocket"), of fine-grained
+    names that refine a detected label ("tabby cat" -> cat, via `aliases`) and of OCR strings."""
     out: list[Grounding] = []
     by_label: dict[str, list[int]] = {}
     objects = experts.get("objects", [])
     for i, obj in enumerate(objects):
         by_label.setdefault(obj["label"].lower(), []).append(i)
+    names_for: dict[str, list[str]] = {label: [label] for label in by_label}
+    for name, label in (aliases or {}).items():
+        if label in names_for and name != label:
+            names_for[label].append(name)
+    taken: list[tuple[int, int]] = []
     for label, indices in sorted(by_label.items()):
         indices.sort(key=lambda i: -_area(objects[i]["box"]))
-        many = plural(label)
-        pattern = re.compile(rf"\b({re.escape(many)}|{re.escape(label)})\b", re.IGNORECASE)
+        forms = sorted({f for n in names_for[label] for f in (n, plural(n))}, key=len, reverse=True)
+        plurals = {plural(n).lower() for n in names_for[label]} - {n.lower() for n in names_for[label]}
+        # modifiers must be capitalised or numeric (case-sensitive); the names match in any case
+        pattern = re.compile(rf"({_MODIFIER})?\b(?i:({'|'.join(map(re.escape, forms))}))\b")
         next_box = 0
         for match in pattern.finditer(caption):
-            is_plural = match.group(1).lower() == many.lower() and many.lower() != label.lower()
+            start, end = match.start(2), match.end(2)
+            if match.group(1):
+                words = match.group(1).split()
+                while words and words[0].lower() in _DETERMINERS:
+                    words.pop(0)
+                if words:
+                    start = caption.rfind(words[0], match.start(1), end)
+            if any(start < t_end and t_start < end for t_start, t_end in taken):
+                continue  # a longer name of another label already holds these characters
+            taken.append((start, end))
+            is_plural = match.group(2).lower() in plurals
             chosen = indices if is_plural else [indices[next_box % len(indices)]]
             next_box += 0 if is_plural else 1
             for i in chosen:
-                out.append(Grounding(phrase=match.group(1), span=(match.start(1), match.end(1)),
-                                     box=objects[i]["box"], source=f"objects/{i}"))
+                out.append(Grounding(phrase=caption[start:end], span=(start, end), box=objects[i]["box"],
+                                     source=f"objects/{i}"))
     lowered = caption.lower()
     for i, line in enumerate(experts.get("ocr", [])):
         text = line.get("text", "").strip()

@@ -71,6 +71,24 @@ def test_plural_and_singular_mentions():
     assert plural("person") == "people" and plural("wine glass") == "wine glasses" and plural("butterfly") == "butterflies"
 
 
+def test_knowledge_aligned_names_tie_to_the_generic_box(tmp_path):
+    from denseforge.stages.ground import read_aliases
+
+    experts = {"objects": [{"label": "rocket", "score": 0.9, "box": [0, 0, 10, 90]},
+                           {"label": "cat", "score": 0.8, "box": [20, 20, 60, 60]},
+                           {"label": "dog", "score": 0.7, "box": [60, 10, 90, 40]}]}
+    aliases = dict(read_aliases("builtin:aliases"))
+    aliases["falcon 9"] = "rocket"
+    caption = "The Falcon 9 rocket rises while a tabby cat and a Golden Retriever watch; the Falcon 9 glows."
+    g = {(x.phrase, x.source) for x in ground_mentions(caption, experts, aliases)}
+    assert g == {("Falcon 9 rocket", "objects/0"), ("tabby cat", "objects/1"), ("Golden Retriever", "objects/2"),
+                 ("Falcon 9", "objects/0")}
+    bad = tmp_path / "a.tsv"
+    bad.write_text("only one column\n")
+    with pytest.raises(ConfigError, match="name<TAB>label"):
+        read_aliases(str(bad))
+
+
 def test_ref_markup_is_parsed_and_survives_malformed_input():
     objects = make_sample().experts["objects"]
     text, g = parse_ref_markup('A <ref id=0>brown dog</ref> beside <ref id="2">a red car</ref> and '
