@@ -179,6 +179,11 @@ class QaConfig(_Section):
     min_ocr_fidelity: float = Field(0.5, ge=0, le=1)
     ocr_min_score: float = Field(0.8, ge=0, le=1)
     vocabulary: str = Field("builtin:objects", description="nouns the hallucination check looks for")
+    clip_model: str | None = Field(None, description="open_clip model for the image-text score; None: no score")
+    clip_pretrained: str | None = "laion2b_s34b_b79k"
+    clip_weights: Literal["pretrained", "random"] = "pretrained"
+    min_clip_score: float | None = Field(None, ge=-1, le=1, description="reject below this CLIP cosine")
+    clip_num_gpus: float = Field(0.0, ge=0)
 
 
 class OutputConfig(_Section):

@@ -12,7 +12,7 @@ from denseforge.pipeline.config import Config
 from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.stages.fuse import OpenAICaptioner, PromptTemplate, TemplateCaptioner
 from denseforge.stages.ground import ground_mentions, parse_ref_markup, read_aliases
-from denseforge.stages.qa import QaSettings, assess
+from denseforge.stages.qa import ClipTextScorer, QaSettings, assess
 from denseforge.stages.sample import Reject, Sample
 
 MARKUP_RULE = ("\n\nWhen you mention an object listed under <objects>, wrap the phrase as "
@@ -58,6 +58,27 @@ class CaptionStage:
         return pa.Table.from_pylist(rows, schema=batch.schema)
 
 
+class ClipScoreStage:
+    """Ray Data actor: CLIP image-text score of each caption, kept for the qa step."""
+
+    def __init__(self, config: Config):
+        from denseforge.stages.embed import EmbedSettings
+
+        q = config.qa
+        self.scorer = ClipTextScorer(EmbedSettings(model=q.clip_model, pretrained=q.clip_pretrained,
+                                                   weights=q.clip_weights, seed=config.run.seed))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        live = [r for r in rows if r["sample"]]
+        samples = [Sample.model_validate_json(r["sample"]) for r in live]
+        scores = self.scorer([r["image"] for r in live], [s.caption or "" for s in samples])
+        for row, sample, score in zip(live, samples, scores):
+            sample.provenance.setdefault("qa", {})["clip"] = {"score": score, **self.scorer.provenance}
+            row["sample"] = sample.model_dump_json()
+        return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
 def ground_and_check(batch: pa.Table, qa: dict[str, Any] | None, markup: bool, aliases: str | None) -> pa.Table:
     """Ground the caption (unless markup did) and apply the quality gate."""
     settings = QaSettings(**qa) if qa is not None else None
@@ -70,7 +91,9 @@ def ground_and_check(batch: pa.Table, qa: dict[str, Any] | None, markup: bool, a
         if not markup:
             sample.grounding = ground_mentions(sample.caption or "", sample.experts, alias_map)
         if settings is not None:
-            sample.qa = assess(sample, settings, truncated=sample.provenance.get("captioner", {}).get("truncated", False))
+            clip = sample.provenance.get("qa", {}).get("clip", {}).get("score")
+            truncated = sample.provenance.get("captioner", {}).get("truncated", False)
+            sample.qa = assess(sample, settings, truncated=truncated, clip_score=clip)
             if not sample.qa.passed:
                 row["reject"] = Reject(key=sample.key, stage="qa", reason=sample.qa.reasons[0],
                                        detail=json.dumps({"reasons": sample.qa.reasons, "scores": sample.qa.scores}),
@@ -89,7 +112,11 @@ def add_fuse(ds, config: Config):
                         num_cpus=config.fuse.num_cpus, compute=ray.data.ActorPoolStrategy(size=config.fuse.concurrency))
     qa = None
     if config.qa.enabled:
-        qa = config.qa.model_dump(exclude={"enabled"})
+        qa = config.qa.model_dump(include=set(QaSettings.__dataclass_fields__))
+        if config.qa.clip_model:
+            ds = ds.map_batches(ClipScoreStage, fn_constructor_args=(config,), batch_size=None, batch_format="pyarrow",
+                                num_cpus=LIGHT_TASK_CPUS, num_gpus=config.qa.clip_num_gpus,
+                                compute=ray.data.ActorPoolStrategy(size=1))
     markup = config.fuse.grounding == "markup" and config.fuse.backend != "template"
     read_aliases(config.fuse.ground_aliases)  # a bad alias file fails here, on the driver, before any work
     return ds.map_batches(ground_and_check, fn_kwargs={"qa": qa, "markup": markup, "aliases": config.fuse.ground_aliases},

@@ -2,8 +2,8 @@
 
 Filters: word count range, repetition (share of repeated word 3-grams), hallucination (share of
 object nouns from a vocabulary that the caption names but no expert saw), OCR fidelity (share of
-confident OCR lines reproduced), box validity (grounding spans and boxes consistent), and the
-captioner's own truncation flag.
+confident OCR lines reproduced), box validity (grounding spans and boxes consistent), CLIP
+image-text score (long captions in chunks), and the captioner's own truncation flag.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class QaSettings:
     min_ocr_fidelity: float = 0.5
     ocr_min_score: float = 0.8
     vocabulary: str = "builtin:objects"
+    min_clip_score: float | None = None
 
 
 @lru_cache(maxsize=8)
@@ -51,7 +52,7 @@ def mentioned_nouns(caption: str, forms: dict[str, str]) -> set[str]:
     return {singular for form, singular in forms.items() if f" {form} " in lowered}
 
 
-def assess(sample: Sample, settings: QaSettings, truncated: bool = False) -> QualityReport:
+def assess(sample: Sample, settings: QaSettings, truncated: bool = False, clip_score: float | None = None) -> QualityReport:
     """Scores and failure reasons for one captioned sample."""
     caption = sample.caption or ""
     words = [w.lower() for w in _WORD.findall(caption)]
@@ -87,6 +88,60 @@ def assess(sample: Sample, settings: QaSettings, truncated: bool = False) -> Qua
     scores["box_validity"] = round(len(valid) / len(sample.grounding), 4) if sample.grounding else 1.0
     if scores["box_validity"] < 1.0:
         reasons.append("invalid_boxes")
+    if clip_score is not None:
+        scores["clip"] = clip_score
+        if settings.min_clip_score is not None and clip_score < settings.min_clip_score:
+            reasons.append("low_clip_score")
     if truncated:
         reasons.append("truncated_caption")
     return QualityReport(passed=not reasons, scores=scores, reasons=reasons)
+
+
+class ClipTextScorer:
+    """CLIP image-text agreement for long captions: sentences are packed into chunks that fit the
+    text tower's context, and the score is the mean cosine between the image and each chunk."""
+
+    def __init__(self, settings):
+        import open_clip
+
+        from denseforge.stages.embed import load_clip, pick_device
+
+        self.device = pick_device(settings.device)
+        self.model, self.preprocess, self.provenance = load_clip(settings, self.device)
+        self.tokenizer = open_clip.get_tokenizer(settings.model)
+        self.context = getattr(self.tokenizer, "context_length", 77)
+
+    def chunks(self, caption: str) -> list[str]:
+        """Sentences packed greedily into pieces of at most context - 2 tokens (long ones cut)."""
+        sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", caption) if s.strip()]
+        out: list[str] = []
+        current = ""
+        for sentence in sentences:
+            candidate = f"{current} {sentence}".strip()
+            if current and self._tokens(candidate) > self.context - 2:
+                out.append(current)
+                candidate = sentence
+            current = candidate
+        if current:
+            out.append(current)
+        return out
+
+    def _tokens(self, text: str) -> int:
+        return int((self.tokenizer([text])[0] != 0).sum())
+
+    def __call__(self, images: list[bytes], captions: list[str]) -> list[float]:
+        import io
+
+        import torch
+        from PIL import Image
+
+        scores = []
+        with torch.inference_mode():
+            for image, caption in zip(images, captions):
+                pieces = self.chunks(caption) or [""]
+                pixels = self.preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None].to(self.device)
+                img = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+                txt = torch.nn.functional.normalize(
+                    self.model.encode_text(self.tokenizer(pieces).to(self.device)).float(), dim=-1)
+                scores.append(round(float((txt @ img.T).mean()), 4))
+        return scores

@@ -47,7 +47,8 @@ fuse:
   enabled: true
   backend: openai
   openai: {{base_url: "{chat_url}", model: tiny-vlm, max_retries: 1, timeout_s: 10}}
-qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0}}
+qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0,
+      clip_model: df-tiny-clip, clip_weights: random, min_clip_score: -1.0}}
 """)
     out = tmp_path / "run"
     run_cli("run", str(cfg), "--out", str(out))
@@ -60,6 +61,8 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
     assert meta["provenance"]["captioner"]["model"] == "tiny-vlm-served"
     assert meta["qa"]["passed"] and "hallucination" in meta["qa"]["scores"]
     assert meta["qa"]["scores"]["hallucination"] == 1.0  # "dogs" and "car": no expert saw either
+    assert -1.0 <= meta["qa"]["scores"]["clip"] <= 1.0
+    assert "random weights" in meta["provenance"]["qa"]["clip"]["weights"]
     [reject] = pq.read_table(out / "rejects.parquet").to_pylist()
     assert reject["stage"] == "qa" and "truncated_caption" in reject["detail"]
 

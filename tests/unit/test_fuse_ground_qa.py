@@ -112,6 +112,29 @@ def test_qa_scores_and_reasons():
     assert "truncated_caption" in assess(s, QaSettings(), truncated=True).reasons
 
 
+def test_clip_score_chunks_long_captions_and_gates():
+    import io
+
+    from PIL import Image
+
+    from denseforge.stages.embed import EmbedSettings
+    from denseforge.stages.qa import ClipTextScorer
+
+    scorer = ClipTextScorer(EmbedSettings(model="df-tiny-clip", weights="random", device="cpu"))
+    long_caption = " ".join(f"Sentence number {i} describes one more small detail of the scene." for i in range(30))
+    chunks = scorer.chunks(long_caption)
+    assert len(chunks) > 3 and all(scorer._tokens(c) <= 75 for c in chunks)
+    assert " ".join(chunks) == long_caption
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="JPEG")
+    [score] = scorer([buf.getvalue()], [long_caption])
+    assert -1.0 <= score <= 1.0
+    s = make_sample()
+    s.caption = "Two dogs and a car near a STOP sign on the street today."
+    report = assess(s, QaSettings(min_clip_score=score + 0.01), clip_score=score)
+    assert "low_clip_score" in report.reasons and report.scores["clip"] == score
+
+
 class _ChatServer(ThreadingHTTPServer):
     daemon_threads = True
     requests_seen: list
