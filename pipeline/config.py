@@ -165,6 +165,8 @@ class FuseConfig(_Section):
         "mentions", description="markup: the model marks phrases <ref id=N>..</ref>; mentions: found afterwards")
     ground_aliases: str | None = Field(
         "builtin:aliases", description="fine-grained name -> detector label TSV for knowledge-aligned grounding")
+    region_top_k: int = Field(0, ge=0, description="region captions for this many salient boxes (0: none)")
+    region_views: int = Field(3, ge=1, le=11, description="DynRefer views per region, the tight crop included")
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
     concurrency: int = Field(1, ge=1, description="captioner actors")
     num_cpus: float = Field(0.25, gt=0)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
+
+from PIL import Image
 
 import pyarrow as pa
 
@@ -13,7 +16,8 @@ from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.stages.fuse import OpenAICaptioner, PromptTemplate, TemplateCaptioner
 from denseforge.stages.ground import ground_mentions, parse_ref_markup, read_aliases
 from denseforge.stages.qa import ClipTextScorer, QaSettings, assess
-from denseforge.stages.sample import Reject, Sample
+from denseforge.stages.regions import jpeg, select_views, top_regions
+from denseforge.stages.sample import Region, Reject, Sample
 
 MARKUP_RULE = ("\n\nWhen you mention an object listed under <objects>, wrap the phrase as "
                "<ref id=N>phrase</ref>, N being its number in that list.")
@@ -37,6 +41,22 @@ class CaptionStage:
     def __init__(self, config: Config):
         self.captioner = build_captioner(config)
         self.markup = config.fuse.grounding == "markup" and config.fuse.backend != "template"
+        self.region_top_k, self.region_views = config.fuse.region_top_k, config.fuse.region_views
+
+    def _regions(self, sample: Sample, image_bytes: bytes) -> list[Region]:
+        objects = sample.experts.get("objects", [])
+        chosen = top_regions(objects, self.region_top_k)
+        if not chosen:
+            return []
+        image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+        regions = []
+        for i in chosen:
+            views = select_views(image, objects[i]["box"], self.region_views)
+            text = self.captioner.caption_region(objects[i]["label"], objects[i]["box"], sample.width, sample.height,
+                                                 [jpeg(c) for c in views.crops])
+            if text:
+                regions.append(Region(box=objects[i]["box"], caption=text))
+        return regions
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -54,6 +74,8 @@ class CaptionStage:
             else:
                 sample.caption = caption.text
             sample.provenance["captioner"]["truncated"] = caption.truncated
+            if self.region_top_k:
+                sample.regions = self._regions(sample, row["image"])
             row["sample"] = sample.model_dump_json()
         return pa.Table.from_pylist(rows, schema=batch.schema)
 

@@ -123,6 +123,11 @@ def compose_template_caption(sample: Sample) -> str:
     return " ".join(sentences) if sentences else "An image."
 
 
+REGION_PROMPT = ("The first image is a close crop of one {label} in a larger picture; the others show the same "
+                 "region with more and more context. Describe that {label} in one sentence: what it is, its "
+                 "attributes and what it is doing. Never mention crops or images.")
+
+
 class TemplateCaptioner:
     """The no-model baseline and the offline demo's captioner."""
 
@@ -131,6 +136,9 @@ class TemplateCaptioner:
 
     def __call__(self, samples: list[Sample], images: list[bytes]) -> list[Caption]:
         return [Caption(compose_template_caption(s), self.provenance) for s in samples]
+
+    def caption_region(self, label: str, box: list[float], width: int, height: int, views: list[bytes]) -> str | None:
+        return f"{_plural(label, 1)} {_where(box, width, height)}"
 
 
 class OpenAICaptioner:
@@ -166,3 +174,16 @@ class OpenAICaptioner:
     def __call__(self, samples: list[Sample], images: list[bytes]) -> list[Caption]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self._one, samples, images))
+
+    def caption_region(self, label: str, box: list[float], width: int, height: int, views: list[bytes]) -> str | None:
+        """One sentence about a region from its multi-view crops; None when the request fails."""
+        content: list[dict[str, Any]] = [
+            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(v).decode("ascii")}}
+            for v in views]
+        content.append({"type": "text", "text": REGION_PROMPT.format(label=quote_untrusted(label))})
+        try:
+            reply = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": content}],
+                                                        max_tokens=96, temperature=self.temperature)
+        except Exception:  # noqa: BLE001 - a missing region caption is not worth the sample
+            return None
+        return (reply.choices[0].message.content or "").strip() or None

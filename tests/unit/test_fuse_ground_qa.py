@@ -135,6 +135,10 @@ def test_clip_score_chunks_long_captions_and_gates():
     assert "low_clip_score" in report.reasons and report.scores["clip"] == score
 
 
+def _text_of(body):
+    return next(part["text"] for part in body["messages"][0]["content"] if part["type"] == "text")
+
+
 class _ChatServer(ThreadingHTTPServer):
     daemon_threads = True
     requests_seen: list
@@ -147,8 +151,8 @@ class _Chat(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests_seen.append(body)
-        text = body["messages"][0]["content"][1]["text"]
-        if "FLAKY" in text and sum("FLAKY" in r["messages"][0]["content"][1]["text"] for r in self.server.requests_seen) == 1:
+        text = _text_of(body)
+        if "FLAKY" in text and sum("FLAKY" in _text_of(r) for r in self.server.requests_seen) == 1:
             self.send_response(429)
             self.send_header("Retry-After", "0")
             self.send_header("Content-Length", "0")
@@ -195,3 +199,13 @@ def test_openai_backend_unreachable_is_a_per_image_error():
     captioner = OpenAICaptioner(PromptTemplate.load(None, 50), "http://127.0.0.1:9/v1", "m", max_retries=0, timeout_s=2)
     [caption] = captioner([make_sample()], [b""])
     assert caption.text is None and "Connection" in caption.error
+
+
+def test_openai_region_caption_sends_every_view(chat_server):
+    url = f"http://127.0.0.1:{chat_server.server_address[1]}/v1"
+    captioner = OpenAICaptioner(PromptTemplate.load(None, 50), url, "tiny-vlm", max_retries=0, timeout_s=5)
+    text = captioner.caption_region("dog", [0, 0, 10, 10], 100, 100, [b"a", b"b", b"c"])
+    assert text == "Two dogs and a car."
+    content = chat_server.requests_seen[-1]["messages"][0]["content"]
+    assert [part["type"] for part in content] == ["image_url"] * 3 + ["text"]
+    assert '"dog"' in content[-1]["text"]
