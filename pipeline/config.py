@@ -156,9 +156,16 @@ class OpenAIBackendConfig(_Section):
     concurrency: int = Field(8, ge=1, description="requests in flight per captioner actor")
 
 
+class TransformersBackendConfig(_Section):
+    model: str = Field("Qwen/Qwen2.5-VL-7B-Instruct", description="hub name or local folder (model + processor)")
+    max_new_tokens: int = Field(320, ge=1)
+    batch_size: int = Field(4, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class FuseConfig(_Section):
     enabled: bool = False
-    backend: Literal["template", "openai"] = "template"
+    backend: Literal["template", "openai", "transformers"] = "template"
     prompt_file: str | None = Field(None, description="template with $word_limit and $perception; None = built-in")
     word_limit: int = Field(192, ge=10)
     grounding: Literal["mentions", "markup"] = Field(
@@ -168,8 +175,10 @@ class FuseConfig(_Section):
     region_top_k: int = Field(0, ge=0, description="region captions for this many salient boxes (0: none)")
     region_views: int = Field(3, ge=1, le=11, description="DynRefer views per region, the tight crop included")
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
+    transformers: TransformersBackendConfig = TransformersBackendConfig()
     concurrency: int = Field(1, ge=1, description="captioner actors")
     num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per captioner actor (transformers backend)")
 
 
 class QaConfig(_Section):

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
-from denseforge.stages.fuse import OpenAICaptioner, PromptTemplate, TemplateCaptioner
+from denseforge.stages.fuse import OpenAICaptioner, PromptTemplate, TemplateCaptioner, TransformersCaptioner
 from denseforge.stages.ground import ground_mentions, parse_ref_markup, read_aliases
 from denseforge.stages.qa import ClipTextScorer, QaSettings, assess
 from denseforge.stages.regions import jpeg, select_views, top_regions
@@ -30,6 +30,9 @@ def build_captioner(config: Config):
     prompt = PromptTemplate.load(f.prompt_file, f.word_limit)
     if f.grounding == "markup":
         prompt = PromptTemplate(prompt.text + MARKUP_RULE, prompt.word_limit)
+    if f.backend == "transformers":
+        t = f.transformers
+        return TransformersCaptioner(prompt, t.model, t.max_new_tokens, t.batch_size, t.device)
     o = f.openai
     return OpenAICaptioner(prompt, o.base_url, o.model, os.environ.get(o.api_key_env, "EMPTY"), o.max_tokens,
                            o.temperature, o.timeout_s, o.max_retries, o.concurrency)
@@ -131,7 +134,8 @@ def add_fuse(ds, config: Config):
     import ray
 
     ds = ds.map_batches(CaptionStage, fn_constructor_args=(config,), batch_size=None, batch_format="pyarrow",
-                        num_cpus=config.fuse.num_cpus, compute=ray.data.ActorPoolStrategy(size=config.fuse.concurrency))
+                        num_cpus=config.fuse.num_cpus, num_gpus=config.fuse.num_gpus,
+                        compute=ray.data.ActorPoolStrategy(size=config.fuse.concurrency))
     qa = None
     if config.qa.enabled:
         qa = config.qa.model_dump(include=set(QaSettings.__dataclass_fields__))

@@ -187,3 +187,57 @@ class OpenAICaptioner:
         except Exception:  # noqa: BLE001 - a missing region caption is not worth the sample
             return None
         return (reply.choices[0].message.content or "").strip() or None
+
+
+class TransformersCaptioner:
+    """A local VLM through transformers' Auto classes (Qwen2-VL / Qwen2.5-VL / LLaVA families):
+    chat template with the image, batched greedy generation, GPU when this process sees one."""
+
+    def __init__(self, prompt: PromptTemplate, model: str, max_new_tokens: int = 256, batch_size: int = 4,
+                 device: str = "auto"):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from denseforge.errors import ModelLoadError
+        from denseforge.stages.embed import pick_device
+
+        self.prompt, self.max_new_tokens, self.batch_size = prompt, max_new_tokens, batch_size
+        self.device = pick_device(device)
+        try:
+            self.processor = AutoProcessor.from_pretrained(model)
+            dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        except Exception as exc:  # noqa: BLE001 - offline hub misses, bad paths
+            raise ModelLoadError(f"fuse.transformers.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}. "
+                                 "Offline? Point it at a local folder with the model and its processor.") from None
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        tokenizer.padding_side = "left"  # decoder-only batches generate from the right edge
+        self.eos = self.model.generation_config.eos_token_id
+        self.provenance = {"backend": "transformers", "model": model, "device": self.device}
+
+    def __call__(self, samples: list[Sample], images: list[bytes]) -> list[Caption]:
+        import io
+
+        import torch
+        from PIL import Image
+
+        out: list[Caption] = []
+        for start in range(0, len(samples), self.batch_size):
+            chunk = samples[start:start + self.batch_size]
+            pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start:start + self.batch_size]]
+            texts = [self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt.render(s)}]}],
+                add_generation_prompt=True) for s in chunk]
+            try:
+                inputs = self.processor(text=texts, images=pictures, padding=True, return_tensors="pt").to(self.device)
+                with torch.inference_mode():
+                    generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            except Exception as exc:  # noqa: BLE001 - this batch's error, per image
+                out += [Caption(None, self.provenance, error=f"{type(exc).__name__}: {exc}"[:500]) for _ in chunk]
+                continue
+            new = generated[:, inputs["input_ids"].shape[1]:]
+            eos = set(self.eos if isinstance(self.eos, list) else [self.eos])
+            for row, text in zip(new, self.processor.batch_decode(new, skip_special_tokens=True)):
+                finished = any(int(t) in eos for t in row)
+                out.append(Caption(text.strip(), self.provenance, truncated=not finished))
+        return out

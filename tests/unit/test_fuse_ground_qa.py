@@ -209,3 +209,42 @@ def test_openai_region_caption_sends_every_view(chat_server):
     content = chat_server.requests_seen[-1]["messages"][0]["content"]
     assert [part["type"] for part in content] == ["image_url"] * 3 + ["text"]
     assert '"dog"' in content[-1]["text"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from ..tiny_vlm import build_tiny_qwen_vl
+
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen-vl"))
+
+
+def test_transformers_backend_loads_a_local_vlm_and_generates_in_batches(tiny_vlm):
+    import io
+
+    from PIL import Image
+
+    from denseforge.stages.fuse import TransformersCaptioner
+
+    captioner = TransformersCaptioner(PromptTemplate.load(None, 50), str(tiny_vlm), max_new_tokens=6, batch_size=2,
+                                      device="cpu")
+    images = []
+    for colour, size in (("red", (120, 90)), ("blue", (64, 200)), ("green", (90, 90))):
+        buf = io.BytesIO()
+        Image.new("RGB", size, colour).save(buf, format="JPEG")
+        images.append(buf.getvalue())
+    captions = captioner([make_sample(), make_sample("x"), make_sample("y")], images)
+    assert len(captions) == 3 and all(c.error is None and isinstance(c.text, str) for c in captions)
+    assert captions[0].provenance == {"backend": "transformers", "model": str(tiny_vlm), "device": "cpu"}
+    assert all(isinstance(c.truncated, bool) for c in captions)
+    again = captioner([make_sample()], images[:1])
+    assert again[0].text == captions[0].text  # greedy decoding, same input, same words
+
+
+def test_transformers_backend_missing_model_is_a_clear_error(tmp_path):
+    pytest.importorskip("transformers")
+    from denseforge.errors import ModelLoadError
+    from denseforge.stages.fuse import TransformersCaptioner
+
+    with pytest.raises(ModelLoadError, match="cannot be loaded"):
+        TransformersCaptioner(PromptTemplate.load(None, 50), str(tmp_path / "nothing-here"), device="cpu")
