@@ -44,6 +44,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_show(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.show import show
+
+    print(show(Path(args.dir), args.key, Path(args.out) if args.out else None))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from denseforge.pipeline.export_run import export_run
 
@@ -101,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="where a run is")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("show", help="render one sample with its boxes and caption to a PNG")
+    p.add_argument("dir")
+    p.add_argument("key")
+    p.add_argument("--out", help="PNG path (default DIR/show/KEY.png)")
+    p.set_defaults(func=_cmd_show)
     p = sub.add_parser("export", help="write a finished run in a training format")
     p.add_argument("dir")
     p.add_argument("--format", required=True, choices=["llava", "coco", "refcoco", "qwen-grounding", "kosmos2"])

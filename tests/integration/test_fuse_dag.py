@@ -66,6 +66,14 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
     [reject] = pq.read_table(out / "rejects.parquet").to_pylist()
     assert reject["stage"] == "qa" and "truncated_caption" in reject["detail"]
 
+    # show: the written sample renders; the rejected one says why it is not there
+    png = Path(run_cli("show", str(out), meta["key"]).stdout.strip())
+    from PIL import Image
+
+    assert Image.open(png).width == 900
+    missing = run_cli("show", str(out), reject["key"], check=False)
+    assert missing.returncode == 2 and "rejected at qa: truncated_caption" in missing.stderr
+
     # export: every format reads back the written sample
     llava = json.loads(Path(run_cli("export", str(out), "--format", "llava").stdout.strip()).read_text())
     assert [r["conversations"][1]["value"] for r in llava] == ["Two dogs and a car."]
