@@ -128,7 +128,8 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> No
             bar.update(1, ok=stats.get("successes", 0), failed=stats["count"] - stats.get("successes", 0))
         except Exception as exc:  # noqa: BLE001 - a unit that keeps failing becomes reject rows
             message = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
-            write_json_atomic(marker_path(rd.raw, unit), {"unit": unit, "failed": message, "count": 0})
+            write_json_atomic(marker_path(rd.raw, unit), {"unit": unit, "failed": message, "count": 0,
+                                                          "source_path": plan.sources[unit] if plan.sources else None})
             bar.update(1, failed_units=1)
             progress.warn(f"unit {unit:07d} failed after {config.ingest.shard_retries} retries: {message}")
     bar.close()

@@ -218,6 +218,9 @@ def read_raw_unit(unit: int, unit_file: Path | None, raw_dir: Path, screened_fil
     if marker.get("failed"):
         for key, url in expected.items():
             rows.append(reject_row(unit, Reject(key=key, stage="ingest", reason="ingest_failed", detail=marker["failed"], url=url)))
+        if unit_file is None:  # an input shard we could not read: its rows are unknown, the shard is one row
+            rows.append(reject_row(unit, Reject(key=make_key(unit, 0), stage="ingest", reason="unreadable_shard",
+                                                detail=marker["failed"], url=marker.get("source_path"))))
         return rows
     images = _read_tar_images(raw_dir / f"{name}.tar")
     seen: set[str] = set()

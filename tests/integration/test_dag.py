@@ -133,14 +133,17 @@ def test_folder_input_then_its_raw_shards_as_webdataset_input(tmp_path, photo_di
                for s in wds.WebDataset(str(out / "shards" / "0000000.tar"), shardshuffle=False)}
     assert samples["coffee.jpg"]["alt_text"] == "a cup of coffee"
 
-    # The raw shards img2dataset wrote are valid webdataset input for another run.
+    # The raw shards img2dataset wrote are valid webdataset input for another run; a corrupt
+    # shard beside them becomes one reject row instead of a crash.
+    (out / "raw" / "9999999.tar").write_bytes(b"this is not a tar archive" * 100)
     cfg2 = tmp_path / "wds.yaml"
     cfg2.write_text(f"input: {{kind: webdataset, path: '{out}/raw/*.tar'}}\nray: {{num_cpus: 2}}\n"
                     "embed: {enabled: false}\ndedup: {enabled: false}\n")
     out2 = tmp_path / "wds_run"
     run_cli("run", str(cfg2), "--out", str(out2))
     f2 = json.loads((out2 / "stats.json").read_text())["funnel"]
-    assert (f2["input_rows"], f2["written"], f2["rejected"]) == (2, 2, 0) and f2["balanced"]
+    assert (f2["input_rows"], f2["written"], f2["rejected"]) == (3, 2, 1) and f2["balanced"]
+    assert f2["rejected_by_reason"] == {"ingest/unreadable_shard": 1}
 
 
 def test_resume_re_embeds_only_missing_units(table_run, tmp_path):

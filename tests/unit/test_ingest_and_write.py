@@ -105,3 +105,20 @@ def test_webdataset_input_is_normalised_and_accounted(tmp_path, photo_dir):
     assert first.source == {"source_key": "a", "similarity": 0.3}
     assert json.loads(rows[1]["reject"])["reason"] == "not_an_image"
     assert json.loads(rows[2]["reject"])["reason"] == "no_image"
+
+
+def test_a_failed_unit_still_accounts_for_its_rows(tmp_path):
+    from denseforge.stages.files import write_json_atomic
+    from denseforge.stages.ingest import marker_path
+    from denseforge.stages.read_input import write_units
+
+    units = tmp_path / "input"
+    write_units(iter([InputRow(f"http://example.com/{i}.jpg", None, {}) for i in range(3)]), units, 10, False)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_json_atomic(marker_path(raw, 0), {"unit": 0, "failed": "worker died", "count": 0})
+    rows = read_raw_unit(0, units / "0000000.arrow", raw, units / "0000000.screened.parquet")
+    assert [json.loads(r["reject"])["reason"] for r in rows] == ["ingest_failed"] * 3
+    write_json_atomic(marker_path(raw, 1), {"unit": 1, "failed": "not a tar", "count": 0, "source_path": "/x.tar"})
+    [row] = read_raw_unit(1, None, raw, None)
+    assert json.loads(row["reject"])["reason"] == "unreadable_shard" and json.loads(row["reject"])["url"] == "/x.tar"
