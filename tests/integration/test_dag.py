@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -68,6 +69,7 @@ def test_funnel_balances_and_every_bad_row_has_its_reason(table_run):
     decisions = {r["key"]: r for r in pq.read_table(out / "dedup" / "decisions.parquet").to_pylist()}
     removed = [r for r in decisions.values() if r["reason"]]
     assert len(decisions) == 5 and len(removed) == 1 and removed[0]["dup_of"] == "000000000001"
+    assert [r["kept"] for r in decisions.values()].count(False) == 1 and not removed[0]["kept"]
     assert set(stats["dedup"]["epsilon_sweep"]) == {"0.01", "0.02", "0.05", "0.1", "0.2", "0.4"}
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     by_url = {r["url"]: (r["stage"], r["reason"]) for r in rejects}
@@ -166,3 +168,26 @@ def test_resume_re_embeds_only_missing_units(table_run, tmp_path):
     same = [pq.read_table(d / "manifest.parquet").to_pylist() for d in (src, out)]
     assert same[0] == same[1]
     assert pq.read_table(src / "dedup" / "decisions.parquet").equals(pq.read_table(out / "dedup" / "decisions.parquet"))
+
+
+def test_joining_an_existing_cluster_with_address(tmp_path, photo_server):
+    import os
+    import subprocess
+
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    port = "6391"
+    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=120)
+    assert start.returncode == 0, start.stderr
+    try:
+        table = tmp_path / "t.jsonl"
+        table.write_text(json.dumps({"url": f"{photo_server.base_url}/img/coffee.jpg", "caption": "c"}) + "\n")
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"input: {{path: {table}}}\ningest: {{allow_private_addresses: true}}\n"
+                       "embed: {enabled: false}\ndedup: {enabled: false}\n")
+        out = tmp_path / "run"
+        proc = run_cli("run", str(cfg), "--out", str(out), "--address", f"127.0.0.1:{port}")
+        assert json.loads((out / "stats.json").read_text())["funnel"]["written"] == 1, proc.stderr
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
