@@ -1,8 +1,9 @@
 """The Ray DAG: plan → ingest → process (load … write) → finalize, resumable at every unit.
 
-This is the only module that talks to Ray. Stages come from `denseforge.stages` and know nothing
-of it. Work is cut into units (input shards); each phase leaves a completion marker per unit, so
-`resume` redoes exactly the units that were not finished.
+`pipeline/` is the only package that talks to Ray (this module, `ray_session`, and the
+`*_phase` modules for embed/dedup, perceive and fuse). Stages come from `denseforge.stages` and
+know nothing of it. Work is cut into units (input shards); each phase leaves a completion marker
+per unit, so `resume` redoes exactly the units that were not finished.
 """
 
 from __future__ import annotations
