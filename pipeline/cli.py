@@ -18,6 +18,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     if args.dry_run:
+        from denseforge.pipeline.runner import preflight
+
+        preflight(config)
         if config.perceive.enabled:
             from denseforge.pipeline.perceive_phase import plan_experts
 

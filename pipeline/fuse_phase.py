@@ -144,7 +144,6 @@ def add_fuse(ds, config: Config):
                                 num_cpus=LIGHT_TASK_CPUS, num_gpus=config.qa.clip_num_gpus,
                                 compute=ray.data.ActorPoolStrategy(size=1))
     markup = config.fuse.grounding == "markup" and config.fuse.backend != "template"
-    read_aliases(config.fuse.ground_aliases)  # a bad alias file fails here, on the driver, before any work
     return ds.map_batches(ground_and_check, fn_kwargs={"qa": qa, "markup": markup, "aliases": config.fuse.ground_aliases},
                           batch_size=None,
                           batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)

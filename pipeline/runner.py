@@ -30,6 +30,7 @@ from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import finalize_run
 from denseforge.stages.files import write_json_atomic
 from denseforge.stages.fuse import PromptTemplate
+from denseforge.stages.ground import read_aliases
 from denseforge.stages.image_normalize import ImageNormalizer
 from denseforge.stages.ingest import (
     DownloadSettings, download_unit, ingest_webdataset_unit, marker_path, read_raw_unit,
@@ -195,16 +196,24 @@ def run_process(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> N
 # -- the whole run ---------------------------------------------------------------------------
 
 
+def preflight(config: Config) -> None:
+    """Checks that need more than the config schema (installed plugins, their options, the prompt
+    and alias files), so such mistakes fail before a run directory or a cluster exists."""
+    if config.perceive.enabled:
+        plan_experts(config.perceive)
+    if config.fuse.enabled:
+        if config.fuse.backend != "template":
+            PromptTemplate.load(config.fuse.prompt_file, config.fuse.word_limit)
+        read_aliases(config.fuse.ground_aliases)
+
+
 def execute(rd: RunDir, config: Config, address: str | None = None) -> dict[str, Any]:
     """Run (or continue) the pipeline in `rd`; returns the final stats."""
     import ray
 
+    preflight(config)
     progress = Progress()
     timings: dict[str, float] = {}
-    if config.perceive.enabled:
-        plan_experts(config.perceive)  # unknown plugins and bad options fail before anything runs
-    if config.fuse.enabled and config.fuse.backend != "template":
-        PromptTemplate.load(config.fuse.prompt_file, config.fuse.word_limit)  # a bad prompt file fails now
     with ExitStack() as stack:
         if config.demo.enabled:
             state = rd.read_state()
@@ -247,6 +256,7 @@ def execute(rd: RunDir, config: Config, address: str | None = None) -> dict[str,
 
 def run(config: Config, out: Path, address: str | None = None) -> dict[str, Any]:
     """Start a new run in `out`."""
+    preflight(config)
     rd = RunDir(out)
     rd.create(config)
     return execute(rd, config, address)

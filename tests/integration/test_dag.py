@@ -116,6 +116,11 @@ def test_bad_config_fails_before_anything_runs(tmp_path):
     assert "ingest.threads" in proc.stderr and "ingest.colour: unknown key" in proc.stderr
     assert "dedup.epsilon" in proc.stderr
     assert not (tmp_path / "out").exists()
+    # problems only the plugin registry can see also fail before a run directory exists
+    cfg.write_text("input: {path: x.csv}\nperceive: {enabled: true, experts: [{plugin: no-such-expert}]}\n")
+    proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "no expert plugin named 'no-such-expert'" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_folder_input_then_its_raw_shards_as_webdataset_input(tmp_path, photo_dir):
