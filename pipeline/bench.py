@@ -23,6 +23,34 @@ from denseforge.pipeline.config import parse_config
 from denseforge.pipeline.demo import PHOTOS, LoopbackImageServer, load_photo
 
 
+def process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, RSS bytes) for every process visible in /proc."""
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[21]) * page)
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> list[int]:
+    """Every process below `pid` (children, grandchildren, …)."""
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in (table or process_table()).items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class TreeMemory:
     """Peak summed RSS (bytes) of a process and its descendants, sampled from /proc."""
 
@@ -35,24 +63,9 @@ class TreeMemory:
     def current() -> int:
         import os
 
-        parents: dict[int, int] = {}
-        rss: dict[int, int] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            pid = int(stat.parent.name)
-            parents[pid] = int(fields[1])
-            rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        me, total = os.getpid(), 0
-        for pid in rss:
-            p, hops = pid, 0
-            while p and p != me and hops < 64:
-                p, hops = parents.get(p, 0), hops + 1
-            if p == me:
-                total += rss[pid]
-        return total
+        table = process_table()
+        me = os.getpid()
+        return table[me][1] + sum(table[pid][1] for pid in descendants(me, table) if pid in table)
 
     def _sample(self) -> None:
         while not self._stop.is_set():

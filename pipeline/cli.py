@@ -20,11 +20,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from denseforge.pipeline.runner import preflight
 
-        preflight(config)
-        if config.perceive.enabled:
-            from denseforge.pipeline.perceive_phase import plan_experts
-
-            order = [spec.instance for spec, _, _ in plan_experts(config.perceive)]
+        order = preflight(config)
+        if order:
             print(f"# experts, in order: {', '.join(order)}")
         print(dump_config(config), end="")
         return 0

@@ -29,7 +29,7 @@ from denseforge.stages import dedup as dd
 from denseforge.stages.embed import (
     ClipImageEmbedder, EmbedSettings, embedding_table, embeddings_matrix, perceptual_hash,
 )
-from denseforge.stages.files import write_json_atomic
+from denseforge.stages.files import write_json_atomic, write_parquet_atomic, write_table_atomic
 from denseforge.stages.sample import Sample
 
 DECISION_SCHEMA = pa.schema([
@@ -69,9 +69,7 @@ class EmbedUnits:
                  "height": pa.array([s.original_height or s.height for s in samples], pa.int64())})
             path = embeddings_file(self.rd, unit)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            pq.write_table(table.replace_schema_metadata({"provenance": json.dumps(self.embedder.provenance)}), tmp)
-            tmp.replace(path)
+            write_table_atomic(path, table.replace_schema_metadata({"provenance": json.dumps(self.embedder.provenance)}))
             out.append({"unit": unit, "embedded": len(samples)})
         return pa.Table.from_pylist(out)
 
@@ -125,9 +123,7 @@ def _assign_unit(file: str, centroids: np.ndarray, bucket_dir: str, buckets: int
     for b in np.unique(bucket_of):
         target = Path(bucket_dir) / f"{b:05d}"
         target.mkdir(parents=True, exist_ok=True)
-        path = target / Path(file).name
-        pq.write_table(table.filter(pa.array(bucket_of == b)), path.with_name(f".{path.name}.tmp"))
-        path.with_name(f".{path.name}.tmp").replace(path)
+        write_table_atomic(target / Path(file).name, table.filter(pa.array(bucket_of == b)))
     return table.num_rows
 
 
@@ -152,9 +148,7 @@ def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> 
             rows.append({"key": key, "unit": units[i], "cluster": int(cluster[i]), "distance": float(1 - sims[i]),
                          "rank": int(result.rank[i]), "reason": pre[i] or result.reason[i],
                          "dup_of": keys[result.dup_of[i]] if result.dup_of[i] >= 0 else None})
-    tmp = Path(out_file).with_name(f".{Path(out_file).name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), tmp)
-    tmp.replace(out_file)
+    write_parquet_atomic(Path(out_file), rows, DECISION_SCHEMA)
     return {"rows": len(rows), "sweep_kept": {str(k): v for k, v in sweep.items()}}
 
 
@@ -197,7 +191,7 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         table = _select(table, sel.per_cluster, sel.target_total)
         kept = pc.equal(table.column("reason"), dd.KEPT)
         table = table.append_column("kept", kept).sort_by([("key", "ascending")])
-        pq.write_table(table, decisions)
+        write_table_atomic(decisions, table)
         bar.update(1)
     else:
         pq.write_table(pa.Table.from_pylist([], schema=DECISION_SCHEMA.append(pa.field("kept", pa.bool_()))), decisions)

@@ -196,22 +196,22 @@ def run_process(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> N
 # -- the whole run ---------------------------------------------------------------------------
 
 
-def preflight(config: Config) -> None:
+def preflight(config: Config) -> list[str]:
     """Checks that need more than the config schema (installed plugins, their options, the prompt
-    and alias files), so such mistakes fail before a run directory or a cluster exists."""
-    if config.perceive.enabled:
-        plan_experts(config.perceive)
+    and alias files), so such mistakes fail before a run directory or a cluster exists. Returns
+    the expert instances in the order they will run."""
+    order = [spec.instance for spec, _, _ in plan_experts(config.perceive)] if config.perceive.enabled else []
     if config.fuse.enabled:
         if config.fuse.backend != "template":
             PromptTemplate.load(config.fuse.prompt_file, config.fuse.word_limit)
         read_aliases(config.fuse.ground_aliases)
+    return order
 
 
 def execute(rd: RunDir, config: Config, address: str | None = None) -> dict[str, Any]:
     """Run (or continue) the pipeline in `rd`; returns the final stats."""
     import ray
 
-    preflight(config)
     progress = Progress()
     timings: dict[str, float] = {}
     with ExitStack() as stack:
@@ -266,5 +266,6 @@ def resume(root: Path, address: str | None = None) -> dict[str, Any]:
     """Finish a run that stopped for any reason; finished units are kept, the rest redone."""
     rd = RunDir(root)
     config = rd.load_config()
+    preflight(config)
     return execute(rd, config, address)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from denseforge.pipeline.bench import descendants
 from denseforge.pipeline.demo import LoopbackImageServer
 
 from ..conftest import run_cli
@@ -30,22 +31,6 @@ dedup: {{epsilon: null, clusters: 3, keep: first_key}}
 output: {{samples_per_shard: 2}}
 """)
     return cfg
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _result(out: Path) -> tuple[list, dict]:
@@ -70,7 +55,7 @@ def test_sigkill_then_resume_equals_a_clean_run(tmp_path, photo_dir):
         deadline = time.time() + 120
         while time.time() < deadline and len(list((killed / "raw").glob("*.ingested.json"))) < 2:
             time.sleep(0.1)
-        orphans = _descendants(proc.pid)
+        orphans = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         ingested = len(list((killed / "raw").glob("*.ingested.json")))
