@@ -6,7 +6,9 @@ traceback and exits non-zero.
 
 
 class DenseforgeError(Exception):
-    """Base class of every error denseforge raises deliberately."""
+    """Base class of every error denseforge raises deliberately; the CLI exits with `exit_code`."""
+
+    exit_code = 2
 
 
 class ConfigError(DenseforgeError):
@@ -27,3 +29,22 @@ class IngestError(DenseforgeError):
 
 class ModelLoadError(DenseforgeError):
     """A configured model cannot be loaded (wrong name, missing weights, offline hub)."""
+
+
+class SetupError(DenseforgeError):
+    """A stage or expert cannot start (its model does not load, its server does not answer, the
+    cluster cannot hold its workers); found before anything is downloaded."""
+
+
+class RunFailedError(DenseforgeError):
+    """The run started but cannot finish as asked; `status` shows it as failed with this reason."""
+
+    exit_code = 1
+
+
+class StageFailedError(RunFailedError):
+    """A stage failed on more items than its `max_error_rate` allows (or on all of them)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage

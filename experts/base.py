@@ -4,31 +4,23 @@ An expert is a class with a name, the kind of observation it emits (the key unde
 `sample.experts`), its resources, and an `Options` pydantic model for its configuration.
 `setup()` loads the model once per actor; calling the expert on a batch returns one list of
 observation dicts per image. Experts that read other experts' output list those kinds in
-`consumes`; the pipeline runs them after their producers, image by image.
+`consumes`; the pipeline runs them after their producers, image by image. `render` says how the
+observations of a plugin kind read in the captioner's prompt.
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
+from denseforge.stages.stage import NoOptions, Resources
 
-class Resources(BaseModel):
-    """What one actor of an expert needs, and how many actors to run."""
-
-    model_config = ConfigDict(extra="forbid")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
-    num_cpus: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)
-    concurrency: int = Field(1, ge=1, description="actors in the pool")
-
-
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["Expert", "ExpertInput", "NoOptions", "Resources", "clip_box", "render_json"]
 
 
 @dataclass
@@ -45,17 +37,12 @@ class Expert(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str]
-    consumes: ClassVar[tuple[str, ...]] = ()
+    consumes: ClassVar[tuple[str, ...]] = ()  # kinds read from upstream experts; a property where options decide
     default_resources: ClassVar[Resources] = Resources()
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, options: BaseModel | dict[str, Any] | None = None):
         self.options = options if isinstance(options, BaseModel) else self.Options.model_validate(options or {})
-
-    @property
-    def needs(self) -> tuple[str, ...]:
-        """Kinds this instance reads from upstream experts (may depend on its options)."""
-        return self.consumes
 
     def setup(self) -> None:
         """Load the model; called once per actor before the first batch."""
@@ -69,15 +56,15 @@ class Expert(ABC):
         return {"plugin": self.name}
 
     def render(self, observations: list[dict[str, Any]], width: int, height: int) -> str:
-        """How the observations read in the captioner's prompt; experts may override."""
-        lines = []
-        for obs in observations:
-            text = obs.get("label") or obs.get("text") or ""
-            box = obs.get("box")
-            where = "" if not box else " at " + ",".join(
-                str(round(1000 * v / (width if i % 2 == 0 else height))) for i, v in enumerate(box))
-            lines.append(f"- {text}{where}")
-        return "\n".join(lines)
+        """How a plugin kind's observations read in the captioner's prompt (one JSON object per
+        line by default). Built-in kinds (objects, ocr, tags) have their own prompt sections."""
+        return render_json(observations)
+
+
+def render_json(observations: list[dict[str, Any]]) -> str:
+    """Observations as quoted JSON lines (at most 300 characters each): data, never instructions."""
+    return "\n".join(json.dumps(json.dumps(o, ensure_ascii=False, sort_keys=True), ensure_ascii=False)[:300]
+                     for o in observations)
 
 
 def clip_box(box: list[float], width: int, height: int) -> list[float] | None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from denseforge.errors import ConfigError
 from denseforge.experts.base import Expert, ExpertInput, Resources
+from denseforge.stages.embed import ClipModel, load_clip, pick_device
 
 BUILTIN_VOCABULARIES = Path(__file__).parent / "vocabularies"
 
@@ -26,18 +27,11 @@ def read_vocabulary(spec: str) -> list[str]:
     return tags
 
 
-class ClipTagOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str = "ViT-B-32"
-    pretrained: str | None = "laion2b_s34b_b79k"
-    checkpoint: str | None = None
-    weights: Literal["pretrained", "random"] = "pretrained"
+class ClipTagOptions(ClipModel):
     vocabulary: str = "builtin:common"
     prompt: str = "a photo of a {}."
     top_k: int = Field(5, ge=1)
     threshold: float = Field(0.05, ge=0, le=1, description="minimum softmax probability over the vocabulary")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
 
 
 class ClipTagExpert(Expert):
@@ -52,14 +46,10 @@ class ClipTagExpert(Expert):
         import open_clip
         import torch
 
-        from denseforge.stages.embed import EmbedSettings, load_clip, pick_device
-
         o = self.options
         self.tags = read_vocabulary(o.vocabulary)
         self.device = pick_device(o.device)
-        settings = EmbedSettings(model=o.model, pretrained=o.pretrained, checkpoint=o.checkpoint, weights=o.weights,
-                                 device=o.device, seed=o.seed)
-        self.model, self.preprocess, self._provenance = load_clip(settings, self.device)
+        self.model, self.preprocess, self._provenance = load_clip(o, self.device)
         tokenizer = open_clip.get_tokenizer(o.model)
         with torch.inference_mode():
             text = self.model.encode_text(tokenizer([o.prompt.format(t) for t in self.tags]).to(self.device)).float()
@@ -83,6 +73,3 @@ class ClipTagExpert(Expert):
 
     def provenance(self) -> dict[str, Any]:
         return {"plugin": self.name, **self._provenance, "vocabulary": self.options.vocabulary}
-
-    def render(self, observations, width, height) -> str:
-        return ", ".join(o["label"] for o in observations)

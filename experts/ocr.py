@@ -53,9 +53,6 @@ class RapidOcrExpert(Expert):
         return {"plugin": self.name, "model": "PP-OCRv4 det/rec/cls (ONNX, bundled with rapidocr-onnxruntime "
                 f"{metadata.version('rapidocr-onnxruntime')})"}
 
-    def render(self, observations, width, height) -> str:
-        return "\n".join(f'- "{o["text"]}"' for o in observations)
-
 
 class PaddleOcrExpert(RapidOcrExpert):
     """The PaddleOCR package as a backend (2.x `ocr()` API). Not installed by default; its models

@@ -47,7 +47,7 @@ class YoloExpert(Expert):
     Options = YoloOptions
 
     @property
-    def needs(self) -> tuple[str, ...]:
+    def consumes(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("tags",) if self.options.classes_from == "tags" else ()
 
     def setup(self) -> None:
@@ -68,11 +68,11 @@ class YoloExpert(Expert):
         if o.open_vocabulary:
             if type(self.model.model).__name__ != "WorldModel":
                 raise ModelLoadError(f"yolo: classes/classes_from need a YOLO-World model, {o.model!r} is not one")
-            from denseforge.stages.embed import EmbedSettings, load_clip
+            from denseforge.stages.embed import ClipModel, load_clip
 
-            settings = EmbedSettings(model=o.text_model, pretrained=o.text_pretrained, weights=o.text_weights,
-                                     device="cpu", seed=o.seed)
-            self.clip, _, self._text_provenance = load_clip(settings, "cpu")
+            text_tower = ClipModel(model=o.text_model, pretrained=o.text_pretrained, weights=o.text_weights,
+                                   device="cpu", seed=o.seed)
+            self.clip, _, self._text_provenance = load_clip(text_tower, "cpu")
             import open_clip
 
             self.tokenizer = open_clip.get_tokenizer(o.text_model)

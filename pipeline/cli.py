@@ -18,23 +18,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     if args.dry_run:
+        from denseforge.pipeline.rundir import RunDir
         from denseforge.pipeline.runner import preflight
 
-        order = preflight(config)
-        if order:
-            print(f"# experts, in order: {', '.join(order)}")
+        runs = preflight(config, RunDir(Path(args.out or ".").resolve()))
+        if runs:
+            print(f"# stages, in order: {', '.join(r.instance for r in runs)}")
         print(dump_config(config), end="")
         return 0
     out = Path(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    stats = run(config, out.resolve(), args.address)
-    return 0 if stats["funnel"]["balanced"] else 1
+    run(config, out.resolve(), args.address)
+    return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from denseforge.pipeline.runner import resume
 
-    stats = resume(Path(args.dir).resolve(), args.address)
-    return 0 if stats["funnel"]["balanced"] else 1
+    resume(Path(args.dir).resolve(), args.address)
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except DenseforgeError as err:
         print(f"denseforge: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print("denseforge: interrupted; continue with `denseforge resume DIR`", file=sys.stderr)
         return 130

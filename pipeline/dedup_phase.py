@@ -1,7 +1,8 @@
 """The embed and dedup phases on Ray: per-unit embedding actors, then a global dedup.
 
-embed: a Ray Data stream of units through `ClipImageEmbedder` actors (their own GPUs/CPUs);
-one parquet per unit under `embeddings/`, written atomically, so resume skips finished units.
+embed: a Ray Data stream of units through the embed stage (the one adapter, its own GPUs/CPUs);
+per unit a parquet of vectors and hashes under `embeddings/`, the images it failed on, and a
+completion marker with the unit's counts, so resume skips finished units.
 
 dedup: a global step that waits for every embedding and holds at scale: k-means is trained on a
 bounded sample, every unit is assigned to clusters in parallel tasks that also shuffle rows into
@@ -12,6 +13,7 @@ columns (no vectors) come back to the driver for the balanced selection.
 from __future__ import annotations
 
 import json
+import pickle
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,16 +23,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from denseforge.pipeline.adapter import add_stage, count_traces
 from denseforge.pipeline.config import Config
+from denseforge.pipeline.flow import embed_stage
 from denseforge.pipeline.progress import Progress
 from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
-from denseforge.stages.embed import (
-    ClipImageEmbedder, EmbedSettings, embedding_table, embeddings_matrix, perceptual_hash,
-)
+from denseforge.stages.embed import embedding_table, embeddings_matrix
 from denseforge.stages.files import write_json_atomic, write_parquet_atomic, write_table_atomic
-from denseforge.stages.sample import Sample
+from denseforge.stages.read_input import write_rejects
+from denseforge.stages.sample import Reject, Sample
 
 DECISION_SCHEMA = pa.schema([
     ("key", pa.string()), ("unit", pa.int64()), ("cluster", pa.int64()), ("distance", pa.float32()),
@@ -38,59 +41,53 @@ DECISION_SCHEMA = pa.schema([
 ])
 
 
-def embed_settings(config: Config) -> EmbedSettings:
-    e = config.embed
-    return EmbedSettings(model=e.model, pretrained=e.pretrained, checkpoint=e.checkpoint, weights=e.weights,
-                         batch_size=e.batch_size, device=e.device, seed=config.run.seed)
+def write_embeddings(batch: pa.Table, rd: RunDir) -> pa.Table:
+    """The embed pass's sink: per unit, the vectors and hashes of every embedded image, the
+    images it failed on (relayed as rejects by the dedup stage), then the unit's marker."""
+    out = []
+    for unit in sorted(set(batch.column("unit").to_pylist())):
+        rows = batch.filter(pc.equal(batch.column("unit"), unit)).to_pylist()
+        embedded = [r for r in rows if r["sample"]]
+        failed = [Reject.model_validate_json(r["reject"]) for r in rows
+                  if r["reject"] and "embed" in json.loads(r["trace"] or "{}")]
+        samples = [Sample.model_validate_json(r["sample"]) for r in embedded]
+        outputs = [pickle.loads(r["outputs"]) for r in embedded]
+        vectors = np.stack([o["embedding"] for o in outputs]) if outputs else np.zeros((0, 0), np.float32)
+        table = embedding_table(
+            [s.key for s in samples], [unit] * len(samples), vectors,
+            {"sha256": pa.array([s.sha256 for s in samples], pa.string()),
+             "phash": pa.array([o["phash"] for o in outputs], pa.int64()),
+             "width": pa.array([s.original_width or s.width for s in samples], pa.int64()),
+             "height": pa.array([s.original_height or s.height for s in samples], pa.int64())})
+        provenance = outputs[0]["provenance"] if outputs else None
+        rd.embeddings.mkdir(parents=True, exist_ok=True)
+        write_rejects([r.model_dump() for r in failed], rd.embed_rejects_file(unit))
+        write_table_atomic(rd.embeddings_file(unit), table.replace_schema_metadata({"provenance": json.dumps(provenance)}))
+        counts = {"unit": unit, "embedded": len(samples), "failed": len(failed),
+                  "stages": count_traces([r["trace"] for r in rows])}
+        write_json_atomic(rd.embed_marker(unit), counts)
+        out.append({"unit": unit, "counts": json.dumps(counts)})
+    return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.int64()), ("counts", pa.string())]))
 
 
-def embeddings_file(rd: RunDir, unit: int) -> Path:
-    return rd.root / "embeddings" / f"{unit:07d}.parquet"
-
-
-class EmbedUnits:
-    """Ray Data actor: embeds and hashes the samples of each unit, writes the unit's file."""
-
-    def __init__(self, root: str, settings: EmbedSettings):
-        self.rd = RunDir(Path(root))
-        self.embedder = ClipImageEmbedder(settings)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for unit in sorted(set(batch.column("unit").to_pylist())):
-            rows = [r for r in batch.filter(pc.equal(batch.column("unit"), unit)).to_pylist() if r["sample"]]
-            samples = [Sample.model_validate_json(r["sample"]) for r in rows]
-            vectors = self.embedder([r["image"] for r in rows])
-            table = embedding_table(
-                [s.key for s in samples], [unit] * len(samples), vectors,
-                {"sha256": [s.sha256 for s in samples],
-                 "phash": pa.array([perceptual_hash(r["image"]) for r in rows], pa.int64()),
-                 "width": pa.array([s.original_width or s.width for s in samples], pa.int64()),
-                 "height": pa.array([s.original_height or s.height for s in samples], pa.int64())})
-            path = embeddings_file(self.rd, unit)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_table_atomic(path, table.replace_schema_metadata({"provenance": json.dumps(self.embedder.provenance)}))
-            out.append({"unit": unit, "embedded": len(samples)})
-        return pa.Table.from_pylist(out)
-
-
-def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, load_units) -> None:
-    """Embed every unit that has no embeddings file yet."""
+def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, load_units, budget) -> None:
+    """Embed every unit that has no embed marker yet; counts go to the error budget as units finish."""
     import ray
 
-    pending = [u for u in range(plan_units) if not embeddings_file(rd, u).exists()]
-    bar = progress.phase("embed", total=plan_units, done=plan_units - len(pending), unit="shard")
+    pending = rd.pending("embed", plan_units)
+    bar = progress.phase("embed", total=plan_units, done=plan_units - len(pending), unit="unit")
     if pending:
         ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(load_units, fn_kwargs={"root": str(rd.root), "kind": config.input.kind},
+        ds = ds.map_batches(load_units, fn_kwargs={"rd": rd, "kind": config.input.kind},
                             batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
-        ds = ds.map_batches(EmbedUnits, fn_constructor_args=(str(rd.root), embed_settings(config)),
-                            batch_size=None, batch_format="pyarrow", num_gpus=config.embed.num_gpus,
-                            num_cpus=config.embed.num_cpus,
-                            compute=ray.data.ActorPoolStrategy(size=config.embed.concurrency))
+        ds = add_stage(ds, embed_stage(config))
+        ds = ds.map_batches(write_embeddings, fn_kwargs={"rd": rd}, batch_size=None, batch_format="pyarrow",
+                            num_cpus=LIGHT_TASK_CPUS)
         for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in result.to_pylist():
-                bar.update(1, images=row["embedded"])
+                counts = json.loads(row["counts"])
+                bar.update(1, images=counts["embedded"], failed=counts["failed"])
+                budget.add(counts["stages"])
     bar.close()
 
 
@@ -113,7 +110,7 @@ def _train(files: list[str], k: int, fraction: float, seed: int, niter: int, mpp
                            max_points_per_centroid=mppc)
 
 
-def _assign_unit(file: str, centroids: np.ndarray, bucket_dir: str, buckets: int) -> int:
+def _assign_unit(file: str, centroids: np.ndarray, rd: RunDir, buckets: int) -> int:
     table = pq.read_table(file)
     if table.num_rows == 0:
         return 0
@@ -121,7 +118,7 @@ def _assign_unit(file: str, centroids: np.ndarray, bucket_dir: str, buckets: int
     table = table.append_column("cluster", pa.array(labels)).append_column("centroid_sim", pa.array(sims))
     bucket_of = labels % buckets
     for b in np.unique(bucket_of):
-        target = Path(bucket_dir) / f"{b:05d}"
+        target = rd.bucket(int(b))
         target.mkdir(parents=True, exist_ok=True)
         write_table_atomic(target / Path(file).name, table.filter(pa.array(bucket_of == b)))
     return table.num_rows
@@ -156,16 +153,16 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     """Cluster, deduplicate and select; writes dedup/decisions.parquet and dedup/summary.json."""
     import ray
 
-    out = rd.root / "dedup"
-    summary_file = out / "summary.json"
+    out = rd.dedup
+    summary_file = rd.dedup_summary
     if summary_file.exists():
         return json.loads(summary_file.read_text())
     cfg, sel = config.dedup, config.select
-    files = [str(embeddings_file(rd, u)) for u in range(plan_units)]
+    files = [str(rd.embeddings_file(u)) for u in range(plan_units)]
     n = sum(pq.read_metadata(f).num_rows for f in files)
     k = dd.clusters_for(n, cfg.clusters, cfg.target_cluster_size)
     bar = progress.phase("dedup", total=3, unit="step")
-    decisions = out / "decisions.parquet"
+    decisions = rd.decisions
     out.mkdir(parents=True, exist_ok=True)
     sweep: Counter[float] = Counter()
     if n:
@@ -175,17 +172,16 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
                                          cfg.max_points_per_centroid, cfg.num_gpus > 0 or None))
         bar.update(1, clusters=len(centroids))
         buckets = min(cfg.buckets, len(centroids))
-        bucket_dir = out / "buckets"
         ref = ray.put(centroids)
-        ray.get([ray.remote(_assign_unit).remote(f, ref, str(bucket_dir), buckets) for f in files])
+        ray.get([ray.remote(_assign_unit).remote(f, ref, rd, buckets) for f in files])
         bar.update(1)
         settings = {"min_short_edge": sel.min_short_edge, "max_aspect_ratio": sel.max_aspect_ratio,
                     "epsilon": cfg.epsilon, "phash_max_distance": cfg.phash_max_distance,
                     "exact": cfg.exact, "keep": cfg.keep, "sweep": cfg.sweep, "block": cfg.block_size}
-        parts = [out / "parts" / f"{b:05d}.parquet" for b in range(buckets)]
+        parts = [rd.bucket_part(b) for b in range(buckets)]
         parts[0].parent.mkdir(exist_ok=True)
         task = ray.remote(_dedup_bucket)
-        for result in ray.get([task.remote(str(bucket_dir / f"{b:05d}"), str(p), settings) for b, p in enumerate(parts)]):
+        for result in ray.get([task.remote(str(rd.bucket(b)), str(p), settings) for b, p in enumerate(parts)]):
             sweep.update({float(e): v for e, v in result["sweep_kept"].items()})
         table = pa.concat_tables([pq.read_table(p) for p in parts if p.exists()])
         table = _select(table, sel.per_cluster, sel.target_total)
@@ -218,33 +214,3 @@ def _select(table: pa.Table, per_cluster: int | None, target_total: int | None) 
                                 np.asarray(table.column("key").to_pylist())[idx], per_cluster, target_total)
     reason[idx[~chosen]] = dd.NOT_SELECTED
     return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason.tolist(), pa.string()))
-
-
-def unit_decisions(rd: RunDir, unit: int) -> dict[str, dict[str, Any]]:
-    """The dedup decision of every embedded sample of one unit, by key."""
-    path = rd.root / "dedup" / "decisions.parquet"
-    table = pq.read_table(path, filters=[("unit", "=", unit)])
-    return {r["key"]: r for r in table.to_pylist()}
-
-
-def apply_decisions(batch: pa.Table, root: str) -> pa.Table:
-    """Mark removed samples (duplicates, not selected) and set the cluster of kept ones."""
-    rd = RunDir(Path(root))
-    rows = batch.to_pylist()
-    for unit in sorted({r["unit"] for r in rows}):
-        decisions = unit_decisions(rd, unit)
-        for row in rows:
-            if row["unit"] != unit or not row["sample"]:
-                continue
-            decision = decisions.get(row["key"])
-            if decision is None:
-                raise RuntimeError(f"sample {row['key']} has no dedup decision; delete {rd.root / 'dedup'} and resume")
-            if decision["reason"]:
-                row["removed"] = json.dumps({"key": row["key"], "stage": "dedup", "reason": decision["reason"],
-                                             "dup_of": decision["dup_of"], "cluster": decision["cluster"]})
-                row["sample"], row["image"] = None, None
-            else:
-                sample = Sample.model_validate_json(row["sample"])
-                sample.cluster = decision["cluster"]
-                row["sample"] = sample.model_dump_json()
-    return pa.Table.from_pylist(rows, schema=batch.schema)

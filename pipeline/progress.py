@@ -38,10 +38,22 @@ class Progress:
         print(f"denseforge: warning: {message}", file=sys.stderr, flush=True)
 
     def summary(self, stats: dict[str, Any], root: Path) -> None:
-        f = stats["funnel"]
-        lines = [f"done: {f['input_rows']} input rows -> {f['written']} written, {f['rejected']} rejected, "
-                 f"{f['removed']} removed as duplicates (balanced: {f['balanced']})"]
-        for reason, n in sorted(f["rejected_by_reason"].items(), key=lambda kv: -kv[1])[:10]:
-            lines.append(f"  {n:>8}  {reason}")
-        lines.append(f"shards, manifest.parquet, rejects.parquet, stats.json, report.html in {root}")
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        print(format_summary(stats, root), file=sys.stderr, flush=True)
+
+
+def format_summary(stats: dict[str, Any], root: Path) -> str:
+    """The end-of-run summary: the funnel with removals by reason, rejects by reason, and every
+    stage that failed on items (with its first error)."""
+    f = stats["funnel"]
+    removed = ", ".join(f"{n} {r}" for r, n in sorted(f["removed_by_reason"].items(), key=lambda kv: -kv[1]))
+    lines = [f"done: {f['input_rows']} input rows -> {f['written']} written, {f['rejected']} rejected, "
+             f"{f['removed']} removed{f' ({removed})' if removed else ''} (balanced: {f['balanced']})"]
+    for reason, n in sorted(f["rejected_by_reason"].items(), key=lambda kv: -kv[1])[:10]:
+        lines.append(f"  {n:>8}  {reason}")
+    for name, c in stats.get("stages", {}).items():
+        if c["failed_total"]:
+            kinds = ", ".join(f"{k} {n}" for k, n in c["failed"].items())
+            lines.append(f"stage {name}: failed on {c['failed_total']} of {c['items']} items ({kinds}); "
+                         f"first error: {c['first_error']}")
+    lines.append(f"shards, manifest.parquet, rejects.parquet, stats.json, report.html in {root}")
+    return "\n".join(lines)

@@ -1,11 +1,15 @@
-"""The run directory: where every phase reads and writes, and how far a run got."""
+"""The run directory: every path and completion marker of a run, and how far it got.
+
+Nothing else computes a path inside a run directory: stages receive the paths they write.
+A unit is finished for a phase when its marker exists; `pending(phase)` lists the others.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from denseforge import __version__
 from denseforge.errors import RunDirError
@@ -63,11 +67,92 @@ class RunDir:
     def report(self) -> Path:
         return self.root / "report.html"
 
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def dedup(self) -> Path:
+        return self.root / "dedup"
+
+    @property
+    def decisions(self) -> Path:
+        return self.dedup / "decisions.parquet"
+
+    @property
+    def dedup_summary(self) -> Path:
+        """Written last by dedup: its completion marker."""
+        return self.dedup / "summary.json"
+
+    @property
+    def buckets(self) -> Path:
+        return self.dedup / "buckets"
+
+    def bucket(self, index: int) -> Path:
+        return self.buckets / f"{index:05d}"
+
+    def bucket_part(self, index: int) -> Path:
+        return self.dedup / "parts" / f"{index:05d}.parquet"
+
+    @property
+    def parts(self) -> Path:
+        return self.shards / "_parts"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        return self.logs / "driver.log"
+
+    # -- per unit ---------------------------------------------------------------------------
+
+    @staticmethod
+    def unit_name(unit: int) -> str:
+        return f"{unit:07d}"
+
     def unit_file(self, unit: int) -> Path:
-        return self.units / f"{unit:07d}.arrow"
+        return self.units / f"{self.unit_name(unit)}.arrow"
 
     def screened_file(self, unit: int) -> Path:
-        return self.units / f"{unit:07d}.screened.parquet"
+        return self.units / f"{self.unit_name(unit)}.screened.parquet"
+
+    def ingest_marker(self, unit: int) -> Path:
+        return self.raw / f"{self.unit_name(unit)}.ingested.json"
+
+    def embeddings_file(self, unit: int) -> Path:
+        return self.embeddings / f"{self.unit_name(unit)}.parquet"
+
+    def embed_rejects_file(self, unit: int) -> Path:
+        return self.embeddings / f"{self.unit_name(unit)}.rejects.parquet"
+
+    def embed_marker(self, unit: int) -> Path:
+        return self.embeddings / f"{self.unit_name(unit)}.done.json"
+
+    def shard_file(self, unit: int) -> Path:
+        return self.shards / f"{self.unit_name(unit)}.tar"
+
+    def manifest_part(self, unit: int) -> Path:
+        return self.parts / f"{self.unit_name(unit)}.manifest.parquet"
+
+    def rejects_part(self, unit: int) -> Path:
+        return self.parts / f"{self.unit_name(unit)}.rejects.parquet"
+
+    def write_marker(self, unit: int) -> Path:
+        return self.shards / "_done" / f"{self.unit_name(unit)}.json"
+
+    def marker(self, phase: Literal["ingest", "embed", "write"], unit: int) -> Path:
+        return {"ingest": self.ingest_marker, "embed": self.embed_marker, "write": self.write_marker}[phase](unit)
+
+    def pending(self, phase: Literal["ingest", "embed", "write"], units: int) -> list[int]:
+        """The units of `range(units)` that have no completion marker for `phase`."""
+        return [u for u in range(units) if not self.marker(phase, u).exists()]
+
+    def markers(self, phase: Literal["ingest", "embed", "write"]) -> list[Path]:
+        """Every completion marker of `phase`, in unit order."""
+        sample = self.marker(phase, 0)
+        return sorted(sample.parent.glob("*" + sample.name[len(self.unit_name(0)):])) if sample.parent.exists() else []
 
     # -- lifecycle -------------------------------------------------------------------------
 

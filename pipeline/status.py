@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from denseforge.pipeline.rundir import RunDir
+from denseforge.pipeline.stats import stage_counts
 
 
 def describe_run(root: Path) -> str:
@@ -13,16 +14,26 @@ def describe_run(root: Path) -> str:
     rd.load_config()  # raises RunDirError for a foreign directory
     state = rd.read_state()
     lines = [f"run {root}: {state.get('state', 'unknown')}"]
+    if state.get("reason"):
+        lines.append(f"  reason: {state['reason']}")
     if not rd.plan_file.exists():
         lines.append("  plan: not done (input not yet read)")
         return "\n".join(lines)
     plan = json.loads(rd.plan_file.read_text())
     units = plan["units"]
     rows = plan["rows"] if plan["rows"] is not None else "unknown until ingest"
-    ingested = len(list(rd.raw.glob("*.ingested.json"))) if rd.raw.exists() else 0
-    written = len(list((rd.shards / "_done").glob("*.json"))) if (rd.shards / "_done").exists() else 0
-    lines += [f"  plan: {units} unit(s), {rows} input rows ({plan['kind']})",
-              f"  ingest: {ingested}/{units} units", f"  write: {written}/{units} units"]
+    lines.append(f"  plan: {units} unit(s), {rows} input rows ({plan['kind']})")
+    for phase in ("ingest", "embed", "write"):
+        lines.append(f"  {phase}: {units - len(rd.pending(phase, units))}/{units} units")
+    for name, c in stage_counts(rd).items():
+        parts = [f"{c['items']} items"]
+        if c["failed_total"]:
+            parts.append(f"failed {c['failed_total']} ({', '.join(f'{k} {n}' for k, n in c['failed'].items())})")
+        if c["rejected"]:
+            parts.append(f"rejected {sum(c['rejected'].values())}")
+        if c["removed"]:
+            parts.append(f"removed {c['removed']}")
+        lines.append(f"  stage {name}: {', '.join(parts)}")
     if rd.stats.exists():
         f = json.loads(rd.stats.read_text())["funnel"]
         lines.append(f"  funnel: {f['input_rows']} in = {f['written']} written + {f['rejected']} rejected"

@@ -4,6 +4,7 @@ The recipe (DenseFusion-1M): keep short edge >= 448 px, spherical k-means of CLI
 many clusters, remove near-duplicates inside each cluster at threshold epsilon (an item is a
 duplicate when its cosine similarity to an item already kept exceeds 1 - epsilon), then keep the
 top n per cluster. Everything here is numpy/FAISS over arrays; the pipeline decides where it runs.
+`DecisionStage` applies the finished decisions to each unit's samples.
 
 Inside a cluster, items are visited in keep-priority order (`KeepPolicy`); exact copies (same
 sha256), then perceptual near-copies (pHash Hamming distance), then semantic duplicates are
@@ -14,13 +15,51 @@ finds them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
+
+from denseforge.stages.settings import Settings
+from denseforge.stages.stage import Item, Rejection, Removal, Stage, Verdict
 
 KeepPolicy = Literal["nearest_centroid", "farthest_centroid", "largest_image", "first_key"]
+
+
+class DedupConfig(Settings):
+    """Exact, perceptual and semantic (SemDeDup) duplicates; needs embed.enabled."""
+
+    enabled: bool = True
+    exact: bool = True
+    phash_max_distance: int | None = Field(4, ge=0, le=32, description="Hamming distance; null disables")
+    epsilon: float | None = Field(0.05, gt=0, lt=2, description="duplicate when cosine > 1 - epsilon; null disables")
+    sweep: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.4])
+    clusters: int | None = Field(None, ge=1, description="k for k-means; null derives it from N")
+    target_cluster_size: int = Field(1000, ge=1)
+    kmeans_iters: int = Field(20, ge=1)
+    max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many points (FAISS default)")
+    keep: KeepPolicy = "nearest_centroid"
+    block_size: int = Field(2048, ge=16)
+    buckets: int = Field(16, ge=1, description="parallel dedup tasks (clusters are hashed into buckets)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs for k-means training (faiss-gpu)")
+
+    @model_validator(mode="after")
+    def _sweep_in_range(self) -> "DedupConfig":
+        if any(not 0 < e < 2 for e in self.sweep):
+            raise ValueError("dedup.sweep values must lie in (0, 2)")
+        return self
+
+
+class SelectConfig(Settings):
+    """Prefilters and cluster-balanced selection (after dedup)."""
+
+    min_short_edge: int = Field(0, ge=0, description="px, on the original image (DenseFusion: 448)")
+    max_aspect_ratio: float | None = Field(None, ge=1)
+    per_cluster: int | None = Field(None, ge=1, description="top n per cluster (DenseFusion: 20)")
+    target_total: int | None = Field(None, ge=1, description="cluster-balanced down to this many")
 
 KEPT = ""
 EXACT, NEAR, SEMANTIC = "exact_duplicate", "near_duplicate", "semantic_duplicate"
@@ -297,3 +336,40 @@ def select_balanced(cluster: np.ndarray, rank: np.ndarray, keys: Sequence[str], 
         keep[idx[order[:target_total]]] = True
         chosen = keep
     return chosen
+
+
+class DecisionStage(Stage):
+    """Applies dedup's decisions: removed samples name what they duplicate, kept ones get their
+    cluster, and images the embed pass failed on become reject rows with its reason."""
+
+    name = "dedup"
+
+    def __init__(self, decisions: Path, embed_rejects: Callable[[int], Path]):
+        super().__init__()
+        self.decisions, self.embed_rejects = decisions, embed_rejects
+
+    def _unit(self, unit: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        import pyarrow.parquet as pq
+
+        decided = {r["key"]: r for r in pq.read_table(self.decisions, filters=[("unit", "=", unit)]).to_pylist()}
+        failed_file = self.embed_rejects(unit)
+        failed = {r["key"]: r for r in pq.read_table(failed_file).to_pylist()} if failed_file.exists() else {}
+        return decided, failed
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        units = {unit: self._unit(unit) for unit in sorted({item.unit for item in batch})}
+        verdicts: list[Verdict] = []
+        for item in batch:
+            decided, failed = units[item.unit]
+            if item.key in failed:
+                verdicts.append(Rejection(failed[item.key]["reason"], failed[item.key]["detail"], "embed"))
+                continue
+            decision = decided.get(item.key)
+            if decision is None:
+                raise LookupError(f"sample {item.key} has no dedup decision; delete {self.decisions.parent} and resume")
+            if decision["reason"]:
+                verdicts.append(Removal(decision["reason"], decision["dup_of"], decision["cluster"]))
+            else:
+                item.sample.cluster = decision["cluster"]
+                verdicts.append(None)
+        return verdicts

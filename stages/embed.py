@@ -1,35 +1,54 @@
 """embed: open_clip image embeddings (L2-normalised) and image hashes for deduplication.
 
-`ClipImageEmbedder` loads its model once (one per Ray actor) and decides CPU or GPU where it runs,
-never on the driver. A configured pretrained model that cannot be loaded is an error; random
-weights happen only when `embed.weights: random` says so, and the provenance says it too.
+`EmbedStage` loads its model once per worker and decides CPU or GPU where it runs, never on the
+driver; it leaves each image's vector and pHash in the item's outputs for the embeddings file. A
+configured pretrained model that cannot be loaded is an error; random weights happen only when
+`weights: random` says so, and the provenance says it too.
 """
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+from pydantic import Field
 
 from denseforge.errors import ModelLoadError
+from denseforge.stages.settings import Settings
+from denseforge.stages.stage import Item, Resources, Stage, Verdict
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 
 
-@dataclass(frozen=True)
-class EmbedSettings:
+class ClipModel(Settings):
+    """Which open_clip model, with which weights, on which device."""
+
     model: str = "ViT-B-32"
     pretrained: str | None = "laion2b_s34b_b79k"
-    checkpoint: str | None = None
-    weights: Literal["pretrained", "random"] = "pretrained"
-    batch_size: int = 64
+    checkpoint: str | None = Field(None, description="local weights file; wins over pretrained")
+    weights: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: an untrained architecture, for offline tests and the demo only")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0  # random weights are drawn from this, so every actor and rerun embeds alike
+    seed: int = Field(0, description="random weights are drawn from it, so every worker and rerun embeds alike")
+
+
+class EmbedConfig(ClipModel):
+    """open_clip image embeddings for deduplication and selection."""
+
+    enabled: bool = True
+    batch_size: int = Field(64, ge=1, le=4096)
+    concurrency: int = Field(1, ge=1, description="embedding actors")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions share one GPU)")
+    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of images that may fail; null: no limit")
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(num_cpus=self.num_cpus, num_gpus=self.num_gpus, batch_size=self.batch_size,
+                         concurrency=self.concurrency)
 
 
 def pick_device(requested: str) -> str:
@@ -43,7 +62,7 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def load_clip(settings: EmbedSettings, device: str):
+def load_clip(settings: ClipModel, device: str):
     """(model, preprocess, provenance) for an open_clip model; never silently random."""
     import open_clip
     import torch
@@ -71,34 +90,36 @@ def load_clip(settings: EmbedSettings, device: str):
     return model, preprocess, {"library": "open_clip", "model": settings.model, "weights": source, "device": device}
 
 
-class ClipImageEmbedder:
-    """Images (encoded bytes) to L2-normalised float32 embeddings, batched."""
+class EmbedStage(Stage):
+    """Images to L2-normalised float32 embeddings (batched) and 64-bit pHashes, in `item.outputs`."""
 
-    def __init__(self, settings: EmbedSettings):
-        self.settings = settings
-        self.device = pick_device(settings.device)
-        self.model, self.preprocess, self.provenance = load_clip(settings, self.device)
+    name = "embed"
+    error_reason = "embed_error"
+    Options = EmbedConfig
 
-    def __call__(self, images: list[bytes]) -> np.ndarray:
+    def setup(self) -> None:
+        self.device = pick_device(self.options.device)
+        self.model, self.preprocess, self.provenance = load_clip(self.options, self.device)
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
         import torch
 
-        out = []
-        for start in range(0, len(images), self.settings.batch_size):
-            chunk = images[start:start + self.settings.batch_size]
-            pixels = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in chunk])
-            with torch.inference_mode():
-                feats = self.model.encode_image(pixels.to(self.device)).float()
-            out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
-        if not out:
-            return np.zeros((0, 0), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32, copy=False)
+        pixels = torch.stack([self.preprocess(image) for image in images])
+        with torch.inference_mode():
+            feats = self.model.encode_image(pixels.to(self.device)).float()
+        return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy().astype(np.float32, copy=False)
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        for item, vector in zip(batch, self.embed([item.image for item in batch])):
+            item.outputs.update(embedding=vector, phash=perceptual_hash(item.image), provenance=self.provenance)
+        return [None] * len(batch)
 
 
-def perceptual_hash(image: bytes) -> int:
+def perceptual_hash(image: Image.Image) -> int:
     """64-bit DCT perceptual hash (imagehash.phash) as a signed int64."""
     import imagehash
 
-    bits = imagehash.phash(Image.open(io.BytesIO(image))).hash.flatten()
+    bits = imagehash.phash(image).hash.flatten()
     value = int("".join("1" if b else "0" for b in bits), 2)
     return value - (1 << 64) if value >= (1 << 63) else value
 

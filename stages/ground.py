@@ -11,9 +11,23 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from denseforge.stages.sample import Grounding
+from denseforge.stages.settings import Settings
+from denseforge.stages.stage import Item, Stage, Verdict
+
+
+class GroundConfig(Settings):
+    """How caption phrases are tied to boxes."""
+
+    mode: Literal["mentions", "markup"] = Field(
+        "mentions", description="markup: the model marks phrases <ref id=N>..</ref>; mentions: found afterwards")
+    aliases: str | None = Field(
+        "builtin:aliases", description="fine-grained name -> detector label TSV for knowledge-aligned grounding")
+    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of samples it may fail on; null: no limit")
 
 IRREGULAR = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
              "knife": "knives", "sheep": "sheep", "fish": "fish", "bus": "buses", "glass": "glasses",
@@ -51,11 +65,11 @@ def read_aliases(spec: str | None) -> dict[str, str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ConfigError(f"fuse.ground_aliases {spec!r} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"ground.aliases {spec!r} cannot be read: {exc.strerror}") from None
     pairs = [line.split("\t") for line in lines if line.strip() and not line.startswith("#")]
     bad = [p for p in pairs if len(p) != 2]
     if bad:
-        raise ConfigError(f"fuse.ground_aliases {spec!r}: expected 'name<TAB>label' lines, got {bad[0]!r}")
+        raise ConfigError(f"ground.aliases {spec!r}: expected 'name<TAB>label' lines, got {bad[0]!r}")
     return {name.strip().lower(): label.strip().lower() for name, label in pairs}
 
 
@@ -140,3 +154,19 @@ def parse_ref_markup(text: str, objects: list[dict[str, Any]]) -> tuple[str, lis
         cursor = match.end()
     clean.append(_STRAY.sub("", text[cursor:]))
     return "".join(clean), groundings
+
+
+class GroundStage(Stage):
+    """Ties the caption's mentions of detected labels, fine-grained aliases and OCR lines to boxes."""
+
+    name = "ground"
+    Options = GroundConfig
+
+    def __init__(self, options: GroundConfig):
+        super().__init__(options)
+        self.aliases = read_aliases(options.aliases)  # a bad alias file fails here, on the driver
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        for item in batch:
+            item.sample.grounding = ground_mentions(item.sample.caption or "", item.sample.experts, self.aliases)
+        return [None] * len(batch)

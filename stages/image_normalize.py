@@ -16,6 +16,9 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import Field
+
+from denseforge.stages.settings import Settings
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop"]
 
@@ -41,17 +44,17 @@ class NormalizedImage:
     original_height: int
 
 
-@dataclass(frozen=True)
-class ImageNormalizer:
-    """Decode, orient, convert, resize and re-encode one image, with hard limits."""
+class ImageNormalizer(Settings):
+    """Decode, orient, convert, resize and re-encode one image, with hard limits. Its fields are
+    the `ingest` config's image settings (IngestConfig extends it)."""
 
-    image_size: int = 512
+    image_size: int = Field(512, ge=16, le=16384)
     resize_mode: ResizeMode = "keep_ratio"
     resize_only_if_bigger: bool = True
-    min_image_size: int = 0
-    max_aspect_ratio: float = 10.0
-    max_image_pixels: int = 89_478_485
-    encode_quality: int = 95
+    min_image_size: int = Field(0, ge=0, description="reject if the short edge is smaller (px)")
+    max_aspect_ratio: float = Field(10.0, ge=1.0)
+    max_image_pixels: int = Field(89_478_485, ge=1, description="decoded pixel count above which an image is a bomb")
+    encode_quality: int = Field(95, ge=1, le=100)
 
     def normalize(self, data: bytes) -> NormalizedImage:
         """Bytes in, upright RGB JPEG out; raises ImageRejected with a reason code."""

@@ -18,12 +18,12 @@ import shutil
 import tarfile
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from denseforge import __version__
 from denseforge.stages.files import write_json_atomic
@@ -34,17 +34,17 @@ from denseforge.stages.url_screen import guarded_opener
 RAW_COLUMNS = ["url", "caption", "df_key", "df_source"]
 
 
-@dataclass(frozen=True)
-class DownloadSettings:
-    """What a download worker needs; built from IngestConfig by the pipeline."""
+class IngestConfig(ImageNormalizer):
+    """Download (img2dataset) and image normalisation settings."""
 
-    threads: int = 32
-    timeout_s: float = 10.0
-    retries: int = 0
-    samples_per_shard: int = 1000
-    allow_private_addresses: bool = False
-    allow_files: bool = False
-    max_download_bytes: int = 32 * 2**20
+    processes: int = Field(2, ge=1, description="input units downloaded at once (Ray tasks)")
+    threads: int = Field(32, ge=1, le=1024, description="download threads per unit")
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0, le=10)
+    unit_retries: int = Field(2, ge=0, le=10, description="re-runs of a unit whose task died")
+    max_download_bytes: int = Field(32 * 2**20, ge=1024)
+    allow_private_addresses: bool = Field(
+        False, description="allow loopback/private/link-local targets (local mirrors, the demo)")
     user_agent_token: str | None = "denseforge"
 
 
@@ -52,50 +52,45 @@ def unit_name(unit: int) -> str:
     return f"{unit:07d}"
 
 
-def marker_path(raw_dir: Path, unit: int) -> Path:
-    return raw_dir / f"{unit_name(unit)}.ingested.json"
-
-
-def download_unit(unit: int, unit_file: Path, raw_dir: Path, normalizer: ImageNormalizer,
-                  settings: DownloadSettings) -> dict[str, Any]:
+def download_unit(unit: int, unit_file: Path, raw_dir: Path, marker: Path, cfg: IngestConfig,
+                  samples_per_unit: int, allow_files: bool) -> dict[str, Any]:
     """Download one unit with img2dataset; idempotent (rewrites the unit's raw files)."""
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    urllib.request.install_opener(
-        guarded_opener(settings.allow_private_addresses, settings.max_download_bytes, settings.allow_files)
-    )
+    urllib.request.install_opener(guarded_opener(cfg.allow_private_addresses, cfg.max_download_bytes, allow_files))
     raw_dir.mkdir(parents=True, exist_ok=True)
     # img2dataset deletes the shard file it was given; keep our unit for resume.
     work_copy = raw_dir / f"{unit_name(unit)}.input.arrow"
     shutil.copyfile(unit_file, work_copy)
     downloader = Downloader(
         sample_writer_class=WebDatasetSampleWriter,
-        resizer=normalizer,
-        thread_count=settings.threads,
+        resizer=cfg,  # an IngestConfig is an ImageNormalizer
+        thread_count=cfg.threads,
         save_caption=True,
         extract_exif=False,
         output_folder=str(raw_dir),
         column_list=RAW_COLUMNS,
-        timeout=settings.timeout_s,
-        number_sample_per_shard=settings.samples_per_shard,
+        timeout=cfg.timeout_s,
+        number_sample_per_shard=samples_per_unit,
         oom_shard_count=7,
         compute_hash=None,
         verify_hash_type=None,
         encode_format="jpg",
-        retries=settings.retries,
-        user_agent_token=settings.user_agent_token,
+        retries=cfg.retries,
+        user_agent_token=cfg.user_agent_token,
         disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
     )
     ok, _ = downloader((unit, str(work_copy)))
     if not ok:
         raise RuntimeError(f"img2dataset failed on unit {unit_name(unit)} (see the worker log)")
     stats = json.loads((raw_dir / f"{unit_name(unit)}_stats.json").read_text())
-    write_json_atomic(marker_path(raw_dir, unit), {"unit": unit, "source": "img2dataset", **stats})
+    write_json_atomic(marker, {"unit": unit, "source": "img2dataset", **stats})
     return stats
 
 
-def ingest_webdataset_unit(unit: int, tar_path: Path, raw_dir: Path, normalizer: ImageNormalizer) -> dict[str, Any]:
+def ingest_webdataset_unit(unit: int, tar_path: Path, raw_dir: Path, marker: Path,
+                           normalizer: ImageNormalizer) -> dict[str, Any]:
     """Normalise the images of an existing webdataset shard into the raw form img2dataset writes."""
     from img2dataset.writer import WebDatasetSampleWriter
 
@@ -132,7 +127,7 @@ def ingest_webdataset_unit(unit: int, tar_path: Path, raw_dir: Path, normalizer:
     finally:
         writer.close()
     stats = {**counts, "failed_to_download": 0, "duration": time.time() - start}
-    write_json_atomic(marker_path(raw_dir, unit), {"unit": unit, "source": "webdataset", **stats})
+    write_json_atomic(marker, {"unit": unit, "source": "webdataset", **stats})
     return stats
 
 
@@ -198,7 +193,8 @@ def _strip_tag(message: str | None) -> str:
     return _TAGGED.sub("", message or "")
 
 
-def read_raw_unit(unit: int, unit_file: Path | None, raw_dir: Path, screened_file: Path | None) -> list[dict[str, Any]]:
+def read_raw_unit(unit: int, unit_file: Path | None, raw_dir: Path, marker: Path,
+                  screened_file: Path | None) -> list[dict[str, Any]]:
     """Every row of one unit as a pipeline row: samples with image bytes, rejects with reasons.
 
     Rows img2dataset never reported (a crash inside its per-sample loop) become `ingest/lost`
@@ -209,18 +205,18 @@ def read_raw_unit(unit: int, unit_file: Path | None, raw_dir: Path, screened_fil
     if screened_file is not None and screened_file.exists():
         for reject in pq.read_table(screened_file).to_pylist():
             rows.append(reject_row(unit, Reject(**reject)))
-    marker = json.loads(marker_path(raw_dir, unit).read_text())
+    state = json.loads(marker.read_text())
     expected: dict[str, str | None] = {}
     if unit_file is not None:
         with pa.memory_map(str(unit_file)) as source:
             table = pa.ipc.open_file(source).read_all().select(["df_key", "url"])
         expected = dict(zip(table.column("df_key").to_pylist(), table.column("url").to_pylist()))
-    if marker.get("failed"):
+    if state.get("failed"):
         for key, url in expected.items():
-            rows.append(reject_row(unit, Reject(key=key, stage="ingest", reason="ingest_failed", detail=marker["failed"], url=url)))
+            rows.append(reject_row(unit, Reject(key=key, stage="ingest", reason="ingest_failed", detail=state["failed"], url=url)))
         if unit_file is None:  # an input shard we could not read: its rows are unknown, the shard is one row
             rows.append(reject_row(unit, Reject(key=make_key(unit, 0), stage="ingest", reason="unreadable_shard",
-                                                detail=marker["failed"], url=marker.get("source_path"))))
+                                                detail=state["failed"], url=state.get("source_path"))))
         return rows
     images = _read_tar_images(raw_dir / f"{name}.tar")
     seen: set[str] = set()
@@ -241,7 +237,7 @@ def read_raw_unit(unit: int, unit_file: Path | None, raw_dir: Path, screened_fil
             key=key, url=meta["url"], alt_text=meta["caption"], width=meta["width"], height=meta["height"],
             original_width=meta["original_width"], original_height=meta["original_height"],
             sha256=hashlib.sha256(image).hexdigest(), source=json.loads(meta["df_source"] or "{}"),
-            provenance={"denseforge": __version__, "ingest": {"source": marker["source"]}},
+            provenance={"denseforge": __version__, "ingest": {"source": state["source"]}},
         )
         rows.append(sample_row(unit, sample, image))
     for key in expected.keys() - seen:

@@ -1,49 +1,167 @@
-"""perceive: run an expert over samples with failure isolation, and merge detectors by IoU voting.
+"""perceive: every configured expert as a stage, then the merge of their outputs.
 
-`run_isolated` calls an expert on a batch; a CUDA out-of-memory error splits the batch and
-retries the halves, any other error falls back to one image at a time, so one bad image or one
-expert failure costs that image's observation only (recorded as an error), never the batch.
+`ExpertStage` wraps one expert instance (any plugin): it hands the expert the stored images and
+what upstream experts saw, validates what comes back (known kinds against their schema, boxes
+clipped to the image) and stages it under `kind@instance`. `MergeStage` merges the staged
+outputs per kind, detectors by IoU voting (GranD). Experts form a small DAG of their own:
+`plan_experts` orders them so every producer of a kind runs before its consumers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from denseforge.experts.base import ExpertInput, clip_box
-from denseforge.stages.sample import ObjectObservation, OcrObservation, TagObservation
+from denseforge.errors import ConfigError
+from denseforge.experts.base import Expert, ExpertInput, clip_box
+from denseforge.experts.registry import load_expert_class
+from denseforge.stages.sample import KNOWN_KINDS
+from denseforge.stages.settings import Settings
+from denseforge.stages.stage import Item, Resources, Stage, Verdict, configure
 
-KNOWN_KINDS = {"objects": ObjectObservation, "ocr": OcrObservation, "tags": TagObservation}
-
-Outcome = tuple[list[dict[str, Any]] | None, str | None]
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or ("out of memory" in str(exc).lower() and "cuda" in str(exc).lower())
+STAGED = "@"  # staged outputs live under "kind@instance" until the merge stage
 
 
-def run_isolated(call: Callable[[list[ExpertInput]], list[list[dict[str, Any]]]], batch: list[ExpertInput],
-                 on_oom: Callable[[], None] | None = None) -> list[Outcome]:
-    """(observations, None) or (None, error message) per image."""
-    if not batch:
-        return []
-    try:
-        result = call(batch)
-        if not isinstance(result, list) or len(result) != len(batch):
-            raise TypeError(f"returned {type(result).__name__} of length "
-                            f"{len(result) if isinstance(result, list) else '?'} for {len(batch)} images")
-        return [(obs, None) for obs in result]
-    except Exception as exc:  # noqa: BLE001 - isolation is the point
-        if len(batch) == 1:
-            return [(None, f"{type(exc).__name__}: {exc}"[:500])]
-        if is_out_of_memory(exc) and on_oom is not None:
-            on_oom()
-        half = len(batch) // 2
-        return run_isolated(call, batch[:half], on_oom) + run_isolated(call, batch[half:], on_oom)
+class ExpertSpec(Settings):
+    """One expert instance: a plugin, its options (checked against the plugin's own model), resources."""
+
+    plugin: str
+    name: str | None = Field(None, description="instance name; defaults to the plugin name")
+    options: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
+    score_threshold: float = Field(0.0, ge=0, le=1, description="boxes below it are ignored when detectors merge")
+    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of images it may fail on; null: no limit")
+
+    @property
+    def instance(self) -> str:
+        return self.name or self.plugin
+
+
+class PerceiveConfig(Settings):
+    enabled: bool = False
+    experts: list[ExpertSpec] = Field(default_factory=list)
+    on_error: Literal["keep", "reject"] = Field(
+        "keep", description="an expert failing on an image: keep the sample (error recorded) or reject it")
+    merge_iou: float = Field(0.65, gt=0, le=1, description="IoU at which boxes of several detectors agree")
+    merge_min_votes: int = Field(1, ge=1, description="detectors that must agree on a box (GranD: 2)")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "PerceiveConfig":
+        names = [e.instance for e in self.experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"perceive.experts: instance names must be unique, repeated: {', '.join(dupes)}")
+        if self.enabled and not self.experts:
+            raise ValueError("perceive.enabled needs at least one entry in perceive.experts")
+        return self
+
+
+def build_expert(spec: ExpertSpec, where: str) -> tuple[Expert, Resources]:
+    """Instantiate a configured expert (no model loaded); config errors name the key path."""
+    cls = load_expert_class(spec.plugin)
+    options, resources = configure(cls, spec.options, spec.resources, where)
+    return cls(options), resources
+
+
+def plan_experts(cfg: PerceiveConfig) -> list[tuple[ExpertSpec, Expert, Resources]]:
+    """Validate every expert and order them so all producers of a kind run before its consumers."""
+    built = [(spec, *build_expert(spec, f"perceive.experts[{i}]")) for i, spec in enumerate(cfg.experts)]
+    producers: dict[str, set[str]] = {}
+    for spec, expert, _ in built:
+        producers.setdefault(expert.kind, set()).add(spec.instance)
+    for spec, expert, _ in built:
+        missing = [k for k in expert.consumes if k not in producers]
+        if missing:
+            raise ConfigError(f"perceive.experts: {spec.instance} consumes {', '.join(missing)}, "
+                              "which no configured expert produces")
+    ordered: list[tuple[ExpertSpec, Expert, Resources]] = []
+    done: set[str] = set()
+    pending = list(built)
+    while pending:
+        ready = [b for b in pending if all(producers[k] - {b[0].instance} <= done for k in b[1].consumes)]
+        if not ready:
+            raise ConfigError("perceive.experts: circular consumes between " + ", ".join(b[0].instance for b in pending))
+        for b in ready:
+            ordered.append(b)
+            done.add(b[0].instance)
+            pending.remove(b)
+    return ordered
+
+
+def observations_by_kind(experts: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """What upstream experts saw so far, staged outputs folded into their kind."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, found in experts.items():
+        out.setdefault(key.split(STAGED, 1)[0], []).extend(found)
+    return out
+
+
+class ExpertStage(Stage):
+    """One expert instance as a stage: its model loads in `setup()`, once per worker."""
+
+    error_reason = "expert_error"
+
+    def __init__(self, expert: Expert, instance: str):
+        super().__init__()
+        self.expert, self.instance = expert, instance
+        self.staged = f"{expert.kind}{STAGED}{instance}"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.instance
+
+    def setup(self) -> None:
+        self.expert.setup()
+        self.expert_provenance = self.expert.provenance()
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        inputs = [ExpertInput(item.key, item.image, observations_by_kind(item.sample.experts)) for item in batch]
+        found = self.expert(inputs)
+        if not isinstance(found, list) or len(found) != len(batch):
+            raise TypeError(f"expert {self.instance} returned {type(found).__name__} of length "
+                            f"{len(found) if isinstance(found, list) else '?'} for {len(batch)} images")
+        verdicts: list[Verdict] = []
+        for item, observations in zip(batch, found):
+            try:
+                clean = sanitize(observations, self.expert.kind, *item.image.size)
+            except (TypeError, ValueError) as exc:
+                verdicts.append(TypeError(f"invalid output: {exc}"))
+                continue
+            item.sample.experts[self.staged] = clean
+            item.sample.provenance.setdefault("experts", {})[self.instance] = self.expert_provenance
+            verdicts.append(None)
+        return verdicts
+
+
+class MergeStage(Stage):
+    """Merge staged outputs per kind: detectors by IoU voting, the rest concatenated (tagged with
+    their source when several experts share a kind); per-expert score thresholds apply."""
+
+    name = "merge"
+    Options = PerceiveConfig
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        thresholds = {e.instance: e.score_threshold for e in self.options.experts}
+        for item in batch:
+            by_kind: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            for key, found in item.sample.experts.items():
+                kind, _, instance = key.partition(STAGED)
+                by_kind.setdefault(kind, {})[instance or kind] = found
+            merged: dict[str, list[dict[str, Any]]] = {}
+            for kind, per_instance in by_kind.items():
+                if kind == "objects" and len(per_instance) > 1:
+                    merged[kind] = merge_detections(per_instance, self.options.merge_iou, self.options.merge_min_votes,
+                                                    thresholds)
+                else:
+                    merged[kind] = [{**obs, "source": name} if len(per_instance) > 1 else obs
+                                    for name, found in sorted(per_instance.items()) for obs in found
+                                    if obs.get("score", 1.0) >= thresholds.get(name, 0.0)]
+            item.sample.experts = merged
+        return [None] * len(batch)
 
 
 def sanitize(observations: Any, kind: str, width: int, height: int) -> list[dict[str, Any]]:

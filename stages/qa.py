@@ -8,26 +8,36 @@ image-text score (long captions in chunks), and the captioner's own truncation f
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 
+from pydantic import Field
+
+from denseforge.stages.embed import ClipModel, load_clip, pick_device
 from denseforge.stages.ground import plural
 from denseforge.stages.sample import QualityReport, Sample
+from denseforge.stages.settings import Settings
+from denseforge.stages.stage import Item, Rejection, Resources, Stage, Verdict
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 
 
-@dataclass(frozen=True)
-class QaSettings:
-    min_words: int = 5
-    max_words: int = 400
-    max_repetition: float = 0.3
-    max_hallucination: float = 0.5
-    min_ocr_fidelity: float = 0.5
-    ocr_min_score: float = 0.8
-    vocabulary: str = "builtin:objects"
-    min_clip_score: float | None = None
+class QaConfig(Settings):
+    """The quality gate; a failing sample becomes a reject row with its first reason."""
+
+    enabled: bool = True
+    min_words: int = Field(5, ge=0)
+    max_words: int = Field(400, ge=1)
+    max_repetition: float = Field(0.3, ge=0, le=1)
+    max_hallucination: float = Field(0.5, ge=0, le=1)
+    min_ocr_fidelity: float = Field(0.5, ge=0, le=1)
+    ocr_min_score: float = Field(0.8, ge=0, le=1)
+    vocabulary: str = Field("builtin:objects", description="nouns the hallucination check looks for")
+    clip: ClipModel | None = Field(None, description="open_clip model for the image-text score; null: no score")
+    min_clip_score: float | None = Field(None, ge=-1, le=1, description="reject below this CLIP cosine")
+    clip_num_gpus: float = Field(0.0, ge=0)
+    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of samples qa may fail on; null: no limit")
 
 
 @lru_cache(maxsize=8)
@@ -52,7 +62,7 @@ def mentioned_nouns(caption: str, forms: dict[str, str]) -> set[str]:
     return {singular for form, singular in forms.items() if f" {form} " in lowered}
 
 
-def assess(sample: Sample, settings: QaSettings, truncated: bool = False, clip_score: float | None = None) -> QualityReport:
+def assess(sample: Sample, settings: QaConfig, truncated: bool = False, clip_score: float | None = None) -> QualityReport:
     """Scores and failure reasons for one captioned sample."""
     caption = sample.caption or ""
     words = [w.lower() for w in _WORD.findall(caption)]
@@ -97,19 +107,46 @@ def assess(sample: Sample, settings: QaSettings, truncated: bool = False, clip_s
     return QualityReport(passed=not reasons, scores=scores, reasons=reasons)
 
 
-class ClipTextScorer:
-    """CLIP image-text agreement for long captions: sentences are packed into chunks that fit the
-    text tower's context, and the score is the mean cosine between the image and each chunk."""
+class QaStage(Stage):
+    """Scores every captioned sample (with the CLIP score and truncation flag earlier stages left
+    in its provenance) and rejects those that fail, with their first reason."""
 
-    def __init__(self, settings):
+    name = "qa"
+    Options = QaConfig
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        verdicts: list[Verdict] = []
+        for item in batch:
+            sample = item.sample
+            clip = sample.provenance.get("qa", {}).get("clip", {}).get("score")
+            truncated = sample.provenance.get("captioner", {}).get("truncated", False)
+            sample.qa = assess(sample, self.options, truncated=truncated, clip_score=clip)
+            verdicts.append(None if sample.qa.passed else Rejection(
+                sample.qa.reasons[0], json.dumps({"reasons": sample.qa.reasons, "scores": sample.qa.scores})))
+        return verdicts
+
+
+class ClipScoreStage(Stage):
+    """CLIP image-text agreement for long captions: sentences are packed into chunks that fit the
+    text tower's context, and the score is the mean cosine between the image and each chunk. The
+    score waits in the sample's provenance for the qa stage."""
+
+    name = "clip-score"
+    Options = ClipModel
+    default_resources = Resources(num_cpus=0.25, batch_size=16, concurrency=1)
+
+    def setup(self) -> None:
         import open_clip
 
-        from denseforge.stages.embed import load_clip, pick_device
-
-        self.device = pick_device(settings.device)
-        self.model, self.preprocess, self.provenance = load_clip(settings, self.device)
-        self.tokenizer = open_clip.get_tokenizer(settings.model)
+        self.device = pick_device(self.options.device)
+        self.model, self.preprocess, self.provenance = load_clip(self.options, self.device)
+        self.tokenizer = open_clip.get_tokenizer(self.options.model)
         self.context = getattr(self.tokenizer, "context_length", 77)
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        for item, score in zip(batch, self.scores([item.image for item in batch], [item.sample.caption or "" for item in batch])):
+            item.sample.provenance.setdefault("qa", {})["clip"] = {"score": score, **self.provenance}
+        return [None] * len(batch)
 
     def chunks(self, caption: str) -> list[str]:
         """Sentences packed greedily into pieces of at most context - 2 tokens (long ones cut)."""
@@ -129,17 +166,15 @@ class ClipTextScorer:
     def _tokens(self, text: str) -> int:
         return int((self.tokenizer([text])[0] != 0).sum())
 
-    def __call__(self, images: list[bytes], captions: list[str]) -> list[float]:
-        import io
-
+    def scores(self, images, captions: list[str]) -> list[float]:
+        """Mean chunk cosine per (PIL image, caption)."""
         import torch
-        from PIL import Image
 
         scores = []
         with torch.inference_mode():
             for image, caption in zip(images, captions):
                 pieces = self.chunks(caption) or [""]
-                pixels = self.preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None].to(self.device)
+                pixels = self.preprocess(image)[None].to(self.device)
                 img = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
                 txt = torch.nn.functional.normalize(
                     self.model.encode_text(self.tokenizer(pieces).to(self.device)).float(), dim=-1)

@@ -7,7 +7,7 @@ Boxes are absolute pixel `[x0, y0, x1, y1]` in the stored image. Fields filled b
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,6 +47,9 @@ class OcrObservation(_Record):
 class TagObservation(_Record):
     label: str
     score: float
+
+
+KNOWN_KINDS = {"objects": ObjectObservation, "ocr": OcrObservation, "tags": TagObservation}
 
 
 class Grounding(_Record):
@@ -91,14 +94,11 @@ class Sample(_Record):
     provenance: dict[str, Any] = Field(default_factory=dict)
 
 
-Stage = Literal["input", "ingest", "embed", "dedup", "perceive", "fuse", "ground", "qa", "write"]
-
-
 class Reject(_Record):
     """An input row that will not be written, with the stage and reason why."""
 
     key: str
-    stage: Stage
+    stage: str = Field(description="the phase or stage instance that rejected it (input, ingest, embed, an expert, ...)")
     reason: str
     detail: str = ""
     url: str | None = None

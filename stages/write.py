@@ -11,6 +11,7 @@ import json
 import os
 import tarfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,14 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
-def done_marker(shards_dir: Path, unit: int) -> Path:
-    return shards_dir / "_done" / f"{unit:07d}.json"
+@dataclass(frozen=True)
+class UnitFiles:
+    """Where one unit's output goes (the run directory decides)."""
+
+    shard: Path
+    manifest: Path
+    rejects: Path
+    marker: Path
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -39,52 +46,42 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_unit(unit: int, rows: list[dict[str, Any]], shards_dir: Path) -> dict[str, Any]:
-    """Write all rows of one unit; returns the unit's counts (also saved as its marker).
+def write_unit(unit: int, files: UnitFiles, samples: list[tuple[Sample, bytes]], rejects: list[Reject],
+               removed: list[dict[str, Any]], stages: dict[str, Any]) -> dict[str, Any]:
+    """Write one unit's samples (a shard + manifest part) and rejects (a part); returns the unit's
+    counts, saved last as its completion marker with the per-stage counts.
 
-    Rows removed by dedup/select are only counted here: `dedup/decisions.parquet` lists them.
+    Removed rows (duplicates, not selected) are only counted here: `dedup/decisions.parquet`
+    lists them.
     """
-    shard_name = f"{unit:07d}.tar"
-    parts_dir = shards_dir / "_parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    (shards_dir / "_done").mkdir(exist_ok=True)
-    rows = sorted(rows, key=lambda r: r["key"])
+    for folder in {files.shard.parent, files.manifest.parent, files.rejects.parent, files.marker.parent}:
+        folder.mkdir(parents=True, exist_ok=True)
     manifest: list[dict[str, Any]] = []
-    rejects: list[dict[str, Any]] = []
-    reasons: Counter[str] = Counter()
-    removed: Counter[str] = Counter()
-    tmp_tar = shards_dir / f".{shard_name}.tmp"  # dot-prefixed: never matched by *.tar
+    tmp_tar = files.shard.with_name(f".{files.shard.name}.tmp")  # dot-prefixed: never matched by *.tar
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for row in rows:
-            if row.get("removed") is not None:
-                gone = json.loads(row["removed"])
-                removed[f"{gone['stage']}/{gone['reason']}"] += 1
-                continue
-            if row["reject"] is not None:
-                reject = Reject.model_validate_json(row["reject"])
-                rejects.append(reject.model_dump())
-                reasons[f"{reject.stage}/{reject.reason}"] += 1
-                continue
-            sample = Sample.model_validate_json(row["sample"])
+        for sample, image in sorted(samples, key=lambda pair: pair[0].key):
             stem = safe_member_key(sample.key)
-            _add_member(tar, f"{stem}.jpg", row["image"])
+            _add_member(tar, f"{stem}.jpg", image)
             if sample.caption is not None:
                 _add_member(tar, f"{stem}.txt", sample.caption.encode("utf-8"))
             _add_member(tar, f"{stem}.json", sample.model_dump_json().encode("utf-8"))
             manifest.append({
-                "key": sample.key, "shard": shard_name, "url": sample.url, "width": sample.width,
+                "key": sample.key, "shard": files.shard.name, "url": sample.url, "width": sample.width,
                 "height": sample.height, "sha256": sample.sha256, "cluster": sample.cluster,
                 "scores": json.dumps(sample.qa.scores if sample.qa else {}),
             })
     if manifest:
-        os.replace(tmp_tar, shards_dir / shard_name)
+        os.replace(tmp_tar, files.shard)
     else:
         tmp_tar.unlink()
-        (shards_dir / shard_name).unlink(missing_ok=True)
-    write_rejects(rejects, parts_dir / f"{unit:07d}.rejects.parquet")
-    write_parquet_atomic(parts_dir / f"{unit:07d}.manifest.parquet", manifest, MANIFEST_SCHEMA)
-    counts = {"unit": unit, "rows": len(rows), "written": len(manifest), "rejected": len(rejects),
-              "removed": sum(removed.values()), "reasons": dict(sorted(reasons.items())),
-              "removed_reasons": dict(sorted(removed.items()))}
-    write_json_atomic(done_marker(shards_dir, unit), counts)
+        files.shard.unlink(missing_ok=True)
+    rejects = sorted(rejects, key=lambda r: r.key)
+    write_rejects([r.model_dump() for r in rejects], files.rejects)
+    write_parquet_atomic(files.manifest, manifest, MANIFEST_SCHEMA)
+    counts = {"unit": unit, "rows": len(samples) + len(rejects) + len(removed), "written": len(manifest),
+              "rejected": len(rejects), "removed": len(removed),
+              "reasons": dict(sorted(Counter(f"{r.stage}/{r.reason}" for r in rejects).items())),
+              "removed_reasons": dict(sorted(Counter(f"{r['stage']}/{r['reason']}" for r in removed).items())),
+              "stages": stages}
+    write_json_atomic(files.marker, counts)
     return counts
