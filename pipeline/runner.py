@@ -243,17 +243,17 @@ def _finish_failed(rd: RunDir, config: Config, plan: Plan | None, timings: dict[
                    err: BaseException) -> None:
     """A failed run keeps the stats it has so far, and `status` says why it failed."""
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if isinstance(err, StageFailedError):
-        # units written while the stage was failing are redone by `resume` (once it is fixed)
-        for unit in range(plan.units if plan else 0):
-            marker = rd.write_marker(unit)
-            if marker.exists() and json.loads(marker.read_text()).get("stages", {}).get(err.stage, {}).get("failed"):
-                marker.unlink()
-    if plan is not None and rd.parts.exists():
+    if plan is not None:
         try:
             write_json_atomic(rd.stats, finalize_run(rd, config, plan.rows, timings, complete=False))
         except Exception as exc:  # noqa: BLE001 - the original error matters more
-            reason += f" (and stats.json could not be written: {exc})"
+            reason += f" (and stats.json could not be written: {type(exc).__name__}: {exc})"
+    if isinstance(err, StageFailedError) and plan is not None:
+        # units written while the stage was failing are redone by `resume` (once it is fixed)
+        for unit in range(plan.units):
+            marker = rd.write_marker(unit)
+            if marker.exists() and json.loads(marker.read_text()).get("stages", {}).get(err.stage, {}).get("failed"):
+                marker.unlink()
     rd.update_state(state="failed", reason=reason)
 
 
@@ -261,22 +261,23 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | Non
     """Run (or continue) the pipeline in `rd`; returns the final stats. Any failure leaves
     `status` = failed with the reason, and its traceback in the run's log."""
     timings: dict[str, float] = {}
-    plan: Plan | None = None
+    planned: list[Plan] = []  # filled once the input is planned, for a failure's partial stats
     rd.update_state(state="running", reason=None)
     try:
         with ExitStack() as stack:
-            plan = _execute(rd, config, runs, address, timings, stack)
+            _execute(rd, config, runs, address, timings, stack, planned)
+        plan = planned[0]
         stats = finalize_run(rd, config, plan.rows, timings)
     except KeyboardInterrupt:
         rd.update_state(state="interrupted", reason="interrupted; continue with `denseforge resume`")
         raise
     except DenseforgeError as err:
         _log(rd, err)
-        _finish_failed(rd, config, plan, timings, err)
+        _finish_failed(rd, config, planned[0] if planned else None, timings, err)
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
         _log(rd, exc)
-        _finish_failed(rd, config, plan, timings, exc)
+        _finish_failed(rd, config, planned[0] if planned else None, timings, exc)
         raise RunFailedError(f"{type(exc).__name__}: {str(exc)[:300]} (traceback in {rd.log_file})") from exc
     write_json_atomic(rd.stats, stats)
     rd.update_state(state="complete")
@@ -292,7 +293,7 @@ def _log(rd: RunDir, exc: BaseException) -> None:
 
 
 def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | None, timings: dict[str, float],
-             stack: ExitStack) -> Plan:
+             stack: ExitStack, planned: list[Plan]) -> None:
     import ray
 
     progress = Progress()
@@ -315,6 +316,7 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
     timings["setup_s"] = time.perf_counter() - start
     start = time.perf_counter()
     plan = plan_units(config, rd)
+    planned.append(plan)
     timings["plan_s"] = time.perf_counter() - start
     progress.note(f"plan: {plan.units} unit(s)" + (f", {plan.rows} input rows" if plan.rows is not None else ""))
     budget = ErrorBudget(embed + runs, config.run.error_rate_min_items)
@@ -335,7 +337,6 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
     run_process(config, rd, plan, runs, progress, budget)
     budget.check(final=True)
     timings["process_s"] = time.perf_counter() - start
-    return plan
 
 
 def run(config: Config, out: Path, address: str | None = None) -> dict[str, Any]:

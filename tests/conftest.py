@@ -55,3 +55,19 @@ def run_cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.
     if check and proc.returncode != 0:
         raise AssertionError(f"denseforge {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+PLUGIN = Path(__file__).resolve().parent / "plugins" / "denseforge-colors"
+
+
+@pytest.fixture(scope="session")
+def colors_plugin(tmp_path_factory):
+    """The example plugin package (an expert and a stage), pip-installed for the session."""
+    import shutil
+
+    source = tmp_path_factory.mktemp("plugin") / PLUGIN.name  # build outside the source tree
+    shutil.copytree(PLUGIN, source)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["install", "--no-deps", "--no-build-isolation", str(source)], check=True, timeout=300)
+    yield
+    subprocess.run(pip + ["uninstall", "-y", "denseforge-colors"], check=True, timeout=300)

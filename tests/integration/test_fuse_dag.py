@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -11,21 +10,17 @@ import pytest
 import webdataset as wds
 
 from ..conftest import run_cli
+from denseforge.pipeline.chat_stub import StubChatServer
+
 from ..unit.test_experts import render_text
-from ..unit.test_fuse_ground_qa import _Chat, _ChatServer
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def chat_url():
-    server = _ChatServer(("127.0.0.1", 0), _Chat)
-    server.requests_seen = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with StubChatServer() as url:
+        yield url
 
 
 def test_openai_captions_are_written_grounded_and_checked(tmp_path, photo_dir, chat_url):
@@ -34,6 +29,9 @@ def test_openai_captions_are_written_grounded_and_checked(tmp_path, photo_dir, c
     (folder / "coffee.jpg").write_bytes((photo_dir / "coffee.jpg").read_bytes())
     render_text([("STOP", (200, 60), 64)], size=(640, 240))[0].save(folder / "sign.png")
     (folder / "sign.txt").write_text("LONG caption please")  # the stub server answers with finish_reason=length
+    for name, marker in (("bad1", "NOCHOICES"), ("bad2", "NOTJSON"), ("bad3", "EMPTYBODY")):  # broken replies
+        (folder / f"{name}.jpg").write_bytes((photo_dir / "chelsea.jpg").read_bytes())
+        (folder / f"{name}.txt").write_text(marker)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"""
 ray: {{num_cpus: 2}}
@@ -48,13 +46,16 @@ fuse:
   backend: openai
   openai: {{base_url: "{chat_url}", model: tiny-vlm, max_retries: 1, timeout_s: 10}}
 qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0,
-      clip_model: df-tiny-clip, clip_weights: random, min_clip_score: -1.0}}
+      clip: {{model: df-tiny-clip, weights: random}}, min_clip_score: -1.0}}
 """)
     out = tmp_path / "run"
-    run_cli("run", str(cfg), "--out", str(out))
-    f = json.loads((out / "stats.json").read_text())["funnel"]
-    assert (f["input_rows"], f["written"], f["rejected"]) == (2, 1, 1)
-    assert f["rejected_by_reason"] == {"qa/truncated_caption": 1}
+    proc = run_cli("run", str(cfg), "--out", str(out))
+    stats = json.loads((out / "stats.json").read_text())
+    f = stats["funnel"]
+    assert (f["input_rows"], f["written"], f["rejected"]) == (5, 1, 4)
+    assert f["rejected_by_reason"] == {"qa/truncated_caption": 1, "fuse/captioner_error": 3}
+    assert stats["stages"]["fuse"]["items"] == 5 and stats["stages"]["fuse"]["failed_total"] == 3
+    assert "stage fuse: failed on 3 of 5 items" in proc.stderr
     [sample] = list(wds.WebDataset(str(out / "shards" / "0000000.tar"), shardshuffle=False))
     meta = json.loads(sample["json"])
     assert sample["txt"].decode() == meta["caption"] == "Two dogs and a car."
@@ -63,8 +64,10 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
     assert meta["qa"]["scores"]["hallucination"] == 1.0  # "dogs" and "car": no expert saw either
     assert -1.0 <= meta["qa"]["scores"]["clip"] <= 1.0
     assert "random weights" in meta["provenance"]["qa"]["clip"]["weights"]
-    [reject] = pq.read_table(out / "rejects.parquet").to_pylist()
-    assert reject["stage"] == "qa" and "truncated_caption" in reject["detail"]
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    [reject] = [r for r in rejects if r["stage"] == "qa"]
+    assert "truncated_caption" in reject["detail"]
+    assert all(r["detail"] for r in rejects if r["stage"] == "fuse")  # each broken reply says what was wrong
 
     # show: the written sample renders; the rejected one says why it is not there
     png = Path(run_cli("show", str(out), meta["key"]).stdout.strip())

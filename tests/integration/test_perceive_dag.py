@@ -16,24 +16,10 @@ from ..conftest import run_cli
 from ..unit.test_experts import render_text
 
 pytestmark = pytest.mark.slow
-PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "denseforge-colors"
-
-
-@pytest.fixture(scope="module")
-def colors_plugin(tmp_path_factory):
-    import shutil
-
-    source = tmp_path_factory.mktemp("plugin") / PLUGIN.name  # build outside the source tree
-    shutil.copytree(PLUGIN, source)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["install", "--no-deps", "--no-build-isolation", str(source)], check=True, timeout=300)
-    yield
-    subprocess.run(pip + ["uninstall", "-y", "denseforge-colors"], check=True, timeout=300)
-
-
 def test_the_plugin_is_discovered_and_passes_the_contract(colors_plugin):
     listing = run_cli("experts").stdout
     assert "colors" in listing and "denseforge-colors" in listing
+    assert "min-caption-words" in listing and "stage" in listing
     code = "from denseforge_colors import DominantColorExpert as E; from denseforge.experts import check_expert; " \
            "print(check_expert(E)[0])"
     assert "label" in subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -67,14 +53,24 @@ perceive:
 """)
     out = tmp_path / "run"
     proc = run_cli("run", str(cfg), "--out", str(out), "--dry-run")
-    assert "# experts, in order: colors, rapidocr, tagger, world" in proc.stdout
-    run_cli("run", str(cfg), "--out", str(out))
-    f = json.loads((out / "stats.json").read_text())["funnel"]
+    assert "# stages, in order: colors, rapidocr, tagger, world, merge" in proc.stdout
+    proc = run_cli("run", str(cfg), "--out", str(out))
+    stats = json.loads((out / "stats.json").read_text())
+    f = stats["funnel"]
     assert (f["input_rows"], f["written"], f["rejected"]) == (5, 5, 0)
+    # one image failed in one expert: the run passes, and the failure is counted everywhere
+    colors = stats["stages"]["colors"]
+    assert (colors["items"], colors["failed"], colors["failed_total"]) == (5, {"ValueError": 1}, 1)
+    assert "too small" in colors["first_error"] and stats["stages"]["world"]["failed_total"] == 0
+    assert "stage colors: failed on 1 of 5 items (ValueError 1)" in proc.stderr
+    assert "<td>colors</td><td>5</td><td>1</td>" in (out / "report.html").read_text()
+    status = run_cli("status", str(out)).stdout
+    assert "stage colors: 5 items, failed 1 (ValueError 1)" in status and ": complete" in status
     samples = {Path(json.loads(s["json"])["source"]["path"]).stem: json.loads(s["json"])
                for s in wds.WebDataset(str(out / "shards" / "0000000.tar"), shardshuffle=False)}
     for name, sample in samples.items():
-        assert set(sample["provenance"]["experts"]) == {"world", "colors", "rapidocr", "tagger"}
+        failed = {"colors"} if name == "tiny" else set()  # an expert that failed on an image says so in errors
+        assert set(sample["provenance"]["experts"]) == {"world", "colors", "rapidocr", "tagger"} - failed
         assert len(sample["experts"]["tags"]) == 3
         assert all(o["label"] in {t["label"] for t in sample["experts"]["tags"]} for o in sample["experts"]["objects"])
         if name != "tiny":
@@ -91,5 +87,81 @@ perceive:
     run_cli("run", str(cfg), "--out", str(out2), "--set", "perceive.on_error=reject",
             "--set", "perceive.experts=[{plugin: colors, options: {fail_below_px: 64}}]")
     rejects = pq.read_table(out2 / "rejects.parquet").to_pylist()
-    assert [(r["stage"], r["reason"]) for r in rejects] == [("perceive", "expert_error")]
+    assert [(r["stage"], r["reason"]) for r in rejects] == [("colors", "expert_error")]
     assert "too small" in rejects[0]["detail"]
+
+
+def _folder(tmp_path, photo_dir, names=("astronaut", "coffee", "chelsea")):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in names:
+        (folder / f"{name}.jpg").write_bytes((photo_dir / f"{name}.jpg").read_bytes())
+    return folder
+
+
+def test_a_dead_expert_fails_the_run_in_one_line(colors_plugin, tmp_path, photo_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+ray: {{num_cpus: 2}}
+input: {{kind: folder, path: {_folder(tmp_path, photo_dir)}}}
+embed: {{enabled: false}}
+dedup: {{enabled: false}}
+perceive: {{enabled: true, experts: [{{plugin: colors, options: {{fail_below_px: 100000}}}}]}}
+output: {{samples_per_shard: 2}}
+""")
+    out = tmp_path / "run"
+    proc = run_cli("run", str(cfg), "--out", str(out), check=False)
+    assert proc.returncode == 1, proc.stderr
+    [line] = [l for l in proc.stderr.splitlines() if l.startswith("denseforge: error:")]
+    assert line.startswith("denseforge: error: stage 'colors' failed on every item it was given (3); "
+                           "first error: ValueError: image ") and "Traceback" not in proc.stderr
+    status = run_cli("status", str(out)).stdout
+    assert ": failed" in status and "reason: stage 'colors' failed on every item" in status
+    stats = json.loads((out / "stats.json").read_text())  # a failed run still writes what it has
+    assert stats["complete"] is False and stats["stages"]["colors"]["failed"] == {"ValueError": 3}
+    assert not list((out / "shards" / "_done").glob("*.json"))  # units written while it failed are redone
+
+
+def test_a_failing_setup_stops_the_run_before_any_download(tmp_path, photo_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+ray: {{num_cpus: 2}}
+input: {{kind: folder, path: {_folder(tmp_path, photo_dir)}}}
+embed: {{enabled: false}}
+dedup: {{enabled: false}}
+perceive: {{enabled: true, experts: [{{plugin: yolo, options: {{model: {tmp_path}/missing.pt}}}}]}}
+""")
+    out = tmp_path / "run"
+    proc = run_cli("run", str(cfg), "--out", str(out), check=False)
+    assert proc.returncode == 2, proc.stderr
+    [line] = [l for l in proc.stderr.splitlines() if l.startswith("denseforge: error:")]
+    assert line.startswith("denseforge: error: setup of stage 'yolo' failed: ModelLoadError: yolo: cannot load")
+    assert "Traceback" not in proc.stderr and "RayTaskError" not in proc.stderr
+    assert not (out / "raw").exists() and not (out / "input").exists()  # nothing read, nothing downloaded
+    assert "Traceback" in (out / "logs" / "driver.log").read_text()
+    status = run_cli("status", str(out)).stdout
+    assert ": failed" in status and "setup of stage 'yolo' failed" in status
+
+
+def test_a_plugin_stage_joins_the_flow_through_its_entry_point(colors_plugin, tmp_path, photo_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+ray: {{num_cpus: 2}}
+input: {{kind: folder, path: {_folder(tmp_path, photo_dir)}}}
+embed: {{enabled: false}}
+dedup: {{enabled: false}}
+perceive: {{enabled: true, experts: [{{plugin: colors}}]}}
+fuse: {{enabled: true, backend: template}}
+qa: {{enabled: true, min_words: 1}}
+stages: [{{plugin: min-caption-words, name: gate, after: ground, options: {{min_words: 3}}}}]
+""")
+    out = tmp_path / "run"
+    assert "# stages, in order: colors, merge, fuse, ground, gate, qa" in \
+        run_cli("run", str(cfg), "--out", str(out), "--dry-run").stdout
+    run_cli("run", str(cfg), "--out", str(out))
+    stats = json.loads((out / "stats.json").read_text())
+    # the template caption of an image no expert described is "An image." (2 words): the gate rejects it
+    assert stats["funnel"]["rejected_by_reason"] == {"gate/caption_too_short": 3}
+    assert stats["stages"]["gate"]["rejected"] == {"caption_too_short": 3} and "qa" not in stats["stages"]
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert {(r["stage"], r["detail"]) for r in rejects} == {("gate", "2 < 3 words")}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from denseforge.pipeline.bench import descendants
+from denseforge.pipeline.bench.memory import descendants
 from denseforge.pipeline.demo import LoopbackImageServer
 
 from ..conftest import run_cli

@@ -114,7 +114,7 @@ def test_planted_duplicates_among_real_photos_are_removed_and_distinct_photos_ke
     stored = [normalizer.normalize(b).data for _, b, _ in entries]
     keys = [k for k, _, _ in entries]
     sha = [hashlib.sha256(s).hexdigest() for s in stored]
-    phash = np.array([perceptual_hash(s) for s in stored])
+    phash = np.array([perceptual_hash(Image.open(io.BytesIO(s)).convert("RGB")) for s in stored])
     sizes = np.array([Image.open(io.BytesIO(s)).size for s in stored])
     res = dd.dedup_cluster(keys, np.zeros((len(keys), 1), np.float32), sha, phash, np.zeros(len(keys)),
                            sizes[:, 0] * sizes[:, 1], epsilon=None, phash_max_distance=4, policy="first_key")

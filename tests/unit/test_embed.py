@@ -2,12 +2,15 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from denseforge.errors import ModelLoadError
 from denseforge.pipeline.demo import load_photo
-from denseforge.stages.embed import ClipImageEmbedder, EmbedSettings, embedding_table, embeddings_matrix
+from denseforge.stages.embed import EmbedConfig, EmbedStage, embedding_table, embeddings_matrix, perceptual_hash
+from denseforge.stages.sample import Sample
+from denseforge.stages.stage import Item
 
-TINY = EmbedSettings(model="df-tiny-clip", weights="random", batch_size=2, device="cpu")
+TINY = EmbedConfig(model="df-tiny-clip", weights="random", batch_size=2, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -20,21 +23,36 @@ def images():
     return out
 
 
+def _items(images):
+    return [Item(0, Sample(key=f"k{i}", width=1, height=1, sha256="0"), data) for i, data in enumerate(images)]
+
+
+def _embed(images):
+    stage = EmbedStage(TINY)
+    stage.setup()
+    items = _items(images)
+    assert stage.process(items) == [None] * len(items)
+    return stage, items
+
+
 def test_tiny_random_clip_embeds_normalised_and_says_random(images):
-    embedder = ClipImageEmbedder(TINY)
-    vectors = embedder(images)
+    stage, items = _embed(images)
+    vectors = np.stack([i.outputs["embedding"] for i in items])
     assert vectors.shape == (3, 64) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(embedder(images[:1]), vectors[:1], rtol=1e-5, atol=1e-6)  # batching-independent
-    assert "random weights" in embedder.provenance["weights"] and embedder.provenance["device"] == "cpu"
-    np.testing.assert_array_equal(ClipImageEmbedder(TINY)(images), vectors)  # seeded: every actor agrees
+    _, first = _embed(images[:1])
+    np.testing.assert_allclose(first[0].outputs["embedding"], vectors[0], rtol=1e-5, atol=1e-6)  # batching-independent
+    assert "random weights" in stage.provenance["weights"] and stage.provenance["device"] == "cpu"
+    _, again = _embed(images)
+    np.testing.assert_array_equal(np.stack([i.outputs["embedding"] for i in again]), vectors)  # seeded: every worker agrees
+    assert [i.outputs["phash"] for i in items] == [perceptual_hash(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
 
 
 def test_configured_weights_that_cannot_load_are_an_error_not_a_random_fallback(tmp_path):
     with pytest.raises(ModelLoadError, match="checkpoint"):
-        ClipImageEmbedder(EmbedSettings(model="df-tiny-clip", checkpoint=str(tmp_path / "missing.pt"), device="cpu"))
+        EmbedStage(EmbedConfig(model="df-tiny-clip", checkpoint=str(tmp_path / "missing.pt"), device="cpu")).setup()
     with pytest.raises(ModelLoadError, match="set embed.pretrained or embed.checkpoint"):
-        ClipImageEmbedder(EmbedSettings(model="df-tiny-clip", pretrained=None, device="cpu"))
+        EmbedStage(EmbedConfig(model="df-tiny-clip", pretrained=None, device="cpu")).setup()
 
 
 def test_embedding_table_round_trip():

@@ -10,7 +10,7 @@ from denseforge.experts.registry import describe_experts, load_expert_class
 from denseforge.experts.yolo import YoloExpert
 from denseforge.pipeline.config import parse_config
 from denseforge.pipeline.demo import load_photo
-from denseforge.pipeline.perceive_phase import plan_experts
+from denseforge.stages.perceive import plan_experts
 from denseforge.stages.perceive import iou
 
 TINY_TAGS = {"model": "df-tiny-clip", "weights": "random", "threshold": 0.0, "device": "cpu"}
@@ -131,7 +131,7 @@ def test_expert_config_errors_name_the_key():
         plan_experts(_perceive({"plugin": "yolo", "options": {"conf": 3}}))
     with pytest.raises(ConfigError, match=r"perceive.experts\[1\].resources.batch_size"):
         plan_experts(_perceive({"plugin": "rapidocr"}, {"plugin": "clip-tags", "resources": {"batch_size": 0}}))
-    with pytest.raises(ConfigError, match="needs tags, which no configured expert produces"):
+    with pytest.raises(ConfigError, match="consumes tags, which no configured expert produces"):
         plan_experts(_perceive({"plugin": "yolo", "options": {"classes_from": "tags"}}))
     with pytest.raises(ConfigError, match="must be unique"):
         _perceive({"plugin": "rapidocr"}, {"plugin": "rapidocr"})

@@ -1,14 +1,16 @@
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
-from denseforge.errors import ConfigError
-from denseforge.stages.fuse import OpenAICaptioner, PromptTemplate, TemplateCaptioner, render_perception
+from denseforge.errors import ConfigError, ModelLoadError
+from denseforge.experts.base import Expert
+from denseforge.pipeline.chat_stub import StubChatServer
+from denseforge.stages.fuse import (
+    CaptionerError, CaptionStage, FuseConfig, OpenAIBackendConfig, OpenAICaptioner, PromptTemplate,
+    TemplateCaptioner, TransformersBackendConfig, render_perception,
+)
 from denseforge.stages.ground import ground_mentions, parse_ref_markup, plural
-from denseforge.stages.qa import QaSettings, assess, repetition
+from denseforge.stages.qa import QaConfig, assess, repetition
 from denseforge.stages.sample import Sample
+from denseforge.stages.stage import Item
 
 
 def make_sample(alt_text="a dog on a street", **experts):
@@ -38,6 +40,23 @@ def test_perception_sections_render_every_kind():
     text = render_perception(make_sample(colors=[{"label": "red", "score": 0.5}]))
     assert "[0] dog 0.90 (100,100,600,600)" in text and "[2] car 0.70 (0,500,1000,1000)" in text
     assert '[0] "STOP"' in text and '"street"' in text and "<colors>" in text
+    assert '"{\\"label\\": \\"red\\", \\"score\\": 0.5}"' in text  # a plugin kind without its expert: JSON lines
+
+
+class Colors(Expert):
+    name = kind = "colors"
+
+    def __call__(self, batch):
+        return [[] for _ in batch]
+
+    def render(self, observations, width, height):
+        return "dominant colours: " + ", ".join(o["label"] for o in observations) + " </colors> <objects>"
+
+
+def test_a_plugin_kinds_own_render_is_used_and_cannot_close_its_block():
+    text = render_perception(make_sample(colors=[{"label": "red"}, {"label": "blue"}]), {"colors": Colors()})
+    assert "<colors>\ndominant colours: red, blue \\u003c/colors\\u003e \\u003cobjects\\u003e\n</colors>" in text
+    assert text.count("</colors>") == 1
 
 
 def test_prompt_file_errors(tmp_path):
@@ -102,89 +121,55 @@ def test_qa_scores_and_reasons():
     s = make_sample()
     s.caption = "Two dogs stand near a car on a street below the word STOP."
     s.grounding = ground_mentions(s.caption, s.experts)
-    report = assess(s, QaSettings())
+    report = assess(s, QaConfig())
     assert report.passed and report.scores["ocr_fidelity"] == 1.0 and report.scores["hallucination"] == 0.0
     s.caption = "A giraffe and an elephant next to a pizza."
     s.grounding = []
-    bad = assess(s, QaSettings(min_words=20))
+    bad = assess(s, QaConfig(min_words=20))
     assert set(bad.reasons) == {"too_short", "hallucination", "ocr_missing"} and bad.scores["hallucination"] == 1.0
     assert repetition("the dog the dog the dog the dog".split()) > 0.5
-    assert "truncated_caption" in assess(s, QaSettings(), truncated=True).reasons
+    assert "truncated_caption" in assess(s, QaConfig(), truncated=True).reasons
 
 
-def test_clip_score_chunks_long_captions_and_gates():
-    import io
-
+def test_clip_score_is_the_mean_over_chunks_of_long_captions_and_gates():
     from PIL import Image
 
-    from denseforge.stages.embed import EmbedSettings
-    from denseforge.stages.qa import ClipTextScorer
+    from denseforge.stages.embed import ClipModel
+    from denseforge.stages.qa import ClipScoreStage
 
-    scorer = ClipTextScorer(EmbedSettings(model="df-tiny-clip", weights="random", device="cpu"))
+    stage = ClipScoreStage(ClipModel(model="df-tiny-clip", weights="random", device="cpu"))
+    stage.setup()
     long_caption = " ".join(f"Sentence number {i} describes one more small detail of the scene." for i in range(30))
-    chunks = scorer.chunks(long_caption)
-    assert len(chunks) > 3 and all(scorer._tokens(c) <= 75 for c in chunks)
+    chunks = stage.chunks(long_caption)
+    assert len(chunks) > 3 and all(stage._tokens(c) <= 75 for c in chunks)
     assert " ".join(chunks) == long_caption
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(buf, format="JPEG")
-    [score] = scorer([buf.getvalue()], [long_caption])
-    assert -1.0 <= score <= 1.0
+    image = Image.new("RGB", (64, 64), "red")
+    [score] = stage.scores([image], [long_caption])
+    alone = stage.scores([image] * len(chunks), chunks)
+    assert score == pytest.approx(sum(alone) / len(alone), abs=2e-4)  # every chunk counts, not just the first
+    item = Item(0, make_sample(), b"")
+    item.sample.caption = long_caption
+    item._image = image
+    assert stage.process([item]) == [None] and item.sample.provenance["qa"]["clip"]["score"] == score
     s = make_sample()
     s.caption = "Two dogs and a car near a STOP sign on the street today."
-    report = assess(s, QaSettings(min_clip_score=score + 0.01), clip_score=score)
+    report = assess(s, QaConfig(min_clip_score=score + 0.01), clip_score=score)
     assert "low_clip_score" in report.reasons and report.scores["clip"] == score
-
-
-def _text_of(body):
-    return next(part["text"] for part in body["messages"][0]["content"] if part["type"] == "text")
-
-
-class _ChatServer(ThreadingHTTPServer):
-    daemon_threads = True
-    requests_seen: list
-
-
-class _Chat(BaseHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests_seen.append(body)
-        text = _text_of(body)
-        if "FLAKY" in text and sum("FLAKY" in _text_of(r) for r in self.server.requests_seen) == 1:
-            self.send_response(429)
-            self.send_header("Retry-After", "0")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        long = "LONG" in text
-        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"] + "-served",
-                 "choices": [{"index": 0, "finish_reason": "length" if long else "stop",
-                              "message": {"role": "assistant", "content": "Two dogs and a car."}}],
-                 "usage": {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16}}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 @pytest.fixture
 def chat_server():
-    server = _ChatServer(("127.0.0.1", 0), _Chat)
-    server.requests_seen = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    server = StubChatServer()
+    with server:
+        yield server
+
+
+def openai(url, **kwargs):
+    return OpenAIBackendConfig(base_url=url, model="tiny-vlm", **{"max_retries": 0, "timeout_s": 5, **kwargs})
 
 
 def test_openai_backend_retries_flags_truncation_and_records_provenance(chat_server):
-    url = f"http://127.0.0.1:{chat_server.server_address[1]}/v1"
-    captioner = OpenAICaptioner(PromptTemplate.load(None, 50), url, "tiny-vlm", max_retries=2, timeout_s=5, concurrency=4)
+    captioner = OpenAICaptioner(PromptTemplate.load(None, 50), openai(chat_server.url, max_retries=2, concurrency=4))
     samples = [make_sample("FLAKY"), make_sample("LONG"), make_sample("fine")]
     captions = captioner(samples, [b"\xff\xd8jpeg"] * 3)
     assert [c.text for c in captions] == ["Two dogs and a car."] * 3
@@ -196,14 +181,26 @@ def test_openai_backend_retries_flags_truncation_and_records_provenance(chat_ser
 
 
 def test_openai_backend_unreachable_is_a_per_image_error():
-    captioner = OpenAICaptioner(PromptTemplate.load(None, 50), "http://127.0.0.1:9/v1", "m", max_retries=0, timeout_s=2)
+    captioner = OpenAICaptioner(PromptTemplate.load(None, 50), openai("http://127.0.0.1:9/v1", timeout_s=2))
     [caption] = captioner([make_sample()], [b""])
     assert caption.text is None and "Connection" in caption.error
+    with pytest.raises(ModelLoadError, match="does not answer GET /models"):
+        captioner.check_server()
+
+
+def test_malformed_replies_are_per_image_failures_with_a_reason(chat_server):
+    stage = CaptionStage(FuseConfig(backend="openai", openai=openai(chat_server.url, concurrency=4)))
+    stage.setup()  # the stub answers GET /models
+    items = [Item(0, make_sample(alt), b"\xff\xd8jpeg") for alt in ("NOCHOICES", "NOTJSON", "EMPTYBODY", "fine")]
+    verdicts = stage.process(items)
+    assert all(isinstance(v, CaptionerError) for v in verdicts[:3]) and verdicts[3] is None
+    assert "TypeError" in str(verdicts[0]) or "choices" in str(verdicts[0])
+    assert items[3].sample.caption == "Two dogs and a car." and stage.error_reason == "captioner_error"
+    assert items[3].sample.provenance["captioner"]["truncated"] is False
 
 
 def test_openai_region_caption_sends_every_view(chat_server):
-    url = f"http://127.0.0.1:{chat_server.server_address[1]}/v1"
-    captioner = OpenAICaptioner(PromptTemplate.load(None, 50), url, "tiny-vlm", max_retries=0, timeout_s=5)
+    captioner = OpenAICaptioner(PromptTemplate.load(None, 50), openai(chat_server.url))
     text = captioner.caption_region("dog", [0, 0, 10, 10], 100, 100, [b"a", b"b", b"c"])
     assert text == "Two dogs and a car."
     content = chat_server.requests_seen[-1]["messages"][0]["content"]
@@ -226,8 +223,8 @@ def test_transformers_backend_loads_a_local_vlm_and_generates_in_batches(tiny_vl
 
     from denseforge.stages.fuse import TransformersCaptioner
 
-    captioner = TransformersCaptioner(PromptTemplate.load(None, 50), str(tiny_vlm), max_new_tokens=6, batch_size=2,
-                                      device="cpu")
+    cfg = TransformersBackendConfig(model=str(tiny_vlm), max_new_tokens=6, batch_size=2, device="cpu")
+    captioner = TransformersCaptioner(PromptTemplate.load(None, 50), cfg)
     images = []
     for colour, size in (("red", (120, 90)), ("blue", (64, 200)), ("green", (90, 90))):
         buf = io.BytesIO()
@@ -247,4 +244,5 @@ def test_transformers_backend_missing_model_is_a_clear_error(tmp_path):
     from denseforge.stages.fuse import TransformersCaptioner
 
     with pytest.raises(ModelLoadError, match="cannot be loaded"):
-        TransformersCaptioner(PromptTemplate.load(None, 50), str(tmp_path / "nothing-here"), device="cpu")
+        TransformersCaptioner(PromptTemplate.load(None, 50),
+                              TransformersBackendConfig(model=str(tmp_path / "nothing-here"), device="cpu"))

@@ -9,13 +9,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.image_normalize import ImageNormalizer
-from denseforge.stages.ingest import (
-    DownloadSettings, classify_failure, download_unit, ingest_webdataset_unit, read_raw_unit,
-)
+from denseforge.stages.ingest import IngestConfig, classify_failure, download_unit, ingest_webdataset_unit, read_raw_unit
 from denseforge.stages.read_input import InputRow, write_units
-from denseforge.stages.sample import Sample
-from denseforge.stages.write import done_marker, write_unit
+from denseforge.stages.sample import Reject, Sample
+from denseforge.stages.write import UnitFiles, write_unit
 
 from ..conftest import jpeg_bytes
 
@@ -29,10 +28,10 @@ def one_unit(tmp_path, photo_server):
     units = tmp_path / "input"
     plan = write_units(iter(rows), units, 100, allow_private=True)
     assert plan.units == 1
-    raw = tmp_path / "raw"
-    stats = download_unit(0, units / "0000000.arrow", raw, ImageNormalizer(image_size=256),
-                          DownloadSettings(threads=4, timeout_s=5, allow_private_addresses=True))
-    return tmp_path, stats, read_raw_unit(0, units / "0000000.arrow", raw, units / "0000000.screened.parquet")
+    rd = RunDir(tmp_path)
+    cfg = IngestConfig(image_size=256, threads=4, timeout_s=5, allow_private_addresses=True)
+    stats = download_unit(0, rd.unit_file(0), rd.raw, rd.ingest_marker(0), cfg, 100, allow_files=False)
+    return tmp_path, stats, read_raw_unit(0, rd.unit_file(0), rd.raw, rd.ingest_marker(0), rd.screened_file(0))
 
 
 def test_every_row_comes_back_once_with_a_reason(one_unit):
@@ -58,10 +57,17 @@ def test_the_input_unit_survives_for_resume(one_unit):
 
 def test_write_unit_makes_a_webdataset_shard_and_is_idempotent(one_unit):
     tmp_path, _, rows = one_unit
-    shards = tmp_path / "shards"
-    counts = write_unit(0, list(reversed(rows)), shards)
+    rd = RunDir(tmp_path)
+    shards = rd.shards
+    files = UnitFiles(rd.shard_file(0), rd.manifest_part(0), rd.rejects_part(0), rd.write_marker(0))
+
+    def write(rows):
+        return write_unit(0, files, [(Sample.model_validate_json(r["sample"]), r["image"]) for r in rows if r["sample"]],
+                          [Reject.model_validate_json(r["reject"]) for r in rows if r["reject"]], [], {})
+
+    counts = write(list(reversed(rows)))
     assert (counts["written"], counts["rejected"]) == (2, 5)
-    assert json.loads(done_marker(shards, 0).read_text())["reasons"]["ingest/http_404"] == 1
+    assert json.loads(rd.write_marker(0).read_text())["reasons"]["ingest/http_404"] == 1
     tar_bytes = (shards / "0000000.tar").read_bytes()
     with tarfile.open(shards / "0000000.tar") as tar:
         names = tar.getnames()
@@ -73,7 +79,7 @@ def test_write_unit_makes_a_webdataset_shard_and_is_idempotent(one_unit):
         meta = json.loads(s["json"])
         assert meta["key"] == s["__key__"] and meta["caption"] is None
         assert Image.open(io.BytesIO(s["jpg"])).size == (meta["width"], meta["height"])
-    write_unit(0, rows, shards)
+    write(rows)
     assert (shards / "0000000.tar").read_bytes() == tar_bytes  # same rows, same bytes
 
 
@@ -95,10 +101,10 @@ def test_webdataset_input_is_normalised_and_accounted(tmp_path, photo_dir):
         sink.write({"__key__": "b", "png": b"not really a png", "txt": "broken"})
         sink.write({"__key__": "c", "txt": "no image at all"})
         sink.write({"__key__": "d", "jpeg": jpeg_bytes(Image.new("RGB", (40, 30)))})
-    raw = tmp_path / "raw"
-    stats = ingest_webdataset_unit(3, src, raw, ImageNormalizer(image_size=64))
+    rd = RunDir(tmp_path)
+    stats = ingest_webdataset_unit(3, src, rd.raw, rd.ingest_marker(3), ImageNormalizer(image_size=64))
     assert (stats["count"], stats["successes"]) == (4, 2)
-    rows = read_raw_unit(3, None, raw, None)
+    rows = read_raw_unit(3, None, rd.raw, rd.ingest_marker(3), None)
     assert [r["key"] for r in rows] == [f"00000030000{i}" for i in range(4)]
     first = Sample.model_validate_json(rows[0]["sample"])
     assert first.alt_text == "a mug" and first.url == "http://example.com/a.jpg"
@@ -109,16 +115,14 @@ def test_webdataset_input_is_normalised_and_accounted(tmp_path, photo_dir):
 
 def test_a_failed_unit_still_accounts_for_its_rows(tmp_path):
     from denseforge.stages.files import write_json_atomic
-    from denseforge.stages.ingest import marker_path
     from denseforge.stages.read_input import write_units
 
-    units = tmp_path / "input"
-    write_units(iter([InputRow(f"http://example.com/{i}.jpg", None, {}) for i in range(3)]), units, 10, False)
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    write_json_atomic(marker_path(raw, 0), {"unit": 0, "failed": "worker died", "count": 0})
-    rows = read_raw_unit(0, units / "0000000.arrow", raw, units / "0000000.screened.parquet")
+    rd = RunDir(tmp_path)
+    write_units(iter([InputRow(f"http://example.com/{i}.jpg", None, {}) for i in range(3)]), rd.units, 10, False)
+    rd.raw.mkdir()
+    write_json_atomic(rd.ingest_marker(0), {"unit": 0, "failed": "worker died", "count": 0})
+    rows = read_raw_unit(0, rd.unit_file(0), rd.raw, rd.ingest_marker(0), rd.screened_file(0))
     assert [json.loads(r["reject"])["reason"] for r in rows] == ["ingest_failed"] * 3
-    write_json_atomic(marker_path(raw, 1), {"unit": 1, "failed": "not a tar", "count": 0, "source_path": "/x.tar"})
-    [row] = read_raw_unit(1, None, raw, None)
+    write_json_atomic(rd.ingest_marker(1), {"unit": 1, "failed": "not a tar", "count": 0, "source_path": "/x.tar"})
+    [row] = read_raw_unit(1, None, rd.raw, rd.ingest_marker(1), None)
     assert json.loads(row["reject"])["reason"] == "unreadable_shard" and json.loads(row["reject"])["url"] == "/x.tar"

@@ -1,47 +1,7 @@
 import pytest
 
-from denseforge.experts.base import ExpertInput, clip_box
-from denseforge.stages.perceive import iou, merge_detections, run_isolated, sanitize
-
-
-class OutOfMemoryError(RuntimeError):
-    """Named like torch.cuda.OutOfMemoryError."""
-
-
-def _inputs(n):
-    from PIL import Image
-
-    return [ExpertInput(f"k{i}", Image.new("RGB", (10, 10))) for i in range(n)]
-
-
-def test_one_failing_image_costs_only_that_image():
-    def expert(batch):
-        if any(item.key == "k2" for item in batch):
-            raise ValueError("cannot read k2")
-        return [[{"label": item.key}] for item in batch]
-
-    result = run_isolated(expert, _inputs(5))
-    assert [obs for obs, _ in result] == [[{"label": "k0"}], [{"label": "k1"}], None, [{"label": "k3"}], [{"label": "k4"}]]
-    assert result[2][1] == "ValueError: cannot read k2"
-
-
-def test_out_of_memory_splits_the_batch_and_shrinks_it():
-    sizes, shrinks = [], []
-
-    def expert(batch):
-        sizes.append(len(batch))
-        if len(batch) > 2:
-            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return [[] for _ in batch]
-
-    result = run_isolated(expert, _inputs(8), on_oom=lambda: shrinks.append(1))
-    assert all(error is None for _, error in result) and len(result) == 8
-    assert sizes == [8, 4, 2, 2, 4, 2, 2] and len(shrinks) == 3  # halves until it fits
-
-
-def test_wrong_number_of_results_is_an_error_per_image():
-    result = run_isolated(lambda batch: [[]] * (len(batch) + 1), _inputs(2))
-    assert all(obs is None and "of length 2 for 1 images" in err for obs, err in result)
+from denseforge.experts.base import clip_box
+from denseforge.stages.perceive import iou, merge_detections, sanitize
 
 
 def test_sanitize_clips_boxes_and_drops_invalid_ones():

@@ -1,8 +1,10 @@
-"""An example expert plugin, written the way a third party would: no denseforge code changed."""
+"""An example plugin package, written the way a third party would (no denseforge code changed):
+an expert (dominant colours) and a stage (a minimum caption length gate)."""
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from denseforge.experts import Expert, ExpertInput, Resources
+from denseforge.stages import Rejection, Stage
 
 NAMED = {"red": (200, 30, 30), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 210, 50),
          "white": (240, 240, 240), "black": (15, 15, 15), "gray": (128, 128, 128), "brown": (120, 80, 40)}
@@ -36,3 +38,23 @@ class DominantColorExpert(Expert):
 
     def render(self, observations, width, height) -> str:
         return "dominant colours: " + ", ".join(o["label"] for o in observations)
+
+
+class MinWordsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_words: int = Field(8, ge=1)
+
+
+class MinCaptionWords(Stage):
+    """A filter stage: captions shorter than `min_words` words become reject rows."""
+
+    name = "min-caption-words"
+    Options = MinWordsOptions
+
+    def process(self, batch):
+        verdicts = []
+        for item in batch:
+            words = len((item.sample.caption or "").split())
+            ok = words >= self.options.min_words
+            verdicts.append(None if ok else Rejection("caption_too_short", f"{words} < {self.options.min_words} words"))
+        return verdicts

@@ -1,0 +1,177 @@
+"""The one adapter, without Ray: rows in, rows out; isolation, policies, traces, the error budget."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from denseforge.errors import StageFailedError
+from denseforge.experts.base import Expert, Resources
+from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, StageWorker, call_isolated, count_traces, merge_counts
+from denseforge.pipeline.budget import ErrorBudget
+from denseforge.stages.perceive import ExpertStage, MergeStage, PerceiveConfig
+from denseforge.stages.sample import Reject, Sample
+from denseforge.stages.stage import Item, Rejection, Removal, Stage
+
+from ..conftest import jpeg_bytes
+
+
+def _rows(n: int, dead: int = 0) -> pa.Table:
+    image = jpeg_bytes(Image.new("RGB", (16, 12), "red"))
+    rows = []
+    for i in range(n):
+        sample = Sample(key=f"k{i}", url=f"http://x/{i}", width=16, height=12, sha256="0")
+        rows.append({"unit": 0, "unit_rows": n + dead, "key": sample.key, "image": image,
+                     "sample": sample.model_dump_json(), "reject": None, "removed": None, "trace": None, "outputs": None})
+    for i in range(dead):
+        reject = Reject(key=f"d{i}", stage="ingest", reason="http_404")
+        rows.append({"unit": 0, "unit_rows": n + dead, "key": reject.key, "image": None, "sample": None,
+                     "reject": reject.model_dump_json(), "removed": None, "trace": None, "outputs": None})
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+class Judge(Stage):
+    """Rejects k1, removes k2, fails on k3, tags the rest (and sees decoded images)."""
+
+    name = "judge"
+
+    def process(self, batch: list[Item]):
+        self.calls = getattr(self, "calls", []) + [len(batch)]
+        if any(item.key == "k3" for item in batch):
+            raise ValueError("cannot judge k3")
+        verdicts = []
+        for item in batch:
+            assert item.image.size == (16, 12)
+            if item.key == "k1":
+                verdicts.append(Rejection("ugly", "too red"))
+            elif item.key == "k2":
+                verdicts.append(Removal("duplicate", dup_of="k0", cluster=3))
+            else:
+                item.sample.caption = f"judged {item.key}"
+                item.outputs["vector"] = [1.0]
+                verdicts.append(None)
+        return verdicts
+
+
+def _run(stage: Stage, table: pa.Table, on_error: str = "reject", batch_size: int = 8) -> list[dict]:
+    run = StageRun(stage, stage.name, Resources(batch_size=batch_size, concurrency=None), on_error=on_error)
+    return StageWorker(run)(table).to_pylist()
+
+
+def test_verdicts_become_rows_and_dead_rows_pass_untouched():
+    rows = _run(Judge(), _rows(5, dead=1))
+    by_key = {r["key"]: r for r in rows}
+    assert json.loads(by_key["k0"]["sample"])["caption"] == "judged k0"
+    assert pickle.loads(by_key["k0"]["outputs"]) == {"vector": [1.0]}
+    reject = Reject.model_validate_json(by_key["k1"]["reject"])
+    assert (reject.stage, reject.reason, reject.detail, reject.url) == ("judge", "ugly", "too red", "http://x/1")
+    assert by_key["k1"]["sample"] is None and by_key["k1"]["image"] is None
+    assert json.loads(by_key["k2"]["removed"]) == {"key": "k2", "stage": "judge", "reason": "duplicate",
+                                                   "dup_of": "k0", "cluster": 3}
+    failed = Reject.model_validate_json(by_key["k3"]["reject"])
+    assert (failed.stage, failed.reason, failed.detail) == ("judge", "stage_error", "ValueError: cannot judge k3")
+    assert by_key["d0"]["trace"] is None and Reject.model_validate_json(by_key["d0"]["reject"]).reason == "http_404"
+    counts = count_traces([r["trace"] for r in rows])["judge"]
+    assert counts["items"] == 5 and counts["failed"] == {"ValueError": 1} and counts["rejected"] == {"ugly": 1}
+    assert counts["removed"] == 1 and counts["first_error"] == "ValueError: cannot judge k3" and counts["busy_s"] >= 0
+
+
+def test_keep_policy_records_the_error_on_the_unchanged_sample():
+    rows = {r["key"]: r for r in _run(Judge(), _rows(5), on_error="keep")}
+    kept = Sample.model_validate_json(rows["k3"]["sample"])
+    assert kept.errors == {"judge": "ValueError: cannot judge k3"} and kept.caption is None
+    assert rows["k3"]["reject"] is None
+
+
+def test_a_failing_batch_is_split_down_to_the_failing_item():
+    stage = Judge()
+    _run(stage, _rows(8), batch_size=8)
+    assert stage.calls == [8, 4, 2, 2, 1, 1, 4]  # halves without k3 run once, whole
+
+
+def test_call_isolated_shrinks_on_out_of_memory_and_flags_wrong_lengths():
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    items = [Item(0, Sample(key=f"k{i}", width=1, height=1, sha256="0"), b"") for i in range(8)]
+    sizes, shrinks = [], []
+
+    def process(batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [None] * len(batch)
+
+    assert call_isolated(process, items, lambda: shrinks.append(1)) == [None] * 8
+    assert sizes == [8, 4, 2, 2, 4, 2, 2] and len(shrinks) == 3
+    wrong = call_isolated(lambda batch: [None] * (len(batch) + 1), items[:2])
+    assert all(isinstance(v, TypeError) and "of length 2 for 1 items" in str(v) for v in wrong)
+
+
+class MinCaptionWords(Stage):
+    """The example from the README: a filter stage in one class, through the public protocol."""
+
+    name = "min-caption-words"
+
+    def process(self, batch):
+        return [None if len((item.sample.caption or "").split()) >= 2 else Rejection("caption_too_short")
+                for item in batch]
+
+
+def test_a_new_filter_stage_is_one_class():
+    table = pa.Table.from_pylist(_run(Judge(), _rows(5)), schema=ROW_SCHEMA)
+    rows = _run(MinCaptionWords(), table)
+    # k0 and k4 were captioned "judged kN" (2 words): kept; the judge's rejects/removals pass through
+    assert [r["key"] for r in rows if r["sample"]] == ["k0", "k4"]
+    assert set(json.loads(rows[0]["trace"])) == {"judge", "min-caption-words"}
+
+
+class Shouter(Expert):
+    name = "shouter"
+    kind = "shouts"
+
+    def __call__(self, batch):
+        if any(item.image.size[0] < 10 for item in batch):
+            raise ValueError("too small")
+        return [[{"text": "HEY"}] if item.key != "k1" else "not a list" for item in batch]
+
+
+def test_an_expert_runs_as_a_stage_and_its_output_is_validated_per_image():
+    rows = {r["key"]: r for r in _run(ExpertStage(Shouter(), "loud"), _rows(3), on_error="keep")}
+    sample = Sample.model_validate_json(rows["k0"]["sample"])
+    assert sample.experts == {"shouts@loud": [{"text": "HEY"}]}
+    assert sample.provenance["experts"]["loud"] == {"plugin": "shouter"}
+    bad = Sample.model_validate_json(rows["k1"]["sample"])
+    assert "invalid output" in bad.errors["loud"] and "shouts@loud" not in bad.experts
+    merged = {r["key"]: r for r in _run(MergeStage(PerceiveConfig()), pa.Table.from_pylist(list(rows.values()),
+                                                                                           schema=ROW_SCHEMA))}
+    assert Sample.model_validate_json(merged["k0"]["sample"]).experts == {"shouts": [{"text": "HEY"}]}
+
+
+def test_error_budget_fails_past_the_rate_and_on_a_dead_stage():
+    runs = [StageRun(Judge(), "judge", Resources(), max_error_rate=0.1),
+            StageRun(Judge(), "lenient", Resources(), max_error_rate=None)]
+    budget = ErrorBudget(runs, min_items=20)
+    part = {"judge": {"items": 10, "failed": {"ValueError": 2}, "rejected": {}, "removed": 0, "busy_s": 1.0,
+                      "first_error": "ValueError: boom"}}
+    budget.add(part)
+    budget.check()  # 10 items < min_items: not judged yet
+    budget.add(part)
+    with pytest.raises(StageFailedError, match=r"stage 'judge' failed on 4 of 20 items \(20%, max_error_rate 0.1\); "
+                                               r"first error: ValueError: boom") as err:
+        budget.check()
+    assert err.value.stage == "judge" and err.value.exit_code == 1
+    dead = ErrorBudget(runs, min_items=20)
+    dead.add({"lenient": {"items": 3, "failed": {"OSError": 3}, "rejected": {}, "removed": 0, "busy_s": 0.0,
+                          "first_error": "OSError: no model"}})
+    dead.check()  # no rate limit, too few items: only the final check catches a stage that never worked
+    with pytest.raises(StageFailedError, match="failed on every item it was given"):
+        dead.check(final=True)
+    total: dict = {}
+    merge_counts(total, part)
+    merge_counts(total, part)
+    assert total["judge"]["failed"] == {"ValueError": 4} and total["judge"]["busy_s"] == 2.0
