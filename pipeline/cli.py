@@ -13,10 +13,14 @@ from denseforge.errors import DenseforgeError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from denseforge.configs import shipped
     from denseforge.pipeline.config import dump_config, load_config
     from denseforge.pipeline.runner import run
 
-    config = load_config(args.config, args.set)
+    source = Path(args.config)
+    if not source.exists() and shipped(args.config) is not None:
+        source = shipped(args.config)  # `denseforge run demo`: a config that ships in the package
+    config = load_config(source, args.set)
     if args.dry_run:
         from denseforge.pipeline.rundir import RunDir
         from denseforge.pipeline.runner import preflight
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denseforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="start a run from a YAML config")
-    p.add_argument("config")
+    p.add_argument("config", help="a YAML file, or the name of a shipped config: demo, densefusion, laion")
     p.add_argument("--out", help="run directory (default runs/<run.name>-<time>)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

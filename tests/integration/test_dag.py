@@ -159,15 +159,15 @@ def test_resume_re_embeds_only_missing_units(table_run, tmp_path):
     src, _ = table_run
     out = tmp_path / "copy"
     shutil.copytree(src, out)
-    emb = sorted((out / "embeddings").glob("*.parquet"))
+    emb = sorted(p for p in (out / "embeddings").glob("*.parquet") if not p.name.endswith(".rejects.parquet"))
     assert len(emb) == 3
     before = {p.name: p.stat().st_mtime_ns for p in emb}
-    emb[1].unlink()
+    (out / "embeddings" / emb[1].name.replace(".parquet", ".done.json")).unlink()  # its marker: not embedded
     shutil.rmtree(out / "dedup")
     shutil.rmtree(out / "shards" / "_done")
     (out / "stats.json").unlink()
     run_cli("resume", str(out))
-    after = {p.name: p.stat().st_mtime_ns for p in sorted((out / "embeddings").glob("*.parquet"))}
+    after = {p.name: p.stat().st_mtime_ns for p in emb}
     assert after[emb[0].name] == before[emb[0].name] and after[emb[2].name] == before[emb[2].name]
     assert after[emb[1].name] != before[emb[1].name]
     same = [pq.read_table(d / "manifest.parquet").to_pylist() for d in (src, out)]

@@ -1,0 +1,50 @@
+"""One exception hierarchy for everything denseforge raises on purpose.
+
+Each message says what went wrong and what the user can do about it; the CLI prints it without a
+traceback and exits non-zero.
+"""
+
+
+class DenseforgeError(Exception):
+    """Base class of every error denseforge raises deliberately; the CLI exits with `exit_code`."""
+
+    exit_code = 2
+
+
+class ConfigError(DenseforgeError):
+    """The configuration is invalid; the message names the key path."""
+
+
+class InputError(DenseforgeError):
+    """The input (table, folder, shards) cannot be read as configured."""
+
+
+class RunDirError(DenseforgeError):
+    """The run directory is missing, foreign, or in a state that forbids the command."""
+
+
+class IngestError(DenseforgeError):
+    """Ingest could not complete a unit of work after its retries."""
+
+
+class ModelLoadError(DenseforgeError):
+    """A configured model cannot be loaded (wrong name, missing weights, offline hub)."""
+
+
+class SetupError(DenseforgeError):
+    """A stage or expert cannot start (its model does not load, its server does not answer, the
+    cluster cannot hold its workers); found before anything is downloaded."""
+
+
+class RunFailedError(DenseforgeError):
+    """The run started but cannot finish as asked; `status` shows it as failed with this reason."""
+
+    exit_code = 1
+
+
+class StageFailedError(RunFailedError):
+    """A stage failed on more items than its `max_error_rate` allows (or on all of them)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage

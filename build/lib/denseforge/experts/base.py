@@ -1,0 +1,79 @@
+"""The Expert contract: what a vision expert declares and how it is called.
+
+An expert is a class with a name, the kind of observation it emits (the key under
+`sample.experts`), its resources, and an `Options` pydantic model for its configuration.
+`setup()` loads the model once per actor; calling the expert on a batch returns one list of
+observation dicts per image. Experts that read other experts' output list those kinds in
+`consumes`; the pipeline runs them after their producers, image by image. `render` says how the
+observations of a plugin kind read in the captioner's prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from PIL import Image
+from pydantic import BaseModel
+
+from denseforge.stages.stage import NoOptions, Resources
+
+__all__ = ["Expert", "ExpertInput", "NoOptions", "Resources", "clip_box", "render_json"]
+
+
+@dataclass
+class ExpertInput:
+    """One image as an expert sees it: the stored RGB image and what upstream experts saw."""
+
+    key: str
+    image: Image.Image
+    observations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+class Expert(ABC):
+    """Base class of every expert; subclass it and register it under `denseforge.experts`."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    consumes: ClassVar[tuple[str, ...]] = ()  # kinds read from upstream experts; a property where options decide
+    default_resources: ClassVar[Resources] = Resources()
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel | dict[str, Any] | None = None):
+        self.options = options if isinstance(options, BaseModel) else self.Options.model_validate(options or {})
+
+    def setup(self) -> None:
+        """Load the model; called once per actor before the first batch."""
+
+    @abstractmethod
+    def __call__(self, batch: list[ExpertInput]) -> list[list[dict[str, Any]]]:
+        """One list of observations per input image, in order."""
+
+    def provenance(self) -> dict[str, Any]:
+        """What produced the observations (plugin, model, weights), for the sample's provenance."""
+        return {"plugin": self.name}
+
+    def render(self, observations: list[dict[str, Any]], width: int, height: int) -> str:
+        """How a plugin kind's observations read in the captioner's prompt (one JSON object per
+        line by default). Built-in kinds (objects, ocr, tags) have their own prompt sections."""
+        return render_json(observations)
+
+
+def render_json(observations: list[dict[str, Any]]) -> str:
+    """Observations as quoted JSON lines (at most 300 characters each): data, never instructions."""
+    return "\n".join(json.dumps(json.dumps(o, ensure_ascii=False, sort_keys=True), ensure_ascii=False)[:300]
+                     for o in observations)
+
+
+def clip_box(box: list[float], width: int, height: int) -> list[float] | None:
+    """A box clipped to the image, or None when it is not finite or collapses to nothing."""
+    if len(box) != 4 or not all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in box):
+        return None
+    x0, y0, x1, y1 = box
+    x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
+    y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
+    if x1 - x0 <= 0 or y1 - y0 <= 0:
+        return None
+    return [round(float(x0), 2), round(float(y0), 2), round(float(x1), 2), round(float(y1), 2)]

@@ -1,0 +1,1 @@
+"""The Ray DAG, configuration, run directory, CLI."""

@@ -1,0 +1,216 @@
+"""The one Ray adapter: runs any `Stage` over Ray Data blocks of pipeline rows.
+
+A block is one unit's rows. The adapter is the only code that reads and writes those rows: it
+skips rows already rejected or removed, parses each live sample once, calls the stage in batches
+of `resources.batch_size` (halved after a CUDA out-of-memory error), splits a failing batch down to
+the failing item, turns verdicts into reject/removed rows or a recorded error, and re-encodes.
+Every row carries a `trace`: per stage, its share of the busy seconds and how it ended (failed with
+an exception type, rejected with a reason, removed). The writer sums the traces per unit into the
+unit's completion marker, which is where stats, `status` and the error budget read them from.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from denseforge.stages.sample import Reject, Sample
+from denseforge.stages.stage import Item, Rejection, Removal, Resources, Stage, Verdict
+
+ROW_SCHEMA = pa.schema([("unit", pa.int64()), ("unit_rows", pa.int64()), ("key", pa.string()),
+                        ("image", pa.binary()), ("sample", pa.string()), ("reject", pa.string()),
+                        ("removed", pa.string()), ("trace", pa.string()), ("outputs", pa.binary())])
+
+
+@dataclass
+class StageRun:
+    """A stage as the pipeline runs it: its instance name (in stats, errors and reject rows), its
+    resources, what happens to an item it fails on, and the share of failures the run tolerates."""
+
+    stage: Stage
+    instance: str
+    resources: Resources
+    on_error: Literal["reject", "keep"] = "reject"
+    max_error_rate: float | None = 0.05
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or ("out of memory" in str(exc).lower() and "cuda" in str(exc).lower())
+
+
+def call_isolated(process: Callable[[list[Item]], Sequence[Verdict]], items: list[Item],
+                  on_oom: Callable[[], None] | None = None) -> list[Verdict]:
+    """One verdict per item; a failing call is split in halves until the failing items are alone
+    (their verdict is then the exception). A wrong number of verdicts counts as a failure."""
+    if not items:
+        return []
+    try:
+        verdicts = process(items)
+        if not isinstance(verdicts, list) or len(verdicts) != len(items):
+            raise TypeError(f"returned {type(verdicts).__name__} of length "
+                            f"{len(verdicts) if isinstance(verdicts, list) else '?'} for {len(items)} items")
+        return verdicts
+    except Exception as exc:  # noqa: BLE001 - isolation is the point
+        if len(items) == 1:
+            return [exc]
+        if is_out_of_memory(exc) and on_oom is not None:
+            on_oom()
+        half = len(items) // 2
+        return call_isolated(process, items[:half], on_oom) + call_isolated(process, items[half:], on_oom)
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+class StageWorker:
+    """Runs one stage: Ray Data builds one per actor (model stages) or per task (light stages)."""
+
+    def __init__(self, run: StageRun):
+        self.run = run
+        run.stage.setup()
+        self.batch_size = run.resources.batch_size
+
+    def _shrink(self) -> None:
+        self.batch_size = max(1, self.batch_size // 2)
+        try:
+            import torch
+
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - no torch / no CUDA: nothing to free
+            pass
+
+    def _verdicts(self, items: list[Item]) -> list[Verdict]:
+        out: list[Verdict] = []
+        start = 0
+        while start < len(items):
+            chunk = items[start:start + self.batch_size]
+            start += len(chunk)
+            out += call_isolated(self.run.stage.process, chunk, self._shrink)
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        run = self.run
+        began = time.perf_counter()
+        rows = batch.to_pylist()
+        live = [i for i, r in enumerate(rows) if r["sample"]]
+        items = [Item(rows[i]["unit"], Sample.model_validate_json(rows[i]["sample"]), rows[i]["image"]) for i in live]
+        verdicts = self._verdicts(items)
+        share = (time.perf_counter() - began) / len(live) if live else 0.0
+        for i, item, verdict in zip(live, items, verdicts):
+            row = rows[i]
+            entry: dict[str, Any] = {"s": round(share, 6)}
+            if isinstance(verdict, BaseException):
+                entry.update(f=type(verdict).__name__, m=describe(verdict))
+                if run.on_error == "keep":  # the record as it came in, plus why this stage has no output
+                    sample = Sample.model_validate_json(row["sample"])
+                    sample.errors[run.instance] = entry["m"]
+                    row["sample"] = sample.model_dump_json()
+                else:
+                    row["reject"] = Reject(key=item.key, stage=run.instance, reason=run.stage.error_reason,
+                                           detail=entry["m"], url=item.sample.url).model_dump_json()
+                    row["sample"], row["image"] = None, None
+            elif isinstance(verdict, Rejection):
+                entry["r"] = verdict.reason
+                row["reject"] = Reject(key=item.key, stage=verdict.stage or run.instance, reason=verdict.reason,
+                                       detail=verdict.detail,
+                                       url=item.sample.url).model_dump_json()
+                row["sample"], row["image"] = None, None
+            elif isinstance(verdict, Removal):
+                entry["d"] = verdict.reason
+                row["removed"] = json.dumps({"key": item.key, "stage": run.instance, "reason": verdict.reason,
+                                             "dup_of": verdict.dup_of, "cluster": verdict.cluster})
+                row["sample"], row["image"] = None, None
+            elif verdict is None:
+                row["sample"] = item.sample.model_dump_json()
+                if item.outputs:
+                    row["outputs"] = pickle.dumps(item.outputs)
+            else:
+                entry.update(f="TypeError", m=f"stage {run.instance} returned a {type(verdict).__name__} verdict")
+                row["reject"] = Reject(key=item.key, stage=run.instance, reason=run.stage.error_reason,
+                                       detail=entry["m"], url=item.sample.url).model_dump_json()
+                row["sample"], row["image"] = None, None
+            trace = json.loads(row["trace"]) if row.get("trace") else {}
+            trace[run.instance] = entry
+            row["trace"] = json.dumps(trace)
+        return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
+def run_stage_task(batch: pa.Table, run: StageRun) -> pa.Table:
+    """A light stage (no model to keep) as a Ray Data task: set up, run, done."""
+    return StageWorker(run)(batch)
+
+
+def add_stage(ds, run: StageRun):
+    """Append one stage to a Ray Data stream of pipeline rows (one block per unit)."""
+    import ray
+
+    r = run.resources
+    common = dict(batch_size=None, batch_format="pyarrow", num_cpus=r.num_cpus, num_gpus=r.num_gpus)
+    if r.concurrency is None:
+        return ds.map_batches(run_stage_task, fn_kwargs={"run": run}, **common)
+    return ds.map_batches(StageWorker, fn_constructor_args=(run,), compute=ray.data.ActorPoolStrategy(size=r.concurrency),
+                          **common)
+
+
+# -- counting --------------------------------------------------------------------------------
+
+
+def count_traces(traces: Sequence[str | None]) -> dict[str, dict[str, Any]]:
+    """Per stage: items it saw, failures by exception type, rejects by reason, removals, busy
+    seconds and the first error message (for the one-line failure)."""
+    out: dict[str, dict[str, Any]] = {}
+    for raw in traces:
+        for stage, entry in (json.loads(raw) if raw else {}).items():
+            c = out.setdefault(stage, new_counts())
+            c["items"] += 1
+            c["busy_s"] += entry.get("s", 0.0)
+            if "f" in entry:
+                c["failed"][entry["f"]] = c["failed"].get(entry["f"], 0) + 1
+                c["first_error"] = c["first_error"] or entry.get("m")
+            if "r" in entry:
+                c["rejected"][entry["r"]] = c["rejected"].get(entry["r"], 0) + 1
+            if "d" in entry:
+                c["removed"] += 1
+    for c in out.values():
+        c["busy_s"] = round(c["busy_s"], 4)
+    return out
+
+
+def new_counts() -> dict[str, Any]:
+    return {"items": 0, "failed": {}, "rejected": {}, "removed": 0, "busy_s": 0.0, "first_error": None}
+
+
+def merge_counts(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]]) -> None:
+    """Add one unit's per-stage counts into a running total (in place)."""
+    for stage, c in part.items():
+        t = total.setdefault(stage, new_counts())
+        t["items"] += c["items"]
+        t["removed"] += c["removed"]
+        t["busy_s"] = round(t["busy_s"] + c["busy_s"], 4)
+        t["first_error"] = t["first_error"] or c["first_error"]
+        for field in ("failed", "rejected"):
+            for k, n in c[field].items():
+                t[field][k] = t[field].get(k, 0) + n
+
+
+def failures(c: dict[str, Any]) -> int:
+    return sum(c["failed"].values())
+
+
+def setup_error(run: StageRun) -> str | None:
+    """Load a stage where it will run (a Ray task with its GPUs): None, or why it failed, with the
+    worker's traceback after a blank line."""
+    try:
+        run.stage.setup()
+    except Exception as exc:  # noqa: BLE001 - reported as one line by the driver
+        return describe(exc) + "\n\n" + traceback.format_exc()
+    return None

@@ -1,0 +1,28 @@
+"""`denseforge bench NAME`: benchmarks that print JSON, ratios against a baseline measured in the
+same run, plus peak memory. Never timed tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from denseforge.errors import DenseforgeError
+
+
+def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
+    if name == "fuse":
+        from denseforge.pipeline.bench.fuse import bench_fuse
+
+        return bench_fuse(**kwargs)
+    if name == "experts":
+        from denseforge.pipeline.bench.experts import bench_experts
+
+        return bench_experts(**kwargs)
+    if name == "ingest":
+        from denseforge.pipeline.bench.ingest import bench_ingest
+
+        return bench_ingest(**kwargs)
+    if name == "dedup":
+        from denseforge.pipeline.bench.dedup import bench_dedup
+
+        return bench_dedup(**kwargs)
+    raise DenseforgeError(f"unknown benchmark {name!r}")

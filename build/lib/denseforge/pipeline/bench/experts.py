@@ -1,0 +1,68 @@
+"""`denseforge bench experts`: each expert alone, then all of them in the real DAG."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from denseforge.pipeline.bench.corpus import build_bench_corpus
+from denseforge.pipeline.config import parse_config
+
+BENCH_EXPERTS = [
+    {"plugin": "clip-tags", "name": "tagger", "options": {"model": "df-tiny-clip", "weights": "random", "threshold": 0.0},
+     "resources": {"num_cpus": 0.5, "batch_size": 16}},
+    {"plugin": "yolo", "options": {"model": "yolov8n.pt", "weights": "random"}, "resources": {"num_cpus": 0.5}},
+    {"plugin": "rapidocr", "resources": {"num_cpus": 0.5}},
+]
+
+
+def bench_experts(images: int = 96, experts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Images/s of each expert alone (in-process, its own batch size), then all of them together
+    in the real DAG on the same images; parallel efficiency = sum of the experts' busy CPU time
+    alone / (DAG wall time x cores), i.e. how much of the machine the DAG kept busy with expert work."""
+    import os
+
+    from PIL import Image
+
+    from denseforge.experts.base import ExpertInput
+    from denseforge.pipeline.runner import execute, preflight
+    from denseforge.stages.perceive import plan_experts
+    from denseforge.pipeline.rundir import RunDir
+
+    experts = experts or BENCH_EXPERTS
+    cores = os.cpu_count() or 1
+    result: dict[str, Any] = {"benchmark": "experts", "images": images, "cores": cores, "experts": {}}
+    with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
+        root = Path(tmp)
+        names = build_bench_corpus(root / "images", images)
+        pictures = [Image.open(root / "images" / n).convert("RGB") for n in names]
+        config = parse_config({"input": {"kind": "folder", "path": str(root / "images")},
+                               "ray": {"num_cpus": cores}, "embed": {"enabled": False}, "dedup": {"enabled": False},
+                               "perceive": {"enabled": True, "experts": experts},
+                               "output": {"samples_per_shard": 8}})
+        busy_total = 0.0
+        for spec, expert, resources in plan_experts(config.perceive):
+            start = time.perf_counter()
+            expert.setup()
+            setup_s = time.perf_counter() - start
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for s in range(0, images, resources.batch_size):
+                expert([ExpertInput(str(i), p) for i, p in enumerate(pictures[s:s + resources.batch_size])])
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            busy_total += cpu
+            result["experts"][spec.instance] = {"images_per_s": round(images / wall, 2), "wall_s": round(wall, 2),
+                                                "busy_cpu_s": round(cpu, 2), "setup_s": round(setup_s, 2),
+                                                "batch_size": resources.batch_size}
+        rd = RunDir(root / "run")
+        rd.create(config)
+        stats = execute(rd, config, preflight(config, rd))
+        wall = stats["timings"]["process_s"]
+        result["dag"] = {"seconds": round(wall, 2), "images_per_s": round(images / wall, 2),
+                         "written": stats["funnel"]["written"],
+                         "note": "process phase wall time: actor start-up and model loading included"}
+        result["sum_busy_cpu_alone_s"] = round(busy_total, 2)
+        result["sequential_sum_of_walls_s"] = round(sum(e["wall_s"] for e in result["experts"].values()), 2)
+        result["parallel_efficiency"] = round(busy_total / (wall * cores), 3)
+    return result

@@ -1,0 +1,47 @@
+"""The error budget: per stage, the share of items it failed on, checked as units finish.
+
+Counts come from the units' completion markers (so a resumed run carries its history). A stage
+past its `max_error_rate` after `run.error_rate_min_items` items fails the run; a stage that
+failed on every item it was given fails it at the end whatever the counts (a dead expert on a
+20-image run must not pass).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from denseforge.errors import StageFailedError
+from denseforge.pipeline.adapter import StageRun, failures, merge_counts
+from denseforge.pipeline.rundir import RunDir
+
+
+class ErrorBudget:
+    def __init__(self, runs: list[StageRun], min_items: int):
+        self.limits = {r.instance: r.max_error_rate for r in runs}
+        self.min_items = min_items
+        self.totals: dict[str, dict[str, Any]] = {}
+
+    def load(self, rd: RunDir, units: int) -> None:
+        """Start from the counts of the units earlier invocations finished."""
+        for phase in ("embed", "write"):
+            for unit in range(units):
+                marker = rd.marker(phase, unit)
+                if marker.exists():
+                    self.add(json.loads(marker.read_text()).get("stages", {}))
+
+    def add(self, counts: dict[str, dict[str, Any]]) -> None:
+        merge_counts(self.totals, counts)
+
+    def check(self, final: bool = False) -> None:
+        """Raise StageFailedError for the first stage over its budget (or dead, when final)."""
+        for stage, c in self.totals.items():
+            failed, items = failures(c), c["items"]
+            if not failed:
+                continue
+            limit = self.limits.get(stage)
+            over = limit is not None and items >= self.min_items and failed / items > limit
+            if over or (final and failed == items):
+                why = (f"failed on {failed} of {items} items ({failed / items:.0%}, max_error_rate {limit})" if over
+                       else f"failed on every item it was given ({items})")
+                raise StageFailedError(stage, f"stage {stage!r} {why}; first error: {c['first_error']}")

@@ -1,0 +1,157 @@
+"""`denseforge` command line: run, resume, status, bench. Exit code 0 only on success."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from denseforge.errors import DenseforgeError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from denseforge.configs import shipped
+    from denseforge.pipeline.config import dump_config, load_config
+    from denseforge.pipeline.runner import run
+
+    source = Path(args.config)
+    if not source.exists() and shipped(args.config) is not None:
+        source = shipped(args.config)  # `denseforge run demo`: a config that ships in the package
+    config = load_config(source, args.set)
+    if args.dry_run:
+        from denseforge.pipeline.rundir import RunDir
+        from denseforge.pipeline.runner import preflight
+
+        runs = preflight(config, RunDir(Path(args.out or ".").resolve()))
+        if runs:
+            print(f"# stages, in order: {', '.join(r.instance for r in runs)}")
+        print(dump_config(config), end="")
+        return 0
+    out = Path(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run(config, out.resolve(), args.address)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.runner import resume
+
+    resume(Path(args.dir).resolve(), args.address)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.status import describe_run
+
+    print(describe_run(Path(args.dir)))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.show import show
+
+    print(show(Path(args.dir), args.key, Path(args.out) if args.out else None))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.export_run import export_run
+
+    root = Path(args.dir)
+    target = export_run(root, args.format, Path(args.out) if args.out else root / "export" / args.format)
+    print(target)
+    return 0
+
+
+def _cmd_experts(args: argparse.Namespace) -> int:
+    from denseforge.experts.registry import describe_experts
+
+    rows = describe_experts()
+    cols = ("name", "kind", "consumes", "resources", "package")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.bench import run_benchmark
+
+    if args.name == "ingest":
+        options = {"images": args.images or 1000, "processes": args.processes, "threads": args.threads, "repeats": args.repeats}
+    elif args.name == "fuse":
+        options = {"samples": args.images or 256}
+    elif args.name == "dedup":
+        options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n}
+    else:
+        options = {"images": args.images or 96}
+    result = run_benchmark(args.name, **options)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="denseforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="start a run from a YAML config")
+    p.add_argument("config", help="a YAML file, or the name of a shipped config: demo, densefusion, laion")
+    p.add_argument("--out", help="run directory (default runs/<run.name>-<time>)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; run nothing")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("resume", help="finish a run that stopped (killed, crashed, interrupted)")
+    p.add_argument("dir")
+    p.add_argument("--address")
+    p.set_defaults(func=_cmd_resume)
+    p = sub.add_parser("status", help="where a run is")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("show", help="render one sample with its boxes and caption to a PNG")
+    p.add_argument("dir")
+    p.add_argument("key")
+    p.add_argument("--out", help="PNG path (default DIR/show/KEY.png)")
+    p.set_defaults(func=_cmd_show)
+    p = sub.add_parser("export", help="write a finished run in a training format")
+    p.add_argument("dir")
+    p.add_argument("--format", required=True, choices=["llava", "coco", "refcoco", "qwen-grounding", "kosmos2"])
+    p.add_argument("--out", help="output folder (default DIR/export/FORMAT)")
+    p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("experts", help="list installed expert plugins")
+    p.set_defaults(func=_cmd_experts)
+    p = sub.add_parser("bench", help="benchmarks, JSON out")
+    p.add_argument("name", choices=["ingest", "dedup", "experts", "fuse"])
+    p.add_argument("--images", type=int, default=None, help="ingest: corpus size (1000); experts: images (96); fuse: samples (256)")
+    p.add_argument("--processes", type=int, default=2, help="ingest: shards at once")
+    p.add_argument("--threads", type=int, default=16, help="ingest: download threads per shard")
+    p.add_argument("--repeats", type=int, default=2, help="ingest: alternating runs per side; the best counts")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="dedup: numbers of embeddings")
+    p.add_argument("--epsilon", type=float, default=0.05, help="dedup: duplicate when cosine > 1 - epsilon")
+    p.add_argument("--baseline-n", type=int, default=20_000, help="dedup: n for the brute-force baseline")
+    p.add_argument("--json", help="also write the result to this file")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # albumentations (imported by img2dataset) phones home for updates unless told not to.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DenseforgeError as err:
+        print(f"denseforge: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("denseforge: interrupted; continue with `denseforge resume DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

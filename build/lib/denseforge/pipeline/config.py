@@ -1,0 +1,184 @@
+"""The run configuration: one YAML file validated by pydantic before anything runs.
+
+The sections are the stages' own settings models (`IngestConfig`, `EmbedConfig`, `QaConfig`, ...
+live beside the code that reads them); this module composes them.
+
+Unknown keys and bad values fail with the key path and what was expected. `--set a.b=c` overrides
+any key (the value is parsed as YAML, so `--set ingest.threads=8` gives an int).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from denseforge.errors import ConfigError
+from denseforge.stages.dedup import DedupConfig, SelectConfig
+from denseforge.stages.embed import EmbedConfig
+from denseforge.stages.fuse import FuseConfig
+from denseforge.stages.ground import GroundConfig
+from denseforge.stages.ingest import IngestConfig
+from denseforge.stages.perceive import PerceiveConfig
+from denseforge.stages.qa import QaConfig
+from denseforge.stages.settings import Settings
+
+
+class RunConfig(Settings):
+    name: str = "denseforge"
+    seed: int = Field(0, description="seeds k-means, sampling and random-weight models")
+    error_rate_min_items: int = Field(
+        20, ge=1, description="items a stage must have seen before its max_error_rate can fail the run")
+
+
+class RayConfig(Settings):
+    address: str | None = Field(None, description="None starts an embedded local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="local cluster only; None = all cores")
+    object_store_memory: int | None = Field(None, ge=75 * 2**20, description="bytes, local only")
+
+
+class InputConfig(Settings):
+    kind: Literal["table", "folder", "webdataset"] = "table"
+    path: str | None = Field(None, description="file, directory or glob; the demo makes its own")
+    format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    keep_cols: list[str] | None = Field(
+        None, description="extra source columns carried into the sample JSON; None = all"
+    )
+
+
+class StageSpec(Settings):
+    """A stage from a plugin package (entry-point group `denseforge.stages`) placed in the flow."""
+
+    plugin: str
+    name: str | None = Field(None, description="instance name; defaults to the plugin name")
+    after: str | None = Field(None, description="run after this stage (dedup, merge, fuse, ground, qa, an expert "
+                                                "instance or another plugin stage); null: last, before write")
+    options: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
+    on_error: Literal["reject", "keep"] = "reject"
+    max_error_rate: float | None = Field(0.05, ge=0, le=1)
+
+    @property
+    def instance(self) -> str:
+        return self.name or self.plugin
+
+
+class OutputConfig(Settings):
+    samples_per_shard: int = Field(1000, ge=1, le=99_999)
+
+
+class DemoConfig(Settings):
+    """The offline demo: the run serves its own sample corpus on a loopback HTTP server."""
+
+    enabled: bool = False
+    copies: int = Field(2, ge=1, le=100, description="variants generated per bundled photo")
+    include_broken: bool = Field(True, description="add a dead link, a 500, HTML and a truncated JPEG")
+
+
+class Config(Settings):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    input: InputConfig = InputConfig()
+    ingest: IngestConfig = IngestConfig()
+    embed: EmbedConfig = EmbedConfig()
+    dedup: DedupConfig = DedupConfig()
+    select: SelectConfig = SelectConfig()
+    perceive: PerceiveConfig = PerceiveConfig()
+    fuse: FuseConfig = FuseConfig()
+    ground: GroundConfig = GroundConfig()
+    qa: QaConfig = QaConfig()
+    stages: list[StageSpec] = Field(default_factory=list, description="plugin stages (entry points denseforge.stages)")
+    output: OutputConfig = OutputConfig()
+    demo: DemoConfig = DemoConfig()
+
+    @model_validator(mode="after")
+    def _demo_needs_loopback(self) -> "Config":
+        if self.demo.enabled and not self.ingest.allow_private_addresses:
+            raise ValueError(
+                "demo.enabled serves images on 127.0.0.1; set ingest.allow_private_addresses: true"
+            )
+        if self.dedup.enabled and not self.embed.enabled:
+            raise ValueError("dedup.enabled needs embed.enabled (semantic dedup works on embeddings)")
+        chosen = self.select.model_dump(exclude_defaults=True)
+        if chosen and not self.dedup.enabled:
+            raise ValueError(f"select.{next(iter(chosen))} needs dedup.enabled (selection works on its clusters)")
+        if not self.demo.enabled and self.input.path is None:
+            raise ValueError("input.path is required (a table file, folder or shard glob)")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {path}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"  {path}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides to a nested mapping; the value is parsed as YAML."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set ingest.threads=8")
+        dotted, raw = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML: {exc}") from exc
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a mapping")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate a mapping into a Config, raising ConfigError naming each bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides, validate; a relative input path resolves against the cwd."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    config = parse_config(data, str(path))
+    if config.input.path and "://" not in config.input.path:
+        config.input.path = str(Path(config.input.path).expanduser().resolve())
+    return config
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML, as saved in the run directory."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,216 @@
+"""The embed and dedup phases on Ray: per-unit embedding actors, then a global dedup.
+
+embed: a Ray Data stream of units through the embed stage (the one adapter, its own GPUs/CPUs);
+per unit a parquet of vectors and hashes under `embeddings/`, the images it failed on, and a
+completion marker with the unit's counts, so resume skips finished units.
+
+dedup: a global step that waits for every embedding and holds at scale: k-means is trained on a
+bounded sample, every unit is assigned to clusters in parallel tasks that also shuffle rows into
+buckets by cluster, and each bucket is deduplicated cluster by cluster in its own task. Only key
+columns (no vectors) come back to the driver for the balanced selection.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from denseforge.pipeline.adapter import add_stage, count_traces
+from denseforge.pipeline.config import Config
+from denseforge.pipeline.flow import embed_stage
+from denseforge.pipeline.progress import Progress
+from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
+from denseforge.pipeline.rundir import RunDir
+from denseforge.stages import dedup as dd
+from denseforge.stages.embed import embedding_table, embeddings_matrix
+from denseforge.stages.files import write_json_atomic, write_parquet_atomic, write_table_atomic
+from denseforge.stages.read_input import write_rejects
+from denseforge.stages.sample import Reject, Sample
+
+DECISION_SCHEMA = pa.schema([
+    ("key", pa.string()), ("unit", pa.int64()), ("cluster", pa.int64()), ("distance", pa.float32()),
+    ("rank", pa.int64()), ("reason", pa.string()), ("dup_of", pa.string()),
+])
+
+
+def write_embeddings(batch: pa.Table, rd: RunDir) -> pa.Table:
+    """The embed pass's sink: per unit, the vectors and hashes of every embedded image, the
+    images it failed on (relayed as rejects by the dedup stage), then the unit's marker."""
+    out = []
+    for unit in sorted(set(batch.column("unit").to_pylist())):
+        rows = batch.filter(pc.equal(batch.column("unit"), unit)).to_pylist()
+        embedded = [r for r in rows if r["sample"]]
+        failed = [Reject.model_validate_json(r["reject"]) for r in rows
+                  if r["reject"] and "embed" in json.loads(r["trace"] or "{}")]
+        samples = [Sample.model_validate_json(r["sample"]) for r in embedded]
+        outputs = [pickle.loads(r["outputs"]) for r in embedded]
+        vectors = np.stack([o["embedding"] for o in outputs]) if outputs else np.zeros((0, 0), np.float32)
+        table = embedding_table(
+            [s.key for s in samples], [unit] * len(samples), vectors,
+            {"sha256": pa.array([s.sha256 for s in samples], pa.string()),
+             "phash": pa.array([o["phash"] for o in outputs], pa.int64()),
+             "width": pa.array([s.original_width or s.width for s in samples], pa.int64()),
+             "height": pa.array([s.original_height or s.height for s in samples], pa.int64())})
+        provenance = outputs[0]["provenance"] if outputs else None
+        rd.embeddings.mkdir(parents=True, exist_ok=True)
+        write_rejects([r.model_dump() for r in failed], rd.embed_rejects_file(unit))
+        write_table_atomic(rd.embeddings_file(unit), table.replace_schema_metadata({"provenance": json.dumps(provenance)}))
+        counts = {"unit": unit, "embedded": len(samples), "failed": len(failed),
+                  "stages": count_traces([r["trace"] for r in rows])}
+        write_json_atomic(rd.embed_marker(unit), counts)
+        out.append({"unit": unit, "counts": json.dumps(counts)})
+    return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.int64()), ("counts", pa.string())]))
+
+
+def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, load_units, budget) -> None:
+    """Embed every unit that has no embed marker yet; counts go to the error budget as units finish."""
+    import ray
+
+    pending = rd.pending("embed", plan_units)
+    bar = progress.phase("embed", total=plan_units, done=plan_units - len(pending), unit="unit")
+    if pending:
+        ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
+        ds = ds.map_batches(load_units, fn_kwargs={"rd": rd, "kind": config.input.kind},
+                            batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+        ds = add_stage(ds, embed_stage(config))
+        ds = ds.map_batches(write_embeddings, fn_kwargs={"rd": rd}, batch_size=None, batch_format="pyarrow",
+                            num_cpus=LIGHT_TASK_CPUS)
+        for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in result.to_pylist():
+                counts = json.loads(row["counts"])
+                bar.update(1, images=counts["embedded"], failed=counts["failed"])
+                budget.add(counts["stages"])
+    bar.close()
+
+
+# -- dedup ------------------------------------------------------------------------------------
+
+
+def _train_sample(files: list[str], fraction: float, seed: int) -> np.ndarray:
+    parts = []
+    for i, f in enumerate(files):
+        x = embeddings_matrix(pq.read_table(f, columns=["embedding"]))
+        if len(x):
+            pick = np.random.default_rng(seed + i).random(len(x)) < fraction
+            parts.append(x[pick])
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _train(files: list[str], k: int, fraction: float, seed: int, niter: int, mppc: int, use_gpu: bool) -> np.ndarray:
+    sample = _train_sample(files, fraction, seed)
+    return dd.train_kmeans(sample, min(k, len(sample)), niter=niter, seed=seed, use_gpu=use_gpu,
+                           max_points_per_centroid=mppc)
+
+
+def _assign_unit(file: str, centroids: np.ndarray, rd: RunDir, buckets: int) -> int:
+    table = pq.read_table(file)
+    if table.num_rows == 0:
+        return 0
+    labels, sims = dd.assign_clusters(embeddings_matrix(table), centroids)
+    table = table.append_column("cluster", pa.array(labels)).append_column("centroid_sim", pa.array(sims))
+    bucket_of = labels % buckets
+    for b in np.unique(bucket_of):
+        target = rd.bucket(int(b))
+        target.mkdir(parents=True, exist_ok=True)
+        write_table_atomic(target / Path(file).name, table.filter(pa.array(bucket_of == b)))
+    return table.num_rows
+
+
+def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> dict[str, Any]:
+    files = sorted(Path(bucket_path).glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    rows: list[dict[str, Any]] = []
+    sweep: dict[float, int] = {}
+    if table is not None and table.num_rows:
+        keys = table.column("key").to_pylist()
+        cluster, sims = table.column("cluster").to_numpy(), table.column("centroid_sim").to_numpy()
+        width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
+        pre = dd.prefilter(width, height, settings["min_short_edge"], settings["max_aspect_ratio"])
+        result = dd.dedup_all(
+            cluster, embeddings_matrix(table), keys, table.column("sha256").to_pylist(),
+            table.column("phash").to_numpy(), sims, width * height, candidates=pre == dd.KEPT,
+            epsilon=settings["epsilon"], phash_max_distance=settings["phash_max_distance"], exact=settings["exact"],
+            policy=settings["keep"], sweep=settings["sweep"], block=settings["block"])
+        sweep = result.sweep_kept
+        units = table.column("unit").to_pylist()
+        for i, key in enumerate(keys):
+            rows.append({"key": key, "unit": units[i], "cluster": int(cluster[i]), "distance": float(1 - sims[i]),
+                         "rank": int(result.rank[i]), "reason": pre[i] or result.reason[i],
+                         "dup_of": keys[result.dup_of[i]] if result.dup_of[i] >= 0 else None})
+    write_parquet_atomic(Path(out_file), rows, DECISION_SCHEMA)
+    return {"rows": len(rows), "sweep_kept": {str(k): v for k, v in sweep.items()}}
+
+
+def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -> dict[str, Any]:
+    """Cluster, deduplicate and select; writes dedup/decisions.parquet and dedup/summary.json."""
+    import ray
+
+    out = rd.dedup
+    summary_file = rd.dedup_summary
+    if summary_file.exists():
+        return json.loads(summary_file.read_text())
+    cfg, sel = config.dedup, config.select
+    files = [str(rd.embeddings_file(u)) for u in range(plan_units)]
+    n = sum(pq.read_metadata(f).num_rows for f in files)
+    k = dd.clusters_for(n, cfg.clusters, cfg.target_cluster_size)
+    bar = progress.phase("dedup", total=3, unit="step")
+    decisions = rd.decisions
+    out.mkdir(parents=True, exist_ok=True)
+    sweep: Counter[float] = Counter()
+    if n:
+        fraction = min(1.0, k * cfg.max_points_per_centroid / n)
+        train = ray.remote(num_gpus=cfg.num_gpus)(_train)
+        centroids = ray.get(train.remote(files, k, fraction, config.run.seed, cfg.kmeans_iters,
+                                         cfg.max_points_per_centroid, cfg.num_gpus > 0 or None))
+        bar.update(1, clusters=len(centroids))
+        buckets = min(cfg.buckets, len(centroids))
+        ref = ray.put(centroids)
+        ray.get([ray.remote(_assign_unit).remote(f, ref, rd, buckets) for f in files])
+        bar.update(1)
+        settings = {"min_short_edge": sel.min_short_edge, "max_aspect_ratio": sel.max_aspect_ratio,
+                    "epsilon": cfg.epsilon, "phash_max_distance": cfg.phash_max_distance,
+                    "exact": cfg.exact, "keep": cfg.keep, "sweep": cfg.sweep, "block": cfg.block_size}
+        parts = [rd.bucket_part(b) for b in range(buckets)]
+        parts[0].parent.mkdir(exist_ok=True)
+        task = ray.remote(_dedup_bucket)
+        for result in ray.get([task.remote(str(rd.bucket(b)), str(p), settings) for b, p in enumerate(parts)]):
+            sweep.update({float(e): v for e, v in result["sweep_kept"].items()})
+        table = pa.concat_tables([pq.read_table(p) for p in parts if p.exists()])
+        table = _select(table, sel.per_cluster, sel.target_total)
+        kept = pc.equal(table.column("reason"), dd.KEPT)
+        table = table.append_column("kept", kept).sort_by([("key", "ascending")])
+        write_table_atomic(decisions, table)
+        bar.update(1)
+    else:
+        pq.write_table(pa.Table.from_pylist([], schema=DECISION_SCHEMA.append(pa.field("kept", pa.bool_()))), decisions)
+        centroids = np.zeros((0, 0))
+    bar.close()
+    reasons = Counter(r for r in pq.read_table(decisions, columns=["reason"]).column("reason").to_pylist() if r)
+    summary = {"embedded": n, "clusters": int(len(centroids)), "epsilon": cfg.epsilon, "keep": cfg.keep,
+               "removed_by_reason": dict(sorted(reasons.items())),
+               "epsilon_sweep": {str(e): sweep[e] for e in sorted(sweep)},
+               "epsilon_sweep_note": "images each epsilon would keep after exact/perceptual dedup and prefilters"}
+    for e in sorted(sweep):
+        progress.note(f"epsilon sweep: epsilon={e:<5} keeps {sweep[e]} of {n} embedded images")
+    write_json_atomic(summary_file, summary)
+    return summary
+
+
+def _select(table: pa.Table, per_cluster: int | None, target_total: int | None) -> pa.Table:
+    reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
+    kept = reason == dd.KEPT
+    if (per_cluster is None and target_total is None) or not kept.any():
+        return table
+    idx = np.flatnonzero(kept)
+    chosen = dd.select_balanced(table.column("cluster").to_numpy()[idx], table.column("rank").to_numpy()[idx],
+                                np.asarray(table.column("key").to_pylist())[idx], per_cluster, target_total)
+    reason[idx[~chosen]] = dd.NOT_SELECTED
+    return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason.tolist(), pa.string()))

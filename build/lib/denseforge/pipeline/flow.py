@@ -1,0 +1,79 @@
+"""The flow of one sample: the list of stages the config asks for, in the order they run.
+
+    load ─► dedup ─► expert … expert ─► merge ─► fuse ─► ground ─► clip-score ─► qa ─► write
+                (one stage per expert instance,        (plugin stages go wherever
+                 producers before consumers)             `stages[].after` puts them)
+
+`build_stages` is the whole per-sample flow; the adapter runs each entry the same way.
+"""
+
+from __future__ import annotations
+
+from denseforge.errors import ConfigError
+from denseforge.experts.registry import STAGE_GROUP, load_plugin
+from denseforge.pipeline.adapter import StageRun
+from denseforge.pipeline.config import Config, StageSpec
+from denseforge.pipeline.rundir import RunDir
+from denseforge.stages.dedup import DecisionStage
+from denseforge.stages.embed import EmbedStage
+from denseforge.stages.fuse import CaptionStage
+from denseforge.stages.ground import GroundStage
+from denseforge.stages.perceive import ExpertStage, MergeStage, plan_experts
+from denseforge.stages.sample import KNOWN_KINDS
+from denseforge.stages.qa import ClipScoreStage, QaStage
+from denseforge.stages.stage import Resources, Stage, configure
+
+
+def light(stage: Stage, instance: str | None = None, max_error_rate: float | None = 0.05) -> StageRun:
+    """A stage without a model: stateless Ray tasks with the stage's default resources."""
+    return StageRun(stage, instance or stage.name, type(stage).default_resources, max_error_rate=max_error_rate)
+
+
+def embed_stage(config: Config) -> StageRun:
+    return StageRun(EmbedStage(config.embed), "embed", config.embed.resources, max_error_rate=config.embed.max_error_rate)
+
+
+def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
+    """Every per-sample stage between load and write, in order (no model is loaded here)."""
+    runs: list[StageRun] = []
+    if config.dedup.enabled:
+        runs.append(light(DecisionStage(rd.decisions, rd.embed_rejects_file)))
+    renderers = {}
+    if config.perceive.enabled:
+        for spec, expert, resources in plan_experts(config.perceive):
+            runs.append(StageRun(ExpertStage(expert, spec.instance), spec.instance, resources,
+                                 on_error=config.perceive.on_error, max_error_rate=spec.max_error_rate))
+            if expert.kind not in KNOWN_KINDS:
+                renderers[expert.kind] = expert
+        runs.append(light(MergeStage(config.perceive)))
+    if config.fuse.enabled:
+        caption = CaptionStage(config.fuse, config.ground, renderers)
+        runs.append(StageRun(caption, "fuse", config.fuse.resources, max_error_rate=config.fuse.max_error_rate))
+        if not caption.markup:
+            runs.append(light(GroundStage(config.ground), max_error_rate=config.ground.max_error_rate))
+        qa = config.qa
+        if qa.enabled:
+            if qa.clip is not None:
+                resources = Resources(num_cpus=0.25, num_gpus=qa.clip_num_gpus, batch_size=16, concurrency=1)
+                runs.append(StageRun(ClipScoreStage(qa.clip), "clip-score", resources, max_error_rate=qa.max_error_rate))
+            runs.append(light(QaStage(qa), max_error_rate=qa.max_error_rate))
+    for i, spec in enumerate(config.stages):
+        run = plugin_stage(spec, f"stages[{i}]")
+        names = [r.instance for r in runs]
+        if run.instance in names:
+            raise ConfigError(f"stages[{i}]: a stage named {run.instance!r} already runs; give this one another name")
+        if spec.after is None:
+            runs.append(run)
+        elif spec.after in names:
+            runs.insert(names.index(spec.after) + 1, run)
+        else:
+            raise ConfigError(f"stages[{i}].after: no stage named {spec.after!r} runs in this config "
+                              f"(stages: {', '.join(names) or 'none'})")
+    return runs
+
+
+def plugin_stage(spec: StageSpec, where: str) -> StageRun:
+    """A stage from a plugin package, its options and resources checked against its own models."""
+    cls = load_plugin(STAGE_GROUP, spec.plugin, Stage)
+    options, resources = configure(cls, spec.options, spec.resources, where)
+    return StageRun(cls(options), spec.instance, resources, on_error=spec.on_error, max_error_rate=spec.max_error_rate)

@@ -1,0 +1,59 @@
+"""Progress on stderr: one bar per phase with running counts, notes, and the final summary."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class PhaseBar:
+    """A tqdm bar over units that also shows counts (written, rejected, …)."""
+
+    def __init__(self, name: str, total: int, done: int, unit: str):
+        self.counts: Counter[str] = Counter()
+        self._bar = tqdm(total=total, initial=done, desc=f"{name:>8}", unit=unit, file=sys.stderr,
+                         mininterval=1.0, dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1, **counts: int) -> None:
+        self.counts.update(counts)
+        self._bar.set_postfix(dict(self.counts), refresh=False)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class Progress:
+    def phase(self, name: str, total: int, done: int = 0, unit: str = "it") -> PhaseBar:
+        return PhaseBar(name, total, done, unit)
+
+    def note(self, message: str) -> None:
+        print(f"denseforge: {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"denseforge: warning: {message}", file=sys.stderr, flush=True)
+
+    def summary(self, stats: dict[str, Any], root: Path) -> None:
+        print(format_summary(stats, root), file=sys.stderr, flush=True)
+
+
+def format_summary(stats: dict[str, Any], root: Path) -> str:
+    """The end-of-run summary: the funnel with removals by reason, rejects by reason, and every
+    stage that failed on items (with its first error)."""
+    f = stats["funnel"]
+    removed = ", ".join(f"{n} {r}" for r, n in sorted(f["removed_by_reason"].items(), key=lambda kv: -kv[1]))
+    lines = [f"done: {f['input_rows']} input rows -> {f['written']} written, {f['rejected']} rejected, "
+             f"{f['removed']} removed{f' ({removed})' if removed else ''} (balanced: {f['balanced']})"]
+    for reason, n in sorted(f["rejected_by_reason"].items(), key=lambda kv: -kv[1])[:10]:
+        lines.append(f"  {n:>8}  {reason}")
+    for name, c in stats.get("stages", {}).items():
+        if c["failed_total"]:
+            kinds = ", ".join(f"{k} {n}" for k, n in c["failed"].items())
+            lines.append(f"stage {name}: failed on {c['failed_total']} of {c['items']} items ({kinds}); "
+                         f"first error: {c['first_error']}")
+    lines.append(f"shards, manifest.parquet, rejects.parquet, stats.json, report.html in {root}")
+    return "\n".join(lines)

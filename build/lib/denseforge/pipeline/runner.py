@@ -1,0 +1,354 @@
+"""The Ray DAG: setup check → plan → ingest → embed → dedup → process (load, stages, write) →
+finalize, resumable at every unit.
+
+`pipeline/` is the only package that talks to Ray. The per-sample stages come from
+`flow.build_stages` and run through the one adapter (`adapter.add_stage`). Work is cut into units
+(input files of at most `output.samples_per_shard` rows); each phase leaves a completion marker per
+unit (`RunDir`), so `resume` redoes exactly the units that were not finished.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from denseforge.errors import DenseforgeError, RunFailedError, SetupError, StageFailedError
+from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, add_stage, count_traces
+from denseforge.pipeline.budget import ErrorBudget
+from denseforge.pipeline.config import Config
+from denseforge.pipeline.dedup_phase import run_dedup, run_embed
+from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
+from denseforge.pipeline.flow import build_stages, embed_stage
+from denseforge.pipeline.progress import Progress
+from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, start_ray
+from denseforge.pipeline.rundir import RunDir
+from denseforge.pipeline.stats import finalize_run
+from denseforge.stages.files import write_json_atomic
+from denseforge.stages.ingest import IngestConfig, download_unit, ingest_webdataset_unit, read_raw_unit
+from denseforge.stages.read_input import expand_paths, iter_folder_rows, iter_table_rows, write_units
+from denseforge.stages.sample import Reject, Sample
+from denseforge.stages.stage import Stage
+from denseforge.stages.write import UnitFiles, write_unit
+
+
+@dataclass
+class Plan:
+    kind: str
+    units: int
+    rows: int | None  # None until ingest has counted the rows of webdataset inputs
+    sources: list[str] = field(default_factory=list)
+
+
+# -- plan ------------------------------------------------------------------------------------
+
+
+def plan_units(config: Config, rd: RunDir) -> Plan:
+    """Cut the input into units once; later calls read the saved plan."""
+    if rd.plan_file.exists():
+        return Plan(**json.loads(rd.plan_file.read_text()))
+    inp = config.input
+    spp = config.output.samples_per_shard
+    if inp.kind == "webdataset":
+        tars = [str(p) for p in expand_paths(inp.path, {".tar"})]
+        plan = Plan("webdataset", len(tars), None, tars)
+    else:
+        rd.units.mkdir(parents=True, exist_ok=True)
+        if inp.kind == "table":
+            rows = iter_table_rows(inp.path, inp.format, inp.url_col, inp.caption_col, inp.keep_cols)
+        else:
+            rows = iter_folder_rows(inp.path)
+        result = write_units(rows, rd.units, spp, config.ingest.allow_private_addresses, inp.kind == "folder")
+        plan = Plan(inp.kind, result.units, result.rows)
+    rd.units.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(rd.plan_file, plan.__dict__)
+    return plan
+
+
+# -- ingest ----------------------------------------------------------------------------------
+
+
+def _ingest_one(unit: int, plan_kind: str, source: str, rd: RunDir, cfg: IngestConfig, samples_per_unit: int,
+                allow_files: bool) -> dict[str, Any]:
+    if plan_kind == "webdataset":
+        return ingest_webdataset_unit(unit, Path(source), rd.raw, rd.ingest_marker(unit), cfg)
+    return download_unit(unit, Path(source), rd.raw, rd.ingest_marker(unit), cfg, samples_per_unit, allow_files)
+
+
+def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> None:
+    """Download (or convert) every unit without a marker, `ingest.processes` at a time."""
+    import ray
+
+    pending = rd.pending("ingest", plan.units)
+    rd.raw.mkdir(parents=True, exist_ok=True)
+    bar = progress.phase("ingest", total=plan.units, done=plan.units - len(pending), unit="unit")
+    if not pending:
+        bar.close()
+        return
+    task = ray.remote(num_cpus=1, max_retries=config.ingest.unit_retries, retry_exceptions=True)(_ingest_one)
+    allow_files = config.input.kind == "folder"
+    in_flight: dict[Any, int] = {}
+    queue = list(reversed(pending))
+    while queue or in_flight:
+        while queue and len(in_flight) < config.ingest.processes:
+            unit = queue.pop()
+            source = plan.sources[unit] if plan.kind == "webdataset" else str(rd.unit_file(unit))
+            ref = task.remote(unit, plan.kind, source, rd, config.ingest, config.output.samples_per_shard, allow_files)
+            in_flight[ref] = unit
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        unit = in_flight.pop(ready[0])
+        try:
+            stats = ray.get(ready[0])
+            bar.update(1, ok=stats.get("successes", 0), failed=stats["count"] - stats.get("successes", 0))
+        except Exception as exc:  # noqa: BLE001 - a unit that keeps failing becomes reject rows
+            message = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
+            write_json_atomic(rd.ingest_marker(unit), {"unit": unit, "failed": message, "count": 0,
+                                                       "source_path": plan.sources[unit] if plan.sources else None})
+            bar.update(1, failed_units=1)
+            progress.warn(f"unit {rd.unit_name(unit)} failed after {config.ingest.unit_retries} retries: {message}")
+    bar.close()
+
+
+# -- process ---------------------------------------------------------------------------------
+
+
+def load_units(batch: pa.Table, rd: RunDir, kind: str) -> pa.Table:
+    """Read units' raw output back as pipeline rows (one block per unit)."""
+    rows: list[dict[str, Any]] = []
+    for unit in batch.column("unit").to_pylist():
+        unit_file = None if kind == "webdataset" else rd.unit_file(unit)
+        screened = None if kind == "webdataset" else rd.screened_file(unit)
+        unit_rows = read_raw_unit(unit, unit_file, rd.raw, rd.ingest_marker(unit), screened)
+        # by key, not in the order img2dataset's threads finished: everything downstream (the
+        # embeddings files, hence k-means) is then a function of the input and the seed alone
+        rows += [{**r, "unit_rows": len(unit_rows)} for r in sorted(unit_rows, key=lambda r: r["key"])]
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def write_units_batch(batch: pa.Table, rd: RunDir) -> pa.Table:
+    """Write each unit's rows as a shard + manifest/rejects parts; returns each unit's counts."""
+    out = []
+    for unit in sorted(set(batch.column("unit").to_pylist())):
+        rows = batch.filter(pc.equal(batch.column("unit"), unit)).to_pylist()
+        if len(rows) != rows[0]["unit_rows"]:
+            raise DenseforgeError(
+                f"unit {rd.unit_name(unit)} reached the writer split across blocks ({len(rows)} of "
+                f"{rows[0]['unit_rows']} rows); lower output.samples_per_shard")
+        files = UnitFiles(rd.shard_file(unit), rd.manifest_part(unit), rd.rejects_part(unit), rd.write_marker(unit))
+        counts = write_unit(
+            unit, files,
+            samples=[(Sample.model_validate_json(r["sample"]), r["image"]) for r in rows if r["sample"]],
+            rejects=[Reject.model_validate_json(r["reject"]) for r in rows if r["reject"]],
+            removed=[json.loads(r["removed"]) for r in rows if r["removed"]],
+            stages=count_traces([r["trace"] for r in rows]))
+        out.append({"unit": unit, "counts": json.dumps(counts)})
+    return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.int64()), ("counts", pa.string())]))
+
+
+def check_capacity(runs: list[StageRun]) -> None:
+    """The model pools of one pass run at the same time: they must fit the cluster together (a
+    2-CPU cluster with four 1-CPU pools deadlocks instead of failing)."""
+    import ray
+
+    pools = [r for r in runs if r.resources.concurrency is not None]
+    cluster = ray.cluster_resources()
+    for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        wanted = sum(getattr(r.resources, key) * r.resources.concurrency for r in pools)
+        wanted += LIGHT_TASK_CPUS if resource == "CPU" else 0
+        if wanted > cluster.get(resource, 0):
+            names = ", ".join(f"{r.instance} {getattr(r.resources, key):g}x{r.resources.concurrency}" for r in pools)
+            raise SetupError(
+                f"the stages' worker pools ask for {wanted:g} {resource}s at once ({names}; resources.{key} x "
+                f"concurrency, all pools run together, plus {LIGHT_TASK_CPUS} CPU for reading and writing) but the "
+                f"cluster has {cluster.get(resource, 0):g}; lower them or add nodes")
+
+
+def _setup_all(runs: list[StageRun]) -> list[tuple[str, str]]:
+    """Run `setup()` of each stage in this worker; (instance, error with traceback) per failure."""
+    from denseforge.pipeline.adapter import setup_error
+
+    return [(r.instance, error) for r in runs if (error := setup_error(r)) is not None]
+
+
+def check_setups(runs: list[StageRun], rd: RunDir, progress: Progress) -> None:
+    """Load every stage's model where it will run, before any download: the CPU stages one after
+    another in one worker, each GPU stage in a worker with its GPUs. A failure is one line on the
+    console (the worker's traceback goes to the run's log) and nothing has been downloaded."""
+    import ray
+
+    runs = [r for r in runs if type(r.stage).setup is not Stage.setup]
+    if not runs:
+        return
+    progress.note(f"setup: loading {', '.join(r.instance for r in runs)}")
+    task = ray.remote(_setup_all)
+    on_cpu = [r for r in runs if r.resources.num_gpus == 0]
+    refs = [task.options(num_cpus=0).remote(on_cpu)] if on_cpu else []
+    refs += [task.options(num_cpus=0, num_gpus=r.resources.num_gpus).remote([r]) for r in runs if r.resources.num_gpus]
+    failed = [f for result in ray.get(refs) for f in result]
+    if failed:
+        rd.logs.mkdir(parents=True, exist_ok=True)
+        with open(rd.log_file, "a", encoding="utf-8") as log:
+            for instance, error in failed:
+                log.write(f"setup of {instance} failed:\n{error}\n")
+        instance, error = failed[0]
+        more = f" (and {len(failed) - 1} more stage(s))" if len(failed) > 1 else ""
+        raise SetupError(f"setup of stage {instance!r} failed: {error.split(chr(10))[0]}{more}; "
+                         f"traceback in {rd.log_file}")
+
+
+def run_process(config: Config, rd: RunDir, plan: Plan, runs: list[StageRun], progress: Progress,
+                budget: ErrorBudget) -> None:
+    """Stream every unfinished unit through the stages into the shards; the error budget is
+    checked as each unit is written."""
+    import ray
+
+    pending = rd.pending("write", plan.units)
+    bar = progress.phase("write", total=plan.units, done=plan.units - len(pending), unit="unit")
+    if not pending:
+        bar.close()
+        return
+    ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(load_units, fn_kwargs={"rd": rd, "kind": plan.kind}, batch_size=1,
+                        batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+    for run in runs:
+        ds = add_stage(ds, run)
+    ds = ds.map_batches(write_units_batch, fn_kwargs={"rd": rd}, batch_size=None,
+                        batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+    for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in result.to_pylist():
+            counts = json.loads(row["counts"])
+            bar.update(1, written=counts["written"], rejected=counts["rejected"], removed=counts["removed"])
+            budget.add(counts["stages"])
+            budget.check()
+    bar.close()
+
+
+# -- the whole run ---------------------------------------------------------------------------
+
+
+def preflight(config: Config, rd: RunDir) -> list[StageRun]:
+    """Build the stage list: installed plugins, their options, the prompt and alias files are
+    checked here, before a run directory or a cluster exists. No model is loaded."""
+    return build_stages(config, rd)
+
+
+def _finish_failed(rd: RunDir, config: Config, plan: Plan | None, timings: dict[str, float],
+                   err: BaseException) -> None:
+    """A failed run keeps the stats it has so far, and `status` says why it failed."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if plan is not None:
+        try:
+            write_json_atomic(rd.stats, finalize_run(rd, config, plan.rows, timings, complete=False))
+        except Exception as exc:  # noqa: BLE001 - the original error matters more
+            reason += f" (and stats.json could not be written: {type(exc).__name__}: {exc})"
+    if isinstance(err, StageFailedError) and plan is not None:
+        # units written while the stage was failing are redone by `resume` (once it is fixed)
+        for unit in range(plan.units):
+            marker = rd.write_marker(unit)
+            if marker.exists() and json.loads(marker.read_text()).get("stages", {}).get(err.stage, {}).get("failed"):
+                marker.unlink()
+    rd.update_state(state="failed", reason=reason)
+
+
+def execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | None = None) -> dict[str, Any]:
+    """Run (or continue) the pipeline in `rd`; returns the final stats. Any failure leaves
+    `status` = failed with the reason, and its traceback in the run's log."""
+    timings: dict[str, float] = {}
+    planned: list[Plan] = []  # filled once the input is planned, for a failure's partial stats
+    rd.update_state(state="running", reason=None)
+    try:
+        with ExitStack() as stack:
+            _execute(rd, config, runs, address, timings, stack, planned)
+        plan = planned[0]
+        stats = finalize_run(rd, config, plan.rows, timings)
+    except KeyboardInterrupt:
+        rd.update_state(state="interrupted", reason="interrupted; continue with `denseforge resume`")
+        raise
+    except DenseforgeError as err:
+        _log(rd, err)
+        _finish_failed(rd, config, planned[0] if planned else None, timings, err)
+        raise
+    except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
+        _log(rd, exc)
+        _finish_failed(rd, config, planned[0] if planned else None, timings, exc)
+        raise RunFailedError(f"{type(exc).__name__}: {str(exc)[:300]} (traceback in {rd.log_file})") from exc
+    write_json_atomic(rd.stats, stats)
+    rd.update_state(state="complete")
+    Progress().summary(stats, rd.root)
+    return stats
+
+
+def _log(rd: RunDir, exc: BaseException) -> None:
+    rd.logs.mkdir(parents=True, exist_ok=True)
+    with open(rd.log_file, "a", encoding="utf-8") as log:
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run failed:\n")
+        log.write("".join(traceback.format_exception(exc)))
+
+
+def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | None, timings: dict[str, float],
+             stack: ExitStack, planned: list[Plan]) -> None:
+    import ray
+
+    progress = Progress()
+    if config.demo.enabled:
+        state = rd.read_state()
+        server = stack.enter_context(LoopbackImageServer(rd.demo / "files", port=state.get("demo_port", 0)))
+        if not rd.plan_file.exists():
+            corpus = build_demo_corpus(rd.demo, server.base_url, config.demo.copies, config.demo.include_broken)
+            config.input.path = str(corpus.table)
+            rd.update_state(demo_port=server.port)
+            progress.note(f"demo: serving {corpus.images} images (+{corpus.rows - corpus.images} broken rows) on {server.base_url}")
+    start = time.perf_counter()
+    start_ray(config.ray, address)
+    stack.callback(ray.shutdown)
+    timings["ray_init_s"] = time.perf_counter() - start
+    embed = [embed_stage(config)] if config.embed.enabled else []
+    start = time.perf_counter()
+    check_capacity(runs)
+    check_setups(embed + runs, rd, progress)
+    timings["setup_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    plan = plan_units(config, rd)
+    planned.append(plan)
+    timings["plan_s"] = time.perf_counter() - start
+    progress.note(f"plan: {plan.units} unit(s)" + (f", {plan.rows} input rows" if plan.rows is not None else ""))
+    budget = ErrorBudget(embed + runs, config.run.error_rate_min_items)
+    budget.load(rd, plan.units)
+    start = time.perf_counter()
+    run_ingest(config, rd, plan, progress)
+    timings["ingest_s"] = time.perf_counter() - start
+    if embed:
+        start = time.perf_counter()
+        run_embed(config, rd, plan.units, progress, load_units, budget)
+        budget.check()
+        timings["embed_s"] = time.perf_counter() - start
+    if config.dedup.enabled:
+        start = time.perf_counter()
+        run_dedup(config, rd, plan.units, progress)
+        timings["dedup_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    run_process(config, rd, plan, runs, progress, budget)
+    budget.check(final=True)
+    timings["process_s"] = time.perf_counter() - start
+
+
+def run(config: Config, out: Path, address: str | None = None) -> dict[str, Any]:
+    """Start a new run in `out`."""
+    rd = RunDir(out)
+    runs = preflight(config, rd)
+    rd.create(config)
+    return execute(rd, config, runs, address)
+
+
+def resume(root: Path, address: str | None = None) -> dict[str, Any]:
+    """Finish a run that stopped for any reason; finished units are kept, the rest redone."""
+    rd = RunDir(root)
+    config = rd.load_config()
+    return execute(rd, config, preflight(config, rd), address)

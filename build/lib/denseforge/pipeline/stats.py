@@ -1,0 +1,139 @@
+"""Finalize a run: merge per-unit parts into manifest/rejects, write stats.json and report.html.
+
+The funnel must balance: input rows = written + rejected + removed. A run whose sums do not add up
+fails loudly; that is a bug, never a rounding matter.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from denseforge import __version__
+from denseforge.errors import DenseforgeError
+from denseforge.pipeline.adapter import failures, merge_counts
+from denseforge.pipeline.config import Config
+from denseforge.pipeline.rundir import RunDir
+from denseforge.stages.read_input import REJECT_SCHEMA
+from denseforge.stages.write import MANIFEST_SCHEMA
+
+
+def _merge(parts: list[Path], target: Path, schema) -> int:
+    """Concatenate parquet parts in order, streaming (one part in memory at a time)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    rows = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for part in parts:
+            table = pq.read_table(part, schema=schema)
+            rows += table.num_rows
+            writer.write_table(table)
+    tmp.replace(target)
+    return rows
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "denseforge": __version__}
+    for dist in ("ray", "img2dataset", "pillow", "pyarrow", "webdataset"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def stage_counts(rd: RunDir) -> dict[str, dict[str, Any]]:
+    """Per stage (and expert instance): items, failures by type, rejects by reason, removals and
+    busy seconds, summed over the embed and write markers of every finished unit."""
+    totals: dict[str, dict[str, Any]] = {}
+    for phase in ("embed", "write"):
+        for marker in rd.markers(phase):
+            merge_counts(totals, json.loads(marker.read_text()).get("stages", {}))
+    for c in totals.values():
+        c["failed_total"] = failures(c)
+        c["items_per_busy_s"] = round(c["items"] / c["busy_s"], 2) if c["busy_s"] > 0 else None
+    return totals
+
+
+def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: dict[str, float],
+                 complete: bool = True) -> dict[str, Any]:
+    """Merge parts, compute the funnel and per-stage counts, write report.html; returns the stats
+    dict. An incomplete run (one that failed) gets the same files without the balance check."""
+    done = rd.markers("write")
+    written = _merge([rd.manifest_part(int(m.stem)) for m in done], rd.manifest, MANIFEST_SCHEMA)
+    rejected = _merge([rd.rejects_part(int(m.stem)) for m in done], rd.rejects, REJECT_SCHEMA)
+    by_reason: Counter[str] = Counter()
+    by_stage: Counter[str] = Counter()
+    removed_by: Counter[str] = Counter()
+    unit_rows = removed = 0
+    for marker in done:
+        counts = json.loads(marker.read_text())
+        unit_rows += counts["rows"]
+        removed += counts.get("removed", 0)
+        removed_by.update(counts.get("removed_reasons", {}))
+        for reason, n in counts["reasons"].items():
+            by_reason[reason] += n
+            by_stage[reason.split("/", 1)[0]] += n
+    input_rows = planned_rows if planned_rows is not None else unit_rows
+    balanced = input_rows == written + rejected + removed == unit_rows
+    ingest = [json.loads(p.read_text()) for p in rd.markers("ingest")]
+    ingest_s = timings.get("ingest_s", 0.0)
+    stats = {
+        "funnel": {
+            "input_rows": input_rows, "written": written, "rejected": rejected, "removed": removed,
+            "balanced": balanced, "rejected_by_stage": dict(sorted(by_stage.items())),
+            "rejected_by_reason": dict(sorted(by_reason.items())), "removed_by_reason": dict(sorted(removed_by.items())),
+        },
+        "complete": complete,
+        "units": len(done),
+        "stages": stage_counts(rd),
+        "dedup": json.loads(rd.dedup_summary.read_text()) if rd.dedup_summary.exists() else None,
+        "ingest": {
+            "downloaded": sum(m.get("successes", 0) for m in ingest),
+            "failed_to_download": sum(m.get("failed_to_download", 0) for m in ingest),
+            "failed_to_resize": sum(m.get("failed_to_resize", 0) for m in ingest),
+            "failed_units": sum(1 for m in ingest if m.get("failed")),
+            "images_per_s_this_session": (sum(m.get("successes", 0) for m in ingest) / ingest_s) if ingest_s > 0.5 else None,
+        },
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "versions": versions(),
+        "run": {"name": config.run.name, "seed": config.run.seed},
+    }
+    rd.report.write_text(render_report(stats))
+    if complete and not balanced:
+        raise DenseforgeError(
+            f"the funnel does not balance: {input_rows} input rows vs {written} written + {rejected} rejected + "
+            f"{removed} removed ({unit_rows} rows seen by the writer); stats.json and rejects.parquet hold the detail")
+    return stats
+
+
+def render_report(stats: dict[str, Any]) -> str:
+    """A small self-contained HTML page with the funnel and the reasons."""
+    f = stats["funnel"]
+    rows = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td></tr>" for r, n in
+                   sorted(f["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
+    timing = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in stats["timings"].items())
+    stages = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{c['items']}</td><td>{c['failed_total']}</td>"
+        f"<td>{html.escape(', '.join(f'{k} {n}' for k, n in c['failed'].items()))}</td>"
+        f"<td>{sum(c['rejected'].values())}</td><td>{c['removed']}</td><td>{c['busy_s']}</td>"
+        f"<td>{html.escape(c['first_error'] or '')}</td></tr>" for name, c in stats["stages"].items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>denseforge run</title>
+<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto}}td{{padding:2px 12px}}</style></head><body>
+<h1>denseforge run: {html.escape(stats['run']['name'])}{'' if stats['complete'] else ' (failed, incomplete)'}</h1>
+<h2>Funnel</h2><table>
+<tr><td>input rows</td><td>{f['input_rows']}</td></tr><tr><td>written</td><td>{f['written']}</td></tr>
+<tr><td>rejected</td><td>{f['rejected']}</td></tr><tr><td>removed as duplicates</td><td>{f['removed']}</td></tr>
+<tr><td>balanced</td><td>{f['balanced']}</td></tr></table>
+<h2>Rejected, by stage/reason</h2><table>{rows}</table>
+<h2>Stages</h2><table><tr><th>stage</th><th>items</th><th>failed</th><th>by type</th><th>rejected</th>
+<th>removed</th><th>busy s</th><th>first error</th></tr>{stages}</table>
+<h2>Timings (s)</h2><table>{timing}</table>
+<p>versions: {html.escape(json.dumps(stats['versions']))}</p></body></html>
+"""

@@ -1,0 +1,375 @@
+"""dedup/select: exact, perceptual and semantic (SemDeDup) duplicates, then balanced selection.
+
+The recipe (DenseFusion-1M): keep short edge >= 448 px, spherical k-means of CLIP features into
+many clusters, remove near-duplicates inside each cluster at threshold epsilon (an item is a
+duplicate when its cosine similarity to an item already kept exceeds 1 - epsilon), then keep the
+top n per cluster. Everything here is numpy/FAISS over arrays; the pipeline decides where it runs.
+`DecisionStage` applies the finished decisions to each unit's samples.
+
+Inside a cluster, items are visited in keep-priority order (`KeepPolicy`); exact copies (same
+sha256), then perceptual near-copies (pHash Hamming distance), then semantic duplicates are
+removed greedily against the items kept so far, in bounded-memory blocks. Identical and
+re-encoded images embed almost identically, so they share a cluster and the per-cluster pass
+finds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from denseforge.stages.settings import Settings
+from denseforge.stages.stage import Item, Rejection, Removal, Stage, Verdict
+
+KeepPolicy = Literal["nearest_centroid", "farthest_centroid", "largest_image", "first_key"]
+
+
+class DedupConfig(Settings):
+    """Exact, perceptual and semantic (SemDeDup) duplicates; needs embed.enabled."""
+
+    enabled: bool = True
+    exact: bool = True
+    phash_max_distance: int | None = Field(4, ge=0, le=32, description="Hamming distance; null disables")
+    epsilon: float | None = Field(0.05, gt=0, lt=2, description="duplicate when cosine > 1 - epsilon; null disables")
+    sweep: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.4])
+    clusters: int | None = Field(None, ge=1, description="k for k-means; null derives it from N")
+    target_cluster_size: int = Field(1000, ge=1)
+    kmeans_iters: int = Field(20, ge=1)
+    max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many points (FAISS default)")
+    keep: KeepPolicy = "nearest_centroid"
+    block_size: int = Field(2048, ge=16)
+    buckets: int = Field(16, ge=1, description="parallel dedup tasks (clusters are hashed into buckets)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs for k-means training (faiss-gpu)")
+
+    @model_validator(mode="after")
+    def _sweep_in_range(self) -> "DedupConfig":
+        if any(not 0 < e < 2 for e in self.sweep):
+            raise ValueError("dedup.sweep values must lie in (0, 2)")
+        return self
+
+
+class SelectConfig(Settings):
+    """Prefilters and cluster-balanced selection (after dedup)."""
+
+    min_short_edge: int = Field(0, ge=0, description="px, on the original image (DenseFusion: 448)")
+    max_aspect_ratio: float | None = Field(None, ge=1)
+    per_cluster: int | None = Field(None, ge=1, description="top n per cluster (DenseFusion: 20)")
+    target_total: int | None = Field(None, ge=1, description="cluster-balanced down to this many")
+
+KEPT = ""
+EXACT, NEAR, SEMANTIC = "exact_duplicate", "near_duplicate", "semantic_duplicate"
+TOO_SMALL, BAD_ASPECT, NOT_SELECTED = "too_small", "bad_aspect_ratio", "not_selected"
+
+
+# -- clustering ------------------------------------------------------------------------------
+
+
+def faiss_gpu_available() -> bool:
+    """True when this process has faiss-gpu and a visible GPU (decided where the work runs)."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def clusters_for(n: int, k: int | None, target_cluster_size: int) -> int:
+    """k from config, or derived from n; never more clusters than points."""
+    if n <= 0:
+        return 0
+    return max(1, min(n, k if k else round(n / target_cluster_size)))
+
+
+def _flat_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool, mppc: int) -> np.ndarray:
+    import faiss
+
+    km = faiss.Kmeans(sample.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=use_gpu,
+                      max_points_per_centroid=mppc, verbose=False)
+    km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return km.centroids.copy()
+
+
+def train_kmeans(sample: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: bool | None = None,
+                 max_points_per_centroid: int = 256, two_level_above: int = 4096) -> np.ndarray:
+    """Spherical k-means centroids (k, d), trained with FAISS on a sample of the embeddings.
+
+    Above `two_level_above` clusters, training is hierarchical: sqrt(k) coarse centroids, then each
+    coarse cell is split in proportion to its share of the sample. Cost grows as k^1.5 instead of
+    k², which is what keeps 50,000 clusters trainable. Rows come back grouped by coarse cell.
+    """
+    if use_gpu is None:
+        use_gpu = faiss_gpu_available()
+    k = min(k, len(sample))
+    if k <= two_level_above:
+        return _flat_kmeans(sample, k, niter, seed, bool(use_gpu), max_points_per_centroid)
+    k1 = int(np.ceil(np.sqrt(k)))
+    coarse = _flat_kmeans(sample, k1, niter, seed, bool(use_gpu), max_points_per_centroid)
+    labels, _ = assign_clusters(sample, coarse)
+    counts = np.bincount(labels, minlength=k1)
+    share = np.maximum(1, np.floor(k * counts / counts.sum()).astype(int))
+    share = np.minimum(share, np.maximum(counts, 1))
+    fine = []
+    for c in range(k1):
+        members = sample[labels == c]
+        if len(members) == 0:
+            continue
+        fine.append(members if share[c] >= len(members) else
+                    _flat_kmeans(members, int(share[c]), niter, seed + c, bool(use_gpu), max_points_per_centroid))
+    centroids = np.concatenate(fine).astype(np.float32)
+    return centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+
+
+def assign_clusters(x: np.ndarray, centroids: np.ndarray, batch: int = 65536, nprobe: int = 8,
+                    exact_below: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (inner product) and the similarity to it, for every row, in batches.
+
+    Up to `exact_below` centroids the search is exhaustive; above, an IVF index over the centroids
+    visits `nprobe` of sqrt(k) cells, so the cost per row grows as sqrt(k), not k.
+    """
+    import faiss
+
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    d = centroids.shape[1]
+    if len(centroids) < exact_below:
+        index = faiss.IndexFlatIP(d)
+    else:
+        cells = int(np.ceil(np.sqrt(len(centroids))))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, cells, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 0
+        index.train(centroids)
+        index.nprobe = min(nprobe, cells)
+    index.add(centroids)
+    labels = np.empty(len(x), dtype=np.int64)
+    sims = np.empty(len(x), dtype=np.float32)
+    for s in range(0, len(x), batch):
+        dist, idx = index.search(np.ascontiguousarray(x[s:s + batch], dtype=np.float32), 1)
+        labels[s:s + batch], sims[s:s + batch] = idx[:, 0], dist[:, 0]
+    return labels, sims
+
+
+# -- greedy removal inside one cluster -------------------------------------------------------
+
+
+def greedy_duplicates(vectors: np.ndarray, thresholds: Sequence[float], block: int = 2048,
+                      active: np.ndarray | None = None) -> list[np.ndarray]:
+    """For each threshold t: dup_of[i] = index of an earlier kept row with similarity > t, or -1.
+
+    Rows are in priority order: row i is kept unless an earlier *kept* row is more similar than t.
+    `active` rows (default all) take part; inactive rows are neither kept nor compared. Memory is
+    O(block²) whatever the number of rows.
+    """
+    n = len(vectors)
+    active = np.ones(n, dtype=bool) if active is None else active
+    dups = [np.full(n, -1, dtype=np.int64) for _ in thresholds]
+    kept = [active.copy() for _ in thresholds]
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        q = vectors[s:e]
+        best = [np.full(e - s, -np.inf, dtype=np.float32) for _ in thresholds]
+        arg = [np.full(e - s, -1, dtype=np.int64) for _ in thresholds]
+        for c in range(0, s, block):
+            ce = min(s, c + block)
+            sims = q @ vectors[c:ce].T
+            for ti in range(len(thresholds)):
+                mask = kept[ti][c:ce]
+                if not mask.any():
+                    continue
+                masked = np.where(mask[None, :], sims, -np.inf)
+                top, where = masked.max(axis=1), masked.argmax(axis=1)
+                better = top > best[ti]
+                best[ti][better], arg[ti][better] = top[better], where[better] + c
+        inner = q @ q.T
+        for ti, t in enumerate(thresholds):
+            local_kept = active[s:e].copy()
+            above = np.triu(inner > t, k=1)
+            for j in np.flatnonzero(local_kept & ((best[ti] > t) | above.any(axis=0))):
+                top, where = best[ti][j], arg[ti][j]
+                earlier = np.flatnonzero(above[:j, j] & local_kept[:j])
+                if earlier.size:
+                    i = earlier[np.argmax(inner[earlier, j])]
+                    if inner[i, j] > top:
+                        top, where = inner[i, j], s + i
+                if top > t:
+                    local_kept[j] = False
+                    dups[ti][s + j] = where
+            kept[ti][s:e] = local_kept
+    return dups
+
+
+def phash_vectors(phashes: np.ndarray) -> np.ndarray:
+    """64-bit hashes as ±1/8 vectors: dot product = 1 - 2·hamming/64."""
+    bits = ((phashes.astype(np.int64).view(np.uint64)[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1))
+    return (bits.astype(np.float32) * 2 - 1) / 8.0
+
+
+@dataclass
+class ClusterResult:
+    """Per-row outcome for one cluster, in the caller's row order."""
+
+    reason: np.ndarray  # object array: "" for kept, else a removal reason
+    dup_of: np.ndarray  # int64 row index into the cluster, -1 if kept
+    rank: np.ndarray  # keep-priority rank inside the cluster (0 = best)
+    sweep_kept: dict[float, int] = field(default_factory=dict)
+
+
+def priority_order(keys: Sequence[str], centroid_sim: np.ndarray, area: np.ndarray, policy: KeepPolicy) -> np.ndarray:
+    """Row order in which items claim to be kept; ties broken by key for determinism."""
+    keys_arr = np.asarray(keys)
+    if policy == "nearest_centroid":
+        return np.lexsort((keys_arr, -centroid_sim))
+    if policy == "farthest_centroid":
+        return np.lexsort((keys_arr, centroid_sim))
+    if policy == "largest_image":
+        return np.lexsort((keys_arr, -area))
+    return np.argsort(keys_arr, kind="stable")
+
+
+def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str], phash: np.ndarray,
+                  centroid_sim: np.ndarray, area: np.ndarray, *, epsilon: float | None, phash_max_distance: int | None,
+                  exact: bool = True, policy: KeepPolicy = "nearest_centroid", sweep: Sequence[float] = (),
+                  block: int = 2048) -> ClusterResult:
+    """Exact, perceptual and semantic duplicates inside one cluster (see module doc)."""
+    n = len(keys)
+    order = priority_order(keys, centroid_sim, area, policy)
+    reason = np.full(n, KEPT, dtype=object)
+    dup = np.full(n, -1, dtype=np.int64)  # in priority positions
+    active = np.ones(n, dtype=bool)
+    if exact:
+        first: dict[str, int] = {}
+        for pos, row in enumerate(order):
+            holder = first.setdefault(sha256[row], pos)
+            if holder != pos:
+                reason[pos], dup[pos], active[pos] = EXACT, holder, False
+    if phash_max_distance is not None:
+        t = 1.0 - 2.0 * (phash_max_distance + 0.5) / 64.0
+        near = greedy_duplicates(phash_vectors(phash[order]), [t], block, active)[0]
+        hit = near >= 0
+        reason[hit], dup[hit], active[hit] = NEAR, near[hit], False
+    sweep_kept: dict[float, int] = {}
+    eps_list = ([epsilon] if epsilon is not None else []) + [e for e in sweep if e != epsilon]
+    if eps_list:
+        sem = greedy_duplicates(vectors[order], [1.0 - e for e in eps_list], block, active)
+        for e, d in zip(eps_list, sem):
+            sweep_kept[e] = int((active & (d < 0)).sum())
+        if epsilon is not None:
+            hit = sem[0] >= 0
+            reason[hit], dup[hit] = SEMANTIC, sem[0][hit]
+    else:
+        sweep_kept = {}
+    # point every duplicate at the item that finally stays
+    for pos in range(n):
+        target = dup[pos]
+        while target >= 0 and dup[target] >= 0:
+            target = dup[target]
+        dup[pos] = target
+    out_reason = np.empty(n, dtype=object)
+    out_dup = np.full(n, -1, dtype=np.int64)
+    rank = np.empty(n, dtype=np.int64)
+    out_reason[order] = reason
+    out_dup[order] = np.where(dup >= 0, order[np.maximum(dup, 0)], -1)
+    kept_positions = np.flatnonzero(reason == KEPT)
+    rank[order] = n  # removed items rank last
+    rank[order[kept_positions]] = np.arange(len(kept_positions))
+    return ClusterResult(out_reason, out_dup, rank, sweep_kept)
+
+
+@dataclass
+class DedupResult:
+    """Per-row outcome over many clusters: reason ("" kept), dup_of row index (-1), rank in cluster."""
+
+    reason: np.ndarray
+    dup_of: np.ndarray
+    rank: np.ndarray
+    sweep_kept: dict[float, int]
+
+
+def dedup_all(labels: np.ndarray, vectors: np.ndarray, keys: Sequence[str], sha256: Sequence[str], phash: np.ndarray,
+              centroid_sim: np.ndarray, area: np.ndarray, candidates: np.ndarray | None = None, **options) -> DedupResult:
+    """`dedup_cluster` over every cluster in `labels`; rows outside `candidates` are left alone
+    (reason "" and rank -1): the caller has already removed them (prefilters)."""
+    n = len(labels)
+    reason = np.full(n, KEPT, dtype=object)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    rank = np.full(n, -1, dtype=np.int64)
+    sweep: dict[float, int] = {}
+    rows = np.arange(n) if candidates is None else np.flatnonzero(candidates)
+    order = rows[np.argsort(labels[rows], kind="stable")]
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    keys_arr, sha_arr = np.asarray(keys), np.asarray(sha256)
+    for idx in np.split(order, bounds) if len(order) else []:
+        res = dedup_cluster(keys_arr[idx], vectors[idx], sha_arr[idx], phash[idx], centroid_sim[idx], area[idx], **options)
+        reason[idx], rank[idx] = res.reason, res.rank
+        dup_of[idx] = np.where(res.dup_of >= 0, idx[np.maximum(res.dup_of, 0)], -1)
+        for e, kept in res.sweep_kept.items():
+            sweep[e] = sweep.get(e, 0) + kept
+    return DedupResult(reason, dup_of, rank, sweep)
+
+
+# -- prefilters and selection ----------------------------------------------------------------
+
+
+def prefilter(width: np.ndarray, height: np.ndarray, min_short_edge: int, max_aspect_ratio: float | None) -> np.ndarray:
+    """Removal reason per row for the size/shape prefilters ("" = passes)."""
+    reason = np.full(len(width), KEPT, dtype=object)
+    short, long = np.minimum(width, height), np.maximum(width, height)
+    if max_aspect_ratio is not None:
+        reason[long > max_aspect_ratio * np.maximum(short, 1)] = BAD_ASPECT
+    reason[short < min_short_edge] = TOO_SMALL
+    return reason
+
+
+def select_balanced(cluster: np.ndarray, rank: np.ndarray, keys: Sequence[str], per_cluster: int | None,
+                    target_total: int | None) -> np.ndarray:
+    """Which kept rows survive selection: top `per_cluster` per cluster by rank, then, to reach
+    `target_total`, round-robin over clusters (everyone's best first, then second best, …)."""
+    chosen = np.ones(len(rank), dtype=bool)
+    if per_cluster is not None:
+        chosen &= rank < per_cluster
+    if target_total is not None and chosen.sum() > target_total:
+        idx = np.flatnonzero(chosen)
+        order = np.lexsort((np.asarray(keys)[idx], cluster[idx], rank[idx]))
+        keep = np.zeros(len(rank), dtype=bool)
+        keep[idx[order[:target_total]]] = True
+        chosen = keep
+    return chosen
+
+
+class DecisionStage(Stage):
+    """Applies dedup's decisions: removed samples name what they duplicate, kept ones get their
+    cluster, and images the embed pass failed on become reject rows with its reason."""
+
+    name = "dedup"
+
+    def __init__(self, decisions: Path, embed_rejects: Callable[[int], Path]):
+        super().__init__()
+        self.decisions, self.embed_rejects = decisions, embed_rejects
+
+    def _unit(self, unit: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        import pyarrow.parquet as pq
+
+        decided = {r["key"]: r for r in pq.read_table(self.decisions, filters=[("unit", "=", unit)]).to_pylist()}
+        failed_file = self.embed_rejects(unit)
+        failed = {r["key"]: r for r in pq.read_table(failed_file).to_pylist()} if failed_file.exists() else {}
+        return decided, failed
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        units = {unit: self._unit(unit) for unit in sorted({item.unit for item in batch})}
+        verdicts: list[Verdict] = []
+        for item in batch:
+            decided, failed = units[item.unit]
+            if item.key in failed:
+                verdicts.append(Rejection(failed[item.key]["reason"], failed[item.key]["detail"], "embed"))
+                continue
+            decision = decided.get(item.key)
+            if decision is None:
+                raise LookupError(f"sample {item.key} has no dedup decision; delete {self.decisions.parent} and resume")
+            if decision["reason"]:
+                verdicts.append(Removal(decision["reason"], decision["dup_of"], decision["cluster"]))
+            else:
+                item.sample.cluster = decision["cluster"]
+                verdicts.append(None)
+        return verdicts

@@ -1,0 +1,232 @@
+"""perceive: every configured expert as a stage, then the merge of their outputs.
+
+`ExpertStage` wraps one expert instance (any plugin): it hands the expert the stored images and
+what upstream experts saw, validates what comes back (known kinds against their schema, boxes
+clipped to the image) and stages it under `kind@instance`. `MergeStage` merges the staged
+outputs per kind, detectors by IoU voting (GranD). Experts form a small DAG of their own:
+`plan_experts` orders them so every producer of a kind runs before its consumers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from denseforge.errors import ConfigError
+from denseforge.experts.base import Expert, ExpertInput, clip_box
+from denseforge.experts.registry import load_expert_class
+from denseforge.stages.sample import KNOWN_KINDS
+from denseforge.stages.settings import Settings
+from denseforge.stages.stage import Item, Resources, Stage, Verdict, configure
+
+STAGED = "@"  # staged outputs live under "kind@instance" until the merge stage
+
+
+class ExpertSpec(Settings):
+    """One expert instance: a plugin, its options (checked against the plugin's own model), resources."""
+
+    plugin: str
+    name: str | None = Field(None, description="instance name; defaults to the plugin name")
+    options: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
+    score_threshold: float = Field(0.0, ge=0, le=1, description="boxes below it are ignored when detectors merge")
+    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of images it may fail on; null: no limit")
+
+    @property
+    def instance(self) -> str:
+        return self.name or self.plugin
+
+
+class PerceiveConfig(Settings):
+    enabled: bool = False
+    experts: list[ExpertSpec] = Field(default_factory=list)
+    on_error: Literal["keep", "reject"] = Field(
+        "keep", description="an expert failing on an image: keep the sample (error recorded) or reject it")
+    merge_iou: float = Field(0.65, gt=0, le=1, description="IoU at which boxes of several detectors agree")
+    merge_min_votes: int = Field(1, ge=1, description="detectors that must agree on a box (GranD: 2)")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "PerceiveConfig":
+        names = [e.instance for e in self.experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"perceive.experts: instance names must be unique, repeated: {', '.join(dupes)}")
+        if self.enabled and not self.experts:
+            raise ValueError("perceive.enabled needs at least one entry in perceive.experts")
+        return self
+
+
+def build_expert(spec: ExpertSpec, where: str) -> tuple[Expert, Resources]:
+    """Instantiate a configured expert (no model loaded); config errors name the key path."""
+    cls = load_expert_class(spec.plugin)
+    options, resources = configure(cls, spec.options, spec.resources, where)
+    return cls(options), resources
+
+
+def plan_experts(cfg: PerceiveConfig) -> list[tuple[ExpertSpec, Expert, Resources]]:
+    """Validate every expert and order them so all producers of a kind run before its consumers."""
+    built = [(spec, *build_expert(spec, f"perceive.experts[{i}]")) for i, spec in enumerate(cfg.experts)]
+    producers: dict[str, set[str]] = {}
+    for spec, expert, _ in built:
+        producers.setdefault(expert.kind, set()).add(spec.instance)
+    for spec, expert, _ in built:
+        missing = [k for k in expert.consumes if k not in producers]
+        if missing:
+            raise ConfigError(f"perceive.experts: {spec.instance} consumes {', '.join(missing)}, "
+                              "which no configured expert produces")
+    ordered: list[tuple[ExpertSpec, Expert, Resources]] = []
+    done: set[str] = set()
+    pending = list(built)
+    while pending:
+        ready = [b for b in pending if all(producers[k] - {b[0].instance} <= done for k in b[1].consumes)]
+        if not ready:
+            raise ConfigError("perceive.experts: circular consumes between " + ", ".join(b[0].instance for b in pending))
+        for b in ready:
+            ordered.append(b)
+            done.add(b[0].instance)
+            pending.remove(b)
+    return ordered
+
+
+def observations_by_kind(experts: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """What upstream experts saw so far, staged outputs folded into their kind."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, found in experts.items():
+        out.setdefault(key.split(STAGED, 1)[0], []).extend(found)
+    return out
+
+
+class ExpertStage(Stage):
+    """One expert instance as a stage: its model loads in `setup()`, once per worker."""
+
+    error_reason = "expert_error"
+
+    def __init__(self, expert: Expert, instance: str):
+        super().__init__()
+        self.expert, self.instance = expert, instance
+        self.staged = f"{expert.kind}{STAGED}{instance}"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.instance
+
+    def setup(self) -> None:
+        self.expert.setup()
+        self.expert_provenance = self.expert.provenance()
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        inputs = [ExpertInput(item.key, item.image, observations_by_kind(item.sample.experts)) for item in batch]
+        found = self.expert(inputs)
+        if not isinstance(found, list) or len(found) != len(batch):
+            raise TypeError(f"expert {self.instance} returned {type(found).__name__} of length "
+                            f"{len(found) if isinstance(found, list) else '?'} for {len(batch)} images")
+        verdicts: list[Verdict] = []
+        for item, observations in zip(batch, found):
+            try:
+                clean = sanitize(observations, self.expert.kind, *item.image.size)
+            except (TypeError, ValueError) as exc:
+                verdicts.append(TypeError(f"invalid output: {exc}"))
+                continue
+            item.sample.experts[self.staged] = clean
+            item.sample.provenance.setdefault("experts", {})[self.instance] = self.expert_provenance
+            verdicts.append(None)
+        return verdicts
+
+
+class MergeStage(Stage):
+    """Merge staged outputs per kind: detectors by IoU voting, the rest concatenated (tagged with
+    their source when several experts share a kind); per-expert score thresholds apply."""
+
+    name = "merge"
+    Options = PerceiveConfig
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        thresholds = {e.instance: e.score_threshold for e in self.options.experts}
+        for item in batch:
+            by_kind: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            for key, found in item.sample.experts.items():
+                kind, _, instance = key.partition(STAGED)
+                by_kind.setdefault(kind, {})[instance or kind] = found
+            merged: dict[str, list[dict[str, Any]]] = {}
+            for kind, per_instance in by_kind.items():
+                if kind == "objects" and len(per_instance) > 1:
+                    merged[kind] = merge_detections(per_instance, self.options.merge_iou, self.options.merge_min_votes,
+                                                    thresholds)
+                else:
+                    merged[kind] = [{**obs, "source": name} if len(per_instance) > 1 else obs
+                                    for name, found in sorted(per_instance.items()) for obs in found
+                                    if obs.get("score", 1.0) >= thresholds.get(name, 0.0)]
+            item.sample.experts = merged
+        return [None] * len(batch)
+
+
+def sanitize(observations: Any, kind: str, width: int, height: int) -> list[dict[str, Any]]:
+    """Validate one image's observations: known kinds against their schema, boxes clipped to the
+    stored image, invalid entries dropped; unknown kinds must be JSON-like dicts."""
+    if not isinstance(observations, list):
+        raise TypeError(f"expected a list of observations, got {type(observations).__name__}")
+    clean = []
+    for obs in observations:
+        if not isinstance(obs, dict):
+            raise TypeError(f"an observation is a {type(obs).__name__}, expected a dict")
+        obs = dict(obs)
+        if "box" in obs:
+            box = clip_box(list(obs["box"]), width, height)
+            if box is None:
+                continue
+            obs["box"] = box
+        if "score" in obs:
+            score = float(obs["score"])
+            if not math.isfinite(score):
+                continue
+            obs["score"] = score
+        model = KNOWN_KINDS.get(kind)
+        if model is not None:
+            extra = {k: v for k, v in obs.items() if k not in model.model_fields}
+            obs = {**model.model_validate({k: v for k, v in obs.items() if k in model.model_fields}).model_dump(), **extra}
+        clean.append(obs)
+    return clean
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def merge_detections(per_expert: dict[str, list[dict[str, Any]]], iou_threshold: float = 0.65, min_votes: int = 1,
+                     thresholds: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """IoU voting across detectors (GranD): boxes of the same label from different experts that
+    overlap by >= iou_threshold form one object; it is kept when at least `min_votes` experts
+    agree. Each expert's boxes first pass its own score threshold. The kept box is the
+    score-weighted mean; the score is the best one; `sources` names the agreeing experts."""
+    thresholds = thresholds or {}
+    boxes = [(name, obs) for name, found in sorted(per_expert.items()) for obs in found
+             if obs.get("score", 1.0) >= thresholds.get(name, 0.0)]
+    boxes.sort(key=lambda item: -item[1].get("score", 1.0))
+    used = [False] * len(boxes)
+    merged = []
+    for i, (name, obs) in enumerate(boxes):
+        if used[i]:
+            continue
+        used[i] = True
+        group = [(name, obs)]
+        for j in range(i + 1, len(boxes)):
+            other_name, other = boxes[j]
+            if (not used[j] and other["label"] == obs["label"] and other_name not in {g[0] for g in group}
+                    and iou(obs["box"], other["box"]) >= iou_threshold):
+                used[j] = True
+                group.append((other_name, other))
+        if len(group) < min_votes:
+            continue
+        weights = np.array([g[1].get("score", 1.0) for g in group]) + 1e-9
+        box = (np.array([g[1]["box"] for g in group]) * weights[:, None]).sum(0) / weights.sum()
+        merged.append({"label": obs["label"], "score": obs.get("score", 1.0),
+                       "box": [round(float(v), 2) for v in box], "sources": sorted(g[0] for g in group)})
+    return merged

@@ -1,0 +1,231 @@
+"""Read the input (LAION-style table, image folder, or webdataset shards) into work units.
+
+A work unit is one input shard of at most `samples_per_shard` rows: an Arrow IPC file that
+img2dataset's downloader reads, plus a parquet of the rows screened out before download. Rows
+stream through; the table is never held in memory. Every row gets a stable key from its position
+in the input, so reruns give the same keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from denseforge.errors import InputError
+from denseforge.stages.files import write_parquet_atomic
+from denseforge.stages.sample import Reject, make_key
+from denseforge.stages.url_screen import ALLOWED_SCHEMES, screen_url
+
+TABLE_SUFFIXES = {
+    ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv", ".tsv": "csv",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+UNIT_SCHEMA = pa.schema([
+    ("url", pa.string()), ("caption", pa.string()), ("df_key", pa.string()), ("df_source", pa.string()),
+])
+
+
+@dataclass
+class InputRow:
+    """One input row; `problem` is set when the row itself is malformed."""
+
+    url: Any = None
+    caption: Any = None
+    source: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None
+
+
+def expand_paths(path: str, suffixes: set[str] | dict[str, str]) -> list[Path]:
+    """A file, a directory (its matching files) or a glob, sorted for stable keys."""
+    if any(ch in path for ch in "*?["):
+        found = [Path(p) for p in glob.glob(path, recursive=True)]
+    elif os.path.isdir(path):
+        found = [p for p in Path(path).rglob("*") if p.is_file()]
+    elif os.path.isfile(path):
+        return [Path(path)]
+    else:
+        raise InputError(f"input.path {path!r} does not exist")
+    files = sorted(p for p in found if p.suffix.lower() in suffixes and p.is_file())
+    if not files:
+        raise InputError(f"input.path {path!r} holds no files ending in {', '.join(sorted(suffixes))}")
+    return files
+
+
+def table_format(path: Path, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    try:
+        return TABLE_SUFFIXES[path.suffix.lower()]
+    except KeyError:
+        raise InputError(f"cannot tell the format of {path}; set input.format to parquet, csv or jsonl") from None
+
+
+def _pick(record: dict[str, Any], url_col: str, caption_col: str | None, keep: list[str] | None) -> InputRow:
+    extras = {k: v for k, v in record.items() if k not in (url_col, caption_col)}
+    if keep is not None:
+        extras = {k: extras.get(k) for k in keep}
+    return InputRow(record.get(url_col), record.get(caption_col) if caption_col else None, extras)
+
+
+def _check_columns(path: Path, columns: list[str], url_col: str, caption_col: str | None) -> None:
+    missing = [c for c in (url_col, caption_col) if c and c not in columns]
+    if missing:
+        raise InputError(
+            f"{path}: column(s) {', '.join(map(repr, missing))} not found (input.url_col / input.caption_col); "
+            f"the table has: {', '.join(columns[:30])}"
+        )
+
+
+def _parquet_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise InputError(f"{path} is not a readable parquet file: {exc}") from None
+    names = pf.schema_arrow.names
+    _check_columns(path, names, url_col, caption_col)
+    wanted = None if keep is None else [c for c in names if c in {url_col, caption_col, *keep}]
+    for batch in pf.iter_batches(batch_size=8192, columns=wanted):
+        for record in batch.to_pylist():
+            yield _pick(record, url_col, caption_col, keep)
+
+
+def _csv_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise InputError(f"{path} is empty: expected a header row") from None
+        _check_columns(path, header, url_col, caption_col)
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield InputRow(problem=f"line {reader.line_num}: {exc}")
+                continue
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                yield InputRow(problem=f"line {reader.line_num}: {len(cells)} fields, header has {len(header)}")
+                continue
+            yield _pick(dict(zip(header, cells)), url_col, caption_col, keep)
+
+
+def _jsonl_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield InputRow(problem=f"line {number}: not JSON ({exc.msg})")
+                continue
+            if not isinstance(record, dict):
+                yield InputRow(problem=f"line {number}: a JSON {type(record).__name__}, expected an object")
+                continue
+            yield _pick(record, url_col, caption_col, keep)
+
+
+_READERS = {"parquet": _parquet_rows, "csv": _csv_rows, "jsonl": _jsonl_rows}
+
+
+def iter_table_rows(path: str, fmt: str, url_col: str, caption_col: str | None, keep: list[str] | None) -> Iterator[InputRow]:
+    """Rows of every table under `path`, in sorted file order."""
+    files = expand_paths(path, TABLE_SUFFIXES if fmt == "auto" else {s for s, f in TABLE_SUFFIXES.items() if f == fmt})
+    for file in files:
+        yield from _READERS[table_format(file, fmt)](file, url_col, caption_col, keep)
+
+
+def iter_folder_rows(path: str) -> Iterator[InputRow]:
+    """Images of a local folder as file:// rows; a same-named .txt beside an image is its caption."""
+    for file in expand_paths(path, IMAGE_SUFFIXES):
+        sidecar = file.with_suffix(".txt")
+        caption = sidecar.read_text(errors="replace").strip() if sidecar.is_file() else None
+        yield InputRow(file.resolve().as_uri(), caption, {"path": str(file)})
+
+
+def _cell(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+@dataclass
+class UnitPlan:
+    """What partitioning wrote: the number of rows and units."""
+
+    rows: int = 0
+    units: int = 0
+    screened_out: int = 0
+
+
+def write_units(rows: Iterator[InputRow], unit_dir: Path, samples_per_shard: int,
+                allow_private: bool, allow_files: bool = False) -> UnitPlan:
+    """Screen rows and write them as img2dataset input shards (`NNNNNNN.arrow`) + screen rejects."""
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    schemes = ALLOWED_SCHEMES + (("file",) if allow_files else ())
+    plan = UnitPlan()
+    batch: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        unit = plan.units
+        table = pa.Table.from_pylist(batch, schema=UNIT_SCHEMA)
+        tmp = unit_dir / f".{unit:07d}.arrow.tmp"
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, UNIT_SCHEMA) as writer:
+            writer.write_table(table)
+        os.replace(tmp, unit_dir / f"{unit:07d}.arrow")
+        write_rejects(rejects, unit_dir / f"{unit:07d}.screened.parquet")
+        plan.units += 1
+        batch.clear()
+        rejects.clear()
+
+    for row in rows:
+        key = make_key(plan.units, plan.rows - plan.units * samples_per_shard)
+        plan.rows += 1
+        if row.problem is not None:
+            problem = Reject(key=key, stage="input", reason="malformed_row", detail=row.problem, url=None)
+        else:
+            verdict = screen_url(row.url, allow_private, schemes)
+            problem = None if verdict is None else Reject(
+                key=key, stage="input", reason=verdict.reason, detail=verdict.detail, url=_cell(row.url))
+        if problem is not None:
+            rejects.append(problem.model_dump())
+            plan.screened_out += 1
+        else:
+            batch.append({
+                "url": row.url.strip(), "caption": _cell(row.caption), "df_key": key,
+                "df_source": json.dumps(row.source, default=str, ensure_ascii=False),
+            })
+        if plan.rows % samples_per_shard == 0:
+            flush()
+    if plan.rows % samples_per_shard:
+        flush()
+    return plan
+
+
+REJECT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("url", pa.string()),
+])
+
+
+def write_rejects(rows: list[dict[str, Any]], path: Path) -> None:
+    """Write reject rows atomically."""
+    write_parquet_atomic(path, rows, REJECT_SCHEMA)

@@ -1,0 +1,128 @@
+"""The stage protocol: every per-sample phase between load and write is a `Stage`.
+
+A stage has a name, declares its resources, loads its model once in `setup()` (called in the
+worker that runs it, never on the driver) and turns a batch of `Item`s into one verdict per item:
+`None` (the sample goes on, changed in place), a `Rejection` (a reject row with a reason), a
+`Removal` (dropped as a duplicate or not selected) or an exception instance (this item failed).
+A stage may also raise: the runner splits the batch down to the failing item, so one bad image
+costs only itself. The runner (`denseforge.pipeline.adapter`) owns everything else — decoding,
+skipping finished rows, isolation, out-of-memory batch shrinking, counting and re-encoding — so
+a stage is testable with a list of items and no cluster.
+
+Plugin packages add stages through the entry-point group `denseforge.stages`; a config entry
+under `stages:` places them in the flow.
+"""
+
+from __future__ import annotations
+
+import io
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from denseforge.errors import ConfigError
+from denseforge.stages.sample import Sample
+
+
+class Resources(BaseModel):
+    """What one worker of a stage (or expert) needs, and how many to run."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per worker; fractions share a GPU")
+    num_cpus: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="items per call (halved on CUDA out-of-memory)")
+    concurrency: int | None = Field(
+        1, ge=1, description="workers kept alive with the model loaded; null: stateless tasks, as many as fit")
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Item:
+    """One sample on its way through a stage: the record, the stored image bytes, and the decoded
+    image (decoded on first use, once per stage call). `outputs` holds per-item results that are
+    not part of the sample record (the embed pass's vectors)."""
+
+    unit: int
+    sample: Sample
+    data: bytes
+    outputs: dict[str, Any] = field(default_factory=dict)
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return self.sample.key
+
+    @property
+    def image(self) -> Image.Image:
+        if self._image is None:
+            self._image = Image.open(io.BytesIO(self.data)).convert("RGB")
+        return self._image
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The item is written to rejects.parquet with this reason (and detail). `stage` names an
+    earlier phase when a stage relays that phase's verdict (dedup relays the embed pass's)."""
+
+    reason: str
+    detail: str = ""
+    stage: str | None = None
+
+
+@dataclass(frozen=True)
+class Removal:
+    """The item is dropped as a duplicate of `dup_of` (or not selected); dedup's table names it."""
+
+    reason: str
+    dup_of: str | None = None
+    cluster: int | None = None
+
+
+Verdict = Rejection | Removal | BaseException | None
+
+
+class Stage(ABC):
+    """Base class of every per-sample phase; subclass it, give it a `name`, implement `process`.
+
+    `error_reason` is the reject reason of an item the stage failed on (when the run's policy for
+    this stage is to reject such items). `Options` is the pydantic model of the stage's settings:
+    for built-in stages it is the config section itself.
+    """
+
+    name: ClassVar[str]
+    default_resources: ClassVar[Resources] = Resources(num_cpus=0.25, batch_size=64, concurrency=None)
+    error_reason: ClassVar[str] = "stage_error"
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel | dict[str, Any] | None = None):
+        self.options = options if isinstance(options, BaseModel) else self.Options.model_validate(options or {})
+
+    def setup(self) -> None:
+        """Load models and open files; called once per worker before the first batch."""
+
+    @abstractmethod
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        """One verdict per item, in order; change `item.sample` in place to pass information on."""
+
+
+def configure(cls: type, options: dict[str, Any], resources: dict[str, Any], where: str) -> tuple[BaseModel, Resources]:
+    """A plugin's options and resources from a config entry, checked against the plugin's own
+    models (`Options`, `default_resources`); errors name the config key path."""
+    try:
+        validated = cls.Options.model_validate(options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{where}.options.{'.'.join(map(str, first['loc']))}: {first['msg']} "
+                          f"(plugin {getattr(cls, 'name', cls.__name__)!r})") from None
+    try:
+        merged = Resources.model_validate({**cls.default_resources.model_dump(), **resources})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{where}.resources.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return validated, merged
