@@ -1,1 +1,0 @@
-"""The Ray DAG, configuration, run directory, CLI."""
