@@ -48,6 +48,7 @@ class InputConfig(Settings):
     keep_cols: list[str] | None = Field(
         None, description="extra source columns carried into the sample JSON; None = all"
     )
+    follow_symlinks: bool = Field(False, description="folder input: read links that lead outside the folder")
 
 
 class StageSpec(Settings):

@@ -148,6 +148,19 @@ class _Handler(BaseHTTPRequestHandler):
         elif segments[:1] == ["status"] and len(segments) == 2 and segments[1].isdigit():
             self.send_error(int(segments[1]))
             return
+        elif segments[:1] == ["drip"]:  # a slow server: `bytes` at a time every `every` s, no length
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            step, every = int(query.get("bytes", ["12"])[0]), float(query.get("every", ["0.2"])[0])
+            try:
+                for _ in range(int(query.get("times", ["100"])[0])):
+                    self.wfile.write(b"\xff" * step)
+                    self.wfile.flush()
+                    time.sleep(every)
+            except OSError:  # the client gave up
+                pass
+            return
         elif segments[:1] == ["redirect"] and "to" in query:
             self.send_response(302)
             self.send_header("Location", query["to"][0])

@@ -64,7 +64,7 @@ def plan_units(config: Config, rd: RunDir) -> Plan:
         if inp.kind == "table":
             rows = iter_table_rows(inp.path, inp.format, inp.url_col, inp.caption_col, inp.keep_cols)
         else:
-            rows = iter_folder_rows(inp.path)
+            rows = iter_folder_rows(inp.path, inp.follow_symlinks)
         result = write_units(rows, rd.units, spp, config.ingest.allow_private_addresses, inp.kind == "folder")
         plan = Plan(inp.kind, result.units, result.rows)
     rd.units.mkdir(parents=True, exist_ok=True)

@@ -168,4 +168,4 @@ def _sniff(data: bytes) -> str:
         return "the response is HTML, not an image"
     if not data:
         return "the response is empty"
-    return f"unrecognised content starting with {data[:8]!r}"
+    return f"unrecognised content ({len(data)} bytes, no known image signature)"  # never echo the bytes

@@ -39,7 +39,9 @@ class IngestConfig(ImageNormalizer):
 
     processes: int = Field(2, ge=1, description="input units downloaded at once (Ray tasks)")
     threads: int = Field(32, ge=1, le=1024, description="download threads per unit")
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, description="per socket operation (connect, each read)")
+    download_deadline_s: float | None = Field(
+        None, gt=0, description="wall-clock limit of one download; null: 3 x timeout_s")
     retries: int = Field(0, ge=0, le=10)
     unit_retries: int = Field(2, ge=0, le=10, description="re-runs of a unit whose task died")
     max_download_bytes: int = Field(32 * 2**20, ge=1024)
@@ -58,7 +60,8 @@ def download_unit(unit: int, unit_file: Path, raw_dir: Path, marker: Path, cfg: 
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    urllib.request.install_opener(guarded_opener(cfg.allow_private_addresses, cfg.max_download_bytes, allow_files))
+    deadline = cfg.download_deadline_s or 3 * cfg.timeout_s
+    urllib.request.install_opener(guarded_opener(cfg.allow_private_addresses, cfg.max_download_bytes, allow_files, deadline))
     raw_dir.mkdir(parents=True, exist_ok=True)
     # img2dataset deletes the shard file it was given; keep our unit for resume.
     work_copy = raw_dir / f"{unit_name(unit)}.input.arrow"

@@ -39,12 +39,13 @@ UNIT_SCHEMA = pa.schema([
 
 @dataclass
 class InputRow:
-    """One input row; `problem` is set when the row itself is malformed."""
+    """One input row; `problem` (and its `reason`) is set when the row itself is unusable."""
 
     url: Any = None
     caption: Any = None
     source: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None
+    reason: str = "malformed_row"
 
 
 def expand_paths(path: str, suffixes: set[str] | dict[str, str]) -> list[Path]:
@@ -96,9 +97,21 @@ def _parquet_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
     names = pf.schema_arrow.names
     _check_columns(path, names, url_col, caption_col)
     wanted = None if keep is None else [c for c in names if c in {url_col, caption_col, *keep}]
+    start = 0
     for batch in pf.iter_batches(batch_size=8192, columns=wanted):
-        for record in batch.to_pylist():
-            yield _pick(record, url_col, caption_col, keep)
+        try:
+            records = batch.to_pylist()
+        except UnicodeDecodeError:  # invalid UTF-8 in a string column: find the rows, keep the rest
+            records = []
+            for i in range(batch.num_rows):
+                try:
+                    records.append(batch.slice(i, 1).to_pylist()[0])
+                except UnicodeDecodeError as exc:
+                    records.append(InputRow(problem=f"row {start + i}: invalid UTF-8 ({exc.reason})",
+                                            reason="invalid_text"))
+        for record in records:
+            yield record if isinstance(record, InputRow) else _pick(record, url_col, caption_col, keep)
+        start += batch.num_rows
 
 
 def _csv_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
@@ -153,12 +166,31 @@ def iter_table_rows(path: str, fmt: str, url_col: str, caption_col: str | None, 
         yield from _READERS[table_format(file, fmt)](file, url_col, caption_col, keep)
 
 
-def iter_folder_rows(path: str) -> Iterator[InputRow]:
-    """Images of a local folder as file:// rows; a same-named .txt beside an image is its caption."""
+def iter_folder_rows(path: str, follow_symlinks: bool = False) -> Iterator[InputRow]:
+    """Images of a local folder as file:// rows; a same-named .txt beside an image is its caption.
+    A link that leads out of the folder is refused unless `follow_symlinks`."""
+    root = Path(path).resolve()
     for file in expand_paths(path, IMAGE_SUFFIXES):
+        target = file.resolve()
+        if not follow_symlinks and root not in (target, *target.parents):
+            yield InputRow(source={"path": str(file)}, reason="outside_folder",
+                           problem=f"{file.name} links outside the input folder (input.follow_symlinks allows it)")
+            continue
         sidecar = file.with_suffix(".txt")
         caption = sidecar.read_text(errors="replace").strip() if sidecar.is_file() else None
-        yield InputRow(file.resolve().as_uri(), caption, {"path": str(file)})
+        yield InputRow(target.as_uri(), caption, {"path": str(file)})
+
+
+def _invalid_text(row: InputRow) -> str | None:
+    """Why a row's text cannot be stored as UTF-8 (a lone surrogate from JSON, a file name that is
+    not UTF-8), or None."""
+    for name, value in (("url", row.url), ("caption", row.caption), ("source", json.dumps(row.source, default=str, ensure_ascii=False))):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"the {name} is not valid text ({exc.reason} at position {exc.start})"
+    return None
 
 
 def _cell(value: Any) -> str | None:
@@ -200,8 +232,11 @@ def write_units(rows: Iterator[InputRow], unit_dir: Path, samples_per_shard: int
     for row in rows:
         key = make_key(plan.units, plan.rows - plan.units * samples_per_shard)
         plan.rows += 1
+        invalid = None if row.problem is not None else _invalid_text(row)
         if row.problem is not None:
-            problem = Reject(key=key, stage="input", reason="malformed_row", detail=row.problem, url=None)
+            problem = Reject(key=key, stage="input", reason=row.reason, detail=row.problem, url=None)
+        elif invalid is not None:
+            problem = Reject(key=key, stage="input", reason="invalid_text", detail=invalid, url=None)
         else:
             verdict = screen_url(row.url, allow_private, schemes)
             problem = None if verdict is None else Reject(

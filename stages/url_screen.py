@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import socket
+import time
 import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -34,11 +35,35 @@ class ResponseTooLargeError(OSError):
     """The response body exceeds the configured byte limit."""
 
 
+_EMBEDDING_PREFIXES = [ipaddress.ip_network(n) for n in (
+    "::/96",          # IPv4-compatible (deprecated): ::a.b.c.d
+    "::ffff:0:0/96",  # IPv4-mapped: ::ffff:a.b.c.d
+    "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765): ::ffff:0:a.b.c.d
+    "64:ff9b::/96",   # NAT64 well-known prefix
+    "64:ff9b:1::/48",  # NAT64 local-use prefix (RFC 8215), the IPv4 address in the last 32 bits
+)]
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, compatible, translated, NAT64, 6to4,
+    Teredo), which is where a connection to it really goes."""
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in net for net in _EMBEDDING_PREFIXES) and int(ip) > 1:  # not :: or ::1
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def is_public_address(address: str) -> bool:
-    """True for a globally routable unicast address."""
+    """True for a globally routable unicast address; an IPv6 address that embeds an IPv4 one is
+    judged by the IPv4 address it embeds."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = embedded_ipv4(ip)
+        if inner is not None:
+            return inner.is_global and not inner.is_multicast
     return ip.is_global and not ip.is_multicast
 
 
@@ -119,11 +144,23 @@ def _guarded_connection_class(base: type[http.client.HTTPConnection], allow_priv
     return GuardedConnection
 
 
+class DownloadDeadlineError(TimeoutError):
+    """The whole download took longer than its wall-clock deadline."""
+
+
 class _CappedResponses(urllib.request.BaseHandler):
+    """Caps each body at `max_bytes` and each download (request to last byte) at `deadline_s`:
+    the body is read in pieces of at most one socket read, so a server that drips bytes slower
+    than the socket timeout is cut off at the deadline, not at bytes x timeout."""
+
     handler_order = 1000  # after everything else has looked at the response
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, deadline_s: float | None):
+        self.max_bytes, self.deadline_s = max_bytes, deadline_s
+
+    def http_request(self, request):
+        request.df_started = time.monotonic()
+        return request
 
     def http_response(self, request, response):
         length = response.headers.get("Content-Length")
@@ -133,27 +170,41 @@ class _CappedResponses(urllib.request.BaseHandler):
                 f"[too_large] Content-Length {length} exceeds ingest.max_download_bytes={self.max_bytes}"
             )
         unbounded_read = response.read
-        max_bytes = self.max_bytes
+        piece = getattr(response, "read1", None)
+        max_bytes, deadline_s = self.max_bytes, self.deadline_s
+        started = getattr(request, "df_started", time.monotonic())
 
         def bounded_read(amt=None):
-            if amt is not None:
+            if amt is not None or piece is None:
                 return unbounded_read(amt)
-            data = unbounded_read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise ResponseTooLargeError(
-                    f"[too_large] body exceeds ingest.max_download_bytes={max_bytes}"
-                )
-            return data
+            parts, size = [], 0
+            while True:
+                if deadline_s is not None and time.monotonic() - started > deadline_s:
+                    response.close()
+                    raise DownloadDeadlineError(
+                        f"[timeout] the download took longer than its deadline of {deadline_s:g} s "
+                        f"(ingest.download_deadline_s), {size} bytes read")
+                chunk = piece(65536)
+                if not chunk:
+                    return b"".join(parts)
+                size += len(chunk)
+                if size > max_bytes:
+                    response.close()
+                    raise ResponseTooLargeError(f"[too_large] body exceeds ingest.max_download_bytes={max_bytes}")
+                parts.append(chunk)
 
         response.read = bounded_read
         return response
 
+    https_request = http_request
     https_response = http_response
     file_response = http_response
 
 
-def guarded_opener(allow_private: bool, max_bytes: int, allow_files: bool = False) -> urllib.request.OpenerDirector:
-    """A urllib opener that refuses non-public targets (redirects included) and caps body size."""
+def guarded_opener(allow_private: bool, max_bytes: int, allow_files: bool = False,
+                   deadline_s: float | None = None) -> urllib.request.OpenerDirector:
+    """A urllib opener that refuses non-public targets (redirects included), caps body size and
+    the wall-clock time of each download."""
     plain = _guarded_connection_class(http.client.HTTPConnection, allow_private)
     tls = _guarded_connection_class(http.client.HTTPSConnection, allow_private)
 
@@ -173,7 +224,7 @@ def guarded_opener(allow_private: bool, max_bytes: int, allow_files: bool = Fals
         urllib.request.HTTPDefaultErrorHandler(),
         urllib.request.HTTPRedirectHandler(),
         urllib.request.HTTPErrorProcessor(),
-        _CappedResponses(max_bytes),
+        _CappedResponses(max_bytes, deadline_s),
     ]
     if allow_files:
         handlers.append(urllib.request.FileHandler())

@@ -126,3 +126,27 @@ def test_a_failed_unit_still_accounts_for_its_rows(tmp_path):
     write_json_atomic(rd.ingest_marker(1), {"unit": 1, "failed": "not a tar", "count": 0, "source_path": "/x.tar"})
     [row] = read_raw_unit(1, None, rd.raw, rd.ingest_marker(1), None)
     assert json.loads(row["reject"])["reason"] == "unreadable_shard" and json.loads(row["reject"])["url"] == "/x.tar"
+
+
+def test_ingest_cuts_a_dripping_download_at_its_deadline_and_keeps_the_ssrf_guard(tmp_path, photo_server):
+    import time
+
+    base = photo_server.base_url
+    rows = [InputRow(f"{base}/drip?bytes=12&every=0.3&times=100", "slow", {}), InputRow(f"{base}/img/coffee.jpg", "", {})]
+    rd = RunDir(tmp_path)
+    write_units(iter(rows), rd.units, 100, allow_private=True)
+    cfg = IngestConfig(threads=2, timeout_s=2, download_deadline_s=1.5, allow_private_addresses=True)
+    start = time.monotonic()
+    download_unit(0, rd.unit_file(0), rd.raw, rd.ingest_marker(0), cfg, 100, allow_files=False)
+    assert time.monotonic() - start < 10  # bytes x timeout would be 200 s
+    got = read_raw_unit(0, rd.unit_file(0), rd.raw, rd.ingest_marker(0), rd.screened_file(0))
+    reasons = [json.loads(r["reject"])["reason"] for r in got if r["reject"]]
+    assert reasons == ["timeout"] and sum(1 for r in got if r["sample"]) == 1
+    # the same unit without allow_private_addresses: ingest installs the guarded opener, so the
+    # loopback targets (which screening let through here) are refused at connect time
+    guarded = RunDir(tmp_path / "guarded")
+    write_units(iter(rows), guarded.units, 100, allow_private=True)
+    download_unit(0, guarded.unit_file(0), guarded.raw, guarded.ingest_marker(0),
+                  IngestConfig(threads=2, timeout_s=2), 100, allow_files=False)
+    got = read_raw_unit(0, guarded.unit_file(0), guarded.raw, guarded.ingest_marker(0), guarded.screened_file(0))
+    assert [json.loads(r["reject"])["reason"] for r in got] == ["private_address", "private_address"]

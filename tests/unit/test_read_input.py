@@ -8,9 +8,9 @@ from denseforge.errors import InputError
 from denseforge.stages.read_input import iter_folder_rows, iter_table_rows, write_units
 
 
-def _units(tmp_path, rows, spp=3, allow_private=False):
+def _units(tmp_path, rows, spp=3, allow_private=False, allow_files=False):
     out = tmp_path / "units"
-    plan = write_units(rows, out, spp, allow_private)
+    plan = write_units(rows, out, spp, allow_private, allow_files)
     accepted = [pa.ipc.open_file(pa.memory_map(str(p))).read_all().to_pylist() for p in sorted(out.glob("*.arrow"))]
     rejects = [pq.read_table(p).to_pylist() for p in sorted(out.glob("*.screened.parquet"))]
     return plan, accepted, rejects
@@ -93,3 +93,52 @@ def test_folder_rows_use_file_urls_and_sidecar_captions(tmp_path):
     assert [r.url.rsplit("/", 1)[1] for r in rows] == ["a.png", "b.jpg"]
     assert rows[0].caption is None and rows[1].caption == "a caption"
     assert rows[1].url.startswith("file:///")
+
+
+def _flat(result):
+    plan, accepted, rejects = result
+    return plan, [r for unit in accepted for r in unit], [r for unit in rejects for r in unit]
+
+
+def test_text_that_is_not_utf8_is_a_reject_row_not_a_crash(tmp_path):
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"url": "http://example.com/0.jpg", "caption": "ok"}\n'
+                     '{"url": "http://example.com/1.jpg", "caption": "lone \\ud800 surrogate"}\n'
+                     '{"url": "http://example.com/2.jpg", "caption": "fine", "extra": "\\udfff"}\n')
+    plan, accepted, rejects = _flat(_units(tmp_path / "j", iter_table_rows(str(jsonl), "auto", "url", "caption", None)))
+    assert plan.rows == 3 and [r["df_key"] for r in accepted] == ["000000000000"]
+    assert [(r["key"], r["reason"]) for r in rejects] == [("000000000001", "invalid_text"), ("000000000002", "invalid_text")]
+    # a parquet string column holding invalid UTF-8 (written as binary, then relabelled as string)
+    raw = pa.table({"url": pa.array([b"http://example.com/a.jpg", b"http://example.com/\xff.jpg"], pa.binary()),
+                    "caption": pa.array([b"a", b"b"], pa.binary())})
+    bad = raw.cast(pa.schema([("url", pa.string()), ("caption", pa.string())]), safe=False)
+    pq.write_table(bad, tmp_path / "t.parquet")
+    plan, accepted, rejects = _flat(_units(tmp_path / "p", iter_table_rows(str(tmp_path / "t.parquet"), "auto", "url", "caption", None)))
+    assert plan.rows == 2 and len(accepted) == 1 and [r["reason"] for r in rejects] == ["invalid_text"]
+    # a folder file name that is not UTF-8
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(folder), b"bad\xff.jpg"), "wb") as fh:
+        fh.write(b"y")
+    plan, accepted, rejects = _flat(_units(tmp_path / "f", iter_folder_rows(str(folder)), allow_files=True))
+    assert plan.rows == 2 and len(accepted) == 1 and [r["reason"] for r in rejects] == ["invalid_text"]
+
+
+def test_folder_links_that_leave_the_folder_are_refused(tmp_path):
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"x")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "inside.jpg").write_bytes(b"y")
+    (folder / "link.jpg").symlink_to(outside)
+    (folder / "local.jpg").symlink_to(folder / "inside.jpg")
+    rows = list(iter_folder_rows(str(folder)))
+    assert [(r.source["path"].rsplit("/", 1)[1], r.reason if r.problem else None) for r in rows] == [
+        ("inside.jpg", None), ("link.jpg", "outside_folder"), ("local.jpg", None)]
+    assert all(r.problem is None for r in iter_folder_rows(str(folder), follow_symlinks=True))

@@ -52,3 +52,36 @@ def test_opener_caps_response_size(photo_server):
     opener = guarded_opener(allow_private=True, max_bytes=2048)
     with pytest.raises(url_screen.ResponseTooLargeError, match="too_large"):
         opener.open(f"{photo_server.base_url}/img/coffee.jpg", timeout=5).read()
+
+
+@pytest.mark.parametrize("address", ["::7f00:1", "64:ff9b::7f00:1", "2002:7f00:1::", "::ffff:0:7f00:1",
+                                     "64:ff9b:1::a00:1", "2001:0:4136:e378:8000:63bf:80ff:fffe"])
+def test_ipv6_forms_that_embed_a_private_ipv4_are_private(address):
+    # compatible, NAT64, 6to4, translated, local-use NAT64, Teredo (client 127.0.0.1)
+    assert not url_screen.is_public_address(address)
+    assert screen_url(f"http://[{address}]/a.jpg").reason == "private_address"
+
+
+def test_ipv6_forms_that_embed_a_public_ipv4_stay_public():
+    for address in ("64:ff9b::808:808", "2002:808:808::", "2001:4860:4860::8888"):
+        assert url_screen.is_public_address(address)
+
+
+def test_a_dripping_server_is_cut_off_at_the_download_deadline(photo_server):
+    import time
+
+    opener = guarded_opener(allow_private=True, max_bytes=10**8, deadline_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(url_screen.DownloadDeadlineError, match=r"\[timeout\].*deadline of 1 s"):
+        # 12 bytes every 0.2 s for 100 times: each read is well within the socket timeout of 5 s
+        opener.open(f"{photo_server.base_url}/drip?bytes=12&every=0.2&times=100", timeout=5).read()
+    assert time.monotonic() - start < 2.5
+
+
+def test_the_size_cap_holds_without_a_content_length(photo_server):
+    opener = guarded_opener(allow_private=True, max_bytes=2048)
+    with pytest.raises(url_screen.ResponseTooLargeError, match="too_large"):
+        opener.open(f"{photo_server.base_url}/drip?bytes=1000&every=0&times=10", timeout=5).read()
+    body = guarded_opener(allow_private=True, max_bytes=2048).open(
+        f"{photo_server.base_url}/drip?bytes=1000&every=0&times=2", timeout=5).read()
+    assert body == b"\xff" * 2000
