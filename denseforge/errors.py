@@ -48,3 +48,9 @@ class StageFailedError(RunFailedError):
     def __init__(self, stage: str, message: str):
         super().__init__(message)
         self.stage = stage
+
+
+class FailedUnitsError(RunFailedError):
+    """The run finished, but some units never downloaded (their rows are reject rows)."""
+
+    exit_code = 3

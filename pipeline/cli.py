@@ -31,14 +31,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(dump_config(config), end="")
         return 0
     out = Path(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run(config, out.resolve(), args.address)
+    run(config, out.resolve(), args.address, args.allow_failed_units)
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from denseforge.pipeline.runner import resume
 
-    resume(Path(args.dir).resolve(), args.address)
+    resume(Path(args.dir).resolve(), args.address, args.allow_failed_units)
     return 0
 
 
@@ -105,10 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; run nothing")
+    p.add_argument("--allow-failed-units", action="store_true",
+                   help="exit 0 even when some units failed to download (otherwise exit 3)")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("resume", help="finish a run that stopped (killed, crashed, interrupted)")
     p.add_argument("dir")
     p.add_argument("--address")
+    p.add_argument("--allow-failed-units", action="store_true",
+                   help="exit 0 even when some units still fail to download (otherwise exit 3)")
     p.set_defaults(func=_cmd_resume)
     p = sub.add_parser("status", help="where a run is")
     p.add_argument("dir")
@@ -148,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except DenseforgeError as err:
         print(f"denseforge: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # before a run directory could log anything: read-only --out, a full disk
+        where = f" {err.filename}" if err.filename else ""
+        print(f"denseforge: error: cannot write{where}: {err.strerror or err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("denseforge: interrupted; continue with `denseforge resume DIR`", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 from denseforge.pipeline.config import RayConfig
 
@@ -13,18 +14,53 @@ OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE", "Y
 LIGHT_TASK_CPUS = 0.25
 
 
+QUIET_RAY = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0"}
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
+              "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+# A closed port on this host: a request through it is refused before anything leaves the machine.
+NOWHERE = "http://127.0.0.1:9"
+
+
+@contextmanager
+def _system_processes_offline():
+    """Ray's dashboard process loads its usage-stats module even with include_dashboard=False and
+    usage stats off, and that module asks cloud metadata endpoints (169.254.169.254,
+    metadata.google.internal) at every start, through any http_proxy (Ray 2.5x; no switch turns
+    it off). While `ray.init` spawns Ray's own processes they see a proxy that goes nowhere; the
+    driver's environment is restored right after, and workers get the user's own proxy settings
+    back through the job's runtime environment."""
+    saved = {k: os.environ.get(k) for k in PROXY_VARS}
+    for k in PROXY_VARS:
+        os.environ.pop(k, None)
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        os.environ[k] = NOWHERE
+    try:
+        yield {k: v or "" for k, v in saved.items()}  # "" reads as unset for urllib, requests, httpx
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def start_ray(cfg: RayConfig, address: str | None) -> None:
-    """Join `address`, or start an embedded local cluster sized by the config."""
+    """Join `address`, or start an embedded local cluster sized by the config. A run sends
+    nothing over the network of its own accord: usage stats and Ray's cloud probes stay off."""
+    for key, value in QUIET_RAY.items():
+        os.environ.setdefault(key, value)  # before ray.init: its processes inherit them
     import ray
 
-    env = {k: os.environ[k] for k in OFFLINE_SWITCHES if k in os.environ}
+    env = {k: os.environ[k] for k in (*OFFLINE_SWITCHES, *QUIET_RAY) if k in os.environ}
     common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-                  runtime_env={"env_vars": env} if env else None, configure_logging=True)
+                  configure_logging=True)
     address = address or cfg.address
     if address:
-        ray.init(address=address, **common)
+        ray.init(address=address, runtime_env={"env_vars": env}, **common)
     else:
-        ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, **common)
+        with _system_processes_offline() as proxies:
+            ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
+                     runtime_env={"env_vars": {**env, **proxies}}, **common)
     from ray.data import DataContext
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # our own bars report progress

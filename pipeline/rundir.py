@@ -6,7 +6,13 @@ A unit is finished for a phase when its marker exists; `pending(phase)` lists th
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -99,6 +105,10 @@ class RunDir:
         return self.shards / "_parts"
 
     @property
+    def lock_file(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 
@@ -170,6 +180,49 @@ class RunDir:
         if not self.run_file.exists() or not self.config_file.exists():
             raise RunDirError(f"{self.root} is not a denseforge run directory (no run.json/config.yaml)")
         return load_config(self.config_file)
+
+    @contextmanager
+    def locked(self, command: str) -> Iterator[None]:
+        """Hold the run's lock (an fcntl lock on run.lock, with this driver's host and pid in it)
+        while a driver works here; a second driver is refused. Temporary files left by a killed
+        writer are swept once the lock is held."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.lock_file, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirError(f"{self.root} is in use by a running driver ({holder}); wait for it to finish "
+                              "or stop it first (`denseforge status` shows it)") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": command,
+                                     "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+            handle.flush()
+            for stale in self.root.rglob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the lock now (host, pid, command, since), or None when no driver does."""
+        if not self.lock_file.exists():
+            return None
+        with open(self.lock_file) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = handle.read().strip()
+                return json.loads(text) if text else {"host": "?", "pid": "?"}
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
 
     def read_state(self) -> dict[str, Any]:
         return json.loads(self.run_file.read_text())

@@ -9,6 +9,7 @@ unit (`RunDir`), so `resume` redoes exactly the units that were not finished.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 import traceback
@@ -20,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from denseforge.errors import DenseforgeError, RunFailedError, SetupError, StageFailedError
+from denseforge.errors import DenseforgeError, FailedUnitsError, RunFailedError, SetupError, StageFailedError
 from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, add_stage, count_traces
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.pipeline.config import Config
@@ -86,7 +87,8 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> No
     """Download (or convert) every unit without a marker, `ingest.processes` at a time."""
     import ray
 
-    pending = rd.pending("ingest", plan.units)
+    retry = [u for u in range(plan.units) if _ingest_failed(rd, u)]
+    pending = sorted(rd.pending("ingest", plan.units) + retry)
     rd.raw.mkdir(parents=True, exist_ok=True)
     bar = progress.phase("ingest", total=plan.units, done=plan.units - len(pending), unit="unit")
     if not pending:
@@ -114,6 +116,20 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> No
             bar.update(1, failed_units=1)
             progress.warn(f"unit {rd.unit_name(unit)} failed after {config.ingest.unit_retries} retries: {message}")
     bar.close()
+    recovered = [u for u in retry if not _ingest_failed(rd, u)]
+    if recovered:
+        # new images can change dedup's decisions anywhere: dedup and every unit's write are redone
+        for unit in recovered:
+            rd.embed_marker(unit).unlink(missing_ok=True)
+        rd.dedup_summary.unlink(missing_ok=True)
+        for marker in rd.markers("write"):
+            marker.unlink()
+        progress.note(f"{len(recovered)} failed unit(s) downloaded on retry; dedup and writing are redone")
+
+
+def _ingest_failed(rd: RunDir, unit: int) -> bool:
+    marker = rd.ingest_marker(unit)
+    return marker.exists() and bool(json.loads(marker.read_text()).get("failed"))
 
 
 # -- process ---------------------------------------------------------------------------------
@@ -241,7 +257,16 @@ def preflight(config: Config, rd: RunDir) -> list[StageRun]:
 
 def _finish_failed(rd: RunDir, config: Config, plan: Plan | None, timings: dict[str, float],
                    err: BaseException) -> None:
-    """A failed run keeps the stats it has so far, and `status` says why it failed."""
+    """A failed run keeps the stats it has so far, and `status` says why it failed (as far as
+    the disk lets it: on a full disk the console line is what remains)."""
+    try:
+        _record_failure(rd, config, plan, timings, err)
+    except OSError:
+        pass
+
+
+def _record_failure(rd: RunDir, config: Config, plan: Plan | None, timings: dict[str, float],
+                    err: BaseException) -> None:
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     if plan is not None:
         try:
@@ -257,9 +282,11 @@ def _finish_failed(rd: RunDir, config: Config, plan: Plan | None, timings: dict[
     rd.update_state(state="failed", reason=reason)
 
 
-def execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | None = None) -> dict[str, Any]:
+def execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | None = None,
+            allow_failed_units: bool = False) -> dict[str, Any]:
     """Run (or continue) the pipeline in `rd`; returns the final stats. Any failure leaves
-    `status` = failed with the reason, and its traceback in the run's log."""
+    `status` = failed with the reason, and its traceback in the run's log. Units whose download
+    kept failing leave the run `complete_with_failed_units` (exit 3) unless allowed."""
     timings: dict[str, float] = {}
     planned: list[Plan] = []  # filled once the input is planned, for a failure's partial stats
     rd.update_state(state="running", reason=None)
@@ -277,19 +304,46 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | Non
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
         _log(rd, exc)
-        _finish_failed(rd, config, planned[0] if planned else None, timings, exc)
-        raise RunFailedError(f"{type(exc).__name__}: {str(exc)[:300]} (traceback in {rd.log_file})") from exc
+        failure = RunFailedError(f"{explain(exc, rd)} (traceback in {rd.log_file})")
+        _finish_failed(rd, config, planned[0] if planned else None, timings, failure)
+        raise failure from exc
     write_json_atomic(rd.stats, stats)
-    rd.update_state(state="complete")
     Progress().summary(stats, rd.root)
+    failed_units = stats["ingest"]["failed_units"]
+    if failed_units and not allow_failed_units:
+        reason = (f"{failed_units} unit(s) failed to download after their retries; their rows are "
+                  f"ingest/ingest_failed rejects. `denseforge resume {rd.root}` retries them; "
+                  "--allow-failed-units accepts the run as it is")
+        rd.update_state(state="complete_with_failed_units", reason=reason)
+        raise FailedUnitsError(reason)
+    rd.update_state(state="complete", reason=None)
     return stats
 
 
+def explain(exc: BaseException, rd: RunDir) -> str:
+    """One line a user can act on: the root cause behind Ray's wrappers; for a file system error
+    the path and what to do."""
+    cause = exc
+    while getattr(cause, "cause", None) is not None and cause is not cause.cause:  # RayTaskError.cause
+        cause = cause.cause
+    if isinstance(cause, OSError) and cause.strerror:
+        where = f" {cause.filename}" if cause.filename else ""
+        if cause.errno == errno.ENOSPC:
+            return f"no space left on the device writing{where}; free some space, then `denseforge resume {rd.root}`"
+        if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot write{where}: {cause.strerror}; check the permissions of {rd.root}"
+        return f"{cause.strerror}:{where}"
+    return f"{type(cause).__name__}: {str(cause)[:300]}"
+
+
 def _log(rd: RunDir, exc: BaseException) -> None:
-    rd.logs.mkdir(parents=True, exist_ok=True)
-    with open(rd.log_file, "a", encoding="utf-8") as log:
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run failed:\n")
-        log.write("".join(traceback.format_exception(exc)))
+    try:
+        rd.logs.mkdir(parents=True, exist_ok=True)
+        with open(rd.log_file, "a", encoding="utf-8") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run failed:\n")
+            log.write("".join(traceback.format_exception(exc)))
+    except OSError:  # a full or read-only disk: the one-line error still reaches the console
+        pass
 
 
 def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | None, timings: dict[str, float],
@@ -339,16 +393,20 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
     timings["process_s"] = time.perf_counter() - start
 
 
-def run(config: Config, out: Path, address: str | None = None) -> dict[str, Any]:
+def run(config: Config, out: Path, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:
     """Start a new run in `out`."""
     rd = RunDir(out)
     runs = preflight(config, rd)
     rd.create(config)
-    return execute(rd, config, runs, address)
+    with rd.locked("run"):
+        return execute(rd, config, runs, address, allow_failed_units)
 
 
-def resume(root: Path, address: str | None = None) -> dict[str, Any]:
-    """Finish a run that stopped for any reason; finished units are kept, the rest redone."""
+def resume(root: Path, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:
+    """Finish a run that stopped for any reason; finished units are kept, the rest (and units
+    whose download failed) redone."""
     rd = RunDir(root)
     config = rd.load_config()
-    return execute(rd, config, preflight(config, rd), address)
+    runs = preflight(config, rd)
+    with rd.locked("resume"):
+        return execute(rd, config, runs, address, allow_failed_units)

@@ -21,13 +21,14 @@ from denseforge.errors import DenseforgeError
 from denseforge.pipeline.adapter import failures, merge_counts
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.rundir import RunDir
+from denseforge.stages.files import tmp_path
 from denseforge.stages.read_input import REJECT_SCHEMA
 from denseforge.stages.write import MANIFEST_SCHEMA
 
 
 def _merge(parts: list[Path], target: Path, schema) -> int:
     """Concatenate parquet parts in order, streaming (one part in memory at a time)."""
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = tmp_path(target)
     rows = 0
     with pq.ParquetWriter(tmp, schema) as writer:
         for part in parts:

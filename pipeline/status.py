@@ -16,6 +16,12 @@ def describe_run(root: Path) -> str:
     lines = [f"run {root}: {state.get('state', 'unknown')}"]
     if state.get("reason"):
         lines.append(f"  reason: {state['reason']}")
+    holder = rd.holder()
+    if holder is not None:
+        lines.append(f"  driver: alive, {holder.get('command', '?')} on {holder.get('host')} pid {holder.get('pid')} "
+                     f"since {holder.get('since', '?')}")
+    elif state.get("state") == "running":
+        lines.append("  driver: none holds the run (it was killed); continue with `denseforge resume`")
     if not rd.plan_file.exists():
         lines.append("  plan: not done (input not yet read)")
         return "\n".join(lines)

@@ -1,9 +1,15 @@
-"""Atomic file writes: a temporary name in the same folder, then a rename."""
+"""Atomic file writes: a temporary name in the same folder, unique to the writer, then a rename.
+
+Temporary names start with a dot and end in `.tmp` (`tmp_path`), so no glob of finished files
+matches them and a driver that holds the run's lock can sweep the ones a killed writer left.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +17,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def tmp_path(path: Path) -> Path:
+    """A temporary name beside `path` that no other writer (process or thread) uses."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
     os.replace(tmp, path)
 
 
 def write_table_atomic(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 

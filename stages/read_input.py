@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from denseforge.errors import InputError
-from denseforge.stages.files import write_parquet_atomic
+from denseforge.stages.files import tmp_path, write_parquet_atomic
 from denseforge.stages.sample import Reject, make_key
 from denseforge.stages.url_screen import ALLOWED_SCHEMES, screen_url
 
@@ -220,7 +220,7 @@ def write_units(rows: Iterator[InputRow], unit_dir: Path, samples_per_shard: int
     def flush() -> None:
         unit = plan.units
         table = pa.Table.from_pylist(batch, schema=UNIT_SCHEMA)
-        tmp = unit_dir / f".{unit:07d}.arrow.tmp"
+        tmp = tmp_path(unit_dir / f"{unit:07d}.arrow")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, UNIT_SCHEMA) as writer:
             writer.write_table(table)
         os.replace(tmp, unit_dir / f"{unit:07d}.arrow")

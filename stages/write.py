@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from denseforge.stages.files import write_json_atomic, write_parquet_atomic
+from denseforge.stages.files import tmp_path, write_json_atomic, write_parquet_atomic
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample, safe_member_key
 
@@ -57,7 +57,7 @@ def write_unit(unit: int, files: UnitFiles, samples: list[tuple[Sample, bytes]],
     for folder in {files.shard.parent, files.manifest.parent, files.rejects.parent, files.marker.parent}:
         folder.mkdir(parents=True, exist_ok=True)
     manifest: list[dict[str, Any]] = []
-    tmp_tar = files.shard.with_name(f".{files.shard.name}.tmp")  # dot-prefixed: never matched by *.tar
+    tmp_tar = tmp_path(files.shard)  # dot-prefixed: never matched by *.tar
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample, image in sorted(samples, key=lambda pair: pair[0].key):
             stem = safe_member_key(sample.key)

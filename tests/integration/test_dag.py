@@ -147,10 +147,22 @@ def test_folder_input_then_its_raw_shards_as_webdataset_input(tmp_path, photo_di
     cfg2.write_text(f"input: {{kind: webdataset, path: '{out}/raw/*.tar'}}\nray: {{num_cpus: 2}}\n"
                     "embed: {enabled: false}\ndedup: {enabled: false}\n")
     out2 = tmp_path / "wds_run"
-    run_cli("run", str(cfg2), "--out", str(out2))
+    proc = run_cli("run", str(cfg2), "--out", str(out2), check=False)
+    assert proc.returncode == 3 and "1 unit(s) failed to download" in proc.stderr.splitlines()[-1]
     f2 = json.loads((out2 / "stats.json").read_text())["funnel"]
     assert (f2["input_rows"], f2["written"], f2["rejected"]) == (3, 2, 1) and f2["balanced"]
     assert f2["rejected_by_reason"] == {"ingest/unreadable_shard": 1}
+    assert "complete_with_failed_units" in run_cli("status", str(out2)).stdout
+    # the failure was local and is fixed: resume retries the failed unit (a marker no longer
+    # means "done" for it) and every row of it is written
+    (out / "raw" / "9999999.tar").write_bytes((out / "raw" / "0000000.tar").read_bytes())
+    run_cli("resume", str(out2))
+    f3 = json.loads((out2 / "stats.json").read_text())["funnel"]
+    assert (f3["input_rows"], f3["written"], f3["rejected"]) == (4, 4, 0) and f3["balanced"]
+    assert ": complete" in run_cli("status", str(out2)).stdout
+    out3 = tmp_path / "wds_allowed"
+    (out / "raw" / "9999999.tar").write_bytes(b"not a tar")
+    run_cli("run", str(cfg2), "--out", str(out3), "--allow-failed-units")  # exit 0 when asked
 
 
 def test_resume_re_embeds_only_missing_units(table_run, tmp_path):
