@@ -30,7 +30,7 @@ from denseforge.stages.ground import GroundConfig, parse_ref_markup
 from denseforge.stages.regions import jpeg, select_views, top_regions
 from denseforge.stages.sample import Region, Sample
 from denseforge.stages.settings import Settings
-from denseforge.stages.stage import Item, Resources, Stage, Verdict
+from denseforge.stages.stage import Item, Rejection, Resources, Stage, Verdict
 
 BUILTIN_PROMPT = Path(__file__).parent / "prompts" / "perception.txt"
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
@@ -45,13 +45,25 @@ def _scaled(box: list[float], width: int, height: int) -> str:
     return ",".join(str(round(1000 * v / (width if i % 2 == 0 else height))) for i, v in enumerate(box))
 
 
-def render_perception(sample: Sample, renderers: Mapping[str, Expert] | None = None) -> str:
-    """The helper-data section of the prompt: alt text, then one section per observation kind.
-    Plugin kinds read as their expert's `render` says (JSON lines by default), escaped so they
-    cannot close their block."""
+def cut_at_word(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a word boundary, marked with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    if not (head[-1:].isspace() or text[limit].isspace()) and len(head.split()) > 1:
+        head = head.rsplit(None, 1)[0]  # the last word was cut in two: drop it
+    return head.rstrip() + " …"
+
+
+def render_perception(sample: Sample, renderers: Mapping[str, Expert] | None = None,
+                      alt_text_limit: int | None = None) -> str:
+    """The helper-data section of the prompt: alt text (cut to `alt_text_limit` characters), then
+    one section per observation kind. Plugin kinds read as their expert's `render` says (JSON
+    lines by default), escaped so they cannot close their block."""
     parts = []
     if sample.alt_text:
-        parts.append(f"<alt_text>\n{quote_untrusted(sample.alt_text)}\n</alt_text>")
+        alt = sample.alt_text if alt_text_limit is None else cut_at_word(sample.alt_text, alt_text_limit)
+        parts.append(f"<alt_text>\n{quote_untrusted(alt)}\n</alt_text>")
     for kind, found in sorted(sample.experts.items()):
         if not found:
             continue
@@ -78,6 +90,7 @@ class PromptTemplate:
 
     text: str
     word_limit: int = 192
+    alt_text_limit: int | None = None
 
     @classmethod
     def load(cls, path: str | None, word_limit: int) -> "PromptTemplate":
@@ -91,8 +104,8 @@ class PromptTemplate:
         return cls(text, word_limit)
 
     def render(self, sample: Sample, renderers: Mapping[str, Expert] | None = None) -> str:
-        return string.Template(self.text).safe_substitute(word_limit=self.word_limit,
-                                                          perception=render_perception(sample, renderers))
+        perception = render_perception(sample, renderers, self.alt_text_limit)
+        return string.Template(self.text).safe_substitute(word_limit=self.word_limit, perception=perception)
 
 
 class OpenAIBackendConfig(Settings):
@@ -119,6 +132,8 @@ class FuseConfig(Settings):
     backend: Literal["template", "openai", "transformers"] = "template"
     prompt_file: str | None = Field(None, description="template with $word_limit and $perception; None = built-in")
     word_limit: int = Field(192, ge=10)
+    max_alt_text_chars: int = Field(2000, ge=0, description="alt text in the prompt is cut here, at a word boundary")
+    max_caption_chars: int = Field(8000, ge=100, description="a longer reply is rejected (caption_too_long) before grounding")
     region_top_k: int = Field(0, ge=0, description="region captions for this many salient boxes (0: none)")
     region_views: int = Field(3, ge=1, le=11, description="DynRefer views per region, the tight crop included")
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
@@ -342,8 +357,7 @@ class CaptionStage(Stage):
             self.captioner = TemplateCaptioner()
             return
         prompt = PromptTemplate.load(f.prompt_file, f.word_limit)
-        if self.markup:
-            prompt = PromptTemplate(prompt.text + MARKUP_RULE, prompt.word_limit)
+        prompt = PromptTemplate(prompt.text + (MARKUP_RULE if self.markup else ""), prompt.word_limit, f.max_alt_text_chars)
         if f.backend == "transformers":
             self.captioner = TransformersCaptioner(prompt, f.transformers, self.renderers)
         else:
@@ -371,6 +385,12 @@ class CaptionStage(Stage):
                 verdicts.append(CaptionerError(caption.error or "the captioner returned an empty caption"))
                 continue
             sample.provenance["captioner"] = {**caption.provenance, "truncated": caption.truncated}
+            if self.options.backend != "template" and len(sample.alt_text or "") > self.options.max_alt_text_chars:
+                sample.provenance["captioner"]["alt_text_cut_to_chars"] = self.options.max_alt_text_chars
+            if len(caption.text) > self.options.max_caption_chars:
+                verdicts.append(Rejection("caption_too_long", f"{len(caption.text)} characters > "
+                                                              f"fuse.max_caption_chars={self.options.max_caption_chars}"))
+                continue
             if self.markup:
                 sample.caption, sample.grounding = parse_ref_markup(caption.text, sample.experts.get("objects", []))
             else:

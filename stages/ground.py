@@ -92,7 +92,7 @@ def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]],
     for name, label in (aliases or {}).items():
         if label in names_for and name != label:
             names_for[label].append(name)
-    taken: list[tuple[int, int]] = []
+    taken = bytearray(len(caption))  # characters a mention already holds: linear, not quadratic
     for label, indices in sorted(by_label.items()):
         indices.sort(key=lambda i: -_area(objects[i]["box"]))
         forms = sorted({f for n in names_for[label] for f in (n, plural(n))}, key=len, reverse=True)
@@ -108,9 +108,9 @@ def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]],
                     words.pop(0)
                 if words:
                     start = caption.rfind(words[0], match.start(1), end)
-            if any(start < t_end and t_start < end for t_start, t_end in taken):
+            if any(taken[start:end]):
                 continue  # a longer name of another label already holds these characters
-            taken.append((start, end))
+            taken[start:end] = b"\x01" * (end - start)
             is_plural = match.group(2).lower() in plurals
             chosen = indices if is_plural else [indices[next_box % len(indices)]]
             next_box += 0 if is_plural else 1

@@ -246,3 +246,39 @@ def test_transformers_backend_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot be loaded"):
         TransformersCaptioner(PromptTemplate.load(None, 50),
                               TransformersBackendConfig(model=str(tmp_path / "nothing-here"), device="cpu"))
+
+
+def test_huge_alt_text_is_cut_at_a_word_in_the_prompt_and_provenance_says_so(chat_server):
+    stage = CaptionStage(FuseConfig(backend="openai", max_alt_text_chars=50, openai=openai(chat_server.url)))
+    stage.setup()
+    item = Item(0, make_sample("word " * 200_000), b"\xff\xd8jpeg")  # a 1 MB alt text
+    assert stage.process([item]) == [None]
+    prompt = chat_server.requests_seen[-1]["messages"][0]["content"][1]["text"]
+    alt = prompt.split("<alt_text>\n")[1].split("\n</alt_text>")[0]
+    assert alt == '"' + "word " * 9 + 'word …"' and len(prompt) < 10_000
+    assert item.sample.provenance["captioner"]["alt_text_cut_to_chars"] == 50
+    from denseforge.stages.fuse import cut_at_word
+
+    assert cut_at_word("alpha beta gamma", 8) == "alpha …" and cut_at_word("alpha beta", 10) == "alpha beta"
+    assert cut_at_word("alpha beta gamma", 11) == "alpha beta …" and cut_at_word("supercalifragilistic", 5) == "super …"
+
+
+def test_a_huge_reply_is_rejected_before_grounding():
+    server = StubChatServer(caption="dog " * 5000)
+    with server as url:
+        stage = CaptionStage(FuseConfig(backend="openai", max_caption_chars=1000, openai=openai(url)))
+        stage.setup()
+        item = Item(0, make_sample(), b"\xff\xd8jpeg")
+        [verdict] = stage.process([item])
+    assert verdict.reason == "caption_too_long" and "19999 characters > fuse.max_caption_chars=1000" in verdict.detail
+    assert item.sample.caption is None
+
+
+def test_grounding_a_very_long_caption_finishes_and_finds_every_mention():
+    # 160k words did not finish in 4 minutes when overlaps were checked against every earlier span
+    caption = " ".join(["a dog near the car and"] * 32_000)
+    grounding = ground_mentions(caption, make_sample().experts)
+    assert len(grounding) == 64_000  # a singular mention ties to one box: the dogs' two boxes in turn
+    dogs = [g.source for g in grounding if g.phrase == "dog"]
+    assert dogs[:4] == ["objects/0", "objects/1", "objects/0", "objects/1"] and len(dogs) == 32_000
+    assert all(caption[g.span[0]:g.span[1]] == g.phrase for g in grounding[:100])
