@@ -3,13 +3,16 @@
 It answers every chat completion with `caption` after `latency_s`, and misbehaves on request when
 the prompt contains a marker: FLAKY (429 on its first request), LONG (finish_reason "length"),
 NOCHOICES (a reply without choices), NOTJSON (a body that is not JSON), EMPTYBODY (200 with no
-body). `GET /v1/models` lists one model. In a thread (tests: `requests_seen` records the bodies)
+body), HTTP500 (a server error, every time), HANG (no answer for `hang_s`), DRIP (headers, then a
+byte every half second), CLOSE (the connection closed without an answer). `GET /v1/models`
+lists one model. In a thread (tests: `requests_seen` records the bodies)
 or in its own process (benchmarks: the server does not share the client's GIL).
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,6 +58,25 @@ class _Handler(BaseHTTPRequestHandler):
         time.sleep(stub.latency_s)
         if first_flaky:
             return self._send(429, b"")
+        if "HTTP500" in text:
+            return self._send(500, b'{"error": {"message": "internal error"}}')
+        if "HANG" in text:
+            time.sleep(stub.hang_s)
+            return self._send(504, b"")
+        if "CLOSE" in text:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        if "DRIP" in text:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(int(stub.hang_s * 2)):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.5)
+            return None
         if "NOTJSON" in text:
             return self._send(200, b"<html>502 Bad Gateway</html>")
         if "EMPTYBODY" in text:
@@ -75,9 +97,9 @@ class StubChatServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
-    def __init__(self, caption: str = CAPTION, latency_s: float = 0.0, own_process: bool = False):
+    def __init__(self, caption: str = CAPTION, latency_s: float = 0.0, own_process: bool = False, hang_s: float = 30.0):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.caption, self.latency_s, self.own_process = caption, latency_s, own_process
+        self.caption, self.latency_s, self.own_process, self.hang_s = caption, latency_s, own_process, hang_s
         self.requests_seen: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 

@@ -1,0 +1,217 @@
+"""Chaos: killed drivers and workers, broken model servers, a full disk. After each, the run (or a
+resume) must end with exactly the samples of a clean run: none lost, none twice, same bytes.
+
+The kill points come from a seed printed in the test output (`CHAOS_SEED` chooses it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from denseforge.pipeline.bench.memory import descendants
+from denseforge.pipeline.chat_stub import StubChatServer
+from denseforge.pipeline.demo import LoopbackImageServer
+
+from ..conftest import run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]
+UNITS = 9
+
+
+def _config(tmp: Path, table: Path, name: str = "c.yaml") -> Path:
+    """Default ingest threads, several units, every phase: ingest, embed, dedup, perceive, fuse, write."""
+    cfg = tmp / name
+    cfg.write_text(f"""
+ray: {{num_cpus: 2}}
+input: {{path: {table}}}
+ingest: {{processes: 2, image_size: 128, allow_private_addresses: true}}
+embed: {{model: df-tiny-clip, weights: random, batch_size: 4}}
+dedup: {{epsilon: null, clusters: 3, keep: first_key}}
+perceive:
+  enabled: true
+  experts: [{{plugin: clip-tags, name: tagger, options: {{model: df-tiny-clip, weights: random, top_k: 2,
+              threshold: 0.0}}, resources: {{num_cpus: 0.5, batch_size: 2}}}}]
+fuse: {{enabled: true, backend: template}}
+qa: {{enabled: true, min_words: 1}}
+output: {{samples_per_shard: 2}}
+""")
+    return cfg
+
+
+def _result(out: Path) -> dict:
+    return {"manifest": sorted((r["key"], r["sha256"], r["shard"]) for r in pq.read_table(out / "manifest.parquet").to_pylist()),
+            "shards": {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))},
+            "rejects": sorted((r["key"], r["stage"], r["reason"]) for r in pq.read_table(out / "rejects.parquet").to_pylist()),
+            "decisions": pq.read_table(out / "dedup" / "decisions.parquet").to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, photo_dir):
+    tmp = tmp_path_factory.mktemp("chaos")
+    with LoopbackImageServer(photo_dir, delay_s=0.25) as server:  # slow enough that threads finish out of order
+        names = ["astronaut", "coffee", "chelsea", "rocket"] * 4 + ["page", "missing"]
+        table = tmp / "t.parquet"
+        pq.write_table(pa.table({"url": [f"{server.base_url}/img/{n}.jpg" for n in names],
+                                 "caption": [f"{n} {i}" for i, n in enumerate(names)]}), table)
+        cfg = _config(tmp, table)
+        clean = tmp / "clean"
+        run_cli("run", str(cfg), "--out", str(clean))
+        again = tmp / "again"
+        run_cli("run", str(cfg), "--out", str(again))
+        yield tmp, cfg, clean, server
+
+
+def _count(folder: Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern))) if folder.exists() else 0
+
+
+PHASES = {  # phase -> (the moment it is under way, the longest random wait after it)
+    "ingest": (lambda out: _count(out / "raw", "*.ingested.json") >= 1, 0.4),
+    "embed": (lambda out: _count(out / "embeddings", "*.done.json") >= 1, 0.4),
+    "dedup": (lambda out: _count(out / "embeddings", "*.done.json") == UNITS, 0.15),
+    "perceive": (lambda out: (out / "dedup" / "summary.json").exists(), 1.0),
+    "fuse": (lambda out: _count(out / "shards" / "_done", "*.json") >= 1, 0.3),
+    "write": (lambda out: _count(out / "shards" / "_done", "*.json") >= UNITS // 2, 0.3),
+    "finalize": (lambda out: _count(out / "shards" / "_done", "*.json") == UNITS, 0.05),
+}
+
+
+def _kill_driver_during(cmd: list[str], out: Path, phase: str, rng: random.Random, check_lock: bool) -> str:
+    """Start the CLI, wait until `phase` is under way, wait a random moment, SIGKILL the driver
+    (and reap the Ray processes it leaves). Returns where the kill landed."""
+    proc = subprocess.Popen([sys.executable, "-m", "denseforge.pipeline.cli", *cmd],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started, wait = PHASES[phase]
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not started(out):
+        time.sleep(0.05)
+    if check_lock:  # a second driver on the same directory is refused while this one works
+        second = run_cli("resume", str(out), check=False)
+        assert second.returncode == 2 and "in use by a running driver" in second.stderr
+    time.sleep(rng.uniform(0, wait))
+    finished = proc.poll() is not None
+    orphans = descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL) if not finished else None
+    proc.wait()
+    time.sleep(1)
+    for pid in orphans:  # Ray's processes may outlive a SIGKILLed driver; don't leak them into CI
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    landed = (f"ingest {_count(out / 'raw', '*.ingested.json')}/{UNITS}, embed {_count(out / 'embeddings', '*.done.json')}/{UNITS}, "
+              f"dedup {'done' if (out / 'dedup' / 'summary.json').exists() else 'not done'}, "
+              f"write {_count(out / 'shards' / '_done', '*.json')}/{UNITS}, stats {'yes' if (out / 'stats.json').exists() else 'no'}")
+    return ("(finished before the kill) " if finished else "") + landed
+
+
+def test_two_clean_runs_with_many_threads_are_byte_identical(corpus):
+    tmp, _, clean, _ = corpus
+    assert _result(clean) == _result(tmp / "again")
+
+
+def test_sigkill_of_the_driver_in_every_phase_then_resume_equals_a_clean_run(corpus):
+    tmp, cfg, clean, _ = corpus
+    seed = int(os.environ.get("CHAOS_SEED", random.randrange(10**6)))
+    print(f"\nCHAOS_SEED={seed}")
+    rng = random.Random(seed)
+    out = tmp / "killed"
+    landed = []
+    for i, phase in enumerate(PHASES):
+        cmd = ["run", str(cfg), "--out", str(out)] if i == 0 else ["resume", str(out)]
+        landed.append((phase, _kill_driver_during(cmd, out, phase, rng, check_lock=i == 0)))
+        print(f"kill {i + 1} ({phase}): {landed[-1][1]}")
+    assert "driver: none holds the run" in run_cli("status", str(out)).stdout or (out / "stats.json").exists()
+    run_cli("resume", str(out))
+    assert _result(out) == _result(clean), f"seed {seed}: {landed}"
+    assert not list(out.rglob(".*.tmp"))
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["funnel"]["balanced"] and stats["funnel"]["written"] == 4
+
+
+def test_a_killed_ray_worker_costs_a_retry_not_a_sample(corpus):
+    tmp, cfg, clean, _ = corpus
+    out = tmp / "worker_killed"
+    proc = subprocess.Popen([sys.executable, "-m", "denseforge.pipeline.cli", "run", str(cfg), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        if (out / "dedup" / "summary.json").exists():
+            for pid in descendants(proc.pid):
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue
+                if "StageWorker" in cmdline:  # an actor of the tagger's pool, in the middle of the stream
+                    os.kill(pid, signal.SIGKILL)
+                    killed = cmdline.replace("\0", " ").strip()
+                    break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=300)
+    assert killed is not None, "no stage worker was found to kill"
+    assert proc.returncode == 0, err
+    assert _result(out) == _result(clean)
+
+
+def test_a_model_server_that_misbehaves_costs_those_samples_with_reasons(tmp_path, photo_dir):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    faults = ["HTTP500", "HANG", "DRIP", "CLOSE", "NOTJSON", "NOCHOICES", "fine"]
+    for i, fault in enumerate(faults):
+        (folder / f"{i}.jpg").write_bytes((photo_dir / "coffee.jpg").read_bytes())
+        (folder / f"{i}.txt").write_text(fault)
+    with StubChatServer(hang_s=5) as url:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"""
+ray: {{num_cpus: 2}}
+input: {{kind: folder, path: {folder}}}
+embed: {{enabled: false}}
+dedup: {{enabled: false}}
+fuse: {{enabled: true, backend: openai, openai: {{base_url: "{url}", model: m, timeout_s: 2, max_retries: 1, concurrency: 8}}}}
+qa: {{enabled: true, min_words: 1, max_hallucination: 1.0}}
+""")
+        proc = run_cli("run", str(cfg), "--out", str(tmp_path / "run"))
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["funnel"]["written"] == 1 and stats["funnel"]["rejected_by_reason"] == {"fuse/captioner_error": 6}
+    assert stats["stages"]["fuse"]["failed_total"] == 6 and "stage fuse: failed on 6 of 7 items" in proc.stderr
+    details = {Path(json.loads(r["detail"]) if r["detail"].startswith("{") else r["key"]).name: r["detail"]
+               for r in pq.read_table(tmp_path / "run" / "rejects.parquet").to_pylist()}
+    assert len(details) == 6 and all(details.values())
+
+
+def test_a_full_disk_is_one_line_and_resume_after_freeing_space_finishes_the_run(corpus):
+    tmp, cfg, clean, _ = corpus
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mount = tmp / "small_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        need = sum(p.stat().st_size for p in clean.rglob("*") if p.is_file())
+        free = shutil.disk_usage(mount).free
+        filler = mount / "filler"
+        filler.write_bytes(b"\0" * max(0, free - need // 3))  # room for a third of a run
+        out = mount / "run"
+        first = run_cli("run", str(cfg), "--out", str(out), check=False)
+        assert first.returncode != 0
+        last = first.stderr.strip().splitlines()[-1]
+        assert last.startswith("denseforge: error:") and "Traceback" not in first.stderr
+        filler.unlink()
+        run_cli("resume", str(out))
+        assert _result(out) == _result(clean)
+        assert not list(out.rglob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
