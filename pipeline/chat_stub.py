@@ -103,6 +103,9 @@ class StubChatServer(ThreadingHTTPServer):
         self.requests_seen: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that gave up (timed out, closed) is part of the game, not an error to print."""
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"

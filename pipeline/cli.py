@@ -147,16 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     # albumentations (imported by img2dataset) phones home for updates unless told not to.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     args = build_parser().parse_args(argv)
+    from denseforge.pipeline.progress import close_open_bars
+
     try:
         return args.func(args)
     except DenseforgeError as err:
+        close_open_bars()
         print(f"denseforge: error: {err}", file=sys.stderr)
         return err.exit_code
     except OSError as err:  # before a run directory could log anything: read-only --out, a full disk
+        close_open_bars()
         where = f" {err.filename}" if err.filename else ""
         print(f"denseforge: error: cannot write{where}: {err.strerror or err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        close_open_bars()
         print("denseforge: interrupted; continue with `denseforge resume DIR`", file=sys.stderr)
         return 130
 

@@ -10,6 +10,15 @@ from typing import Any
 from tqdm import tqdm
 
 
+_OPEN: list["PhaseBar"] = []
+
+
+def close_open_bars() -> None:
+    """End every bar still drawing (a phase that failed), so an error starts on its own line."""
+    for bar in list(_OPEN):
+        bar.close()
+
+
 class PhaseBar:
     """A tqdm bar over units that also shows counts (written, rejected, …)."""
 
@@ -17,6 +26,7 @@ class PhaseBar:
         self.counts: Counter[str] = Counter()
         self._bar = tqdm(total=total, initial=done, desc=f"{name:>8}", unit=unit, file=sys.stderr,
                          mininterval=1.0, dynamic_ncols=True, leave=True)
+        _OPEN.append(self)
 
     def update(self, n: int = 1, **counts: int) -> None:
         self.counts.update(counts)
@@ -25,6 +35,8 @@ class PhaseBar:
 
     def close(self) -> None:
         self._bar.close()
+        if self in _OPEN:
+            _OPEN.remove(self)
 
 
 class Progress:

@@ -44,15 +44,18 @@ def _system_processes_offline():
                 os.environ[k] = v
 
 
-def start_ray(cfg: RayConfig, address: str | None) -> None:
-    """Join `address`, or start an embedded local cluster sized by the config. A run sends
-    nothing over the network of its own accord: usage stats and Ray's cloud probes stay off."""
+def start_ray(cfg: RayConfig, address: str | None) -> str | None:
+    """Join `address`, or start an embedded local cluster sized by the config; returns the folder
+    of the workers' logs when Ray tells it. A run sends nothing over the network of its own
+    accord: usage stats and Ray's cloud probes stay off."""
     for key, value in QUIET_RAY.items():
         os.environ.setdefault(key, value)  # before ray.init: its processes inherit them
     import ray
 
     env = {k: os.environ[k] for k in (*OFFLINE_SWITCHES, *QUIET_RAY) if k in os.environ}
-    common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+    # workers' own output (library warnings, tracebacks a library prints) stays in Ray's log files,
+    # not on the console: there, progress and one line per problem
+    common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                   configure_logging=True)
     address = address or cfg.address
     if address:
@@ -63,9 +66,14 @@ def start_ray(cfg: RayConfig, address: str | None) -> None:
                      runtime_env={"env_vars": {**env, **proxies}}, **common)
     from ray.data import DataContext
 
+
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # our own bars report progress
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     # One block is one unit all the way to the writer, which checks it got the whole unit.
     ctx.target_max_block_size = 2 * 2**30
+    try:  # where the workers' output went (a private attribute: best effort)
+        return ray._private.worker._global_node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001
+        return None

@@ -327,12 +327,12 @@ def explain(exc: BaseException, rd: RunDir) -> str:
     while getattr(cause, "cause", None) is not None and cause is not cause.cause:  # RayTaskError.cause
         cause = cause.cause
     if isinstance(cause, OSError) and cause.strerror:
-        where = f" {cause.filename}" if cause.filename else ""
+        where = cause.filename or rd.root
         if cause.errno == errno.ENOSPC:
-            return f"no space left on the device writing{where}; free some space, then `denseforge resume {rd.root}`"
+            return f"no space left on the device writing {where}; free some space, then `denseforge resume {rd.root}`"
         if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return f"cannot write{where}: {cause.strerror}; check the permissions of {rd.root}"
-        return f"{cause.strerror}:{where}"
+            return f"cannot write {where}: {cause.strerror}; check the permissions of {rd.root}"
+        return f"{cause.strerror}: {where}"
     return f"{type(cause).__name__}: {str(cause)[:300]}"
 
 
@@ -360,7 +360,7 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
             rd.update_state(demo_port=server.port)
             progress.note(f"demo: serving {corpus.images} images (+{corpus.rows - corpus.images} broken rows) on {server.base_url}")
     start = time.perf_counter()
-    start_ray(config.ray, address)
+    rd.update_state(ray_logs=start_ray(config.ray, address))
     stack.callback(ray.shutdown)
     timings["ray_init_s"] = time.perf_counter() - start
     embed = [embed_stage(config)] if config.embed.enabled else []

@@ -16,6 +16,8 @@ def describe_run(root: Path) -> str:
     lines = [f"run {root}: {state.get('state', 'unknown')}"]
     if state.get("reason"):
         lines.append(f"  reason: {state['reason']}")
+        if state.get("ray_logs"):
+            lines.append(f"  workers' logs: {state['ray_logs']}")
     holder = rd.holder()
     if holder is not None:
         lines.append(f"  driver: alive, {holder.get('command', '?')} on {holder.get('host')} pid {holder.get('pid')} "

@@ -247,6 +247,8 @@ class OpenAICaptioner:
         try:
             reply = self.client.chat.completions.create(model=self.cfg.model, messages=messages,
                                                         max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature)
+            if not getattr(reply, "choices", None):
+                raise CaptionerError("the reply has no choices")
             choice = reply.choices[0]
             text = choice.message.content
             if not isinstance(text, str):

@@ -186,9 +186,9 @@ qa: {{enabled: true, min_words: 1, max_hallucination: 1.0}}
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
     assert stats["funnel"]["written"] == 1 and stats["funnel"]["rejected_by_reason"] == {"fuse/captioner_error": 6}
     assert stats["stages"]["fuse"]["failed_total"] == 6 and "stage fuse: failed on 6 of 7 items" in proc.stderr
-    details = {Path(json.loads(r["detail"]) if r["detail"].startswith("{") else r["key"]).name: r["detail"]
-               for r in pq.read_table(tmp_path / "run" / "rejects.parquet").to_pylist()}
-    assert len(details) == 6 and all(details.values())
+    rejects = pq.read_table(tmp_path / "run" / "rejects.parquet").to_pylist()
+    print("\n".join(f"{r['key']}: {r['detail'][:120]}" for r in rejects))
+    assert len(rejects) == 6 and all(r["detail"] for r in rejects)  # each says what went wrong
 
 
 def test_a_full_disk_is_one_line_and_resume_after_freeing_space_finishes_the_run(corpus):
@@ -207,8 +207,11 @@ def test_a_full_disk_is_one_line_and_resume_after_freeing_space_finishes_the_run
         out = mount / "run"
         first = run_cli("run", str(cfg), "--out", str(out), check=False)
         assert first.returncode != 0
-        last = first.stderr.strip().splitlines()[-1]
-        assert last.startswith("denseforge: error:") and "Traceback" not in first.stderr
+        lines = [line for line in first.stderr.splitlines() if line.startswith("denseforge: error:")]
+        assert len(lines) == 1, first.stderr[-3000:]
+        line = lines[0]
+        assert "Traceback" not in first.stderr, first.stderr[-3000:]
+        print(f"\n{line}")
         filler.unlink()
         run_cli("resume", str(out))
         assert _result(out) == _result(clean)
