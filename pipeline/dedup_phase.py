@@ -70,8 +70,9 @@ def write_embeddings(batch: pa.Table, rd: RunDir) -> pa.Table:
     return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.int64()), ("counts", pa.string())]))
 
 
-def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, load_units, budget) -> None:
-    """Embed every unit that has no embed marker yet; counts go to the error budget as units finish."""
+def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, load_units, budget) -> int:
+    """Embed every unit that has no embed marker yet; counts go to the error budget as units
+    finish. Returns how many units it embedded."""
     import ray
 
     pending = rd.pending("embed", plan_units)
@@ -89,6 +90,7 @@ def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, l
                 bar.update(1, images=counts["embedded"], failed=counts["failed"])
                 budget.add(counts["stages"])
     bar.close()
+    return len(pending)
 
 
 # -- dedup ------------------------------------------------------------------------------------

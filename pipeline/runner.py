@@ -83,8 +83,9 @@ def _ingest_one(unit: int, plan_kind: str, source: str, rd: RunDir, cfg: IngestC
     return download_unit(unit, Path(source), rd.raw, rd.ingest_marker(unit), cfg, samples_per_unit, allow_files)
 
 
-def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> None:
-    """Download (or convert) every unit without a marker, `ingest.processes` at a time."""
+def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> int:
+    """Download (or convert) every unit without a marker (or with a failed one), `ingest.processes`
+    at a time; returns how many units it worked on."""
     import ray
 
     retry = [u for u in range(plan.units) if _ingest_failed(rd, u)]
@@ -93,7 +94,7 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> No
     bar = progress.phase("ingest", total=plan.units, done=plan.units - len(pending), unit="unit")
     if not pending:
         bar.close()
-        return
+        return 0
     task = ray.remote(num_cpus=1, max_retries=config.ingest.unit_retries, retry_exceptions=True)(_ingest_one)
     allow_files = config.input.kind == "folder"
     in_flight: dict[Any, int] = {}
@@ -125,6 +126,7 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> No
         for marker in rd.markers("write"):
             marker.unlink()
         progress.note(f"{len(recovered)} failed unit(s) downloaded on retry; dedup and writing are redone")
+    return len(pending)
 
 
 def _ingest_failed(rd: RunDir, unit: int) -> bool:
@@ -220,16 +222,16 @@ def check_setups(runs: list[StageRun], rd: RunDir, progress: Progress) -> None:
 
 
 def run_process(config: Config, rd: RunDir, plan: Plan, runs: list[StageRun], progress: Progress,
-                budget: ErrorBudget) -> None:
+                budget: ErrorBudget) -> int:
     """Stream every unfinished unit through the stages into the shards; the error budget is
-    checked as each unit is written."""
+    checked as each unit is written. Returns how many units it wrote."""
     import ray
 
     pending = rd.pending("write", plan.units)
     bar = progress.phase("write", total=plan.units, done=plan.units - len(pending), unit="unit")
     if not pending:
         bar.close()
-        return
+        return 0
     ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(load_units, fn_kwargs={"rd": rd, "kind": plan.kind}, batch_size=1,
                         batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
@@ -244,6 +246,7 @@ def run_process(config: Config, rd: RunDir, plan: Plan, runs: list[StageRun], pr
             budget.add(counts["stages"])
             budget.check()
     bar.close()
+    return len(pending)
 
 
 # -- the whole run ---------------------------------------------------------------------------
@@ -282,30 +285,44 @@ def _record_failure(rd: RunDir, config: Config, plan: Plan | None, timings: dict
     rd.update_state(state="failed", reason=reason)
 
 
-def execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | None = None,
+def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, address: str | None = None,
             allow_failed_units: bool = False) -> dict[str, Any]:
     """Run (or continue) the pipeline in `rd`; returns the final stats. Any failure leaves
     `status` = failed with the reason, and its traceback in the run's log. Units whose download
-    kept failing leave the run `complete_with_failed_units` (exit 3) unless allowed."""
+    kept failing leave the run `complete_with_failed_units` (exit 3) unless allowed. Every
+    invocation is recorded in run.json's history (what it redid, its timings, how it ended); a
+    phase's time in stats.json is that of the invocation that did the phase's work."""
     timings: dict[str, float] = {}
+    redid: dict[str, Any] = {}
     planned: list[Plan] = []  # filled once the input is planned, for a failure's partial stats
+    entry = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "redid": redid, "timings": timings}
+    earlier = rd.read_state().get("timings", {})
     rd.update_state(state="running", reason=None)
+
+    def record(state: str, **fields: Any) -> None:
+        history = rd.read_state().get("history", [])
+        done = {**entry, "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "outcome": state,
+                "timings": {k: round(v, 3) for k, v in timings.items()}}
+        rd.update_state(state=state, history=[*history, done], timings={**earlier, **done["timings"]}, **fields)
+
     try:
         with ExitStack() as stack:
-            _execute(rd, config, runs, address, timings, stack, planned)
+            _execute(rd, config, runs, address, timings, stack, planned, redid)
         plan = planned[0]
-        stats = finalize_run(rd, config, plan.rows, timings)
+        stats = finalize_run(rd, config, plan.rows, {**earlier, **timings})
     except KeyboardInterrupt:
-        rd.update_state(state="interrupted", reason="interrupted; continue with `denseforge resume`")
+        record("interrupted", reason="interrupted; continue with `denseforge resume`")
         raise
     except DenseforgeError as err:
         _log(rd, err)
-        _finish_failed(rd, config, planned[0] if planned else None, timings, err)
+        _finish_failed(rd, config, planned[0] if planned else None, {**earlier, **timings}, err)
+        _quietly(record, "failed")
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
         _log(rd, exc)
         failure = RunFailedError(f"{explain(exc, rd)} (traceback in {rd.log_file})")
-        _finish_failed(rd, config, planned[0] if planned else None, timings, failure)
+        _finish_failed(rd, config, planned[0] if planned else None, {**earlier, **timings}, failure)
+        _quietly(record, "failed")
         raise failure from exc
     write_json_atomic(rd.stats, stats)
     Progress().summary(stats, rd.root)
@@ -314,10 +331,18 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | Non
         reason = (f"{failed_units} unit(s) failed to download after their retries; their rows are "
                   f"ingest/ingest_failed rejects. `denseforge resume {rd.root}` retries them; "
                   "--allow-failed-units accepts the run as it is")
-        rd.update_state(state="complete_with_failed_units", reason=reason)
+        record("complete_with_failed_units", reason=reason)
         raise FailedUnitsError(reason)
-    rd.update_state(state="complete", reason=None)
+    record("complete", reason=None)
     return stats
+
+
+def _quietly(step, *args: Any) -> None:
+    """Bookkeeping after a failure must not hide it (a full disk refuses run.json too)."""
+    try:
+        step(*args)
+    except OSError:
+        pass
 
 
 def explain(exc: BaseException, rd: RunDir) -> str:
@@ -347,10 +372,20 @@ def _log(rd: RunDir, exc: BaseException) -> None:
 
 
 def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | None, timings: dict[str, float],
-             stack: ExitStack, planned: list[Plan]) -> None:
+             stack: ExitStack, planned: list[Plan], redid: dict[str, Any]) -> None:
     import ray
 
     progress = Progress()
+
+    def timed(name: str, phase):
+        """Run a phase; its time counts only when it did work, so a resume that finds the phase
+        done keeps the time of the invocation that did it."""
+        start = time.perf_counter()
+        work = phase()
+        if work:
+            timings[name] = time.perf_counter() - start
+        return work
+
     if config.demo.enabled:
         state = rd.read_state()
         server = stack.enter_context(LoopbackImageServer(rd.demo / "files", port=state.get("demo_port", 0)))
@@ -368,29 +403,24 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
     check_capacity(runs)
     check_setups(embed + runs, rd, progress)
     timings["setup_s"] = time.perf_counter() - start
+    fresh = not rd.plan_file.exists()
     start = time.perf_counter()
     plan = plan_units(config, rd)
     planned.append(plan)
-    timings["plan_s"] = time.perf_counter() - start
+    if fresh:
+        timings["plan_s"] = time.perf_counter() - start
     progress.note(f"plan: {plan.units} unit(s)" + (f", {plan.rows} input rows" if plan.rows is not None else ""))
     budget = ErrorBudget(embed + runs, config.run.error_rate_min_items)
     budget.load(rd, plan.units)
-    start = time.perf_counter()
-    run_ingest(config, rd, plan, progress)
-    timings["ingest_s"] = time.perf_counter() - start
+    redid["ingest_units"] = timed("ingest_s", lambda: run_ingest(config, rd, plan, progress))
     if embed:
-        start = time.perf_counter()
-        run_embed(config, rd, plan.units, progress, load_units, budget)
+        redid["embed_units"] = timed("embed_s", lambda: run_embed(config, rd, plan.units, progress, load_units, budget))
         budget.check()
-        timings["embed_s"] = time.perf_counter() - start
     if config.dedup.enabled:
-        start = time.perf_counter()
-        run_dedup(config, rd, plan.units, progress)
-        timings["dedup_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    run_process(config, rd, plan, runs, progress, budget)
+        redid["dedup"] = not rd.dedup_summary.exists()
+        timed("dedup_s", lambda: redid["dedup"] and run_dedup(config, rd, plan.units, progress))
+    redid["write_units"] = timed("process_s", lambda: run_process(config, rd, plan, runs, progress, budget))
     budget.check(final=True)
-    timings["process_s"] = time.perf_counter() - start
 
 
 def run(config: Config, out: Path, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:
@@ -399,7 +429,7 @@ def run(config: Config, out: Path, address: str | None = None, allow_failed_unit
     runs = preflight(config, rd)
     rd.create(config)
     with rd.locked("run"):
-        return execute(rd, config, runs, address, allow_failed_units)
+        return execute(rd, config, runs, "run", address, allow_failed_units)
 
 
 def resume(root: Path, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:
@@ -409,4 +439,4 @@ def resume(root: Path, address: str | None = None, allow_failed_units: bool = Fa
     config = rd.load_config()
     runs = preflight(config, rd)
     with rd.locked("resume"):
-        return execute(rd, config, runs, address, allow_failed_units)
+        return execute(rd, config, runs, "resume", address, allow_failed_units)

@@ -119,6 +119,8 @@ def render_report(stats: dict[str, Any]) -> str:
     f = stats["funnel"]
     rows = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td></tr>" for r, n in
                    sorted(f["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
+    removed = "".join(f"<tr><td>&nbsp;&nbsp;{html.escape(r)}</td><td>{n}</td></tr>" for r, n in
+                      sorted(f["removed_by_reason"].items(), key=lambda kv: -kv[1]))
     timing = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in stats["timings"].items())
     stages = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{c['items']}</td><td>{c['failed_total']}</td>"
@@ -130,7 +132,8 @@ def render_report(stats: dict[str, Any]) -> str:
 <h1>denseforge run: {html.escape(stats['run']['name'])}{'' if stats['complete'] else ' (failed, incomplete)'}</h1>
 <h2>Funnel</h2><table>
 <tr><td>input rows</td><td>{f['input_rows']}</td></tr><tr><td>written</td><td>{f['written']}</td></tr>
-<tr><td>rejected</td><td>{f['rejected']}</td></tr><tr><td>removed as duplicates</td><td>{f['removed']}</td></tr>
+<tr><td>rejected</td><td>{f['rejected']}</td></tr><tr><td>removed</td><td>{f['removed']}</td></tr>
+{removed}
 <tr><td>balanced</td><td>{f['balanced']}</td></tr></table>
 <h2>Rejected, by stage/reason</h2><table>{rows}</table>
 <h2>Stages</h2><table><tr><th>stage</th><th>items</th><th>failed</th><th>by type</th><th>rejected</th>

@@ -92,6 +92,12 @@ def parse_kosmos(text: str, width: int, height: int) -> tuple[str, list[tuple[st
     return plain, refs
 
 
+def xywh(box: list[float]) -> list[float]:
+    """[x0, y0, x1, y1] as COCO's [x, y, w, h], rounded to 0.01 px (no float noise like 316.90000000000003)."""
+    x0, y0, x1, y1 = box
+    return [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+
+
 def llava_record(sample: Sample, image_path: str) -> dict[str, Any]:
     return {"id": sample.key, "image": image_path,
             "conversations": [{"from": "human", "value": DETAIL_PROMPT}, {"from": "gpt", "value": sample.caption or ""}]}
@@ -107,9 +113,9 @@ def coco_dataset(samples: Iterable[tuple[Sample, str]]) -> dict[str, Any]:
             captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": sample.caption})
         for obj in sample.experts.get("objects", []):
             cat = categories.setdefault(obj["label"], len(categories) + 1)
-            x0, y0, x1, y1 = obj["box"]
+            bbox = xywh(obj["box"])
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                                "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0,
                                 "score": obj.get("score", 1.0)})
     return {"info": {"description": "exported by denseforge"}, "images": images, "annotations": annotations,
             "categories": [{"id": i, "name": n} for n, i in categories.items()], "captions": captions}
@@ -123,6 +129,5 @@ def refcoco_refs(samples: Iterable[tuple[Sample, str]]) -> Iterator[dict[str, An
             if not g.source.startswith("objects/"):
                 continue
             ref_id += 1
-            x0, y0, x1, y1 = g.box
-            yield {"ref_id": ref_id, "image": path, "key": sample.key, "bbox": [x0, y0, x1 - x0, y1 - y0],
+            yield {"ref_id": ref_id, "image": path, "key": sample.key, "bbox": xywh(g.box),
                    "sentences": [{"sent": g.phrase}], "span": list(g.span), "source": g.source}

@@ -57,7 +57,7 @@ def bench_experts(images: int = 96, experts: list[dict[str, Any]] | None = None)
                                                 "batch_size": resources.batch_size}
         rd = RunDir(root / "run")
         rd.create(config)
-        stats = execute(rd, config, preflight(config, rd))
+        stats = execute(rd, config, preflight(config, rd), "bench")
         wall = stats["timings"]["process_s"]
         result["dag"] = {"seconds": round(wall, 2), "images_per_s": round(images / wall, 2),
                          "written": stats["funnel"]["written"],

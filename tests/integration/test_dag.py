@@ -165,6 +165,23 @@ def test_folder_input_then_its_raw_shards_as_webdataset_input(tmp_path, photo_di
     run_cli("run", str(cfg2), "--out", str(out3), "--allow-failed-units")  # exit 0 when asked
 
 
+def test_a_no_op_resume_keeps_the_timings_and_records_itself(table_run, tmp_path):
+    import shutil
+
+    src, _ = table_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    before = json.loads((src / "stats.json").read_text())["timings"]
+    run_cli("resume", str(out))
+    after = json.loads((out / "stats.json").read_text())["timings"]
+    for phase in ("plan_s", "ingest_s", "embed_s", "dedup_s", "process_s"):
+        assert after[phase] == before[phase] > 0, phase  # the time of the invocation that did the work
+    history = json.loads((out / "run.json").read_text())["history"]
+    assert [h["command"] for h in history] == ["run", "resume"] and [h["outcome"] for h in history] == ["complete"] * 2
+    assert history[1]["redid"] == {"ingest_units": 0, "embed_units": 0, "dedup": False, "write_units": 0}
+    assert history[0]["redid"]["write_units"] == 3
+
+
 def test_resume_re_embeds_only_missing_units(table_run, tmp_path):
     import shutil
 

@@ -70,3 +70,17 @@ def test_refcoco_refs_tie_phrases_to_object_boxes(sample):
         x, y, w, h = r["bbox"]
         assert sample.caption[r["span"][0]:r["span"][1]] == r["sentences"][0]["sent"]
         assert [x, y, x + w, y + h] in [o["box"] for o in sample.experts["objects"]]
+
+
+def test_exported_coordinates_carry_no_float_noise():
+    from denseforge.stages.export import coco_dataset, refcoco_refs
+    from denseforge.stages.sample import Grounding, Sample
+
+    box = [12.3, 0.1, 329.2, 25.7]  # 329.2 - 12.3 = 316.90000000000003 in floats
+    sample = Sample(key="k", width=400, height=300, sha256="0", caption="a dog",
+                    experts={"objects": [{"label": "dog", "score": 0.9, "box": box}]},
+                    grounding=[Grounding(phrase="dog", span=(2, 5), box=box, source="objects/0")])
+    [ann] = coco_dataset([(sample, "k.jpg")])["annotations"]
+    [ref] = list(refcoco_refs([(sample, "k.jpg")]))
+    assert ann["bbox"] == ref["bbox"] == [12.3, 0.1, 316.9, 25.6] and ann["area"] == round(316.9 * 25.6, 2)
+    assert all(len(repr(v).split(".")[-1]) <= 2 for v in ann["bbox"] + ref["bbox"])

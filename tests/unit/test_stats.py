@@ -1,0 +1,54 @@
+"""finalize_run, the summary and the report, on a run directory built by hand (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from denseforge.errors import DenseforgeError
+from denseforge.pipeline.config import parse_config
+from denseforge.pipeline.progress import format_summary
+from denseforge.pipeline.rundir import RunDir
+from denseforge.pipeline.stats import finalize_run
+from denseforge.stages.sample import Reject, Sample
+from denseforge.stages.write import UnitFiles, write_unit
+
+STAGE = {"items": 4, "failed": {"ValueError": 1}, "rejected": {"too_short": 1}, "removed": 0, "busy_s": 2.0,
+         "first_error": "ValueError: boom"}
+
+
+def _run_dir(tmp_path) -> RunDir:
+    rd = RunDir(tmp_path)
+    files = UnitFiles(rd.shard_file(0), rd.manifest_part(0), rd.rejects_part(0), rd.write_marker(0))
+    sample = Sample(key="000000000000", width=4, height=4, sha256="0")
+    removed = [{"key": "000000000002", "stage": "dedup", "reason": "too_small", "dup_of": None, "cluster": 0},
+               {"key": "000000000003", "stage": "dedup", "reason": "not_selected", "dup_of": None, "cluster": 0}]
+    write_unit(0, files, [(sample, b"\xff\xd8")], [Reject(key="000000000001", stage="qa", reason="too_short")],
+               removed, {"qa": STAGE})
+    rd.embeddings.mkdir()
+    rd.embed_marker(0).write_text(json.dumps({"stages": {"embed": {**STAGE, "failed": {}, "rejected": {}}}}))
+    return rd
+
+
+def test_the_summary_and_report_say_removed_with_the_reasons_not_duplicates(tmp_path):
+    rd = _run_dir(tmp_path)
+    stats = finalize_run(rd, parse_config({"input": {"path": "x"}}), 4, {"ingest_s": 1.0})
+    f = stats["funnel"]
+    assert (f["input_rows"], f["written"], f["rejected"], f["removed"], f["balanced"]) == (4, 1, 1, 2, True)
+    text = format_summary(stats, rd.root)
+    assert "2 removed (1 dedup/not_selected, 1 dedup/too_small)" in text and "duplicates" not in text
+    assert "stage qa: failed on 1 of 4 items (ValueError 1); first error: ValueError: boom" in text
+    assert "stage embed" not in text  # no failures, no line
+    report = rd.report.read_text()
+    assert "removed as duplicates" not in report and "dedup/too_small" in report
+    assert stats["stages"]["qa"]["failed_total"] == 1 and stats["stages"]["embed"]["items"] == 4
+    assert stats["stages"]["qa"]["items_per_busy_s"] == 2.0
+
+
+def test_a_funnel_that_does_not_balance_fails_the_run(tmp_path):
+    rd = _run_dir(tmp_path)
+    with pytest.raises(DenseforgeError, match="the funnel does not balance: 5 input rows vs 1 written"):
+        finalize_run(rd, parse_config({"input": {"path": "x"}}), 5, {})
+    partial = finalize_run(rd, parse_config({"input": {"path": "x"}}), 5, {}, complete=False)
+    assert partial["complete"] is False and partial["funnel"]["balanced"] is False
