@@ -138,6 +138,8 @@ class StageWorker:
                 row["reject"] = Reject(key=item.key, stage=run.instance, reason=run.stage.error_reason,
                                        detail=entry["m"], url=item.sample.url).model_dump_json()
                 row["sample"], row["image"] = None, None
+            if item.counts:
+                entry["c"] = item.counts
             trace = json.loads(row["trace"]) if row.get("trace") else {}
             trace[run.instance] = entry
             row["trace"] = json.dumps(trace)
@@ -166,7 +168,7 @@ def add_stage(ds, run: StageRun):
 
 def count_traces(traces: Sequence[str | None]) -> dict[str, dict[str, Any]]:
     """Per stage: items it saw, failures by exception type, rejects by reason, removals, busy
-    seconds and the first error message (for the one-line failure)."""
+    seconds, the first error message (for the one-line failure) and the stage's own counters."""
     out: dict[str, dict[str, Any]] = {}
     for raw in traces:
         for stage, entry in (json.loads(raw) if raw else {}).items():
@@ -180,13 +182,15 @@ def count_traces(traces: Sequence[str | None]) -> dict[str, dict[str, Any]]:
                 c["rejected"][entry["r"]] = c["rejected"].get(entry["r"], 0) + 1
             if "d" in entry:
                 c["removed"] += 1
+            for name, n in entry.get("c", {}).items():
+                c["counters"][name] = c["counters"].get(name, 0) + n
     for c in out.values():
         c["busy_s"] = round(c["busy_s"], 4)
     return out
 
 
 def new_counts() -> dict[str, Any]:
-    return {"items": 0, "failed": {}, "rejected": {}, "removed": 0, "busy_s": 0.0, "first_error": None}
+    return {"items": 0, "failed": {}, "rejected": {}, "removed": 0, "busy_s": 0.0, "first_error": None, "counters": {}}
 
 
 def merge_counts(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]]) -> None:
@@ -197,8 +201,8 @@ def merge_counts(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any
         t["removed"] += c["removed"]
         t["busy_s"] = round(t["busy_s"] + c["busy_s"], 4)
         t["first_error"] = t["first_error"] or c["first_error"]
-        for field in ("failed", "rejected"):
-            for k, n in c[field].items():
+        for field in ("failed", "rejected", "counters"):
+            for k, n in c.get(field, {}).items():
                 t[field][k] = t[field].get(k, 0) + n
 
 

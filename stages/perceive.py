@@ -127,7 +127,7 @@ class ExpertStage(Stage):
         verdicts: list[Verdict] = []
         for item, observations in zip(batch, found):
             try:
-                clean = sanitize(observations, self.expert.kind, *item.image.size)
+                clean = sanitize(observations, self.expert.kind, *item.image.size, item.counts)
             except (TypeError, ValueError) as exc:
                 verdicts.append(TypeError(f"invalid output: {exc}"))
                 continue
@@ -164,11 +164,14 @@ class MergeStage(Stage):
         return [None] * len(batch)
 
 
-def sanitize(observations: Any, kind: str, width: int, height: int) -> list[dict[str, Any]]:
+def sanitize(observations: Any, kind: str, width: int, height: int,
+             counts: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Validate one image's observations: known kinds against their schema, boxes clipped to the
-    stored image, invalid entries dropped; unknown kinds must be JSON-like dicts."""
+    stored image, invalid entries dropped; unknown kinds must be JSON-like dicts. Clipped and
+    dropped boxes are counted in `counts` (they show per expert in stats.json)."""
     if not isinstance(observations, list):
         raise TypeError(f"expected a list of observations, got {type(observations).__name__}")
+    counts = {} if counts is None else counts
     clean = []
     for obs in observations:
         if not isinstance(obs, dict):
@@ -177,11 +180,15 @@ def sanitize(observations: Any, kind: str, width: int, height: int) -> list[dict
         if "box" in obs:
             box = clip_box(list(obs["box"]), width, height)
             if box is None:
+                counts["boxes_dropped"] = counts.get("boxes_dropped", 0) + 1
                 continue
+            if box != [round(float(v), 2) for v in obs["box"]]:
+                counts["boxes_clipped"] = counts.get("boxes_clipped", 0) + 1
             obs["box"] = box
         if "score" in obs:
             score = float(obs["score"])
             if not math.isfinite(score):
+                counts["dropped_nonfinite_score"] = counts.get("dropped_nonfinite_score", 0) + 1
                 continue
             obs["score"] = score
         model = KNOWN_KINDS.get(kind)

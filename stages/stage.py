@@ -46,12 +46,14 @@ class NoOptions(BaseModel):
 class Item:
     """One sample on its way through a stage: the record, the stored image bytes, and the decoded
     image (decoded on first use, once per stage call). `outputs` holds per-item results that are
-    not part of the sample record (the embed pass's vectors)."""
+    not part of the sample record (the embed pass's vectors); `counts` are things the stage wants
+    counted (summed per stage into stats.json, e.g. an expert's clipped boxes)."""
 
     unit: int
     sample: Sample
     data: bytes
     outputs: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
     _image: Image.Image | None = field(default=None, repr=False)
 
     @property

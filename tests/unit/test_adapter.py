@@ -137,19 +137,22 @@ class Shouter(Expert):
     def __call__(self, batch):
         if any(item.image.size[0] < 10 for item in batch):
             raise ValueError("too small")
-        return [[{"text": "HEY"}] if item.key != "k1" else "not a list" for item in batch]
+        return [[{"text": "HEY", "box": [-5, 2, 8, 9]}, {"text": "gone", "box": [20, 20, 30, 30]}]
+                if item.key != "k1" else "not a list" for item in batch]
 
 
 def test_an_expert_runs_as_a_stage_and_its_output_is_validated_per_image():
     rows = {r["key"]: r for r in _run(ExpertStage(Shouter(), "loud"), _rows(3), on_error="keep")}
     sample = Sample.model_validate_json(rows["k0"]["sample"])
-    assert sample.experts == {"shouts@loud": [{"text": "HEY"}]}
+    assert sample.experts == {"shouts@loud": [{"text": "HEY", "box": [0.0, 2.0, 8.0, 9.0]}]}
     assert sample.provenance["experts"]["loud"] == {"plugin": "shouter"}
     bad = Sample.model_validate_json(rows["k1"]["sample"])
     assert "invalid output" in bad.errors["loud"] and "shouts@loud" not in bad.experts
     merged = {r["key"]: r for r in _run(MergeStage(PerceiveConfig()), pa.Table.from_pylist(list(rows.values()),
                                                                                            schema=ROW_SCHEMA))}
-    assert Sample.model_validate_json(merged["k0"]["sample"]).experts == {"shouts": [{"text": "HEY"}]}
+    assert Sample.model_validate_json(merged["k0"]["sample"]).experts == {"shouts": [{"text": "HEY", "box": [0.0, 2.0, 8.0, 9.0]}]}
+    counters = count_traces([r["trace"] for r in rows.values()])["loud"]["counters"]
+    assert counters == {"boxes_clipped": 2, "boxes_dropped": 2}  # k0 and k2, each one clipped and one outside
 
 
 def test_error_budget_fails_past_the_rate_and_on_a_dead_stage():

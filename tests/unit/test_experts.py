@@ -5,6 +5,7 @@ from PIL import Image, ImageDraw, ImageFont
 from denseforge.errors import ConfigError
 from denseforge.experts import ContractError, Expert, ExpertInput, check_expert
 from denseforge.experts.clip_tags import ClipTagExpert, read_vocabulary
+from denseforge.experts.contract import sample_images
 from denseforge.experts.ocr import PaddleOcrExpert, RapidOcrExpert
 from denseforge.experts.registry import describe_experts, load_expert_class
 from denseforge.experts.yolo import YoloExpert
@@ -85,6 +86,21 @@ def test_contract_checker_names_violations():
     with pytest.raises(ContractError) as err:
         check_expert(Outside)
     assert "outside" in str(err.value) and "repeat call" in str(err.value)
+
+
+def test_the_checker_uses_real_photos_and_says_what_it_checked():
+    class Center(Expert):
+        name, kind = "center", "objects"
+
+        def __call__(self, batch):
+            return [[{"label": "thing", "score": 0.5,
+                      "box": [w / 4, h / 4, 3 * w / 4, 3 * h / 4]} for w, h in [item.image.size]] for item in batch]
+
+    found = check_expert(Center)
+    assert found.summary == "check_expert(center): 3 images, 3 observations checked (3 with boxes)"
+    sizes = {(320, 320), (400, 266), (451, 300)}
+    assert {(round(o["box"][2] * 4 / 3), round(o["box"][3] * 4 / 3)) for f in found for o in f} == sizes
+    assert all(np.asarray(photo).std() > 30 for photo in sample_images())  # photos, not noise
 
 
 def test_paddleocr_absent_is_a_clear_error():
