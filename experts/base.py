@@ -43,6 +43,7 @@ class Expert(ABC):
 
     def __init__(self, options: BaseModel | dict[str, Any] | None = None):
         self.options = options if isinstance(options, BaseModel) else self.Options.model_validate(options or {})
+        self.resources = self.default_resources  # the configured ones once the pipeline runs it
 
     def setup(self) -> None:
         """Load the model; called once per actor before the first batch."""

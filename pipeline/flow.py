@@ -41,7 +41,7 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
     renderers = {}
     if config.perceive.enabled:
         for spec, expert, resources in plan_experts(config.perceive):
-            runs.append(StageRun(ExpertStage(expert, spec.instance), spec.instance, resources,
+            runs.append(StageRun(ExpertStage(expert, spec.instance, resources), spec.instance, resources,
                                  on_error=config.perceive.on_error, max_error_rate=spec.max_error_rate))
             if expert.kind not in KNOWN_KINDS:
                 renderers[expert.kind] = expert

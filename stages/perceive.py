@@ -105,9 +105,10 @@ class ExpertStage(Stage):
 
     error_reason = "expert_error"
 
-    def __init__(self, expert: Expert, instance: str):
+    def __init__(self, expert: Expert, instance: str, resources: Resources | None = None):
         super().__init__()
         self.expert, self.instance = expert, instance
+        self.expert.resources = resources or type(expert).default_resources  # what its setup() may size threads by
         self.staged = f"{expert.kind}{STAGED}{instance}"
 
     @property
