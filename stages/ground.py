@@ -117,17 +117,19 @@ def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]],
             for i in chosen:
                 out.append(Grounding(phrase=caption[start:end], span=(start, end), box=objects[i]["box"],
                                      source=f"objects/{i}"))
-    lowered = caption.lower()
     for i, line in enumerate(experts.get("ocr", [])):
         text = line.get("text", "").strip()
         if len(text) < 2:
             continue
-        start = caption.find(text)
-        if start < 0:
-            start = lowered.find(text.lower())
+        start, end = caption.find(text), -1
         if start >= 0:
-            out.append(Grounding(phrase=caption[start:start + len(text)], span=(start, start + len(text)),
-                                 box=line["box"], source=f"ocr/{i}"))
+            end = start + len(text)
+        else:  # case-insensitive, with positions in the caption itself ("İ".lower() is two characters)
+            match = re.search(re.escape(text), caption, re.IGNORECASE)
+            if match:
+                start, end = match.span()
+        if start >= 0:
+            out.append(Grounding(phrase=caption[start:end], span=(start, end), box=line["box"], source=f"ocr/{i}"))
     return sorted(out, key=lambda g: (g.span, g.source))
 
 

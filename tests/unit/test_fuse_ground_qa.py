@@ -282,3 +282,26 @@ def test_grounding_a_very_long_caption_finishes_and_finds_every_mention():
     dogs = [g.source for g in grounding if g.phrase == "dog"]
     assert dogs[:4] == ["objects/0", "objects/1", "objects/0", "objects/1"] and len(dogs) == 32_000
     assert all(caption[g.span[0]:g.span[1]] == g.phrase for g in grounding[:100])
+
+
+def test_transformers_batches_give_each_row_what_it_gets_alone(tiny_vlm):
+    import io
+
+    from PIL import Image
+
+    from denseforge.stages.fuse import TransformersCaptioner
+
+    cfg = TransformersBackendConfig(model=str(tiny_vlm), max_new_tokens=8, batch_size=3, device="cpu")
+    captioner = TransformersCaptioner(PromptTemplate.load(None, 50), cfg)
+    images, samples = [], []
+    for colour, alt in (("red", "x"), ("blue", "a much longer alt text " * 6), ("green", "mid length text")):
+        buf = io.BytesIO()
+        Image.new("RGB", (96, 64), colour).save(buf, format="JPEG")
+        images.append(buf.getvalue())
+        samples.append(make_sample(alt))
+    batched = [c.text for c in captioner(samples, images)]  # prompts of different lengths: padding matters
+    alone = [captioner([s], [i])[0].text for s, i in zip(samples, images)]
+    assert batched == alone
+    # the tiny random model may answer every image alike, so also pin the mechanism itself:
+    # decoder-only batches must be padded on the left, or short prompts generate after pad tokens
+    assert captioner.processor.tokenizer.padding_side == "left"

@@ -1,0 +1,125 @@
+"""Exact values where they can be reasoned out by hand: each test here kills a bug a mutation probe
+planted and the looser tests let through (boundaries, weighted means, bins, which views, padding)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from denseforge.stages import dedup as dd
+from denseforge.stages import export as ex
+from denseforge.stages.ground import ground_mentions
+from denseforge.stages.image_normalize import ImageNormalizer, ImageRejected
+from denseforge.stages.perceive import merge_detections
+from denseforge.stages.qa import QaConfig, assess
+from denseforge.stages.regions import select_views
+from denseforge.stages.sample import Grounding, Sample
+
+
+def _phash_pair(distance: int) -> np.ndarray:
+    a = 0x0F0F_0F0F_0F0F_0F0F
+    b = a ^ ((1 << distance) - 1)  # flip the lowest `distance` bits
+    return np.array([a, b], dtype=np.uint64).astype(np.int64)
+
+
+@pytest.mark.parametrize("distance, removed", [(3, True), (4, True), (5, False)])
+def test_phash_threshold_is_inclusive_and_one_bit_more_is_distinct(distance, removed):
+    res = dd.dedup_cluster(["a", "b"], np.zeros((2, 1), np.float32), ["x", "y"], _phash_pair(distance),
+                           np.zeros(2), np.ones(2), epsilon=None, phash_max_distance=4, policy="first_key")
+    assert (res.reason[1] == dd.NEAR) is removed and res.reason[0] == dd.KEPT
+    assert res.dup_of[1] == (0 if removed else -1)
+
+
+def test_qa_reasons_each_fire_on_their_own_and_box_validity_is_a_share():
+    s = Sample(key="k", width=100, height=100, sha256="0", experts={"objects": [{"label": "dog", "score": 1, "box": [0, 0, 9, 9]}]})
+    s.caption = "a dog a dog a dog a dog a dog a dog"
+    s.grounding = [Grounding(phrase="dog", span=(2, 5), box=[0, 0, 9, 9], source="objects/0"),
+                   Grounding(phrase="dog", span=(8, 11), box=[0, 0, 200, 9], source="objects/0"),  # outside
+                   Grounding(phrase="cat", span=(14, 17), box=[0, 0, 9, 9], source="objects/0"),  # wrong span
+                   Grounding(phrase="dog", span=(20, 23), box=[0, 0, 9, 9], source="objects/0")]
+    report = assess(s, QaConfig(min_words=1, max_words=10, max_repetition=0.3))
+    assert report.scores["box_validity"] == 0.5 and report.scores["words"] == 12.0
+    assert report.reasons == ["too_long", "repetitive", "invalid_boxes"]
+    assert report.scores["repetition"] == round(1 - 2 / 10, 4)  # 10 trigrams, 2 distinct
+
+
+def test_our_own_pixel_limit_rejects_before_pillows():
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100), "red").save(buf, format="PNG")
+    with pytest.raises(ImageRejected) as err:
+        ImageNormalizer(max_image_pixels=9_999).normalize(buf.getvalue())  # Pillow's own limit is ~89M
+    assert err.value.reason == "decompression_bomb" and "100x100 = 10000 px exceeds ingest.max_image_pixels=9999" in err.value.detail
+    assert ImageNormalizer(max_image_pixels=10_000).normalize(buf.getvalue()).width == 100  # the limit itself passes
+
+
+def test_kosmos_bins_on_both_axes_and_for_a_box_smaller_than_a_bin():
+    # 640 x 480, 32 bins: a bin is 20 px wide and 15 px high
+    s = Sample(key="k", width=640, height=480, sha256="0", caption="a dot here",
+               grounding=[Grounding(phrase="dot", span=(2, 5), box=[45.0, 31.0, 52.0, 40.0], source="objects/0")])
+    text = ex.kosmos_text(s)
+    # x 45..52 -> columns 2..2; y 31..40 -> rows 2..2: both corners in patch 2*32+2 = 66
+    assert "<patch_index_0066><patch_index_0066>" in text
+    _, [(_, [box])] = ex.parse_kosmos(text, 640, 480)
+    assert box == [40.0, 30.0, 60.0, 45.0]
+    s.grounding = [Grounding(phrase="dot", span=(2, 5), box=[0.0, 0.0, 640.0, 480.0], source="objects/0")]
+    assert "<patch_index_0000><patch_index_1023>" in ex.kosmos_text(s)  # the end bin of the edge is 31, not 32
+
+
+def test_iou_voting_box_is_the_score_weighted_mean():
+    a = {"det1": [{"label": "dog", "score": 0.9, "box": [10, 10, 110, 110]}],
+         "det2": [{"label": "dog", "score": 0.3, "box": [14, 6, 114, 106]}]}
+    [merged] = merge_detections(a, iou_threshold=0.65, min_votes=2)
+    # (0.9 * 10 + 0.3 * 14) / 1.2 = 11.0, (0.9 * 10 + 0.3 * 6) / 1.2 = 9.0, ...
+    assert merged["box"] == [11.0, 9.0, 111.0, 109.0] and merged["score"] == 0.9
+    assert merged["sources"] == ["det1", "det2"]
+
+
+def test_dynrefer_prefers_views_that_add_content_per_unit_of_context():
+    # a flat grey image with detail only far from the region: only wide views change the pHash
+    rng = np.random.default_rng(0)
+    pixels = np.full((200, 200, 3), 128, np.uint8)
+    pixels[:, 150:] = rng.integers(0, 255, (200, 50, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    views = select_views(image, [40, 80, 80, 120], views=3)
+    assert views.ts[0] == 0.0 and len(views.ts) == 3
+    # views narrower than t = 0.5 stay inside the flat part (pHash distance 0): never chosen
+    assert all(t >= 0.5 for t in views.ts[1:]), views.ts
+
+
+@given(st.text(min_size=0, max_size=40), st.sampled_from(["stop", "STOP", "İstanbul", "straße", "ǅ"]))
+@settings(max_examples=300, deadline=None)
+def test_ocr_grounding_spans_lie_in_the_caption_and_match_the_text(prefix, word):
+    caption = f"{prefix} sign reads {word.upper() if word.isascii() else word}"
+    grounding = ground_mentions(caption, {"ocr": [{"text": word, "score": 1.0, "box": [0, 0, 1, 1]}]})
+    for g in grounding:
+        assert 0 <= g.span[0] < g.span[1] <= len(caption)
+        assert caption[g.span[0]:g.span[1]] == g.phrase
+        assert g.phrase.casefold() == word.casefold() or g.phrase.lower() == word.lower()
+
+
+def test_the_istanbul_case_from_the_fuzzer():
+    [g] = ground_mentions("İstanbul sign reads STOP", {"ocr": [{"text": "stop", "score": 1.0, "box": [0, 0, 1, 1]}]})
+    assert (g.phrase, g.span) == ("STOP", (20, 24))
+
+
+def test_large_k_paths_hierarchical_training_and_ivf_assignment_agree_with_flat():
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(40, 32)).astype(np.float32)
+    x = centers[rng.integers(0, 40, 3000)] + 0.05 * rng.normal(size=(3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    flat = dd.train_kmeans(x, 40, seed=0, two_level_above=10**9)
+    tree = dd.train_kmeans(x, 40, seed=0, two_level_above=16)  # the path k > 4,096 takes
+    assert flat.shape == (40, 32) and 36 <= len(tree) <= 40  # cells split in proportion, floors lose a few
+    exact, _ = dd.assign_clusters(x, tree, exact_below=10**9)
+    ivf, _ = dd.assign_clusters(x, tree, exact_below=8)  # the path k >= 1,024 takes
+    assert (exact == ivf).mean() > 0.99
+    # planted copies land in one cluster whichever path trained it
+    copies = x[:50] + 1e-4
+    labels, _ = dd.assign_clusters(np.concatenate([x[:50], copies / np.linalg.norm(copies, axis=1, keepdims=True)]),
+                                   tree, exact_below=8)
+    assert (labels[:50] == labels[50:]).all()
