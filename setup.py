@@ -32,7 +32,7 @@ setup(
     package_dir=dirs,
     package_data={
         "denseforge.stages": ["model_configs/*.json", "prompts/*.txt", "prompts/*.tsv"],
-        "denseforge.experts": ["vocabularies/*.txt"],
+        "denseforge.experts": ["vocabularies/*.txt", "models/*.onnx", "models/NOTICE", "models/LICENSE.*"],
         "denseforge.configs": ["*.yaml"],
     },
 )

@@ -56,6 +56,11 @@ class Expert(ABC):
         """What produced the observations (plugin, model, weights), for the sample's provenance."""
         return {"plugin": self.name}
 
+    def untrained(self) -> bool:
+        """True when the model has random weights (plumbing tests, the demo): its observations may
+        feed other experts but never a caption, grounding or the quality gate."""
+        return False
+
     def render(self, observations: list[dict[str, Any]], width: int, height: int) -> str:
         """How a plugin kind's observations read in the captioner's prompt (one JSON object per
         line by default). Built-in kinds (objects, ocr, tags) have their own prompt sections."""

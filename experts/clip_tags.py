@@ -71,5 +71,8 @@ class ClipTagExpert(Expert):
                         for v, i in zip(values.tolist(), index.tolist()) if v >= self.options.threshold])
         return out
 
+    def untrained(self) -> bool:
+        return self.options.weights == "random"
+
     def provenance(self) -> dict[str, Any]:
         return {"plugin": self.name, **self._provenance, "vocabulary": self.options.vocabulary}

@@ -124,6 +124,9 @@ class YoloExpert(Expert):
                 out[i] = dets
         return out
 
+    def untrained(self) -> bool:
+        return self.options.weights == "random"
+
     def provenance(self) -> dict[str, Any]:
         o = self.options
         info = {"plugin": self.name, "model": o.model,

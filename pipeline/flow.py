@@ -40,12 +40,14 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
         runs.append(light(DecisionStage(rd.decisions, rd.embed_rejects_file)))
     renderers = {}
     if config.perceive.enabled:
-        for spec, expert, resources in plan_experts(config.perceive):
+        planned = plan_experts(config.perceive)
+        for spec, expert, resources in planned:
             runs.append(StageRun(ExpertStage(expert, spec.instance, resources), spec.instance, resources,
                                  on_error=config.perceive.on_error, max_error_rate=spec.max_error_rate))
             if expert.kind not in KNOWN_KINDS:
                 renderers[expert.kind] = expert
-        runs.append(light(MergeStage(config.perceive)))
+        untrained = frozenset(spec.instance for spec, expert, _ in planned if expert.untrained())
+        runs.append(light(MergeStage(config.perceive, untrained)))
     if config.fuse.enabled:
         caption = CaptionStage(config.fuse, config.ground, renderers)
         runs.append(StageRun(caption, "fuse", config.fuse.resources, max_error_rate=config.fuse.max_error_rate))

@@ -140,10 +140,16 @@ class ExpertStage(Stage):
 
 class MergeStage(Stage):
     """Merge staged outputs per kind: detectors by IoU voting, the rest concatenated (tagged with
-    their source when several experts share a kind); per-expert score thresholds apply."""
+    their source when several experts share a kind); per-expert score thresholds apply. Experts
+    with random weights (`untrained`) fed their consumers already; here their observations are
+    left out of the sample's evidence, and its provenance says how many."""
 
     name = "merge"
     Options = PerceiveConfig
+
+    def __init__(self, options: PerceiveConfig, untrained: frozenset[str] = frozenset()):
+        super().__init__(options)
+        self.untrained = untrained
 
     def process(self, batch: list[Item]) -> list[Verdict]:
         thresholds = {e.instance: e.score_threshold for e in self.options.experts}
@@ -151,9 +157,16 @@ class MergeStage(Stage):
             by_kind: dict[str, dict[str, list[dict[str, Any]]]] = {}
             for key, found in item.sample.experts.items():
                 kind, _, instance = key.partition(STAGED)
+                if instance in self.untrained:
+                    note = item.sample.provenance.setdefault("experts", {}).setdefault(instance, {})
+                    note["excluded"] = f"random weights: {len(found)} observation(s) kept out of the evidence"
+                    by_kind.setdefault(kind, {})
+                    continue
                 by_kind.setdefault(kind, {})[instance or kind] = found
             merged: dict[str, list[dict[str, Any]]] = {}
             for kind, per_instance in by_kind.items():
+                if not per_instance:
+                    continue
                 if kind == "objects" and len(per_instance) > 1:
                     merged[kind] = merge_detections(per_instance, self.options.merge_iou, self.options.merge_min_votes,
                                                     thresholds)

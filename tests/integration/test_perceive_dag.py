@@ -71,8 +71,11 @@ perceive:
     for name, sample in samples.items():
         failed = {"colors"} if name == "tiny" else set()  # an expert that failed on an image says so in errors
         assert set(sample["provenance"]["experts"]) == {"world", "colors", "rapidocr", "tagger"} - failed
-        assert len(sample["experts"]["tags"]) == 3
-        assert all(o["label"] in {t["label"] for t in sample["experts"]["tags"]} for o in sample["experts"]["objects"])
+        # random-weight experts feed their consumers (the tag-queried detector) but never the evidence
+        assert "tags" not in sample["experts"] and "objects" not in sample["experts"]
+        assert sample["provenance"]["experts"]["tagger"]["excluded"] == \
+            "random weights: 3 observation(s) kept out of the evidence"
+        assert "random weights" in sample["provenance"]["experts"]["world"]["excluded"]
         if name != "tiny":
             assert sample["experts"]["colors"] and not sample["errors"]
     assert "too small" in samples["tiny"]["errors"]["colors"] and "colors" not in samples["tiny"]["experts"]

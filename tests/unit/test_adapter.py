@@ -178,3 +178,17 @@ def test_error_budget_fails_past_the_rate_and_on_a_dead_stage():
     merge_counts(total, part)
     merge_counts(total, part)
     assert total["judge"]["failed"] == {"ValueError": 4} and total["judge"]["busy_s"] == 2.0
+
+
+def test_merge_keeps_random_weight_experts_out_of_the_evidence_and_says_so():
+    table = _rows(1)
+    row = table.to_pylist()[0]
+    sample = Sample.model_validate_json(row["sample"])
+    sample.experts = {"tags@tagger": [{"label": "banana", "score": 0.9}],
+                      "objects@det": [{"label": "dog", "score": 0.8, "box": [0, 0, 5, 5]}]}
+    row["sample"] = sample.model_dump_json()
+    stage = MergeStage(PerceiveConfig(), untrained=frozenset({"tagger"}))
+    [out] = _run(stage, pa.Table.from_pylist([row], schema=ROW_SCHEMA))
+    merged = Sample.model_validate_json(out["sample"])
+    assert merged.experts == {"objects": [{"label": "dog", "score": 0.8, "box": [0, 0, 5, 5]}]}
+    assert merged.provenance["experts"]["tagger"]["excluded"] == "random weights: 1 observation(s) kept out of the evidence"

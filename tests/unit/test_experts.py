@@ -151,3 +151,39 @@ def test_expert_config_errors_name_the_key():
         plan_experts(_perceive({"plugin": "yolo", "options": {"classes_from": "tags"}}))
     with pytest.raises(ConfigError, match="must be unique"):
         _perceive({"plugin": "rapidocr"}, {"plugin": "rapidocr"})
+
+
+def test_yolox_decode_against_a_hand_computed_anchor():
+    from denseforge.experts.yolox import decode
+
+    raw = np.zeros((3549, 85), np.float32)
+    # anchor 2704 is the first of stride 16 (52 x 52 stride-8 cells come first): grid (0, 0)
+    # anchor 2704 + 26 * 3 + 5 is stride 16, row 3, column 5
+    raw[2704 + 26 * 3 + 5, :4] = [0.5, 0.25, np.log(2.0), np.log(4.0)]
+    out = decode(raw, 416)
+    assert out.shape == (3549, 85)
+    np.testing.assert_allclose(out[2704 + 26 * 3 + 5, :4], [(5 + 0.5) * 16, (3 + 0.25) * 16, 2 * 16, 4 * 16])
+    np.testing.assert_allclose(out[3548, :4], [12 * 32, 12 * 32, 32, 32])  # last stride-32 cell, zero offsets
+
+
+def _iou(a, b):
+    from denseforge.stages.perceive import iou
+
+    return iou(a, b)
+
+
+def test_yolox_nano_finds_what_it_should_where_it_should():
+    from denseforge.experts.yolox import YoloxExpert
+
+    expert = YoloxExpert()
+    checked = check_expert(expert)  # real photos; the boxes get checked
+    assert checked.boxes >= 3
+    # boxes verified by eye on a rendering of these photos
+    expected = {"astronaut": ("person", [11, 20, 369, 507]), "coffee": ("cup", [162, 16, 421, 295]),
+                "chelsea": ("cat", [0, 0, 449, 300])}
+    for name, (label, box) in expected.items():
+        found = expert([ExpertInput(name, load_photo(name).convert("RGB"))])[0]
+        best = max(found, key=lambda o: o["score"])
+        assert best["label"] == label and best["score"] > 0.5 and _iou(best["box"], box) > 0.9, (name, found)
+    assert expert.provenance()["weights"].startswith("pretrained (YOLOX-Nano")
+    assert not expert.untrained()
