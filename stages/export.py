@@ -103,22 +103,39 @@ def llava_record(sample: Sample, image_path: str) -> dict[str, Any]:
             "conversations": [{"from": "human", "value": DETAIL_PROMPT}, {"from": "gpt", "value": sample.caption or ""}]}
 
 
+# COCO 2017's category ids for its 80 names, in the order of experts/vocabularies/objects.txt
+COCO_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+            32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58,
+            59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+
+
+def coco_category_ids() -> dict[str, int]:
+    from denseforge.experts.clip_tags import read_vocabulary
+
+    return dict(zip(read_vocabulary("builtin:objects"), COCO_IDS))
+
+
 def coco_dataset(samples: Iterable[tuple[Sample, str]]) -> dict[str, Any]:
-    """COCO json: images, object annotations (xywh), categories, and captions."""
-    images, annotations, captions, categories = [], [], [], {}
+    """COCO json: images, object annotations (xywh), categories, and captions. COCO's 80 names
+    keep COCO's own ids (person 1, ..., toothbrush 90); other labels are numbered from 91."""
+    images, annotations, captions = [], [], []
+    categories = coco_category_ids()
+    used: set[str] = set()
     for image_id, (sample, path) in enumerate(samples, 1):
         images.append({"id": image_id, "file_name": path, "width": sample.width, "height": sample.height,
                        "denseforge_key": sample.key})
         if sample.caption:
             captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": sample.caption})
         for obj in sample.experts.get("objects", []):
-            cat = categories.setdefault(obj["label"], len(categories) + 1)
+            cat = categories.setdefault(obj["label"], max(90, *categories.values()) + 1)
+            used.add(obj["label"])
             bbox = xywh(obj["box"])
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
                                 "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0,
                                 "score": obj.get("score", 1.0)})
     return {"info": {"description": "exported by denseforge"}, "images": images, "annotations": annotations,
-            "categories": [{"id": i, "name": n} for n, i in categories.items()], "captions": captions}
+            "categories": [{"id": i, "name": n} for n, i in sorted(categories.items(), key=lambda kv: kv[1]) if n in used],
+            "captions": captions}
 
 
 def refcoco_refs(samples: Iterable[tuple[Sample, str]]) -> Iterator[dict[str, Any]]:

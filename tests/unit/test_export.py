@@ -84,3 +84,14 @@ def test_exported_coordinates_carry_no_float_noise():
     [ref] = list(refcoco_refs([(sample, "k.jpg")]))
     assert ann["bbox"] == ref["bbox"] == [12.3, 0.1, 316.9, 25.6] and ann["area"] == round(316.9 * 25.6, 2)
     assert all(len(repr(v).split(".")[-1]) <= 2 for v in ann["bbox"] + ref["bbox"])
+
+
+def test_coco_export_keeps_cocos_own_category_ids():
+    from denseforge.stages.export import coco_dataset
+    from denseforge.stages.sample import Sample
+
+    objects = [{"label": label, "score": 0.9, "box": [0, 0, 5, 5]} for label in ("cup", "person", "toothbrush", "llama", "dog")]
+    data = coco_dataset([(Sample(key="k", width=10, height=10, sha256="0", experts={"objects": objects}), "k.jpg")])
+    assert {c["name"]: c["id"] for c in data["categories"]} == {"person": 1, "dog": 18, "cup": 47, "toothbrush": 90,
+                                                               "llama": 91}
+    assert [a["category_id"] for a in data["annotations"]] == [47, 1, 90, 91, 18]
