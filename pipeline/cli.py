@@ -43,9 +43,14 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from denseforge.pipeline.status import describe_run
+    from denseforge.pipeline.status import describe_run, run_status, watch
 
-    print(describe_run(Path(args.dir)))
+    if args.watch:
+        watch(Path(args.dir), args.watch, args.json, sys.stdout)
+    elif args.json:
+        print(json.dumps(run_status(Path(args.dir)), indent=1, sort_keys=True))
+    else:
+        print(describe_run(Path(args.dir)))
     return 0
 
 
@@ -114,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-failed-units", action="store_true",
                    help="exit 0 even when some units still fail to download (otherwise exit 3)")
     p.set_defaults(func=_cmd_resume)
-    p = sub.add_parser("status", help="where a run is")
+    p = sub.add_parser("status", help="where a run is: phase, units, samples, throughput, ETA, failures, driver")
     p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="one JSON object (for schedulers and monitoring)")
+    p.add_argument("--watch", type=float, nargs="?", const=10.0, default=None, metavar="SECONDS",
+                   help="print again every SECONDS (10) while a driver works on the run")
     p.set_defaults(func=_cmd_status)
     p = sub.add_parser("show", help="render one sample with its boxes and caption to a PNG")
     p.add_argument("dir")

@@ -1,51 +1,134 @@
-"""`denseforge status DIR`: how far a run got, read from its markers only (no Ray)."""
+"""`denseforge status DIR [--json] [--watch]`: where a run is, from the files it writes (no Ray).
+
+Everything comes from the run directory: run.json (state, reason, history), run.lock (which
+driver holds the run, and whether it is alive), the plan, and the per-unit completion markers
+(their counts, and their modification times for the throughput over the last minute and the ETA).
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import stage_counts
 
+PHASES = ("ingest", "embed", "write")
+WINDOW_S = 60.0
 
-def describe_run(root: Path) -> str:
+
+def _recent(markers: list[Path], now: float) -> int:
+    count = 0
+    for marker in markers:
+        try:
+            count += now - marker.stat().st_mtime <= WINDOW_S
+        except FileNotFoundError:  # redone right now
+            pass
+    return count
+
+
+def run_status(root: Path) -> dict[str, Any]:
+    """The run's state as one JSON-able dict (what `status --json` prints)."""
     rd = RunDir(root)
     rd.load_config()  # raises RunDirError for a foreign directory
     state = rd.read_state()
-    lines = [f"run {root}: {state.get('state', 'unknown')}"]
-    if state.get("reason"):
-        lines.append(f"  reason: {state['reason']}")
-        if state.get("ray_logs"):
-            lines.append(f"  workers' logs: {state['ray_logs']}")
     holder = rd.holder()
-    if holder is not None:
-        lines.append(f"  driver: alive, {holder.get('command', '?')} on {holder.get('host')} pid {holder.get('pid')} "
-                     f"since {holder.get('since', '?')}")
-    elif state.get("state") == "running":
-        lines.append("  driver: none holds the run (it was killed); continue with `denseforge resume`")
+    out: dict[str, Any] = {
+        "run": str(root), "state": state.get("state", "unknown"), "reason": state.get("reason"),
+        "driver": {"alive": holder is not None, **(holder or {})}, "ray_logs": state.get("ray_logs"),
+        "invocations": len(state.get("history", [])),
+    }
+    if state.get("state") == "running" and holder is None:
+        out["driver"]["note"] = "no driver holds the run (it was killed); continue with `denseforge resume`"
     if not rd.plan_file.exists():
+        out["phase"] = "plan"
+        return out
+    plan = json.loads(rd.plan_file.read_text())
+    units, now = plan["units"], time.time()
+    out["plan"] = {"units": units, "input_rows": plan["rows"], "kind": plan["kind"]}
+    phases: dict[str, Any] = {}
+    for phase in PHASES:
+        markers = rd.markers(phase)
+        done = len(markers)
+        recent = _recent(markers, now)
+        rate = recent / WINDOW_S  # units per second over the last minute
+        phases[phase] = {"units_done": done, "units_total": units, "units_per_min": round(rate * 60, 2),
+                         "eta_s": round((units - done) / rate, 1) if rate > 0 and done < units else None}
+    phases["dedup"] = {"done": rd.dedup_summary.exists()}
+    out["phases"] = phases
+    current = next((p for p in PHASES if phases[p]["units_done"] < units), None)
+    if current == "write" and not phases["dedup"]["done"] and phases["embed"]["units_done"] == units:
+        current = "dedup"
+    out["phase"] = current or ("done" if rd.stats.exists() else "finalize")
+    written = rejected = removed = 0
+    for marker in rd.markers("write"):
+        counts = json.loads(marker.read_text())
+        written, rejected, removed = written + counts["written"], rejected + counts["rejected"], removed + counts["removed"]
+    out["samples"] = {"written": written, "rejected": rejected, "removed": removed}
+    stats = json.loads(rd.stats.read_text()) if rd.stats.exists() else None
+    # a finished or failed run's counts are in its stats (a failed stage's units lost their markers
+    # so that resume redoes them); a running one's are in the markers
+    counts = stats["stages"] if stats is not None and out["state"] != "running" else stage_counts(rd)
+    out["stages"] = {name: {k: c.get(k) for k in ("items", "failed_total", "failed", "rejected", "removed", "busy_s",
+                                                  "first_error", "counters")}
+                     for name, c in counts.items()}
+    if stats is not None:
+        out["funnel"] = stats["funnel"]
+    return out
+
+
+def describe_run(root: Path) -> str:
+    """The same, for a person."""
+    s = run_status(root)
+    lines = [f"run {root}: {s['state']}" + (f" (phase: {s['phase']})" if s["state"] == "running" else "")]
+    if s["reason"]:
+        lines.append(f"  reason: {s['reason']}")
+        if s["ray_logs"]:
+            lines.append(f"  workers' logs: {s['ray_logs']}")
+    d = s["driver"]
+    if d["alive"]:
+        lines.append(f"  driver: alive, {d.get('command', '?')} on {d.get('host')} pid {d.get('pid')} since {d.get('since', '?')}")
+    elif d.get("note"):
+        lines.append(f"  driver: {d['note']}")
+    if "plan" not in s:
         lines.append("  plan: not done (input not yet read)")
         return "\n".join(lines)
-    plan = json.loads(rd.plan_file.read_text())
-    units = plan["units"]
-    rows = plan["rows"] if plan["rows"] is not None else "unknown until ingest"
-    lines.append(f"  plan: {units} unit(s), {rows} input rows ({plan['kind']})")
-    for phase in ("ingest", "embed", "write"):
-        lines.append(f"  {phase}: {units - len(rd.pending(phase, units))}/{units} units")
-    for name, c in stage_counts(rd).items():
+    p = s["plan"]
+    rows = p["input_rows"] if p["input_rows"] is not None else "unknown until ingest"
+    lines.append(f"  plan: {p['units']} unit(s), {rows} input rows ({p['kind']})")
+    for phase in PHASES:
+        ph = s["phases"][phase]
+        speed = f", {ph['units_per_min']} units/min" if ph["units_per_min"] else ""
+        eta = f", ETA {ph['eta_s']:.0f} s" if ph["eta_s"] is not None else ""
+        lines.append(f"  {phase}: {ph['units_done']}/{ph['units_total']} units{speed}{eta}")
+    lines.append(f"  dedup: {'done' if s['phases']['dedup']['done'] else 'not done'}")
+    n = s["samples"]
+    lines.append(f"  samples so far: {n['written']} written, {n['rejected']} rejected, {n['removed']} removed")
+    for name, c in s["stages"].items():
         parts = [f"{c['items']} items"]
         if c["failed_total"]:
-            parts.append(f"failed {c['failed_total']} ({', '.join(f'{k} {n}' for k, n in c['failed'].items())})")
+            parts.append(f"failed {c['failed_total']} ({', '.join(f'{k} {v}' for k, v in c['failed'].items())})")
         if c["rejected"]:
             parts.append(f"rejected {sum(c['rejected'].values())}")
         if c["removed"]:
             parts.append(f"removed {c['removed']}")
         lines.append(f"  stage {name}: {', '.join(parts)}")
-    if rd.stats.exists():
-        f = json.loads(rd.stats.read_text())["funnel"]
+    if "funnel" in s:
+        f = s["funnel"]
         lines.append(f"  funnel: {f['input_rows']} in = {f['written']} written + {f['rejected']} rejected"
                      f" + {f['removed']} removed (balanced: {f['balanced']})")
-    elif state.get("state") != "complete":
+    elif s["state"] != "complete" and not d["alive"]:
         lines.append(f"  continue with: denseforge resume {root}")
     return "\n".join(lines)
+
+
+def watch(root: Path, every_s: float, as_json: bool, out) -> None:
+    """Print the status every `every_s` seconds while a driver works on the run, then once more."""
+    while True:
+        s = run_status(root)
+        print(json.dumps(s, sort_keys=True) if as_json else describe_run(root) + "\n", file=out, flush=True)
+        if not s["driver"]["alive"]:
+            return
+        time.sleep(every_s)

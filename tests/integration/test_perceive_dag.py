@@ -120,6 +120,11 @@ output: {{samples_per_shard: 2}}
                            "first error: ValueError: image ") and "Traceback" not in proc.stderr
     status = run_cli("status", str(out)).stdout
     assert ": failed" in status and "reason: stage 'colors' failed on every item" in status
+    js = json.loads(run_cli("status", str(out), "--json").stdout)
+    assert js["state"] == "failed" and js["driver"]["alive"] is False and js["stages"]["colors"]["failed_total"] == 3
+    assert js["phases"]["write"]["units_total"] == 2 and js["reason"].startswith("stage 'colors' failed")
+    watched = run_cli("status", str(out), "--watch", "0.1", "--json").stdout.splitlines()
+    assert len(watched) == 1 and json.loads(watched[0])["state"] == "failed"  # no driver: one look, then done
     stats = json.loads((out / "stats.json").read_text())  # a failed run still writes what it has
     assert stats["complete"] is False and stats["stages"]["colors"]["failed"] == {"ValueError": 3}
     assert not list((out / "shards" / "_done").glob("*.json"))  # units written while it failed are redone
