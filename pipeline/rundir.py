@@ -74,6 +74,11 @@ class RunDir:
         return self.root / "report.html"
 
     @property
+    def card(self) -> Path:
+        """The dataset card: Hugging Face `datasets` loads the run directory through it."""
+        return self.root / "README.md"
+
+    @property
     def embeddings(self) -> Path:
         return self.root / "embeddings"
 

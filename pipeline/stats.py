@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from denseforge import __version__
@@ -21,6 +22,7 @@ from denseforge.errors import DenseforgeError
 from denseforge.pipeline.adapter import failures, merge_counts
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.rundir import RunDir
+from denseforge.stages.card import dataset_card, decode_type, merge_types
 from denseforge.stages.files import tmp_path
 from denseforge.stages.read_input import REJECT_SCHEMA
 from denseforge.stages.write import MANIFEST_SCHEMA
@@ -73,8 +75,11 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
     by_stage: Counter[str] = Counter()
     removed_by: Counter[str] = Counter()
     unit_rows = removed = 0
+    sample_type = pa.null()
     for marker in done:
         counts = json.loads(marker.read_text())
+        if "json_type" in counts:
+            sample_type = merge_types(sample_type, decode_type(counts["json_type"]))
         unit_rows += counts["rows"]
         removed += counts.get("removed", 0)
         removed_by.update(counts.get("removed_reasons", {}))
@@ -107,6 +112,7 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
         "run": {"name": config.run.name, "seed": config.run.seed},
     }
     rd.report.write_text(render_report(stats))
+    rd.card.write_text(dataset_card(sample_type, config.run.name, stats["funnel"]))
     if complete and not balanced:
         raise DenseforgeError(
             f"the funnel does not balance: {input_rows} input rows vs {written} written + {rejected} rejected + "

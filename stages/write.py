@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from denseforge.stages.card import encode_type, json_type
 from denseforge.stages.files import tmp_path, write_json_atomic, write_parquet_atomic
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample, safe_member_key
@@ -49,7 +50,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_unit(unit: int, files: UnitFiles, samples: list[tuple[Sample, bytes]], rejects: list[Reject],
                removed: list[dict[str, Any]], stages: dict[str, Any]) -> dict[str, Any]:
     """Write one unit's samples (a shard + manifest part) and rejects (a part); returns the unit's
-    counts, saved last as its completion marker with the per-stage counts.
+    counts, saved last as its completion marker with the per-stage counts and the structure of its
+    samples' JSON (the dataset card's features are their union).
 
     Removed rows (duplicates, not selected) are only counted here: `dedup/decisions.parquet`
     lists them.
@@ -78,7 +80,9 @@ def write_unit(unit: int, files: UnitFiles, samples: list[tuple[Sample, bytes]],
     rejects = sorted(rejects, key=lambda r: r.key)
     write_rejects([r.model_dump() for r in rejects], files.rejects)
     write_parquet_atomic(files.manifest, manifest, MANIFEST_SCHEMA)
+    shape = json_type(json.loads(sample.model_dump_json()) for sample, _ in samples)
     counts = {"unit": unit, "rows": len(samples) + len(rejects) + len(removed), "written": len(manifest),
+              "json_type": encode_type(shape),
               "rejected": len(rejects), "removed": len(removed),
               "reasons": dict(sorted(Counter(f"{r.stage}/{r.reason}" for r in rejects).items())),
               "removed_reasons": dict(sorted(Counter(f"{r['stage']}/{r['reason']}" for r in removed).items())),

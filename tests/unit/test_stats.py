@@ -52,3 +52,34 @@ def test_a_funnel_that_does_not_balance_fails_the_run(tmp_path):
         finalize_run(rd, parse_config({"input": {"path": "x"}}), 5, {})
     partial = finalize_run(rd, parse_config({"input": {"path": "x"}}), 5, {}, complete=False)
     assert partial["complete"] is False and partial["funnel"]["balanced"] is False
+
+
+def test_hugging_face_datasets_loads_a_run_whose_samples_differ_in_shape(tmp_path, monkeypatch):
+    """The first samples have no grounding, an empty source and no plugin kind; later ones have all
+    three: `datasets` inferring from the first samples failed on this; the card's features load it."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from denseforge.stages.sample import Grounding
+
+    rd = RunDir(tmp_path / "run")
+    from PIL import Image
+
+    from ..conftest import jpeg_bytes
+
+    image = jpeg_bytes(Image.new("RGB", (8, 6), "red"))
+    plain = [(Sample(key=f"00000000000{i}", width=8, height=6, sha256="0", caption="a red square"), image) for i in range(3)]
+    rich = Sample(key="000000100000", width=8, height=6, sha256="0", caption="a dog", source={"license": "cc-by"},
+                  experts={"objects": [{"label": "dog", "score": 0.5, "box": [0, 0, 4, 4]}], "colors": [{"label": "red"}]},
+                  grounding=[Grounding(phrase="dog", span=(2, 5), box=[0, 0, 4, 4], source="objects/0")])
+    for unit, samples in ((0, plain), (1, [(rich, image)])):
+        files = UnitFiles(rd.shard_file(unit), rd.manifest_part(unit), rd.rejects_part(unit), rd.write_marker(unit))
+        write_unit(unit, files, samples, [], [], {})
+    finalize_run(rd, parse_config({"input": {"path": "x"}}), 4, {})
+    ds = datasets.load_dataset(str(rd.root), split="train", cache_dir=str(tmp_path / "cache"))
+    rows = {r["__key__"]: r for r in ds}
+    assert len(rows) == 4 and rows["000000000000"]["json"]["grounding"] == []
+    assert rows["000000100000"]["json"]["grounding"][0]["phrase"] == "dog"
+    assert rows["000000100000"]["json"]["experts"]["colors"] == [{"label": "red"}]
+    assert rows["000000000001"]["json"]["experts"]["colors"] is None  # a key a sample lacks loads as None
+    assert rows["000000100000"]["jpg"].size == (8, 6) and rows["000000100000"]["txt"] == "a dog"
