@@ -6,7 +6,6 @@ fails loudly; that is a bug, never a rounding matter.
 
 from __future__ import annotations
 
-import html
 import json
 import platform
 from collections import Counter
@@ -21,6 +20,7 @@ from denseforge import __version__
 from denseforge.errors import DenseforgeError
 from denseforge.pipeline.adapter import failures, merge_counts
 from denseforge.pipeline.config import Config
+from denseforge.pipeline.report import render_report
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.card import dataset_card, decode_type, merge_types
 from denseforge.stages.files import tmp_path
@@ -111,39 +111,10 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
         "versions": versions(),
         "run": {"name": config.run.name, "seed": config.run.seed},
     }
-    rd.report.write_text(render_report(stats))
+    rd.report.write_text(render_report(rd, stats))
     rd.card.write_text(dataset_card(sample_type, config.run.name, stats["funnel"]))
     if complete and not balanced:
         raise DenseforgeError(
             f"the funnel does not balance: {input_rows} input rows vs {written} written + {rejected} rejected + "
             f"{removed} removed ({unit_rows} rows seen by the writer); stats.json and rejects.parquet hold the detail")
     return stats
-
-
-def render_report(stats: dict[str, Any]) -> str:
-    """A small self-contained HTML page with the funnel and the reasons."""
-    f = stats["funnel"]
-    rows = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td></tr>" for r, n in
-                   sorted(f["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
-    removed = "".join(f"<tr><td>&nbsp;&nbsp;{html.escape(r)}</td><td>{n}</td></tr>" for r, n in
-                      sorted(f["removed_by_reason"].items(), key=lambda kv: -kv[1]))
-    timing = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in stats["timings"].items())
-    stages = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{c['items']}</td><td>{c['failed_total']}</td>"
-        f"<td>{html.escape(', '.join(f'{k} {n}' for k, n in c['failed'].items()))}</td>"
-        f"<td>{sum(c['rejected'].values())}</td><td>{c['removed']}</td><td>{c['busy_s']}</td>"
-        f"<td>{html.escape(c['first_error'] or '')}</td></tr>" for name, c in stats["stages"].items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>denseforge run</title>
-<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto}}td{{padding:2px 12px}}</style></head><body>
-<h1>denseforge run: {html.escape(stats['run']['name'])}{'' if stats['complete'] else ' (failed, incomplete)'}</h1>
-<h2>Funnel</h2><table>
-<tr><td>input rows</td><td>{f['input_rows']}</td></tr><tr><td>written</td><td>{f['written']}</td></tr>
-<tr><td>rejected</td><td>{f['rejected']}</td></tr><tr><td>removed</td><td>{f['removed']}</td></tr>
-{removed}
-<tr><td>balanced</td><td>{f['balanced']}</td></tr></table>
-<h2>Rejected, by stage/reason</h2><table>{rows}</table>
-<h2>Stages</h2><table><tr><th>stage</th><th>items</th><th>failed</th><th>by type</th><th>rejected</th>
-<th>removed</th><th>busy s</th><th>first error</th></tr>{stages}</table>
-<h2>Timings (s)</h2><table>{timing}</table>
-<p>versions: {html.escape(json.dumps(stats['versions']))}</p></body></html>
-"""

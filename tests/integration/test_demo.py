@@ -12,9 +12,14 @@ from ..conftest import run_cli
 pytestmark = pytest.mark.slow
 
 
-def test_the_demo_captions_what_yolox_really_saw(tmp_path):
-    out = tmp_path / "demo"
-    proc = run_cli("run", "demo", "--out", str(out))
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return out, run_cli("run", "demo", "--out", str(out))
+
+
+def test_the_demo_captions_what_yolox_really_saw(demo_run):
+    out, proc = demo_run
     assert "33 input rows" in proc.stderr and "balanced: True" in proc.stderr
     samples = {}
     for shard in sorted((out / "shards").glob("*.tar")):
@@ -28,3 +33,34 @@ def test_the_demo_captions_what_yolox_really_saw(tmp_path):
         assert "tags" not in meta["experts"] and "excluded" in meta["provenance"]["experts"]["tagger"]
         assert meta["provenance"]["experts"]["yolox"]["weights"].startswith("pretrained (YOLOX-Nano")
     assert "DENSEFORGE" in samples["sign.png"]["caption"]
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def test_the_demo_report_renders_in_a_real_browser(demo_run):
+    import os
+    import subprocess
+
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("DENSEFORGE_REQUIRE_BROWSER"):
+            pytest.fail("no chromium here, and .ci/run installs it: the browser test must run in CI")
+        pytest.skip("no chromium installed (CI installs it from Debian's packages)")
+    out, _ = demo_run
+    page = out / "report.html"
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,4000"]
+    dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert "</body>" in html and "Uncaught" not in dom.stderr  # the whole page parsed, no script error
+    thumbs = html.count('class="thumb" src="data:image/jpeg;base64,')
+    written = json.loads((out / "stats.json").read_text())["funnel"]["written"]
+    assert thumbs == min(written, 24) > 0 and html.count("<svg") >= 3 and "<mark " in html
+    shot = out / "report.png"  # kept with the run as the test's artifact
+    done = subprocess.run(flags + [f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and shot.stat().st_size > 50_000
+    print(f"\nreport screenshot: {shot} ({page.stat().st_size} bytes of report)")

@@ -83,3 +83,32 @@ def test_hugging_face_datasets_loads_a_run_whose_samples_differ_in_shape(tmp_pat
     assert rows["000000100000"]["json"]["experts"]["colors"] == [{"label": "red"}]
     assert rows["000000000001"]["json"]["experts"]["colors"] is None  # a key a sample lacks loads as None
     assert rows["000000100000"]["jpg"].size == (8, 6) and rows["000000100000"]["txt"] == "a dog"
+
+
+def test_the_report_escapes_everything_that_comes_from_the_data(tmp_path):
+    from PIL import Image
+
+    from denseforge.stages.sample import Grounding
+
+    from ..conftest import jpeg_bytes
+
+    hostile = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+    rd = RunDir(tmp_path)
+    caption = f"a dog {hostile}"
+    sample = Sample(key="000000000000", width=40, height=30, sha256="0", url=f"http://x/{hostile}",
+                    alt_text=hostile, caption=caption,
+                    experts={"objects": [{"label": hostile, "score": 0.9, "box": [1, 1, 20, 20]}],
+                             "ocr": [{"text": hostile, "score": 0.9, "box": [2, 2, 9, 9], "polygon": []}],
+                             "tags": [{"label": hostile, "score": 0.5}]},
+                    grounding=[Grounding(phrase="dog", span=(2, 5), box=[1, 1, 20, 20], source="objects/0")],
+                    provenance={"note": hostile})
+    files = UnitFiles(rd.shard_file(0), rd.manifest_part(0), rd.rejects_part(0), rd.write_marker(0))
+    write_unit(0, files, [(sample, jpeg_bytes(Image.new("RGB", (40, 30), "blue")))],
+               [Reject(key="000000000001", stage="ingest", reason="http_404", detail=hostile, url=hostile)], [], {})
+    finalize_run(rd, parse_config({"input": {"path": "x"}}), 2, {})
+    page = rd.report.read_text()
+    assert "<script>" not in page and "onerror=alert" not in page.replace("onerror=alert(2)&gt;", "")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert '<mark style="background:' in page and ">dog</mark>" in page  # the grounded phrase, highlighted
+    assert page.count('src="data:image/jpeg;base64,') == 1  # inlined: nothing is fetched at view time
+    assert 'src="http' not in page and "<link" not in page
