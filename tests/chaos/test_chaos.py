@@ -218,3 +218,24 @@ def test_a_full_disk_is_one_line_and_resume_after_freeing_space_finishes_the_run
         assert not list(out.rglob(".*.tmp"))
     finally:
         subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_read_only_out_is_one_line_naming_the_path(tmp_path, photo_dir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only tmpfs (root ignores file permissions)")
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        folder = tmp_path / "images"
+        folder.mkdir()
+        (folder / "coffee.jpg").write_bytes((photo_dir / "coffee.jpg").read_bytes())
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"input: {{kind: folder, path: {folder}}}\nembed: {{enabled: false}}\ndedup: {{enabled: false}}\n")
+        proc = run_cli("run", str(cfg), "--out", str(mount / "run"), check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        [line] = [line for line in proc.stderr.splitlines() if line.startswith("denseforge: error:")]
+        assert line == f"denseforge: error: cannot write {mount / 'run'}: Read-only file system"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])

@@ -64,3 +64,18 @@ def test_the_demo_report_renders_in_a_real_browser(demo_run):
     done = subprocess.run(flags + [f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and shot.stat().st_size > 50_000
     print(f"\nreport screenshot: {shot} ({page.stat().st_size} bytes of report)")
+
+
+def test_the_notebook_runs_against_the_demo(demo_run, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from pathlib import Path
+
+    out, _ = demo_run
+    monkeypatch.setenv("DENSEFORGE_RUN", str(out))
+    notebook = nbformat.read(Path(__file__).resolve().parents[2] / "notebooks" / "explore_run.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any('class="gallery"' in h and "data:image/jpeg;base64," in h for h in html)
