@@ -1,0 +1,126 @@
+"""Property-based tests (Hypothesis) for the pure stages: URL screening, export round-trips,
+grounding, and dedup decisions against a brute-force reference."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from denseforge.stages import dedup as dd
+from denseforge.stages import export as ex
+from denseforge.stages.ground import ground_mentions
+from denseforge.stages.sample import Grounding, Sample
+from denseforge.stages.url_screen import is_public_address, screen_url
+
+ipv4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
+
+
+@given(ipv4)
+@settings(max_examples=400)
+def test_an_ipv4_target_is_refused_exactly_when_it_is_not_public(ip):
+    verdict = screen_url(f"http://{ip}/a.jpg")
+    expected_public = ip.is_global and not ip.is_multicast
+    assert (verdict is None) == expected_public
+    if verdict is not None:
+        assert verdict.reason == "private_address"
+
+
+@given(ipv4)
+@settings(max_examples=300)
+def test_every_ipv6_form_that_embeds_an_ipv4_gets_the_ipv4_verdict(ip):
+    v4 = int(ip)
+    forms = [ipaddress.IPv6Address((0xFFFF << 32) | v4),            # ::ffff:a.b.c.d
+             ipaddress.IPv6Address((0x0064FF9B << 96) | v4),        # 64:ff9b::a.b.c.d
+             ipaddress.IPv6Address((0x2002 << 112) | (v4 << 80)),   # 6to4 2002:aabb:ccdd::
+             ipaddress.IPv6Address((0xFFFF << 48) | v4)]            # ::ffff:0:a.b.c.d
+    if v4 > 1:
+        forms.append(ipaddress.IPv6Address(v4))                      # ::a.b.c.d (compatible)
+    for form in forms:
+        assert is_public_address(str(form)) == is_public_address(str(ip)), form
+
+
+boxes = st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)).filter(
+    lambda b: b[0] < b[2] - 0.002 and b[1] < b[3] - 0.002)
+sizes = st.tuples(st.integers(16, 4000), st.integers(16, 4000))
+
+
+def _sample(rel, size) -> Sample:
+    w, h = size
+    box = [rel[0] * w, rel[1] * h, rel[2] * w, rel[3] * h]
+    caption = "a thing here"
+    return Sample(key="k", width=w, height=h, sha256="0", caption=caption,
+                  grounding=[Grounding(phrase="thing", span=(2, 7), box=box, source="objects/0")])
+
+
+@given(boxes, sizes)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_qwen_round_trip_lands_within_half_a_thousandth(rel, size):
+    sample = _sample(rel, size)
+    plain, [(phrase, [box])] = ex.parse_qwen(ex.qwen_text(sample))
+    assert plain == sample.caption and phrase == "thing"
+    w, h = size
+    for v, orig, extent in zip(box, sample.grounding[0].box, (w, h, w, h)):
+        assert abs(v * extent / 1000 - orig) <= 0.5 * extent / 1000 + 1e-6
+
+
+@given(boxes, sizes)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_kosmos_round_trip_covers_the_box_within_one_bin(rel, size):
+    sample = _sample(rel, size)
+    plain, [(phrase, [box])] = ex.parse_kosmos(ex.kosmos_text(sample), *size)
+    orig = sample.grounding[0].box
+    w, h = size
+    bin_w, bin_h = w / 32, h / 32
+    assert plain == sample.caption
+    assert box[0] <= orig[0] + 1e-6 and box[1] <= orig[1] + 1e-6  # the bins cover the box...
+    assert box[2] >= orig[2] - 1e-6 and box[3] >= orig[3] - 1e-6
+    assert orig[0] - box[0] < bin_w + 1e-6 and box[2] - orig[2] < bin_w + 1e-6  # ...and not by more than a bin
+    assert orig[1] - box[1] < bin_h + 1e-6 and box[3] - orig[3] < bin_h + 1e-6
+
+
+words = st.sampled_from(["dog", "dogs", "Dog", "a", "the", "car", "cars", "Golden", "red", "STOP", "stop", "İ", "ß", ","])
+
+
+@given(st.lists(words, max_size=30))
+@settings(max_examples=300)
+def test_every_grounding_span_is_inside_the_caption_and_names_its_source(tokens):
+    caption = " ".join(tokens)
+    experts = {"objects": [{"label": "dog", "score": 0.9, "box": [0, 0, 5, 5]},
+                           {"label": "car", "score": 0.9, "box": [5, 5, 9, 9]}],
+               "ocr": [{"text": "stop", "score": 0.9, "box": [1, 1, 2, 2]}]}
+    for g in ground_mentions(caption, experts):
+        assert 0 <= g.span[0] < g.span[1] <= len(caption) and caption[g.span[0]:g.span[1]] == g.phrase
+        kind, index = g.source.split("/")
+        found = experts[kind][int(index)]
+        name = found.get("label") or found.get("text")
+        assert name.casefold() in g.phrase.casefold() or g.phrase.casefold().rstrip("s") in name.casefold()
+
+
+def _naive(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    dup = np.full(len(vectors), -1)
+    kept: list[int] = []
+    for i, v in enumerate(vectors):
+        sims = [(float(v @ vectors[k]), k) for k in kept]
+        best = max(sims, default=(-np.inf, -1))
+        if best[0] > threshold:
+            dup[i] = best[1]
+        else:
+            kept.append(i)
+    return dup
+
+
+@given(st.integers(0, 10_000), st.integers(2, 60), st.integers(2, 8), st.floats(0.5, 0.99))
+@settings(max_examples=60, deadline=None)
+def test_blocked_greedy_dedup_equals_a_brute_force_reference(seed, n, block_exp, threshold):
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(max(1, n // 3), 8)).astype(np.float32)
+    x = base[rng.integers(0, len(base), n)] + 0.3 * rng.normal(size=(n, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    [ours] = dd.greedy_duplicates(x, [threshold], block=2 ** block_exp if 2 ** block_exp < n else 16)
+    kept_ours, kept_ref = ours < 0, _naive(x, threshold) < 0
+    assert (kept_ours == kept_ref).all()
+    for i in np.flatnonzero(~kept_ours):  # every removed row names a kept row it really is close to
+        assert kept_ours[ours[i]] and float(x[i] @ x[ours[i]]) > threshold
