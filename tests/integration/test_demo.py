@@ -79,3 +79,15 @@ def test_the_notebook_runs_against_the_demo(demo_run, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any('class="gallery"' in h and "data:image/jpeg;base64," in h for h in html)
+
+
+def test_hugging_face_datasets_loads_the_demo_run(demo_run, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out, _ = demo_run
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "cache"))
+    written = json.loads((out / "stats.json").read_text())["funnel"]["written"]
+    assert len(ds) == written
+    first = ds[0]
+    assert first["jpg"].size == (first["json"]["width"], first["json"]["height"])
+    assert first["txt"] == first["json"]["caption"] and isinstance(first["json"]["grounding"], list)
