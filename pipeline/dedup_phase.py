@@ -57,6 +57,7 @@ def write_embeddings(batch: pa.Table, rd: RunDir) -> pa.Table:
             [s.key for s in samples], [unit] * len(samples), vectors,
             {"sha256": pa.array([s.sha256 for s in samples], pa.string()),
              "phash": pa.array([o["phash"] for o in outputs], pa.int64()),
+             "fingerprint": pa.array([o["fingerprint"] for o in outputs], pa.binary()),
              "width": pa.array([s.original_width or s.width for s in samples], pa.int64()),
              "height": pa.array([s.original_height or s.height for s in samples], pa.int64())})
         provenance = outputs[0]["provenance"] if outputs else None
@@ -126,6 +127,14 @@ def _assign_unit(file: str, centroids: np.ndarray, rd: RunDir, buckets: int) -> 
     return table.num_rows
 
 
+def _fingerprints(table: pa.Table) -> np.ndarray | None:
+    """The second witness of every row as an (n, 224) uint8 matrix (None for embeddings files
+    written before fingerprints existed, or when both witness checks are off)."""
+    if "fingerprint" not in table.column_names:
+        return None
+    return np.frombuffer(b"".join(table.column("fingerprint").to_pylist()), dtype=np.uint8).reshape(table.num_rows, -1)
+
+
 def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> dict[str, Any]:
     files = sorted(Path(bucket_path).glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
@@ -139,6 +148,8 @@ def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> 
         result = dd.dedup_all(
             cluster, embeddings_matrix(table), keys, table.column("sha256").to_pylist(),
             table.column("phash").to_numpy(), sims, width * height, candidates=pre == dd.KEPT,
+            fingerprint=_fingerprints(table), witness_max_fine_distance=settings["witness_max_fine_distance"],
+            witness_max_colour_difference=settings["witness_max_colour_difference"],
             epsilon=settings["epsilon"], phash_max_distance=settings["phash_max_distance"], exact=settings["exact"],
             policy=settings["keep"], sweep=settings["sweep"], block=settings["block"])
         sweep = result.sweep_kept
@@ -179,6 +190,8 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         bar.update(1)
         settings = {"min_short_edge": sel.min_short_edge, "max_aspect_ratio": sel.max_aspect_ratio,
                     "epsilon": cfg.epsilon, "phash_max_distance": cfg.phash_max_distance,
+                    "witness_max_fine_distance": cfg.witness_max_fine_distance,
+                    "witness_max_colour_difference": cfg.witness_max_colour_difference,
                     "exact": cfg.exact, "keep": cfg.keep, "sweep": cfg.sweep, "block": cfg.block_size}
         parts = [rd.bucket_part(b) for b in range(buckets)]
         parts[0].parent.mkdir(exist_ok=True)

@@ -35,6 +35,10 @@ class DedupConfig(Settings):
     enabled: bool = True
     exact: bool = True
     phash_max_distance: int | None = Field(4, ge=0, le=32, description="Hamming distance; null disables")
+    witness_max_fine_distance: int | None = Field(
+        48, ge=0, le=256, description="a pHash match also needs the 256-bit pHashes this close; null: no witness")
+    witness_max_colour_difference: float | None = Field(
+        20.0, ge=0, le=255, description="...and the 8x8 colour thumbnails this close (mean abs, 0-255); null: no check")
     epsilon: float | None = Field(0.05, gt=0, lt=2, description="duplicate when cosine > 1 - epsilon; null disables")
     sweep: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.4])
     clusters: int | None = Field(None, ge=1, description="k for k-means; null derives it from N")
@@ -228,11 +232,22 @@ def priority_order(keys: Sequence[str], centroid_sim: np.ndarray, area: np.ndarr
     return np.argsort(keys_arr, kind="stable")
 
 
+def witnessed(a: np.ndarray, b: np.ndarray, max_fine: int | None, max_colour: float | None) -> bool:
+    """Does the second witness confirm a pHash match? Two fingerprints (see embed.fingerprint):
+    the 256-bit pHashes within `max_fine` bits and the colour thumbnails within `max_colour`."""
+    if max_fine is not None and int(np.unpackbits(a[:32] ^ b[:32]).sum()) > max_fine:
+        return False
+    return max_colour is None or float(np.abs(a[32:].astype(np.int16) - b[32:].astype(np.int16)).mean()) <= max_colour
+
+
 def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str], phash: np.ndarray,
                   centroid_sim: np.ndarray, area: np.ndarray, *, epsilon: float | None, phash_max_distance: int | None,
                   exact: bool = True, policy: KeepPolicy = "nearest_centroid", sweep: Sequence[float] = (),
-                  block: int = 2048) -> ClusterResult:
-    """Exact, perceptual and semantic duplicates inside one cluster (see module doc)."""
+                  block: int = 2048, fingerprint: np.ndarray | None = None, witness_max_fine_distance: int | None = 48,
+                  witness_max_colour_difference: float | None = 20.0) -> ClusterResult:
+    """Exact, perceptual and semantic duplicates inside one cluster (see module doc). A pHash
+    match alone is not evidence of a copy (two signs with different words on the same background
+    hash 4 bits apart): with `fingerprint` rows, a second witness must confirm it."""
     n = len(keys)
     order = priority_order(keys, centroid_sim, area, policy)
     reason = np.full(n, KEPT, dtype=object)
@@ -248,6 +263,11 @@ def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str
         t = 1.0 - 2.0 * (phash_max_distance + 0.5) / 64.0
         near = greedy_duplicates(phash_vectors(phash[order]), [t], block, active)[0]
         hit = near >= 0
+        if fingerprint is not None:
+            prints = fingerprint[order]
+            for pos in np.flatnonzero(hit):
+                hit[pos] = witnessed(prints[pos], prints[near[pos]], witness_max_fine_distance,
+                                     witness_max_colour_difference)
         reason[hit], dup[hit], active[hit] = NEAR, near[hit], False
     sweep_kept: dict[float, int] = {}
     eps_list = ([epsilon] if epsilon is not None else []) + [e for e in sweep if e != epsilon]
@@ -288,7 +308,8 @@ class DedupResult:
 
 
 def dedup_all(labels: np.ndarray, vectors: np.ndarray, keys: Sequence[str], sha256: Sequence[str], phash: np.ndarray,
-              centroid_sim: np.ndarray, area: np.ndarray, candidates: np.ndarray | None = None, **options) -> DedupResult:
+              centroid_sim: np.ndarray, area: np.ndarray, candidates: np.ndarray | None = None,
+              fingerprint: np.ndarray | None = None, **options) -> DedupResult:
     """`dedup_cluster` over every cluster in `labels`; rows outside `candidates` are left alone
     (reason "" and rank -1): the caller has already removed them (prefilters)."""
     n = len(labels)
@@ -301,7 +322,8 @@ def dedup_all(labels: np.ndarray, vectors: np.ndarray, keys: Sequence[str], sha2
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
     keys_arr, sha_arr = np.asarray(keys), np.asarray(sha256)
     for idx in np.split(order, bounds) if len(order) else []:
-        res = dedup_cluster(keys_arr[idx], vectors[idx], sha_arr[idx], phash[idx], centroid_sim[idx], area[idx], **options)
+        res = dedup_cluster(keys_arr[idx], vectors[idx], sha_arr[idx], phash[idx], centroid_sim[idx], area[idx],
+                            fingerprint=None if fingerprint is None else fingerprint[idx], **options)
         reason[idx], rank[idx] = res.reason, res.rank
         dup_of[idx] = np.where(res.dup_of >= 0, idx[np.maximum(res.dup_of, 0)], -1)
         for e, kept in res.sweep_kept.items():

@@ -111,8 +111,22 @@ class EmbedStage(Stage):
 
     def process(self, batch: list[Item]) -> list[Verdict]:
         for item, vector in zip(batch, self.embed([item.image for item in batch])):
-            item.outputs.update(embedding=vector, phash=perceptual_hash(item.image), provenance=self.provenance)
+            item.outputs.update(embedding=vector, phash=perceptual_hash(item.image), fingerprint=fingerprint(item.image),
+                                provenance=self.provenance)
         return [None] * len(batch)
+
+
+FINGERPRINT_BYTES = 32 + 8 * 8 * 3
+
+
+def fingerprint(image: Image.Image) -> bytes:
+    """The second witness for a pHash match: a 256-bit pHash (finer structure) and an 8 x 8 RGB
+    thumbnail (colour, which the grey pHash cannot see), 224 bytes."""
+    import imagehash
+
+    fine = np.packbits(imagehash.phash(image, hash_size=16).hash.flatten()).tobytes()
+    colours = np.asarray(image.convert("RGB").resize((8, 8), Image.Resampling.BOX), dtype=np.uint8).tobytes()
+    return fine + colours
 
 
 def perceptual_hash(image: Image.Image) -> int:

@@ -169,3 +169,71 @@ def test_dedup_all_works_cluster_by_cluster_and_skips_non_candidates():
     assert list(res.reason) == ["", "semantic_duplicate", "", "", ""]
     assert list(res.dup_of) == [-1, 0, -1, -1, -1]
     assert res.rank[3] == -1 and res.sweep_kept == {0.01: 3}
+
+
+def _hard_negatives_and_copies():
+    """Distinct low-texture images whose 64-bit pHashes nearly agree (signs with other words on the
+    same background, same-layout slides, one logo in two colours), and real copies of each."""
+    from PIL import ImageDraw, ImageEnhance, ImageFont
+
+    def sign(text):
+        im = Image.new("RGB", (640, 240), (250, 248, 240))
+        ImageDraw.Draw(im).text((40, 80), text, fill=(20, 20, 20), font=ImageFont.load_default(size=56))
+        return im
+
+    def slide(title, bullets):
+        im = Image.new("RGB", (800, 600), "white")
+        d = ImageDraw.Draw(im)
+        d.rectangle([0, 0, 800, 90], fill=(30, 60, 140))
+        d.text((30, 20), title, fill="white", font=ImageFont.load_default(size=44))
+        for i, b in enumerate(bullets):
+            d.text((60, 150 + 70 * i), b, fill="black", font=ImageFont.load_default(size=32))
+        return im
+
+    def logo(shape, colour):
+        im = Image.new("RGB", (300, 300), "white")
+        d = ImageDraw.Draw(im)
+        (d.ellipse if shape == "circle" else d.rectangle)([60, 60, 240, 240], fill=colour)
+        return im
+
+    distinct = [sign(t) for t in ("MAIN STREET", "OPEN 24 HOURS", "NO PARKING", "EXIT", "SALE 50%", "WELCOME")]
+    distinct += [slide("Results", ["accuracy and recall", "per class"]), slide("Method", ["the data", "the model"]),
+                 slide("Outlook", ["more data", "a bigger model"])]
+    distinct += [logo(s, c) for s in ("circle", "square") for c in ((200, 30, 30), (30, 30, 200))]
+    distinct += [load_photo(n).convert("RGB") for n in ("astronaut", "coffee", "chelsea")]
+
+    def copies(im):
+        w, h = im.size
+        return [im, im.resize((int(w * 0.7), int(h * 0.7))), ImageEnhance.Color(im).enhance(0.6),
+                ImageEnhance.Brightness(im).enhance(1.1), im.crop((int(w * .03), int(h * .03), int(w * .97), int(h * .97)))]
+
+    return distinct, copies
+
+
+def test_a_phash_match_needs_a_second_witness_no_false_merges_copies_still_caught():
+    from denseforge.stages.embed import fingerprint
+
+    distinct, copies = _hard_negatives_and_copies()
+    images, group = [], []
+    for g, original in enumerate(distinct):
+        for j, variant in enumerate(copies(original)):
+            stored = Image.open(io.BytesIO(_jpeg(variant, quality=60 if j == 0 else 90))).convert("RGB")
+            images.append(stored)
+            group.append(g)
+    n = len(images)
+    keys = [f"{i:04d}" for i in range(n)]
+    phash = np.array([perceptual_hash(im) for im in images])
+    prints = np.stack([np.frombuffer(fingerprint(im), np.uint8) for im in images])
+    common = dict(epsilon=None, phash_max_distance=6, policy="first_key")
+    args = (keys, np.zeros((n, 1), np.float32), [str(i) for i in range(n)], phash, np.zeros(n), np.ones(n))
+    alone = dd.dedup_cluster(*args, **common)
+    witnessed = dd.dedup_cluster(*args, fingerprint=prints, **common)
+
+    def false_merges(res):
+        return [(keys[i], keys[res.dup_of[i]]) for i in range(n) if res.reason[i] and group[res.dup_of[i]] != group[i]]
+
+    assert false_merges(alone), "the hard negatives must fool the pHash alone, or the test proves nothing"
+    assert false_merges(witnessed) == []
+    caught = sum(1 for i in range(n) if witnessed.reason[i])
+    caught_alone = sum(1 for i in range(n) if alone.reason[i] and group[alone.dup_of[i]] == group[i])
+    assert caught >= 0.95 * caught_alone and caught >= 0.7 * (n - len(distinct))  # copies the pHash sees stay caught
