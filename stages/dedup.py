@@ -38,7 +38,7 @@ class DedupConfig(Settings):
     witness_max_fine_distance: int | None = Field(
         48, ge=0, le=256, description="a pHash match also needs the 256-bit pHashes this close; null: no witness")
     witness_max_colour_difference: float | None = Field(
-        20.0, ge=0, le=255, description="...and the 8x8 colour thumbnails this close (mean abs, 0-255); null: no check")
+        0.6, ge=0, le=2, description="...and, when both have colour, their hue histograms this close (L1); null: no check")
     epsilon: float | None = Field(0.05, gt=0, lt=2, description="duplicate when cosine > 1 - epsilon; null disables")
     sweep: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.4])
     clusters: int | None = Field(None, ge=1, description="k for k-means; null derives it from N")
@@ -232,19 +232,40 @@ def priority_order(keys: Sequence[str], centroid_sim: np.ndarray, area: np.ndarr
     return np.argsort(keys_arr, kind="stable")
 
 
+def hue_histogram(thumb: np.ndarray, bins: int = 12) -> np.ndarray | None:
+    """Saturation-weighted hue histogram of an (n, 3) uint8 thumbnail, normalised to sum 1; None
+    when the thumbnail has (almost) no colour."""
+    rgb = thumb.astype(np.float32) / 255.0
+    top, low = rgb.max(1), rgb.min(1)
+    chroma = top - low
+    weight = np.where(top > 0.1, chroma, 0.0)
+    if weight.sum() < 0.05 * len(rgb):  # grey: no hue to compare
+        return None
+    r, g, b = rgb.T
+    safe = np.maximum(chroma, 1e-6)
+    hue = np.select([top == r, top == g], [((g - b) / safe) % 6, (b - r) / safe + 2], (r - g) / safe + 4) / 6
+    hist = np.bincount(np.minimum((hue * bins).astype(int), bins - 1), weights=weight, minlength=bins)
+    return hist / hist.sum()
+
+
 def witnessed(a: np.ndarray, b: np.ndarray, max_fine: int | None, max_colour: float | None) -> bool:
     """Does the second witness confirm a pHash match? Two fingerprints (see embed.fingerprint):
-    the 256-bit pHashes within `max_fine` bits and the colour thumbnails within `max_colour`."""
+    the 256-bit pHashes within `max_fine` bits and, when both images have colour, their hue
+    histograms within `max_colour` (L1, 0-2): a greyscale, faded or re-saturated copy keeps its
+    hues; a red and a blue version of one logo do not."""
     if max_fine is not None and int(np.unpackbits(a[:32] ^ b[:32]).sum()) > max_fine:
         return False
-    return max_colour is None or float(np.abs(a[32:].astype(np.int16) - b[32:].astype(np.int16)).mean()) <= max_colour
+    if max_colour is None:
+        return True
+    ha, hb = (hue_histogram(x[32:].reshape(-1, 3)) for x in (a, b))
+    return ha is None or hb is None or float(np.abs(ha - hb).sum()) <= max_colour
 
 
 def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str], phash: np.ndarray,
                   centroid_sim: np.ndarray, area: np.ndarray, *, epsilon: float | None, phash_max_distance: int | None,
                   exact: bool = True, policy: KeepPolicy = "nearest_centroid", sweep: Sequence[float] = (),
                   block: int = 2048, fingerprint: np.ndarray | None = None, witness_max_fine_distance: int | None = 48,
-                  witness_max_colour_difference: float | None = 20.0) -> ClusterResult:
+                  witness_max_colour_difference: float | None = 0.6) -> ClusterResult:
     """Exact, perceptual and semantic duplicates inside one cluster (see module doc). A pHash
     match alone is not evidence of a copy (two signs with different words on the same background
     hash 4 bits apart): with `fingerprint` rows, a second witness must confirm it."""
