@@ -132,7 +132,7 @@ def test_sigkill_of_the_driver_in_every_phase_then_resume_equals_a_clean_run(cor
         cmd = ["run", str(cfg), "--out", str(out)] if i == 0 else ["resume", str(out)]
         landed.append((phase, _kill_driver_during(cmd, out, phase, rng, check_lock=i == 0)))
         print(f"kill {i + 1} ({phase}): {landed[-1][1]}")
-    assert "driver: none holds the run" in run_cli("status", str(out)).stdout or (out / "stats.json").exists()
+    assert "driver: no driver holds the run" in run_cli("status", str(out)).stdout or (out / "stats.json").exists()
     run_cli("resume", str(out))
     assert _result(out) == _result(clean), f"seed {seed}: {landed}"
     assert not list(out.rglob(".*.tmp"))

@@ -97,7 +97,9 @@ def test_shards_hold_the_contract(table_run):
         assert img.mode == "RGB" and img.size == (meta["width"], meta["height"]) and min(img.size) == 256
         assert meta["source"]["source_id"] in {"astronaut", "coffee", "chelsea", "rocket"}
         assert meta["alt_text"].startswith("a photo of") and meta["cluster"] in (0, 1)
-    assert (out / "report.html").read_text().count("ingest/http_404") == 1
+    report = (out / "report.html").read_text()
+    assert "<h3>rejected: ingest/http_404</h3>" in report and "gone.jpg" in report  # an example, with its URL
+    assert report.count('class="thumb" src="data:image/jpeg;base64,') == len(manifest)
 
 
 def test_status_and_refusing_to_overwrite(table_run, tmp_path):
