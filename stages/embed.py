@@ -18,7 +18,7 @@ from pydantic import Field
 
 from denseforge.errors import ModelLoadError
 from denseforge.stages.settings import Settings
-from denseforge.stages.stage import Item, Resources, Stage, Verdict
+from denseforge.stages.stage import Item, Stage, Verdict, WorkerSettings
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 
@@ -35,20 +35,11 @@ class ClipModel(Settings):
     seed: int = Field(0, description="random weights are drawn from it, so every worker and rerun embeds alike")
 
 
-class EmbedConfig(ClipModel):
+class EmbedConfig(ClipModel, WorkerSettings):
     """open_clip image embeddings for deduplication and selection."""
 
     enabled: bool = True
     batch_size: int = Field(64, ge=1, le=4096)
-    concurrency: int = Field(1, ge=1, description="embedding actors")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions share one GPU)")
-    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of images that may fail; null: no limit")
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(num_cpus=self.num_cpus, num_gpus=self.num_gpus, batch_size=self.batch_size,
-                         concurrency=self.concurrency)
 
 
 def pick_device(requested: str) -> str:

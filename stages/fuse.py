@@ -30,7 +30,7 @@ from denseforge.stages.ground import GroundConfig, parse_ref_markup
 from denseforge.stages.regions import jpeg, select_views, top_regions
 from denseforge.stages.sample import Region, Sample
 from denseforge.stages.settings import Settings
-from denseforge.stages.stage import Item, Rejection, Resources, Stage, Verdict
+from denseforge.stages.stage import Item, Rejection, Stage, Verdict, WorkerSettings
 
 BUILTIN_PROMPT = Path(__file__).parent / "prompts" / "perception.txt"
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
@@ -127,7 +127,7 @@ class TransformersBackendConfig(Settings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class FuseConfig(Settings):
+class FuseConfig(WorkerSettings):
     enabled: bool = False
     backend: Literal["template", "openai", "transformers"] = "template"
     prompt_file: str | None = Field(None, description="template with $word_limit and $perception; None = built-in")
@@ -138,16 +138,7 @@ class FuseConfig(Settings):
     region_views: int = Field(3, ge=1, le=11, description="DynRefer views per region, the tight crop included")
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
     transformers: TransformersBackendConfig = TransformersBackendConfig()
-    concurrency: int = Field(1, ge=1, description="captioner actors")
-    num_cpus: float = Field(0.25, gt=0)
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per captioner actor (transformers backend)")
-    batch_size: int = Field(16, ge=1, description="samples per captioner call")
-    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of samples the captioner may fail on; null: no limit")
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(num_cpus=self.num_cpus, num_gpus=self.num_gpus, batch_size=self.batch_size,
-                         concurrency=self.concurrency)
+    num_cpus: float = Field(0.25, gt=0, description="CPUs per captioner worker")
 
 
 class CaptionerError(RuntimeError):

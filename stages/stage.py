@@ -38,6 +38,22 @@ class Resources(BaseModel):
         1, ge=1, description="workers kept alive with the model loaded; null: stateless tasks, as many as fit")
 
 
+class WorkerSettings(BaseModel):
+    """Settings of a model stage's workers, as config keys beside its other settings."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    concurrency: int = Field(1, ge=1, description="workers, each with the model loaded")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per worker")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per worker (fractions share one GPU)")
+    batch_size: int = Field(16, ge=1, le=4096, description="items per call")
+    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of items it may fail on; null: no limit")
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(num_cpus=self.num_cpus, num_gpus=self.num_gpus, batch_size=self.batch_size,
+                         concurrency=self.concurrency)
+
+
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
