@@ -83,3 +83,49 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
     assert (out / "export" / "llava" / llava[0]["image"]).stat().st_size > 0
     for fmt in ("coco", "refcoco", "qwen-grounding", "kosmos2"):
         assert Path(run_cli("export", str(out), "--format", fmt).stdout.strip()).exists()
+
+
+def test_the_paths_no_other_test_runs_inside_a_run(tmp_path, photo_dir, chat_url):
+    """Markup grounding, region captions, two detectors that must agree (merge_min_votes), and
+    cluster-balanced selection, together in one real run."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        (folder / f"{name}.jpg").write_bytes((photo_dir / f"{name}.jpg").read_bytes())
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+ray: {{num_cpus: 2}}
+input: {{kind: folder, path: {folder}}}
+embed: {{model: df-tiny-clip, weights: random}}
+dedup: {{epsilon: null, clusters: 2}}
+select: {{per_cluster: 2, target_total: 3}}
+perceive:
+  enabled: true
+  merge_min_votes: 2
+  experts:
+    - {{plugin: yolox, name: strict, options: {{score_threshold: 0.5}}, resources: {{num_cpus: 0.25}}}}
+    - {{plugin: yolox, name: loose, options: {{score_threshold: 0.3}}, resources: {{num_cpus: 0.25}}}}
+fuse:
+  enabled: true
+  backend: openai
+  region_top_k: 1
+  openai: {{base_url: "{chat_url}", model: tiny-vlm, max_retries: 1, timeout_s: 10}}
+ground: {{mode: markup}}
+qa: {{enabled: true, min_words: 1, max_hallucination: 1.0, min_ocr_fidelity: 0.0}}
+""")
+    out = tmp_path / "run"
+    run_cli("run", str(cfg), "--out", str(out))
+    stats = json.loads((out / "stats.json").read_text())
+    f = stats["funnel"]
+    assert f["written"] == 3 and f["removed_by_reason"] == {"dedup/not_selected": 1}  # target_total: 3 of 4
+    samples = [json.loads(s["json"]) for shard in sorted((out / "shards").glob("*.tar"))
+               for s in wds.WebDataset(str(shard), shardshuffle=False)]
+    with_objects = [s for s in samples if s["experts"].get("objects")]
+    assert with_objects, "YOLOX finds the person, the cup, the cat"
+    for s in with_objects:
+        # both detectors agreed on every kept box (votes from two instances)
+        assert all(o["sources"] == ["loose", "strict"] for o in s["experts"]["objects"])
+        assert len(s["regions"]) == 1 and s["regions"][0]["caption"] == "Two dogs and a car."
+    # markup mode: the model was asked for <ref> tags; the stub answers without them, so no grounding
+    assert all(s["grounding"] == [] and s["caption"] == "Two dogs and a car." for s in samples)
+    assert all(s["provenance"]["captioner"]["model"] == "tiny-vlm-served" for s in samples)
