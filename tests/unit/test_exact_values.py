@@ -123,3 +123,56 @@ def test_large_k_paths_hierarchical_training_and_ivf_assignment_agree_with_flat(
     labels, _ = dd.assign_clusters(np.concatenate([x[:50], copies / np.linalg.norm(copies, axis=1, keepdims=True)]),
                                    tree, exact_below=8)
     assert (labels[:50] == labels[50:]).all()
+
+
+def _captioned(caption: str, **experts) -> Sample:
+    s = Sample(key="k", width=100, height=100, sha256="0", experts=experts)
+    s.caption = caption
+    return s
+
+
+def test_qa_word_limits_are_inclusive_at_both_ends():
+    five = _captioned("one two three four five")
+    assert "too_short" not in assess(five, QaConfig(min_words=5)).reasons
+    assert assess(five, QaConfig(min_words=6)).reasons == ["too_short"]
+    assert "too_long" not in assess(five, QaConfig(max_words=5)).reasons
+    assert assess(five, QaConfig(max_words=4)).reasons == ["too_long"]
+
+
+def test_qa_hallucination_ocr_fidelity_and_clip_gates_at_their_thresholds():
+    # "dog" and "car" claimed, only the dog seen (as a tag): hallucination 1/2
+    s = _captioned("a dog and a car", tags=[{"label": "dog", "score": 0.9}])
+    report = assess(s, QaConfig(min_words=1, max_hallucination=0.5))
+    assert report.scores["hallucination"] == 0.5 and "hallucination" not in report.reasons
+    assert "hallucination" in assess(s, QaConfig(min_words=1, max_hallucination=0.49)).reasons
+    # an OCR line seen counts as evidence too ("STOP sign" names no COCO noun, "stop sign" is one)
+    seen_by_ocr = _captioned("a stop sign", ocr=[{"text": "stop sign", "score": 0.9, "box": [0, 0, 1, 1]}])
+    assert assess(seen_by_ocr, QaConfig(min_words=1)).scores["hallucination"] == 0.0
+    # OCR fidelity: confident lines (score >= ocr_min_score, 2+ characters) reproduced in the caption
+    ocr = [{"text": "OPEN", "score": 0.9, "box": [0, 0, 1, 1]}, {"text": "EXIT", "score": 0.8, "box": [0, 0, 1, 1]},
+           {"text": "faint", "score": 0.79, "box": [0, 0, 1, 1]}, {"text": "x", "score": 1.0, "box": [0, 0, 1, 1]}]
+    s = _captioned("a sign that reads open", ocr=ocr)
+    report = assess(s, QaConfig(min_words=1, min_ocr_fidelity=0.5, ocr_min_score=0.8))
+    assert report.scores["ocr_fidelity"] == 0.5 and "ocr_missing" not in report.reasons
+    assert "ocr_missing" in assess(s, QaConfig(min_words=1, min_ocr_fidelity=0.51, ocr_min_score=0.8)).reasons
+    # CLIP: reject strictly below the threshold; no threshold, no reason
+    s = _captioned("a dog", tags=[{"label": "dog", "score": 0.9}])
+    assert "low_clip_score" not in assess(s, QaConfig(min_words=1, min_clip_score=0.2), clip_score=0.2).reasons
+    assert "low_clip_score" in assess(s, QaConfig(min_words=1, min_clip_score=0.2), clip_score=0.19).reasons
+    assert assess(s, QaConfig(min_words=1), clip_score=-0.9).reasons == []
+
+
+def test_qa_stage_reads_the_earlier_stages_notes_and_rejects_with_the_first_reason():
+    import json
+
+    from denseforge.stages.qa import QaStage
+    from denseforge.stages.stage import Item, Rejection
+
+    ok = Item(0, _captioned("a long enough caption here"), b"")
+    ok.sample.provenance = {"qa": {"clip": {"score": 0.3}}, "captioner": {"truncated": False}}
+    cut = Item(0, _captioned("a"), b"")
+    cut.sample.provenance = {"captioner": {"truncated": True}}
+    verdicts = QaStage(QaConfig(min_words=2)).process([ok, cut])
+    assert verdicts[0] is None and ok.sample.qa.scores["clip"] == 0.3 and ok.sample.qa.passed
+    assert isinstance(verdicts[1], Rejection) and verdicts[1].reason == "too_short"
+    assert json.loads(verdicts[1].detail)["reasons"] == ["too_short", "truncated_caption"]
