@@ -176,3 +176,38 @@ def test_qa_stage_reads_the_earlier_stages_notes_and_rejects_with_the_first_reas
     assert verdicts[0] is None and ok.sample.qa.scores["clip"] == 0.3 and ok.sample.qa.passed
     assert isinstance(verdicts[1], Rejection) and verdicts[1].reason == "too_short"
     assert json.loads(verdicts[1].detail)["reasons"] == ["too_short", "truncated_caption"]
+
+
+@pytest.mark.parametrize("noun, expected", [
+    ("person", "people"), ("man", "men"), ("woman", "women"), ("child", "children"), ("mouse", "mice"),
+    ("knife", "knives"), ("sheep", "sheep"), ("fish", "fish"), ("bus", "buses"), ("glass", "glasses"),
+    ("skis", "skis"), ("scissors", "scissors"), ("tv", "tvs"), ("wine glass", "wine glasses"),
+    ("box", "boxes"), ("bench", "benches"), ("brush", "brushes"), ("quiz", "quizes"), ("berry", "berries"),
+    ("toy", "toys"), ("cat", "cats"), ("hot dog", "hot dogs")])
+def test_plural_forms(noun, expected):
+    from denseforge.stages.ground import plural
+
+    assert plural(noun) == expected
+
+
+@pytest.mark.parametrize("word", ["the", "a", "an", "this", "that", "these", "those", "its", "their", "his", "her",
+                                  "our", "my", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                                  "ten", "several", "some", "many", "both", "each", "every", "another", "other",
+                                  "in", "on", "at", "with", "and", "of"])
+def test_a_capitalised_determiner_is_not_part_of_the_proper_name(word):
+    caption = f"{word.capitalize()} Golden Retriever sleeps."
+    experts = {"objects": [{"label": "dog", "score": 0.9, "box": [0, 0, 5, 5]}]}
+    [g] = ground_mentions(caption, experts, {"golden retriever": "dog"})
+    assert g.phrase == "Golden Retriever" and caption[g.span[0]:g.span[1]] == g.phrase
+
+
+def test_a_capitalised_word_that_is_not_a_determiner_stays_in_the_phrase():
+    [g] = ground_mentions("Falcon 9 rocket on the pad.", {"objects": [{"label": "rocket", "score": 0.9, "box": [0, 0, 5, 5]}]})
+    assert g.phrase == "Falcon 9 rocket"
+
+
+def test_a_singular_mention_ties_to_the_largest_box_first():
+    boxes = [[0, 0, 2, 2], [0, 0, 9, 9], [0, 0, 5, 5]]
+    experts = {"objects": [{"label": "dog", "score": 0.9, "box": b} for b in boxes]}
+    grounding = ground_mentions("a dog, a dog and a dog", experts)
+    assert [g.source for g in grounding] == ["objects/1", "objects/2", "objects/0"]  # by area, largest first
