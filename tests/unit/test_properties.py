@@ -19,7 +19,7 @@ ipv4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
 
 
 @given(ipv4)
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 def test_an_ipv4_target_is_refused_exactly_when_it_is_not_public(ip):
     verdict = screen_url(f"http://{ip}/a.jpg")
     expected_public = ip.is_global and not ip.is_multicast
@@ -29,7 +29,7 @@ def test_an_ipv4_target_is_refused_exactly_when_it_is_not_public(ip):
 
 
 @given(ipv4)
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_every_ipv6_form_that_embeds_an_ipv4_gets_the_ipv4_verdict(ip):
     v4 = int(ip)
     forms = [ipaddress.IPv6Address((0xFFFF << 32) | v4),            # ::ffff:a.b.c.d
@@ -56,7 +56,7 @@ def _sample(rel, size) -> Sample:
 
 
 @given(boxes, sizes)
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_qwen_round_trip_lands_within_half_a_thousandth(rel, size):
     sample = _sample(rel, size)
     plain, [(phrase, [box])] = ex.parse_qwen(ex.qwen_text(sample))
@@ -67,7 +67,7 @@ def test_qwen_round_trip_lands_within_half_a_thousandth(rel, size):
 
 
 @given(boxes, sizes)
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_kosmos_round_trip_covers_the_box_within_one_bin(rel, size):
     sample = _sample(rel, size)
     plain, [(phrase, [box])] = ex.parse_kosmos(ex.kosmos_text(sample), *size)
@@ -85,7 +85,7 @@ words = st.sampled_from(["dog", "dogs", "Dog", "a", "the", "car", "cars", "Golde
 
 
 @given(st.lists(words, max_size=30))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_every_grounding_span_is_inside_the_caption_and_names_its_source(tokens):
     caption = " ".join(tokens)
     experts = {"objects": [{"label": "dog", "score": 0.9, "box": [0, 0, 5, 5]},
