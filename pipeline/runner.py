@@ -258,31 +258,24 @@ def preflight(config: Config, rd: RunDir) -> list[StageRun]:
     return build_stages(config, rd)
 
 
-def _finish_failed(rd: RunDir, config: Config, plan: Plan | None, timings: dict[str, float],
-                   err: BaseException) -> None:
-    """A failed run keeps the stats it has so far, and `status` says why it failed (as far as
-    the disk lets it: on a full disk the console line is what remains)."""
-    try:
-        _record_failure(rd, config, plan, timings, err)
-    except OSError:
-        pass
-
-
-def _record_failure(rd: RunDir, config: Config, plan: Plan | None, timings: dict[str, float],
-                    err: BaseException) -> None:
+def _failure_reason(rd: RunDir, config: Config, plan: Plan | None, timings: dict[str, float],
+                    err: BaseException) -> str:
+    """Leave a failed run resumable and explained: the stats it has so far, and the markers of
+    units written while a failing stage was failing removed (so `resume` redoes them). Returns the
+    reason `status` shows."""
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if plan is not None:
-        try:
-            write_json_atomic(rd.stats, finalize_run(rd, config, plan.rows, timings, complete=False))
-        except Exception as exc:  # noqa: BLE001 - the original error matters more
-            reason += f" (and stats.json could not be written: {type(exc).__name__}: {exc})"
-    if isinstance(err, StageFailedError) and plan is not None:
-        # units written while the stage was failing are redone by `resume` (once it is fixed)
+    if plan is None:
+        return reason
+    try:
+        write_json_atomic(rd.stats, finalize_run(rd, config, plan.rows, timings, complete=False))
+    except Exception as exc:  # noqa: BLE001 - the original error matters more (a full disk, say)
+        reason += f" (and stats.json could not be written: {type(exc).__name__}: {exc})"
+    if isinstance(err, StageFailedError):
         for unit in range(plan.units):
             marker = rd.write_marker(unit)
             if marker.exists() and json.loads(marker.read_text()).get("stages", {}).get(err.stage, {}).get("failed"):
                 marker.unlink()
-    rd.update_state(state="failed", reason=reason)
+    return reason
 
 
 def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, address: str | None = None,
@@ -313,16 +306,14 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, addr
     except KeyboardInterrupt:
         record("interrupted", reason="interrupted; continue with `denseforge resume`")
         raise
-    except DenseforgeError as err:
-        _log(rd, err)
-        _finish_failed(rd, config, planned[0] if planned else None, {**earlier, **timings}, err)
-        _quietly(record, "failed")
-        raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
         _log(rd, exc)
-        failure = RunFailedError(f"{explain(exc, rd)} (traceback in {rd.log_file})")
-        _finish_failed(rd, config, planned[0] if planned else None, {**earlier, **timings}, failure)
-        _quietly(record, "failed")
+        failure = exc if isinstance(exc, DenseforgeError) else \
+            RunFailedError(f"{explain(exc, rd)} (traceback in {rd.log_file})")
+        plan = planned[0] if planned else None
+        _quietly(lambda: record("failed", reason=_failure_reason(rd, config, plan, {**earlier, **timings}, failure)))
+        if failure is exc:
+            raise
         raise failure from exc
     write_json_atomic(rd.stats, stats)
     Progress().summary(stats, rd.root)
@@ -337,10 +328,18 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, addr
     return stats
 
 
-def _quietly(step, *args: Any) -> None:
+def _finished(rd: RunDir, config: Config) -> bool:
+    """Every unit is written (and no failed download is left to retry): no stage will run."""
+    if not rd.plan_file.exists():
+        return False
+    units = json.loads(rd.plan_file.read_text())["units"]
+    return not rd.pending("write", units) and not any(_ingest_failed(rd, u) for u in range(units))
+
+
+def _quietly(step) -> None:
     """Bookkeeping after a failure must not hide it (a full disk refuses run.json too)."""
     try:
-        step(*args)
+        step()
     except OSError:
         pass
 
@@ -400,9 +399,10 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
     timings["ray_init_s"] = time.perf_counter() - start
     embed = [embed_stage(config)] if config.embed.enabled else []
     start = time.perf_counter()
-    check_capacity(runs)
-    check_setups(embed + runs, rd, progress)
-    timings["setup_s"] = time.perf_counter() - start
+    if not _finished(rd, config):  # a resume with nothing left to do loads no model
+        check_capacity(runs)
+        check_setups(embed + runs, rd, progress)
+        timings["setup_s"] = time.perf_counter() - start
     fresh = not rd.plan_file.exists()
     start = time.perf_counter()
     plan = plan_units(config, rd)

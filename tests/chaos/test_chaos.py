@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -191,15 +192,23 @@ qa: {{enabled: true, min_words: 1, max_hallucination: 1.0}}
     assert len(rejects) == 6 and all(r["detail"] for r in rejects)  # each says what went wrong
 
 
-def test_a_full_disk_is_one_line_and_resume_after_freeing_space_finishes_the_run(corpus):
-    tmp, cfg, clean, _ = corpus
+@contextmanager
+def tmpfs(mount: Path, options: str):
+    """A small tmpfs at `mount` for the block (root only; the test skips where it cannot mount)."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    mount = tmp / "small_disk"
+        pytest.skip("needs root to mount a tmpfs (and root ignores file permissions)")
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_full_disk_is_one_line_and_resume_after_freeing_space_finishes_the_run(corpus):
+    tmp, cfg, clean, _ = corpus
+    with tmpfs(tmp / "small_disk", "size=16m") as mount:
         need = sum(p.stat().st_size for p in clean.rglob("*") if p.is_file())
         free = shutil.disk_usage(mount).free
         filler = mount / "filler"
@@ -216,18 +225,10 @@ def test_a_full_disk_is_one_line_and_resume_after_freeing_space_finishes_the_run
         run_cli("resume", str(out))
         assert _result(out) == _result(clean)
         assert not list(out.rglob(".*.tmp"))
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
 
 
 def test_a_read_only_out_is_one_line_naming_the_path(tmp_path, photo_dir):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a read-only tmpfs (root ignores file permissions)")
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount:
         folder = tmp_path / "images"
         folder.mkdir()
         (folder / "coffee.jpg").write_bytes((photo_dir / "coffee.jpg").read_bytes())
@@ -237,5 +238,3 @@ def test_a_read_only_out_is_one_line_naming_the_path(tmp_path, photo_dir):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         [line] = [line for line in proc.stderr.splitlines() if line.startswith("denseforge: error:")]
         assert line == f"denseforge: error: cannot write {mount / 'run'}: Read-only file system"
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
