@@ -62,11 +62,22 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from denseforge.pipeline.export_run import export_run
+    from denseforge.pipeline.export_run import ExportSpec, export_run
 
     root = Path(args.dir)
-    target = export_run(root, args.format, Path(args.out) if args.out else root / "export" / args.format)
+    spec = ExportSpec(args.format, args.layout, tuple(t.strip() for t in args.task.split(",") if t.strip()),
+                      args.negatives, args.min_pixels, args.max_pixels)
+    default = root / "export" / (args.format if args.layout == "sharegpt" else f"{args.format}-{args.layout}")
+    out = Path(args.out) if args.out else default
+    target, checked = export_run(root, spec, out, args.check)
     print(target)
+    if checked:
+        bad = [c for c in checked if not c["ok"]]
+        print(f"check: {len(checked) - len(bad)} of {len(checked)} records read back within half a unit of "
+              f"{spec.dialect().name}; pictures in {out / 'check'}", file=sys.stderr)
+        if bad:
+            raise DenseforgeError(f"{len(bad)} of {len(checked)} exported records do not read back to their boxes "
+                                  f"(first: {bad[0]['id']}); see {out / 'check' / 'check.json'}")
     return 0
 
 
@@ -102,6 +113,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from denseforge.pipeline.export_run import FORMATS
+    from denseforge.stages.export import LAYOUTS
+
     parser = argparse.ArgumentParser(prog="denseforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="start a run from a YAML config")
@@ -132,8 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_show)
     p = sub.add_parser("export", help="write a finished run in a training format")
     p.add_argument("dir")
-    p.add_argument("--format", required=True, choices=["llava", "coco", "refcoco", "qwen-grounding", "kosmos2"])
-    p.add_argument("--out", help="output folder (default DIR/export/FORMAT)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="a table (llava, coco, refcoco) or the box dialect of the model you train (README: Export)")
+    p.add_argument("--layout", default="sharegpt", choices=LAYOUTS,
+                   help="dialects: the fine-tuning framework's record layout (sharegpt: LLaVA/InternVL conversations)")
+    p.add_argument("--task", default="caption,refer,region",
+                   help="dialects: comma list of caption, refer, region, kvg (default caption,refer,region)")
+    p.add_argument("--negatives", action="store_true",
+                   help="kvg: also ask for an entity from another image that is not in this one (answer: not present)")
+    p.add_argument("--min-pixels", type=int, default=None, help="qwen2.5-vl: the processor's min_pixels (3136)")
+    p.add_argument("--max-pixels", type=int, default=None, help="qwen2.5-vl: the processor's max_pixels (12845056)")
+    p.add_argument("--check", type=int, default=0, metavar="N",
+                   help="read the first N records back from the exported text and draw them beside the original boxes")
+    p.add_argument("--out", help="output folder (default DIR/export/FORMAT[-LAYOUT])")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)

@@ -1,18 +1,56 @@
-"""`denseforge export DIR --format ...`: stream a finished run's shards into a training format."""
+"""`denseforge export DIR --format ...`: stream a finished run's shards into a training format,
+and `--check N`: read the first N records back as a trainer would."""
 
 from __future__ import annotations
 
 import json
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from denseforge.errors import RunDirError
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import export as ex
+from denseforge.stages.dialects import DIALECTS, Dialect, Placeholders, dialect
+from denseforge.stages.ground import plural
 from denseforge.stages.sample import Sample
+from PIL import Image, ImageDraw
 
-FORMATS = ("llava", "coco", "refcoco", "qwen-grounding", "kosmos2")
+from denseforge.errors import ConfigError, RunDirError
+
+TABLES = ("llava", "coco", "refcoco")
+FORMATS = TABLES + tuple(DIALECTS)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What `denseforge export` writes: a format (a table or a model's box dialect), for dialects
+    the framework layout, the tasks, KVG negatives, and Qwen2.5-VL's processor pixel bounds."""
+    format: str
+    layout: str = "sharegpt"
+    tasks: tuple[str, ...] = ("caption", "refer", "region")
+    negatives: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format {self.format}: choose from {', '.join(FORMATS)}")
+        if self.layout not in ex.LAYOUTS:
+            raise ConfigError(f"--layout {self.layout}: choose from {', '.join(ex.LAYOUTS)}")
+        if self.format in TABLES and self.layout != "sharegpt":
+            raise ConfigError(f"--layout applies to the model dialects ({', '.join(DIALECTS)}), not to {self.format}")
+        unknown = set(self.tasks) - set(ex.TASKS)
+        if unknown or not self.tasks:
+            raise ConfigError(f"--task {','.join(sorted(unknown)) or '(none)'}: choose from {', '.join(ex.TASKS)}")
+
+    def dialect(self) -> Dialect:
+        """The text convention written: ms-swift's placeholders (it converts boxes itself), else the format's."""
+        return Placeholders() if self.layout == "ms-swift" else dialect(self.format, self.min_pixels, self.max_pixels)
+
+    def file_name(self) -> str:
+        return f"{self.format}.jsonl" if self.layout == "sharegpt" else f"{self.format}.{self.layout}.jsonl"
 
 
 def iter_samples(rd: RunDir, images_to: Path | None) -> Iterator[tuple[Sample, str]]:
@@ -32,31 +70,100 @@ def iter_samples(rd: RunDir, images_to: Path | None) -> Iterator[tuple[Sample, s
                 yield sample, rel
 
 
-def export_run(root: Path, fmt: str, out: Path) -> Path:
-    """Write `fmt` under `out` (images in out/images); returns the main file."""
+def _absent_entity(recent: list[str], sample: Sample) -> str | None:
+    """The latest fine-grained entity of an earlier sample that this one shows no sign of: none of
+    its words is a label detected here, and the caption does not name it."""
+    labels = {f for o in sample.experts.get("objects", []) for f in (o["label"].lower(), plural(o["label"].lower()))}
+    caption = (sample.caption or "").lower()
+    for entity in reversed(recent):
+        if entity.lower() not in caption and not labels & set(entity.lower().split()):
+            return entity
+    return None
+
+
+def export_run(root: Path, spec: ExportSpec, out: Path, check: int = 0) -> tuple[Path, list[dict[str, Any]]]:
+    """Write `spec` under `out` (images in out/images); returns the main file and, with `check`,
+    the read-back check of the first `check` records (see `check_records`)."""
     rd = RunDir(root)
     rd.load_config()
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     samples = iter_samples(rd, out)
-    if fmt == "coco":
+    if spec.format == "coco":
         target = out / "coco.json"
         target.write_text(json.dumps(ex.coco_dataset(samples)))
-        return target
-    target = out / {"llava": "llava.json", "refcoco": "refs.jsonl", "qwen-grounding": "qwen.jsonl",
-                    "kosmos2": "kosmos2.jsonl"}[fmt]
+        return target, []
+    if spec.format in ("llava", "refcoco"):
+        target = out / ("llava.json" if spec.format == "llava" else "refs.jsonl")
+        with open(target, "w", encoding="utf-8") as fh:
+            if spec.format == "llava":
+                fh.write("[\n")
+                for i, (sample, path) in enumerate(samples):
+                    fh.write((",\n" if i else "") + json.dumps(ex.llava_record(sample, path), ensure_ascii=False))
+                fh.write("\n]\n")
+            else:
+                for ref in ex.refcoco_refs(samples):
+                    fh.write(json.dumps(ref, ensure_ascii=False) + "\n")
+        return target, []
+    d = spec.dialect()
+    target = out / spec.file_name()
+    kept: list[tuple[Sample, str, ex.Turn]] = []
+    recent: list[str] = []
     with open(target, "w", encoding="utf-8") as fh:
-        if fmt == "llava":
-            fh.write("[\n")
-            for i, (sample, path) in enumerate(samples):
-                fh.write((",\n" if i else "") + json.dumps(ex.llava_record(sample, path), ensure_ascii=False))
-            fh.write("\n]\n")
-        elif fmt == "refcoco":
-            for ref in ex.refcoco_refs(samples):
-                fh.write(json.dumps(ref, ensure_ascii=False) + "\n")
-        else:
-            render = ex.qwen_text if fmt == "qwen-grounding" else ex.kosmos_text
-            for sample, path in samples:
-                fh.write(json.dumps({"key": sample.key, "image": path, "width": sample.width, "height": sample.height,
-                                     "text": render(sample)}, ensure_ascii=False) + "\n")
-    return target
+        for sample, path in samples:
+            absent = _absent_entity(recent, sample) if spec.negatives else None
+            for i, turn in enumerate(ex.turns(sample, d, spec.tasks, absent)):
+                fh.write(json.dumps(ex.record(spec.layout, sample, path, turn, i), ensure_ascii=False) + "\n")
+                if len(kept) < check:
+                    kept.append((sample, path, turn))
+            recent = (recent + [phrase for phrase, _ in ex.kvg_entities(sample)])[-64:]
+    if spec.layout == "llama-factory":
+        info = ex.llama_factory_info(f"denseforge_{spec.format}", target.name)
+        (out / "dataset_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    return target, check_records(spec, d, target, kept, out) if check else []
+
+
+def check_records(spec: ExportSpec, d: Dialect, target: Path, kept: list[tuple[Sample, str, ex.Turn]],
+                  out: Path) -> list[dict[str, Any]]:
+    """Read the first records back from `target` as a trainer would — the exported text alone,
+    parsed in the dialect and mapped to pixels — and compare with the boxes they were made from:
+    each coordinate within half a unit of the dialect. Draws out/check/ID.png: the original boxes
+    (left) beside the read-back ones (right); writes out/check/check.json."""
+    (out / "check").mkdir(exist_ok=True)
+    results = []
+    with open(target, encoding="utf-8") as fh:
+        for (sample, path, turn), line in zip(kept, fh):
+            rec = json.loads(line)
+            w, h = sample.width, sample.height
+            if spec.layout == "ms-swift":
+                found = rec["objects"]["bbox"]
+            else:
+                prompt, answer = ex.record_text(spec.layout, rec)
+                found = d.parse_boxes(prompt) + d.parse_boxes(answer)
+            back = [d.decode(v, w, h) for v in found]
+            expected = turn.boxes()
+            ux, uy = d.unit(w, h)
+            errors = [max(abs(a - b) / (ux if i % 2 == 0 else uy) for i, (a, b) in enumerate(zip(e, g)))
+                      for e, g in zip(expected, back)]
+            worst = max(errors, default=0.0)
+            ok = len(back) == len(expected) and worst <= 0.5 + 1e-6
+            picture = out / "check" / f"{rec['id']}.png"
+            _draw_pair(out / path, expected, back, picture)
+            results.append({"id": rec["id"], "task": turn.task, "boxes": len(expected), "read_back": len(back),
+                            "worst_error_units": round(worst, 4), "ok": ok, "picture": str(picture.relative_to(out))})
+    (out / "check" / "check.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _draw_pair(image: Path, expected: list[list[float]], back: list[list[float]], target: Path) -> None:
+    picture = Image.open(image).convert("RGB")
+    pair = Image.new("RGB", (picture.width * 2 + 8, picture.height), "white")
+    for offset, boxes, colour, title in ((0, expected, (40, 200, 60), "original boxes"),
+                                         (picture.width + 8, back, (230, 50, 40), "read back from the export")):
+        panel = picture.copy()
+        draw = ImageDraw.Draw(panel)
+        for x0, y0, x1, y1 in boxes:
+            draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=colour, width=max(2, picture.width // 200))
+        draw.text((6, 4), title, fill=colour)
+        pair.paste(panel, (offset, 0))
+    pair.save(target)

@@ -1,23 +1,24 @@
-"""export: finished samples to the formats training code reads, each with its grounding dialect.
+"""export: finished samples to the formats training code reads.
 
 llava     — LLaVA conversations (detailed-description prompt -> caption), images copied beside.
 coco      — COCO detection json (xywh boxes, categories) that pycocotools loads, plus captions.
 refcoco   — RefCOCO-style refs: one referring phrase per grounded object box.
-qwen-grounding — Qwen-VL `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` on a 0-1000 grid.
-kosmos2   — Kosmos-2 `<phrase>..</phrase><object><patch_index_A><patch_index_B></object>`, 32x32 bins.
+a dialect — (stages/dialects.py: qwen2.5-vl, internvl, florence-2, ...) grounding conversations
+            in that model's box convention: `turns` per sample, `record` in a framework's layout.
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from denseforge.stages.dialects import Box, Dialect
+from denseforge.stages.ground import DETERMINERS, plural
 from denseforge.stages.sample import Grounding, Sample
 
 DETAIL_PROMPT = "<image>\nDescribe this image in detail."
-BINS = 32
 
 
 def _spans(sample: Sample) -> list[tuple[tuple[int, int], list[Grounding]]]:
@@ -41,55 +42,124 @@ def _mark(sample: Sample, render) -> str:
     return "".join(pieces + [caption[cursor:]])
 
 
-def _thousandths(v: float, size: int) -> int:
-    return max(0, min(1000, round(1000 * v / size)))
+def _groups(sample: Sample, d: Dialect) -> list[tuple[int, int, str, list[Box]]]:
+    """(start, stop, phrase, original boxes) per grounded span, in caption order."""
+    caption = sample.caption or ""
+    return [(a, b, caption[a:b], [g.box for g in group]) for (a, b), group in _spans(sample)]
 
 
-def qwen_text(sample: Sample) -> str:
+def grounded_text(sample: Sample, d: Dialect) -> str:
+    """The caption with every grounded phrase marked inline in dialect `d`."""
     def render(phrase, boxes, s):
-        coords = "".join(f"<box>({_thousandths(b[0], s.width)},{_thousandths(b[1], s.height)}),"
-                         f"({_thousandths(b[2], s.width)},{_thousandths(b[3], s.height)})</box>" for b in boxes)
-        return f"<ref>{phrase}</ref>{coords}"
+        return d.mark(phrase, [d.encode(b, s.width, s.height) for b in boxes])
 
     return _mark(sample, render)
 
 
-def parse_qwen(text: str) -> tuple[str, list[tuple[str, list[list[int]]]]]:
-    """Plain caption and (phrase, boxes on 0-1000) from Qwen-VL grounding markup."""
-    refs = []
-    pattern = re.compile(r"<ref>(.*?)</ref>((?:<box>\(\d+,\d+\),\(\d+,\d+\)</box>)+)")
-    for m in pattern.finditer(text):
-        boxes = [list(map(int, b)) for b in re.findall(r"\((\d+),(\d+)\),\((\d+),(\d+)\)", m.group(2))]
-        refs.append((m.group(1), boxes))
-    plain = re.sub(r"<box>.*?</box>", "", text).replace("<ref>", "").replace("</ref>", "")
-    return plain, refs
+@dataclass
+class Turn:
+    """One exported question and answer about one image. `refs` are the phrases and original-pixel
+    boxes its text encodes, in order of appearance (prompt first): what `--check` compares the
+    parsed text against, and what ms-swift's `objects` hold."""
+    task: str
+    prompt: str
+    answer: str
+    refs: list[tuple[str, list[Box]]] = field(default_factory=list)
+
+    def boxes(self) -> list[Box]:
+        return [b for _, boxes in self.refs for b in boxes]
 
 
-def _bin(v: float, size: int) -> int:
-    return min(BINS - 1, max(0, int(v / size * BINS)))
+def kvg_entities(sample: Sample) -> list[tuple[str, list[Box]]]:
+    """Grounded object phrases that name more than the detector's label ("Falcon 9 rocket" for
+    rocket, "tabby cat" for cat): knowledge-intensive visual grounding queries, boxes grouped."""
+    objects = sample.experts.get("objects", [])
+    found: dict[str, tuple[str, list[Box]]] = {}
+    for g in sample.grounding:
+        if not g.source.startswith("objects/"):
+            continue
+        label = objects[int(g.source.split("/")[1])]["label"].lower()
+        words = [w for w in g.phrase.lower().split() if w not in DETERMINERS]
+        if " ".join(words) in {label, plural(label)}:
+            continue
+        boxes = found.setdefault(g.phrase.lower(), (g.phrase, []))[1]
+        if g.box not in boxes:
+            boxes.append(g.box)
+    return list(found.values())
 
 
-def kosmos_text(sample: Sample) -> str:
-    def render(phrase, boxes, s):
-        objects = "</delimiter_of_multi_objects/>".join(
-            f"<patch_index_{_bin(b[1], s.height) * BINS + _bin(b[0], s.width):04d}>"
-            f"<patch_index_{_bin(b[3] - 1e-6, s.height) * BINS + _bin(b[2] - 1e-6, s.width):04d}>" for b in boxes)
-        return f"<phrase>{phrase}</phrase><object>{objects}</object>"
-
-    return _mark(sample, render)
+TASKS = ("caption", "refer", "region", "kvg")
 
 
-def parse_kosmos(text: str, width: int, height: int) -> tuple[str, list[tuple[str, list[list[float]]]]]:
-    """Plain caption and (phrase, boxes in pixels at bin resolution) from Kosmos-2 markup."""
-    refs = []
-    for m in re.finditer(r"<phrase>(.*?)</phrase><object>(.*?)</object>", text):
-        boxes = []
-        for a, b in re.findall(r"<patch_index_(\d{4})><patch_index_(\d{4})>", m.group(2)):
-            (r0, c0), (r1, c1) = divmod(int(a), BINS), divmod(int(b), BINS)
-            boxes.append([c0 * width / BINS, r0 * height / BINS, (c1 + 1) * width / BINS, (r1 + 1) * height / BINS])
-        refs.append((m.group(1), boxes))
-    plain = re.sub(r"<object>.*?</object>", "", text).replace("<phrase>", "").replace("</phrase>", "")
-    return plain, refs
+def turns(sample: Sample, d: Dialect, tasks: Iterable[str], absent: str | None = None) -> list[Turn]:
+    """The exported turns of one sample: `caption` (the dense caption, phrases marked inline),
+    `refer` (phrase -> boxes), `region` (box -> region caption), `kvg` (fine-grained entity ->
+    boxes, plus `absent` -> "not present" when given)."""
+    w, h = sample.width, sample.height
+    def enc(boxes: list[Box]) -> list[list[float]]:
+        return [d.encode(b, w, h) for b in boxes]
+
+    out: list[Turn] = []
+    groups = _groups(sample, d)
+    if "caption" in tasks and sample.caption:
+        prompt, answer = d.caption_turn(sample.caption, grounded_text(sample, d),
+                                        [(phrase, enc(boxes)) for _, _, phrase, boxes in groups])
+        out.append(Turn("caption", prompt, answer, [(phrase, boxes) for _, _, phrase, boxes in groups]))
+    if "refer" in tasks:
+        by_phrase: dict[str, tuple[str, list[Box]]] = {}
+        for _, _, phrase, boxes in groups:
+            seen = by_phrase.setdefault(phrase.lower(), (phrase, []))[1]
+            seen += [b for b in boxes if b not in seen]
+        for phrase, boxes in by_phrase.values():
+            out.append(Turn("refer", d.refer_prompt(phrase), d.answer(phrase, enc(boxes)), [(phrase, boxes)]))
+    if "region" in tasks:
+        for region in sample.regions:
+            out.append(Turn("region", d.region_prompt(d.encode(region.box, w, h)), region.caption, [("", [region.box])]))
+    if "kvg" in tasks:
+        for phrase, boxes in kvg_entities(sample):
+            out.append(Turn("kvg", d.refer_prompt(phrase), d.answer(phrase, enc(boxes)), [(phrase, boxes)]))
+        if absent:
+            out.append(Turn("kvg", d.refer_prompt(absent), d.absent(absent), [(absent, [])]))
+    return out
+
+
+LAYOUTS = ("sharegpt", "ms-swift", "llama-factory")
+
+
+def record(layout: str, sample: Sample, image: str, turn: Turn, index: int) -> dict[str, Any]:
+    """One training record in a framework's layout. sharegpt: LLaVA/InternVL `conversations`
+    (with width/height, which InternVL reads); llama-factory: `messages` + `images` (its sharegpt
+    format, see dataset_info.json); ms-swift: `messages` + `images` + `objects` for its placeholders."""
+    rid = f"{sample.key}-{turn.task}-{index}"
+    if layout == "sharegpt":
+        return {"id": rid, "image": image, "width": sample.width, "height": sample.height,
+                "conversations": [{"from": "human", "value": f"<image>\n{turn.prompt}"},
+                                  {"from": "gpt", "value": turn.answer}]}
+    rec: dict[str, Any] = {"id": rid, "messages": [{"role": "user", "content": f"<image>{turn.prompt}"},
+                                                   {"role": "assistant", "content": turn.answer}], "images": [image]}
+    if layout == "ms-swift":
+        bbox = [[round(v, 2) for v in b] for b in turn.boxes()]
+        rec["objects"] = {"ref": [phrase for phrase, _ in turn.refs if phrase], "bbox": bbox,
+                          "bbox_type": "real", "image_id": [0] * len(bbox)}
+    return rec
+
+
+def record_text(layout: str, rec: dict[str, Any]) -> tuple[str, str]:
+    """(prompt, answer) of a record written by `record`."""
+    if layout == "sharegpt":
+        human, gpt = rec["conversations"]
+        return human["value"].removeprefix("<image>\n"), gpt["value"]
+    user, assistant = rec["messages"]
+    return user["content"].removeprefix("<image>"), assistant["content"]
+
+
+def llama_factory_info(name: str, file_name: str) -> dict[str, Any]:
+    """The dataset_info.json entry LLaMA-Factory needs to read `file_name` (its sharegpt format
+    with OpenAI-style messages)."""
+    return {name: {"file_name": file_name, "formatting": "sharegpt",
+                   "columns": {"messages": "messages", "images": "images"},
+                   "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                            "assistant_tag": "assistant"}}}
 
 
 def xywh(box: list[float]) -> list[float]:

@@ -74,7 +74,7 @@ def read_aliases(spec: str | None) -> dict[str, str]:
 
 
 _MODIFIER = r"(?:(?:[A-Z][\w'-]*|\d[\w.-]*)\s+){1,3}"  # capitalised or numeric words: "Falcon 9 ", "Golden "
-_DETERMINERS = {"the", "a", "an", "this", "that", "these", "those", "its", "their", "his", "her", "our", "my",
+DETERMINERS = {"the", "a", "an", "this", "that", "these", "those", "its", "their", "his", "her", "our", "my",
                 "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "some",
                 "many", "both", "each", "every", "another", "other", "in", "on", "at", "with", "and", "of"}
 
@@ -104,7 +104,7 @@ def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]],
             start, end = match.start(2), match.end(2)
             if match.group(1):
                 words = match.group(1).split()
-                while words and words[0].lower() in _DETERMINERS:
+                while words and words[0].lower() in DETERMINERS:
                     words.pop(0)
                 if words:
                     start = caption.rfind(words[0], match.start(1), end)

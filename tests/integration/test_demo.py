@@ -35,6 +35,28 @@ def test_the_demo_captions_what_yolox_really_saw(demo_run):
     assert "DENSEFORGE" in samples["sign.png"]["caption"]
 
 
+def test_every_dialect_reads_back_to_the_demos_real_boxes(demo_run, tmp_path):
+    """Each model's export of the demo, read back from the written file alone (`--check`): every
+    box within half a unit of its dialect, in every task; then once through the CLI per layout."""
+    from denseforge.pipeline.export_run import ExportSpec, export_run
+    from denseforge.stages.dialects import DIALECTS
+
+    out, _ = demo_run
+    for name in DIALECTS:
+        target, checked = export_run(out, ExportSpec(name, tasks=("caption", "refer", "kvg"), negatives=True),
+                                     tmp_path / name, check=40)
+        assert all(c["ok"] for c in checked), (name, [c for c in checked if not c["ok"]])
+        assert sum(c["boxes"] for c in checked) >= 6, (name, checked)  # person, cup, cat... really read back
+        assert {c["task"] for c in checked} >= {"caption", "refer"}
+    for layout in ("ms-swift", "llama-factory"):
+        done = run_cli("export", str(out), "--format", "qwen2.5-vl", "--layout", layout, "--check", "8")
+        assert "check: 8 of 8 records read back" in done.stderr, done.stderr
+    records = [json.loads(line) for line in (out / "export" / "qwen2.5-vl-ms-swift" / "qwen2.5-vl.ms-swift.jsonl").open()]
+    refer = next(r for r in records if "-refer-" in r["id"])
+    assert refer["objects"]["bbox_type"] == "real" and refer["messages"][0]["content"].count("<ref-object>") == 1
+    assert (out / "export" / "qwen2.5-vl-llama-factory" / "dataset_info.json").exists()
+
+
 def _chromium() -> str | None:
     import shutil
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from denseforge.stages import dedup as dd
 from denseforge.stages import export as ex
+from denseforge.stages.dialects import Kosmos2
 from denseforge.stages.ground import ground_mentions
 from denseforge.stages.image_normalize import ImageNormalizer, ImageRejected
 from denseforge.stages.perceive import merge_detections
@@ -61,13 +62,14 @@ def test_kosmos_bins_on_both_axes_and_for_a_box_smaller_than_a_bin():
     # 640 x 480, 32 bins: a bin is 20 px wide and 15 px high
     s = Sample(key="k", width=640, height=480, sha256="0", caption="a dot here",
                grounding=[Grounding(phrase="dot", span=(2, 5), box=[45.0, 31.0, 52.0, 40.0], source="objects/0")])
-    text = ex.kosmos_text(s)
+    kosmos = Kosmos2()
+    text = ex.grounded_text(s, kosmos)
     # x 45..52 -> columns 2..2; y 31..40 -> rows 2..2: both corners in patch 2*32+2 = 66
     assert "<patch_index_0066><patch_index_0066>" in text
-    _, [(_, [box])] = ex.parse_kosmos(text, 640, 480)
-    assert box == [40.0, 30.0, 60.0, 45.0]
+    _, [ref] = kosmos.parse(text)
+    assert ref.phrase == "dot" and kosmos.decode(ref.boxes[0], 640, 480) == [40.0, 30.0, 60.0, 45.0]
     s.grounding = [Grounding(phrase="dot", span=(2, 5), box=[0.0, 0.0, 640.0, 480.0], source="objects/0")]
-    assert "<patch_index_0000><patch_index_1023>" in ex.kosmos_text(s)  # the end bin of the edge is 31, not 32
+    assert "<patch_index_0000><patch_index_1023>" in ex.grounded_text(s, kosmos)  # the end bin of the edge is 31, not 32
 
 
 def test_iou_voting_box_is_the_score_weighted_mean():

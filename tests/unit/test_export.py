@@ -3,6 +3,7 @@ import json
 import pytest
 
 from denseforge.stages import export as ex
+from denseforge.stages.dialects import dialect
 from denseforge.stages.ground import ground_mentions
 from denseforge.stages.sample import Sample
 
@@ -19,26 +20,26 @@ def sample():
     return s
 
 
-def test_qwen_round_trip(sample):
-    text = ex.qwen_text(sample)
+def test_qwen_vl_round_trip(sample):
+    qwen = dialect("qwen-vl")
+    text = ex.grounded_text(sample, qwen)
     assert text.startswith("Two <ref>dogs</ref><box>(16,42),(516,833)</box><box>(625,208),(938,625)</box> run")
-    plain, refs = ex.parse_qwen(text)
+    plain, refs = qwen.parse(text)
     assert plain == sample.caption
-    assert [r[0] for r in refs] == ["dogs", "car", "STOP"]
-    for (phrase, boxes), group in zip(refs, [[0, 1], [2], None]):
-        if group is None:
-            continue
-        for box, i in zip(boxes, group):
-            orig = sample.experts["objects"][i]["box"]
-            assert all(abs(v * (640 if k % 2 == 0 else 480) / 1000 - o) <= 0.5 * 640 / 1000 + 1e-9 for k, (v, o) in enumerate(zip(box, orig)))
+    assert [r.phrase for r in refs] == ["dogs", "car", "STOP"]
+    back = [qwen.decode(b, 640, 480) for r in refs for b in r.boxes]
+    originals = [o["box"] for o in sample.experts["objects"]] + [sample.experts["ocr"][0]["box"]]
+    for box, orig in zip(back, originals, strict=True):
+        assert all(abs(v - o) <= 0.5 * (640 if k % 2 == 0 else 480) / 1000 + 1e-9 for k, (v, o) in enumerate(zip(box, orig)))
 
 
 def test_kosmos2_round_trip_within_a_bin(sample):
-    text = ex.kosmos_text(sample)
+    kosmos = dialect("kosmos2")
+    text = ex.grounded_text(sample, kosmos)
     assert "<phrase>dogs</phrase><object><patch_index_" in text and "</delimiter_of_multi_objects/>" in text
-    plain, refs = ex.parse_kosmos(text, 640, 480)
-    assert plain == sample.caption and [r[0] for r in refs] == ["dogs", "car", "STOP"]
-    car = refs[1][1][0]
+    plain, refs = kosmos.parse(text)
+    assert plain == sample.caption and [r.phrase for r in refs] == ["dogs", "car", "STOP"]
+    car = kosmos.decode(refs[1].boxes[0], 640, 480)
     orig = sample.experts["objects"][2]["box"]
     assert all(abs(a - b) <= 640 / 32 for a, b in zip(car, orig))
 

@@ -1,0 +1,256 @@
+"""Every model's box convention, checked by round trip (our box -> dialect text -> parsed back ->
+pixels, within half a unit of the dialect) and against independently computed values: the
+Qwen2.5-VL sizes against the processor's own `smart_resize`, LLaVA-1.5's square padding by hand,
+the framework layouts field by field against their documented examples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from denseforge.pipeline.export_run import ExportSpec, _absent_entity, check_records
+from denseforge.stages import export as ex
+from denseforge.stages.dialects import DIALECTS, Placeholders, Qwen25VL, dialect
+from denseforge.stages.sample import Grounding, Region, Sample
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from denseforge.errors import ConfigError
+
+ALL = sorted(DIALECTS)
+
+
+def _one_box(box, width, height, phrase="thing") -> Sample:
+    caption = f"a {phrase} here"
+    return Sample(key="k", width=width, height=height, sha256="0", caption=caption,
+                  experts={"objects": [{"label": phrase, "score": 0.9, "box": box}]},
+                  grounding=[Grounding(phrase=phrase, span=(2, 2 + len(phrase)), box=box, source="objects/0")])
+
+
+def _within_half_a_unit(d, box, back, width, height):
+    ux, uy = d.unit(width, height)
+    return all(abs(a - b) <= 0.5 * (ux if i % 2 == 0 else uy) + 1e-6 for i, (a, b) in enumerate(zip(box, back)))
+
+
+def _round_trip(name, box, width, height):
+    d = dialect(name)
+    sample = _one_box(box, width, height)
+    plain, refs = d.parse(ex.grounded_text(sample, d))
+    assert plain == sample.caption
+    # llava-1.5 delimits no phrase; florence-2's phrase is the text since the last box ("a thing")
+    assert [r.phrase for r in refs] == [{"llava-1.5": None, "florence-2": "a thing"}.get(name, "thing")]
+    [values] = refs[0].boxes
+    return d, d.decode(values, width, height)
+
+
+EDGES = [  # (box, width, height): whole image, edges, sub-unit boxes, non-square, smart_resize changing the aspect
+    ([0.0, 0.0, 640.0, 480.0], 640, 480),
+    ([0.0, 0.0, 0.4, 0.4], 640, 480),
+    ([639.6, 479.7, 640.0, 480.0], 640, 480),
+    ([100.2, 3.0, 100.5, 3.2], 5000, 37),
+    ([1.0, 1000.0, 49.0, 1999.5], 50, 2000),
+    ([13.0, 7.0, 91.0, 55.0], 97, 61),
+    ([2.0, 2.0, 3.0, 3.0], 20, 20),   # smaller than min_pixels: Qwen2.5-VL upsizes
+    ([0.0, 10.0, 7999.0, 3999.0], 8000, 4000),  # larger than max_pixels: Qwen2.5-VL downsizes
+]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("box,width,height", EDGES)
+def test_round_trip_at_edges_sub_unit_boxes_and_odd_shapes(name, box, width, height):
+    d, back = _round_trip(name, box, width, height)
+    if name == "kosmos2":  # patches cover the box, by less than a patch
+        pw, ph = width / 32, height / 32
+        assert back[0] <= box[0] + 1e-6 and back[1] <= box[1] + 1e-6 and back[2] >= box[2] - 1e-6 and back[3] >= box[3] - 1e-6
+        assert box[0] - back[0] < pw + 1e-6 and back[2] - box[2] < pw + 1e-6 and box[1] - back[1] < ph + 1e-6
+    else:
+        assert _within_half_a_unit(d, box, back, width, height), (box, back)
+
+
+rel_boxes = st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)).filter(
+    lambda b: b[0] < b[2] and b[1] < b[3])
+sizes = st.tuples(st.integers(16, 5000), st.integers(16, 5000)).filter(lambda s: max(s) / min(s) < 200)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "kosmos2"])  # kosmos2's covering property: test_properties
+@given(rel=rel_boxes, size=sizes)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_round_trip_lands_within_half_a_unit(name, rel, size):
+    w, h = size
+    box = [rel[0] * w, rel[1] * h, rel[2] * w, rel[3] * h]
+    d, back = _round_trip(name, box, w, h)
+    assert _within_half_a_unit(d, box, back, w, h)
+
+
+@given(size=st.tuples(st.integers(1, 9000), st.integers(1, 9000)).filter(lambda s: max(s) / min(s) <= 200),
+       bounds=st.sampled_from([(None, None), (256 * 28 * 28, 1280 * 28 * 28), (3136, 589824), (100_000, 200_000)]))
+@settings(max_examples=400, deadline=None)
+def test_qwen25_sizes_equal_the_processors_smart_resize(size, bounds):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    w, h = size
+    d = dialect("qwen2.5-vl", *bounds)
+    expected_h, expected_w = smart_resize(h, w, factor=28, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+    assert d.resized(w, h) == (expected_w, expected_h)
+
+
+def test_qwen25_defaults_are_the_released_processors():
+    assert (Qwen25VL().min_pixels, Qwen25VL().max_pixels) == (3136, 12845056)
+
+
+def test_qwen25_coordinates_are_pixels_of_the_resized_image():
+    # 640 x 480 -> smart_resize 644 x 476 (23 and 17 patches of 28); x scales by 644/640, y by 476/480
+    d = dialect("qwen2.5-vl")
+    assert d.resized(640, 480) == (644, 476)
+    assert d.encode([10.0, 20.0, 330.0, 400.0], 640, 480) == [10, 20, 332, 397]  # 332.06, 396.67
+    # a smaller max_pixels shrinks the frame: 640 x 480 with max 200,000 px: beta = sqrt(307200 / 200000)
+    # = 1.2394; 640 / beta = 516.4 -> 18 x 28 = 504; 480 / beta = 387.3 -> 13 x 28 = 364
+    small = dialect("qwen2.5-vl", max_pixels=200_000)
+    assert small.resized(640, 480) == (504, 364)
+    assert small.encode([10.0, 20.0, 330.0, 400.0], 640, 480) == [8, 15, 260, 303]  # 7.875, 15.17, 259.9, 303.3
+
+
+def test_relative_dialects_are_thousandths_of_the_image():
+    for name in ("qwen-vl", "qwen2-vl", "qwen3-vl", "internvl"):
+        assert dialect(name).encode([10.0, 20.0, 330.0, 400.0], 640, 480) == [16, 42, 516, 833], name
+
+
+def test_llava15_pads_the_shorter_side_to_a_centred_square():
+    d = dialect("llava-1.5")
+    # 640 x 480: side 640, 80 px above and below; y 20 -> (20 + 80) / 640 = 0.156 -> 0.16
+    assert d.encode([10.0, 20.0, 330.0, 400.0], 640, 480) == [0.02, 0.16, 0.52, 0.75]
+    # 300 x 600 (tall): side 600, 150 px left and right; x 0 -> 0.25, x 300 -> 0.75
+    assert d.encode([0.0, 0.0, 300.0, 600.0], 300, 600) == [0.25, 0.0, 0.75, 1.0]
+    assert d.box_text([0.25, 0.0, 0.75, 1.0]) == "[0.25, 0.00, 0.75, 1.00]"
+
+
+def test_florence2_floors_into_1000_bins_and_reads_bin_centres():
+    d = dialect("florence-2")
+    assert d.encode([10.0, 20.0, 640.0, 480.0], 640, 480) == [15, 41, 999, 999]  # 15.6, 41.7, clamped
+    assert d.decode([15, 41, 999, 999], 640, 480) == pytest.approx([9.92, 19.92, 639.68, 479.76])
+
+
+def test_internvl_parses_several_boxes_of_one_phrase():
+    d = dialect("internvl")
+    plain, [ref] = d.parse("two <ref>dogs</ref><box>[[1, 2, 3, 4], [5, 6, 7, 8]]</box> play")
+    assert plain == "two dogs play" and ref.phrase == "dogs" and ref.boxes == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+@pytest.fixture
+def sample():
+    s = Sample(key="000000000007", width=640, height=480, sha256="0" * 64,
+               experts={"objects": [{"label": "dog", "score": 0.9, "box": [10.0, 20.0, 330.0, 400.0]},
+                                    {"label": "dog", "score": 0.8, "box": [400.0, 100.0, 600.0, 300.0]},
+                                    {"label": "rocket", "score": 0.7, "box": [0.0, 300.0, 640.0, 480.0]}],
+                        "ocr": [{"text": "STOP", "score": 0.99, "box": [500.0, 10.0, 600.0, 60.0], "polygon": []}]})
+    s.caption = "Two dogs run past a Falcon 9 rocket under a sign reading STOP."
+    from denseforge.stages.ground import ground_mentions
+
+    s.grounding = ground_mentions(s.caption, s.experts)
+    s.regions = [Region(box=[10.0, 20.0, 330.0, 400.0], caption="a brown dog on grass")]
+    return s
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_task_reads_back_to_its_boxes(name, sample):
+    d = dialect(name)
+    turns = ex.turns(sample, d, ex.TASKS, absent="Eiffel Tower")
+    assert [t.task for t in turns] == ["caption", "refer", "refer", "refer", "region", "kvg", "kvg"]
+    for turn in turns:
+        back = [d.decode(v, 640, 480) for v in d.parse_boxes(turn.prompt) + d.parse_boxes(turn.answer)]
+        assert len(back) == len(turn.boxes()), (turn.task, turn.prompt, turn.answer)
+        for box, b in zip(turn.boxes(), back):
+            tolerance = d.unit(640, 480)
+            assert all(abs(x - y) <= (tolerance[i % 2] / (1 if name == "kosmos2" else 2)) + 1e-6
+                       for i, (x, y) in enumerate(zip(box, b))), (turn.task, box, b)
+    region = turns[4]
+    assert region.answer == "a brown dog on grass" and region.boxes() == [[10.0, 20.0, 330.0, 400.0]]
+    assert turns[-1].answer == "There is no Eiffel Tower in the image." and turns[-1].boxes() == []
+
+
+def test_qwen25_grounding_answers_are_json_bbox_2d(sample):
+    turns = ex.turns(sample, dialect("qwen2.5-vl"), ["refer"])
+    dogs = turns[0].answer
+    assert dogs.startswith("```json\n[\n") and dogs.endswith("\n]\n```")
+    items = json.loads(dogs.removeprefix("```json").removesuffix("```"))
+    assert items == [{"bbox_2d": [10, 20, 332, 397], "label": "dogs"}, {"bbox_2d": [403, 99, 604, 298], "label": "dogs"}]
+
+
+def test_kvg_asks_for_fine_grained_names_only(sample):
+    assert [p for p, _ in ex.kvg_entities(sample)] == ["Falcon 9 rocket"]  # not "dogs" (the label), not OCR
+    recent = ["Golden Retriever", "Falcon 9 rocket", "red London bus"]
+    assert _absent_entity(recent, sample) == "red London bus"
+    sample.caption += " A red London bus waits."
+    assert _absent_entity(recent, sample) == "Golden Retriever"  # the rocket is here; dogs are, retrievers' words are not labels
+
+
+def test_ms_swift_layout_matches_its_documented_grounding_example(sample):
+    """ms-swift's grounding records: `messages` with `<ref-object>`/`<bbox>`, `images`, and
+    `objects` {ref, bbox, bbox_type: real, image_id} — one ref per `<ref-object>`, one bbox per `<bbox>`."""
+    d = Placeholders()
+    for i, turn in enumerate(ex.turns(sample, d, ex.TASKS, absent="Eiffel Tower")):
+        rec = ex.record("ms-swift", sample, "images/a.jpg", turn, i)
+        assert set(rec) == {"id", "messages", "images", "objects"} and rec["images"] == ["images/a.jpg"]
+        user, assistant = rec["messages"]
+        assert user["role"] == "user" and user["content"].startswith("<image>") and assistant["role"] == "assistant"
+        objects = rec["objects"]
+        assert set(objects) == {"ref", "bbox", "bbox_type", "image_id"} and objects["bbox_type"] == "real"
+        text = user["content"] + assistant["content"]
+        assert text.count("<ref-object>") == len(objects["ref"]) and text.count("<bbox>") == len(objects["bbox"])
+        assert objects["image_id"] == [0] * len(objects["bbox"])
+        assert objects["bbox"] == [[round(v, 2) for v in b] for b in turn.boxes()]
+    caption = ex.record("ms-swift", sample, "images/a.jpg", ex.turns(sample, d, ["caption"])[0], 0)
+    assert caption["messages"][1]["content"] == ("Two <ref-object><bbox><bbox> run past a <ref-object><bbox> under a "
+                                                 "sign reading <ref-object><bbox>.")
+    assert caption["objects"]["ref"] == ["dogs", "Falcon 9 rocket", "STOP"]
+
+
+def test_llama_factory_layout_and_dataset_info(sample):
+    turn = ex.turns(sample, dialect("qwen2-vl"), ["refer"])[0]
+    rec = ex.record("llama-factory", sample, "images/a.jpg", turn, 0)
+    assert rec["messages"] == [{"role": "user", "content": "<image>" + turn.prompt},
+                               {"role": "assistant", "content": turn.answer}]
+    assert rec["images"] == ["images/a.jpg"]
+    info = ex.llama_factory_info("denseforge_qwen2-vl", "qwen2-vl.llama-factory.jsonl")["denseforge_qwen2-vl"]
+    assert info["formatting"] == "sharegpt" and info["columns"] == {"messages": "messages", "images": "images"}
+    assert info["tags"] == {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    assert ex.record_text("llama-factory", rec) == (turn.prompt, turn.answer)
+
+
+def test_sharegpt_layout_is_llava_and_internvl_conversations(sample):
+    turn = ex.turns(sample, dialect("internvl"), ["caption"])[0]
+    rec = ex.record("sharegpt", sample, "images/a.jpg", turn, 0)
+    assert rec["id"] == "000000000007-caption-0" and (rec["width"], rec["height"]) == (640, 480)
+    assert rec["conversations"][0] == {"from": "human", "value": "<image>\n" + turn.prompt}
+    assert rec["conversations"][1] == {"from": "gpt", "value": turn.answer}
+
+
+def test_check_flags_a_convention_that_does_not_read_back(sample, tmp_path):
+    """Write Qwen3-VL numbers (0-1000) and read them as Qwen2.5-VL (resized pixels): the check
+    must see it; the right reading passes."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (640, 480), "grey").save(tmp_path / "images" / "a.jpg")
+    wrong, right = ExportSpec("qwen3-vl"), ExportSpec("qwen2.5-vl")
+    turns = ex.turns(sample, wrong.dialect(), ["refer"])
+    target = tmp_path / "data.jsonl"
+    target.write_text("".join(json.dumps(ex.record("sharegpt", sample, "images/a.jpg", t, i)) + "\n"
+                              for i, t in enumerate(turns)))
+    kept = [(sample, "images/a.jpg", t) for t in turns]
+    assert all(r["ok"] for r in check_records(wrong, wrong.dialect(), target, kept, tmp_path))
+    flagged = check_records(right, right.dialect(), target, kept, tmp_path)
+    assert not any(r["ok"] for r in flagged[:2])  # the dogs and the rocket land elsewhere
+    assert (tmp_path / flagged[0]["picture"]).exists()
+    assert Image.open(tmp_path / flagged[0]["picture"]).size == (640 * 2 + 8, 480)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"format": "qwen5"}, "--format qwen5: choose from"),
+    ({"format": "coco", "layout": "ms-swift"}, "--layout applies to the model dialects"),
+    ({"format": "internvl", "layout": "axolotl"}, "--layout axolotl: choose from"),
+    ({"format": "internvl", "tasks": ("caption", "vqa")}, "--task vqa: choose from caption, refer, region, kvg"),
+    ({"format": "internvl", "tasks": ()}, "--task (none)"),
+])
+def test_bad_export_options_say_what_to_choose(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ExportSpec(**kwargs)
