@@ -102,7 +102,8 @@ class StageWorker:
         began = time.perf_counter()
         rows = batch.to_pylist()
         live = [i for i, r in enumerate(rows) if r["sample"]]
-        items = [Item(rows[i]["unit"], Sample.model_validate_json(rows[i]["sample"]), rows[i]["image"]) for i in live]
+        items = [Item(rows[i]["unit"], Sample.model_validate_json(rows[i]["sample"]), rows[i]["image"],
+                      pickle.loads(rows[i]["outputs"]) if rows[i].get("outputs") else {}) for i in live]
         verdicts = self._verdicts(items)
         share = (time.perf_counter() - began) / len(live) if live else 0.0
         for i, item, verdict in zip(live, items, verdicts):
@@ -131,8 +132,7 @@ class StageWorker:
                 row["sample"], row["image"] = None, None
             elif verdict is None:
                 row["sample"] = item.sample.model_dump_json()
-                if item.outputs:
-                    row["outputs"] = pickle.dumps(item.outputs)
+                row["outputs"] = pickle.dumps(item.outputs) if item.outputs else None
             else:
                 entry.update(f="TypeError", m=f"stage {run.instance} returned a {type(verdict).__name__} verdict")
                 row["reject"] = Reject(key=item.key, stage=run.instance, reason=run.stage.error_reason,

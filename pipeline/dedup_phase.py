@@ -25,12 +25,12 @@ import pyarrow.parquet as pq
 
 from denseforge.pipeline.adapter import add_stage, count_traces
 from denseforge.pipeline.config import Config
-from denseforge.pipeline.flow import embed_stage
+from denseforge.pipeline.flow import embed_stages
 from denseforge.pipeline.progress import Progress
 from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
-from denseforge.stages.embed import embedding_table, embeddings_matrix
+from denseforge.stages.embed import embedding_table, embeddings_matrix, pixel_spec
 from denseforge.stages.files import write_json_atomic, write_parquet_atomic, write_table_atomic
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample
@@ -41,7 +41,7 @@ DECISION_SCHEMA = pa.schema([
 ])
 
 
-def write_embeddings(batch: pa.Table, rd: RunDir) -> pa.Table:
+def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str]) -> pa.Table:
     """The embed pass's sink: per unit, the vectors and hashes of every embedded image, the
     images it failed on (relayed as rejects by the dedup stage), then the unit's marker."""
     out = []
@@ -49,7 +49,7 @@ def write_embeddings(batch: pa.Table, rd: RunDir) -> pa.Table:
         rows = batch.filter(pc.equal(batch.column("unit"), unit)).to_pylist()
         embedded = [r for r in rows if r["sample"]]
         failed = [Reject.model_validate_json(r["reject"]) for r in rows
-                  if r["reject"] and "embed" in json.loads(r["trace"] or "{}")]
+                  if r["reject"] and instances & set(json.loads(r["trace"] or "{}"))]
         samples = [Sample.model_validate_json(r["sample"]) for r in embedded]
         outputs = [pickle.loads(r["outputs"]) for r in embedded]
         vectors = np.stack([o["embedding"] for o in outputs]) if outputs else np.zeros((0, 0), np.float32)
@@ -82,9 +82,14 @@ def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, l
         ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(load_units, fn_kwargs={"rd": rd, "kind": config.input.kind},
                             batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
-        ds = add_stage(ds, embed_stage(config))
-        ds = ds.map_batches(write_embeddings, fn_kwargs={"rd": rd}, batch_size=None, batch_format="pyarrow",
-                            num_cpus=LIGHT_TASK_CPUS)
+        spec = None
+        if config.embed.feeders() != 0:  # resolved in a worker: the driver does not import torch
+            spec = ray.get(ray.remote(pixel_spec).options(num_cpus=0).remote(config.embed))
+        runs = embed_stages(config, spec)
+        for run in runs:
+            ds = add_stage(ds, run)
+        ds = ds.map_batches(write_embeddings, fn_kwargs={"rd": rd, "instances": {r.instance for r in runs}},
+                            batch_size=None, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
         for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in result.to_pylist():
                 counts = json.loads(row["counts"])

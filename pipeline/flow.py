@@ -15,7 +15,7 @@ from denseforge.pipeline.adapter import StageRun
 from denseforge.pipeline.config import Config, StageSpec
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.dedup import DecisionStage
-from denseforge.stages.embed import EmbedStage
+from denseforge.stages.embed import EmbedStage, PixelSpec, PixelStage
 from denseforge.stages.fuse import CaptionStage
 from denseforge.stages.ground import GroundStage
 from denseforge.stages.perceive import ExpertStage, MergeStage, plan_experts
@@ -29,8 +29,29 @@ def light(stage: Stage, instance: str | None = None, max_error_rate: float | Non
     return StageRun(stage, instance or stage.name, type(stage).default_resources, max_error_rate=max_error_rate)
 
 
-def embed_stage(config: Config) -> StageRun:
-    return StageRun(EmbedStage(config.embed), "embed", config.embed.resources, max_error_rate=config.embed.max_error_rate)
+def embed_stages(config: Config, spec: PixelSpec | None = None) -> list[StageRun]:
+    """The embed pass: with CPU workers, `PixelStage` tasks (decode, hash, resize; `spec` from
+    `pixel_spec`, resolved where torch may be imported) feeding the model workers; else the model
+    workers alone. Without `spec` the pixel stage is listed for its name and budget only."""
+    cfg = config.embed
+    model = StageRun(EmbedStage(cfg), "embed", cfg.resources, max_error_rate=cfg.max_error_rate)
+    if cfg.feeders() == 0:
+        return [model]
+    pixels = Resources(num_cpus=1, batch_size=cfg.batch_size, concurrency=cfg.feeders())
+    return [StageRun(PixelStage(spec), PixelStage.name, pixels, max_error_rate=cfg.max_error_rate), model]
+
+
+def describe_embed(config: Config, cpus: float) -> str:
+    """The plan's line on who feeds whom in the embed pass, for a cluster with `cpus` CPUs."""
+    cfg = config.embed
+    where = f"{cfg.num_gpus:g} GPU each" if cfg.num_gpus else f"{cfg.num_cpus:g} CPU each"
+    model = f"{cfg.concurrency} model worker(s) ({where}, batch {cfg.batch_size}, precision {cfg.precision})"
+    if cfg.feeders() == 0:
+        why = "auto on CPU" if cfg.cpu_workers == "auto" else "0"
+        return f"embed: {model} decode, hash and resize their own images (embed.cpu_workers: {why})"
+    feeders = cfg.feeders() or max(1, int(cpus - cfg.concurrency * cfg.num_cpus))
+    auto = " (auto: the CPUs the model workers leave free)" if cfg.cpu_workers == "auto" else ""
+    return f"embed: {feeders} CPU worker(s){auto} decode, hash and resize for {model}"
 
 
 def build_stages(config: Config, rd: RunDir) -> list[StageRun]:

@@ -27,7 +27,7 @@ from denseforge.pipeline.budget import ErrorBudget
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.dedup_phase import run_dedup, run_embed
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
-from denseforge.pipeline.flow import build_stages, embed_stage
+from denseforge.pipeline.flow import build_stages, describe_embed, embed_stages
 from denseforge.pipeline.progress import Progress
 from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, start_ray
 from denseforge.pipeline.rundir import RunDir
@@ -397,10 +397,11 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
     rd.update_state(ray_logs=start_ray(config.ray, address))
     stack.callback(ray.shutdown)
     timings["ray_init_s"] = time.perf_counter() - start
-    embed = [embed_stage(config)] if config.embed.enabled else []
+    embed = embed_stages(config) if config.embed.enabled else []
     start = time.perf_counter()
     if not _finished(rd, config):  # a resume with nothing left to do loads no model
-        check_capacity(runs)
+        for one_pass in (embed, runs):  # the embed pass and the process pass each run their pools together
+            check_capacity(one_pass)
         check_setups(embed + runs, rd, progress)
         timings["setup_s"] = time.perf_counter() - start
     fresh = not rd.plan_file.exists()
@@ -410,6 +411,8 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
     if fresh:
         timings["plan_s"] = time.perf_counter() - start
     progress.note(f"plan: {plan.units} unit(s)" + (f", {plan.rows} input rows" if plan.rows is not None else ""))
+    if embed:
+        progress.note(describe_embed(config, ray.cluster_resources().get("CPU", 1)))
     budget = ErrorBudget(embed + runs, config.run.error_rate_min_items)
     budget.load(rd, plan.units)
     redid["ingest_units"] = timed("ingest_s", lambda: run_ingest(config, rd, plan, progress))

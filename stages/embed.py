@@ -1,24 +1,34 @@
 """embed: open_clip image embeddings (L2-normalised) and image hashes for deduplication.
 
-`EmbedStage` loads its model once per worker and decides CPU or GPU where it runs, never on the
-driver; it leaves each image's vector and pHash in the item's outputs for the embeddings file. A
-configured pretrained model that cannot be loaded is an error; random weights happen only when
+Two stages, so that the worker holding the model (a GPU on a GPU node) runs the model and nothing
+else: `PixelStage` (CPU workers, no torch) decodes each image, hashes it and resizes/crops it to
+the model's input exactly as open_clip's own transform does, as uint8 pixels; `EmbedStage` turns
+those into normalised tensors, runs the forward pass (half precision on GPU) and leaves each
+vector in the item's outputs for the embeddings file. With `cpu_workers: 0`, `EmbedStage` decodes
+and hashes itself (one process, the old path).
+
+The model is loaded once per worker, on the device found there, never on the driver. A configured
+pretrained model that cannot be loaded is an error; random weights happen only when
 `weights: random` says so, and the provenance says it too.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from denseforge.errors import ModelLoadError
 from denseforge.stages.settings import Settings
 from denseforge.stages.stage import Item, Stage, Verdict, WorkerSettings
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 
@@ -39,7 +49,108 @@ class EmbedConfig(ClipModel, WorkerSettings):
     """open_clip image embeddings for deduplication and selection."""
 
     enabled: bool = True
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1, le=4096, description="images per forward pass (on a 24 GB GPU: 512)")
+    cpu_workers: int | Literal["auto"] = Field(
+        "auto", description="CPU workers that decode, hash and resize for the model workers (0: the model worker "
+                            "does it itself; auto: on GPU workers as many as the free CPUs, on CPU workers 0, "
+                            "since there they would only take cores from the forward pass)")
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="forward-pass precision (auto: float16 autocast on CUDA, float32 on CPU)")
+
+    def feeders(self) -> int | None:
+        """CPU workers feeding the model workers: a number, 0 (none), or None (as many as fit)."""
+        if self.cpu_workers == "auto":
+            return None if self.num_gpus else 0
+        return self.cpu_workers
+
+    @field_validator("cpu_workers")
+    @classmethod
+    def _not_negative(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("cpu_workers is a number of workers (0: decode in the model worker) or auto")
+        return v
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """How open_clip's eval transform turns an image into the model's input, as plain data (so the
+    CPU workers that apply it never import torch): resize, centre crop, RGB, then /255 and
+    (x - mean) / std on the model's device."""
+
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    resize_mode: str
+
+
+def pixel_spec(settings: ClipModel) -> PixelSpec:
+    """The eval transform open_clip builds for `settings` (its model config's preprocess_cfg, then
+    the pretrained tag's), without building the model or touching its weights."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    open_clip.add_model_config(MODEL_CONFIGS)
+    model_cfg = open_clip.get_model_config(settings.model)
+    if model_cfg is None:
+        raise ModelLoadError(f"embed: open_clip has no model config {settings.model!r}; "
+                             "set embed.cpu_workers: 0 to preprocess inside the model worker")
+    cfg = merge_preprocess_dict(asdict(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
+    if settings.weights == "pretrained" and not settings.checkpoint and settings.pretrained:
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(settings.model, settings.pretrained) or {})
+    size = model_cfg["vision_cfg"].get("image_size", cfg["size"])
+    return _spec(dict(cfg, size=size))
+
+
+def _spec(cfg: dict[str, Any]) -> PixelSpec:
+    size = cfg["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return PixelSpec(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                     interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"])
+
+
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def to_pixels(image: Image.Image, spec: PixelSpec) -> np.ndarray:
+    """(H, W, 3) uint8: open_clip's eval transform up to ToTensor, as torchvision does it on PIL
+    images (shortest side to the size, int() of the long side, centre crop rounding the offsets)."""
+    if spec.interpolation not in RESAMPLING or spec.resize_mode not in ("shortest", "squash"):
+        raise ValueError(f"unsupported preprocessing {spec.interpolation}/{spec.resize_mode}; "
+                         "set embed.cpu_workers: 0")
+    height, width = spec.size
+    resample = RESAMPLING[spec.interpolation]
+    if spec.resize_mode == "squash":
+        image = image.resize((width, height), resample)
+    else:
+        short = min(spec.size)
+        w, h = image.size
+        new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        if new != image.size:
+            image = image.resize(new, resample)
+        w, h = image.size
+        if w < width or h < height:
+            raise ValueError(f"image {w}x{h} smaller than the crop {width}x{height} after resizing")
+        top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
+        image = image.crop((left, top, left + width, top + height))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+class PixelStage(Stage):
+    """Decode, hash, and resize/crop to the model's input on CPU: `pixels` (uint8), `phash` and
+    `fingerprint` in each item's outputs, for `EmbedStage` and the embeddings file."""
+
+    name = "embed-pixels"
+    error_reason = "embed_error"
+
+    def __init__(self, spec: PixelSpec):
+        self.spec = spec
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        for item in batch:
+            item.outputs.update(pixels=to_pixels(item.image, self.spec), phash=perceptual_hash(item.image),
+                                fingerprint=fingerprint(item.image))
+        return [None] * len(batch)
 
 
 def pick_device(requested: str) -> str:
@@ -82,28 +193,61 @@ def load_clip(settings: ClipModel, device: str):
 
 
 class EmbedStage(Stage):
-    """Images to L2-normalised float32 embeddings (batched) and 64-bit pHashes, in `item.outputs`."""
+    """L2-normalised float32 embeddings, batched, in `item.outputs`: from the `pixels` a
+    `PixelStage` left there (the model worker only normalises and runs the forward pass), or, with
+    `cpu_workers: 0`, from the images themselves (decoding and hashing here too)."""
 
     name = "embed"
     error_reason = "embed_error"
     Options = EmbedConfig
 
     def setup(self) -> None:
-        self.device = pick_device(self.options.device)
-        self.model, self.preprocess, self.provenance = load_clip(self.options, self.device)
-
-    def embed(self, images: list[Image.Image]) -> np.ndarray:
         import torch
 
-        pixels = torch.stack([self.preprocess(image) for image in images])
-        with torch.inference_mode():
-            feats = self.model.encode_image(pixels.to(self.device)).float()
+        self.device = pick_device(self.options.device)
+        self.model, self.preprocess, self.provenance = load_clip(self.options, self.device)
+        cuda = self.device == "cuda"
+        precision = self.options.precision if self.options.precision != "auto" else ("float16" if cuda else "float32")
+        self.autocast = None if precision == "float32" else getattr(torch, precision)
+        self.provenance = dict(self.provenance, precision=precision)
+        normalize = self.preprocess.transforms[-1]
+        self.mean = torch.tensor(normalize.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(normalize.std, device=self.device).view(1, 3, 1, 1)
+        if self.options.feeders() != 0:
+            ours, theirs = pixel_spec(self.options), _spec(self.model.visual.preprocess_cfg)
+            if ours != theirs:
+                raise ModelLoadError(f"embed: CPU preprocessing {ours} differs from the model's own {theirs}; "
+                                     "set embed.cpu_workers: 0")
+
+    def forward(self, pixels: "torch.Tensor") -> np.ndarray:
+        """(n, 3, H, W) normalised float32 -> (n, d) L2-normalised float32 vectors."""
+        import torch
+
+        with torch.inference_mode(), torch.autocast(self.device, dtype=self.autocast, enabled=self.autocast is not None):
+            feats = self.model.encode_image(pixels).float()
         return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy().astype(np.float32, copy=False)
 
+    def tensor(self, pixels: np.ndarray) -> "torch.Tensor":
+        """(n, H, W, 3) uint8 -> (n, 3, H, W) normalised on the device (pinned, asynchronous copy on CUDA)."""
+        import torch
+
+        host = torch.from_numpy(pixels)
+        if self.device == "cuda":
+            host = host.pin_memory()
+        x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        return (x - self.mean) / self.std
+
     def process(self, batch: list[Item]) -> list[Verdict]:
-        for item, vector in zip(batch, self.embed([item.image for item in batch])):
-            item.outputs.update(embedding=vector, phash=perceptual_hash(item.image), fingerprint=fingerprint(item.image),
-                                provenance=self.provenance)
+        if all("pixels" in item.outputs for item in batch):
+            vectors = self.forward(self.tensor(np.stack([item.outputs.pop("pixels") for item in batch])))
+        else:
+            import torch
+
+            vectors = self.forward(torch.stack([self.preprocess(item.image) for item in batch]).to(self.device))
+            for item in batch:
+                item.outputs.update(phash=perceptual_hash(item.image), fingerprint=fingerprint(item.image))
+        for item, vector in zip(batch, vectors):
+            item.outputs.update(embedding=vector, provenance=self.provenance)
         return [None] * len(batch)
 
 

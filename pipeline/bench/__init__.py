@@ -25,4 +25,8 @@ def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
         from denseforge.pipeline.bench.dedup import bench_dedup
 
         return bench_dedup(**kwargs)
+    if name == "embed":
+        from denseforge.pipeline.bench.embed import bench_embed
+
+        return bench_embed(**kwargs)
     raise DenseforgeError(f"unknown benchmark {name!r}")

@@ -22,7 +22,7 @@ run: {name: it}
 ray: {num_cpus: 2}
 input: {kind: table, path: %(path)s, url_col: URL, caption_col: TEXT}
 ingest: {processes: 2, threads: 4, timeout_s: 5, image_size: 256, allow_private_addresses: true}
-embed: {model: df-tiny-clip, weights: random, batch_size: 8}
+embed: {model: df-tiny-clip, weights: random, batch_size: 8, cpu_workers: 1, num_cpus: 0.5}  # CPU feeders, as on GPU nodes
 dedup: {epsilon: null, phash_max_distance: 4, clusters: 2, keep: first_key}
 output: {samples_per_shard: 4}
 """
@@ -123,6 +123,18 @@ def test_bad_config_fails_before_anything_runs(tmp_path):
     proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and "no expert plugin named 'no-such-expert'" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_embed_pools_that_cannot_fit_fail_before_any_download(tmp_path, photo_dir):
+    """Regression: a 1-CPU feeder pool and a 1-CPU model pool on 2 CPUs left no CPU for reading the
+    units, and the embed pass waited forever."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"ray: {{num_cpus: 2}}\ninput: {{kind: folder, path: {photo_dir}}}\n"
+                   "embed: {model: df-tiny-clip, weights: random, cpu_workers: 1, num_cpus: 1}\n")
+    proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"), check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "ask for 2.25 CPUs at once (embed-pixels 1x1, embed 1x1" in proc.stderr and "lower them" in proc.stderr
+    assert not list((tmp_path / "out").rglob("*.tar"))  # nothing was downloaded
 
 
 def test_folder_input_then_its_raw_shards_as_webdataset_input(tmp_path, photo_dir):
