@@ -14,6 +14,7 @@ pretrained model that cannot be loaded is an error; random weights happen only w
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -205,6 +206,9 @@ class EmbedStage(Stage):
         import torch
 
         self.device = pick_device(self.options.device)
+        if self.device == "cpu" and "OMP_NUM_THREADS" in os.environ:
+            # a Ray worker: Ray set OMP_NUM_THREADS to int(num_cpus), so 1.75 CPUs would run one thread
+            torch.set_num_threads(max(1, round(self.options.num_cpus)))
         self.model, self.preprocess, self.provenance = load_clip(self.options, self.device)
         cuda = self.device == "cuda"
         precision = self.options.precision if self.options.precision != "auto" else ("float16" if cuda else "float32")

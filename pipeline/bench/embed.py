@@ -22,6 +22,7 @@ import numpy as np
 from denseforge.pipeline.bench.corpus import build_bench_corpus
 from denseforge.pipeline.bench.memory import TreeMemory
 from denseforge.pipeline.config import parse_config
+from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 
 
 def _timed_forward(stage) -> list[float]:
@@ -113,9 +114,11 @@ def bench_embed(images: int = 256, batch_size: int = 64, model: str = "ViT-B-32"
                                  "wall_s": round(pixels_wall, 3)}
         if phase:
             result["phase"] = {}
-            split = max(1, cores - 1)  # CPU feeders get what the model worker leaves
-            variants = (("fed_by_cpu_workers", {"cpu_workers": split, "num_cpus": cores - split if cores > 1 else 1}),
-                        ("model_worker_alone", {"cpu_workers": 0, "num_cpus": cores}))
+            # fed: one 1-CPU feeder, the model worker gets the rest less the reader's quarter CPU;
+            # alone: the model worker gets every CPU but the reader's quarter
+            rest = cores - LIGHT_TASK_CPUS
+            variants = (("fed_by_cpu_workers", {"cpu_workers": 1, "num_cpus": max(0.25, rest - 1)}),
+                        ("model_worker_alone", {"cpu_workers": 0, "num_cpus": rest}))
             for label, embed in variants:
                 config = parse_config({
                     "input": {"kind": "folder", "path": str(root / "images")}, "ray": {"num_cpus": cores},
@@ -130,6 +133,7 @@ def bench_embed(images: int = 256, batch_size: int = 64, model: str = "ViT-B-32"
                         if name.startswith("embed")}
                 result["phase"][label] = {"embed": embed, "seconds": round(wall, 2), "images_per_s": round(images / wall, 1),
                                           "vs_forward_only": round((images / wall) / (images / forward_s), 3),
+                                          "model_busy_vs_forward_only": round(forward_s / busy["embed"], 3),
                                           "busy_s": busy, "peak_rss_gib": round(memory.peak / 2**30, 2)}
             result["phase"]["note"] = (
                 "embed phase wall time, Ray actor start-up and model load included. Without a GPU the "

@@ -12,6 +12,8 @@ from denseforge.pipeline.export_run import ExportSpec, _absent_entity, check_rec
 from denseforge.stages import export as ex
 from denseforge.stages.dialects import DIALECTS, Placeholders, Qwen25VL, dialect
 from denseforge.stages.sample import Grounding, Region, Sample
+
+from .test_export import street
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -139,15 +141,7 @@ def test_internvl_parses_several_boxes_of_one_phrase():
 
 @pytest.fixture
 def sample():
-    s = Sample(key="000000000007", width=640, height=480, sha256="0" * 64,
-               experts={"objects": [{"label": "dog", "score": 0.9, "box": [10.0, 20.0, 330.0, 400.0]},
-                                    {"label": "dog", "score": 0.8, "box": [400.0, 100.0, 600.0, 300.0]},
-                                    {"label": "rocket", "score": 0.7, "box": [0.0, 300.0, 640.0, 480.0]}],
-                        "ocr": [{"text": "STOP", "score": 0.99, "box": [500.0, 10.0, 600.0, 60.0], "polygon": []}]})
-    s.caption = "Two dogs run past a Falcon 9 rocket under a sign reading STOP."
-    from denseforge.stages.ground import ground_mentions
-
-    s.grounding = ground_mentions(s.caption, s.experts)
+    s = street("rocket", "a Falcon 9 rocket")
     s.regions = [Region(box=[10.0, 20.0, 330.0, 400.0], caption="a brown dog on grass")]
     return s
 

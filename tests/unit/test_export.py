@@ -8,16 +8,21 @@ from denseforge.stages.ground import ground_mentions
 from denseforge.stages.sample import Sample
 
 
-@pytest.fixture
-def sample():
+def street(third: str = "car", phrase: str = "a red car") -> Sample:
+    """Two dogs, a third object and a STOP sign on a 640 x 480 image, grounded."""
     s = Sample(key="000000000007", width=640, height=480, sha256="0" * 64,
                experts={"objects": [{"label": "dog", "score": 0.9, "box": [10.0, 20.0, 330.0, 400.0]},
                                     {"label": "dog", "score": 0.8, "box": [400.0, 100.0, 600.0, 300.0]},
-                                    {"label": "car", "score": 0.7, "box": [0.0, 300.0, 640.0, 480.0]}],
+                                    {"label": third, "score": 0.7, "box": [0.0, 300.0, 640.0, 480.0]}],
                         "ocr": [{"text": "STOP", "score": 0.99, "box": [500.0, 10.0, 600.0, 60.0], "polygon": []}]})
-    s.caption = "Two dogs run past a red car under a sign reading STOP."
+    s.caption = f"Two dogs run past {phrase} under a sign reading STOP."
     s.grounding = ground_mentions(s.caption, s.experts)
     return s
+
+
+@pytest.fixture
+def sample():
+    return street()
 
 
 def test_qwen_vl_round_trip(sample):
