@@ -100,6 +100,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         options = {"images": args.images or 1000, "processes": args.processes, "threads": args.threads, "repeats": args.repeats}
     elif args.name == "fuse":
         options = {"samples": args.images or 256}
+    elif args.name == "quality":
+        options = {}
     elif args.name == "embed":
         options = {"images": args.images or 256, "batch_size": args.batch_size, "model": args.model}
     elif args.name == "dedup":
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)
     p = sub.add_parser("bench", help="benchmarks, JSON out")
-    p.add_argument("name", choices=["ingest", "dedup", "embed", "experts", "fuse"])
+    p.add_argument("name", choices=["ingest", "dedup", "embed", "experts", "fuse", "quality"])
     p.add_argument("--images", type=int, default=None, help="ingest: corpus size (1000); embed: images (256); experts: images (96); fuse: samples (256)")
     p.add_argument("--batch-size", type=int, default=64, help="embed: images per forward pass (64)")
     p.add_argument("--model", default="ViT-B-32", help="embed: open_clip architecture, random weights (ViT-B-32)")

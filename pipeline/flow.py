@@ -73,7 +73,9 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
         caption = CaptionStage(config.fuse, config.ground, renderers)
         runs.append(StageRun(caption, "fuse", config.fuse.resources, max_error_rate=config.fuse.max_error_rate))
         if not caption.markup:
-            runs.append(light(GroundStage(config.ground), max_error_rate=config.ground.max_error_rate))
+            ground = GroundStage(config.ground)  # with synonyms a model to keep loaded (an actor), else tasks
+            resources = config.ground.resources if ground.matcher else Stage.default_resources
+            runs.append(StageRun(ground, "ground", resources, max_error_rate=config.ground.max_error_rate))
         qa = config.qa
         if qa.enabled:
             if qa.clip is not None:

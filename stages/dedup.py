@@ -34,9 +34,11 @@ class DedupConfig(Settings):
 
     enabled: bool = True
     exact: bool = True
-    phash_max_distance: int | None = Field(4, ge=0, le=32, description="Hamming distance; null disables")
+    phash_max_distance: int | None = Field(
+        12, ge=0, le=32, description="Hamming distance of the 64-bit pHashes (imagededup's default is 10); every "
+                                     "match also needs the second witness below; null disables")
     witness_max_fine_distance: int | None = Field(
-        48, ge=0, le=256, description="a pHash match also needs the 256-bit pHashes this close; null: no witness")
+        64, ge=0, le=256, description="a pHash match also needs the 256-bit pHashes this close; null: no witness")
     witness_max_colour_difference: float | None = Field(
         0.6, ge=0, le=2, description="...and, when both have colour, their hue histograms this close (L1); null: no check")
     epsilon: float | None = Field(0.05, gt=0, lt=2, description="duplicate when cosine > 1 - epsilon; null disables")
@@ -204,6 +206,40 @@ def greedy_duplicates(vectors: np.ndarray, thresholds: Sequence[float], block: i
     return dups
 
 
+def confirmed_duplicates(vectors: np.ndarray, threshold: float, active: np.ndarray,
+                         confirm: Callable[[int, int], bool] | None = None, block: int = 2048) -> np.ndarray:
+    """dup_of[i] = the most similar earlier kept row with similarity > threshold that `confirm(i, j)`
+    accepts (any, without `confirm`), or -1 (i is kept). Every kept candidate in the radius is tried
+    in order of similarity, so a rejected look-alike (another sign on the same background) does not
+    hide the real original behind it. Only kept rows are candidates, so a thousand copies of one
+    image cost one comparison each. Rows in priority order; O(block²) memory."""
+    n = len(vectors)
+    dup = np.full(n, -1, dtype=np.int64)
+    kept = active.copy()
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        q = vectors[s:e]
+        earlier: list[list[tuple[float, int]]] = [[] for _ in range(e - s)]
+        for c in range(0, s, block):  # earlier blocks are decided: their kept rows are final
+            ce = min(s, c + block)
+            columns = c + np.flatnonzero(kept[c:ce])
+            if columns.size:
+                sims = q @ vectors[columns].T
+                for r, col in zip(*np.nonzero(sims > threshold)):
+                    earlier[r].append((-float(sims[r, col]), int(columns[col])))
+        inner = q @ q.T
+        for r in range(e - s):
+            i = s + r
+            if not kept[i]:
+                continue
+            local = np.flatnonzero((inner[r, :r] > threshold) & kept[s:i])
+            for _, j in sorted(earlier[r] + [(-float(inner[r, k]), s + int(k)) for k in local]):
+                if confirm is None or confirm(i, j):
+                    dup[i], kept[i] = j, False
+                    break
+    return dup
+
+
 def phash_vectors(phashes: np.ndarray) -> np.ndarray:
     """64-bit hashes as ±1/8 vectors: dot product = 1 - 2·hamming/64."""
     bits = ((phashes.astype(np.int64).view(np.uint64)[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1))
@@ -244,7 +280,14 @@ def hue_histogram(thumb: np.ndarray, bins: int = 12) -> np.ndarray | None:
     r, g, b = rgb.T
     safe = np.maximum(chroma, 1e-6)
     hue = np.select([top == r, top == g], [((g - b) / safe) % 6, (b - r) / safe + 2], (r - g) / safe + 4) / 6
-    hist = np.bincount(np.minimum((hue * bins).astype(int), bins - 1), weights=weight, minlength=bins)
+    # soft, circular binning: a hue splits between its two nearest bin centres, and red (hue ~0 and
+    # ~1) is one colour; hard bins flipped pure red and pure blue between bins on JPEG noise
+    pos = hue * bins - 0.5
+    low = np.floor(pos)
+    frac = pos - low
+    low = low.astype(int) % bins
+    hist = (np.bincount(low, weights=weight * (1 - frac), minlength=bins)
+            + np.bincount((low + 1) % bins, weights=weight * frac, minlength=bins))
     return hist / hist.sum()
 
 
@@ -264,7 +307,7 @@ def witnessed(a: np.ndarray, b: np.ndarray, max_fine: int | None, max_colour: fl
 def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str], phash: np.ndarray,
                   centroid_sim: np.ndarray, area: np.ndarray, *, epsilon: float | None, phash_max_distance: int | None,
                   exact: bool = True, policy: KeepPolicy = "nearest_centroid", sweep: Sequence[float] = (),
-                  block: int = 2048, fingerprint: np.ndarray | None = None, witness_max_fine_distance: int | None = 48,
+                  block: int = 2048, fingerprint: np.ndarray | None = None, witness_max_fine_distance: int | None = 64,
                   witness_max_colour_difference: float | None = 0.6) -> ClusterResult:
     """Exact, perceptual and semantic duplicates inside one cluster (see module doc). A pHash
     match alone is not evidence of a copy (two signs with different words on the same background
@@ -282,13 +325,15 @@ def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str
                 reason[pos], dup[pos], active[pos] = EXACT, holder, False
     if phash_max_distance is not None:
         t = 1.0 - 2.0 * (phash_max_distance + 0.5) / 64.0
-        near = greedy_duplicates(phash_vectors(phash[order]), [t], block, active)[0]
-        hit = near >= 0
+        confirm = None
         if fingerprint is not None:
             prints = fingerprint[order]
-            for pos in np.flatnonzero(hit):
-                hit[pos] = witnessed(prints[pos], prints[near[pos]], witness_max_fine_distance,
-                                     witness_max_colour_difference)
+
+            def confirm(i: int, j: int) -> bool:
+                return witnessed(prints[i], prints[j], witness_max_fine_distance, witness_max_colour_difference)
+
+        near = confirmed_duplicates(phash_vectors(phash[order]), t, active, confirm, block)
+        hit = near >= 0
         reason[hit], dup[hit], active[hit] = NEAR, near[hit], False
     sweep_kept: dict[float, int] = {}
     eps_list = ([epsilon] if epsilon is not None else []) + [e for e in sweep if e != epsilon]

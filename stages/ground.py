@@ -16,18 +16,22 @@ from typing import Any, Literal
 from pydantic import Field
 
 from denseforge.stages.sample import Grounding
-from denseforge.stages.settings import Settings
-from denseforge.stages.stage import Item, Stage, Verdict
+from denseforge.stages.stage import Item, Stage, Verdict, WorkerSettings
+from denseforge.stages.synonyms import SynonymConfig, SynonymMatcher
 
 
-class GroundConfig(Settings):
-    """How caption phrases are tied to boxes."""
+class GroundConfig(WorkerSettings):
+    """How caption phrases are tied to boxes (the worker keys size the synonym model's worker)."""
+
+    num_cpus: float = Field(0.25, gt=0, description="CPUs of the worker that holds the synonym model")
+    batch_size: int = Field(32, ge=1, le=4096, description="captions per call")
 
     mode: Literal["mentions", "markup"] = Field(
         "mentions", description="markup: the model marks phrases <ref id=N>..</ref>; mentions: found afterwards")
     aliases: str | None = Field(
         "builtin:aliases", description="fine-grained name -> detector label TSV for knowledge-aligned grounding")
-    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of samples it may fail on; null: no limit")
+    synonyms: SynonymConfig = Field(default_factory=SynonymConfig)
+
 
 IRREGULAR = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
              "knife": "knives", "sheep": "sheep", "fish": "fish", "bus": "buses", "glass": "glasses",
@@ -124,8 +128,10 @@ def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]],
         start, end = caption.find(text), -1
         if start >= 0:
             end = start + len(text)
-        else:  # case-insensitive, with positions in the caption itself ("İ".lower() is two characters)
-            match = re.search(re.escape(text), caption, re.IGNORECASE)
+        else:  # case- and space-insensitive ("OPEN24HOURS" read, "Open 24 hours" written), with
+            # positions in the caption itself ("İ".lower() is two characters)
+            loose = r"\s*".join(re.escape(c) for c in "".join(text.split()))
+            match = re.search(loose, caption, re.IGNORECASE)
             if match:
                 start, end = match.span()
         if start >= 0:
@@ -159,7 +165,9 @@ def parse_ref_markup(text: str, objects: list[dict[str, Any]]) -> tuple[str, lis
 
 
 class GroundStage(Stage):
-    """Ties the caption's mentions of detected labels, fine-grained aliases and OCR lines to boxes."""
+    """Ties the caption's mentions of detected labels, fine-grained aliases, synonyms (see
+    `stages/synonyms.py`) and OCR lines to boxes; the synonyms it matched, and the labels they
+    claim, go to the sample's provenance for the hallucination check."""
 
     name = "ground"
     Options = GroundConfig
@@ -167,8 +175,20 @@ class GroundStage(Stage):
     def __init__(self, options: GroundConfig):
         super().__init__(options)
         self.aliases = read_aliases(options.aliases)  # a bad alias file fails here, on the driver
+        self.matcher = SynonymMatcher(options.synonyms) if options.synonyms.enabled else None
+
+    def setup(self) -> None:
+        if self.matcher is not None:
+            self.matcher.setup()
 
     def process(self, batch: list[Item]) -> list[Verdict]:
         for item in batch:
-            item.sample.grounding = ground_mentions(item.sample.caption or "", item.sample.experts, self.aliases)
+            sample, aliases = item.sample, self.aliases
+            caption = sample.caption or ""
+            if self.matcher is not None:
+                detected = sorted({o["label"].lower() for o in sample.experts.get("objects", [])})
+                matches = self.matcher.match(caption, detected)
+                aliases = {**self.aliases, **{w: label for w, (label, _) in matches.items() if label in detected}}
+                sample.provenance["ground"] = dict(self.matcher.evidence(matches), **self.matcher.provenance)
+            sample.grounding = ground_mentions(caption, sample.experts, aliases)
         return [None] * len(batch)

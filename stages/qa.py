@@ -82,6 +82,8 @@ def assess(sample: Sample, settings: QaConfig, truncated: bool = False, clip_sco
             seen |= mentioned_nouns(obs.get("label", ""), forms)
     for line in sample.experts.get("ocr", []):
         seen |= mentioned_nouns(line.get("text", ""), forms)
+    # synonyms the ground stage matched ("puppy" -> dog) claim their labels too
+    claimed |= set(sample.provenance.get("ground", {}).get("claims", []))
     unsupported = claimed - seen
     scores["hallucination"] = round(len(unsupported) / len(claimed), 4) if claimed else 0.0
     if scores["hallucination"] > settings.max_hallucination:
@@ -89,7 +91,9 @@ def assess(sample: Sample, settings: QaConfig, truncated: bool = False, clip_sco
     confident = [o["text"] for o in sample.experts.get("ocr", []) if o.get("score", 1.0) >= settings.ocr_min_score
                  and len(o.get("text", "").strip()) >= 2]
     if confident:
-        found = sum(1 for t in confident if t.lower() in caption.lower())
+        # spaces do not count: PP-OCR's recogniser often drops them ("OPEN24HOURS" for OPEN 24 HOURS)
+        squeezed = "".join(caption.lower().split())
+        found = sum(1 for t in confident if "".join(t.lower().split()) in squeezed)
         scores["ocr_fidelity"] = round(found / len(confident), 4)
         if scores["ocr_fidelity"] < settings.min_ocr_fidelity:
             reasons.append("ocr_missing")

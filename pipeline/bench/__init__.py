@@ -25,6 +25,10 @@ def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
         from denseforge.pipeline.bench.dedup import bench_dedup
 
         return bench_dedup(**kwargs)
+    if name == "quality":
+        from denseforge.pipeline.bench.quality import bench_quality
+
+        return bench_quality(**kwargs)
     if name == "embed":
         from denseforge.pipeline.bench.embed import bench_embed
 

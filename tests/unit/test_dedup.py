@@ -171,49 +171,12 @@ def test_dedup_all_works_cluster_by_cluster_and_skips_non_candidates():
     assert res.rank[3] == -1 and res.sweep_kept == {0.01: 3}
 
 
-def _hard_negatives_and_copies():
-    """Distinct low-texture images whose 64-bit pHashes nearly agree (signs with other words on the
-    same background, same-layout slides, one logo in two colours), and real copies of each."""
-    from PIL import ImageDraw, ImageEnhance, ImageFont
-
-    def sign(text):
-        im = Image.new("RGB", (640, 240), (250, 248, 240))
-        ImageDraw.Draw(im).text((40, 80), text, fill=(20, 20, 20), font=ImageFont.load_default(size=56))
-        return im
-
-    def slide(title, bullets):
-        im = Image.new("RGB", (800, 600), "white")
-        d = ImageDraw.Draw(im)
-        d.rectangle([0, 0, 800, 90], fill=(30, 60, 140))
-        d.text((30, 20), title, fill="white", font=ImageFont.load_default(size=44))
-        for i, b in enumerate(bullets):
-            d.text((60, 150 + 70 * i), b, fill="black", font=ImageFont.load_default(size=32))
-        return im
-
-    def logo(shape, colour):
-        im = Image.new("RGB", (300, 300), "white")
-        d = ImageDraw.Draw(im)
-        (d.ellipse if shape == "circle" else d.rectangle)([60, 60, 240, 240], fill=colour)
-        return im
-
-    distinct = [sign(t) for t in ("MAIN STREET", "OPEN 24 HOURS", "NO PARKING", "EXIT", "SALE 50%", "WELCOME")]
-    distinct += [slide("Results", ["accuracy and recall", "per class"]), slide("Method", ["the data", "the model"]),
-                 slide("Outlook", ["more data", "a bigger model"])]
-    distinct += [logo(s, c) for s in ("circle", "square") for c in ((200, 30, 30), (30, 30, 200))]
-    distinct += [load_photo(n).convert("RGB") for n in ("astronaut", "coffee", "chelsea")]
-
-    def copies(im):
-        w, h = im.size
-        return [im, im.resize((int(w * 0.7), int(h * 0.7))), ImageEnhance.Color(im).enhance(0.6),
-                ImageEnhance.Brightness(im).enhance(1.1), im.crop((int(w * .03), int(h * .03), int(w * .97), int(h * .97)))]
-
-    return distinct, copies
-
-
 def test_a_phash_match_needs_a_second_witness_no_false_merges_copies_still_caught():
     from denseforge.stages.embed import fingerprint
 
-    distinct, copies = _hard_negatives_and_copies()
+    from denseforge.pipeline.bench.quality import dedup_set
+
+    distinct, copies = dedup_set()
     images, group = [], []
     for g, original in enumerate(distinct):
         for j, variant in enumerate(copies(original)):
@@ -237,3 +200,38 @@ def test_a_phash_match_needs_a_second_witness_no_false_merges_copies_still_caugh
     caught = sum(1 for i in range(n) if witnessed.reason[i])
     caught_alone = sum(1 for i in range(n) if alone.reason[i] and group[alone.dup_of[i]] == group[i])
     assert caught >= 0.95 * caught_alone and caught >= 0.7 * (n - len(distinct))  # copies the pHash sees stay caught
+
+
+def test_hue_histogram_is_circular_and_soft():
+    """Regression: hard bins put pure red (hue ~0 and ~1) and pure blue (hue 2/3, a bin edge) in
+    different bins on JPEG noise, so a logo's copy failed the colour witness (L1 up to 1.6)."""
+    def thumb(rgb):
+        return np.array([rgb] * 64, dtype=np.uint8)
+
+    red_low, red_high = dd.hue_histogram(thumb((250, 10, 12))), dd.hue_histogram(thumb((250, 12, 10)))
+    assert float(np.abs(red_low - red_high).sum()) < 0.1  # hue 0.0013 and 0.9987: the same red
+    blue_a, blue_b = dd.hue_histogram(thumb((30, 28, 200))), dd.hue_histogram(thumb((28, 30, 200)))
+    assert float(np.abs(blue_a - blue_b).sum()) < 0.1  # either side of the 8/12 edge
+    assert float(np.abs(red_low - blue_a).sum()) == pytest.approx(2.0)  # red and blue stay apart
+    assert dd.hue_histogram(thumb((128, 128, 128))) is None
+
+
+def test_every_copy_kind_passes_the_witness_and_no_look_alike_does():
+    """Each copy of each hard negative (logo, sign, slide, photo) is witnessed against its original
+    at the shipped defaults; no two distinct originals are."""
+    from denseforge.pipeline.bench.quality import dedup_set
+    from denseforge.stages.embed import fingerprint
+
+    cfg = dd.DedupConfig()
+    distinct, copies = dedup_set()
+    prints = [[np.frombuffer(fingerprint(Image.open(io.BytesIO(_jpeg(c, quality=90))).convert("RGB")), np.uint8)
+               for c in copies(im)[:4]] for im in distinct]
+    for group in prints:
+        assert all(dd.witnessed(group[0], p, cfg.witness_max_fine_distance, cfg.witness_max_colour_difference)
+                   for p in group[1:])
+    for a in range(len(prints)):
+        for b in range(a + 1, len(prints)):
+            pa, pb = np.frombuffer(fingerprint(distinct[a]), np.uint8), np.frombuffer(fingerprint(distinct[b]), np.uint8)
+            same_bits = dd.phash_vectors(np.array([perceptual_hash(distinct[a]), perceptual_hash(distinct[b])]))
+            close = float(same_bits[0] @ same_bits[1]) > 1.0 - 2.0 * (cfg.phash_max_distance + 0.5) / 64.0
+            assert not (close and dd.witnessed(pa, pb, cfg.witness_max_fine_distance, cfg.witness_max_colour_difference))

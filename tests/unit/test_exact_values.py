@@ -213,3 +213,18 @@ def test_a_singular_mention_ties_to_the_largest_box_first():
     experts = {"objects": [{"label": "dog", "score": 0.9, "box": b} for b in boxes]}
     grounding = ground_mentions("a dog, a dog and a dog", experts)
     assert [g.source for g in grounding] == ["objects/1", "objects/2", "objects/0"]  # by area, largest first
+
+
+def test_ocr_text_without_its_spaces_still_grounds_and_counts():
+    """Regression: PP-OCR's recogniser drops spaces ("OPEN24HOURS"); a caption that writes the sign
+    as it looks ("Open 24 Hours") was an OCR miss for QA and got no OCR grounding."""
+    from denseforge.stages.qa import QaConfig, assess
+
+    experts = {"ocr": [{"text": "OPEN24HOURS", "score": 0.99, "box": [10.0, 10.0, 90.0, 30.0], "polygon": []}]}
+    caption = "A shop sign says Open 24 Hours in red."
+    [g] = ground_mentions(caption, experts)
+    assert g.phrase == "Open 24 Hours" and caption[g.span[0]:g.span[1]] == g.phrase and g.source == "ocr/0"
+    sample = Sample(key="k", width=100, height=100, sha256="0", caption=caption, experts=experts, grounding=[g])
+    assert assess(sample, QaConfig(min_words=1)).scores["ocr_fidelity"] == 1.0
+    sample.caption = "A shop sign says Open 42 Hours in red."
+    assert assess(sample, QaConfig(min_words=1)).scores["ocr_fidelity"] == 0.0

@@ -103,15 +103,50 @@ def _naive(vectors: np.ndarray, threshold: float) -> np.ndarray:
     return dup
 
 
+def _clustered(rng, n: int) -> np.ndarray:
+    """n unit vectors in 8-d around n // 3 centres: many near pairs."""
+    base = rng.normal(size=(max(1, n // 3), 8)).astype(np.float32)
+    x = base[rng.integers(0, len(base), n)] + 0.3 * rng.normal(size=(n, 8)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 @given(st.integers(0, 10_000), st.integers(2, 60), st.integers(2, 8), st.floats(0.5, 0.99))
 @settings(max_examples=60, deadline=None)
 def test_blocked_greedy_dedup_equals_a_brute_force_reference(seed, n, block_exp, threshold):
-    rng = np.random.default_rng(seed)
-    base = rng.normal(size=(max(1, n // 3), 8)).astype(np.float32)
-    x = base[rng.integers(0, len(base), n)] + 0.3 * rng.normal(size=(n, 8)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = _clustered(np.random.default_rng(seed), n)
     [ours] = dd.greedy_duplicates(x, [threshold], block=2 ** block_exp if 2 ** block_exp < n else 16)
     kept_ours, kept_ref = ours < 0, _naive(x, threshold) < 0
     assert (kept_ours == kept_ref).all()
     for i in np.flatnonzero(~kept_ours):  # every removed row names a kept row it really is close to
         assert kept_ours[ours[i]] and float(x[i] @ x[ours[i]]) > threshold
+
+
+@given(st.integers(0, 10_000), st.integers(2, 60), st.integers(2, 8), st.floats(0.5, 0.99))
+@settings(max_examples=60, deadline=None)
+def test_confirmed_dedup_without_a_witness_equals_the_greedy_one(seed, n, block_exp, threshold):
+    rng = np.random.default_rng(seed)
+    x = _clustered(rng, n)
+    block = 2 ** block_exp if 2 ** block_exp < n else 16
+    active = rng.random(n) < 0.9
+    [greedy] = dd.greedy_duplicates(x, [threshold], block=block, active=active)
+    assert (dd.confirmed_duplicates(x, threshold, active, None, block) == greedy).all()
+
+
+@given(st.integers(0, 10_000), st.integers(2, 40), st.floats(0.5, 0.95))
+@settings(max_examples=60, deadline=None)
+def test_a_rejected_look_alike_does_not_hide_the_original(seed, n, threshold):
+    """With a witness that refuses pairs of different parity, every removed row names the most
+    similar kept row of its own parity in the radius, and no row of its parity in the radius was
+    left kept before it (checked against a brute-force loop)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    x = x[rng.integers(0, max(1, n // 2), n)] + 0.2 * rng.normal(size=(n, 6)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ours = dd.confirmed_duplicates(x, threshold, np.ones(n, bool), lambda i, j: i % 2 == j % 2, block=8)
+    kept: list[int] = []
+    for i in range(n):
+        options = sorted((-float(x[i] @ x[k]), k) for k in kept if k % 2 == i % 2 and float(x[i] @ x[k]) > threshold)
+        expected = options[0][1] if options else -1
+        assert ours[i] == expected
+        if expected < 0:
+            kept.append(i)

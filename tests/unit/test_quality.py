@@ -1,0 +1,53 @@
+"""The labelled set behind `denseforge bench quality`: its truth is checked here, on tiny inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from denseforge.pipeline.bench import quality as q
+
+
+def test_iou_exact_values():
+    assert q.iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert q.iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert q.iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+
+
+def test_the_phrase_set_is_large_balanced_and_unique():
+    assert len(q.PHRASES) >= 100
+    negatives = sum(1 for _, _, should in q.PHRASES if not should)
+    assert 0.45 <= negatives / len(q.PHRASES) <= 0.55
+    assert len({(p, label) for p, label, _ in q.PHRASES}) == len(q.PHRASES)
+
+
+def test_hand_labels_lie_inside_their_photos():
+    photos = q.labelled_photos()
+    assert set(photos) == set(q.LABELLED)
+    for name, objects in q.LABELLED.items():
+        w, h = photos[name].size
+        for _, (x0, y0, x1, y1) in objects:
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h, name
+
+
+@pytest.fixture(scope="module")
+def reader():
+    from denseforge.experts.ocr import RapidOcrExpert
+
+    r = RapidOcrExpert()
+    r.setup()
+    return r
+
+
+def test_rendered_truth_boxes_agree_with_what_ocr_reads(reader):
+    """The truth box of a straight and of a rotated line (box of the rotated corners) overlaps
+    the box the real OCR reads by IoU >= 0.5, and the string is read verbatim."""
+    from denseforge.experts.base import ExpertInput
+
+    rendered = q.text_images()
+    straight = next(r for r in rendered if r[1] == "MAIN STREET")
+    rotated = next(r for r in rendered if r[1] == "WELCOME")
+    for image, text, truth, _ in (straight, rotated):
+        [lines] = reader([ExpertInput("k", image)])
+        best = max(lines, key=lambda ln: q.iou(ln["box"], truth))
+        assert q.iou(best["box"], truth) >= 0.5 and best["text"].replace(" ", "") == text.replace(" ", "")
+    assert len(rendered) == len(q.TEXTS) * 3
