@@ -37,7 +37,8 @@ class RapidOcrExpert(Expert):
     def setup(self) -> None:
         from rapidocr_onnxruntime import RapidOCR
 
-        self.engine = RapidOCR()
+        # its sessions take every core by default: several OCR actors on one node oversubscribe it
+        self.engine = RapidOCR(intra_op_num_threads=self.resources.threads, inter_op_num_threads=1)
 
     def __call__(self, batch: list[ExpertInput]) -> list[list[dict[str, Any]]]:
         out = []

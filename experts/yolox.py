@@ -86,7 +86,7 @@ class YoloxExpert(Expert):
         elif o.device == "cuda":
             raise ModelLoadError("yolox: device is cuda but onnxruntime has no CUDA provider here (onnxruntime-gpu)")
         session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = max(1, int(self.resources.num_cpus))  # the CPUs this actor was given
+        session_options.intra_op_num_threads = self.resources.threads  # the CPUs this actor was given
         try:
             self.session = ort.InferenceSession(str(self.model_path()), session_options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - missing files, not an ONNX model

@@ -208,7 +208,7 @@ class EmbedStage(Stage):
         self.device = pick_device(self.options.device)
         if self.device == "cpu" and "OMP_NUM_THREADS" in os.environ:
             # a Ray worker: Ray set OMP_NUM_THREADS to int(num_cpus), so 1.75 CPUs would run one thread
-            torch.set_num_threads(max(1, round(self.options.num_cpus)))
+            torch.set_num_threads(self.options.resources.threads)
         self.model, self.preprocess, self.provenance = load_clip(self.options, self.device)
         cuda = self.device == "cuda"
         precision = self.options.precision if self.options.precision != "auto" else ("float16" if cuda else "float32")

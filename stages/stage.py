@@ -37,6 +37,12 @@ class Resources(BaseModel):
     concurrency: int | None = Field(
         1, ge=1, description="workers kept alive with the model loaded; null: stateless tasks, as many as fit")
 
+    @property
+    def threads(self) -> int:
+        """Intra-op threads for this worker's model: its CPUs, rounded (at least one). Ray sets
+        OMP_NUM_THREADS to int(num_cpus), and ONNX Runtime takes every core unless told."""
+        return max(1, round(self.num_cpus))
+
 
 class WorkerSettings(BaseModel):
     """Settings of a model stage's workers, as config keys beside its other settings."""

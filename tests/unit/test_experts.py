@@ -187,3 +187,19 @@ def test_yolox_nano_finds_what_it_should_where_it_should():
         assert best["label"] == label and best["score"] > 0.5 and _iou(best["box"], box) > 0.9, (name, found)
     assert expert.provenance()["weights"].startswith("pretrained (YOLOX-Nano")
     assert not expert.untrained()
+
+
+@pytest.mark.parametrize("cpus,threads", [(0.25, 1), (0.5, 1), (1.0, 1), (1.75, 2)])  # RapidOCR ignores more than the cores
+def test_onnx_experts_run_as_many_threads_as_cpus_they_were_given(cpus, threads):
+    """ONNX Runtime takes every core unless told: three OCR actors on a 2-core node each ran two
+    threads. Each session now runs the worker's CPUs, rounded (Ray's OMP_NUM_THREADS truncates)."""
+    from denseforge.experts.ocr import RapidOcrExpert
+    from denseforge.experts.yolox import YoloxExpert
+    from denseforge.stages.stage import Resources
+
+    assert Resources(num_cpus=cpus).threads == threads
+    for expert in (RapidOcrExpert(), YoloxExpert()):
+        expert.resources = Resources(num_cpus=cpus)
+        expert.setup()
+        session = expert.engine.text_det.infer.session if isinstance(expert, RapidOcrExpert) else expert.session
+        assert session.get_session_options().intra_op_num_threads == threads
