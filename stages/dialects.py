@@ -78,7 +78,7 @@ class Dialect:
         return self.caption_prompt, marked
 
     def refer_prompt(self, phrase: str) -> str:
-        return f"Locate {phrase} in the image and give its box."
+        raise NotImplementedError
 
     def answer(self, phrase: str, boxes: list[list[Number]]) -> str:
         return self.mark(phrase, boxes)

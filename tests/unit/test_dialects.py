@@ -248,3 +248,16 @@ def test_check_flags_a_convention_that_does_not_read_back(sample, tmp_path):
 def test_bad_export_options_say_what_to_choose(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ExportSpec(**kwargs)
+
+
+def test_every_dialects_records_are_exactly_the_reviewed_ones(sample):
+    """Every prompt and answer of every task in every dialect, for one sample, as reviewed by eye
+    against each model's documented format (tests/unit/dialect_records.json). A change of wording
+    or convention shows here; regenerate the file only after checking the new text."""
+    from pathlib import Path
+
+    expected = json.loads((Path(__file__).parent / "dialect_records.json").read_text(encoding="utf-8"))
+    for name in [*ALL, "ms-swift"]:
+        d = Placeholders() if name == "ms-swift" else dialect(name)
+        got = [[t.task, t.prompt, t.answer] for t in ex.turns(sample, d, ex.TASKS, absent="Eiffel Tower")]
+        assert got == expected[name], name
