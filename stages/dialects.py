@@ -40,7 +40,6 @@ class Ref:
 class Dialect:
     """The base: relative 0-1000 coordinates, rounded to the nearest unit (error <= half a unit)."""
     name: ClassVar[str]
-    convention: ClassVar[str]
     caption_prompt: ClassVar[str] = "Describe this image in detail, and give the box of every object you mention."
 
     # -- coordinates --------------------------------------------------------------------------
@@ -53,7 +52,7 @@ class Dialect:
 
     def encode(self, box: Box, width: int, height: int) -> list[Number]:
         sx, sy, ox, oy = self.frame(width, height)
-        tops = ((width + 2 * ox) * sx, (height + 2 * oy) * sy)
+        tops = (width * sx, height * sy)  # dialects with an offset (padding) clamp in their own quantize
         return [self.quantize((v + (ox, oy)[i % 2]) * (sx, sy)[i % 2], tops[i % 2]) for i, v in enumerate(box)]
 
     def decode(self, values: list[Number], width: int, height: int) -> Box:
@@ -104,7 +103,6 @@ def _ints(text: str) -> list[int]:
 
 class QwenVL(Dialect):
     name = "qwen-vl"
-    convention = "`<ref>p</ref><box>(x1,y1),(x2,y2)</box>`, integers 0-1000 of the image"
     _REF = re.compile(r"<ref>(.*?)</ref>((?:<box>.*?</box>)+)", re.DOTALL)
 
     def box_text(self, values):
@@ -126,7 +124,6 @@ class QwenVL(Dialect):
 
 class Qwen2VL(Dialect):
     name = "qwen2-vl"
-    convention = "`<|object_ref_start|>p<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`, 0-1000"
     _REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>((?:<\|box_start\|>.*?<\|box_end\|>)*)", re.DOTALL)
     _BOX = re.compile(r"<\|box_start\|>(.*?)<\|box_end\|>", re.DOTALL)
 
@@ -174,8 +171,8 @@ class _JsonAnswers(Qwen2VL):
         return text[:fenced.start()] + text[fenced.end():], refs
 
     def parse_boxes(self, text):
-        inline = re.search(r"bbox_2d (\[[^\]]*\])", text)
-        return [json.loads(inline.group(1))] if inline and "```" not in text else super().parse_boxes(text)
+        inline = re.search(r"bbox_2d (\[[^\]]*\])", text)  # a region prompt; answers are fenced JSON
+        return [json.loads(inline.group(1))] if inline else super().parse_boxes(text)
 
 
 @dataclass(frozen=True)
@@ -187,8 +184,6 @@ class Qwen25VL(_JsonAnswers):
     max_pixels: int = 28 * 28 * 16384
     factor: int = 28
     name: ClassVar[str] = "qwen2.5-vl"
-    convention: ClassVar[str] = ("JSON `bbox_2d` / `<|box_start|>` tokens, absolute pixels of the image after "
-                                 "`smart_resize` (sides multiples of 28 within min/max pixels)")
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after Qwen2-VL's `smart_resize` (same rounding as the processor's)."""
@@ -211,12 +206,10 @@ class Qwen25VL(_JsonAnswers):
 
 class Qwen3VL(_JsonAnswers):
     name = "qwen3-vl"
-    convention = "JSON `bbox_2d` / `<|box_start|>` tokens, integers 0-1000 of the image"
 
 
 class InternVL(Dialect):
     name = "internvl"
-    convention = "`<ref>p</ref><box>[[x1, y1, x2, y2]]</box>`, integers 0-1000 of the image"
     _REF = re.compile(r"<ref>(.*?)</ref>(?:<box>(.*?)</box>)?", re.DOTALL)
 
     def box_text(self, values):
@@ -243,7 +236,6 @@ class Llava15(Dialect):
     encoder sees it, and its grounding data gives boxes as [0, 1] floats of that square with two
     decimals. Without a phrase delimiter, the box follows its phrase: "two dogs [0.02, ...]"."""
     name = "llava-1.5"
-    convention = "`[x1, y1, x2, y2]` floats with two decimals, relative to the image padded to a square (centred)"
     _GROUP = re.compile(r" ?(\[\d\.\d+, \d\.\d+, \d\.\d+, \d\.\d+\](?:, \[\d\.\d+, \d\.\d+, \d\.\d+, \d\.\d+\])*)")
 
     def frame(self, width, height):
@@ -282,7 +274,6 @@ class Florence2(Dialect):
     """Florence-2 quantizes each coordinate into 1000 bins per axis (floor, clamped to 999) and reads
     a bin back at its centre; grounding answers are `phrase<loc_x1><loc_y1><loc_x2><loc_y2>...`."""
     name = "florence-2"
-    convention = "`p<loc_x1><loc_y1><loc_x2><loc_y2>`, 1000 bins per axis (floor), read at bin centres"
     caption_prompt = "<CAPTION_TO_PHRASE_GROUNDING>"
     _REF = re.compile(r"([^<]*)((?:<loc_\d+>){4,})")
 
@@ -320,7 +311,6 @@ class Kosmos2(Dialect):
     """Kosmos-2: a box is the pair (top-left patch, bottom-right patch) of a 32x32 grid; the patches
     cover the box, so a read-back box contains the original and exceeds it by less than a patch."""
     name = "kosmos2"
-    convention = "`<phrase>p</phrase><object><patch_index_A><patch_index_B></object>`, 32x32 patch indices"
     caption_prompt = "<grounding>Describe this image in detail:"
     BINS: ClassVar[int] = 32
     _REF = re.compile(r"(?:<phrase>(.*?)</phrase>)?<object>(.*?)</object>", re.DOTALL)
@@ -365,7 +355,6 @@ class Placeholders(Dialect):
     and original-pixel boxes in the record's `objects`; ms-swift writes them in the convention of
     the model chosen at training time, after its own resize, which only it knows."""
     name = "ms-swift"
-    convention = "`<ref-object>` / `<bbox>` placeholders + `objects` in original pixels (`bbox_type: real`)"
 
     def encode(self, box, width, height):
         return [round(v, 2) for v in box]

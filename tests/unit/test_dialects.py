@@ -261,3 +261,35 @@ def test_every_dialects_records_are_exactly_the_reviewed_ones(sample):
         d = Placeholders() if name == "ms-swift" else dialect(name)
         got = [[t.task, t.prompt, t.answer] for t in ex.turns(sample, d, ex.TASKS, absent="Eiffel Tower")]
         assert got == expected[name], name
+
+
+def test_units_are_the_pixels_one_step_of_each_dialect_spans():
+    """The check's tolerance is half of these, so they are asserted exactly (640 x 480 image)."""
+    expected = {"qwen-vl": (0.64, 0.48), "qwen2-vl": (0.64, 0.48), "qwen3-vl": (0.64, 0.48), "internvl": (0.64, 0.48),
+                "florence-2": (0.64, 0.48), "qwen2.5-vl": (640 / 644, 480 / 476), "llava-1.5": (6.4, 6.4),
+                "kosmos2": (40.0, 30.0)}  # Kosmos-2: two patches, since its read-back covers the box by up to one
+    for name, (ux, uy) in expected.items():
+        assert dialect(name).unit(640, 480) == pytest.approx((ux, uy)), name
+
+
+def test_json_answers_keep_unicode_and_group_boxes_of_one_label():
+    d = dialect("qwen3-vl")
+    answer = d.answer("Café Zoë sign", [[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert "Café Zoë sign" in answer  # not \\u00e9: the label reads as written
+    _, refs = d.parse(answer + " and " + d.answer("dog", [[9, 9, 10, 10]]).replace("```json", "").replace("```", ""))
+    assert refs[0].phrase == "Café Zoë sign" and refs[0].boxes == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    _, [one, other] = d.parse("```json\n" + json.dumps([{"bbox_2d": [1, 1, 2, 2], "label": "a"},
+                                                         {"bbox_2d": [3, 3, 4, 4], "label": "b"}]) + "\n```")
+    assert (one.phrase, one.boxes, other.phrase, other.boxes) == ("a", [[1, 1, 2, 2]], "b", [[3, 3, 4, 4]])
+
+
+def test_qwen25_refuses_the_aspect_ratios_the_processor_refuses():
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    d = dialect("qwen2.5-vl")
+    assert d.resized(2000, 10) == tuple(reversed(smart_resize(10, 2000)))  # exactly 200: allowed by both
+    for w, h in ((2010, 10), (10, 2010)):
+        with pytest.raises(ValueError):
+            smart_resize(h, w)
+        with pytest.raises(ValueError, match="aspect ratio 201 exceeds the processor's 200"):
+            d.resized(w, h)
