@@ -369,16 +369,13 @@ class Placeholders(Dialect):
         return "<bbox>"
 
     def mark(self, phrase, boxes):
-        return "<ref-object>" + "<bbox>" * len(boxes)
+        return "<ref-object>" + self.answer(phrase, boxes)
 
     def refer_prompt(self, phrase):
         return "Locate <ref-object> in the image."
 
     def answer(self, phrase, boxes):
-        return "<bbox>" * len(boxes)
-
-    def region_prompt(self, values):
-        return "Describe the region <bbox> in one sentence."
+        return "".join(self.box_text(b) for b in boxes)
 
     def parse(self, text):
         raise NotImplementedError("ms-swift text holds placeholders; read the boxes from the record's `objects`")
