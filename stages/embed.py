@@ -149,8 +149,7 @@ class PixelStage(Stage):
 
     def process(self, batch: list[Item]) -> list[Verdict]:
         for item in batch:
-            item.outputs.update(pixels=to_pixels(item.image, self.spec), phash=perceptual_hash(item.image),
-                                fingerprint=fingerprint(item.image))
+            item.outputs.update(pixels=to_pixels(item.image, self.spec), **hashes(item.image))
         return [None] * len(batch)
 
 
@@ -249,13 +248,18 @@ class EmbedStage(Stage):
 
             vectors = self.forward(torch.stack([self.preprocess(item.image) for item in batch]).to(self.device))
             for item in batch:
-                item.outputs.update(phash=perceptual_hash(item.image), fingerprint=fingerprint(item.image))
+                item.outputs.update(hashes(item.image))
         for item, vector in zip(batch, vectors):
             item.outputs.update(embedding=vector, provenance=self.provenance)
         return [None] * len(batch)
 
 
 FINGERPRINT_BYTES = 32 + 8 * 8 * 3
+
+
+def hashes(image: Image.Image) -> dict[str, Any]:
+    """The dedup hashes of one image, as the embeddings file stores them."""
+    return {"phash": perceptual_hash(image), "fingerprint": fingerprint(image)}
 
 
 def fingerprint(image: Image.Image) -> bytes:
