@@ -1,5 +1,6 @@
-"""OCR experts: `rapidocr` (PaddleOCR's PP-OCR models on ONNX Runtime, bundled, offline) and
-`paddleocr` (the PaddleOCR package itself, optional)."""
+"""OCR experts: `rapidocr` (PaddleOCR's PP-OCRv6 models on ONNX Runtime, bundled, offline) and
+`paddleocr` (the PaddleOCR package itself, optional). Both report lines: PP-OCRv6's detector boxes
+single words where a line's spaces are wide, so words side by side on one line are joined."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ class OcrOptions(BaseModel):
     min_score: float = Field(0.5, ge=0, le=1)
     use_angle_cls: bool = True
     lang: str = Field("ch", description="paddleocr only: recognition language")
+    unclip_ratio: float = Field(1.2, gt=1, description="rapidocr: how far a detected text region is grown "
+                                "into its box (PP-OCRv6's own 1.6 pads boxes to ~1.7x the text height)")
+    line_gap: float = Field(1.2, ge=0, description="words whose boxes share a line and are at most this "
+                            "many line heights apart are one line; 0 keeps the detector's boxes")
 
 
 def _line(polygon, text: str, score: float) -> dict[str, Any]:
@@ -26,8 +31,33 @@ def _line(polygon, text: str, score: float) -> dict[str, Any]:
             "polygon": pts}
 
 
+def join_words(lines: list[dict[str, Any]], max_gap: float) -> list[dict[str, Any]]:
+    """Join word boxes into lines, left to right: a box joins a line when they overlap vertically
+    by >= 60 % of the smaller height and the horizontal gap is at most `max_gap` heights (detector
+    margins may overlap by up to half a height). Text joins with a space; the score is the lowest."""
+    if max_gap <= 0:
+        return lines
+    joined: list[dict[str, Any]] = []
+    for word in sorted(lines, key=lambda ln: (ln["box"][0], ln["box"][1])):
+        x0, y0, x1, y1 = word["box"]
+        for line in joined:
+            lx0, ly0, lx1, ly1 = line["box"]
+            height = min(y1 - y0, ly1 - ly0)
+            overlap = min(y1, ly1) - max(y0, ly0)
+            if overlap >= 0.6 * height and -0.5 * height <= x0 - lx1 <= max_gap * height:
+                first, last = line["polygon"], word["polygon"]
+                line.update(text=f"{line['text']} {word['text']}", score=min(line["score"], word["score"]),
+                            box=[lx0, min(y0, ly0), max(x1, lx1), max(y1, ly1)],
+                            polygon=[first[0], last[1], last[2], first[3]])
+                break
+        else:
+            joined.append(dict(word))
+    return sorted(joined, key=lambda ln: (ln["box"][1], ln["box"][0]))
+
+
 class RapidOcrExpert(Expert):
-    """Text lines with polygons; the PP-OCRv4 det/rec/cls ONNX models ship in the wheel."""
+    """Text lines with polygons; the PP-OCRv6 det/rec and PP-OCR v2.0 cls ONNX models ship in the
+    `rapidocr` wheel."""
 
     name = "rapidocr"
     kind = "ocr"
@@ -35,24 +65,36 @@ class RapidOcrExpert(Expert):
     Options = OcrOptions
 
     def setup(self) -> None:
-        from rapidocr_onnxruntime import RapidOCR
+        from rapidocr import RapidOCR
 
         # its sessions take every core by default: several OCR actors on one node oversubscribe it
-        self.engine = RapidOCR(intra_op_num_threads=self.resources.threads, inter_op_num_threads=1)
+        self.engine = RapidOCR(params={"Global.log_level": "error",
+                                       "EngineConfig.onnxruntime.intra_op_num_threads": self.resources.threads,
+                                       "EngineConfig.onnxruntime.inter_op_num_threads": 1})
+        # rapidocr loads each model on first use (downloading one that is missing): load them now,
+        # so a broken install fails at setup, before any download of images
+        try:
+            for load in (self.engine._load_det_model, self.engine._load_cls_model, self.engine._load_rec_model):
+                load()
+        except Exception as exc:  # noqa: BLE001 - any loader failure is a setup failure
+            raise ModelLoadError(f"rapidocr could not load its bundled PP-OCR models ({exc}); "
+                                 "reinstall with `pip install --force-reinstall 'rapidocr>=3.10,<4'`") from exc
 
     def __call__(self, batch: list[ExpertInput]) -> list[list[dict[str, Any]]]:
         out = []
         for item in batch:
-            result, _ = self.engine(np.asarray(item.image)[:, :, ::-1].copy(), use_cls=self.options.use_angle_cls)
-            out.append([_line(poly, text, score) for poly, text, score in (result or [])
-                        if float(score) >= self.options.min_score])
+            result = self.engine(np.asarray(item.image)[:, :, ::-1].copy(), use_cls=self.options.use_angle_cls,
+                                 unclip_ratio=self.options.unclip_ratio)
+            found = zip(result.boxes if result.boxes is not None else [], result.txts or (), result.scores or ())
+            out.append(join_words([_line(poly, text, score) for poly, text, score in found
+                                   if float(score) >= self.options.min_score], self.options.line_gap))
         return out
 
     def provenance(self) -> dict[str, Any]:
         from importlib import metadata
 
-        return {"plugin": self.name, "model": "PP-OCRv4 det/rec/cls (ONNX, bundled with rapidocr-onnxruntime "
-                f"{metadata.version('rapidocr-onnxruntime')})"}
+        return {"plugin": self.name, "model": "PP-OCRv6 small det/rec, PP-OCR mobile v2.0 cls (ONNX, bundled with rapidocr "
+                f"{metadata.version('rapidocr')})"}
 
 
 class PaddleOcrExpert(RapidOcrExpert):
@@ -74,7 +116,8 @@ class PaddleOcrExpert(RapidOcrExpert):
         for item in batch:
             pages = self.engine.ocr(np.asarray(item.image)[:, :, ::-1].copy(), cls=self.options.use_angle_cls)
             lines = (pages or [None])[0] or []
-            out.append([_line(poly, text, score) for poly, (text, score) in lines if float(score) >= self.options.min_score])
+            out.append(join_words([_line(poly, text, score) for poly, (text, score) in lines
+                                   if float(score) >= self.options.min_score], self.options.line_gap))
         return out
 
     def provenance(self) -> dict[str, Any]:

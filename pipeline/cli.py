@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -108,7 +109,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n}
     else:
         options = {"images": args.images or 96}
-    result = run_benchmark(args.name, **options)
+    # stdout is the JSON alone: what libraries print while loading (ultralytics' first-run
+    # settings notice) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run_benchmark(args.name, **options)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")

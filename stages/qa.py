@@ -91,7 +91,7 @@ def assess(sample: Sample, settings: QaConfig, truncated: bool = False, clip_sco
     confident = [o["text"] for o in sample.experts.get("ocr", []) if o.get("score", 1.0) >= settings.ocr_min_score
                  and len(o.get("text", "").strip()) >= 2]
     if confident:
-        # spaces do not count: PP-OCR's recogniser often drops them ("OPEN24HOURS" for OPEN 24 HOURS)
+        # spaces do not count: PP-OCR recognisers may drop them (PP-OCRv4 read OPEN 24 HOURS as "OPEN24HOURS")
         squeezed = "".join(caption.lower().split())
         found = sum(1 for t in confident if "".join(t.lower().split()) in squeezed)
         scores["ocr_fidelity"] = round(found / len(confident), 4)

@@ -216,7 +216,7 @@ def test_a_singular_mention_ties_to_the_largest_box_first():
 
 
 def test_ocr_text_without_its_spaces_still_grounds_and_counts():
-    """Regression: PP-OCR's recogniser drops spaces ("OPEN24HOURS"); a caption that writes the sign
+    """Regression: PP-OCR recognisers may drop spaces (PP-OCRv4: "OPEN24HOURS"); a caption that writes the sign
     as it looks ("Open 24 Hours") was an OCR miss for QA and got no OCR grounding."""
     from denseforge.stages.qa import QaConfig, assess
 

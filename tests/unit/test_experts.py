@@ -6,7 +6,8 @@ from denseforge.errors import ConfigError
 from denseforge.experts import ContractError, Expert, ExpertInput, check_expert
 from denseforge.experts.clip_tags import ClipTagExpert, read_vocabulary
 from denseforge.experts.contract import sample_images
-from denseforge.experts.ocr import PaddleOcrExpert, RapidOcrExpert
+from denseforge.errors import ModelLoadError
+from denseforge.experts.ocr import PaddleOcrExpert, RapidOcrExpert, join_words
 from denseforge.experts.registry import describe_experts, load_expert_class
 from denseforge.experts.yolo import YoloExpert
 from denseforge.pipeline.config import parse_config
@@ -52,6 +53,64 @@ def test_rapidocr_reads_rendered_text_where_it_was_drawn(ocr, lines, scale):
         match = max(found, key=lambda o: iou(o["box"], box))
         assert match["text"].replace(" ", "") == text.replace(" ", "")
         assert iou(match["box"], box) >= 0.5 and match["score"] > 0.8 and len(match["polygon"]) == 4
+
+
+def test_rapidocr_reads_a_spaced_line_as_one_line_with_its_spaces(ocr):
+    """Regression: PP-OCRv4 read "OPEN 24 HOURS" as "OPEN24HOURS"; PP-OCRv6 reads the spaces but
+    boxes a monospace line word by word, so the words are joined back into the line."""
+    img = Image.new("RGB", (640, 160), "white")
+    font = ImageFont.truetype(str(_mono_font()), 48) if _mono_font() else ImageFont.load_default(size=48)
+    ImageDraw.Draw(img).text((30, 50), "Exit 12 East", fill="black", font=font)
+    truth = ImageDraw.Draw(img).textbbox((30, 50), "Exit 12 East", font=font)
+    [found] = ocr([ExpertInput("k", img)])
+    assert [line["text"] for line in found] == ["Exit 12 East"]
+    assert iou(found[0]["box"], list(truth)) >= 0.5
+
+
+def _mono_font():
+    from pathlib import Path
+
+    fonts = sorted(Path("/usr/share/fonts").rglob("DejaVuSansMono.ttf")) if Path("/usr/share/fonts").exists() else []
+    return fonts[0] if fonts else None
+
+
+def _word(text, x0, x1, y0=10.0, y1=30.0, score=0.9):
+    return {"text": text, "score": score, "box": [x0, y0, x1, y1],
+            "polygon": [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]}
+
+
+def test_join_words_joins_words_of_one_line_left_to_right():
+    # height 20: gaps of 24 (1.2 heights) and -10 (margins overlapping by half a height) join
+    joined = join_words([_word("c", 104, 130, score=0.7), _word("a", 0, 40), _word("b", 64, 80, y0=11, y1=31)], 1.2)
+    assert joined == [{"text": "a b c", "score": 0.7, "box": [0, 10, 130, 31],
+                       "polygon": [[0, 10], [130, 10], [130, 30], [0, 30]]}]
+    assert join_words([_word("a", 0, 40), _word("b", 30, 80)], 1.2)[0]["text"] == "a b"
+
+
+@pytest.mark.parametrize("second", [
+    _word("far", 64.1, 90),                 # gap 24.1 > 1.2 x 20
+    _word("below", 0, 40, y0=19, y1=39),    # vertical overlap 11 < 0.6 x 20
+    _word("inside", 29, 60),                # overlaps the first by 11 > half a height
+])
+def test_join_words_keeps_apart_what_is_not_one_line(second):
+    found = join_words([_word("a", 0, 40), second], 1.2)
+    assert sorted(line["text"] for line in found) == sorted(["a", second["text"]])
+
+
+def test_join_words_with_zero_gap_keeps_the_detector_boxes():
+    words = [_word("a", 0, 40), _word("b", 44, 80)]
+    assert join_words(words, 0) == words
+
+
+def test_rapidocr_missing_model_fails_at_setup(monkeypatch):
+    import rapidocr.main
+
+    def missing(cfg):
+        raise FileNotFoundError("ch_PP-OCRv6_det_small.onnx")
+
+    monkeypatch.setattr(rapidocr.main, "TextDetector", missing)
+    with pytest.raises(ModelLoadError, match="could not load its bundled PP-OCR models"):
+        RapidOcrExpert().setup()
 
 
 def test_builtins_pass_the_contract_checker():
@@ -201,5 +260,5 @@ def test_onnx_experts_run_as_many_threads_as_cpus_they_were_given(cpus, threads)
     for expert in (RapidOcrExpert(), YoloxExpert()):
         expert.resources = Resources(num_cpus=cpus)
         expert.setup()
-        session = expert.engine.text_det.infer.session if isinstance(expert, RapidOcrExpert) else expert.session
+        session = expert.engine.text_det.session.session if isinstance(expert, RapidOcrExpert) else expert.session
         assert session.get_session_options().intra_op_num_threads == threads

@@ -51,3 +51,22 @@ def test_rendered_truth_boxes_agree_with_what_ocr_reads(reader):
         best = max(lines, key=lambda ln: q.iou(ln["box"], truth))
         assert q.iou(best["box"], truth) >= 0.5 and best["text"].replace(" ", "") == text.replace(" ", "")
     assert len(rendered) == len(q.TEXTS) * 3
+
+
+def test_bench_stdout_is_the_json_alone(monkeypatch, capsys):
+    """Regression: ultralytics prints a settings notice to stdout on its first run in a new
+    config dir, so `denseforge bench quality | jq` failed on a fresh machine."""
+    import json
+
+    import denseforge.pipeline.bench as bench
+    from denseforge.pipeline.cli import main
+
+    def noisy(name, **options):
+        print("Creating new Ultralytics Settings v0.0.8 file")
+        return {"benchmark": name}
+
+    monkeypatch.setattr(bench, "run_benchmark", noisy)
+    assert main(["bench", "quality"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"benchmark": "quality"}
+    assert "Ultralytics" in captured.err
