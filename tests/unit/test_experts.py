@@ -1,19 +1,17 @@
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
-
-from denseforge.errors import ConfigError
 from denseforge.experts import ContractError, Expert, ExpertInput, check_expert
 from denseforge.experts.clip_tags import ClipTagExpert, read_vocabulary
 from denseforge.experts.contract import sample_images
-from denseforge.errors import ModelLoadError
 from denseforge.experts.ocr import PaddleOcrExpert, RapidOcrExpert, join_words
 from denseforge.experts.registry import describe_experts, load_expert_class
 from denseforge.experts.yolo import YoloExpert
 from denseforge.pipeline.config import parse_config
 from denseforge.pipeline.demo import load_photo
-from denseforge.stages.perceive import plan_experts
-from denseforge.stages.perceive import iou
+from denseforge.stages.perceive import iou, plan_experts
+from PIL import Image, ImageDraw, ImageFont
+
+from denseforge.errors import ConfigError, ModelLoadError
 
 TINY_TAGS = {"model": "df-tiny-clip", "weights": "random", "threshold": 0.0, "device": "cpu"}
 

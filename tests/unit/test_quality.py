@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from denseforge.pipeline.bench import quality as q
 
 
@@ -58,7 +57,7 @@ def test_bench_stdout_is_the_json_alone(monkeypatch, capsys):
     config dir, so `denseforge bench quality | jq` failed on a fresh machine."""
     import json
 
-    import denseforge.pipeline.bench as bench
+    from denseforge.pipeline import bench
     from denseforge.pipeline.cli import main
 
     def noisy(name, **options):
