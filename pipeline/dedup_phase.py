@@ -39,6 +39,8 @@ DECISION_SCHEMA = pa.schema([
     ("key", pa.string()), ("unit", pa.int64()), ("cluster", pa.int64()), ("distance", pa.float32()),
     ("rank", pa.int64()), ("reason", pa.string()), ("dup_of", pa.string()),
 ])
+# a bucket's decisions: one row per entry (a border row has one in each of its two clusters)
+ENTRY_SCHEMA = DECISION_SCHEMA.append(pa.field("primary", pa.bool_()))
 
 
 def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str]) -> pa.Table:
@@ -118,18 +120,24 @@ def _train(files: list[str], k: int, fraction: float, seed: int, niter: int, mpp
                            max_points_per_centroid=mppc)
 
 
-def _assign_unit(file: str, centroids: np.ndarray, rd: RunDir, buckets: int) -> int:
+def _assign_unit(file: str, centroids: dd.CentroidIndex, rd: RunDir, buckets: int, border: float) -> int:
+    """Rows to the bucket of their cluster; a border row also, as a non-primary entry, to the
+    bucket of its second cluster (with its own centroid similarity, the keep priority)."""
     table = pq.read_table(file)
     if table.num_rows == 0:
         return 0
-    labels, sims = dd.assign_clusters(embeddings_matrix(table), centroids)
-    table = table.append_column("cluster", pa.array(labels)).append_column("centroid_sim", pa.array(sims))
+    labels, sims, second = dd.assign_clusters(embeddings_matrix(table), centroids, border=border)
+    rows = np.concatenate([np.arange(table.num_rows), np.flatnonzero(second >= 0)])
+    primary = np.arange(len(rows)) < table.num_rows
+    labels = np.where(primary, labels[rows], second[rows])
+    table = (table.take(pa.array(rows)).append_column("cluster", pa.array(labels))
+             .append_column("centroid_sim", pa.array(sims[rows])).append_column("primary", pa.array(primary)))
     bucket_of = labels % buckets
     for b in np.unique(bucket_of):
         target = rd.bucket(int(b))
         target.mkdir(parents=True, exist_ok=True)
         write_table_atomic(target / Path(file).name, table.filter(pa.array(bucket_of == b)))
-    return table.num_rows
+    return int(primary.sum())
 
 
 def _fingerprints(table: pa.Table) -> np.ndarray | None:
@@ -148,23 +156,46 @@ def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> 
     if table is not None and table.num_rows:
         keys = table.column("key").to_pylist()
         cluster, sims = table.column("cluster").to_numpy(), table.column("centroid_sim").to_numpy()
+        primary = table.column("primary").to_numpy(zero_copy_only=False)
         width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
         pre = dd.prefilter(width, height, settings["min_short_edge"], settings["max_aspect_ratio"])
-        result = dd.dedup_all(
-            cluster, embeddings_matrix(table), keys, table.column("sha256").to_pylist(),
-            table.column("phash").to_numpy(), sims, width * height, candidates=pre == dd.KEPT,
+        entries = np.flatnonzero(pre == dd.KEPT)  # each table row is one entry
+        result = dd.dedup_entries(
+            entries, cluster[entries], primary[entries], embeddings_matrix(table), keys,
+            table.column("sha256").to_pylist(), table.column("phash").to_numpy(), sims, width * height,
             fingerprint=_fingerprints(table), witness_max_fine_distance=settings["witness_max_fine_distance"],
             witness_max_colour_difference=settings["witness_max_colour_difference"],
             epsilon=settings["epsilon"], phash_max_distance=settings["phash_max_distance"], exact=settings["exact"],
             policy=settings["keep"], sweep=settings["sweep"], block=settings["block"])
         sweep = result.sweep_kept
+        reason, dup_of, rank = pre.astype(object), np.full(len(keys), -1), np.full(len(keys), -1)
+        reason[entries], dup_of[entries], rank[entries] = result.reason, result.dup_of, result.rank
         units = table.column("unit").to_pylist()
         for i, key in enumerate(keys):
             rows.append({"key": key, "unit": units[i], "cluster": int(cluster[i]), "distance": float(1 - sims[i]),
-                         "rank": int(result.rank[i]), "reason": pre[i] or result.reason[i],
-                         "dup_of": keys[result.dup_of[i]] if result.dup_of[i] >= 0 else None})
-    write_parquet_atomic(Path(out_file), rows, DECISION_SCHEMA)
+                         "rank": int(rank[i]), "reason": reason[i], "dup_of": keys[dup_of[i]] if dup_of[i] >= 0 else None,
+                         "primary": bool(primary[i])})
+    write_parquet_atomic(Path(out_file), rows, ENTRY_SCHEMA)
     return {"rows": len(rows), "sweep_kept": {str(k): v for k, v in sweep.items()}}
+
+
+def _merge_entries(table: pa.Table) -> pa.Table:
+    """One decision per key from the buckets' entries (`dd.merge_entries`), on its primary row."""
+    keys = np.asarray(table.column("key").to_pylist(), dtype=object)
+    unique, row = np.unique(keys, return_inverse=True)
+    dup_keys = table.column("dup_of").to_pylist()
+    dup_row = np.array([-1 if k is None else int(np.searchsorted(unique, k)) for k in dup_keys], dtype=np.int64)
+    primary = table.column("primary").to_numpy(zero_copy_only=False)
+    entries = dd.DedupResult(np.asarray(table.column("reason").to_pylist(), dtype=object), dup_row,
+                             table.column("rank").to_numpy(), {})
+    merged = dd.merge_entries(row, primary, entries, len(unique))
+    table = table.filter(pa.array(primary))
+    at = row[primary]
+    columns = {"reason": pa.array(merged.reason[at].tolist(), pa.string()), "rank": pa.array(merged.rank[at]),
+               "dup_of": pa.array([unique[d] if d >= 0 else None for d in merged.dup_of[at]], pa.string())}
+    for name, column in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table.drop_columns(["primary"])
 
 
 def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -> dict[str, Any]:
@@ -184,14 +215,14 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     out.mkdir(parents=True, exist_ok=True)
     sweep: Counter[float] = Counter()
     if n:
-        fraction = min(1.0, k * cfg.max_points_per_centroid / n)
+        fraction = min(1.0, k * cfg.max_points_per_centroid / n, cfg.max_train_points / n)
         train = ray.remote(num_gpus=cfg.num_gpus)(_train)
         centroids = ray.get(train.remote(files, k, fraction, config.run.seed, cfg.kmeans_iters,
                                          cfg.max_points_per_centroid, cfg.num_gpus > 0 or None))
         bar.update(1, clusters=len(centroids))
         buckets = min(cfg.buckets, len(centroids))
-        ref = ray.put(centroids)
-        ray.get([ray.remote(_assign_unit).remote(f, ref, rd, buckets) for f in files])
+        ref = ray.put(dd.CentroidIndex.build(centroids))  # its coarse level (k > 4,096) is built once
+        ray.get([ray.remote(_assign_unit).remote(f, ref, rd, buckets, cfg.border) for f in files])
         bar.update(1)
         settings = {"min_short_edge": sel.min_short_edge, "max_aspect_ratio": sel.max_aspect_ratio,
                     "epsilon": cfg.epsilon, "phash_max_distance": cfg.phash_max_distance,
@@ -203,7 +234,7 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         task = ray.remote(_dedup_bucket)
         for result in ray.get([task.remote(str(rd.bucket(b)), str(p), settings) for b, p in enumerate(parts)]):
             sweep.update({float(e): v for e, v in result["sweep_kept"].items()})
-        table = pa.concat_tables([pq.read_table(p) for p in parts if p.exists()])
+        table = _merge_entries(pa.concat_tables([pq.read_table(p) for p in parts if p.exists()]))
         table = _select(table, sel.per_cluster, sel.target_total)
         kept = pc.equal(table.column("reason"), dd.KEPT)
         table = table.append_column("kept", kept).sort_by([("key", "ascending")])

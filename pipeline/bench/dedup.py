@@ -44,28 +44,34 @@ def _score(reason: np.ndarray, dup_of: np.ndarray, group: np.ndarray) -> dict[st
             "precision": round(true_pos / max(len(removed), 1), 4), "recall": round(true_pos / max(planted, 1), 4)}
 
 
-def _ours_dedup(x: np.ndarray, epsilon: float, cluster_size: int, seed: int,
-                points_per_centroid: int = 256) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+def _ours_dedup(x: np.ndarray, epsilon: float, cluster_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """The dedup phase's steps in one process, with `DedupConfig`'s defaults: k-means on a bounded
+    sample, assignment with border rows in two clusters, greedy removal per cluster, merge."""
     from denseforge.stages import dedup as dd
 
+    cfg = dd.DedupConfig()
     n = len(x)
     times: dict[str, float] = {}
     start = time.perf_counter()
     k = dd.clusters_for(n, None, cluster_size)
     rng = np.random.default_rng(seed)
-    sample = x[np.sort(rng.choice(n, size=min(n, k * points_per_centroid), replace=False))]
-    centroids = dd.train_kmeans(sample, k, niter=20, seed=seed, max_points_per_centroid=points_per_centroid)
+    points = min(n, k * cfg.max_points_per_centroid, cfg.max_train_points)
+    sample = x[np.sort(rng.choice(n, size=points, replace=False))]
+    centroids = dd.train_kmeans(sample, k, niter=cfg.kmeans_iters, seed=seed,
+                                max_points_per_centroid=cfg.max_points_per_centroid)
     del sample
     times["kmeans_train_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    labels, sims = dd.assign_clusters(x, centroids)
+    labels, sims, second = dd.assign_clusters(x, centroids, border=cfg.border)
     times["assign_s"] = time.perf_counter() - start
     start = time.perf_counter()
     keys = np.char.zfill(np.arange(n).astype(str), 9)
-    result = dd.dedup_all(labels, x, keys, keys, np.zeros(n, np.int64), sims, np.ones(n),
-                          epsilon=epsilon, phash_max_distance=None, exact=False, policy="nearest_centroid")
+    result = dd.dedup_all(labels, x, keys, keys, np.zeros(n, np.int64), sims, np.ones(n), second=second,
+                          epsilon=epsilon, phash_max_distance=None, exact=False, policy=cfg.keep)
     times["dedup_s"] = time.perf_counter() - start
     times["clusters"] = k
+    times["train_points"] = points
+    times["border_share"] = float((second >= 0).mean())
     return result.reason, result.dup_of, times
 
 
@@ -100,7 +106,7 @@ def bench_dedup(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, e
             wall = time.perf_counter() - start
         results["sizes"][str(n)] = {"seconds": round(wall, 2), "peak_rss_mib": round(mem.peak / 2**20, 1),
                                     "input_mib": round(x.nbytes / 2**20, 1),
-                                    **{k: round(v, 2) for k, v in times.items()}, **_score(reason, dup_of, group)}
+                                    **{k: round(v, 3) for k, v in times.items()}, **_score(reason, dup_of, group)}
         del x, group
     if len(sizes) > 1:
         a, b = min(sizes), max(sizes)

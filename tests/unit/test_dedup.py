@@ -134,9 +134,9 @@ def test_kmeans_is_seeded_and_assignment_is_nearest():
     a = dd.train_kmeans(x, 5, seed=7, use_gpu=False)
     b = dd.train_kmeans(x, 5, seed=7, use_gpu=False)
     np.testing.assert_array_equal(a, b)
-    labels, sims = dd.assign_clusters(x, a, batch=64)
+    labels, sims, second = dd.assign_clusters(x, a, batch=64)
     np.testing.assert_array_equal(labels, np.argmax(x @ a.T, axis=1))
-    assert len(set(labels[:100])) == 1 and len(set(labels)) == 5 and sims.min() > 0.8
+    assert len(set(labels[:100])) == 1 and len(set(labels)) == 5 and sims.min() > 0.8 and (second == -1).all()
 
 
 def test_clusters_for():
@@ -235,3 +235,67 @@ def test_every_copy_kind_passes_the_witness_and_no_look_alike_does():
             same_bits = dd.phash_vectors(np.array([perceptual_hash(distinct[a]), perceptual_hash(distinct[b])]))
             close = float(same_bits[0] @ same_bits[1]) > 1.0 - 2.0 * (cfg.phash_max_distance + 0.5) / 64.0
             assert not (close and dd.witnessed(pa, pb, cfg.witness_max_fine_distance, cfg.witness_max_colour_difference))
+
+
+def test_border_rows_get_their_second_cluster_within_the_margin():
+    centroids = np.array([[1, 0], [0, 1]], dtype=np.float32)
+    angles = np.deg2rad([44.0, 10.0, 50.0])  # sims (0.719, 0.695), (0.985, 0.174), (0.643, 0.766)
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    labels, sims, second = dd.assign_clusters(x, centroids, border=0.05)
+    assert list(labels) == [0, 0, 1] and list(second) == [1, -1, -1]  # 0.766 - 0.643 = 0.123 > 0.05
+    np.testing.assert_allclose(sims, [np.cos(angles[0]), np.cos(angles[1]), np.sin(angles[2])], atol=1e-6)
+    assert list(dd.assign_clusters(x, centroids, border=0.13)[2]) == [1, -1, 0]
+    assert list(dd.assign_clusters(x, centroids)[2]) == [-1, -1, -1]  # border 0: nearest only
+
+
+def test_a_duplicate_split_by_a_cluster_boundary_is_found_through_the_border_row():
+    x = _unit(np.array([[1, 0.97], [1, 1.0], [0, 1]], dtype=np.float32))  # rows 0 and 1: cosine 0.9998
+    labels = np.array([0, 1, 1])
+    keys = ["a", "b", "c"]
+    common = dict(epsilon=0.01, phash_max_distance=None, policy="first_key", sweep=[0.01])
+    alone = dd.dedup_all(labels, x, keys, keys, np.arange(3), np.zeros(3), np.ones(3), **common)
+    assert list(alone.reason) == ["", "", ""]
+    res = dd.dedup_all(labels, x, keys, keys, np.arange(3), np.zeros(3), np.ones(3), second=np.array([1, -1, -1]), **common)
+    assert list(res.reason) == ["", "semantic_duplicate", ""] and list(res.dup_of) == [-1, 0, -1]
+    assert res.sweep_kept == {0.01: 2}  # the border copy of "a" is not counted twice
+    assert list(res.rank) == [0, 3, 0]  # ranked in its own cluster, where the copy of "a" takes no place; removed: n
+
+
+def test_merge_entries_follows_a_border_row_removed_elsewhere_to_what_stays():
+    # rows: Y=0, X=1, Z=2. X is kept in cluster A (as a border copy) and removes Z there, but is
+    # itself removed in its own cluster B as a duplicate of Y: Z must end up pointing at Y.
+    rows = np.array([1, 0, 1, 2])
+    primary = np.array([True, True, False, True])
+    entries = dd.DedupResult(np.array([dd.SEMANTIC, "", "", dd.NEAR], dtype=object),
+                             np.array([0, -1, -1, 1]), np.array([1, 0, 0, 1]), {0.05: 2})
+    merged = dd.merge_entries(rows, primary, entries, 3)
+    assert list(merged.reason) == ["", dd.SEMANTIC, dd.NEAR] and list(merged.dup_of) == [-1, 0, 0]
+    assert list(merged.rank) == [0, 1, 1] and merged.sweep_kept == {0.05: 2}
+
+
+def test_merge_entries_a_primary_removal_names_the_reason():
+    rows, primary = np.array([1, 1, 0]), np.array([False, True, True])
+    entries = dd.DedupResult(np.array([dd.SEMANTIC, dd.EXACT, ""], dtype=object), np.array([0, 0, -1]),
+                             np.array([3, 2, 0]), {})
+    merged = dd.merge_entries(rows, primary, entries, 2)
+    assert list(merged.reason) == ["", dd.EXACT] and list(merged.dup_of) == [-1, 0] and list(merged.rank) == [0, 2]
+
+
+def test_bucket_entries_merge_into_one_decision_per_key_on_its_primary_row():
+    """What the dedup phase does with its buckets' entries: key "x" is kept as a border copy in
+    cluster 5 (removing "z") but removed in its own cluster 7 as a copy of "y"."""
+    import pyarrow as pa
+
+    from denseforge.pipeline.dedup_phase import ENTRY_SCHEMA, _merge_entries
+
+    entries = pa.Table.from_pylist([
+        {"key": "x", "unit": 0, "cluster": 7, "distance": 0.1, "rank": 3, "reason": dd.SEMANTIC, "dup_of": "y", "primary": True},
+        {"key": "y", "unit": 0, "cluster": 7, "distance": 0.0, "rank": 0, "reason": "", "dup_of": None, "primary": True},
+        {"key": "x", "unit": 0, "cluster": 5, "distance": 0.1, "rank": 0, "reason": "", "dup_of": None, "primary": False},
+        {"key": "z", "unit": 1, "cluster": 5, "distance": 0.2, "rank": 2, "reason": dd.NEAR, "dup_of": "x", "primary": True},
+    ], schema=ENTRY_SCHEMA)
+    merged = {r["key"]: r for r in _merge_entries(entries).to_pylist()}
+    assert set(merged) == {"x", "y", "z"} and "primary" not in merged["x"]
+    assert (merged["x"]["cluster"], merged["x"]["reason"], merged["x"]["dup_of"]) == (7, dd.SEMANTIC, "y")
+    assert (merged["z"]["reason"], merged["z"]["dup_of"], merged["z"]["unit"]) == (dd.NEAR, "y", 1)
+    assert (merged["y"]["reason"], merged["y"]["dup_of"], merged["y"]["rank"]) == ("", None, 0)

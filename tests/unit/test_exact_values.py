@@ -109,7 +109,7 @@ def test_the_istanbul_case_from_the_fuzzer():
     assert (g.phrase, g.span) == ("STOP", (20, 24))
 
 
-def test_large_k_paths_hierarchical_training_and_ivf_assignment_agree_with_flat():
+def test_large_k_paths_hierarchical_training_and_two_level_assignment():
     rng = np.random.default_rng(1)
     centers = rng.normal(size=(40, 32)).astype(np.float32)
     x = centers[rng.integers(0, 40, 3000)] + 0.05 * rng.normal(size=(3000, 32)).astype(np.float32)
@@ -117,14 +117,32 @@ def test_large_k_paths_hierarchical_training_and_ivf_assignment_agree_with_flat(
     flat = dd.train_kmeans(x, 40, seed=0, two_level_above=10**9)
     tree = dd.train_kmeans(x, 40, seed=0, two_level_above=16)  # the path k > 4,096 takes
     assert flat.shape == (40, 32) and 36 <= len(tree) <= 40  # cells split in proportion, floors lose a few
-    exact, _ = dd.assign_clusters(x, tree, exact_below=10**9)
-    ivf, _ = dd.assign_clusters(x, tree, exact_below=8)  # the path k >= 1,024 takes
-    assert (exact == ivf).mean() > 0.99
+    # probing every coarse cell is the flat search exactly
+    index = dd.CentroidIndex.build(tree, two_level_above=8)
+    assert len(index.coarse) == len(index.cells) and sorted(np.concatenate(index.cells)) == list(range(len(tree)))
+    exact = dd.assign_clusters(x, dd.CentroidIndex(tree), border=0.1)
+    every = dd.assign_clusters(x, index, probe=len(index.cells), border=0.1)
+    np.testing.assert_array_equal(exact[0], every[0])
+    np.testing.assert_array_equal(exact[2], every[2])
+    np.testing.assert_allclose(exact[1], every[1], atol=1e-6)
     # planted copies land in one cluster whichever path trained it
     copies = x[:50] + 1e-4
-    labels, _ = dd.assign_clusters(np.concatenate([x[:50], copies / np.linalg.norm(copies, axis=1, keepdims=True)]),
-                                   tree, exact_below=8)
+    labels, _, _ = dd.assign_clusters(np.concatenate([x[:50], copies / np.linalg.norm(copies, axis=1, keepdims=True)]),
+                                      index, probe=2)
     assert (labels[:50] == labels[50:]).all()
+
+
+def test_two_level_index_with_one_probe_finds_the_nearest_when_centroids_nest():
+    """Four orthogonal directions with four centroids around each: the coarse level finds the
+    direction, the fine search inside it the nearest centroid, as the flat search does."""
+    rng = np.random.default_rng(2)
+    fine = np.eye(32, dtype=np.float32)[:4].repeat(4, axis=0) + 0.08 * rng.normal(size=(16, 32)).astype(np.float32)
+    fine /= np.linalg.norm(fine, axis=1, keepdims=True)
+    x = fine[rng.integers(0, 16, 2000)] + 0.02 * rng.normal(size=(2000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = dd.CentroidIndex.build(fine, two_level_above=8)
+    assert sorted(len(c) for c in index.cells) == [4, 4, 4, 4]
+    np.testing.assert_array_equal(dd.assign_clusters(x, index, probe=1)[0], np.argmax(x @ fine.T, axis=1))
 
 
 def _captioned(caption: str, **experts) -> Sample:
