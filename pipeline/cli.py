@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -95,7 +94,7 @@ def _cmd_experts(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from denseforge.pipeline.bench import run_benchmark
+    from denseforge.pipeline.bench import run_benchmark, stdout_to_stderr
 
     if args.name == "ingest":
         options = {"images": args.images or 1000, "processes": args.processes, "threads": args.threads, "repeats": args.repeats}
@@ -103,15 +102,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         options = {"samples": args.images or 256}
     elif args.name == "quality":
         options = {}
+    elif args.name == "e2e":
+        options = {"images": args.images or 1000}
     elif args.name == "embed":
         options = {"images": args.images or 256, "batch_size": args.batch_size, "model": args.model}
     elif args.name == "dedup":
         options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n}
     else:
         options = {"images": args.images or 96}
-    # stdout is the JSON alone: what libraries print while loading (ultralytics' first-run
-    # settings notice) goes to stderr
-    with contextlib.redirect_stdout(sys.stderr):
+    with stdout_to_stderr():
         result = run_benchmark(args.name, **options)
     text = json.dumps(result, indent=2)
     if args.json:
@@ -171,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)
     p = sub.add_parser("bench", help="benchmarks, JSON out")
-    p.add_argument("name", choices=["ingest", "dedup", "embed", "experts", "fuse", "quality"])
+    p.add_argument("name", choices=["ingest", "dedup", "embed", "e2e", "experts", "fuse", "quality"])
     p.add_argument("--images", type=int, default=None, help="ingest: corpus size (1000); embed: images (256); experts: images (96); fuse: samples (256)")
     p.add_argument("--batch-size", type=int, default=64, help="embed: images per forward pass (64)")
     p.add_argument("--model", default="ViT-B-32", help="embed: open_clip architecture, random weights (ViT-B-32)")

@@ -3,9 +3,30 @@ same run, plus peak memory. Never timed tests."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from denseforge.errors import DenseforgeError
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Keep stdout for the JSON result: what libraries print while a benchmark runs (img2dataset's
+    worker processes, ultralytics' first-run settings notice) goes to stderr: Python's stdout and
+    file descriptor 1, which child processes inherit."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
@@ -29,6 +50,10 @@ def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
         from denseforge.pipeline.bench.quality import bench_quality
 
         return bench_quality(**kwargs)
+    if name == "e2e":
+        from denseforge.pipeline.bench.e2e import bench_e2e
+
+        return bench_e2e(**kwargs)
     if name == "embed":
         from denseforge.pipeline.bench.embed import bench_embed
 

@@ -68,27 +68,6 @@ def _successes(folder: Path) -> int:
     return total
 
 
-def _stdout_to_stderr():
-    """img2dataset's workers print progress on stdout; keep stdout for the JSON result."""
-    import contextlib
-    import os
-    import sys
-
-    @contextlib.contextmanager
-    def redirected():
-        sys.stdout.flush()
-        saved = os.dup(1)
-        os.dup2(2, 1)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-
-    return redirected()
-
-
 def bench_ingest(images: int = 1000, processes: int = 2, threads: int = 16, samples_per_shard: int = 100,
                  repeats: int = 2) -> dict[str, Any]:
     """Images/s of denseforge ingest vs plain img2dataset (alternating, best of `repeats`), and peak memory."""
@@ -96,7 +75,7 @@ def bench_ingest(images: int = 1000, processes: int = 2, threads: int = 16, samp
         raise DenseforgeError("bench ingest: --images and --repeats must be at least 1")
     plain_runs: list[dict[str, float]] = []
     our_runs: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp, _stdout_to_stderr():
+    with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
         root = Path(tmp)
         names = build_bench_corpus(root / "files", images)
         with LoopbackImageServer(root / "files") as server:

@@ -1,13 +1,17 @@
-"""Peak memory of a benchmark: the summed RSS of this process and all its descendants (Ray's
-own processes included), sampled in a thread."""
+"""Peak memory and CPU time of a benchmark: the summed RSS and CPU seconds of this process and
+all its descendants (Ray's own processes included), sampled from /proc in a thread."""
 
 from __future__ import annotations
 
+import bisect
 import threading
+import time
 from pathlib import Path
 
-def process_table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, RSS bytes) for every process visible in /proc."""
+
+def process_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (parent pid, RSS bytes, CPU clock ticks, user + system) for every process visible in
+    /proc. Reaped children's ticks are left out: the sampler has counted them as processes."""
     import os
 
     page = os.sysconf("SC_PAGE_SIZE")
@@ -17,14 +21,14 @@ def process_table() -> dict[int, tuple[int, int]]:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        table[int(stat.parent.name)] = (int(fields[1]), int(fields[21]) * page)
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[21]) * page, int(fields[11]) + int(fields[12]))
     return table
 
 
-def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> list[int]:
+def descendants(pid: int, table: dict[int, tuple[int, int, int]] | None = None) -> list[int]:
     """Every process below `pid` (children, grandchildren, …)."""
     children: dict[int, list[int]] = {}
-    for child, (parent, _) in (table or process_table()).items():
+    for child, (parent, *_) in (table or process_table()).items():
         children.setdefault(parent, []).append(child)
     found, todo = [], [pid]
     while todo:
@@ -35,10 +39,17 @@ def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> li
 
 
 class TreeMemory:
-    """Peak summed RSS (bytes) of a process and its descendants, sampled from /proc."""
+    """Peak summed RSS (bytes) of a process and its descendants, and their CPU seconds over time
+    (`cpu_between`): each process counts with the most CPU it was seen to have used, so one that
+    exits keeps its share (what it did after the last sample, < `interval_s`, is missed)."""
 
     def __init__(self, interval_s: float = 0.1):
+        import os
+
         self.interval_s, self.peak = interval_s, 0
+        self._ticks = os.sysconf("SC_CLK_TCK")
+        self._cpu: dict[int, int] = {}
+        self.samples: list[tuple[float, float]] = []  # (perf_counter, CPU seconds so far)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -50,10 +61,31 @@ class TreeMemory:
         me = os.getpid()
         return table[me][1] + sum(table[pid][1] for pid in descendants(me, table) if pid in table)
 
+    def _take(self) -> None:
+        import os
+
+        table = process_table()
+        me = os.getpid()
+        tree = [me] + [pid for pid in descendants(me, table) if pid in table]
+        self.peak = max(self.peak, sum(table[pid][1] for pid in tree))
+        for pid in tree:
+            self._cpu[pid] = max(self._cpu.get(pid, 0), table[pid][2])
+        self.samples.append((time.perf_counter(), sum(self._cpu.values()) / self._ticks))
+
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
+            self._take()
             self._stop.wait(self.interval_s)
+
+    def cpu_between(self, start: float, end: float) -> float:
+        """CPU seconds the tree used between two perf_counter times (nearest samples)."""
+        times = [t for t, _ in self.samples]
+
+        def at(moment: float) -> float:
+            i = min(max(bisect.bisect_left(times, moment), 0), len(times) - 1)
+            return self.samples[i][1]
+
+        return at(end) - at(start)
 
     def __enter__(self) -> "TreeMemory":
         self._thread.start()
@@ -62,3 +94,4 @@ class TreeMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self._take()

@@ -52,20 +52,24 @@ def test_rendered_truth_boxes_agree_with_what_ocr_reads(reader):
     assert len(rendered) == len(q.TEXTS) * 3
 
 
-def test_bench_stdout_is_the_json_alone(monkeypatch, capsys):
+def test_bench_stdout_is_the_json_alone(monkeypatch, capfd):
     """Regression: ultralytics prints a settings notice to stdout on its first run in a new
-    config dir, so `denseforge bench quality | jq` failed on a fresh machine."""
+    config dir, so `denseforge bench quality | jq` failed on a fresh machine. Redirected at the
+    file descriptor, so child processes (img2dataset's workers) are covered too."""
     import json
+    import subprocess
+    import sys
 
     from denseforge.pipeline import bench
     from denseforge.pipeline.cli import main
 
     def noisy(name, **options):
-        print("Creating new Ultralytics Settings v0.0.8 file")
+        print("Creating new Ultralytics Settings v0.0.8 file", flush=True)
+        subprocess.run([sys.executable, "-c", "print('a worker process says hello')"], check=True)
         return {"benchmark": name}
 
     monkeypatch.setattr(bench, "run_benchmark", noisy)
     assert main(["bench", "quality"]) == 0
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     assert json.loads(captured.out) == {"benchmark": "quality"}
-    assert "Ultralytics" in captured.err
+    assert "Ultralytics" in captured.err and "worker process" in captured.err

@@ -1,0 +1,25 @@
+"""`denseforge bench e2e` on a handful of photos: the real run, timed and sampled per phase."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ..conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_e2e_reports_every_phase_of_a_balanced_run(tmp_path):
+    out = tmp_path / "e2e.json"
+    proc = run_cli("bench", "e2e", "--images", "6", "--json", str(out), timeout=600)
+    r = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == r  # stdout is the JSON alone
+    assert r["funnel"]["input_rows"] == 6 and r["funnel"]["balanced"]
+    assert r["funnel"]["written"] + r["funnel"]["rejected"] + r["funnel"]["removed"] == 6
+    assert {"ray_init", "setup", "ingest", "embed", "dedup", "process"} <= set(r["phases"])
+    assert all(r["phases"][p]["seconds"] > 0 for p in ("setup", "ingest", "embed", "process"))
+    assert all(p["cpu_s"] >= 0 and p["cpu_efficiency"] >= 0 for p in r["phases"].values())
+    assert r["cpu_s"] >= r["phases"]["process"]["cpu_s"] > 0 and r["peak_rss_mib"] > 100
+    assert r["experts"] == ["tagger", "yolox", "rapidocr"]
