@@ -10,18 +10,22 @@ from typing import Any
 from denseforge.pipeline.bench.corpus import build_bench_corpus
 from denseforge.pipeline.config import parse_config
 
-BENCH_EXPERTS = [
-    {"plugin": "clip-tags", "name": "tagger", "options": {"model": "df-tiny-clip", "weights": "random", "threshold": 0.0},
-     "resources": {"num_cpus": 0.5, "batch_size": 16}},
-    {"plugin": "yolo", "options": {"model": "yolov8n.pt", "weights": "random"}, "resources": {"num_cpus": 0.5}},
-    {"plugin": "rapidocr", "resources": {"num_cpus": 0.5}},
-]
+
+def demo_experts() -> list[dict[str, Any]]:
+    """The experts of the shipped demo config (tagger, yolox, rapidocr) with their resources."""
+    import yaml
+
+    from denseforge.configs import shipped
+
+    return yaml.safe_load(shipped("demo").read_text())["perceive"]["experts"]
 
 
 def bench_experts(images: int = 96, experts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Images/s of each expert alone (in-process, its own batch size), then all of them together
-    in the real DAG on the same images; parallel efficiency = sum of the experts' busy CPU time
-    alone / (DAG wall time x cores), i.e. how much of the machine the DAG kept busy with expert work."""
+    in the real DAG on the same images. `dag_over_back_to_back`: the DAG's process phase against
+    the same experts run one after the other in one process, model loading included on both sides
+    (goal <= 1.1). `parallel_efficiency`: the experts' CPU seconds alone / (DAG wall x cores); an
+    expert whose threads spin while waiting counts that as busy, so read it beside the ratio."""
     import os
 
     from PIL import Image
@@ -31,7 +35,7 @@ def bench_experts(images: int = 96, experts: list[dict[str, Any]] | None = None)
     from denseforge.stages.perceive import plan_experts
     from denseforge.pipeline.rundir import RunDir
 
-    experts = experts or BENCH_EXPERTS
+    experts = experts or demo_experts()
     cores = os.cpu_count() or 1
     result: dict[str, Any] = {"benchmark": "experts", "images": images, "cores": cores, "experts": {}}
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
@@ -63,6 +67,8 @@ def bench_experts(images: int = 96, experts: list[dict[str, Any]] | None = None)
                          "written": stats["funnel"]["written"],
                          "note": "process phase wall time: actor start-up and model loading included"}
         result["sum_busy_cpu_alone_s"] = round(busy_total, 2)
-        result["sequential_sum_of_walls_s"] = round(sum(e["wall_s"] for e in result["experts"].values()), 2)
+        back_to_back = sum(e["wall_s"] + e["setup_s"] for e in result["experts"].values())
+        result["back_to_back_s"] = round(back_to_back, 2)
+        result["dag_over_back_to_back"] = round(wall / back_to_back, 3)
         result["parallel_efficiency"] = round(busy_total / (wall * cores), 3)
     return result
