@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from denseforge.pipeline.demo import PHOTOS, load_photo
@@ -23,3 +25,20 @@ def build_bench_corpus(root: Path, images: int, seed: int = 0) -> list[str]:
         crop.save(root / name, format="JPEG", quality=90)
         names.append(name)
     return names
+
+
+@contextlib.contextmanager
+def served_corpus(root: Path, images: int) -> Iterator[Path]:
+    """`images` distinct photos served on loopback HTTP while the block runs; yields the path of
+    an input table (url, caption) that lists them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from denseforge.pipeline.demo import LoopbackImageServer
+
+    names = build_bench_corpus(root / "files", images)
+    with LoopbackImageServer(root / "files") as server:
+        table = root / "urls.parquet"
+        pq.write_table(pa.table({"url": [f"{server.base_url}/img/{n}" for n in names],
+                                 "caption": [f"image {n}" for n in names]}), table)
+        yield table

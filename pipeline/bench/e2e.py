@@ -15,14 +15,11 @@ PHASES = ("ray_init_s", "setup_s", "plan_s", "ingest_s", "embed_s", "dedup_s", "
 
 
 def bench_e2e(images: int = 1000) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import yaml
     from denseforge.configs import shipped
-    from denseforge.pipeline.bench.corpus import build_bench_corpus
+    from denseforge.pipeline.bench.corpus import served_corpus
     from denseforge.pipeline.bench.memory import TreeMemory
     from denseforge.pipeline.config import parse_config
-    from denseforge.pipeline.demo import LoopbackImageServer
     from denseforge.pipeline.rundir import RunDir
     from denseforge.pipeline.runner import execute, preflight
 
@@ -33,11 +30,7 @@ def bench_e2e(images: int = 1000) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
         root = Path(tmp)
-        names = build_bench_corpus(root / "files", images)
-        with LoopbackImageServer(root / "files") as server:
-            table = root / "input.parquet"
-            pq.write_table(pa.table({"url": [f"{server.base_url}/img/{n}" for n in names],
-                                     "caption": [f"photo {i}" for i in range(images)]}), table)
+        with served_corpus(root, images) as table:
             raw = yaml.safe_load(shipped("demo").read_text())
             raw["demo"] = {"enabled": False}
             raw["input"]["path"] = str(table)

@@ -12,14 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from denseforge.pipeline.bench.corpus import build_bench_corpus
+from denseforge.pipeline.bench.corpus import served_corpus
 from denseforge.pipeline.bench.memory import TreeMemory
 from denseforge.errors import DenseforgeError
 from denseforge.pipeline.config import parse_config
-from denseforge.pipeline.demo import LoopbackImageServer
 
 def _plain_img2dataset(table: Path, out: Path, processes: int, threads: int, spp: int) -> float:
     from img2dataset import download
@@ -77,11 +75,7 @@ def bench_ingest(images: int = 1000, processes: int = 2, threads: int = 16, samp
     our_runs: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
         root = Path(tmp)
-        names = build_bench_corpus(root / "files", images)
-        with LoopbackImageServer(root / "files") as server:
-            table = root / "urls.parquet"
-            pq.write_table(pa.table({"url": [f"{server.base_url}/img/{n}" for n in names],
-                                     "caption": [f"image {n}" for n in names]}), table)
+        with served_corpus(root, images) as table:
             for r in range(repeats):
                 with TreeMemory() as mem:
                     seconds = _plain_img2dataset(table, root / f"plain{r}", processes, threads, samples_per_shard)
