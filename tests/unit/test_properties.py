@@ -70,6 +70,7 @@ def test_kosmos_round_trip_covers_the_box_within_one_bin(rel, size):
     assert box[0] <= orig[0] + 1e-6 and box[1] <= orig[1] + 1e-6  # the bins cover the box...
     assert box[2] >= orig[2] - 1e-6 and box[3] >= orig[3] - 1e-6
     assert orig[0] - box[0] < bin_w + 1e-6 and box[2] - orig[2] < bin_w + 1e-6  # ...and not by more than a bin
+    assert orig[1] - box[1] < bin_h + 1e-6 and box[3] - orig[3] < bin_h + 1e-6  # on either axis
 
 
 words = st.sampled_from(["dog", "dogs", "Dog", "a", "the", "car", "cars", "Golden", "red", "STOP", "stop", "İ", "ß", ","])
