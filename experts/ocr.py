@@ -70,7 +70,9 @@ class RapidOcrExpert(Expert):
         # its sessions take every core by default: several OCR actors on one node oversubscribe it
         self.engine = RapidOCR(params={"Global.log_level": "error",
                                        "EngineConfig.onnxruntime.intra_op_num_threads": self.resources.threads,
-                                       "EngineConfig.onnxruntime.inter_op_num_threads": 1})
+                                       "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+                                       # a worker given a GPU runs on it (needs onnxruntime-gpu)
+                                       "EngineConfig.onnxruntime.use_cuda": self.resources.num_gpus > 0})
         # rapidocr loads each model on first use (downloading one that is missing): load them now,
         # so a broken install fails at setup, before any download of images
         try:

@@ -109,7 +109,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.name == "dedup":
         options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n}
     else:
-        options = {"images": args.images or 96}
+        options = {"images": args.images or 96, "gpu": args.gpu}
     with stdout_to_stderr():
         result = run_benchmark(args.name, **options)
     text = json.dumps(result, indent=2)
@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="dedup: numbers of embeddings")
     p.add_argument("--epsilon", type=float, default=0.05, help="dedup: duplicate when cosine > 1 - epsilon")
     p.add_argument("--baseline-n", type=int, default=20_000, help="dedup: n for the brute-force baseline")
+    p.add_argument("--gpu", action="store_true", help="experts: share one GPU between the experts in equal fractions")
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from denseforge.errors import DenseforgeError
 from denseforge.pipeline.bench.corpus import build_bench_corpus
 from denseforge.pipeline.config import parse_config
 
@@ -20,12 +21,19 @@ def demo_experts() -> list[dict[str, Any]]:
     return yaml.safe_load(shipped("demo").read_text())["perceive"]["experts"]
 
 
-def bench_experts(images: int = 96, experts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def gpu_shared(experts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The experts sharing one GPU in equal fractions (Ray packs the actors on it)."""
+    share = round(1 / len(experts), 3)
+    return [{**e, "resources": {**e.get("resources", {}), "num_gpus": share}} for e in experts]
+
+
+def bench_experts(images: int = 96, experts: list[dict[str, Any]] | None = None, gpu: bool = False) -> dict[str, Any]:
     """Images/s of each expert alone (in-process, its own batch size), then all of them together
     in the real DAG on the same images. `dag_over_back_to_back`: the DAG's process phase against
     the same experts run one after the other in one process, model loading included on both sides
     (goal <= 1.1). `parallel_efficiency`: the experts' CPU seconds alone / (DAG wall x cores); an
-    expert whose threads spin while waiting counts that as busy, so read it beside the ratio."""
+    expert whose threads spin while waiting counts that as busy, so read it beside the ratio.
+    `gpu`: every expert gets an equal fraction of one GPU, alone and in the DAG."""
     import os
 
     from PIL import Image
@@ -38,6 +46,14 @@ def bench_experts(images: int = 96, experts: list[dict[str, Any]] | None = None)
     experts = experts or demo_experts()
     cores = os.cpu_count() or 1
     result: dict[str, Any] = {"benchmark": "experts", "images": images, "cores": cores, "experts": {}}
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DenseforgeError("bench experts --gpu: no CUDA device is visible here "
+                                  "(torch.cuda.is_available() is False); run it on a GPU node")
+        experts = gpu_shared(experts)
+        result["gpu"] = torch.cuda.get_device_name(0)
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
         root = Path(tmp)
         names = build_bench_corpus(root / "images", images)

@@ -260,3 +260,14 @@ def test_onnx_experts_run_as_many_threads_as_cpus_they_were_given(cpus, threads)
         expert.setup()
         session = expert.engine.text_det.session.session if isinstance(expert, RapidOcrExpert) else expert.session
         assert session.get_session_options().intra_op_num_threads == threads
+
+
+def test_rapidocr_given_a_gpu_falls_back_to_the_cpu_where_onnxruntime_has_no_cuda():
+    from denseforge.stages.stage import Resources
+
+    expert = RapidOcrExpert()
+    expert.resources = Resources(num_cpus=1, num_gpus=0.5)
+    expert.setup()
+    assert expert.engine.text_det.session.session.get_providers() == ["CPUExecutionProvider"]
+    img, _ = render_text([("GPU", (20, 20), 48)])
+    assert [line["text"] for line in expert([ExpertInput("k", img)])[0]] == ["GPU"]

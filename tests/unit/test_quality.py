@@ -73,3 +73,18 @@ def test_bench_stdout_is_the_json_alone(monkeypatch, capfd):
     captured = capfd.readouterr()
     assert json.loads(captured.out) == {"benchmark": "quality"}
     assert "Ultralytics" in captured.err and "worker process" in captured.err
+
+
+def test_bench_experts_gpu_shares_one_gpu_and_says_when_there_is_none(monkeypatch):
+    import pytest
+    import torch
+
+    from denseforge.errors import DenseforgeError
+    from denseforge.pipeline.bench.experts import bench_experts, demo_experts, gpu_shared
+
+    shared = gpu_shared(demo_experts())
+    assert [e["resources"]["num_gpus"] for e in shared] == [0.333] * 3
+    assert [e["resources"]["num_cpus"] for e in shared] == [e["resources"]["num_cpus"] for e in demo_experts()]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DenseforgeError, match="no CUDA device is visible here"):
+        bench_experts(2, gpu=True)
