@@ -42,11 +42,33 @@ def merge_types(a: pa.DataType, b: pa.DataType) -> pa.DataType:
     return pa.string()
 
 
+def value_type(value: Any) -> pa.DataType:
+    """The Arrow type of one JSON value, as `pa.array` infers it, except that a list whose items
+    have no common type (a plugin's `["cup", 0.9]`) is a list of strings instead of an error: the
+    card must never stop a unit from being written."""
+    if value is None:
+        return pa.null()
+    if isinstance(value, bool):
+        return pa.bool_()
+    if isinstance(value, int):
+        return pa.int64()
+    if isinstance(value, float):
+        return pa.float64()
+    if isinstance(value, str):
+        return pa.string()
+    if isinstance(value, dict):
+        return pa.struct([(k, value_type(v)) for k, v in value.items()])
+    merged: pa.DataType = pa.null()
+    for item in value:
+        merged = merge_types(merged, value_type(item))
+    return pa.list_(merged)
+
+
 def json_type(samples: Iterable[dict[str, Any]]) -> pa.DataType:
     """The union type of many JSON objects (streaming: one sample at a time)."""
     merged: pa.DataType = pa.null()
     for sample in samples:
-        merged = merge_types(merged, pa.array([sample]).type)
+        merged = merge_types(merged, value_type(sample))
     return merged
 
 

@@ -129,5 +129,5 @@ class SynonymMatcher:
     def evidence(self, matches: dict[str, tuple[str, float]]) -> dict[str, Any]:
         """What a sample records: each matched word with its label and cosine, and the labels the
         caption claims by synonym (for the hallucination check)."""
-        return {"synonyms": {w: [label, score] for w, (label, score) in sorted(matches.items())},
+        return {"synonyms": {w: {"label": label, "score": score} for w, (label, score) in sorted(matches.items())},
                 "claims": sorted({label for label, score in matches.values() if score >= self.options.claim_threshold})}

@@ -112,3 +112,27 @@ def test_the_report_escapes_everything_that_comes_from_the_data(tmp_path):
     assert '<mark style="background:' in page and ">dog</mark>" in page  # the grounded phrase, highlighted
     assert page.count('src="data:image/jpeg;base64,') == 1  # inlined: nothing is fetched at view time
     assert 'src="http' not in page and "<link" not in page
+
+
+def test_a_list_with_no_common_type_is_written_and_typed_as_strings(tmp_path):
+    """Regression: `provenance.ground.synonyms` held `["sports ball", 0.74]`; Arrow cannot type a
+    list of a string and a float, so the dataset card's type inference raised inside write_unit
+    and stopped the whole run at unit 80 of 100 (bench e2e, 1,000 photos)."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from denseforge.stages.card import json_type, value_type
+
+    from ..conftest import jpeg_bytes
+
+    rd = RunDir(tmp_path)
+    sample = Sample(key="000000000000", width=4, height=4, sha256="0", caption="a ball",
+                    experts={"tags": [{"label": "ball", "score": 0.9, "extra": ["sports ball", 0.74]}]},
+                    provenance={"plugin": {"pair": ["cup", 1, True]}})
+    files = UnitFiles(rd.shard_file(0), rd.manifest_part(0), rd.rejects_part(0), rd.write_marker(0))
+    counts = write_unit(0, files, [(sample, jpeg_bytes(Image.new("RGB", (4, 4), "blue")))], [], [], {})
+    assert counts["written"] == 1 and rd.write_marker(0).exists()
+    assert value_type({"pair": ["cup", 1, True]}) == pa.struct([("pair", pa.list_(pa.string()))])
+    well_typed = {"a": [1, 2.5], "b": {"c": [{"d": "x"}, {"d": None}]}, "e": [], "f": True, "g": None}
+    assert value_type(well_typed) == pa.array([well_typed]).type  # as Arrow infers it, where it can
+    assert json_type([{"a": 1}, {"a": 0.5, "b": "x"}]) == pa.struct([("a", pa.float64()), ("b", pa.string())])

@@ -55,7 +55,8 @@ def test_ground_ties_synonyms_to_detected_boxes_only(ground):
     tied = [(g.phrase, g.source) for g in sample.grounding]
     assert tied == [("puppies", "objects/0"), ("puppies", "objects/1"), ("mug", "objects/2")]  # plural: both dogs
     evidence = sample.provenance["ground"]
-    assert evidence["synonyms"]["automobile"][0] == "car" and evidence["claims"] == ["car", "dog"]
+    assert evidence["synonyms"]["automobile"]["label"] == "car" and evidence["claims"] == ["car", "dog"]
+    assert 0.7 <= evidence["synonyms"]["automobile"]["score"] <= 1  # a struct: a [label, score] list has no Arrow type
     assert "Apache-2.0" in evidence["weights"] and "pretrained" in evidence["weights"]
 
 
