@@ -183,8 +183,10 @@ def _merge_entries(table: pa.Table) -> pa.Table:
     """One decision per key from the buckets' entries (`dd.merge_entries`), on its primary row."""
     keys = np.asarray(table.column("key").to_pylist(), dtype=object)
     unique, row = np.unique(keys, return_inverse=True)
-    dup_keys = table.column("dup_of").to_pylist()
-    dup_row = np.array([-1 if k is None else int(np.searchsorted(unique, k)) for k in dup_keys], dtype=np.int64)
+    dup_keys = np.asarray(table.column("dup_of").to_pylist(), dtype=object)
+    named = pc.is_valid(table.column("dup_of")).to_numpy(zero_copy_only=False)
+    dup_row = np.full(len(keys), -1, dtype=np.int64)
+    dup_row[named] = np.searchsorted(unique, dup_keys[named])
     primary = table.column("primary").to_numpy(zero_copy_only=False)
     entries = dd.DedupResult(np.asarray(table.column("reason").to_pylist(), dtype=object), dup_row,
                              table.column("rank").to_numpy(), {})
