@@ -97,18 +97,44 @@ class StageWorker:
             out += call_isolated(self.run.stage.process, chunk, self._shrink)
         return out
 
+    def _unreadable(self, row: dict[str, Any], exc: Exception) -> None:
+        """A record this stage cannot read (a value the stage before wrote that does not load
+        back): rejected here with the reason, whatever `on_error` says."""
+        detail = f"record unreadable: {describe(exc)}"[:500]
+        row["reject"] = Reject(key=row["key"], stage=self.run.instance, reason=self.run.stage.error_reason,
+                               detail=detail).model_dump_json()
+        row["sample"], row["image"] = None, None
+        trace = json.loads(row["trace"]) if row.get("trace") else {}
+        trace[self.run.instance] = {"s": 0.0, "f": type(exc).__name__, "m": detail}
+        row["trace"] = json.dumps(trace)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         run = self.run
         began = time.perf_counter()
         rows = batch.to_pylist()
-        live = [i for i, r in enumerate(rows) if r["sample"]]
-        items = [Item(rows[i]["unit"], Sample.model_validate_json(rows[i]["sample"]), rows[i]["image"],
-                      pickle.loads(rows[i]["outputs"]) if rows[i].get("outputs") else {}) for i in live]
+        live, items = [], []
+        for i, row in enumerate(rows):
+            if not row["sample"]:
+                continue
+            try:
+                item = Item(row["unit"], Sample.model_validate_json(row["sample"]), row["image"],
+                            pickle.loads(row["outputs"]) if row.get("outputs") else {})
+            except Exception as exc:  # noqa: BLE001 - a record that cannot be read fails here, not the job
+                self._unreadable(row, exc)
+                continue
+            live.append(i)
+            items.append(item)
         verdicts = self._verdicts(items)
         share = (time.perf_counter() - began) / len(live) if live else 0.0
         for i, item, verdict in zip(live, items, verdicts):
             row = rows[i]
             entry: dict[str, Any] = {"s": round(share, 6)}
+            if verdict is None:
+                try:  # a value the stage left that is not JSON (a numpy scalar) fails this item only
+                    sample_json = item.sample.model_dump_json()
+                    outputs = pickle.dumps(item.outputs) if item.outputs else None
+                except Exception as exc:  # noqa: BLE001
+                    verdict = exc
             if isinstance(verdict, BaseException):
                 entry.update(f=type(verdict).__name__, m=describe(verdict))
                 if run.on_error == "keep":  # the record as it came in, plus why this stage has no output
@@ -131,8 +157,7 @@ class StageWorker:
                                              "dup_of": verdict.dup_of, "cluster": verdict.cluster})
                 row["sample"], row["image"] = None, None
             elif verdict is None:
-                row["sample"] = item.sample.model_dump_json()
-                row["outputs"] = pickle.dumps(item.outputs) if item.outputs else None
+                row["sample"], row["outputs"] = sample_json, outputs
             else:
                 entry.update(f="TypeError", m=f"stage {run.instance} returned a {type(verdict).__name__} verdict")
                 row["reject"] = Reject(key=item.key, stage=run.instance, reason=run.stage.error_reason,

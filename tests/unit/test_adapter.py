@@ -192,3 +192,48 @@ def test_merge_keeps_random_weight_experts_out_of_the_evidence_and_says_so():
     merged = Sample.model_validate_json(out["sample"])
     assert merged.experts == {"objects": [{"label": "dog", "score": 0.8, "box": [0, 0, 5, 5]}]}
     assert merged.provenance["experts"]["tagger"]["excluded"] == "random weights: 1 observation(s) kept out of the evidence"
+
+
+class LeavesNumpy(Stage):
+    """Puts a numpy scalar (not JSON) into k1's sample; passes the others."""
+
+    name = "leaves-numpy"
+
+    def process(self, batch: list[Item]):
+        import numpy as np
+
+        for item in batch:
+            if item.key == "k1":
+                item.sample.provenance["score"] = np.float32(0.5)
+        return [None] * len(batch)
+
+
+@pytest.mark.parametrize("on_error", ["reject", "keep"])
+def test_a_value_that_is_not_json_fails_that_item_not_the_job(on_error):
+    """Regression: the sample was serialised outside the isolation, so one numpy scalar left in
+    one sample raised inside the Ray task and stopped the run."""
+    rows = {r["key"]: r for r in _run(LeavesNumpy(), _rows(3), on_error=on_error)}
+    assert json.loads(rows["k0"]["sample"])["key"] == "k0" and json.loads(rows["k2"]["sample"])["key"] == "k2"
+    trace = json.loads(rows["k1"]["trace"])["leaves-numpy"]
+    assert trace["f"] == "PydanticSerializationError" and "numpy.float32" in trace["m"]
+    if on_error == "keep":  # the record as it came in, with why this stage has no output
+        kept = Sample.model_validate_json(rows["k1"]["sample"])
+        assert "score" not in kept.provenance and "numpy.float32" in kept.errors["leaves-numpy"]
+    else:
+        assert rows["k1"]["sample"] is None and Reject.model_validate_json(rows["k1"]["reject"]).reason == "stage_error"
+
+
+def test_a_record_that_does_not_load_back_is_rejected_with_the_reason():
+    """A record the stage before wrote but that does not validate (pydantic writes a NaN score as
+    null, which a float field refuses) is rejected by the next stage, not raised."""
+    table = _rows(2)
+    rows = table.to_pylist()
+    broken = json.loads(rows[1]["sample"])
+    broken["qa"] = {"passed": True, "scores": {"clip": None}}
+    rows[1]["sample"] = json.dumps(broken)
+    out = {r["key"]: r for r in _run(Judge(), pa.Table.from_pylist(rows, schema=ROW_SCHEMA), on_error="keep")}
+    assert json.loads(out["k0"]["sample"])["caption"] == "judged k0"
+    reject = Reject.model_validate_json(out["k1"]["reject"])
+    assert (reject.stage, reject.reason) == ("judge", "stage_error") and reject.detail.startswith("record unreadable: ")
+    assert out["k1"]["sample"] is None and json.loads(out["k1"]["trace"])["judge"]["f"] == "ValidationError"
+    assert count_traces([r["trace"] for r in out.values()])["judge"]["failed"] == {"ValidationError": 1}
