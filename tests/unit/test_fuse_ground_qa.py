@@ -305,3 +305,23 @@ def test_transformers_batches_give_each_row_what_it_gets_alone(tiny_vlm):
     # the tiny random model may answer every image alike, so also pin the mechanism itself:
     # decoder-only batches must be padded on the left, or short prompts generate after pad tokens
     assert captioner.processor.tokenizer.padding_side == "left"
+
+
+def test_qa_settings_defaults_and_bounds_are_the_documented_ones():
+    """Mutation survivors: every QA default and bound could change unnoticed."""
+    from pydantic import ValidationError
+
+    from denseforge.stages.qa import QaConfig
+
+    q = QaConfig()
+    assert (q.enabled, q.min_words, q.max_words, q.max_repetition, q.max_hallucination, q.min_ocr_fidelity,
+            q.ocr_min_score, q.vocabulary, q.clip, q.min_clip_score, q.max_error_rate) == (
+        True, 5, 400, 0.3, 0.5, 0.5, 0.8, "builtin:objects", None, None, 0.05)
+    edges = dict(min_words=0, max_words=1, max_repetition=1.0, max_hallucination=1.0, min_ocr_fidelity=1.0,
+                 ocr_min_score=1.0, min_clip_score=-1.0, max_error_rate=1.0)
+    assert all(getattr(QaConfig(**{k: v}), k) == v for k, v in edges.items())
+    for key, bad in [("min_words", -1), ("max_words", 0), ("max_repetition", 1.01), ("max_hallucination", 1.01),
+                     ("min_ocr_fidelity", 1.01), ("ocr_min_score", 1.01), ("min_clip_score", 1.01),
+                     ("max_repetition", -0.01), ("max_error_rate", 1.01)]:
+        with pytest.raises(ValidationError):
+            QaConfig(**{key: bad})
