@@ -35,3 +35,65 @@ def test_top_regions_by_score_times_area(k, expected):
 
 def test_template_region_caption():
     assert TemplateCaptioner().caption_region("dog", [0, 0, 10, 10], 100, 100, []) == "a dog at the top left"
+
+
+class _Width:
+    """A stand-in pHash: the 'distance' between two crops is a function of their widths."""
+
+    def __init__(self, width: int, distance):
+        self.width, self.distance = width, distance
+
+    def __sub__(self, other: "_Width") -> float:
+        return self.distance(self.width - other.width)
+
+
+@pytest.mark.parametrize("distance, expected", [
+    (lambda grow: min(20, grow), [0.0, 0.1, 0.2]),  # capped: new content per unit of t falls as t grows
+    (lambda grow: grow, [0.0, 0.1, 0.2]),           # proportional: every view ties, the smallest t wins
+    (lambda grow: grow * grow, [0.0, 0.9, 1.0]),    # accelerating: the widest views add the most per t
+])
+def test_select_views_picks_the_most_new_content_per_unit_of_context(monkeypatch, distance, expected):
+    """Mutation survivors: the view choice (distance / t, ties to the smaller t) was never pinned."""
+    from PIL import Image
+
+    import denseforge.stages.regions as regions
+
+    monkeypatch.setattr(regions, "_phash", lambda crop: _Width(crop.width, distance))
+    image = Image.new("RGB", (400, 100))
+    views = select_views(image, [150.0, 0.0, 250.0, 100.0])  # width 100 + 300 t
+    assert views.ts == expected and [c.width for c in views.crops] == [round(100 + 300 * t) for t in expected]
+
+
+def test_a_degenerate_box_still_gives_a_one_pixel_crop_and_views_are_frozen():
+    import dataclasses
+
+    from PIL import Image
+
+    views = select_views(Image.new("RGB", (50, 40)), [10.0, 10.0, 10.0, 10.0], views=1)
+    assert views.crops[0].size == (1, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        views.ts = []
+
+
+def test_top_regions_weighs_score_times_area_of_boxes_anywhere():
+    objects = [{"label": "a", "box": [100, 50, 110, 60]},                 # no score: 1.0 x 100 = 100
+               {"label": "b", "score": 0.5, "box": [0, 0, 12, 12]},      # 72
+               {"label": "c", "score": 0.1, "box": [5, 5, 35, 35]},      # 90
+               {"label": "d", "score": 0.75, "box": [0, 0, 20, 10]}]     # 150
+    assert top_regions(objects, 4) == [3, 0, 2, 1]
+
+
+def test_region_crops_are_encoded_as_rgb_jpeg_at_quality_90():
+    import io
+
+    from PIL import Image
+
+    from denseforge.stages.regions import jpeg
+
+    rgba = Image.new("RGBA", (30, 20), (200, 10, 10, 128))
+    encoded = jpeg(rgba)
+    decoded = Image.open(io.BytesIO(encoded))
+    assert (decoded.format, decoded.mode, decoded.size) == ("JPEG", "RGB", (30, 20))
+    reference = io.BytesIO()
+    rgba.convert("RGB").save(reference, format="JPEG", quality=90)
+    assert encoded == reference.getvalue()  # the same bytes every run: reruns stay byte-identical
