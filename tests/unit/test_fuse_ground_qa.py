@@ -315,13 +315,88 @@ def test_qa_settings_defaults_and_bounds_are_the_documented_ones():
 
     q = QaConfig()
     assert (q.enabled, q.min_words, q.max_words, q.max_repetition, q.max_hallucination, q.min_ocr_fidelity,
-            q.ocr_min_score, q.vocabulary, q.clip, q.min_clip_score, q.max_error_rate) == (
-        True, 5, 400, 0.3, 0.5, 0.5, 0.8, "builtin:objects", None, None, 0.05)
+            q.ocr_min_score, q.vocabulary, q.clip, q.min_clip_score, q.max_error_rate, q.clip_num_gpus) == (
+        True, 5, 400, 0.3, 0.5, 0.5, 0.8, "builtin:objects", None, None, 0.05, 0.0)
     edges = dict(min_words=0, max_words=1, max_repetition=1.0, max_hallucination=1.0, min_ocr_fidelity=1.0,
-                 ocr_min_score=1.0, min_clip_score=-1.0, max_error_rate=1.0)
+                 ocr_min_score=1.0, min_clip_score=-1.0, max_error_rate=1.0, clip_num_gpus=0.5)
+    assert QaConfig(max_error_rate=0.0).max_error_rate == 0.0
     assert all(getattr(QaConfig(**{k: v}), k) == v for k, v in edges.items())
     for key, bad in [("min_words", -1), ("max_words", 0), ("max_repetition", 1.01), ("max_hallucination", 1.01),
                      ("min_ocr_fidelity", 1.01), ("ocr_min_score", 1.01), ("min_clip_score", 1.01),
-                     ("max_repetition", -0.01), ("max_error_rate", 1.01)]:
+                     ("max_repetition", -0.01), ("max_error_rate", 1.01), ("min_clip_score", -1.01),
+                     ("clip_num_gpus", -0.5)]:
         with pytest.raises(ValidationError):
             QaConfig(**{key: bad})
+
+
+def _plain(caption, **fields):
+    return Sample(key="k", width=100, height=100, sha256="0", caption=caption, **fields)
+
+
+def test_qa_scores_are_rounded_to_four_places_and_thresholds_are_strict():
+    """Mutation survivors: rounding, the strict repetition threshold, the box-validity bounds."""
+    from denseforge.stages.sample import Grounding
+
+    # 2 of 3 trigrams distinct: a third, rounded to four places
+    report = assess(_plain("red cup red cup red"), QaConfig(min_words=1))
+    assert report.scores["repetition"] == 0.3333 and "repetitive" in report.reasons
+    # 3 of 4 trigrams distinct: repetition 0.25, exactly the limit, passes
+    report = assess(_plain("a b c a b c"), QaConfig(min_words=1, max_repetition=0.25))
+    assert report.scores["repetition"] == 0.25 and "repetitive" not in report.reasons
+    # thirds round to four places
+    report = assess(_plain("one two three four five six seven eight nine ten a b"), QaConfig(min_words=1))
+    assert report.scores["repetition"] == 0.0
+    caption = "x y z x y z x"  # trigrams: xyz yzx zxy xyz yzx -> 3 distinct of 5
+    assert assess(_plain(caption), QaConfig(min_words=1)).scores["repetition"] == 0.4
+    ocr = [{"text": t, "score": 0.9, "box": [0, 0, 5, 5], "polygon": []} for t in ("OK", "EXIT", "ZZZ")]
+    report = assess(_plain("It says OK and EXIT.", experts={"ocr": ocr}), QaConfig(min_words=1))
+    assert report.scores["ocr_fidelity"] == 0.6667  # a two-letter line counts
+    report = assess(_plain("cat, dog;horse", experts={}), QaConfig(min_words=1))
+    assert report.scores["hallucination"] == 1.0  # punctuation next to a noun still names it
+    report = assess(_plain("A plain picture.", provenance={"ground": {"claims": ["dog", "car", "cat"]}},
+                           experts={"objects": [{"label": "dog", "score": 0.9, "box": [0, 0, 5, 5]}]}),
+                    QaConfig(min_words=1))
+    assert report.scores["hallucination"] == 0.6667 and "hallucination" in report.reasons  # synonym claims count
+    caption = "a dog a cat a car"
+    grounding = [Grounding(phrase="dog", span=(2, 5), box=[0, 50, 10, 60], source="objects/0"),   # low in the image
+                 Grounding(phrase="cat", span=(8, 11), box=[5, 5, 5, 9], source="objects/1"),     # zero width: valid
+                 Grounding(phrase="car", span=(14, 17), box=[0, 0, 101, 10], source="objects/2")]  # past the edge
+    report = assess(_plain(caption, grounding=grounding), QaConfig(min_words=1))
+    assert report.scores["box_validity"] == 0.6667 and "invalid_boxes" in report.reasons
+    grounding[2] = Grounding(phrase="car", span=(14, 17), box=[0, 7, 10, 7], source="objects/2")    # zero height: valid
+    assert assess(_plain(caption, grounding=grounding), QaConfig(min_words=1)).scores["box_validity"] == 1.0
+    assert assess(_plain(caption), QaConfig(min_words=1)).scores["box_validity"] == 1.0  # nothing grounded
+    multi = [{"text": "OPEN 24 HOURS", "score": 0.9, "box": [0, 0, 5, 5], "polygon": []}]
+    assert assess(_plain("Open 24 Hours it says", experts={"ocr": multi}), QaConfig(min_words=1)).scores["ocr_fidelity"] == 1.0
+
+
+def test_qa_stage_rejects_with_its_name_first_reason_and_the_scores():
+    import json
+
+    from denseforge.stages.qa import QaStage
+    from denseforge.stages.stage import Rejection
+
+    stage = QaStage(QaConfig(min_words=3))
+    assert stage.name == "qa" and stage.Options is QaConfig
+    empty, fine = Item(0, _plain(None), b""), Item(0, _plain("a bright and sunny morning outside"), b"")
+    [verdict, passed] = stage.process([empty, fine])
+    assert passed is None and fine.sample.qa.passed  # no captioner provenance: not truncated
+    assert isinstance(verdict, Rejection) and verdict.reason == "too_short"
+    detail = json.loads(verdict.detail)
+    assert detail["reasons"] == ["too_short"] and detail["scores"]["words"] == 0.0
+
+
+def test_clip_chunks_fill_the_context_exactly():
+    """Pieces hold at most context - 2 tokens (start and end tokens fill the rest): a candidate at
+    exactly that size stays one piece, one token more starts a new one."""
+    import numpy as np
+
+    from denseforge.stages.qa import ClipScoreStage
+
+    stage = ClipScoreStage.__new__(ClipScoreStage)
+    stage.context = 12
+    stage.tokenizer = lambda texts: np.array([[1] * (len(texts[0].split()) + 2) + [0] * 20])  # words + 2 special
+    assert stage.chunks("one two three four. five six seven eight.") == ["one two three four. five six seven eight."]
+    assert stage.chunks("one two three four. five six seven eight nine.") == ["one two three four.",
+                                                                               "five six seven eight nine."]
+    assert stage.chunks("") == []
