@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from denseforge.experts.base import Expert, ExpertInput, Resources
 from pydantic import BaseModel, ConfigDict, Field
 
 from denseforge.errors import ModelLoadError
+from denseforge.experts.base import Expert, ExpertInput, Resources
 
 
 class OcrOptions(BaseModel):
@@ -84,7 +84,7 @@ class RapidOcrExpert(Expert):
         try:
             for load in (self.engine._load_det_model, self.engine._load_cls_model, self.engine._load_rec_model):
                 load()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any loader failure is a setup failure
             raise ModelLoadError(f"rapidocr could not load its bundled PP-OCR models ({exc}); "
                                  "reinstall with `pip install --force-reinstall 'rapidocr>=3.10,<4'`") from exc
 
