@@ -1,5 +1,8 @@
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from denseforge.errors import ConfigError, ModelLoadError
 from denseforge.experts import ContractError, Expert, ExpertInput, check_expert
 from denseforge.experts.clip_tags import ClipTagExpert, read_vocabulary
 from denseforge.experts.contract import sample_images
@@ -9,9 +12,6 @@ from denseforge.experts.yolo import YoloExpert
 from denseforge.pipeline.config import parse_config
 from denseforge.pipeline.demo import load_photo
 from denseforge.stages.perceive import iou, plan_experts
-from PIL import Image, ImageDraw, ImageFont
-
-from denseforge.errors import ConfigError, ModelLoadError
 
 TINY_TAGS = {"model": "df-tiny-clip", "weights": "random", "threshold": 0.0, "device": "cpu"}
 
