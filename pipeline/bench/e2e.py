@@ -16,14 +16,14 @@ PHASES = ("ray_init_s", "setup_s", "plan_s", "ingest_s", "embed_s", "dedup_s", "
 
 def bench_e2e(images: int = 1000) -> dict[str, Any]:
     import yaml
+
     from denseforge.configs import shipped
+    from denseforge.errors import DenseforgeError
     from denseforge.pipeline.bench.corpus import served_corpus
     from denseforge.pipeline.bench.memory import TreeMemory
     from denseforge.pipeline.config import parse_config
     from denseforge.pipeline.rundir import RunDir
     from denseforge.pipeline.runner import execute, preflight
-
-    from denseforge.errors import DenseforgeError
 
     if images < 1:
         raise DenseforgeError("bench e2e: --images must be at least 1")
