@@ -35,8 +35,8 @@ BUGS = [
     ("download_unit without the guarded opener", "stages/ingest.py",
      "urllib.request.install_opener(guarded_opener(cfg.allow_private_addresses, cfg.max_download_bytes, allow_files, deadline))", "pass"),
     ("OCR grounding spans from caption.lower()", "stages/ground.py",
-     "match = re.search(re.escape(text), caption, re.IGNORECASE)",
-     "match = re.search(re.escape(text.lower()), caption.lower())"),
+     "match = re.search(loose, caption, re.IGNORECASE)",
+     "match = re.search(loose, caption.lower(), re.IGNORECASE)"),
 ]
 
 
