@@ -104,8 +104,12 @@ class StageWorker:
         row["reject"] = Reject(key=row["key"], stage=self.run.instance, reason=self.run.stage.error_reason,
                                detail=detail).model_dump_json()
         row["sample"], row["image"] = None, None
+        self._trace(row, {"s": 0.0, "f": type(exc).__name__, "m": detail})
+
+    def _trace(self, row: dict[str, Any], entry: dict[str, Any]) -> None:
+        """Add this stage's entry to the row's trace (what the writer counts per stage)."""
         trace = json.loads(row["trace"]) if row.get("trace") else {}
-        trace[self.run.instance] = {"s": 0.0, "f": type(exc).__name__, "m": detail}
+        trace[self.run.instance] = entry
         row["trace"] = json.dumps(trace)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -165,9 +169,7 @@ class StageWorker:
                 row["sample"], row["image"] = None, None
             if item.counts:
                 entry["c"] = item.counts
-            trace = json.loads(row["trace"]) if row.get("trace") else {}
-            trace[run.instance] = entry
-            row["trace"] = json.dumps(trace)
+            self._trace(row, entry)
         return pa.Table.from_pylist(rows, schema=batch.schema)
 
 

@@ -127,9 +127,7 @@ def _assign_unit(file: str, centroids: dd.CentroidIndex, rd: RunDir, buckets: in
     if table.num_rows == 0:
         return 0
     labels, sims, second = dd.assign_clusters(embeddings_matrix(table), centroids, border=border)
-    rows = np.concatenate([np.arange(table.num_rows), np.flatnonzero(second >= 0)])
-    primary = np.arange(len(rows)) < table.num_rows
-    labels = np.where(primary, labels[rows], second[rows])
+    rows, labels, primary = dd.border_entries(np.arange(table.num_rows), labels, second)
     table = (table.take(pa.array(rows)).append_column("cluster", pa.array(labels))
              .append_column("centroid_sim", pa.array(sims[rows])).append_column("primary", pa.array(primary)))
     bucket_of = labels % buckets

@@ -174,12 +174,8 @@ def _top2(sims: np.ndarray, ids: np.ndarray | None = None) -> tuple[np.ndarray, 
     return idx, val
 
 
-def _nearest_two(x: np.ndarray, index: CentroidIndex, probe: int) -> tuple[np.ndarray, np.ndarray]:
-    if index.coarse is None:  # FAISS's blocked matrix product with a top-k heap beats numpy here
-        import faiss
-
-        flat = faiss.IndexFlatIP(index.centroids.shape[1])
-        flat.add(index.centroids)
+def _nearest_two(x: np.ndarray, index: CentroidIndex, probe: int, flat=None) -> tuple[np.ndarray, np.ndarray]:
+    if flat is not None:  # one level: FAISS's blocked matrix product with a top-k heap beats numpy
         val, idx = flat.search(x, 2)
         return idx, val
     probes = np.argsort(-(x @ index.coarse.T), axis=1, kind="stable")[:, :probe]
@@ -207,11 +203,17 @@ def assign_clusters(x: np.ndarray, centroids: np.ndarray | CentroidIndex, batch:
     With a two-level `CentroidIndex`, the fine centroids of the `probe` nearest coarse cells are
     searched (matrix products cell by cell)."""
     index = centroids if isinstance(centroids, CentroidIndex) else CentroidIndex.build(centroids)
+    flat = None
+    if index.coarse is None:  # built here, once: a FAISS index does not pickle into Ray tasks
+        import faiss
+
+        flat = faiss.IndexFlatIP(index.centroids.shape[1])
+        flat.add(index.centroids)
     labels = np.empty(len(x), dtype=np.int64)
     sims = np.empty(len(x), dtype=np.float32)
     second = np.full(len(x), -1, dtype=np.int64)
     for s in range(0, len(x), batch):
-        idx, val = _nearest_two(np.ascontiguousarray(x[s:s + batch], dtype=np.float32), index, probe)
+        idx, val = _nearest_two(np.ascontiguousarray(x[s:s + batch], dtype=np.float32), index, probe, flat)
         labels[s:s + batch], sims[s:s + batch] = idx[:, 0], val[:, 0]
         if border > 0:
             second[s:s + batch] = np.where((idx[:, 1] >= 0) & (val[:, 0] - val[:, 1] <= border), idx[:, 1], -1)
@@ -436,6 +438,14 @@ class DedupResult:
     sweep_kept: dict[float, int]
 
 
+def border_entries(rows: np.ndarray, labels: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, cluster, primary) per entry: every row in its own cluster, then each border row
+    (`second` >= 0, see `assign_clusters`) again in its second cluster."""
+    border = rows[second[rows] >= 0]
+    return (np.concatenate([rows, border]), np.concatenate([labels[rows], second[border]]),
+            np.arange(len(rows) + len(border)) < len(rows))
+
+
 def dedup_entries(rows: np.ndarray, labels: np.ndarray, primary: np.ndarray, vectors: np.ndarray,
                   keys: Sequence[str], sha256: Sequence[str], phash: np.ndarray, centroid_sim: np.ndarray,
                   area: np.ndarray, fingerprint: np.ndarray | None = None, **options) -> DedupResult:
@@ -490,12 +500,8 @@ def dedup_all(labels: np.ndarray, vectors: np.ndarray, keys: Sequence[str], sha2
     and rank -1): the caller has already removed them (prefilters)."""
     n = len(labels)
     rows = np.arange(n) if candidates is None else np.flatnonzero(candidates)
-    entry_labels, primary = labels[rows], np.ones(len(rows), dtype=bool)
-    if second is not None:
-        border = rows[second[rows] >= 0]
-        rows = np.concatenate([rows, border])
-        entry_labels = np.concatenate([entry_labels, second[border]])
-        primary = np.concatenate([primary, np.zeros(len(border), dtype=bool)])
+    second = np.full(n, -1, dtype=np.int64) if second is None else second
+    rows, entry_labels, primary = border_entries(rows, labels, second)
     entries = dedup_entries(rows, entry_labels, primary, vectors, keys, sha256, phash, centroid_sim, area,
                             fingerprint, **options)
     return merge_entries(rows, primary, entries, n)

@@ -12,6 +12,15 @@ from typing import Any
 from denseforge.errors import DenseforgeError
 
 
+def demo_config() -> dict[str, Any]:
+    """The shipped demo config as raw YAML, for benchmarks that run its stages and experts."""
+    import yaml
+
+    from denseforge.configs import shipped
+
+    return yaml.safe_load(shipped("demo").read_text())
+
+
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """Keep stdout for the JSON result: what libraries print while a benchmark runs (img2dataset's

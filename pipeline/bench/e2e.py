@@ -15,10 +15,8 @@ PHASES = ("ray_init_s", "setup_s", "plan_s", "ingest_s", "embed_s", "dedup_s", "
 
 
 def bench_e2e(images: int = 1000) -> dict[str, Any]:
-    import yaml
-
-    from denseforge.configs import shipped
     from denseforge.errors import DenseforgeError
+    from denseforge.pipeline.bench import demo_config
     from denseforge.pipeline.bench.corpus import served_corpus
     from denseforge.pipeline.bench.memory import TreeMemory
     from denseforge.pipeline.config import parse_config
@@ -31,7 +29,7 @@ def bench_e2e(images: int = 1000) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
         root = Path(tmp)
         with served_corpus(root, images) as table:
-            raw = yaml.safe_load(shipped("demo").read_text())
+            raw = demo_config()
             raw["demo"] = {"enabled": False}
             raw["input"]["path"] = str(table)
             raw["dedup"]["clusters"] = None  # N / target_cluster_size, as a real run

@@ -14,11 +14,9 @@ from denseforge.pipeline.config import parse_config
 
 def demo_experts() -> list[dict[str, Any]]:
     """The experts of the shipped demo config (tagger, yolox, rapidocr) with their resources."""
-    import yaml
+    from denseforge.pipeline.bench import demo_config
 
-    from denseforge.configs import shipped
-
-    return yaml.safe_load(shipped("demo").read_text())["perceive"]["experts"]
+    return demo_config()["perceive"]["experts"]
 
 
 def gpu_shared(experts: list[dict[str, Any]]) -> list[dict[str, Any]]:

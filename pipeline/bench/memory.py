@@ -53,14 +53,6 @@ class TreeMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    @staticmethod
-    def current() -> int:
-        import os
-
-        table = process_table()
-        me = os.getpid()
-        return table[me][1] + sum(table[pid][1] for pid in descendants(me, table) if pid in table)
-
     def _take(self) -> None:
         import os
 
