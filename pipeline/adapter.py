@@ -186,8 +186,11 @@ def add_stage(ds, run: StageRun):
     common = dict(batch_size=None, batch_format="pyarrow", num_cpus=r.num_cpus, num_gpus=r.num_gpus)
     if r.concurrency is None:
         return ds.map_batches(run_stage_task, fn_kwargs={"run": run}, **common)
-    return ds.map_batches(StageWorker, fn_constructor_args=(run,), compute=ray.data.ActorPoolStrategy(size=r.concurrency),
-                          **common)
+    if r.max_concurrency is None:
+        pool = ray.data.ActorPoolStrategy(size=r.concurrency)
+    else:  # Ray Data adds workers while this stage is the bottleneck and resources are free
+        pool = ray.data.ActorPoolStrategy(min_size=r.concurrency, max_size=r.max_concurrency)
+    return ds.map_batches(StageWorker, fn_constructor_args=(run,), compute=pool, **common)
 
 
 # -- counting --------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.name == "quality":
         options = {}
     elif args.name == "e2e":
-        options = {"images": args.images or 1000}
+        options = {"images": args.images or 1000, "overrides": tuple(args.set)}
     elif args.name == "embed":
         options = {"images": args.images or 256, "batch_size": args.batch_size, "model": args.model}
     elif args.name == "dedup":
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=0.05, help="dedup: duplicate when cosine > 1 - epsilon")
     p.add_argument("--baseline-n", type=int, default=20_000, help="dedup: n for the brute-force baseline")
     p.add_argument("--gpu", action="store_true", help="experts: share one GPU between the experts in equal fractions")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="e2e: change the demo's config, e.g. perceive.experts.2.resources.max_concurrency=2")
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -140,13 +140,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML: {exc}") from exc
-        node = data
-        for i, k in enumerate(keys[:-1]):
-            child = node.setdefault(k, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a mapping")
-            node = child
-        node[keys[-1]] = value
+        node: Any = data
+        for i, k in enumerate(keys):
+            where = ".".join(keys[: i + 1])
+            if isinstance(node, list):  # a list entry by its index: perceive.experts.0.resources
+                if not (k.isdigit() and int(k) < len(node)):
+                    raise ConfigError(f"--set {dotted}: {where} - {'.'.join(keys[:i])} is a list of "
+                                      f"{len(node)}; give an index from 0 to {len(node) - 1}")
+                k = int(k)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i])} is not a mapping")
+            if i == len(keys) - 1:
+                node[k] = value
+            elif isinstance(node, dict):
+                node = node.setdefault(k, {})
+            else:
+                node = node[k]
     return data
 
 

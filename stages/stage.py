@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from denseforge.errors import ConfigError
 from denseforge.stages.sample import Sample
@@ -36,6 +36,19 @@ class Resources(BaseModel):
     batch_size: int = Field(8, ge=1, description="items per call (halved on CUDA out-of-memory)")
     concurrency: int | None = Field(
         1, ge=1, description="workers kept alive with the model loaded; null: stateless tasks, as many as fit")
+    max_concurrency: int | None = Field(
+        None, ge=1, description="let the pool grow to this many workers while it is the bottleneck and CPUs "
+                                "(GPUs) are free (Ray Data's autoscaling actor pool); null: fixed at concurrency")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> Resources:
+        if self.max_concurrency is not None:
+            if self.concurrency is None:
+                raise ValueError("max_concurrency sizes a worker pool; it needs concurrency (not null)")
+            if self.max_concurrency < self.concurrency:
+                raise ValueError(f"max_concurrency ({self.max_concurrency}) is below concurrency "
+                                 f"({self.concurrency}), the pool's starting size")
+        return self
 
     @property
     def threads(self) -> int:

@@ -14,12 +14,13 @@ from typing import Any
 PHASES = ("ray_init_s", "setup_s", "plan_s", "ingest_s", "embed_s", "dedup_s", "process_s")
 
 
-def bench_e2e(images: int = 1000) -> dict[str, Any]:
+def bench_e2e(images: int = 1000, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`overrides` (`--set key=value`) change the demo's config, e.g. an expert's resources."""
     from denseforge.errors import DenseforgeError
     from denseforge.pipeline.bench import demo_config
     from denseforge.pipeline.bench.corpus import served_corpus
     from denseforge.pipeline.bench.memory import TreeMemory
-    from denseforge.pipeline.config import parse_config
+    from denseforge.pipeline.config import apply_overrides, parse_config
     from denseforge.pipeline.rundir import RunDir
     from denseforge.pipeline.runner import execute, preflight
 
@@ -33,7 +34,7 @@ def bench_e2e(images: int = 1000) -> dict[str, Any]:
             raw["demo"] = {"enabled": False}
             raw["input"]["path"] = str(table)
             raw["dedup"]["clusters"] = None  # N / target_cluster_size, as a real run
-            config = parse_config(raw)
+            config = parse_config(apply_overrides(raw, list(overrides)))
             rd = RunDir(root / "run")
             runs = preflight(config, rd)
             rd.create(config)
@@ -53,7 +54,7 @@ def bench_e2e(images: int = 1000) -> dict[str, Any]:
                                            "cpu_efficiency": round(cpu / (seconds * cores), 3)}
         cursor -= seconds
     wall = end - start
-    return {"benchmark": "e2e", "images": images, "cores": cores, "seconds": round(wall, 2),
+    return {"benchmark": "e2e", "images": images, "overrides": list(overrides), "cores": cores, "seconds": round(wall, 2),
             "images_per_s": round(images / wall, 2), "funnel": stats["funnel"],
             "phases": dict(reversed(list(phases.items()))),
             "cpu_s": round(tree.cpu_between(start, end), 2),

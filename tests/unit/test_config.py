@@ -44,6 +44,19 @@ def test_set_rejects_malformed_items():
         apply_overrides({"ingest": 3}, ["ingest.threads=2"])
 
 
+def test_set_reaches_into_lists_by_index():
+    data = {"perceive": {"experts": [{"plugin": "yolox"}, {"plugin": "rapidocr", "resources": {"num_cpus": 0.5}}]}}
+    apply_overrides(data, ["perceive.experts.1.resources.max_concurrency=2", "perceive.experts.0.name=det"])
+    assert data["perceive"]["experts"] == [{"plugin": "yolox", "name": "det"},
+                                           {"plugin": "rapidocr", "resources": {"num_cpus": 0.5, "max_concurrency": 2}}]
+    with pytest.raises(ConfigError, match=r"perceive.experts.2 - perceive.experts is a list of 2; give an index from 0 to 1"):
+        apply_overrides(data, ["perceive.experts.2.name=x"])
+    with pytest.raises(ConfigError, match="is a list of 2"):
+        apply_overrides(data, ["perceive.experts.name=x"])
+    with pytest.raises(ConfigError, match=r"perceive.experts.0.name is not a mapping"):
+        apply_overrides(data, ["perceive.experts.0.name.x=1"])
+
+
 def test_set_with_unknown_key_fails_validation(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("input: {path: t.parquet}\n")
