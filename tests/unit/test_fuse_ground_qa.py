@@ -400,3 +400,19 @@ def test_clip_chunks_fill_the_context_exactly():
     assert stage.chunks("one two three four. five six seven eight nine.") == ["one two three four.",
                                                                                "five six seven eight nine."]
     assert stage.chunks("") == []
+
+
+def test_ground_settings_defaults_and_bounds_are_the_documented_ones():
+    """Mutation survivors: the grounding worker's size and mode could change unnoticed."""
+    from pydantic import ValidationError
+
+    from denseforge.stages.ground import GroundConfig
+
+    g = GroundConfig()
+    assert (g.num_cpus, g.batch_size, g.mode, g.aliases, g.synonyms.enabled) == (0.25, 32, "mentions", "builtin:aliases", True)
+    assert GroundConfig(mode="markup").mode == "markup" and GroundConfig(aliases=None).aliases is None
+    assert (GroundConfig(batch_size=1).batch_size, GroundConfig(batch_size=4096).batch_size) == (1, 4096)
+    assert GroundConfig(num_cpus=0.01).num_cpus == 0.01
+    for key, bad in [("num_cpus", 0), ("batch_size", 0), ("batch_size", 4097), ("mode", "labels")]:
+        with pytest.raises(ValidationError):
+            GroundConfig(**{key: bad})
