@@ -215,7 +215,7 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     out.mkdir(parents=True, exist_ok=True)
     sweep: Counter[float] = Counter()
     if n:
-        fraction = min(1.0, k * cfg.max_points_per_centroid / n, cfg.max_train_points / n)
+        fraction = dd.train_points(n, k, cfg) / n
         train = ray.remote(num_gpus=cfg.num_gpus)(_train)
         centroids = ray.get(train.remote(files, k, fraction, config.run.seed, cfg.kmeans_iters,
                                          cfg.max_points_per_centroid, cfg.num_gpus > 0 or None))

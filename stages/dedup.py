@@ -94,6 +94,17 @@ def clusters_for(n: int, k: int | None, target_cluster_size: int) -> int:
     return max(1, min(n, k if k else round(n / target_cluster_size)))
 
 
+MIN_POINTS_PER_CENTROID = 39  # FAISS's own floor: it warns below it, and such centroids are little more than sample points
+
+
+def train_points(n: int, k: int, cfg: DedupConfig) -> int:
+    """How many of n embeddings k-means trains k centroids on: k x `max_points_per_centroid`, at
+    most `max_train_points`, but never fewer than 39 per centroid (k = 50,000 on the 65,536-point
+    cap would make every centroid from one or two points)."""
+    floor = k * min(MIN_POINTS_PER_CENTROID, cfg.max_points_per_centroid)
+    return min(n, max(floor, min(k * cfg.max_points_per_centroid, cfg.max_train_points)))
+
+
 def _flat_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool, mppc: int,
                  nredo: int = 1) -> np.ndarray:
     import faiss

@@ -55,7 +55,7 @@ def _ours_dedup(x: np.ndarray, epsilon: float, cluster_size: int, seed: int) -> 
     start = time.perf_counter()
     k = dd.clusters_for(n, None, cluster_size)
     rng = np.random.default_rng(seed)
-    points = min(n, k * cfg.max_points_per_centroid, cfg.max_train_points)
+    points = dd.train_points(n, k, cfg)
     sample = x[np.sort(rng.choice(n, size=points, replace=False))]
     centroids = dd.train_kmeans(sample, k, niter=cfg.kmeans_iters, seed=seed,
                                 max_points_per_centroid=cfg.max_points_per_centroid)

@@ -146,6 +146,17 @@ def test_clusters_for():
     assert dd.clusters_for(10, 50, 1000) == 10
 
 
+def test_training_sample_is_bounded_but_never_below_39_points_per_centroid():
+    cfg = dd.DedupConfig()
+    assert dd.train_points(1000, 2, cfg) == 512  # k x 256
+    assert dd.train_points(1_000_000, 1000, cfg) == 65_536  # the cap
+    assert dd.train_points(100, 2, cfg) == 100  # all there is
+    # densefusion.yaml's 50,000 clusters: the cap alone gave 1.3 points per centroid
+    assert dd.train_points(10**8, 50_000, cfg) == 50_000 * 39
+    assert dd.train_points(10**6, 50_000, cfg) == 10**6
+    assert dd.train_points(10**8, 50_000, dd.DedupConfig(max_points_per_centroid=10)) == 500_000
+
+
 def test_prefilter_and_balanced_selection():
     reason = dd.prefilter(np.array([500, 300, 2000, 448]), np.array([600, 900, 100, 448]), 448, 3.0)
     assert list(reason) == ["", "too_small", "too_small", ""]
