@@ -107,7 +107,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.name == "embed":
         options = {"images": args.images or 256, "batch_size": args.batch_size, "model": args.model}
     elif args.name == "dedup":
-        options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n}
+        options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n,
+                   "pipeline": args.pipeline}
     else:
         options = {"images": args.images or 96, "gpu": args.gpu}
     with stdout_to_stderr():
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="dedup: numbers of embeddings")
     p.add_argument("--epsilon", type=float, default=0.05, help="dedup: duplicate when cosine > 1 - epsilon")
     p.add_argument("--baseline-n", type=int, default=20_000, help="dedup: n for the brute-force baseline")
+    p.add_argument("--pipeline", type=int, default=0, metavar="N",
+                   help="dedup: instead, the run's own Ray dedup phase on N embeddings stored as float16 unit files")
     p.add_argument("--gpu", action="store_true", help="experts: share one GPU between the experts in equal fractions")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="e2e: change the demo's config, e.g. perceive.experts.2.resources.max_concurrency=2")

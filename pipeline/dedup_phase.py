@@ -43,7 +43,7 @@ DECISION_SCHEMA = pa.schema([
 ENTRY_SCHEMA = DECISION_SCHEMA.append(pa.field("primary", pa.bool_()))
 
 
-def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str]) -> pa.Table:
+def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str], storage_dtype: str = "float32") -> pa.Table:
     """The embed pass's sink: per unit, the vectors and hashes of every embedded image, the
     images it failed on (relayed as rejects by the dedup stage), then the unit's marker."""
     out = []
@@ -61,7 +61,8 @@ def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str]) -> pa.Tab
              "phash": pa.array([o["phash"] for o in outputs], pa.int64()),
              "fingerprint": pa.array([o["fingerprint"] for o in outputs], pa.binary()),
              "width": pa.array([s.original_width or s.width for s in samples], pa.int64()),
-             "height": pa.array([s.original_height or s.height for s in samples], pa.int64())})
+             "height": pa.array([s.original_height or s.height for s in samples], pa.int64())},
+            dtype=storage_dtype)
         provenance = outputs[0]["provenance"] if outputs else None
         rd.embeddings.mkdir(parents=True, exist_ok=True)
         write_rejects([r.model_dump() for r in failed], rd.embed_rejects_file(unit))
@@ -90,7 +91,8 @@ def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, l
         runs = embed_stages(config, spec)
         for run in runs:
             ds = add_stage(ds, run)
-        ds = ds.map_batches(write_embeddings, fn_kwargs={"rd": rd, "instances": {r.instance for r in runs}},
+        ds = ds.map_batches(write_embeddings, fn_kwargs={"rd": rd, "instances": {r.instance for r in runs},
+                                                       "storage_dtype": config.embed.storage_dtype},
                             batch_size=None, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
         for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in result.to_pylist():

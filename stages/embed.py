@@ -57,6 +57,9 @@ class EmbedConfig(ClipModel, WorkerSettings):
                             "since there they would only take cores from the forward pass)")
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="forward-pass precision (auto: float16 autocast on CUDA, float32 on CPU)")
+    storage_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="how vectors are stored in embeddings/ and shuffled by dedup (float16: half the disk "
+                               "and shuffle volume; dedup computes in float32 either way)")
 
     def feeders(self) -> int | None:
         """CPU workers feeding the model workers: a number, 0 (none), or None (as many as fit)."""
@@ -281,12 +284,14 @@ def perceptual_hash(image: Image.Image) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def embedding_table(keys: list[str], units: list[int], vectors: np.ndarray, extra: dict[str, list[Any]]) -> pa.Table:
-    """The per-unit embeddings file: key, unit, embedding (fixed-size list) and the hash columns."""
+def embedding_table(keys: list[str], units: list[int], vectors: np.ndarray, extra: dict[str, list[Any]],
+                    dtype: str = "float32") -> pa.Table:
+    """The per-unit embeddings file: key, unit, embedding (fixed-size list of `dtype`) and the hash columns."""
     dim = vectors.shape[1] if vectors.size else 0
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    value_type = pa.float16() if dtype == "float16" else pa.float32()
+    flat = pa.array(vectors.reshape(-1).astype(dtype, copy=False), type=value_type)
     columns = {"key": pa.array(keys, pa.string()), "unit": pa.array(units, pa.int64()),
-               "embedding": pa.FixedSizeListArray.from_arrays(flat, dim) if dim else pa.nulls(len(keys), pa.list_(pa.float32()))}
+               "embedding": pa.FixedSizeListArray.from_arrays(flat, dim) if dim else pa.nulls(len(keys), pa.list_(value_type))}
     columns.update({name: pa.array(values) for name, values in extra.items()})
     return pa.table(columns)
 

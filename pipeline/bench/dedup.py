@@ -21,19 +21,28 @@ def planted_embeddings(n: int, dim: int = 512, dup_fraction: float = 0.1, topics
     centers = rng.standard_normal((topics, dim), dtype=np.float32)
     x = np.empty((n, dim), dtype=np.float32)
     for s in range(0, originals, 65536):
-        e = min(originals, s + 65536)
-        x[s:e] = centers[rng.integers(0, topics, e - s)] + rng.standard_normal((e - s, dim), dtype=np.float32)
-    x[:originals] /= np.linalg.norm(x[:originals], axis=1, keepdims=True)
+        x[s:min(originals, s + 65536)] = _originals(rng, centers, min(originals, s + 65536) - s)
     group = np.empty(n, dtype=np.int64)
     group[:originals] = np.arange(originals)
     source = rng.integers(0, originals, copies)
     group[originals:] = source
     for s in range(0, copies, 65536):
         e = min(copies, s + 65536)
-        noisy = x[source[s:e]] + rng.standard_normal((e - s, dim), dtype=np.float32) * (0.2 / np.sqrt(dim))
-        x[originals + s:originals + e] = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+        x[originals + s:originals + e] = _near_copies(rng, x[source[s:e]])
     perm = rng.permutation(n)
     return x[perm], group[perm]
+
+
+def _originals(rng: np.random.Generator, centers: np.ndarray, count: int) -> np.ndarray:
+    """`count` L2-normalised rows around random topic centres (intra-topic cosine ~0.5)."""
+    x = centers[rng.integers(0, len(centers), count)] + rng.standard_normal((count, centers.shape[1]), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _near_copies(rng: np.random.Generator, sources: np.ndarray) -> np.ndarray:
+    """A near-copy of each source row (cosine ~0.98)."""
+    noisy = sources + rng.standard_normal(sources.shape, dtype=np.float32) * (0.2 / np.sqrt(sources.shape[1]))
+    return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
 
 
 def _score(reason: np.ndarray, dup_of: np.ndarray, group: np.ndarray) -> dict[str, float]:
@@ -93,9 +102,12 @@ def _naive_dedup(x: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]
 
 
 def bench_dedup(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, epsilon: float = 0.05,
-                cluster_size: int = 1000, baseline_n: int = 20_000, seed: int = 0) -> dict[str, Any]:
+                cluster_size: int = 1000, baseline_n: int = 20_000, seed: int = 0, pipeline: int = 0) -> dict[str, Any]:
     """Wall time, peak RSS, precision/recall of planted duplicates, and speed-up against the naive
-    baseline at the largest n it can do (`baseline_n`), measured in the same run."""
+    baseline at the largest n it can do (`baseline_n`), measured in the same run. `pipeline` > 0:
+    the run's own dedup phase on that many embeddings on disk instead (`bench_dedup_pipeline`)."""
+    if pipeline:
+        return bench_dedup_pipeline(pipeline, dim, epsilon, seed=seed)
     results: dict[str, Any] = {"benchmark": "dedup", "dim": dim, "epsilon": epsilon, "cluster_size": cluster_size,
                                "faiss_gpu": _faiss_gpu(), "sizes": {}}
     for n in sizes:
@@ -131,3 +143,109 @@ def _faiss_gpu() -> bool:
     from denseforge.stages.dedup import faiss_gpu_available
 
     return faiss_gpu_available()
+
+
+def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup_fraction: float = 0.1) -> np.ndarray:
+    """n planted embeddings written as the embed pass writes them (one float16 embeddings file per
+    unit of `unit_rows`; each unit's near-copies are of its own originals), streaming: memory holds
+    one unit. Returns the group id of every row (rows are keyed by their index)."""
+    import pyarrow as pa
+
+    from denseforge.stages.embed import embedding_table
+    from denseforge.stages.files import write_table_atomic
+
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(1, n // 200), dim), dtype=np.float32)
+    group = np.empty(n, dtype=np.int64)
+    rd.embeddings.mkdir(parents=True, exist_ok=True)
+    for unit, start in enumerate(range(0, n, unit_rows)):
+        rows = min(unit_rows, n - start)
+        originals = rows - int(rows * dup_fraction)
+        x = np.empty((rows, dim), dtype=np.float32)
+        x[:originals] = _originals(rng, centers, originals)
+        source = rng.integers(0, originals, rows - originals)
+        x[originals:] = _near_copies(rng, x[source])
+        group[start:start + originals] = np.arange(start, start + originals)
+        group[start + originals:start + rows] = start + source
+        keys = [f"{i:012d}" for i in range(start, start + rows)]
+        extra = {"sha256": pa.array(keys), "phash": pa.array(np.zeros(rows, dtype=np.int64)),
+                 "width": pa.array(np.full(rows, 640)), "height": pa.array(np.full(rows, 480))}
+        write_table_atomic(rd.embeddings_file(unit), embedding_table(keys, [unit] * rows, x, extra, dtype="float16"))
+    return group
+
+
+def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_rows: int = 10_000,
+                         buckets: int = 64, seed: int = 0) -> dict[str, Any]:
+    """The run's own dedup phase (`run_dedup`: k-means on a sample, assignment and the bucket
+    shuffle in Ray tasks, per-bucket dedup tasks, the merge and selection on the driver) on n
+    planted embeddings stored as float16 unit files: wall time, peak RSS of the process tree,
+    disk used, precision and recall. Out of core by construction: no step holds all vectors."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from denseforge.pipeline.config import parse_config
+    from denseforge.pipeline.dedup_phase import run_dedup
+    from denseforge.pipeline.ray_session import start_ray
+    from denseforge.pipeline.rundir import RunDir
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
+        root = Path(tmp)
+        config = parse_config({"input": {"kind": "table", "path": str(root / "unused.parquet")},
+                               "ray": {"num_cpus": cores}, "embed": {"storage_dtype": "float16"},
+                               "dedup": {"epsilon": epsilon, "exact": False, "phash_max_distance": None,
+                                         "sweep": [], "buckets": buckets}})
+        rd = RunDir(root / "run")
+        rd.create(config)
+        start = time.perf_counter()
+        group = write_planted_units(rd, n, dim, unit_rows, seed)
+        generate_s = time.perf_counter() - start
+        units = -(-n // unit_rows)
+        embeddings_mib = sum(f.stat().st_size for f in rd.embeddings.iterdir()) / 2**20
+        start_ray(config.ray, None)
+        progress = _StepTimes()
+        try:
+            with TreeMemory() as mem:
+                start = time.perf_counter()
+                summary = run_dedup(config, rd, units, progress)
+                wall = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+        dedup_files_mib = sum(f.stat().st_size for f in rd.dedup.rglob("*.parquet")) / 2**20
+        table = pq.read_table(rd.decisions, columns=["key", "reason", "dup_of"])
+        row = np.asarray(table.column("key").to_pylist(), dtype=np.int64)
+        reason = np.empty(n, dtype=object)
+        reason[row] = table.column("reason").to_pylist()
+        dup_of = np.full(n, -1, dtype=np.int64)
+        dup_of[row] = [int(d) if d is not None else -1 for d in table.column("dup_of").to_pylist()]
+    steps = np.diff([start, *progress.marks]).round(1).tolist()
+    return {"benchmark": "dedup-pipeline", "n": n, "dim": dim, "epsilon": epsilon, "cores": cores,
+            "storage": "float16 parquet, one file per unit", "units": units, "unit_rows": unit_rows,
+            "buckets": buckets, "clusters": summary["clusters"], "generate_s": round(generate_s, 1),
+            "seconds": round(wall, 1), "steps_s": dict(zip(("train", "assign_and_shuffle", "dedup_merge_select"), steps)),
+            "peak_rss_mib": round(mem.peak / 2**20, 1),
+            "embeddings_mib": round(embeddings_mib, 1), "dedup_files_mib": round(dedup_files_mib, 1),
+            **_score(reason, dup_of, group)}
+
+
+class _StepTimes:
+    """Stands in for the run's progress display and notes when each dedup step ends."""
+
+    def __init__(self):
+        self.marks: list[float] = []
+
+    def phase(self, name: str, total: int, done: int = 0, unit: str = "it") -> "_StepTimes":
+        return self
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        self.marks.append(time.perf_counter())
+
+    def close(self) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass

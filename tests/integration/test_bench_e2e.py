@@ -23,3 +23,14 @@ def test_bench_e2e_reports_every_phase_of_a_balanced_run(tmp_path):
     assert all(p["cpu_s"] >= 0 and p["cpu_efficiency"] >= 0 for p in r["phases"].values())
     assert r["cpu_s"] >= r["phases"]["process"]["cpu_s"] > 0 and r["peak_rss_mib"] > 100
     assert r["experts"] == ["tagger", "yolox", "rapidocr"]
+
+
+def test_bench_dedup_pipeline_runs_the_ray_dedup_phase_on_float16_unit_files():
+    """The out-of-core path at a size a test affords: every planted copy found, nothing else."""
+    from denseforge.pipeline.bench.dedup import bench_dedup_pipeline
+
+    r = bench_dedup_pipeline(20_000, dim=64, unit_rows=5_000, buckets=4)
+    assert (r["units"], r["clusters"], r["planted"]) == (4, 20, 2_000)
+    assert 20_000 * 64 * 2 < r["embeddings_mib"] * 2**20 < 20_000 * 64 * 4  # float16 vectors (+ keys, hashes)
+    assert r["precision"] == 1.0 and r["recall"] >= 0.99
+    assert set(r["steps_s"]) == {"train", "assign_and_shuffle", "dedup_merge_select"} and r["peak_rss_mib"] > 0

@@ -1,6 +1,7 @@
 import io
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -60,6 +61,10 @@ def test_embedding_table_round_trip():
     table = embedding_table(["a", "b", "c"], [0, 0, 1], x, {"sha256": ["1", "2", "3"]})
     np.testing.assert_array_equal(embeddings_matrix(table), x)
     assert table.column("unit").to_pylist() == [0, 0, 1]
+    half = embedding_table(["a", "b", "c"], [0, 0, 1], x / 7, {"sha256": ["1", "2", "3"]}, dtype="float16")
+    assert half.column("embedding").type.value_type == pa.float16()
+    back = embeddings_matrix(half)
+    assert back.dtype == np.float32 and np.abs(back - x / 7).max() <= 1e-3 * np.abs(x / 7).max()
 
 
 # -- the CPU side of the embed pass: PixelStage feeding EmbedStage ------------------------------
