@@ -310,3 +310,24 @@ def test_bucket_entries_merge_into_one_decision_per_key_on_its_primary_row():
     assert (merged["x"]["cluster"], merged["x"]["reason"], merged["x"]["dup_of"]) == (7, dd.SEMANTIC, "y")
     assert (merged["z"]["reason"], merged["z"]["dup_of"], merged["z"]["unit"]) == (dd.NEAR, "y", 1)
     assert (merged["y"]["reason"], merged["y"]["dup_of"], merged["y"]["rank"]) == ("", None, 0)
+
+
+def test_the_training_sample_reads_a_seeded_subset_of_the_files(tmp_path):
+    """At large N the sample needs a few % of the rows: it reads 4x that share of the units' files
+    (not all of them), and small runs still sample every file."""
+    import pyarrow.parquet as pq
+
+    from denseforge.pipeline.dedup_phase import _train_sample
+    from denseforge.stages.embed import embedding_table
+
+    files = []
+    for u in range(40):
+        x = np.full((100, 4), float(u), dtype=np.float32)  # a row says which file it came from
+        files.append(str(tmp_path / f"{u}.parquet"))
+        pq.write_table(embedding_table([f"{u}-{i}" for i in range(100)], [u] * 100, x, {}), files[-1])
+    sample = _train_sample(files, 0.05, seed=3)
+    assert len(set(sample[:, 0])) == 8  # ceil(0.05 x 4 x 40) files
+    assert 120 <= len(sample) <= 280  # about 0.05 x 4,000 rows
+    np.testing.assert_array_equal(sample, _train_sample(files, 0.05, seed=3))  # seeded
+    assert set(_train_sample(files, 0.05, seed=4)[:, 0]) != set(sample[:, 0])
+    assert len(set(_train_sample(files, 0.3, seed=3)[:, 0])) == 40  # 0.3 x 4 >= 1: every file
