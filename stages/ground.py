@@ -97,7 +97,8 @@ def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]],
         if label in names_for and name != label:
             names_for[label].append(name)
     taken = bytearray(len(caption))  # characters a mention already holds: linear, not quadratic
-    for label, indices in sorted(by_label.items()):
+    # longest names first, so "hot dog" holds its characters before "dog" looks for its own
+    for label, indices in sorted(by_label.items(), key=lambda item: (-max(map(len, names_for[item[0]])), item[0])):
         indices.sort(key=lambda i: -_area(objects[i]["box"]))
         forms = sorted({f for n in names_for[label] for f in (n, plural(n))}, key=len, reverse=True)
         plurals = {plural(n).lower() for n in names_for[label]} - {n.lower() for n in names_for[label]}

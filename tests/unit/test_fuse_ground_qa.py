@@ -410,9 +410,75 @@ def test_ground_settings_defaults_and_bounds_are_the_documented_ones():
 
     g = GroundConfig()
     assert (g.num_cpus, g.batch_size, g.mode, g.aliases, g.synonyms.enabled) == (0.25, 32, "mentions", "builtin:aliases", True)
-    assert GroundConfig(mode="markup").mode == "markup" and GroundConfig(aliases=None).aliases is None
+    assert (GroundConfig(mode="markup").mode, GroundConfig(mode="mentions").mode) == ("markup", "mentions")
+    assert GroundConfig(aliases=None).aliases is None
     assert (GroundConfig(batch_size=1).batch_size, GroundConfig(batch_size=4096).batch_size) == (1, 4096)
     assert GroundConfig(num_cpus=0.01).num_cpus == 0.01
     for key, bad in [("num_cpus", 0), ("batch_size", 0), ("batch_size", 4097), ("mode", "labels")]:
         with pytest.raises(ValidationError):
             GroundConfig(**{key: bad})
+
+
+@pytest.mark.parametrize("caption, labels, expected", [
+    ("a hot dog and a dog", ["hot dog", "dog"], [("hot dog", (2, 9), "objects/0"), ("dog", (16, 19), "objects/1")]),
+    ("a teddy bear next to a bear", ["bear", "teddy bear"],
+     [("teddy bear", (2, 12), "objects/1"), ("bear", (23, 27), "objects/0")]),
+])
+def test_a_label_inside_a_longer_label_does_not_take_its_mention(caption, labels, expected):
+    """Regression: labels were matched alphabetically, so "dog" took the "dog" of "hot dog" (tied to
+    the dog's box) and "hot dog" was never grounded."""
+    experts = {"objects": [{"label": label, "score": 0.9, "box": [10 * i, 0, 10 * i + 5, 5]} for i, label in enumerate(labels)]}
+    assert [(g.phrase, g.span, g.source) for g in ground_mentions(caption, experts)] == expected
+
+
+@pytest.mark.parametrize("small, large", [
+    ([0, 0, 20, 20], [60, 0, 70, 50]),    # areas 400 < 500
+    ([0, 0, 20, 20], [0, 50, 30, 90]),    # 400 < 1,200
+    ([0, 100, 20, 150], [0, 0, 30, 40]),  # 1,000 < 1,200
+])
+def test_a_singular_mention_takes_the_largest_box(small, large):
+    """Areas computed by hand; each pair orders differently under a wrong area formula."""
+    experts = {"objects": [{"label": "dog", "score": 0.9, "box": small}, {"label": "dog", "score": 0.9, "box": large}]}
+    [g] = ground_mentions("A dog.", experts)
+    assert g.source == "objects/1"
+
+
+def test_ocr_lines_ground_at_the_caption_start_from_two_characters_and_across_spaces():
+    ocr = [{"text": "A", "score": 1.0, "box": [0, 0, 1, 1]},            # one character: never grounded
+           {"box": [0, 0, 1, 1]},                                       # no text: nothing
+           {"text": "STOP", "score": 1.0, "box": [1, 1, 2, 2]},         # at the caption's start
+           {"text": "EX", "score": 1.0, "box": [2, 2, 3, 3]},           # two characters
+           {"text": "OPEN 24 HOURS", "score": 1.0, "box": [3, 3, 4, 4]}]  # other case: the loose search
+    caption = "STOP at EX: open 24 hours."
+    got = [(g.phrase, g.span, g.source) for g in ground_mentions(caption, {"ocr": ocr})]
+    assert got == [("STOP", (0, 4), "ocr/2"), ("EX", (8, 10), "ocr/3"), ("open 24 hours", (12, 25), "ocr/4")]
+    [g] = ground_mentions("Open24Hours since 1990", {"ocr": [{"text": "OPEN 24 HOURS", "score": 1.0, "box": [0, 0, 1, 1]}]})
+    assert (g.phrase, g.span) == ("Open24Hours", (0, 11))  # loose, at the start
+    assert ground_mentions("XXXX", {"ocr": [{"box": [0, 0, 1, 1]}]}) == []
+
+
+def test_ground_stage_without_a_caption_grounds_nothing_and_keeps_its_name():
+    from denseforge.stages.ground import GroundConfig, GroundStage
+
+    stage = GroundStage(GroundConfig(synonyms={"enabled": False}))
+    assert (stage.name, GroundStage.Options) == ("ground", GroundConfig)
+    sample = Sample(key="k", width=10, height=10, sha256="0", caption=None,
+                    experts={"ocr": [{"text": "XX", "score": 1.0, "box": [0, 0, 1, 1]}]})
+    assert stage.process([Item(0, sample, b"")]) == [None] and sample.grounding == []
+
+
+def test_plural_of_an_irregular_last_word_after_a_modifier():
+    assert (plural("tall person"), plural("police man"), plural("fish")) == ("tall people", "police men", "fish")
+
+
+def test_alias_file_errors_are_whole_sentences(tmp_path):
+    from denseforge.stages.ground import read_aliases
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("cat\n")
+    with pytest.raises(ConfigError) as exc:
+        read_aliases(str(bad))
+    assert str(exc.value) == f"ground.aliases {str(bad)!r}: expected 'name<TAB>label' lines, got ['cat']"
+    with pytest.raises(ConfigError) as exc:
+        read_aliases(str(tmp_path / "none.tsv"))
+    assert str(exc.value) == f"ground.aliases {str(tmp_path / 'none.tsv')!r} cannot be read: No such file or directory"
