@@ -31,7 +31,7 @@ from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
 from denseforge.stages.embed import embedding_table, embeddings_matrix, pixel_spec
-from denseforge.stages.files import write_json_atomic, write_parquet_atomic, write_table_atomic
+from denseforge.stages.files import read_arrow, write_arrow_atomic, write_json_atomic, write_parquet_atomic, write_table_atomic
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample
 
@@ -148,7 +148,7 @@ def _assign_unit(file: str, centroids: dd.CentroidIndex, rd: RunDir, buckets: in
     for b in np.unique(bucket_of):
         target = rd.bucket(int(b))
         target.mkdir(parents=True, exist_ok=True)
-        write_table_atomic(target / Path(file).name, table.filter(pa.array(bucket_of == b)))
+        write_arrow_atomic(target / f"{Path(file).stem}.arrow", table.filter(pa.array(bucket_of == b)))
     return int(primary.sum())
 
 
@@ -161,8 +161,8 @@ def _fingerprints(table: pa.Table) -> np.ndarray | None:
 
 
 def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> dict[str, Any]:
-    files = sorted(Path(bucket_path).glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    files = sorted(Path(bucket_path).glob("*.arrow"))
+    table = pa.concat_tables([read_arrow(f) for f in files]) if files else None
     rows: list[dict[str, Any]] = []
     sweep: dict[float, int] = {}
     if table is not None and table.num_rows:

@@ -34,5 +34,20 @@ def write_table_atomic(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
+def write_arrow_atomic(path: Path, table: pa.Table) -> None:
+    """An Arrow IPC file (uncompressed): for files the run writes and reads back itself, ~40x
+    cheaper than parquet for vector columns and readable memory-mapped (`read_arrow`)."""
+    tmp = tmp_path(path)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(tmp, path)
+
+
+def read_arrow(path: Path) -> pa.Table:
+    """An Arrow IPC file, memory-mapped: columns are read from the page cache as they are used."""
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
 def write_parquet_atomic(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
     write_table_atomic(path, pa.Table.from_pylist(rows, schema=schema))

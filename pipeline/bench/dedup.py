@@ -215,7 +215,7 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
                 wall = time.perf_counter() - start
         finally:
             ray.shutdown()
-        dedup_files_mib = sum(f.stat().st_size for f in rd.dedup.rglob("*.parquet")) / 2**20
+        dedup_files_mib = sum(f.stat().st_size for f in rd.dedup.rglob("*") if f.is_file()) / 2**20
         table = pq.read_table(rd.decisions, columns=["key", "reason", "dup_of"])
         row = np.asarray(table.column("key").to_pylist(), dtype=np.int64)
         reason = np.empty(n, dtype=object)

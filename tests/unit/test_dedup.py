@@ -331,3 +331,15 @@ def test_the_training_sample_reads_a_seeded_subset_of_the_files(tmp_path):
     np.testing.assert_array_equal(sample, _train_sample(files, 0.05, seed=3))  # seeded
     assert set(_train_sample(files, 0.05, seed=4)[:, 0]) != set(sample[:, 0])
     assert len(set(_train_sample(files, 0.3, seed=3)[:, 0])) == 40  # 0.3 x 4 >= 1: every file
+
+
+def test_bucket_files_are_arrow_ipc_written_atomically_and_read_memory_mapped(tmp_path):
+    from denseforge.stages.embed import embedding_table, embeddings_matrix
+    from denseforge.stages.files import read_arrow, write_arrow_atomic
+
+    x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    table = embedding_table([str(i) for i in range(50)], [3] * 50, x, {"phash": np.arange(50)}, dtype="float16")
+    write_arrow_atomic(tmp_path / "00003.arrow", table)
+    assert [p.name for p in tmp_path.iterdir()] == ["00003.arrow"]  # no temporary left behind
+    back = read_arrow(tmp_path / "00003.arrow")
+    assert back.equals(table) and np.abs(embeddings_matrix(back) - x).max() < 4e-3
