@@ -168,42 +168,28 @@ class CentroidIndex:
         return cls(centroids, np.ascontiguousarray(coarse[filled]), [cells[c] for c in filled])
 
 
-def _top2(sims: np.ndarray, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The two largest of each row (ids -1, similarity -inf where a row has only one column)."""
-    m, k = sims.shape
-    if k == 1:
-        top = np.zeros((m, 1), dtype=np.int64)
-    else:
-        top = np.argpartition(-sims, 1, axis=1)[:, :2]
-    val = np.take_along_axis(sims, top, axis=1)
-    swap = val[:, 0] < val[:, -1]
-    top[swap], val[swap] = top[swap][:, ::-1], val[swap][:, ::-1]
-    idx = top if ids is None else ids[top]
-    if k == 1:
-        idx = np.concatenate([idx, np.full((m, 1), -1)], axis=1)
-        val = np.concatenate([val, np.full((m, 1), -np.inf, dtype=val.dtype)], axis=1)
-    return idx, val
+def centroid_search(index: CentroidIndex, probe: int):
+    """A FAISS index over the centroids: flat, or with a coarse level an IVF whose inverted lists
+    are the coarse cells, searching the `probe` nearest (FAISS indexes do not pickle into Ray
+    tasks, so each task builds its own; it holds k vectors)."""
+    import faiss
 
-
-def _nearest_two(x: np.ndarray, index: CentroidIndex, probe: int, flat=None) -> tuple[np.ndarray, np.ndarray]:
-    if flat is not None:  # one level: FAISS's blocked matrix product with a top-k heap beats numpy
-        val, idx = flat.search(x, 2)
-        return idx, val
-    probes = np.argsort(-(x @ index.coarse.T), axis=1, kind="stable")[:, :probe]
-    best_idx = np.full((len(x), 2), -1, dtype=np.int64)
-    best_val = np.full((len(x), 2), -np.inf, dtype=np.float32)
-    for j in range(probes.shape[1]):
-        order = np.argsort(probes[:, j], kind="stable")
-        bounds = np.flatnonzero(np.diff(probes[order, j])) + 1
-        for rows in np.split(order, bounds):
-            members = index.cells[probes[rows[0], j]]
-            idx, val = _top2(x[rows] @ index.centroids[members].T, members)
-            both_idx = np.concatenate([best_idx[rows], idx], axis=1)
-            both_val = np.concatenate([best_val[rows], val], axis=1)
-            pick = np.argsort(-both_val, axis=1, kind="stable")[:, :2]
-            best_idx[rows] = np.take_along_axis(both_idx, pick, axis=1)
-            best_val[rows] = np.take_along_axis(both_val, pick, axis=1)
-    return best_idx, best_val
+    d = index.centroids.shape[1]
+    if index.coarse is None:
+        flat = faiss.IndexFlatIP(d)
+        flat.add(index.centroids)
+        return flat
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(index.coarse)
+    ivf = faiss.IndexIVFFlat(quantizer, d, len(index.coarse), faiss.METRIC_INNER_PRODUCT)
+    for cell, members in enumerate(index.cells):
+        vectors = np.ascontiguousarray(index.centroids[members])
+        ids = np.ascontiguousarray(members, dtype=np.int64)
+        ivf.invlists.add_entries(cell, len(members), faiss.swig_ptr(ids), faiss.swig_ptr(vectors.view(np.uint8)))
+    ivf.ntotal = len(index.centroids)
+    ivf.nprobe = min(probe, len(index.coarse))
+    ivf.referenced_objects = [quantizer]  # the IVF does not own its quantizer
+    return ivf
 
 
 def assign_clusters(x: np.ndarray, centroids: np.ndarray | CentroidIndex, batch: int = 65536, probe: int = 8,
@@ -212,19 +198,14 @@ def assign_clusters(x: np.ndarray, centroids: np.ndarray | CentroidIndex, batch:
     second-nearest centroid of a border row, one whose second centroid is within `border` (cosine)
     of its nearest (-1 for the others): near-duplicates on either side of a boundary meet there.
     With a two-level `CentroidIndex`, the fine centroids of the `probe` nearest coarse cells are
-    searched (matrix products cell by cell)."""
+    searched (FAISS's IVF over the cells)."""
     index = centroids if isinstance(centroids, CentroidIndex) else CentroidIndex.build(centroids)
-    flat = None
-    if index.coarse is None:  # built here, once: a FAISS index does not pickle into Ray tasks
-        import faiss
-
-        flat = faiss.IndexFlatIP(index.centroids.shape[1])
-        flat.add(index.centroids)
+    search = centroid_search(index, probe)
     labels = np.empty(len(x), dtype=np.int64)
     sims = np.empty(len(x), dtype=np.float32)
     second = np.full(len(x), -1, dtype=np.int64)
     for s in range(0, len(x), batch):
-        idx, val = _nearest_two(np.ascontiguousarray(x[s:s + batch], dtype=np.float32), index, probe, flat)
+        val, idx = search.search(np.ascontiguousarray(x[s:s + batch], dtype=np.float32), 2)  # no second: id -1
         labels[s:s + batch], sims[s:s + batch] = idx[:, 0], val[:, 0]
         if border > 0:
             second[s:s + batch] = np.where((idx[:, 1] >= 0) & (val[:, 0] - val[:, 1] <= border), idx[:, 1], -1)
