@@ -482,3 +482,12 @@ def test_alias_file_errors_are_whole_sentences(tmp_path):
     with pytest.raises(ConfigError) as exc:
         read_aliases(str(tmp_path / "none.tsv"))
     assert str(exc.value) == f"ground.aliases {str(tmp_path / 'none.tsv')!r} cannot be read: No such file or directory"
+
+
+def test_ref_markup_strips_stray_tags_before_and_inside_a_phrase_and_ignores_an_id_one_past_the_end():
+    objects = [{"label": "dog", "box": [0, 0, 1, 1]}, {"label": "cat", "box": [1, 1, 2, 2]}]
+    text, g = parse_ref_markup("x </ref> y <ref id=0>a <ref>dog</ref> z <ref id=2>ghost</ref>.", objects)
+    assert text == "x  y a dog z ghost."
+    assert [(x.phrase, x.span, x.source) for x in g] == [("a dog", (5, 10), "objects/0")]  # id 2 of 2: no box
+    text, g = parse_ref_markup("A <REF ID=1>tabby\ncat</Ref> naps.", objects)  # any case, across a line break
+    assert text == "A tabby\ncat naps." and [(x.phrase, x.span, x.source) for x in g] == [("tabby\ncat", (2, 11), "objects/1")]
