@@ -42,7 +42,7 @@ def _mark(sample: Sample, render) -> str:
     return "".join(pieces + [caption[cursor:]])
 
 
-def _groups(sample: Sample, d: Dialect) -> list[tuple[int, int, str, list[Box]]]:
+def _groups(sample: Sample) -> list[tuple[int, int, str, list[Box]]]:
     """(start, stop, phrase, original boxes) per grounded span, in caption order."""
     caption = sample.caption or ""
     return [(a, b, caption[a:b], [g.box for g in group]) for (a, b), group in _spans(sample)]
@@ -100,7 +100,7 @@ def turns(sample: Sample, d: Dialect, tasks: Iterable[str], absent: str | None =
         return [d.encode(b, w, h) for b in boxes]
 
     out: list[Turn] = []
-    groups = _groups(sample, d)
+    groups = _groups(sample)
     if "caption" in tasks and sample.caption:
         prompt, answer = d.caption_turn(sample.caption, grounded_text(sample, d),
                                         [(phrase, enc(boxes)) for _, _, phrase, boxes in groups])
