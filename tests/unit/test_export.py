@@ -101,3 +101,13 @@ def test_coco_export_keeps_cocos_own_category_ids():
     assert {c["name"]: c["id"] for c in data["categories"]} == {"person": 1, "dog": 18, "cup": 47, "toothbrush": 90,
                                                                "llama": 91}
     assert [a["category_id"] for a in data["annotations"]] == [47, 1, 90, 91, 18]
+
+
+def test_coco_ids_are_cocos_80_of_90_with_its_ten_gaps():
+    """COCO 2017 numbers its 80 categories 1..90 and leaves out exactly these ten ids."""
+    ids = ex.COCO_IDS
+    assert len(ids) == 80 and list(ids) == sorted(set(ids)) and ids[0] == 1 and ids[-1] == 90
+    assert set(range(1, 91)) - set(ids) == {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
+    names = ex.coco_category_ids()
+    assert (names["person"], names["traffic light"], names["stop sign"], names["backpack"], names["hair drier"]) == (
+        1, 10, 13, 27, 89)
