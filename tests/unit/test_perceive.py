@@ -60,25 +60,27 @@ def test_perceive_settings_defaults_and_bounds_are_the_documented_ones():
     for key, bad in [("merge_iou", 0.0), ("merge_iou", 1.01), ("merge_min_votes", 0), ("on_error", "drop")]:
         with pytest.raises(ValidationError):
             PerceiveConfig(**{key: bad})
-    with pytest.raises(ValidationError, match="instance names must be unique, repeated: a, b"):
+    with pytest.raises(ValidationError, match=r"Value error, perceive.experts: instance names must be unique, repeated: a, b \["):
         PerceiveConfig(experts=[{"plugin": "a"}, {"plugin": "b"}, {"plugin": "x", "name": "a"}, {"plugin": "b"}])
-    with pytest.raises(ValidationError, match="perceive.enabled needs at least one entry in perceive.experts"):
+    with pytest.raises(ValidationError, match=r"Value error, perceive.enabled needs at least one entry in perceive.experts \["):
         PerceiveConfig(enabled=True)
     assert PerceiveConfig(enabled=False, experts=[]).experts == []
 
 
 def test_sanitize_counts_what_it_clips_and_drops_and_keeps_extra_keys():
-    counts = {"boxes_clipped": 1}
+    counts = {"boxes_clipped": 1, "boxes_dropped": 2, "dropped_nonfinite_score": 3}
     clean = sanitize([{"label": "dog", "score": 1, "box": [-5, 2, 50, 300], "track": 7},
                       {"label": "gone", "score": 0.5, "box": [200, 200, 300, 300]},
                       {"label": "inf", "score": float("inf"), "box": [1, 1, 2, 2]},
                       {"label": "ok", "score": 0.5, "box": [1, 1, 2, 2]},
-                      {"label": "nobox", "score": 0.25}], "tags", 100, 80, counts)
+                      {"label": "nobox", "score": 0.25},
+                      {"label": "fine", "score": 0.5, "box": [1.234, 1, 2, 2]}], "tags", 100, 80, counts)
     assert clean == [{"label": "dog", "score": 1.0, "box": [0.0, 2.0, 50.0, 80.0], "track": 7},
                      {"label": "ok", "score": 0.5, "box": [1.0, 1.0, 2.0, 2.0]},
-                     {"label": "nobox", "score": 0.25}]
+                     {"label": "nobox", "score": 0.25},
+                     {"label": "fine", "score": 0.5, "box": [1.23, 1.0, 2.0, 2.0]}]  # rounded, not clipped
     assert type(clean[0]["score"]) is float
-    assert counts == {"boxes_clipped": 2, "boxes_dropped": 1, "dropped_nonfinite_score": 1}
+    assert counts == {"boxes_clipped": 2, "boxes_dropped": 3, "dropped_nonfinite_score": 4}
     assert sanitize([{"label": "a", "score": 0.5, "box": [1, 1, 2, 2]}], "objects", 10, 10) == [
         {"label": "a", "score": 0.5, "box": [1.0, 1.0, 2.0, 2.0]}]  # no counts dict: fine
     with pytest.raises(TypeError, match=r"^an observation is a str, expected a dict$"):
@@ -93,6 +95,8 @@ def test_iou_exact_values():
     assert iou([0, 0, 10, 10], [0, 0, 10, 5]) == 0.5
     assert iou([0, 0, 10, 10], [5, 5, 15, 15]) == 25 / 175
     assert iou([2, 2, 2, 2], [2, 2, 2, 2]) == 0.0  # no area at all
+    assert iou([0, 0, 10, 10], [0, 20, 10, 30]) == 0.0  # apart on y only
+    assert iou([0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]) == 1.0  # smaller than a pixel
 
 
 def test_iou_voting_at_its_threshold_same_label_only_one_box_per_expert():
@@ -107,6 +111,12 @@ def test_iou_voting_at_its_threshold_same_label_only_one_box_per_expert():
     assert [(o["label"], o["sources"]) for o in above] == [("dog", ["a"]), ("dog", ["a", "b"]), ("cat", ["b"])]
     assert above[1]["box"] == [0.0, 0.0, 10.0, round((0.8 * 6 + 0.6 * 5) / 1.4, 2)]  # IoU 50/60 with a's second
     assert merge_detections({"a": a, "b": b}, iou_threshold=0.5, min_votes=2) == [at[0]]
+    # a lone box that fails the vote does not end the voting; the better-scored expert leads its group
+    lone = [{"label": "cat", "score": 0.95, "box": [50, 50, 60, 60]}, {"label": "dog", "score": 0.3, "box": [0, 0, 10, 10]}]
+    [dog] = merge_detections({"a": lone, "b": [{"label": "dog", "score": 0.6, "box": [0, 0, 10, 10]}]}, min_votes=2)
+    assert (dog["score"], dog["sources"]) == (0.6, ["a", "b"])
+    # a box exactly at its expert's threshold counts
+    assert [o["label"] for o in merge_detections({"a": lone}, thresholds={"a": 0.3})] == ["cat", "dog"]
 
 
 def test_observations_by_kind_folds_staged_outputs_into_their_kind():
@@ -130,7 +140,18 @@ def test_circular_consumes_is_a_config_error_naming_the_experts(monkeypatch):
     class Hens(Eggs):
         name, kind, consumes = "hens", "hens", ("eggs",)
 
-    monkeypatch.setattr(perceive, "load_expert_class", {"eggs": Eggs, "hens": Hens}.get)
+    class Farm(Eggs):
+        name, kind, consumes = "farm", "eggs", ()
+
+    class Cook(Eggs):
+        name, kind, consumes = "cook", "meals", ("eggs", "hens", "salt")
+
+    monkeypatch.setattr(perceive, "load_expert_class", {"eggs": Eggs, "hens": Hens, "farm": Farm, "cook": Cook}.get)
+    two = parse_config({"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [{"plugin": "hens"}, {"plugin": "farm"}]}})
+    assert [spec.instance for spec, _, _ in perceive.plan_experts(two.perceive)] == ["farm", "hens"]
+    lacking = parse_config({"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [{"plugin": "cook"}]}})
+    with pytest.raises(ConfigError, match=r"^perceive.experts: cook consumes eggs, hens, salt, which no configured expert produces$"):
+        perceive.plan_experts(lacking.perceive)
     cfg = parse_config({"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [{"plugin": "eggs"}, {"plugin": "hens"}]}})
     with pytest.raises(ConfigError, match=r"^perceive.experts: circular consumes between eggs, hens$"):
         perceive.plan_experts(cfg.perceive)
@@ -166,6 +187,7 @@ def test_expert_stage_stages_output_under_kind_at_instance_and_refuses_a_wrong_l
 
     stage = ExpertStage(Boxer(), "det")
     assert (stage.name, stage.staged, stage.expert.resources) == ("det", "objects@det", Boxer.default_resources)
+    assert ExpertStage.error_reason == "expert_error"
     assert ExpertStage(Boxer(), "d2", Resources(num_cpus=3)).expert.resources.num_cpus == 3
     stage.setup()
     items = _items(2)
@@ -193,8 +215,21 @@ def test_merge_applies_each_instances_threshold_and_names_sources_only_when_seve
     items[0].sample.experts = {"tags@a": [{"label": "x", "score": 0.4}, {"label": "y", "score": 0.5}],
                                "tags@b": [{"label": "z", "score": 0.1}], "ocr@c": [{"text": "hi", "score": 0.1}],
                                "tags@r": [{"label": "noise", "score": 0.9}]}
+    assert (MergeStage.name, MergeStage.Options) == ("merge", PerceiveConfig)
     assert MergeStage(cfg, untrained=frozenset({"r"})).process(items) == [None]
     assert items[0].sample.experts == {"tags": [{"label": "y", "score": 0.5, "source": "a"},
                                                 {"label": "z", "score": 0.1, "source": "b"}],
                                        "ocr": [{"text": "hi", "score": 0.1}]}
     assert items[0].sample.provenance["experts"]["r"] == {"excluded": "random weights: 1 observation(s) kept out of the evidence"}
+
+
+def test_merge_votes_when_two_detectors_saw_objects_and_passes_one_detector_through():
+    from denseforge.stages.perceive import MergeStage, PerceiveConfig
+
+    dog = {"label": "dog", "score": 0.8, "box": [0.0, 0.0, 10.0, 10.0]}
+    items = _items(2)
+    items[0].sample.experts = {"objects@a": [dog], "objects@b": [{**dog, "score": 0.4}]}
+    items[1].sample.experts = {"objects@a": [dog]}
+    MergeStage(PerceiveConfig(merge_min_votes=2)).process(items)
+    assert items[0].sample.experts == {"objects": [{**dog, "sources": ["a", "b"]}]}
+    assert items[1].sample.experts == {"objects": [dog]}  # one detector: its boxes as they are
