@@ -111,3 +111,31 @@ def test_coco_ids_are_cocos_80_of_90_with_its_ten_gaps():
     names = ex.coco_category_ids()
     assert (names["person"], names["traffic light"], names["stop sign"], names["backpack"], names["hair drier"]) == (
         1, 10, 13, 27, 89)
+
+
+def _grounded(caption, spans):
+    from denseforge.stages.sample import Grounding
+
+    s = Sample(key="k", width=1000, height=1000, sha256="0", caption=caption)
+    s.grounding = [Grounding(phrase=caption[a:b], span=(a, b), box=[a, 0, b, 10], source=f"objects/{i}")
+                   for i, (a, b) in enumerate(spans)]
+    return s
+
+
+def test_marked_spans_at_the_start_side_by_side_and_overlapping():
+    qwen = dialect("qwen-vl")
+    # a span at 0, one that starts where the last ended, one inside it (dropped), one overlapping its end (dropped)
+    s = _grounded("Dogs cats run", [(0, 4), (4, 9), (5, 9), (7, 13)])
+    assert ex.grounded_text(s, qwen) == ("<ref>Dogs</ref><box>(0,0),(4,10)</box><ref> cats</ref><box>(4,0),(9,10)</box> run")
+    # the same span twice: one phrase with both boxes
+    s = _grounded("Dogs run", [(0, 4), (0, 4)])
+    assert ex.grounded_text(s, qwen) == "<ref>Dogs</ref><box>(0,0),(4,10)</box><box>(0,0),(4,10)</box> run"
+
+
+def test_a_sample_without_a_caption_exports_no_caption_turn_and_empty_text():
+    s = Sample(key="k", width=10, height=10, sha256="0", caption=None)
+    assert ex.grounded_text(s, dialect("qwen-vl")) == ""
+    assert ex.turns(s, dialect("qwen-vl"), ["caption", "refer"]) == []
+    assert ex.llava_record(s, "k.jpg")["conversations"][1] == {"from": "gpt", "value": ""}
+    turn = ex.Turn("refer", "p", "a")
+    assert (turn.refs, turn.boxes()) == ([], [])
