@@ -219,6 +219,7 @@ def test_sharegpt_layout_is_llava_and_internvl_conversations(sample):
     turn = ex.turns(sample, dialect("internvl"), ["caption"])[0]
     rec = ex.record("sharegpt", sample, "images/a.jpg", turn, 0)
     assert rec["id"] == "000000000007-caption-0" and (rec["width"], rec["height"]) == (640, 480)
+    assert sorted(rec) == ["conversations", "height", "id", "image", "width"] and rec["image"] == "images/a.jpg"
     assert rec["conversations"][0] == {"from": "human", "value": "<image>\n" + turn.prompt}
     assert rec["conversations"][1] == {"from": "gpt", "value": turn.answer}
 

@@ -139,3 +139,16 @@ def test_a_sample_without_a_caption_exports_no_caption_turn_and_empty_text():
     assert ex.llava_record(s, "k.jpg")["conversations"][1] == {"from": "gpt", "value": ""}
     turn = ex.Turn("refer", "p", "a")
     assert (turn.refs, turn.boxes()) == ([], [])
+
+
+def test_kvg_entities_skip_ocr_and_the_bare_label_with_determiners_and_plurals():
+    from denseforge.stages.sample import Grounding
+
+    s = Sample(key="k", width=100, height=100, sha256="0", caption="STOP: the hot dogs and a Chicago hot dog",
+               experts={"objects": [{"label": "hot dog", "score": 0.9, "box": [0, 0, 5, 5]},
+                                    {"label": "hot dog", "score": 0.9, "box": [5, 5, 9, 9]}],
+                        "ocr": [{"text": "STOP", "score": 1.0, "box": [9, 9, 10, 10]}]})
+    s.grounding = [Grounding(phrase="STOP", span=(0, 4), box=[9, 9, 10, 10], source="ocr/0"),
+                   Grounding(phrase="the hot dogs", span=(6, 18), box=[0, 0, 5, 5], source="objects/0"),
+                   Grounding(phrase="Chicago hot dog", span=(25, 40), box=[5, 5, 9, 9], source="objects/1")]
+    assert ex.kvg_entities(s) == [("Chicago hot dog", [[5, 5, 9, 9]])]
