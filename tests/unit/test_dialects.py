@@ -201,6 +201,8 @@ def test_ms_swift_layout_matches_its_documented_grounding_example(sample):
     assert caption["messages"][1]["content"] == ("Two <ref-object><bbox><bbox> run past a <ref-object><bbox> under a "
                                                  "sign reading <ref-object><bbox>.")
     assert caption["objects"]["ref"] == ["dogs", "Falcon 9 rocket", "STOP"]
+    odd = ex.Turn("refer", "p", "a", [("cup", [[10.123, 20.456, 30.789, 40.001]])])
+    assert ex.record("ms-swift", sample, "i.jpg", odd, 0)["objects"]["bbox"] == [[10.12, 20.46, 30.79, 40.0]]
 
 
 def test_llama_factory_layout_and_dataset_info(sample):
@@ -210,6 +212,7 @@ def test_llama_factory_layout_and_dataset_info(sample):
                                {"role": "assistant", "content": turn.answer}]
     assert rec["images"] == ["images/a.jpg"]
     info = ex.llama_factory_info("denseforge_qwen2-vl", "qwen2-vl.llama-factory.jsonl")["denseforge_qwen2-vl"]
+    assert info["file_name"] == "qwen2-vl.llama-factory.jsonl"
     assert info["formatting"] == "sharegpt" and info["columns"] == {"messages": "messages", "images": "images"}
     assert info["tags"] == {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
     assert ex.record_text("llama-factory", rec) == (turn.prompt, turn.answer)
@@ -222,6 +225,7 @@ def test_sharegpt_layout_is_llava_and_internvl_conversations(sample):
     assert sorted(rec) == ["conversations", "height", "id", "image", "width"] and rec["image"] == "images/a.jpg"
     assert rec["conversations"][0] == {"from": "human", "value": "<image>\n" + turn.prompt}
     assert rec["conversations"][1] == {"from": "gpt", "value": turn.answer}
+    assert ex.record_text("sharegpt", rec) == (turn.prompt, turn.answer)
 
 
 def test_check_flags_a_convention_that_does_not_read_back(sample, tmp_path):
