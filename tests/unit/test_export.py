@@ -152,3 +152,7 @@ def test_kvg_entities_skip_ocr_and_the_bare_label_with_determiners_and_plurals()
                    Grounding(phrase="the hot dogs", span=(6, 18), box=[0, 0, 5, 5], source="objects/0"),
                    Grounding(phrase="Chicago hot dog", span=(25, 40), box=[5, 5, 9, 9], source="objects/1")]
     assert ex.kvg_entities(s) == [("Chicago hot dog", [[5, 5, 9, 9]])]
+
+
+def test_xywh_rounds_every_coordinate_to_a_hundredth():
+    assert ex.xywh([1.234, 5.678, 10.111, 20.999]) == [1.23, 5.68, 8.88, 15.32]
