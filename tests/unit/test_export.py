@@ -156,3 +156,11 @@ def test_kvg_entities_skip_ocr_and_the_bare_label_with_determiners_and_plurals()
 
 def test_xywh_rounds_every_coordinate_to_a_hundredth():
     assert ex.xywh([1.234, 5.678, 10.111, 20.999]) == [1.23, 5.68, 8.88, 15.32]
+
+
+def test_llava_record_is_exactly_llavas_layout():
+    s = Sample(key="k7", width=10, height=10, sha256="0", caption="A dog.")
+    assert ex.llava_record(s, "images/k7.jpg") == {
+        "id": "k7", "image": "images/k7.jpg",
+        "conversations": [{"from": "human", "value": "<image>\nDescribe this image in detail."},
+                          {"from": "gpt", "value": "A dog."}]}
