@@ -164,3 +164,32 @@ def test_llava_record_is_exactly_llavas_layout():
         "id": "k7", "image": "images/k7.jpg",
         "conversations": [{"from": "human", "value": "<image>\nDescribe this image in detail."},
                           {"from": "gpt", "value": "A dog."}]}
+
+
+def test_coco_dataset_and_refcoco_refs_exactly_on_two_images():
+    from denseforge.stages.sample import Grounding
+
+    a = Sample(key="ka", width=40, height=30, sha256="0", caption="A dog and STOP.",
+               experts={"objects": [{"label": "dog", "score": 0.5, "box": [1, 2, 11, 22]}],
+                        "ocr": [{"text": "STOP", "score": 1.0, "box": [20, 2, 30, 8]}]},
+               grounding=[Grounding(phrase="dog", span=(2, 5), box=[1, 2, 11, 22], source="objects/0"),
+                          Grounding(phrase="STOP", span=(10, 14), box=[20, 2, 30, 8], source="ocr/0")])
+    b = Sample(key="kb", width=20, height=10, sha256="0", caption=None,
+               experts={"objects": [{"label": "dog", "score": 0.7, "box": [0, 0, 4, 5]}]},
+               grounding=[Grounding(phrase="dog", span=(0, 3), box=[0, 0, 4, 5], source="objects/0")])
+    data = ex.coco_dataset([(a, "a.jpg"), (b, "b.jpg")])
+    assert data == {
+        "info": {"description": "exported by denseforge"},
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30, "denseforge_key": "ka"},
+                   {"id": 2, "file_name": "b.jpg", "width": 20, "height": 10, "denseforge_key": "kb"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 18, "bbox": [1, 2, 10, 20], "area": 200, "iscrowd": 0,
+                         "score": 0.5},
+                        {"id": 2, "image_id": 2, "category_id": 18, "bbox": [0, 0, 4, 5], "area": 20, "iscrowd": 0,
+                         "score": 0.7}],
+        "categories": [{"id": 18, "name": "dog"}],
+        "captions": [{"id": 1, "image_id": 1, "caption": "A dog and STOP."}]}
+    assert list(ex.refcoco_refs([(a, "a.jpg"), (b, "b.jpg")])) == [
+        {"ref_id": 1, "image": "a.jpg", "key": "ka", "bbox": [1, 2, 10, 20], "sentences": [{"sent": "dog"}],
+         "span": [2, 5], "source": "objects/0"},
+        {"ref_id": 2, "image": "b.jpg", "key": "kb", "bbox": [0, 0, 4, 5], "sentences": [{"sent": "dog"}],
+         "span": [0, 3], "source": "objects/0"}]
