@@ -193,3 +193,10 @@ def test_coco_dataset_and_refcoco_refs_exactly_on_two_images():
          "span": [2, 5], "source": "objects/0"},
         {"ref_id": 2, "image": "b.jpg", "key": "kb", "bbox": [0, 0, 4, 5], "sentences": [{"sent": "dog"}],
          "span": [0, 3], "source": "objects/0"}]
+
+
+def test_coco_area_is_rounded_to_a_hundredth_too():
+    s = Sample(key="k", width=40, height=30, sha256="0",
+               experts={"objects": [{"label": "dog", "score": 0.5, "box": [1.234, 5.678, 10.111, 20.999]}]})
+    [ann] = ex.coco_dataset([(s, "k.jpg")])["annotations"]
+    assert (ann["bbox"], ann["area"]) == ([1.23, 5.68, 8.88, 15.32], 136.04)  # 8.88 x 15.32 = 136.0416
