@@ -200,3 +200,12 @@ def test_coco_area_is_rounded_to_a_hundredth_too():
                experts={"objects": [{"label": "dog", "score": 0.5, "box": [1.234, 5.678, 10.111, 20.999]}]})
     [ann] = ex.coco_dataset([(s, "k.jpg")])["annotations"]
     assert (ann["bbox"], ann["area"]) == ([1.23, 5.68, 8.88, 15.32], 136.04)  # 8.88 x 15.32 = 136.0416
+
+
+def test_refcoco_skips_an_ocr_grounding_and_goes_on_to_the_objects_after_it():
+    from denseforge.stages.sample import Grounding
+
+    s = Sample(key="k", width=40, height=30, sha256="0", caption="STOP by a dog",
+               grounding=[Grounding(phrase="STOP", span=(0, 4), box=[0, 0, 4, 4], source="ocr/0"),
+                          Grounding(phrase="dog", span=(10, 13), box=[5, 5, 9, 9], source="objects/0")])
+    assert [r["sentences"] for r in ex.refcoco_refs([(s, "k.jpg")])] == [[{"sent": "dog"}]]
