@@ -43,7 +43,7 @@ DECISION_SCHEMA = pa.schema([
 ENTRY_SCHEMA = DECISION_SCHEMA.append(pa.field("primary", pa.bool_()))
 
 
-def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str], storage_dtype: str = "float32") -> pa.Table:
+def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str], storage_dtype: str) -> pa.Table:
     """The embed pass's sink: per unit, the vectors and hashes of every embedded image, the
     images it failed on (relayed as rejects by the dedup stage), then the unit's marker."""
     out = []

@@ -155,11 +155,12 @@ def configure(cls: type, options: dict[str, Any], resources: dict[str, Any], whe
         validated = cls.Options.model_validate(options)
     except ValidationError as err:
         first = err.errors()[0]
-        raise ConfigError(f"{where}.options.{'.'.join(map(str, first['loc']))}: {first['msg']} "
+        raise ConfigError(f"{'.'.join([f'{where}.options', *map(str, first['loc'])])}: {first['msg']} "
                           f"(plugin {getattr(cls, 'name', cls.__name__)!r})") from None
     try:
         merged = Resources.model_validate({**cls.default_resources.model_dump(), **resources})
     except ValidationError as err:
         first = err.errors()[0]
-        raise ConfigError(f"{where}.resources.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        # a check across fields (max_concurrency vs concurrency) has no field of its own in `loc`
+        raise ConfigError(f"{'.'.join([f'{where}.resources', *map(str, first['loc'])])}: {first['msg']}") from None
     return validated, merged

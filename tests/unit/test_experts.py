@@ -213,7 +213,7 @@ def test_expert_config_errors_name_the_key():
 def test_a_pool_that_may_grow_needs_a_starting_size_at_or_below_its_bound():
     (_, _, grows), = plan_experts(_perceive({"plugin": "rapidocr", "resources": {"concurrency": 1, "max_concurrency": 3}}))
     assert (grows.concurrency, grows.max_concurrency) == (1, 3)
-    with pytest.raises(ConfigError, match=r"perceive.experts\[0\].resources.*max_concurrency \(1\) is below concurrency \(2\)"):
+    with pytest.raises(ConfigError, match=r"^perceive.experts\[0\].resources: Value error, max_concurrency \(1\) is below concurrency \(2\)"):
         plan_experts(_perceive({"plugin": "rapidocr", "resources": {"concurrency": 2, "max_concurrency": 1}}))
     with pytest.raises(ConfigError, match="max_concurrency sizes a worker pool; it needs concurrency"):
         plan_experts(_perceive({"plugin": "rapidocr", "resources": {"concurrency": None, "max_concurrency": 2}}))
