@@ -142,20 +142,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML: {exc}") from exc
         node: Any = data
         for i, k in enumerate(keys):
-            where = ".".join(keys[: i + 1])
+            key: Any = k
             if isinstance(node, list):  # a list entry by its index: perceive.experts.0.resources
                 if not (k.isdigit() and int(k) < len(node)):
-                    raise ConfigError(f"--set {dotted}: {where} - {'.'.join(keys[:i])} is a list of "
-                                      f"{len(node)}; give an index from 0 to {len(node) - 1}")
-                k = int(k)
+                    raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} - {'.'.join(keys[:i])} is a "
+                                      f"list of {len(node)}; give an index from 0 to {len(node) - 1}")
+                key = int(k)
             elif not isinstance(node, dict):
                 raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i])} is not a mapping")
             if i == len(keys) - 1:
-                node[k] = value
-            elif isinstance(node, dict):
-                node = node.setdefault(k, {})
+                node[key] = value
             else:
-                node = node[k]
+                node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
     return data
 
 
