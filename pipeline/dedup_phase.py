@@ -128,20 +128,21 @@ def _train_sample(files: list[str], fraction: float, seed: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def _train(files: list[str], k: int, fraction: float, seed: int, niter: int, mppc: int, use_gpu: bool) -> np.ndarray:
+def _train(files: list[str], k: int, fraction: float, seed: int, niter: int, mppc: int, use_gpu: bool) -> dd.CentroidIndex:
     sample = _train_sample(files, fraction, seed)
     return dd.train_kmeans(sample, min(k, len(sample)), niter=niter, seed=seed, use_gpu=use_gpu,
                            max_points_per_centroid=mppc)
 
 
-def _assign_unit(file: str, centroids: dd.CentroidIndex, rd: RunDir, buckets: int, border: float) -> int:
-    """Rows to the bucket of their cluster; a border row also, as a non-primary entry, to the
-    bucket of its second cluster (with its own centroid similarity, the keep priority)."""
+def _assign_unit(file: str, index: dd.CentroidIndex, rd: RunDir, buckets: int, border: float, border_clusters: int) -> int:
+    """Rows to the bucket of their cluster; a border row also, as non-primary entries, to the
+    buckets of its border clusters (with its own centroid similarity, the keep priority)."""
     table = pq.read_table(file)
     if table.num_rows == 0:
         return 0
-    labels, sims, second = dd.assign_clusters(embeddings_matrix(table), centroids, border=border)
-    rows, labels, primary = dd.border_entries(np.arange(table.num_rows), labels, second)
+    labels, sims, extra = dd.assign_clusters(embeddings_matrix(table), index, border=border,
+                                             border_clusters=border_clusters)
+    rows, labels, primary = dd.border_entries(np.arange(table.num_rows), labels, extra)
     table = (table.take(pa.array(rows)).append_column("cluster", pa.array(labels))
              .append_column("centroid_sim", pa.array(sims[rows])).append_column("primary", pa.array(primary)))
     bucket_of = labels % buckets
@@ -231,12 +232,12 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     if n:
         fraction = dd.train_points(n, k, cfg) / n
         train = ray.remote(num_gpus=cfg.num_gpus)(_train)
-        centroids = ray.get(train.remote(files, k, fraction, config.run.seed, cfg.kmeans_iters,
-                                         cfg.max_points_per_centroid, cfg.num_gpus > 0 or None))
-        bar.update(1, clusters=len(centroids))
-        buckets = min(cfg.buckets, len(centroids))
-        ref = ray.put(dd.CentroidIndex.build(centroids))  # its coarse level (k > 4,096) is built once
-        ray.get([ray.remote(_assign_unit).remote(f, ref, rd, buckets, cfg.border) for f in files])
+        index = ray.get(train.remote(files, k, fraction, config.run.seed, cfg.kmeans_iters,
+                                     cfg.max_points_per_centroid, cfg.num_gpus > 0 or None))
+        bar.update(1, clusters=len(index))
+        buckets = min(cfg.buckets, len(index))
+        ref = ray.put(index)
+        ray.get([ray.remote(_assign_unit).remote(f, ref, rd, buckets, cfg.border, cfg.border_clusters) for f in files])
         bar.update(1)
         settings = {"min_short_edge": sel.min_short_edge, "max_aspect_ratio": sel.max_aspect_ratio,
                     "epsilon": cfg.epsilon, "phash_max_distance": cfg.phash_max_distance,
@@ -256,10 +257,10 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         bar.update(1)
     else:
         pq.write_table(pa.Table.from_pylist([], schema=DECISION_SCHEMA.append(pa.field("kept", pa.bool_()))), decisions)
-        centroids = np.zeros((0, 0))
+        index = dd.CentroidIndex(np.zeros((0, 0)))
     bar.close()
     reasons = Counter(r for r in pq.read_table(decisions, columns=["reason"]).column("reason").to_pylist() if r)
-    summary = {"embedded": n, "clusters": int(len(centroids)), "epsilon": cfg.epsilon, "keep": cfg.keep,
+    summary = {"embedded": n, "clusters": len(index), "epsilon": cfg.epsilon, "keep": cfg.keep,
                "removed_by_reason": dict(sorted(reasons.items())),
                "epsilon_sweep": {str(e): sweep[e] for e in sorted(sweep)},
                "epsilon_sweep_note": "images each epsilon would keep after exact/perceptual dedup and prefilters"}

@@ -66,21 +66,21 @@ def _ours_dedup(x: np.ndarray, epsilon: float, cluster_size: int, seed: int) -> 
     rng = np.random.default_rng(seed)
     points = dd.train_points(n, k, cfg)
     sample = x[np.sort(rng.choice(n, size=points, replace=False))]
-    centroids = dd.train_kmeans(sample, k, niter=cfg.kmeans_iters, seed=seed,
+    index = dd.train_kmeans(sample, k, niter=cfg.kmeans_iters, seed=seed,
                                 max_points_per_centroid=cfg.max_points_per_centroid)
     del sample
     times["kmeans_train_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    labels, sims, second = dd.assign_clusters(x, centroids, border=cfg.border)
+    labels, sims, extra = dd.assign_clusters(x, index, border=cfg.border, border_clusters=cfg.border_clusters)
     times["assign_s"] = time.perf_counter() - start
     start = time.perf_counter()
     keys = np.char.zfill(np.arange(n).astype(str), 9)
-    result = dd.dedup_all(labels, x, keys, keys, np.zeros(n, np.int64), sims, np.ones(n), second=second,
+    result = dd.dedup_all(labels, x, keys, keys, np.zeros(n, np.int64), sims, np.ones(n), extra=extra,
                           epsilon=epsilon, phash_max_distance=None, exact=False, policy=cfg.keep)
     times["dedup_s"] = time.perf_counter() - start
     times["clusters"] = k
     times["train_points"] = points
-    times["border_share"] = float((second >= 0).mean())
+    times["entries_per_row"] = 1 + float((extra >= 0).sum() / n)
     return result.reason, result.dup_of, times
 
 

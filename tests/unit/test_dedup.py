@@ -133,10 +133,12 @@ def test_kmeans_is_seeded_and_assignment_is_nearest():
     x = _unit(np.repeat(centers, 100, axis=0) + rng.normal(scale=0.05, size=(500, 16)))
     a = dd.train_kmeans(x, 5, seed=7, use_gpu=False)
     b = dd.train_kmeans(x, 5, seed=7, use_gpu=False)
-    np.testing.assert_array_equal(a, b)
-    labels, sims, second = dd.assign_clusters(x, a, batch=64)
-    np.testing.assert_array_equal(labels, np.argmax(x @ a.T, axis=1))
-    assert len(set(labels[:100])) == 1 and len(set(labels)) == 5 and sims.min() > 0.8 and (second == -1).all()
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert a.coarse is None  # 5 clusters: flat
+    labels, sims, extra = dd.assign_clusters(x, a, batch=64)
+    np.testing.assert_array_equal(labels, np.argmax(x @ a.centroids.T, axis=1))
+    assert len(set(labels[:100])) == 1 and len(set(labels)) == 5 and sims.min() > 0.8
+    assert extra.shape == (500, 0)  # border 0: nearest only
 
 
 def test_clusters_for():
@@ -248,15 +250,30 @@ def test_every_copy_kind_passes_the_witness_and_no_look_alike_does():
             assert not (close and dd.witnessed(pa, pb, cfg.witness_max_fine_distance, cfg.witness_max_colour_difference))
 
 
-def test_border_rows_get_their_second_cluster_within_the_margin():
-    centroids = np.array([[1, 0], [0, 1]], dtype=np.float32)
-    angles = np.deg2rad([44.0, 10.0, 50.0])  # sims (0.719, 0.695), (0.985, 0.174), (0.643, 0.766)
+def test_border_rows_get_the_clusters_within_the_margin_at_most_border_clusters():
+    centroids = np.array([[1, 0], [0, 1], [-1, 0]], dtype=np.float32)
+    # sims to (c0, c1, c2): (0.719, 0.695, -0.719), (0.985, 0.174, -0.985), (0.643, 0.766, -0.643), (-0.682, 0.731, 0.682)
+    angles = np.deg2rad([44.0, 10.0, 50.0, 133.0])
     x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
-    labels, sims, second = dd.assign_clusters(x, centroids, border=0.05)
-    assert list(labels) == [0, 0, 1] and list(second) == [1, -1, -1]  # 0.766 - 0.643 = 0.123 > 0.05
-    np.testing.assert_allclose(sims, [np.cos(angles[0]), np.cos(angles[1]), np.sin(angles[2])], atol=1e-6)
-    assert list(dd.assign_clusters(x, centroids, border=0.13)[2]) == [1, -1, 0]
-    assert list(dd.assign_clusters(x, centroids)[2]) == [-1, -1, -1]  # border 0: nearest only
+    labels, sims, extra = dd.assign_clusters(x, centroids, border=0.05)
+    assert list(labels) == [0, 0, 1, 1] and extra.tolist() == [[1, -1], [-1, -1], [-1, -1], [2, -1]]
+    np.testing.assert_allclose(sims, [np.cos(angles[0]), np.cos(angles[1]), np.sin(angles[2]), np.sin(angles[3])],
+                               atol=1e-6)
+    assert dd.assign_clusters(x, centroids, border=0.13)[2].tolist() == [[1, -1], [-1, -1], [0, -1], [2, -1]]
+    # 2.0: every centroid is within the border; border_clusters caps them
+    assert dd.assign_clusters(x, centroids, border=2.0)[2].tolist() == [[1, 2], [1, 2], [0, 2], [2, 0]]
+    assert dd.assign_clusters(x, centroids, border=2.0, border_clusters=1)[2].tolist() == [[1], [1], [0], [2]]
+    assert dd.assign_clusters(x, centroids)[2].shape == (4, 0)  # border 0: nearest only
+
+
+def test_border_entries_put_a_row_in_each_of_its_border_clusters():
+    labels = np.array([0, 1, 2])
+    extra = np.array([[1, 2], [-1, -1], [0, -1]])
+    rows, clusters, primary = dd.border_entries(np.arange(3), labels, extra)
+    assert rows.tolist() == [0, 1, 2, 0, 2, 0] and clusters.tolist() == [0, 1, 2, 1, 0, 2]
+    assert primary.tolist() == [True, True, True, False, False, False]
+    rows, clusters, primary = dd.border_entries(np.array([1, 2]), labels, extra)  # row 0 left out (prefilter)
+    assert rows.tolist() == [1, 2, 2] and clusters.tolist() == [1, 2, 0] and primary.tolist() == [True, True, False]
 
 
 def test_a_duplicate_split_by_a_cluster_boundary_is_found_through_the_border_row():
@@ -266,7 +283,7 @@ def test_a_duplicate_split_by_a_cluster_boundary_is_found_through_the_border_row
     common = dict(epsilon=0.01, phash_max_distance=None, policy="first_key", sweep=[0.01])
     alone = dd.dedup_all(labels, x, keys, keys, np.arange(3), np.zeros(3), np.ones(3), **common)
     assert list(alone.reason) == ["", "", ""]
-    res = dd.dedup_all(labels, x, keys, keys, np.arange(3), np.zeros(3), np.ones(3), second=np.array([1, -1, -1]), **common)
+    res = dd.dedup_all(labels, x, keys, keys, np.arange(3), np.zeros(3), np.ones(3), extra=np.array([[1], [-1], [-1]]), **common)
     assert list(res.reason) == ["", "semantic_duplicate", ""] and list(res.dup_of) == [-1, 0, -1]
     assert res.sweep_kept == {0.01: 2}  # the border copy of "a" is not counted twice
     assert list(res.rank) == [0, 3, 0]  # ranked in its own cluster, where the copy of "a" takes no place; removed: n
