@@ -33,4 +33,5 @@ def test_bench_dedup_pipeline_runs_the_ray_dedup_phase_on_float16_unit_files():
     assert (r["units"], r["clusters"], r["planted"]) == (4, 20, 2_000)
     assert 20_000 * 64 * 2 < r["embeddings_mib"] * 2**20 < 20_000 * 64 * 4  # float16 vectors (+ keys, hashes)
     assert r["precision"] == 1.0 and r["recall"] >= 0.99
+    assert 1.0 < r["entries_per_row"] <= 3.0  # border rows are deduplicated in at most 2 more clusters
     assert set(r["steps_s"]) == {"train", "assign_and_shuffle", "dedup_merge_select"} and r["peak_rss_mib"] > 0
