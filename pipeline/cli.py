@@ -108,7 +108,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         options = {"images": args.images or 256, "batch_size": args.batch_size, "model": args.model}
     elif args.name == "dedup":
         options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n,
-                   "pipeline": args.pipeline}
+                   "pipeline": args.pipeline, "assign": args.assign}
     else:
         options = {"images": args.images or 96, "gpu": args.gpu}
     with stdout_to_stderr():
@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-n", type=int, default=20_000, help="dedup: n for the brute-force baseline")
     p.add_argument("--pipeline", type=int, default=0, metavar="N",
                    help="dedup: instead, the run's own Ray dedup phase on N embeddings stored as float16 unit files")
+    p.add_argument("--assign", type=int, default=0, metavar="K",
+                   help="dedup: instead, assignment of --sizes[0] rows to a two-level index of K centroids")
     p.add_argument("--gpu", action="store_true", help="experts: share one GPU between the experts in equal fractions")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="e2e: change the demo's config, e.g. perceive.experts.2.resources.max_concurrency=2")

@@ -162,6 +162,12 @@ class CentroidIndex:
     coarse: np.ndarray | None = None
     cells: list[np.ndarray] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # FAISS reads the vectors' bytes as float32: float64 centroids would be silently misread
+        self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
+        if self.coarse is not None:
+            self.coarse = np.ascontiguousarray(self.coarse, dtype=np.float32)
+
     def __len__(self) -> int:
         return len(self.centroids)
 
@@ -197,7 +203,7 @@ def assign_clusters(x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int
     centroid of each further coarse cell within `border` of the nearest cell. (Searching the union
     of a few cells instead gives two near-copies different answers whenever they probe different
     cells: planted-copy recall 0.92 at 10M.)"""
-    index = index if isinstance(index, CentroidIndex) else CentroidIndex(np.ascontiguousarray(index, np.float32))
+    index = index if isinstance(index, CentroidIndex) else CentroidIndex(index)
     m = border_clusters if border > 0 else 0
     labels = np.empty(len(x), dtype=np.int64)
     sims = np.empty(len(x), dtype=np.float32)

@@ -35,14 +35,13 @@ def planted_embeddings(n: int, dim: int = 512, dup_fraction: float = 0.1, topics
 
 def _originals(rng: np.random.Generator, centers: np.ndarray, count: int) -> np.ndarray:
     """`count` L2-normalised rows around random topic centres (intra-topic cosine ~0.5)."""
-    x = centers[rng.integers(0, len(centers), count)] + rng.standard_normal((count, centers.shape[1]), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return _unit(centers[rng.integers(0, len(centers), count)]
+                 + rng.standard_normal((count, centers.shape[1]), dtype=np.float32))
 
 
 def _near_copies(rng: np.random.Generator, sources: np.ndarray) -> np.ndarray:
     """A near-copy of each source row (cosine ~0.98)."""
-    noisy = sources + rng.standard_normal(sources.shape, dtype=np.float32) * (0.2 / np.sqrt(sources.shape[1]))
-    return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+    return _unit(sources + rng.standard_normal(sources.shape, dtype=np.float32) * (0.2 / np.sqrt(sources.shape[1])))
 
 
 def _score(reason: np.ndarray, dup_of: np.ndarray, group: np.ndarray) -> dict[str, float]:
@@ -102,12 +101,16 @@ def _naive_dedup(x: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]
 
 
 def bench_dedup(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, epsilon: float = 0.05,
-                cluster_size: int = 1000, baseline_n: int = 20_000, seed: int = 0, pipeline: int = 0) -> dict[str, Any]:
+                cluster_size: int = 1000, baseline_n: int = 20_000, seed: int = 0, pipeline: int = 0,
+                assign: int = 0) -> dict[str, Any]:
     """Wall time, peak RSS, precision/recall of planted duplicates, and speed-up against the naive
     baseline at the largest n it can do (`baseline_n`), measured in the same run. `pipeline` > 0:
-    the run's own dedup phase on that many embeddings on disk instead (`bench_dedup_pipeline`)."""
+    the run's own dedup phase on that many embeddings on disk instead (`bench_dedup_pipeline`);
+    `assign` > 0: assignment of `sizes[0]` rows to that many centroids (`bench_assign`)."""
     if pipeline:
         return bench_dedup_pipeline(pipeline, dim, epsilon, seed=seed)
+    if assign:
+        return bench_assign(assign, sizes[0], dim, seed=seed)
     results: dict[str, Any] = {"benchmark": "dedup", "dim": dim, "epsilon": epsilon, "cluster_size": cluster_size,
                                "faiss_gpu": _faiss_gpu(), "sizes": {}}
     for n in sizes:
@@ -251,3 +254,47 @@ class _StepTimes:
 
     def note(self, message: str) -> None:
         pass
+
+
+def bench_assign(k: int, rows: int = 100_000, dim: int = 512, baseline_rows: int = 1_000, seed: int = 0) -> dict[str, Any]:
+    """Assignment alone against a two-level index of k centroids (sqrt(k) coarse cells), the
+    index a run of ~1,000 x k embeddings trains: one node's share of a cluster-scale run, timed on
+    `rows` rows drawn around the centroids (similarity ~0.25 to their nearest, about the planted
+    corpus's, so border rows occur as there). Baseline in the same run: FAISS's exact flat search
+    over all k on `baseline_rows` rows (speed-up and how often both pick the same centroid)."""
+    import faiss
+
+    from denseforge.stages import dedup as dd
+
+    rng = np.random.default_rng(seed)
+    cells = int(np.ceil(np.sqrt(k)))
+    per = -(-k // cells)
+    coarse = _unit(rng.standard_normal((cells, dim), dtype=np.float32))
+    fine = np.concatenate([_unit(coarse[c] + rng.standard_normal((per, dim), dtype=np.float32) / np.sqrt(dim))
+                           for c in range(cells)])
+    index = dd.CentroidIndex(fine, coarse, [np.arange(c * per, (c + 1) * per) for c in range(cells)])
+    x = _unit(fine[rng.integers(0, len(fine), rows)] + rng.standard_normal((rows, dim), dtype=np.float32) * (4 / np.sqrt(dim)))
+    cfg = dd.DedupConfig()
+    with TreeMemory() as mem:
+        start = time.perf_counter()
+        labels, sims, extra = dd.assign_clusters(x, index, batch=10_000, border=cfg.border,
+                                                 border_clusters=cfg.border_clusters)
+        seconds = time.perf_counter() - start
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(fine)
+    start = time.perf_counter()
+    _, exact = flat.search(x[:baseline_rows], 1)
+    flat_s = time.perf_counter() - start
+    per_row, flat_per_row = seconds / rows, flat_s / baseline_rows
+    return {"benchmark": "dedup-assign", "clusters": len(fine), "coarse_cells": cells, "rows": rows, "dim": dim,
+            "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
+            "entries_per_row": round(1 + float((extra >= 0).sum()) / rows, 3),
+            "median_centroid_sim": round(float(np.median(sims)), 3), "peak_rss_mib": round(mem.peak / 2**20, 1),
+            "index_mib": round(2 * fine.nbytes / 2**20, 1),
+            "baseline": {"method": "FAISS flat exact search over all centroids", "rows": baseline_rows,
+                         "seconds": round(flat_s, 2), "speedup": round(flat_per_row / per_row, 1),
+                         "same_nearest": round(float((exact[:, 0] == labels[:baseline_rows]).mean()), 4)}}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

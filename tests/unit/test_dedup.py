@@ -360,3 +360,13 @@ def test_bucket_files_are_arrow_ipc_written_atomically_and_read_memory_mapped(tm
     assert [p.name for p in tmp_path.iterdir()] == ["00003.arrow"]  # no temporary left behind
     back = read_arrow(tmp_path / "00003.arrow")
     assert back.equals(table) and np.abs(embeddings_matrix(back) - x).max() < 4e-3
+
+
+def test_bench_assign_times_the_two_level_search_against_the_flat_one():
+    from denseforge.pipeline.bench.dedup import bench_assign
+
+    r = bench_assign(400, rows=3000, dim=512, baseline_rows=500)
+    assert (r["clusters"], r["coarse_cells"], r["rows"]) == (400, 20, 3000)
+    assert r["baseline"]["same_nearest"] >= 0.9  # the nearest cell's nearest centroid is mostly the global nearest
+    assert 1.0 < r["entries_per_row"] <= 5.0  # at most 2 border centroids + 2 border cells
+    assert 0.1 < r["median_centroid_sim"] < 0.5 and r["rows_per_s"] > 0 and r["baseline"]["speedup"] > 0

@@ -163,6 +163,11 @@ def test_two_level_assignment_finds_the_nearest_when_centroids_nest():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     index = dd.CentroidIndex(fine, np.eye(32, dtype=np.float32)[:4], [np.arange(c * 4, c * 4 + 4) for c in range(4)])
     np.testing.assert_array_equal(dd.assign_clusters(x, index)[0], np.argmax(x @ fine.T, axis=1))
+    # regression: float64 centroids were handed to FAISS as raw bytes and read as float32 garbage
+    wide = dd.CentroidIndex(fine.astype(np.float64), np.eye(32)[:4], index.cells)
+    labels, sims, _ = dd.assign_clusters(x, wide)
+    np.testing.assert_array_equal(labels, np.argmax(x @ fine.T, axis=1))
+    assert 0.9 < np.median(sims) <= 1.0
 
 
 def test_two_level_dedup_keeps_the_recall_of_flat_assignment():
