@@ -50,11 +50,13 @@ class DedupConfig(Settings):
     max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many points (FAISS default)")
     max_train_points: int = Field(65536, ge=1, description="...and on at most this many: training costs points x k, "
                                   "so a fixed sample keeps it linear in N (border rows recover the recall)")
-    border: float = Field(0.02, ge=0, le=2, description="a row is also deduplicated in the clusters whose centroid is "
-                          "within this cosine of its nearest (see border_clusters); 0: nearest only")
+    border: float = Field(0.05, ge=0, le=2, description="a row is also deduplicated in the clusters whose centroid is "
+                          "within this cosine of its nearest (see border_clusters); 0: nearest only. Exact and pHash "
+                          "copies are only compared inside a cluster too: at 0.02 the demo lost a pHash copy whose "
+                          "random-weight embedding sat 0.02-0.05 across a boundary")
     border_clusters: int = Field(2, ge=0, le=8, description="at most this many such clusters per row (and as many "
-                                 "coarse cells above 4,096 clusters): 2 at border 0.02 kept planted-copy recall 0.999 "
-                                 "at 1M where one at 0.05 kept 0.994 with more rows in two clusters (bench dedup)")
+                                 "coarse cells above 4,096 clusters): 2 kept planted-copy recall 0.9994 at 1M where "
+                                 "one kept 0.9937 (bench dedup)")
     keep: KeepPolicy = "nearest_centroid"
     block_size: int = Field(2048, ge=16)
     buckets: int = Field(16, ge=1, description="parallel dedup tasks (clusters are hashed into buckets)")

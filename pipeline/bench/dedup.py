@@ -270,10 +270,11 @@ def bench_assign(k: int, rows: int = 100_000, dim: int = 512, baseline_rows: int
     cells = int(np.ceil(np.sqrt(k)))
     per = -(-k // cells)
     coarse = _unit(rng.standard_normal((cells, dim), dtype=np.float32))
-    fine = np.concatenate([_unit(coarse[c] + rng.standard_normal((per, dim), dtype=np.float32) / np.sqrt(dim))
+    spread = dim ** -0.5  # a Python float keeps the arrays float32 (a numpy float64 would widen them)
+    fine = np.concatenate([_unit(coarse[c] + rng.standard_normal((per, dim), dtype=np.float32) * spread)
                            for c in range(cells)])
     index = dd.CentroidIndex(fine, coarse, [np.arange(c * per, (c + 1) * per) for c in range(cells)])
-    x = _unit(fine[rng.integers(0, len(fine), rows)] + rng.standard_normal((rows, dim), dtype=np.float32) * (4 / np.sqrt(dim)))
+    x = _unit(fine[rng.integers(0, len(fine), rows)] + rng.standard_normal((rows, dim), dtype=np.float32) * (4 * spread))
     cfg = dd.DedupConfig()
     with TreeMemory() as mem:
         start = time.perf_counter()

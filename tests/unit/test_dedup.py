@@ -367,6 +367,7 @@ def test_bench_assign_times_the_two_level_search_against_the_flat_one():
 
     r = bench_assign(400, rows=3000, dim=512, baseline_rows=500)
     assert (r["clusters"], r["coarse_cells"], r["rows"]) == (400, 20, 3000)
+    assert r["index_mib"] == round(2 * 400 * 512 * 4 / 2**20, 1)  # float32, held twice (numpy and FAISS)
     assert r["baseline"]["same_nearest"] >= 0.9  # the nearest cell's nearest centroid is mostly the global nearest
     assert 1.0 < r["entries_per_row"] <= 5.0  # at most 2 border centroids + 2 border cells
     assert 0.1 < r["median_centroid_sim"] < 0.5 and r["rows_per_s"] > 0 and r["baseline"]["speedup"] > 0
