@@ -110,12 +110,11 @@ def train_points(n: int, k: int, cfg: DedupConfig) -> int:
     return min(n, max(floor, min(k * cfg.max_points_per_centroid, cfg.max_train_points)))
 
 
-def _flat_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool, mppc: int,
-                 nredo: int = 1) -> np.ndarray:
+def _flat_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool, mppc: int) -> np.ndarray:
     import faiss
 
     km = faiss.Kmeans(sample.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=use_gpu,
-                      max_points_per_centroid=mppc, nredo=nredo, verbose=False)
+                      max_points_per_centroid=mppc, verbose=False)
     km.train(np.ascontiguousarray(sample, dtype=np.float32))
     return km.centroids.copy()
 
@@ -136,7 +135,7 @@ def train_kmeans(sample: np.ndarray, k: int, niter: int = 20, seed: int = 0, use
         return CentroidIndex(_flat_kmeans(sample, k, niter, seed, bool(use_gpu), max_points_per_centroid))
     k1 = int(np.ceil(np.sqrt(k)))
     coarse = _flat_kmeans(sample, k1, niter, seed, bool(use_gpu), max_points_per_centroid)
-    labels = np.argmax(sample @ coarse.T, axis=1)
+    labels = assign_clusters(sample, coarse)[0]
     counts = np.bincount(labels, minlength=k1)
     share = np.maximum(1, np.floor(k * counts / counts.sum()).astype(int))
     share = np.minimum(share, np.maximum(counts, 1))
@@ -196,9 +195,10 @@ def _cell_search(index: CentroidIndex):
 
 def assign_clusters(x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int = 65536, border: float = 0.0,
                     border_clusters: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every row's cluster, its similarity to that centroid, and its border clusters (n, m), -1
-    padded: up to `border_clusters` more centroids within `border` (cosine) of the nearest, where
-    the row is deduplicated too, so that near-duplicates on either side of a boundary meet.
+    """Every row's cluster, its similarity to that centroid, and its border clusters ((n, m), -1
+    padded; (n, 2m) for a hierarchy): up to m = `border_clusters` more centroids within `border`
+    (cosine) of the nearest, where the row is deduplicated too, so that near-duplicates on either
+    side of a boundary meet.
 
     A hierarchy is searched as it was trained: the nearest centroid inside the nearest coarse
     cell; border clusters are the next centroids of that cell within `border`, and the nearest
