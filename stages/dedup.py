@@ -139,16 +139,16 @@ def train_kmeans(sample: np.ndarray, k: int, niter: int = 20, seed: int = 0, use
     counts = np.bincount(labels, minlength=k1)
     share = np.maximum(1, np.floor(k * counts / counts.sum()).astype(int))
     share = np.minimum(share, np.maximum(counts, 1))
-    fine, cells, filled = [], [], []
+    fine, cells, filled, start = [], [], [], 0
     for c in range(k1):
         members = sample[labels == c]
         if len(members) == 0:
             continue
         fine.append(members if share[c] >= len(members) else
                     _flat_kmeans(members, int(share[c]), niter, seed + c, bool(use_gpu), max_points_per_centroid))
-        start = sum(len(f) for f in fine[:-1])
         cells.append(np.arange(start, start + len(fine[-1])))
         filled.append(c)
+        start += len(fine[-1])
     centroids = np.concatenate(fine).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     return CentroidIndex(centroids, np.ascontiguousarray(coarse[filled]), cells)
