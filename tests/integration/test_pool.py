@@ -1,5 +1,5 @@
 """The adapter's worker pools on real Ray Data: a pool with `max_concurrency` grows while its stage
-is the bottleneck, and every row still comes back exactly once."""
+is the bottleneck, and every row still comes back exactly once; light tasks reuse their workers."""
 
 from __future__ import annotations
 
@@ -61,3 +61,29 @@ def test_a_pool_with_max_concurrency_grows_while_it_is_the_bottleneck(ray_cluste
     workers = {s.provenance["pid"] for s in samples}
     assert (len(workers) > 1) is grows, workers
     assert len(workers) <= (max_concurrency or 1)
+
+
+def test_light_tasks_reuse_their_workers_while_model_actors_hold_the_cpus(ray_cluster):
+    """With more workers than CPUs, Ray used to end an idle task worker after 1 s, so each burst of
+    light tasks (merge, write) paid fresh processes and their imports; the embedded cluster keeps
+    them a minute. Four rounds of four concurrent tasks: four processes, not one set per round."""
+    import ray
+
+    @ray.remote(num_cpus=0.25)
+    class Holder:
+        def pid(self) -> int:
+            return os.getpid()
+
+    holders = [Holder.remote() for _ in range(4)]  # the model pools' actors: more workers than CPUs
+    ray.get([h.pid.remote() for h in holders])
+
+    @ray.remote(num_cpus=0.25)
+    def light_task() -> int:
+        time.sleep(0.5)  # long enough that the four of a round need four workers
+        return os.getpid()
+
+    pids: set[int] = set()
+    for _ in range(4):
+        pids.update(ray.get([light_task.remote() for _ in range(4)]))
+        time.sleep(2.5)  # idle past Ray's default threshold (1 s) and its kill interval
+    assert len(pids) <= 5, f"{len(pids)} worker processes for 4 rounds of 4 tasks: workers were ended while idle"
