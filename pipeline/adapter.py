@@ -4,6 +4,8 @@ A block is one unit's rows. The adapter is the only code that reads and writes t
 skips rows already rejected or removed, parses each live sample once, calls the stage in batches
 of `resources.batch_size` (halved after a CUDA out-of-memory error), splits a failing batch down to
 the failing item, turns verdicts into reject/removed rows or a recorded error, and re-encodes.
+Stages of one `group` (next to each other in the flow) share a worker: one process and one CUDA
+context for their models, each record parsed and each image decoded once for all of them.
 Every row carries a `trace`: per stage, its share of the busy seconds and how it ended (failed with
 an exception type, rejected with a reason, removed). The writer sums the traces per unit into the
 unit's completion marker, which is where stats, `status` and the error budget read them from.
@@ -32,13 +34,15 @@ ROW_SCHEMA = pa.schema([("unit", pa.int64()), ("unit_rows", pa.int64()), ("key",
 @dataclass
 class StageRun:
     """A stage as the pipeline runs it: its instance name (in stats, errors and reject rows), its
-    resources, what happens to an item it fails on, and the share of failures the run tolerates."""
+    resources, what happens to an item it fails on, the share of failures the run tolerates, and
+    the group whose worker it shares with the stages next to it (None: a worker of its own)."""
 
     stage: Stage
     instance: str
     resources: Resources
     on_error: Literal["reject", "keep"] = "reject"
     max_error_rate: float | None = 0.05
+    group: str | None = None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -72,15 +76,19 @@ def describe(exc: BaseException) -> str:
 
 
 class StageWorker:
-    """Runs one stage: Ray Data builds one per actor (model stages) or per task (light stages)."""
+    """Runs a chain of stages (one, or the members of a group) over each block, in order: Ray Data
+    builds one per actor (model stages) or per task (light stages). A record is parsed once and an
+    image decoded once per block, whatever the chain's length; each stage keeps its own batch size,
+    trace entry and failure policy."""
 
-    def __init__(self, run: StageRun):
-        self.run = run
-        run.stage.setup()
-        self.batch_size = run.resources.batch_size
+    def __init__(self, *runs: StageRun):
+        self.runs = runs
+        for run in runs:
+            run.stage.setup()
+        self.batch_sizes = [run.resources.batch_size for run in runs]
 
-    def _shrink(self) -> None:
-        self.batch_size = max(1, self.batch_size // 2)
+    def _shrink(self, position: int) -> None:
+        self.batch_sizes[position] = max(1, self.batch_sizes[position] // 2)
         try:
             import torch
 
@@ -88,49 +96,61 @@ class StageWorker:
         except Exception:  # noqa: BLE001 - no torch / no CUDA: nothing to free
             pass
 
-    def _verdicts(self, items: list[Item]) -> list[Verdict]:
+    def _verdicts(self, position: int, items: list[Item]) -> list[Verdict]:
+        process = self.runs[position].stage.process
         out: list[Verdict] = []
         start = 0
         while start < len(items):
-            chunk = items[start:start + self.batch_size]
+            chunk = items[start:start + self.batch_sizes[position]]
             start += len(chunk)
-            out += call_isolated(self.run.stage.process, chunk, self._shrink)
+            out += call_isolated(process, chunk, lambda: self._shrink(position))
         return out
 
     def _unreadable(self, row: dict[str, Any], exc: Exception) -> None:
-        """A record this stage cannot read (a value the stage before wrote that does not load
-        back): rejected here with the reason, whatever `on_error` says."""
+        """A record the chain cannot read (a value the stage before wrote that does not load
+        back): rejected by its first stage with the reason, whatever `on_error` says."""
+        run = self.runs[0]
         detail = f"record unreadable: {describe(exc)}"[:500]
-        row["reject"] = Reject(key=row["key"], stage=self.run.instance, reason=self.run.stage.error_reason,
+        row["reject"] = Reject(key=row["key"], stage=run.instance, reason=run.stage.error_reason,
                                detail=detail).model_dump_json()
         row["sample"], row["image"] = None, None
-        self._trace(row, {"s": 0.0, "f": type(exc).__name__, "m": detail})
+        self._trace(row, run, {"s": 0.0, "f": type(exc).__name__, "m": detail})
 
-    def _trace(self, row: dict[str, Any], entry: dict[str, Any]) -> None:
+    @staticmethod
+    def _trace(row: dict[str, Any], run: StageRun, entry: dict[str, Any]) -> None:
         """Add this stage's entry to the row's trace (what the writer counts per stage)."""
         trace = json.loads(row["trace"]) if row.get("trace") else {}
-        trace[self.run.instance] = entry
+        trace[run.instance] = entry
         row["trace"] = json.dumps(trace)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        run = self.run
         began = time.perf_counter()
         rows = batch.to_pylist()
-        live, items = [], []
+        live: list[tuple[int, Item]] = []
         for i, row in enumerate(rows):
             if not row["sample"]:
                 continue
             try:
-                item = Item(row["unit"], Sample.model_validate_json(row["sample"]), row["image"],
-                            pickle.loads(row["outputs"]) if row.get("outputs") else {})
+                live.append((i, Item(row["unit"], Sample.model_validate_json(row["sample"]), row["image"],
+                                     pickle.loads(row["outputs"]) if row.get("outputs") else {})))
             except Exception as exc:  # noqa: BLE001 - a record that cannot be read fails here, not the job
                 self._unreadable(row, exc)
-                continue
-            live.append(i)
-            items.append(item)
-        verdicts = self._verdicts(items)
+        for position in range(len(self.runs)):
+            live = self._apply(position, rows, live, began)
+            began = time.perf_counter()
+        return pa.Table.from_pylist(rows, schema=batch.schema)
+
+    def _apply(self, position: int, rows: list[dict[str, Any]], live: list[tuple[int, Item]],
+               began: float) -> list[tuple[int, Item]]:
+        """One stage of the chain over the live items: their rows updated, its trace entries
+        added; returns the items that go on to the next stage."""
+        run = self.runs[position]
+        for _, item in live:
+            item.counts = {}
+        verdicts = self._verdicts(position, [item for _, item in live])
         share = (time.perf_counter() - began) / len(live) if live else 0.0
-        for i, item, verdict in zip(live, items, verdicts):
+        going_on: list[tuple[int, Item]] = []
+        for (i, item), verdict in zip(live, verdicts):
             row = rows[i]
             entry: dict[str, Any] = {"s": round(share, 6)}
             if verdict is None:
@@ -142,9 +162,11 @@ class StageWorker:
             if isinstance(verdict, BaseException):
                 entry.update(f=type(verdict).__name__, m=describe(verdict))
                 if run.on_error == "keep":  # the record as it came in, plus why this stage has no output
-                    sample = Sample.model_validate_json(row["sample"])
-                    sample.errors[run.instance] = entry["m"]
-                    row["sample"] = sample.model_dump_json()
+                    item.sample = Sample.model_validate_json(row["sample"])
+                    item.sample.errors[run.instance] = entry["m"]
+                    item.outputs = pickle.loads(row["outputs"]) if row.get("outputs") else {}
+                    row["sample"] = item.sample.model_dump_json()
+                    going_on.append((i, item))
                 else:
                     row["reject"] = Reject(key=item.key, stage=run.instance, reason=run.stage.error_reason,
                                            detail=entry["m"], url=item.sample.url).model_dump_json()
@@ -162,6 +184,7 @@ class StageWorker:
                 row["sample"], row["image"] = None, None
             elif verdict is None:
                 row["sample"], row["outputs"] = sample_json, outputs
+                going_on.append((i, item))
             else:
                 entry.update(f="TypeError", m=f"stage {run.instance} returned a {type(verdict).__name__} verdict")
                 row["reject"] = Reject(key=item.key, stage=run.instance, reason=run.stage.error_reason,
@@ -169,28 +192,46 @@ class StageWorker:
                 row["sample"], row["image"] = None, None
             if item.counts:
                 entry["c"] = item.counts
-            self._trace(row, entry)
-        return pa.Table.from_pylist(rows, schema=batch.schema)
+            self._trace(row, run, entry)
+        return going_on
 
 
-def run_stage_task(batch: pa.Table, run: StageRun) -> pa.Table:
-    """A light stage (no model to keep) as a Ray Data task: set up, run, done."""
-    return StageWorker(run)(batch)
+def run_stage_task(batch: pa.Table, runs: Sequence[StageRun]) -> pa.Table:
+    """Light stages (no model to keep) as a Ray Data task: set up, run, done."""
+    return StageWorker(*runs)(batch)
 
 
-def add_stage(ds, run: StageRun):
-    """Append one stage to a Ray Data stream of pipeline rows (one block per unit)."""
+def chains(runs: Sequence[StageRun]) -> list[list[StageRun]]:
+    """The runs cut into what shares a worker: consecutive runs of one group together, every
+    other run alone."""
+    out: list[list[StageRun]] = []
+    for run in runs:
+        if out and run.group is not None and out[-1][-1].group == run.group:
+            out[-1].append(run)
+        else:
+            out.append([run])
+    return out
+
+
+def add_stages(ds, runs: Sequence[StageRun]):
+    """Append the stages to a Ray Data stream of pipeline rows (one block per unit). A group's
+    worker asks for the sum of its members' CPUs and GPUs; its members share one concurrency
+    (the config checks that)."""
     import ray
 
-    r = run.resources
-    common = dict(batch_size=None, batch_format="pyarrow", num_cpus=r.num_cpus, num_gpus=r.num_gpus)
-    if r.concurrency is None:
-        return ds.map_batches(run_stage_task, fn_kwargs={"run": run}, **common)
-    if r.max_concurrency is None:
-        pool = ray.data.ActorPoolStrategy(size=r.concurrency)
-    else:  # Ray Data adds workers while this stage is the bottleneck and resources are free
-        pool = ray.data.ActorPoolStrategy(min_size=r.concurrency, max_size=r.max_concurrency)
-    return ds.map_batches(StageWorker, fn_constructor_args=(run,), compute=pool, **common)
+    for chain in chains(runs):
+        r = chain[0].resources
+        common = dict(batch_size=None, batch_format="pyarrow", num_cpus=sum(c.resources.num_cpus for c in chain),
+                      num_gpus=sum(c.resources.num_gpus for c in chain))
+        if r.concurrency is None:
+            ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": chain}, **common)
+            continue
+        if r.max_concurrency is None:
+            pool = ray.data.ActorPoolStrategy(size=r.concurrency)
+        else:  # Ray Data adds workers while this stage is the bottleneck and resources are free
+            pool = ray.data.ActorPoolStrategy(min_size=r.concurrency, max_size=r.max_concurrency)
+        ds = ds.map_batches(StageWorker, fn_constructor_args=tuple(chain), compute=pool, **common)
+    return ds
 
 
 # -- counting --------------------------------------------------------------------------------

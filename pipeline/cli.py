@@ -25,9 +25,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from denseforge.pipeline.rundir import RunDir
         from denseforge.pipeline.runner import preflight
 
+        from denseforge.pipeline.adapter import chains
+
         runs = preflight(config, RunDir(Path(args.out or ".").resolve()))
         if runs:
-            print(f"# stages, in order: {', '.join(r.instance for r in runs)}")
+            steps = [c[0].instance if len(c) == 1 else f"{' + '.join(r.instance for r in c)} (group {c[0].group}: one worker)"
+                     for c in chains(runs)]
+            print(f"# stages, in order: {', '.join(steps)}")
         print(dump_config(config), end="")
         return 0
     out = Path(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -64,7 +64,8 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
         planned = plan_experts(config.perceive)
         for spec, expert, resources in planned:
             runs.append(StageRun(ExpertStage(expert, spec.instance, resources), spec.instance, resources,
-                                 on_error=config.perceive.on_error, max_error_rate=spec.max_error_rate))
+                                 on_error=config.perceive.on_error, max_error_rate=spec.max_error_rate,
+                                 group=spec.group))
             if expert.kind not in KNOWN_KINDS:
                 renderers[expert.kind] = expert
         untrained = frozenset(spec.instance for spec, expert, _ in planned if expert.untrained())

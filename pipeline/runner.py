@@ -2,7 +2,7 @@
 finalize, resumable at every unit.
 
 `pipeline/` is the only package that talks to Ray. The per-sample stages come from
-`flow.build_stages` and run through the one adapter (`adapter.add_stage`). Work is cut into units
+`flow.build_stages` and run through the one adapter (`adapter.add_stages`). Work is cut into units
 (input files of at most `output.samples_per_shard` rows); each phase leaves a completion marker per
 unit (`RunDir`), so `resume` redoes exactly the units that were not finished.
 """
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from denseforge.errors import DenseforgeError, FailedUnitsError, RunFailedError, SetupError, StageFailedError
-from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, add_stage, count_traces
+from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, add_stages, count_traces
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.dedup_phase import run_dedup, run_embed
@@ -235,8 +235,7 @@ def run_process(config: Config, rd: RunDir, plan: Plan, runs: list[StageRun], pr
     ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(load_units, fn_kwargs={"rd": rd, "kind": plan.kind}, batch_size=1,
                         batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
-    for run in runs:
-        ds = add_stage(ds, run)
+    ds = add_stages(ds, runs)
     ds = ds.map_batches(write_units_batch, fn_kwargs={"rd": rd}, batch_size=None,
                         batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -35,6 +35,10 @@ class ExpertSpec(Settings):
     resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
     score_threshold: float = Field(0.0, ge=0, le=1, description="boxes below it are ignored when detectors merge")
     max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of images it may fail on; null: no limit")
+    group: str | None = Field(
+        None, min_length=1, description="experts with the same group share one worker: one process (and CUDA "
+                                        "context) for their models, each image decoded once; the worker asks for "
+                                        "the sum of their CPUs and GPUs, and they need the same concurrency")
 
     @property
     def instance(self) -> str:
@@ -68,7 +72,8 @@ def build_expert(spec: ExpertSpec, where: str) -> tuple[Expert, Resources]:
 
 
 def plan_experts(cfg: PerceiveConfig) -> list[tuple[ExpertSpec, Expert, Resources]]:
-    """Validate every expert and order them so all producers of a kind run before its consumers."""
+    """Validate every expert and order them so all producers of a kind run before its consumers,
+    with the experts of a group next to each other (they run in one worker, one after another)."""
     built = [(spec, *build_expert(spec, f"perceive.experts[{i}]")) for i, spec in enumerate(cfg.experts)]
     producers: dict[str, set[str]] = {}
     for spec, expert, _ in built:
@@ -78,18 +83,48 @@ def plan_experts(cfg: PerceiveConfig) -> list[tuple[ExpertSpec, Expert, Resource
         if missing:
             raise ConfigError(f"perceive.experts: {spec.instance} consumes {', '.join(missing)}, "
                               "which no configured expert produces")
+    workers: dict[str, list[tuple[ExpertSpec, Expert, Resources]]] = {}
+    for b in built:
+        workers.setdefault(f"group {b[0].group}" if b[0].group else b[0].instance, []).append(b)
+    for name, members in workers.items():
+        pools = {(r.concurrency, r.max_concurrency) for _, _, r in members}
+        if len(pools) > 1:
+            sizes = ", ".join(f"{spec.instance}: {r.concurrency}/{r.max_concurrency}" for spec, _, r in members)
+            raise ConfigError(f"perceive.experts: the experts of {name} share one worker pool, so their "
+                              f"resources.concurrency and max_concurrency must be equal ({sizes})")
     ordered: list[tuple[ExpertSpec, Expert, Resources]] = []
     done: set[str] = set()
-    pending = list(built)
+    pending = list(workers.values())
     while pending:
-        ready = [b for b in pending if all(producers[k] - {b[0].instance} <= done for k in b[1].consumes)]
+        ready = [m for m in pending if _needs(m, producers) <= done | {spec.instance for spec, _, _ in m}]
         if not ready:
-            raise ConfigError("perceive.experts: circular consumes between " + ", ".join(b[0].instance for b in pending))
-        for b in ready:
-            ordered.append(b)
-            done.add(b[0].instance)
-            pending.remove(b)
+            raise ConfigError("perceive.experts: circular consumes between "
+                              + ", ".join(spec.instance for m in pending for spec, _, _ in m))
+        for members in ready:
+            ordered += _in_order(members, producers, done)
+            done |= {spec.instance for spec, _, _ in members}
+            pending.remove(members)
     return ordered
+
+
+def _needs(members: list[tuple[ExpertSpec, Expert, Resources]], producers: dict[str, set[str]]) -> set[str]:
+    """The expert instances whose output these experts consume (themselves excepted)."""
+    return {p for spec, expert, _ in members for k in expert.consumes for p in producers[k] - {spec.instance}}
+
+
+def _in_order(members: list[tuple[ExpertSpec, Expert, Resources]], producers: dict[str, set[str]],
+              done: set[str]) -> list[tuple[ExpertSpec, Expert, Resources]]:
+    """One worker's experts, producers before consumers."""
+    placed, out, rest = set(done), [], list(members)
+    while rest:
+        ready = [b for b in rest if _needs([b], producers) <= placed]
+        if not ready:
+            raise ConfigError("perceive.experts: circular consumes between " + ", ".join(b[0].instance for b in rest))
+        for b in ready:
+            out.append(b)
+            placed.add(b[0].instance)
+            rest.remove(b)
+    return out
 
 
 def observations_by_kind(experts: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:

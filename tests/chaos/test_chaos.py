@@ -155,7 +155,7 @@ def test_a_killed_ray_worker_costs_a_retry_not_a_sample(corpus):
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
                 except OSError:
                     continue
-                if "StageWorker" in cmdline:  # an actor of the tagger's pool, in the middle of the stream
+                if "StageWorker" in cmdline:  # an actor of an expert pool, in the middle of the stream
                     os.kill(pid, signal.SIGKILL)
                     killed = cmdline.replace("\0", " ").strip()
                     break

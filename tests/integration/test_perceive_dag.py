@@ -45,15 +45,17 @@ perceive:
   on_error: keep
   experts:
     - {{plugin: yolo, name: world, options: {{model: yolov8s-worldv2.pt, weights: random, conf: 0.0, device: cpu,
-        classes_from: tags, text_model: df-tiny-clip-512, text_weights: random}}, resources: {{num_cpus: 0.25}}}}
+        classes_from: tags, text_model: df-tiny-clip-512, text_weights: random}}, resources: {{num_cpus: 0.25}},
+        group: torch}}
     - {{plugin: colors, options: {{fail_below_px: 64}}, resources: {{num_cpus: 0.25}}}}
     - {{plugin: rapidocr, resources: {{num_cpus: 0.5}}}}
     - {{plugin: clip-tags, name: tagger, options: {{model: df-tiny-clip, weights: random, top_k: 3, threshold: 0.0}},
-        resources: {{num_cpus: 0.25}}}}
+        resources: {{num_cpus: 0.25}}, group: torch}}
 """)
     out = tmp_path / "run"
     proc = run_cli("run", str(cfg), "--out", str(out), "--dry-run")
-    assert "# stages, in order: colors, rapidocr, tagger, world, merge" in proc.stdout
+    # the two torch experts share one worker (the tagger first: the detector is queried with its tags)
+    assert "# stages, in order: tagger + world (group torch: one worker), colors, rapidocr, merge" in proc.stdout
     proc = run_cli("run", str(cfg), "--out", str(out))
     stats = json.loads((out / "stats.json").read_text())
     f = stats["funnel"]

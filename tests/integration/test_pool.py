@@ -9,7 +9,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, add_stage
+from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, add_stages
 from denseforge.pipeline.config import RayConfig
 from denseforge.pipeline.ray_session import start_ray
 from denseforge.stages.sample import Sample
@@ -55,7 +55,7 @@ def test_a_pool_with_max_concurrency_grows_while_it_is_the_bottleneck(ray_cluste
     ds = ds.map_batches(lambda b: _unit_rows(int(b["unit"][0].as_py()), 2), batch_size=1, batch_format="pyarrow")
     run = StageRun(SlowStage(), "slow", Resources(num_cpus=0.5, batch_size=2, concurrency=1,
                                                   max_concurrency=max_concurrency))
-    out = pa.concat_tables(list(add_stage(ds, run).iter_batches(batch_size=None, batch_format="pyarrow")))
+    out = pa.concat_tables(list(add_stages(ds, [run]).iter_batches(batch_size=None, batch_format="pyarrow")))
     samples = [Sample.model_validate_json(s) for s in out.column("sample").to_pylist()]
     assert sorted(s.key for s in samples) == sorted(f"{u:04d}{i:04d}" for u in range(units) for i in range(2))
     workers = {s.provenance["pid"] for s in samples}
@@ -87,3 +87,34 @@ def test_light_tasks_reuse_their_workers_while_model_actors_hold_the_cpus(ray_cl
         pids.update(ray.get([light_task.remote() for _ in range(4)]))
         time.sleep(2.5)  # idle past Ray's default threshold (1 s) and its kill interval
     assert len(pids) <= 5, f"{len(pids)} worker processes for 4 rounds of 4 tasks: workers were ended while idle"
+
+
+class PidStage(Stage):
+    """Notes which worker process ran it, under its own instance name."""
+
+    name = "pid"
+
+    def __init__(self, note: str):
+        super().__init__()
+        self.note = note
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        for item in batch:
+            item.sample.provenance[self.note] = os.getpid()
+        return [None] * len(batch)
+
+
+def test_the_stages_of_a_group_run_in_one_worker_process(ray_cluster):
+    import ray
+
+    units = 6
+    ds = ray.data.from_items([{"unit": u} for u in range(units)], override_num_blocks=units)
+    ds = ds.map_batches(lambda b: _unit_rows(int(b["unit"][0].as_py()), 2), batch_size=1, batch_format="pyarrow")
+    runs = [StageRun(PidStage(name), name, Resources(num_cpus=0.25, batch_size=2, concurrency=1), group=group)
+            for name, group in (("a", "g"), ("b", "g"), ("c", None))]
+    out = pa.concat_tables(list(add_stages(ds, runs).iter_batches(batch_size=None, batch_format="pyarrow")))
+    samples = [Sample.model_validate_json(s) for s in out.column("sample").to_pylist()]
+    assert len(samples) == units * 2
+    assert {s.provenance["a"] for s in samples} == {s.provenance["b"] for s in samples}  # one actor for a and b
+    assert len({s.provenance["a"] for s in samples}) == 1
+    assert {s.provenance["c"] for s in samples}.isdisjoint({s.provenance["a"] for s in samples})

@@ -11,7 +11,8 @@ from PIL import Image
 
 from denseforge.errors import StageFailedError
 from denseforge.experts.base import Expert, Resources
-from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, StageWorker, call_isolated, count_traces, merge_counts
+from denseforge.pipeline.adapter import (ROW_SCHEMA, StageRun, StageWorker, call_isolated, chains, count_traces,
+                                        merge_counts)
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.stages.perceive import ExpertStage, MergeStage, PerceiveConfig
 from denseforge.stages.sample import Reject, Sample
@@ -237,3 +238,61 @@ def test_a_record_that_does_not_load_back_is_rejected_with_the_reason():
     assert (reject.stage, reject.reason) == ("judge", "stage_error") and reject.detail.startswith("record unreadable: ")
     assert out["k1"]["sample"] is None and json.loads(out["k1"]["trace"])["judge"]["f"] == "ValidationError"
     assert count_traces([r["trace"] for r in out.values()])["judge"]["failed"] == {"ValidationError": 1}
+
+
+class Second(Stage):
+    """Runs after `Judge` in one worker: notes what it saw, counts per item, fails on k4."""
+
+    name = "second"
+
+    def process(self, batch: list[Item]):
+        verdicts = []
+        for item in batch:
+            item.counts["seen"] = 1
+            if item.key == "k4":
+                verdicts.append(RuntimeError("second fails on k4"))
+                continue
+            item.sample.provenance["second_saw"] = {"caption": item.sample.caption, "errors": dict(item.sample.errors),
+                                                    "image_id": id(item.image), "judge_image_id": item.outputs.get("image_id")}
+            verdicts.append(None)
+        return verdicts
+
+
+class JudgeNotingImages(Judge):
+    def process(self, batch: list[Item]):
+        for item in batch:
+            item.outputs["image_id"] = id(item.image)
+        return super().process(batch)
+
+
+def test_a_group_runs_its_stages_in_one_worker_each_with_its_own_verdicts_and_trace():
+    """Two stages in one worker: a record parsed and an image decoded once; the second stage sees
+    what the first left (its caption, or with `keep` the sample as it came in plus the error) and
+    only the items the first let through; each has its own trace entry, counts and policy."""
+    judge = StageRun(JudgeNotingImages(), "judge", Resources(batch_size=8, concurrency=None), on_error="keep", group="g")
+    second = StageRun(Second(), "second", Resources(batch_size=2, concurrency=None), on_error="reject", group="g")
+    rows = {r["key"]: r for r in StageWorker(judge, second)(_rows(6, dead=1)).to_pylist()}
+    seen = {k: Sample.model_validate_json(r["sample"]).provenance["second_saw"] for k, r in rows.items()
+            if r["sample"]}
+    assert sorted(seen) == ["k0", "k3", "k5"]
+    assert seen["k0"]["caption"] == "judged k0" and seen["k0"]["errors"] == {}
+    assert seen["k3"] == {**seen["k3"], "caption": None, "errors": {"judge": "ValueError: cannot judge k3"}}
+    assert seen["k3"]["judge_image_id"] is None  # the failed stage's outputs were dropped with its changes
+    assert seen["k0"]["image_id"] == seen["k0"]["judge_image_id"]  # decoded once for both stages
+    assert Reject.model_validate_json(rows["k1"]["reject"]).stage == "judge"
+    assert json.loads(rows["k2"]["removed"])["stage"] == "judge"
+    assert Reject.model_validate_json(rows["k4"]["reject"]).detail == "RuntimeError: second fails on k4"
+    traces = {k: json.loads(r["trace"]) if r["trace"] else {} for k, r in rows.items()}
+    assert set(traces["k0"]) == {"judge", "second"} and set(traces["k1"]) == {"judge"} and traces["d0"] == {}
+    assert traces["k0"]["second"]["c"] == {"seen": 1} and "c" not in traces["k0"]["judge"]
+    counts = count_traces([r["trace"] for r in rows.values()])
+    assert (counts["judge"]["items"], counts["second"]["items"]) == (6, 4)
+    assert counts["second"]["failed"] == {"RuntimeError": 1} and counts["judge"]["failed"] == {"ValueError": 1}
+
+
+def test_runs_of_one_group_next_to_each_other_share_a_worker():
+    def run(name: str, group: str | None) -> StageRun:
+        return StageRun(Second(), name, Resources(), group=group)
+
+    runs = [run("a", None), run("b", "g"), run("c", "g"), run("d", "h"), run("e", "g"), run("f", None)]
+    assert [[r.instance for r in chain] for chain in chains(runs)] == [["a"], ["b", "c"], ["d"], ["e"], ["f"]]

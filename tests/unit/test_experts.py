@@ -199,6 +199,23 @@ def test_experts_are_ordered_after_what_they_consume():
     assert [spec.instance for spec, _, _ in order] == ["rapidocr", "clip-tags", "world"]
 
 
+def test_the_experts_of_a_group_sit_together_producers_first():
+    """A group's experts run in one worker, one after another, so they must be next to each other
+    in the flow; inside the group the producer still comes before its consumer."""
+    world = {"plugin": "yolo", "name": "world", "group": "torch",
+             "options": {"model": "yolov8s-worldv2.pt", "classes_from": "tags"}}
+    tagger = {"plugin": "clip-tags", "name": "tagger", "group": "torch", "options": {"model": "df-tiny-clip"}}
+    order = plan_experts(_perceive(world, {"plugin": "rapidocr"}, {"plugin": "yolox"}, tagger))
+    assert [(spec.instance, spec.group) for spec, _, _ in order] == \
+        [("tagger", "torch"), ("world", "torch"), ("rapidocr", None), ("yolox", None)]
+    with pytest.raises(ConfigError, match=r"the experts of group torch share one worker pool, so their "
+                                          r"resources.concurrency and max_concurrency must be equal "
+                                          r"\(world: 1/None, tagger: 2/None\)"):
+        plan_experts(_perceive(world, {**tagger, "resources": {"concurrency": 2}}))
+    with pytest.raises(ConfigError, match="String should have at least 1 character"):
+        _perceive({**tagger, "group": ""})
+
+
 def test_expert_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"perceive.experts\[0\].options.conf"):
         plan_experts(_perceive({"plugin": "yolo", "options": {"conf": 3}}))
