@@ -205,7 +205,7 @@ def check_setups(runs: list[StageRun], rd: RunDir, progress: Progress) -> None:
     if not runs:
         return
     progress.note(f"setup: loading {', '.join(r.instance for r in runs)}")
-    task = ray.remote(_setup_all)
+    task = ray.remote(max_calls=1)(_setup_all)  # its worker ends with it, not idling with every model loaded
     on_cpu = [r for r in runs if r.resources.num_gpus == 0]
     refs = [task.options(num_cpus=0).remote(on_cpu)] if on_cpu else []
     refs += [task.options(num_cpus=0, num_gpus=r.resources.num_gpus).remote([r]) for r in runs if r.resources.num_gpus]

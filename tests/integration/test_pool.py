@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -118,3 +119,44 @@ def test_the_stages_of_a_group_run_in_one_worker_process(ray_cluster):
     assert {s.provenance["a"] for s in samples} == {s.provenance["b"] for s in samples}  # one actor for a and b
     assert len({s.provenance["a"] for s in samples}) == 1
     assert {s.provenance["c"] for s in samples}.isdisjoint({s.provenance["a"] for s in samples})
+
+
+class LoadsAndSaysWhere(Stage):
+    """A stage whose setup writes down the process that loaded it."""
+
+    name = "loads"
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+
+    def setup(self) -> None:
+        Path(self.where).write_text(str(os.getpid()))
+
+    def process(self, batch: list[Item]) -> list[Verdict]:
+        return [None] * len(batch)
+
+
+def test_the_setup_check_worker_exits_with_the_check(ray_cluster, tmp_path):
+    """The setup check loads every model in one worker; that worker must end with the check, not
+    idle for a minute (the embedded cluster's idle time) with all the models in memory."""
+    import psutil
+
+    from denseforge.pipeline.progress import Progress
+    from denseforge.pipeline.rundir import RunDir
+    from denseforge.pipeline.runner import check_setups
+
+    where = tmp_path / "pid"
+    check_setups([StageRun(LoadsAndSaysWhere(str(where)), "loads", Resources())], RunDir(tmp_path / "run"), Progress())
+    pid = int(where.read_text())
+
+    def alive() -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive(), f"the worker that loaded every model (pid {pid}) is still there"
