@@ -27,7 +27,7 @@ from denseforge.pipeline.adapter import add_stages, count_traces
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.flow import embed_stages
 from denseforge.pipeline.progress import Progress
-from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
+from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, one_off
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
 from denseforge.stages.embed import embedding_table, embeddings_matrix, pixel_spec
@@ -87,7 +87,7 @@ def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, l
                             batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
         spec = None
         if config.embed.feeders() != 0:  # resolved in a worker: the driver does not import torch
-            spec = ray.get(ray.remote(pixel_spec).options(num_cpus=0).remote(config.embed))
+            spec = ray.get(one_off(pixel_spec, num_cpus=0).remote(config.embed))  # it imports torch
         runs = embed_stages(config, spec)
         ds = add_stages(ds, runs)
         ds = ds.map_batches(write_embeddings, fn_kwargs={"rd": rd, "instances": {r.instance for r in runs},

@@ -14,11 +14,6 @@ OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE", "Y
 LIGHT_TASK_CPUS = 0.25
 
 
-# Ray kills an idle worker after 1 s once there are more workers than CPUs, which the model pools'
-# actors alone make true: every light task then started a fresh process that imported everything
-# again (~1.7 CPU-seconds each, a new one every few seconds: 8 % of the process phase's wall time in
-# `bench experts` on 2 cores). Idle workers of the embedded cluster live a minute instead.
-EMBEDDED_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 QUIET_RAY = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0"}
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
               "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -49,6 +44,15 @@ def _system_processes_offline():
                 os.environ[k] = v
 
 
+def one_off(fn, **options):
+    """`fn` as a Ray task whose worker exits when it returns: for a task that loads models or
+    imports torch once (an idle worker keeps that memory, ~0.8 GB for torch, for the whole run
+    while the cluster has fewer workers than CPUs)."""
+    import ray
+
+    return ray.remote(max_calls=1, **options)(fn)
+
+
 def start_ray(cfg: RayConfig, address: str | None) -> str | None:
     """Join `address`, or start an embedded local cluster sized by the config; returns the folder
     of the workers' logs when Ray tells it. A run sends nothing over the network of its own
@@ -68,8 +72,7 @@ def start_ray(cfg: RayConfig, address: str | None) -> str | None:
     else:
         with _system_processes_offline() as proxies:
             ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
-                     runtime_env={"env_vars": {**env, **proxies}}, _system_config=EMBEDDED_SYSTEM_CONFIG,
-                     **common)
+                     runtime_env={"env_vars": {**env, **proxies}}, **common)
     from ray.data import DataContext
 
 

@@ -29,7 +29,7 @@ from denseforge.pipeline.dedup_phase import run_dedup, run_embed
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
 from denseforge.pipeline.flow import build_stages, describe_embed, embed_stages
 from denseforge.pipeline.progress import Progress
-from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, start_ray
+from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, one_off, start_ray
 from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import finalize_run
 from denseforge.stages.files import write_json_atomic
@@ -205,7 +205,7 @@ def check_setups(runs: list[StageRun], rd: RunDir, progress: Progress) -> None:
     if not runs:
         return
     progress.note(f"setup: loading {', '.join(r.instance for r in runs)}")
-    task = ray.remote(max_calls=1)(_setup_all)  # its worker ends with it, not idling with every model loaded
+    task = one_off(_setup_all)  # it holds every model
     on_cpu = [r for r in runs if r.resources.num_gpus == 0]
     refs = [task.options(num_cpus=0).remote(on_cpu)] if on_cpu else []
     refs += [task.options(num_cpus=0, num_gpus=r.resources.num_gpus).remote([r]) for r in runs if r.resources.num_gpus]
