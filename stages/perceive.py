@@ -71,7 +71,10 @@ def build_expert(spec: ExpertSpec, where: str) -> tuple[Expert, Resources]:
     return cls(options), resources
 
 
-def plan_experts(cfg: PerceiveConfig) -> list[tuple[ExpertSpec, Expert, Resources]]:
+PlannedExpert = tuple[ExpertSpec, Expert, Resources]
+
+
+def plan_experts(cfg: PerceiveConfig) -> list[PlannedExpert]:
     """Validate every expert and order them so all producers of a kind run before its consumers,
     with the experts of a group next to each other (they run in one worker, one after another)."""
     built = [(spec, *build_expert(spec, f"perceive.experts[{i}]")) for i, spec in enumerate(cfg.experts)]
@@ -83,7 +86,7 @@ def plan_experts(cfg: PerceiveConfig) -> list[tuple[ExpertSpec, Expert, Resource
         if missing:
             raise ConfigError(f"perceive.experts: {spec.instance} consumes {', '.join(missing)}, "
                               "which no configured expert produces")
-    workers: dict[str, list[tuple[ExpertSpec, Expert, Resources]]] = {}
+    workers: dict[str, list[PlannedExpert]] = {}
     for b in built:
         workers.setdefault(f"group {b[0].group}" if b[0].group else b[0].instance, []).append(b)
     for name, members in workers.items():
@@ -92,39 +95,33 @@ def plan_experts(cfg: PerceiveConfig) -> list[tuple[ExpertSpec, Expert, Resource
             sizes = ", ".join(f"{spec.instance}: {r.concurrency}/{r.max_concurrency}" for spec, _, r in members)
             raise ConfigError(f"perceive.experts: the experts of {name} share one worker pool, so their "
                               f"resources.concurrency and max_concurrency must be equal ({sizes})")
-    ordered: list[tuple[ExpertSpec, Expert, Resources]] = []
+    ordered: list[PlannedExpert] = []
     done: set[str] = set()
-    pending = list(workers.values())
+    for members in _layered(list(workers.values()), producers, done):
+        ordered += [b for (b,) in _layered([[b] for b in members], producers, done)]
+        done |= {spec.instance for spec, _, _ in members}
+    return ordered
+
+
+def _layered(nodes: list[list[PlannedExpert]], producers: dict[str, set[str]], done: set[str]) -> list[list[PlannedExpert]]:
+    """`nodes` (experts that run together) in order: each after every expert it consumes from,
+    `done` counting as placed; config order among those that are ready together."""
+    placed, out, pending = set(done), [], list(nodes)
     while pending:
-        ready = [m for m in pending if _needs(m, producers) <= done | {spec.instance for spec, _, _ in m}]
+        ready = [m for m in pending if _needs(m, producers) <= placed | {spec.instance for spec, _, _ in m}]
         if not ready:
             raise ConfigError("perceive.experts: circular consumes between "
                               + ", ".join(spec.instance for m in pending for spec, _, _ in m))
         for members in ready:
-            ordered += _in_order(members, producers, done)
-            done |= {spec.instance for spec, _, _ in members}
+            out.append(members)
+            placed |= {spec.instance for spec, _, _ in members}
             pending.remove(members)
-    return ordered
+    return out
 
 
-def _needs(members: list[tuple[ExpertSpec, Expert, Resources]], producers: dict[str, set[str]]) -> set[str]:
+def _needs(members: list[PlannedExpert], producers: dict[str, set[str]]) -> set[str]:
     """The expert instances whose output these experts consume (themselves excepted)."""
     return {p for spec, expert, _ in members for k in expert.consumes for p in producers[k] - {spec.instance}}
-
-
-def _in_order(members: list[tuple[ExpertSpec, Expert, Resources]], producers: dict[str, set[str]],
-              done: set[str]) -> list[tuple[ExpertSpec, Expert, Resources]]:
-    """One worker's experts, producers before consumers."""
-    placed, out, rest = set(done), [], list(members)
-    while rest:
-        ready = [b for b in rest if _needs([b], producers) <= placed]
-        if not ready:
-            raise ConfigError("perceive.experts: circular consumes between " + ", ".join(b[0].instance for b in rest))
-        for b in ready:
-            out.append(b)
-            placed.add(b[0].instance)
-            rest.remove(b)
-    return out
 
 
 def observations_by_kind(experts: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:

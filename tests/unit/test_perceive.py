@@ -155,6 +155,10 @@ def test_circular_consumes_is_a_config_error_naming_the_experts(monkeypatch):
     cfg = parse_config({"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [{"plugin": "eggs"}, {"plugin": "hens"}]}})
     with pytest.raises(ConfigError, match=r"^perceive.experts: circular consumes between eggs, hens$"):
         perceive.plan_experts(cfg.perceive)
+    grouped = parse_config({"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [
+        {"plugin": "eggs", "group": "coop"}, {"plugin": "hens", "group": "coop"}, {"plugin": "farm"}]}})
+    with pytest.raises(ConfigError, match=r"^perceive.experts: circular consumes between eggs, hens$"):
+        perceive.plan_experts(grouped.perceive)  # inside one group too
 
 
 def _items(n, size=(40, 30)):
