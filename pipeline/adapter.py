@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from denseforge.errors import ConfigError
 from denseforge.stages.sample import Reject, Sample
 from denseforge.stages.stage import Item, Rejection, Removal, Resources, Stage, Verdict
 
@@ -211,6 +212,26 @@ def chains(runs: Sequence[StageRun]) -> list[list[StageRun]]:
         else:
             out.append([run])
     return out
+
+
+def check_groups(runs: Sequence[StageRun]) -> None:
+    """A group's stages run in one worker, one after another: they must sit next to each other in
+    the flow and share one pool size."""
+    placed: dict[str, int] = {}
+    for i, chain in enumerate(groups := chains(runs)):
+        group = chain[0].group
+        if group is None:
+            continue
+        if group in placed:
+            between = [r.instance for c in groups[placed[group] + 1:i] for r in c]
+            raise ConfigError(f"group {group}: its stages must be next to each other in the flow, but "
+                              f"{', '.join(between)} run(s) between them; move them (stages[].after)")
+        placed[group] = i
+        pools = {(r.resources.concurrency, r.resources.max_concurrency) for r in chain}
+        if len(pools) > 1:
+            sizes = ", ".join(f"{r.instance}: {r.resources.concurrency}/{r.resources.max_concurrency}" for r in chain)
+            raise ConfigError(f"group {group}: its stages share one worker pool, so their resources.concurrency and "
+                              f"max_concurrency must be equal ({sizes})")
 
 
 def add_stages(ds, runs: Sequence[StageRun]):

@@ -23,7 +23,7 @@ from denseforge.stages.ground import GroundConfig
 from denseforge.stages.ingest import IngestConfig
 from denseforge.stages.perceive import PerceiveConfig
 from denseforge.stages.qa import QaConfig
-from denseforge.stages.settings import Settings
+from denseforge.stages.settings import Settings, group_field
 
 
 class RunConfig(Settings):
@@ -62,6 +62,7 @@ class StageSpec(Settings):
     resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
     on_error: Literal["reject", "keep"] = "reject"
     max_error_rate: float | None = Field(0.05, ge=0, le=1)
+    group: str | None = group_field()
 
     @property
     def instance(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from denseforge.errors import ConfigError
 from denseforge.experts.registry import STAGE_GROUP, load_plugin
-from denseforge.pipeline.adapter import StageRun
+from denseforge.pipeline.adapter import StageRun, check_groups
 from denseforge.pipeline.config import Config, StageSpec
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.dedup import DecisionStage
@@ -95,6 +95,7 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
         else:
             raise ConfigError(f"stages[{i}].after: no stage named {spec.after!r} runs in this config "
                               f"(stages: {', '.join(names) or 'none'})")
+    check_groups(runs)
     return runs
 
 
@@ -102,4 +103,5 @@ def plugin_stage(spec: StageSpec, where: str) -> StageRun:
     """A stage from a plugin package, its options and resources checked against its own models."""
     cls = load_plugin(STAGE_GROUP, spec.plugin, Stage)
     options, resources = configure(cls, spec.options, spec.resources, where)
-    return StageRun(cls(options), spec.instance, resources, on_error=spec.on_error, max_error_rate=spec.max_error_rate)
+    return StageRun(cls(options), spec.instance, resources, on_error=spec.on_error, max_error_rate=spec.max_error_rate,
+                    group=spec.group)

@@ -20,7 +20,7 @@ from denseforge.errors import ConfigError
 from denseforge.experts.base import Expert, ExpertInput, clip_box
 from denseforge.experts.registry import load_expert_class
 from denseforge.stages.sample import KNOWN_KINDS
-from denseforge.stages.settings import Settings
+from denseforge.stages.settings import Settings, group_field
 from denseforge.stages.stage import Item, Resources, Stage, Verdict, configure
 
 STAGED = "@"  # staged outputs live under "kind@instance" until the merge stage
@@ -35,10 +35,7 @@ class ExpertSpec(Settings):
     resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
     score_threshold: float = Field(0.0, ge=0, le=1, description="boxes below it are ignored when detectors merge")
     max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of images it may fail on; null: no limit")
-    group: str | None = Field(
-        None, min_length=1, description="experts with the same group share one worker: one process (and CUDA "
-                                        "context) for their models, each image decoded once; the worker asks for "
-                                        "the sum of their CPUs and GPUs, and they need the same concurrency")
+    group: str | None = group_field()
 
     @property
     def instance(self) -> str:
@@ -89,12 +86,6 @@ def plan_experts(cfg: PerceiveConfig) -> list[PlannedExpert]:
     workers: dict[str, list[PlannedExpert]] = {}
     for b in built:
         workers.setdefault(f"group {b[0].group}" if b[0].group else b[0].instance, []).append(b)
-    for name, members in workers.items():
-        pools = {(r.concurrency, r.max_concurrency) for _, _, r in members}
-        if len(pools) > 1:
-            sizes = ", ".join(f"{spec.instance}: {r.concurrency}/{r.max_concurrency}" for spec, _, r in members)
-            raise ConfigError(f"perceive.experts: the experts of {name} share one worker pool, so their "
-                              f"resources.concurrency and max_concurrency must be equal ({sizes})")
     ordered: list[PlannedExpert] = []
     done: set[str] = set()
     for members in _layered(list(workers.values()), producers, done):

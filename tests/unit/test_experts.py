@@ -208,12 +208,43 @@ def test_the_experts_of_a_group_sit_together_producers_first():
     order = plan_experts(_perceive(world, {"plugin": "rapidocr"}, {"plugin": "yolox"}, tagger))
     assert [(spec.instance, spec.group) for spec, _, _ in order] == \
         [("tagger", "torch"), ("world", "torch"), ("rapidocr", None), ("yolox", None)]
-    with pytest.raises(ConfigError, match=r"the experts of group torch share one worker pool, so their "
-                                          r"resources.concurrency and max_concurrency must be equal "
-                                          r"\(world: 1/None, tagger: 2/None\)"):
-        plan_experts(_perceive(world, {**tagger, "resources": {"concurrency": 2}}))
     with pytest.raises(ConfigError, match="String should have at least 1 character"):
         _perceive({**tagger, "group": ""})
+
+
+def test_a_group_needs_one_pool_size_and_its_stages_side_by_side(monkeypatch, tmp_path):
+    """Plugin stages join a group as experts do; the flow is checked as a whole: one pool size per
+    group, and nothing of another worker between its stages."""
+    from denseforge.pipeline import flow
+    from denseforge.pipeline.adapter import chains
+    from denseforge.pipeline.rundir import RunDir
+    from denseforge.stages.stage import Stage
+
+    class Gate(Stage):
+        name = "gate"
+
+        def process(self, batch):
+            return [None] * len(batch)
+
+    monkeypatch.setattr(flow, "load_plugin", lambda group, name, base: Gate)
+    tagger = {"plugin": "clip-tags", "name": "tagger", "group": "light", "options": {"model": "df-tiny-clip"},
+              "resources": {"concurrency": 1}}
+    yolox = {"plugin": "yolox", "group": "light"}
+
+    def flow_of(experts, stages):
+        config = parse_config({"input": {"path": "x"}, "dedup": {"enabled": False},
+                               "perceive": {"enabled": True, "experts": experts}, "stages": stages})
+        return flow.build_stages(config, RunDir(tmp_path / "run"))
+
+    gate = {"plugin": "gate", "after": "yolox", "group": "light", "resources": {"concurrency": 1}}
+    assert [[r.instance for r in c] for c in chains(flow_of([tagger, yolox], [gate]))] == \
+        [["tagger", "yolox", "gate"], ["merge"]]
+    with pytest.raises(ConfigError, match=r"^group light: its stages share one worker pool, so their resources.concurrency "
+                                          r"and max_concurrency must be equal \(tagger: 1/None, yolox: 1/None, gate: 2/None\)$"):
+        flow_of([tagger, yolox], [{**gate, "resources": {"concurrency": 2}}])
+    with pytest.raises(ConfigError, match=r"^group light: its stages must be next to each other in the flow, but merge "
+                                          r"run\(s\) between them; move them \(stages\[\].after\)$"):
+        flow_of([tagger, yolox], [{**gate, "after": "merge"}])
 
 
 def test_expert_config_errors_name_the_key():
