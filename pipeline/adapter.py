@@ -218,12 +218,13 @@ def check_groups(runs: Sequence[StageRun]) -> None:
     """A group's stages run in one worker, one after another: they must sit next to each other in
     the flow and share one pool size."""
     placed: dict[str, int] = {}
-    for i, chain in enumerate(groups := chains(runs)):
+    cut = chains(runs)
+    for i, chain in enumerate(cut):
         group = chain[0].group
         if group is None:
             continue
         if group in placed:
-            between = [r.instance for c in groups[placed[group] + 1:i] for r in c]
+            between = [r.instance for c in cut[placed[group] + 1:i] for r in c]
             raise ConfigError(f"group {group}: its stages must be next to each other in the flow, but "
                               f"{', '.join(between)} run(s) between them; move them (stages[].after)")
         placed[group] = i

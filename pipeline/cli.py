@@ -22,10 +22,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         source = shipped(args.config)  # `denseforge run demo`: a config that ships in the package
     config = load_config(source, args.set)
     if args.dry_run:
+        from denseforge.pipeline.adapter import chains
         from denseforge.pipeline.rundir import RunDir
         from denseforge.pipeline.runner import preflight
-
-        from denseforge.pipeline.adapter import chains
 
         runs = preflight(config, RunDir(Path(args.out or ".").resolve()))
         if runs:

@@ -80,7 +80,7 @@ class NoOptions(BaseModel):
 @dataclass
 class Item:
     """One sample on its way through a stage: the record, the stored image bytes, and the decoded
-    image (decoded on first use, once per stage call). `outputs` holds per-item results that are
+    image (decoded on first use, once per worker call: a group's stages share it). `outputs` holds per-item results that are
     not part of the sample record (the embed pass's vectors); `counts` are things the stage wants
     counted (summed per stage into stats.json, e.g. an expert's clipped boxes)."""
 
