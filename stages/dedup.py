@@ -243,34 +243,43 @@ def greedy_duplicates(vectors: np.ndarray, thresholds: Sequence[float], block: i
     """For each threshold t: dup_of[i] = index of an earlier kept row with similarity > t, or -1.
 
     Rows are in priority order: row i is kept unless an earlier *kept* row is more similar than t.
-    `active` rows (default all) take part; inactive rows are neither kept nor compared. Memory is
-    O(block²) whatever the number of rows.
+    `active` rows (default all) take part; inactive rows are neither kept nor compared. Rows are
+    decided `block // 4` at a time against every earlier row, in column blocks of `block`, so the
+    products cover little more than the triangle each row needs; a threshold costs a pass only
+    over the rows that have an earlier row above it. Memory is O(block²) whatever the number of rows.
     """
     n = len(vectors)
     active = np.ones(n, dtype=bool) if active is None else active
     dups = [np.full(n, -1, dtype=np.int64) for _ in thresholds]
     kept = [active.copy() for _ in thresholds]
-    for s in range(0, n, block):
-        e = min(n, s + block)
+    step = max(1, block // 4)
+    for s in range(0, n, step):
+        e = min(n, s + step)
         q = vectors[s:e]
         best = [np.full(e - s, -np.inf, dtype=np.float32) for _ in thresholds]
         arg = [np.full(e - s, -1, dtype=np.int64) for _ in thresholds]
-        for c in range(0, s, block):
+        for c in range(0, s, block):  # earlier rows are decided: the most similar kept one above t
             ce = min(s, c + block)
             sims = q @ vectors[c:ce].T
-            for ti in range(len(thresholds)):
-                mask = kept[ti][c:ce]
-                if not mask.any():
+            row_max = sims.max(axis=1)
+            for ti, t in enumerate(thresholds):
+                rows = np.flatnonzero(row_max > t)
+                if not rows.size:
                     continue
-                masked = np.where(mask[None, :], sims, -np.inf)
+                masked = np.where((sims[rows] > t) & kept[ti][None, c:ce], sims[rows], -np.inf)
                 top, where = masked.max(axis=1), masked.argmax(axis=1)
-                better = top > best[ti]
-                best[ti][better], arg[ti][better] = top[better], where[better] + c
+                better = top > best[ti][rows]
+                best[ti][rows[better]], arg[ti][rows[better]] = top[better], where[better] + c
         inner = q @ q.T
         for ti, t in enumerate(thresholds):
             local_kept = active[s:e].copy()
             above = np.triu(inner > t, k=1)
-            for j in np.flatnonzero(local_kept & ((best[ti] > t) | above.any(axis=0))):
+            local = above.any(axis=0)
+            # a row with no earlier row of this step above t is decided by the earlier steps alone
+            alone = local_kept & ~local & (best[ti] > t)
+            local_kept[alone] = False
+            dups[ti][s:e][alone] = arg[ti][alone]
+            for j in np.flatnonzero(local_kept & local):
                 top, where = best[ti][j], arg[ti][j]
                 earlier = np.flatnonzero(above[:j, j] & local_kept[:j])
                 if earlier.size:
