@@ -5,8 +5,9 @@ skips rows already rejected or removed, parses each live sample once, calls the 
 of `resources.batch_size` (halved after a CUDA out-of-memory error), splits a failing batch down to
 the failing item, turns verdicts into reject/removed rows or a recorded error, and re-encodes.
 Stages of one `group` (next to each other in the flow) share a worker: one process and one CUDA
-context for their models, each record parsed and each image decoded once for all of them.
-Every row carries a `trace`: per stage, its share of the busy seconds and how it ended (failed with
+context for their models, each record parsed and each image decoded once for all of them. A pass
+ends in its sink: a worker that lives for the whole pass, runs the light stages at the end of the
+flow and writes each unit. Every row carries a `trace`: per stage, its share of the busy seconds and how it ended (failed with
 an exception type, rejected with a reason, removed). The writer sums the traces per unit into the
 unit's completion marker, which is where stats, `status` and the error budget read them from.
 """
@@ -27,6 +28,8 @@ from denseforge.errors import ConfigError
 from denseforge.stages.sample import Reject, Sample
 from denseforge.stages.stage import Item, Rejection, Removal, Resources, Stage, Verdict
 
+# a sink worker writes units as fast as a few CPUs' worth of model workers produce them
+CPUS_PER_SINK_WORKER = 8
 ROW_SCHEMA = pa.schema([("unit", pa.int64()), ("unit_rows", pa.int64()), ("key", pa.string()),
                         ("image", pa.binary()), ("sample", pa.string()), ("reject", pa.string()),
                         ("removed", pa.string()), ("trace", pa.string()), ("outputs", pa.binary())])
@@ -235,13 +238,42 @@ def check_groups(runs: Sequence[StageRun]) -> None:
                               f"max_concurrency must be equal ({sizes})")
 
 
-def add_stages(ds, runs: Sequence[StageRun]):
-    """Append the stages to a Ray Data stream of pipeline rows (one block per unit). A group's
-    worker asks for the sum of its members' CPUs and GPUs; its members share one concurrency
-    (the config checks that)."""
+@dataclass
+class Sink:
+    """How a pass ends: `write(block, **kwargs)` writes each unit of the block and returns one row
+    of counts per unit."""
+
+    write: Callable[..., pa.Table]
+    kwargs: dict[str, Any]
+
+
+class SinkWorker:
+    """A pass's sink in a worker that lives for the whole pass, running the light stages at the
+    end of the flow first. No task worker starts per unit: on a node whose actors outnumber its
+    CPUs Ray ends an idle task worker after a second, so each burst of units paid a new process
+    (~1.7 CPU-seconds each). It asks for no CPU: writing is I/O, and the light stages it runs are
+    the ones that would otherwise take the reading's quarter CPU between units."""
+
+    def __init__(self, sink: Sink, *tail: StageRun):
+        self.sink = sink
+        self.tail = StageWorker(*tail) if tail else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.sink.write(self.tail(batch) if self.tail else batch, **self.sink.kwargs)
+
+
+def add_stages(ds, runs: Sequence[StageRun], sink: Sink | None = None):
+    """Append the stages to a Ray Data stream of pipeline rows (one block per unit), then the
+    sink if there is one: one `SinkWorker`, and Ray Data adds one per `CPUS_PER_SINK_WORKER`
+    CPUs of the cluster while the sink is the bottleneck. A group's worker asks for the sum of its
+    members' CPUs and GPUs; its members share one concurrency (the config checks that)."""
     import ray
 
-    for chain in chains(runs):
+    cut = chains(runs)
+    tail = []
+    if sink is not None and cut and all(r.resources.concurrency is None and not r.resources.num_gpus for r in cut[-1]):
+        tail = cut.pop()
+    for chain in cut:
         r = chain[0].resources
         common = dict(batch_size=None, batch_format="pyarrow", num_cpus=sum(c.resources.num_cpus for c in chain),
                       num_gpus=sum(c.resources.num_gpus for c in chain))
@@ -253,6 +285,11 @@ def add_stages(ds, runs: Sequence[StageRun]):
         else:  # Ray Data adds workers while this stage is the bottleneck and resources are free
             pool = ray.data.ActorPoolStrategy(min_size=r.concurrency, max_size=r.max_concurrency)
         ds = ds.map_batches(StageWorker, fn_constructor_args=tuple(chain), compute=pool, **common)
+    if sink is not None:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cpus // CPUS_PER_SINK_WORKER)))
+        ds = ds.map_batches(SinkWorker, fn_constructor_args=(sink, *tail), compute=pool, batch_size=None,
+                            batch_format="pyarrow", num_cpus=0)
     return ds
 
 

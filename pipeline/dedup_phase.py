@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from denseforge.pipeline.adapter import add_stages, count_traces
+from denseforge.pipeline.adapter import Sink, add_stages, count_traces
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.flow import embed_stages
 from denseforge.pipeline.progress import Progress
@@ -89,10 +89,8 @@ def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, l
         if config.embed.feeders() != 0:  # resolved in a worker: the driver does not import torch
             spec = ray.get(one_off(pixel_spec, num_cpus=0).remote(config.embed))  # it imports torch
         runs = embed_stages(config, spec)
-        ds = add_stages(ds, runs)
-        ds = ds.map_batches(write_embeddings, fn_kwargs={"rd": rd, "instances": {r.instance for r in runs},
-                                                       "storage_dtype": config.embed.storage_dtype},
-                            batch_size=None, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+        ds = add_stages(ds, runs, Sink(write_embeddings, {"rd": rd, "instances": {r.instance for r in runs},
+                                                          "storage_dtype": config.embed.storage_dtype}))
         for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in result.to_pylist():
                 counts = json.loads(row["counts"])

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from denseforge.errors import DenseforgeError, FailedUnitsError, RunFailedError, SetupError, StageFailedError
-from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, add_stages, count_traces
+from denseforge.pipeline.adapter import ROW_SCHEMA, Sink, StageRun, add_stages, count_traces
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.dedup_phase import run_dedup, run_embed
@@ -184,8 +184,8 @@ def check_capacity(runs: list[StageRun]) -> None:
             names = ", ".join(f"{r.instance} {getattr(r.resources, key):g}x{r.resources.concurrency}" for r in pools)
             raise SetupError(
                 f"the stages' worker pools ask for {wanted:g} {resource}s at once ({names}; resources.{key} x "
-                f"concurrency, all pools run together, plus {LIGHT_TASK_CPUS} CPU for reading and writing) but the "
-                f"cluster has {cluster.get(resource, 0):g}; lower them or add nodes")
+                f"concurrency, all pools run together, plus {LIGHT_TASK_CPUS} CPU for reading units and running "
+                f"light stages) but the cluster has {cluster.get(resource, 0):g}; lower them or add nodes")
 
 
 def _setup_all(runs: list[StageRun]) -> list[tuple[str, str]]:
@@ -235,9 +235,7 @@ def run_process(config: Config, rd: RunDir, plan: Plan, runs: list[StageRun], pr
     ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(load_units, fn_kwargs={"rd": rd, "kind": plan.kind}, batch_size=1,
                         batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
-    ds = add_stages(ds, runs)
-    ds = ds.map_batches(write_units_batch, fn_kwargs={"rd": rd}, batch_size=None,
-                        batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+    ds = add_stages(ds, runs, Sink(write_units_batch, {"rd": rd}))
     for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in result.to_pylist():
             counts = json.loads(row["counts"])

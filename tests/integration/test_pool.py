@@ -1,6 +1,7 @@
 """The adapter's worker pools on real Ray Data: a pool with `max_concurrency` grows while its stage
 is the bottleneck, and every row still comes back exactly once; a group's stages share a worker;
-the setup check's worker does not outlive the check."""
+the sink is one worker for the whole pass, with the light stages before it; the setup check's
+worker does not outlive the check."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, add_stages
+from denseforge.pipeline.adapter import ROW_SCHEMA, Sink, StageRun, add_stages
 from denseforge.pipeline.config import RayConfig
 from denseforge.pipeline.ray_session import start_ray
 from denseforge.stages.sample import Sample
@@ -94,6 +95,31 @@ def test_the_stages_of_a_group_run_in_one_worker_process(ray_cluster):
     assert {s.provenance["a"] for s in samples} == {s.provenance["b"] for s in samples}  # one actor for a and b
     assert len({s.provenance["a"] for s in samples}) == 1
     assert {s.provenance["c"] for s in samples}.isdisjoint({s.provenance["a"] for s in samples})
+
+
+def _write_pids(batch: pa.Table, label: str) -> pa.Table:
+    """A sink that says which process wrote each unit and which ran the stage before it."""
+    light = {Sample.model_validate_json(s).provenance["light"] for s in batch.column("sample").to_pylist()}
+    return pa.table({"label": [label], "units": [len(set(batch.column("unit").to_pylist()))],
+                     "writer": [os.getpid()], "light": [sorted(light)]})
+
+
+def test_the_sink_is_one_worker_for_the_pass_and_runs_the_light_stages_before_it(ray_cluster):
+    """Written by one long-lived worker, not a task per unit (each new task worker costs ~1.7
+    CPU-seconds on a small node, where Ray ends idle task workers after a second); the light
+    stages at the end of the flow run inside that worker."""
+    import ray
+
+    units = 12
+    ds = ray.data.from_items([{"unit": u} for u in range(units)], override_num_blocks=units)
+    ds = ds.map_batches(lambda b: _unit_rows(int(b["unit"][0].as_py()), 2), batch_size=1, batch_format="pyarrow")
+    light = StageRun(PidStage("light"), "light", PidStage.default_resources)
+    out = pa.concat_tables(list(add_stages(ds, [light], Sink(_write_pids, {"label": "x"}))
+                                .iter_batches(batch_size=None, batch_format="pyarrow"))).to_pylist()
+    assert sum(r["units"] for r in out) == units and {r["label"] for r in out} == {"x"}
+    writers = {r["writer"] for r in out}
+    assert len(writers) == 1, writers  # 2 CPUs: one sink worker (one per 8 CPUs at most)
+    assert {pid for r in out for pid in r["light"]} == writers
 
 
 class LoadsAndSaysWhere(Stage):
