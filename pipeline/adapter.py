@@ -5,11 +5,12 @@ skips rows already rejected or removed, parses each live sample once, calls the 
 of `resources.batch_size` (halved after a CUDA out-of-memory error), splits a failing batch down to
 the failing item, turns verdicts into reject/removed rows or a recorded error, and re-encodes.
 Stages of one `group` (next to each other in the flow) share a worker: one process and one CUDA
-context for their models, each record parsed and each image decoded once for all of them. A pass
-ends in its sink: a worker that lives for the whole pass, runs the light stages at the end of the
-flow and writes each unit. Every row carries a `trace`: per stage, its share of the busy seconds and how it ended (failed with
-an exception type, rejected with a reason, removed). The writer sums the traces per unit into the
-unit's completion marker, which is where stats, `status` and the error budget read them from.
+context for their models, each record parsed and each image decoded once for all of them. Light
+stages run in the next CPU worker, and a pass ends in its sink, a worker that lives for the whole
+pass (see `add_stages`). Every row carries a `trace`: per stage, its share of the busy seconds and
+how it ended (failed with an exception type, rejected with a reason, removed). The writer sums the
+traces per unit into the unit's completion marker, which is where stats, `status` and the error
+budget read them from.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from denseforge.errors import ConfigError
+from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.stages.sample import Reject, Sample
 from denseforge.stages.stage import Item, Rejection, Removal, Resources, Stage, Verdict
 
@@ -79,14 +81,27 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
 
-class StageWorker:
-    """Runs a chain of stages (one, or the members of a group) over each block, in order: Ray Data
-    builds one per actor (model stages) or per task (light stages). A record is parsed once and an
-    image decoded once per block, whatever the chain's length; each stage keeps its own batch size,
-    trace entry and failure policy."""
+@dataclass
+class Step:
+    """A function over a block with fixed keyword arguments: how a pass reads its units (`load`:
+    unit ids to pipeline rows) and writes them (`sink`: rows to one row of counts per unit)."""
 
-    def __init__(self, *runs: StageRun):
-        self.runs = runs
+    fn: Callable[..., pa.Table]
+    kwargs: dict[str, Any]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.fn(batch, **self.kwargs)
+
+
+class StageWorker:
+    """Runs a chain of stages over each block, in order (a model stage or a group, with the light
+    stages before it; or the light stages at the end of the flow), after the pass's `load` when it
+    is the first worker and before its `sink` when it is the last. Ray Data builds one per actor.
+    A record is parsed once and an image decoded once per block, whatever the chain's length; each
+    stage keeps its own batch size, trace entry and failure policy."""
+
+    def __init__(self, *runs: StageRun, load: Step | None = None, sink: Step | None = None):
+        self.runs, self.load, self.sink = runs, load, sink
         for run in runs:
             run.stage.setup()
         self.batch_sizes = [run.resources.batch_size for run in runs]
@@ -128,6 +143,13 @@ class StageWorker:
         row["trace"] = json.dumps(trace)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.load is not None:
+            batch = self.load(batch)
+        if self.runs:
+            batch = self._run(batch)
+        return self.sink(batch) if self.sink is not None else batch
+
+    def _run(self, batch: pa.Table) -> pa.Table:
         began = time.perf_counter()
         rows = batch.to_pylist()
         live: list[tuple[int, Item]] = []
@@ -200,9 +222,10 @@ class StageWorker:
         return going_on
 
 
-def run_stage_task(batch: pa.Table, runs: Sequence[StageRun]) -> pa.Table:
-    """Light stages (no model to keep) as a Ray Data task: set up, run, done."""
-    return StageWorker(*runs)(batch)
+def run_stage_task(batch: pa.Table, runs: Sequence[StageRun], load: Step | None = None) -> pa.Table:
+    """Stages without a model to keep, as a Ray Data task: set up, run, done (only where no CPU
+    worker can take them: light stages that ask for a GPU, or just before a GPU worker)."""
+    return StageWorker(*runs, load=load)(batch)
 
 
 def chains(runs: Sequence[StageRun]) -> list[list[StageRun]]:
@@ -238,58 +261,56 @@ def check_groups(runs: Sequence[StageRun]) -> None:
                               f"max_concurrency must be equal ({sizes})")
 
 
-@dataclass
-class Sink:
-    """How a pass ends: `write(block, **kwargs)` writes each unit of the block and returns one row
-    of counts per unit."""
-
-    write: Callable[..., pa.Table]
-    kwargs: dict[str, Any]
+def _light(chain: Sequence[StageRun]) -> bool:
+    """Stages without a model to keep that need no GPU: they run in the next CPU worker."""
+    return all(r.resources.concurrency is None and not r.resources.num_gpus for r in chain)
 
 
-class SinkWorker:
-    """A pass's sink in a worker that lives for the whole pass, running the light stages at the
-    end of the flow first. No task worker starts per unit: on a node whose actors outnumber its
-    CPUs Ray ends an idle task worker after a second, so each burst of units paid a new process
-    (~1.7 CPU-seconds each). It asks for no CPU: writing is I/O, and the light stages it runs are
-    the ones that would otherwise take the reading's quarter CPU between units."""
+def add_stages(ds, runs: Sequence[StageRun], load: Step | None = None, sink: Step | None = None):
+    """Append a pass to a Ray Data stream of blocks (one unit each): `load` (unit ids to pipeline
+    rows), the stages, and `sink` (rows to one row of counts per unit).
 
-    def __init__(self, sink: Sink, *tail: StageRun):
-        self.sink = sink
-        self.tail = StageWorker(*tail) if tail else None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.sink.write(self.tail(batch) if self.tail else batch, **self.sink.kwargs)
-
-
-def add_stages(ds, runs: Sequence[StageRun], sink: Sink | None = None):
-    """Append the stages to a Ray Data stream of pipeline rows (one block per unit), then the
-    sink if there is one: one `SinkWorker`, and Ray Data adds one per `CPUS_PER_SINK_WORKER`
-    CPUs of the cluster while the sink is the bottleneck. A group's worker asks for the sum of its
-    members' CPUs and GPUs; its members share one concurrency (the config checks that)."""
+    Light stages run in the worker of the CPU model stage after them, or in the sink's; `load` runs
+    in the first worker. Ray ends an idle task worker after a second on a node whose actors
+    outnumber its CPUs, so light work as Ray tasks paid a new process (~1.7 CPU-seconds) per burst of
+    units. A GPU worker runs its model only (light stages before it stay tasks). The sink is one
+    worker with no CPU of its own (writing is I/O), and Ray Data adds one per
+    `CPUS_PER_SINK_WORKER` CPUs of the cluster while the sink is the bottleneck. A group's worker
+    asks for the sum of its members' CPUs and GPUs; its members share one concurrency (the config
+    checks that)."""
     import ray
 
-    cut = chains(runs)
-    tail = []
-    if sink is not None and cut and all(r.resources.concurrency is None and not r.resources.num_gpus for r in cut[-1]):
-        tail = cut.pop()
-    for chain in cut:
+    light: list[StageRun] = []
+    for chain in chains(runs):
+        if _light(chain):
+            light += chain
+            continue
         r = chain[0].resources
         common = dict(batch_size=None, batch_format="pyarrow", num_cpus=sum(c.resources.num_cpus for c in chain),
                       num_gpus=sum(c.resources.num_gpus for c in chain))
+        if common["num_gpus"] and (light or load):  # before a GPU worker: as a task
+            ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": light, "load": load}, batch_size=None,
+                                batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+            light, load = [], None
         if r.concurrency is None:
-            ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": chain}, **common)
-            continue
-        if r.max_concurrency is None:
-            pool = ray.data.ActorPoolStrategy(size=r.concurrency)
-        else:  # Ray Data adds workers while this stage is the bottleneck and resources are free
-            pool = ray.data.ActorPoolStrategy(min_size=r.concurrency, max_size=r.max_concurrency)
-        ds = ds.map_batches(StageWorker, fn_constructor_args=tuple(chain), compute=pool, **common)
+            ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": [*light, *chain], "load": load}, **common)
+        else:
+            if r.max_concurrency is None:
+                pool = ray.data.ActorPoolStrategy(size=r.concurrency)
+            else:  # Ray Data adds workers while this stage is the bottleneck and resources are free
+                pool = ray.data.ActorPoolStrategy(min_size=r.concurrency, max_size=r.max_concurrency)
+            ds = ds.map_batches(StageWorker, fn_constructor_args=(*light, *chain), fn_constructor_kwargs={"load": load},
+                                compute=pool, **common)
+        light, load = [], None
     if sink is not None:
         cpus = ray.cluster_resources().get("CPU", 1)
         pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cpus // CPUS_PER_SINK_WORKER)))
-        ds = ds.map_batches(SinkWorker, fn_constructor_args=(sink, *tail), compute=pool, batch_size=None,
+        ds = ds.map_batches(StageWorker, fn_constructor_args=tuple(light),
+                            fn_constructor_kwargs={"load": load, "sink": sink}, compute=pool, batch_size=None,
                             batch_format="pyarrow", num_cpus=0)
+    elif light or load:
+        ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": light, "load": load}, batch_size=None,
+                            batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     return ds
 
 

@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from denseforge.pipeline.adapter import Sink, add_stages, count_traces
+from denseforge.pipeline.adapter import Step, add_stages, count_traces
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.flow import embed_stages
 from denseforge.pipeline.progress import Progress
-from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, one_off
+from denseforge.pipeline.ray_session import one_off
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
 from denseforge.stages.embed import embedding_table, embeddings_matrix, pixel_spec
@@ -83,14 +83,13 @@ def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, l
     bar = progress.phase("embed", total=plan_units, done=plan_units - len(pending), unit="unit")
     if pending:
         ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(load_units, fn_kwargs={"rd": rd, "kind": config.input.kind},
-                            batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
         spec = None
         if config.embed.feeders() != 0:  # resolved in a worker: the driver does not import torch
             spec = ray.get(one_off(pixel_spec, num_cpus=0).remote(config.embed))  # it imports torch
         runs = embed_stages(config, spec)
-        ds = add_stages(ds, runs, Sink(write_embeddings, {"rd": rd, "instances": {r.instance for r in runs},
-                                                          "storage_dtype": config.embed.storage_dtype}))
+        ds = add_stages(ds, runs, load=Step(load_units, {"rd": rd, "kind": config.input.kind}),
+                        sink=Step(write_embeddings, {"rd": rd, "instances": {r.instance for r in runs},
+                                                     "storage_dtype": config.embed.storage_dtype}))
         for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in result.to_pylist():
                 counts = json.loads(row["counts"])

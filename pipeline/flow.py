@@ -25,7 +25,7 @@ from denseforge.stages.stage import Resources, Stage, configure
 
 
 def light(stage: Stage, instance: str | None = None, max_error_rate: float | None = 0.05) -> StageRun:
-    """A stage without a model: stateless Ray tasks with the stage's default resources."""
+    """A stage without a model: it runs in the next CPU worker of the flow, with the stage's default resources."""
     return StageRun(stage, instance or stage.name, type(stage).default_resources, max_error_rate=max_error_rate)
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from denseforge.errors import DenseforgeError, FailedUnitsError, RunFailedError, SetupError, StageFailedError
-from denseforge.pipeline.adapter import ROW_SCHEMA, Sink, StageRun, add_stages, count_traces
+from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages, count_traces
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.dedup_phase import run_dedup, run_embed
@@ -233,9 +233,8 @@ def run_process(config: Config, rd: RunDir, plan: Plan, runs: list[StageRun], pr
         bar.close()
         return 0
     ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(load_units, fn_kwargs={"rd": rd, "kind": plan.kind}, batch_size=1,
-                        batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
-    ds = add_stages(ds, runs, Sink(write_units_batch, {"rd": rd}))
+    ds = add_stages(ds, runs, load=Step(load_units, {"rd": rd, "kind": plan.kind}),
+                    sink=Step(write_units_batch, {"rd": rd}))
     for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in result.to_pylist():
             counts = json.loads(row["counts"])

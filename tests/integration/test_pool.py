@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from denseforge.pipeline.adapter import ROW_SCHEMA, Sink, StageRun, add_stages
+from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages
 from denseforge.pipeline.config import RayConfig
 from denseforge.pipeline.ray_session import start_ray
 from denseforge.stages.sample import Sample
@@ -97,6 +97,10 @@ def test_the_stages_of_a_group_run_in_one_worker_process(ray_cluster):
     assert {s.provenance["c"] for s in samples}.isdisjoint({s.provenance["a"] for s in samples})
 
 
+def _load_rows(batch: pa.Table) -> pa.Table:
+    return _unit_rows(int(batch["unit"][0].as_py()), 2)
+
+
 def _write_pids(batch: pa.Table, label: str) -> pa.Table:
     """A sink that says which process wrote each unit and which ran the stage before it."""
     light = {Sample.model_validate_json(s).provenance["light"] for s in batch.column("sample").to_pylist()}
@@ -105,17 +109,15 @@ def _write_pids(batch: pa.Table, label: str) -> pa.Table:
 
 
 def test_the_sink_is_one_worker_for_the_pass_and_runs_the_light_stages_before_it(ray_cluster):
-    """Written by one long-lived worker, not a task per unit (each new task worker costs ~1.7
-    CPU-seconds on a small node, where Ray ends idle task workers after a second); the light
-    stages at the end of the flow run inside that worker."""
+    """Loaded, run and written by one long-lived worker, not a task per unit (each new task worker
+    costs ~1.7 CPU-seconds on a small node, where Ray ends idle task workers after a second)."""
     import ray
 
     units = 12
     ds = ray.data.from_items([{"unit": u} for u in range(units)], override_num_blocks=units)
-    ds = ds.map_batches(lambda b: _unit_rows(int(b["unit"][0].as_py()), 2), batch_size=1, batch_format="pyarrow")
     light = StageRun(PidStage("light"), "light", PidStage.default_resources)
-    out = pa.concat_tables(list(add_stages(ds, [light], Sink(_write_pids, {"label": "x"}))
-                                .iter_batches(batch_size=None, batch_format="pyarrow"))).to_pylist()
+    ds = add_stages(ds, [light], load=Step(_load_rows, {}), sink=Step(_write_pids, {"label": "x"}))
+    out = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))).to_pylist()
     assert sum(r["units"] for r in out) == units and {r["label"] for r in out} == {"x"}
     writers = {r["writer"] for r in out}
     assert len(writers) == 1, writers  # 2 CPUs: one sink worker (one per 8 CPUs at most)

@@ -11,8 +11,8 @@ from PIL import Image
 
 from denseforge.errors import StageFailedError
 from denseforge.experts.base import Expert, Resources
-from denseforge.pipeline.adapter import (ROW_SCHEMA, StageRun, StageWorker, call_isolated, chains, count_traces,
-                                        merge_counts)
+from denseforge.pipeline.adapter import (ROW_SCHEMA, StageRun, StageWorker, Step, add_stages, call_isolated, chains,
+                                        count_traces, merge_counts, run_stage_task)
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.stages.perceive import ExpertStage, MergeStage, PerceiveConfig
 from denseforge.stages.sample import Reject, Sample
@@ -296,3 +296,44 @@ def test_runs_of_one_group_next_to_each_other_share_a_worker():
 
     runs = [run("a", None), run("b", "g"), run("c", "g"), run("d", "h"), run("e", "g"), run("f", None)]
     assert [[r.instance for r in chain] for chain in chains(runs)] == [["a"], ["b", "c"], ["d"], ["e"], ["f"]]
+
+
+class RecordedStream:
+    """Stands in for a Ray Data dataset: records each map_batches call."""
+
+    def __init__(self):
+        self.ops: list[tuple[object, dict]] = []
+
+    def map_batches(self, fn, **kwargs):
+        self.ops.append((fn, kwargs))
+        return self
+
+
+def test_light_stages_run_in_the_next_cpu_worker_and_the_sink_never_before_a_gpu_worker(monkeypatch):
+    """No light stage runs as a Ray task where a CPU worker can take it (each burst of tasks paid a
+    new process on small nodes); a GPU worker runs its model only; load runs in the first worker."""
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2})
+
+    def run(name: str, concurrency: int | None = None, num_gpus: float = 0) -> StageRun:
+        return StageRun(Second(), name, Resources(num_cpus=0.5, num_gpus=num_gpus, concurrency=concurrency))
+
+    load, sink = Step(lambda b: b, {}), Step(lambda b: b, {})
+    flow = [run("a"), run("cpu-model", 2), run("b"), run("gpu-model", 1, 1.0), run("c"), run("d")]
+    ops = add_stages(RecordedStream(), flow, load=load, sink=sink).ops
+
+    def names(op) -> list[str]:
+        fn, kw = op
+        runs = kw.get("fn_constructor_args") if fn is StageWorker else kw["fn_kwargs"]["runs"]
+        return [r.instance for r in runs]
+
+    assert [fn for fn, _ in ops] == [StageWorker, run_stage_task, StageWorker, StageWorker]
+    assert [names(op) for op in ops] == [["a", "cpu-model"], ["b"], ["gpu-model"], ["c", "d"]]
+    assert ops[0][1]["fn_constructor_kwargs"] == {"load": load} and ops[0][1]["num_cpus"] == 0.5
+    assert ops[1][1]["fn_kwargs"]["load"] is None
+    assert ops[2][1]["num_gpus"] == 1.0 and ops[2][1]["fn_constructor_kwargs"] == {"load": None}
+    assert ops[3][1]["fn_constructor_kwargs"] == {"load": None, "sink": sink} and ops[3][1]["num_cpus"] == 0
+    # a flow of light stages only: load, the stages and the sink in one worker
+    [(fn, kw)] = add_stages(RecordedStream(), [run("a"), run("b")], load=load, sink=sink).ops
+    assert fn is StageWorker and kw["fn_constructor_kwargs"] == {"load": load, "sink": sink}
