@@ -289,8 +289,7 @@ def add_stages(ds, runs: Sequence[StageRun], load: Step | None = None, sink: Ste
         common = dict(batch_size=None, batch_format="pyarrow", num_cpus=sum(c.resources.num_cpus for c in chain),
                       num_gpus=sum(c.resources.num_gpus for c in chain))
         if common["num_gpus"] and (light or load):  # before a GPU worker: as a task
-            ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": light, "load": load}, batch_size=None,
-                                batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+            ds = _light_task(ds, light, load)
             light, load = [], None
         if r.concurrency is None:
             ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": [*light, *chain], "load": load}, **common)
@@ -309,9 +308,13 @@ def add_stages(ds, runs: Sequence[StageRun], load: Step | None = None, sink: Ste
                             fn_constructor_kwargs={"load": load, "sink": sink}, compute=pool, batch_size=None,
                             batch_format="pyarrow", num_cpus=0)
     elif light or load:
-        ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": light, "load": load}, batch_size=None,
-                            batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+        ds = _light_task(ds, light, load)
     return ds
+
+
+def _light_task(ds, runs: list[StageRun], load: Step | None):
+    return ds.map_batches(run_stage_task, fn_kwargs={"runs": runs, "load": load}, batch_size=None,
+                          batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
 
 
 # -- counting --------------------------------------------------------------------------------
