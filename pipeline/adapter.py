@@ -291,8 +291,8 @@ def add_stages(ds, runs: Sequence[StageRun], load: Step | None = None, sink: Ste
         if common["num_gpus"] and (light or load):  # before a GPU worker: as a task
             ds = _light_task(ds, light, load)
             light, load = [], None
-        if r.concurrency is None:
-            ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": [*light, *chain], "load": load}, **common)
+        if r.concurrency is None:  # a light stage that asks for a GPU: a task of its own
+            ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": chain}, **common)
         else:
             if r.max_concurrency is None:
                 pool = ray.data.ActorPoolStrategy(size=r.concurrency)

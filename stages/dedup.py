@@ -266,7 +266,8 @@ def greedy_duplicates(vectors: np.ndarray, thresholds: Sequence[float], block: i
                 rows = np.flatnonzero(row_max > t)
                 if not rows.size:
                     continue
-                masked = np.where((sims[rows] > t) & kept[ti][None, c:ce], sims[rows], -np.inf)
+                hot = sims[rows]
+                masked = np.where((hot > t) & kept[ti][None, c:ce], hot, -np.inf)
                 top, where = masked.max(axis=1), masked.argmax(axis=1)
                 better = top > best[ti][rows]
                 best[ti][rows[better]], arg[ti][rows[better]] = top[better], where[better] + c
