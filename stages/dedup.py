@@ -546,10 +546,12 @@ def prefilter(width: np.ndarray, height: np.ndarray, min_short_edge: int, max_as
     return reason
 
 
-def select_balanced(cluster: np.ndarray, rank: np.ndarray, keys: Sequence[str], per_cluster: int | None,
-                    target_total: int | None) -> np.ndarray:
+def select_balanced(cluster: np.ndarray, rank: np.ndarray, keys: Sequence[str] | np.ndarray | None,
+                    per_cluster: int | None, target_total: int | None) -> np.ndarray:
     """Which kept rows survive selection: top `per_cluster` per cluster by rank, then, to reach
-    `target_total`, round-robin over clusters (everyone's best first, then second best, …)."""
+    `target_total`, round-robin over clusters (everyone's best first, then second best, …) with
+    ties broken by key. `keys` may be anything that sorts as the keys do (their ranks), and is
+    only read when `target_total` is set."""
     chosen = np.ones(len(rank), dtype=bool)
     if per_cluster is not None:
         chosen &= rank < per_cluster

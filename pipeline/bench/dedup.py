@@ -226,12 +226,14 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
         reason[row] = table.column("reason").to_pylist()
         dup_of = np.full(n, -1, dtype=np.int64)
         dup_of[row] = [int(d) if d is not None else -1 for d in table.column("dup_of").to_pylist()]
-    steps = np.diff([start, *progress.marks]).round(1).tolist()
+    marks = [start, *progress.marks]
+    names = ("train", "assign_and_shuffle", "bucket_dedup", "merge_and_select")
     return {"benchmark": "dedup-pipeline", "n": n, "dim": dim, "epsilon": epsilon, "cores": cores,
             "storage": "float16 parquet, one file per unit", "units": units, "unit_rows": unit_rows,
             "buckets": buckets, "clusters": summary["clusters"], "generate_s": round(generate_s, 1),
-            "seconds": round(wall, 1), "steps_s": dict(zip(("train", "assign_and_shuffle", "dedup_merge_select"), steps)),
+            "seconds": round(wall, 1), "steps_s": {name: round(b - a, 1) for name, a, b in zip(names, marks, marks[1:])},
             "peak_rss_mib": round(mem.peak / 2**20, 1),
+            "step_peak_rss_mib": {name: round(mem.peak_between(a, b) / 2**20, 1) for name, a, b in zip(names, marks, marks[1:])},
             "embeddings_mib": round(embeddings_mib, 1), "dedup_files_mib": round(dedup_files_mib, 1),
             "entries_per_row": round(entries / n, 3),
             **_score(reason, dup_of, group)}

@@ -40,7 +40,7 @@ def descendants(pid: int, table: dict[int, tuple[int, int, int]] | None = None) 
 
 class TreeMemory:
     """Peak summed RSS (bytes) of a process and its descendants, and their CPU seconds over time
-    (`cpu_between`): each process counts with the most CPU it was seen to have used, so one that
+    (`cpu_between`, `peak_between`): each process counts with the most CPU it was seen to have used, so one that
     exits keeps its share (what it did after the last sample, < `interval_s`, is missed)."""
 
     def __init__(self, interval_s: float = 0.1):
@@ -59,10 +59,11 @@ class TreeMemory:
         table = process_table()
         me = os.getpid()
         tree = [me] + [pid for pid in descendants(me, table) if pid in table]
-        self.peak = max(self.peak, sum(table[pid][1] for pid in tree))
+        rss = sum(table[pid][1] for pid in tree)
+        self.peak = max(self.peak, rss)
         for pid in tree:
             self._cpu[pid] = max(self._cpu.get(pid, 0), table[pid][2])
-        self.samples.append((time.perf_counter(), sum(self._cpu.values()) / self._ticks))
+        self.samples.append((time.perf_counter(), sum(self._cpu.values()) / self._ticks, rss))
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -71,13 +72,16 @@ class TreeMemory:
 
     def cpu_between(self, start: float, end: float) -> float:
         """CPU seconds the tree used between two perf_counter times (nearest samples)."""
-        times = [t for t, _ in self.samples]
+        return self.samples[self._at(end)][1] - self.samples[self._at(start)][1]
 
-        def at(moment: float) -> float:
-            i = min(max(bisect.bisect_left(times, moment), 0), len(times) - 1)
-            return self.samples[i][1]
+    def peak_between(self, start: float, end: float) -> int:
+        """Peak summed RSS (bytes) seen between two perf_counter times (nearest samples)."""
+        return max(rss for _, _, rss in self.samples[self._at(start):self._at(end) + 1])
 
-        return at(end) - at(start)
+    def _at(self, moment: float) -> int:
+        """Index of the first sample at or after `moment` (the last one if none is)."""
+        i = bisect.bisect_left(self.samples, moment, key=lambda sample: sample[0])
+        return min(max(i, 0), len(self.samples) - 1)
 
     def __enter__(self) -> "TreeMemory":
         self._thread.start()

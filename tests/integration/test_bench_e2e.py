@@ -34,4 +34,6 @@ def test_bench_dedup_pipeline_runs_the_ray_dedup_phase_on_float16_unit_files():
     assert 20_000 * 64 * 2 < r["embeddings_mib"] * 2**20 < 20_000 * 64 * 4  # float16 vectors (+ keys, hashes)
     assert r["precision"] == 1.0 and r["recall"] >= 0.99
     assert 1.0 < r["entries_per_row"] <= 3.0  # border rows are deduplicated in at most 2 more clusters
-    assert set(r["steps_s"]) == {"train", "assign_and_shuffle", "dedup_merge_select"} and r["peak_rss_mib"] > 0
+    steps = {"train", "assign_and_shuffle", "bucket_dedup", "merge_and_select"}
+    assert set(r["steps_s"]) == steps and r["peak_rss_mib"] > 0
+    assert set(r["step_peak_rss_mib"]) == steps and max(r["step_peak_rss_mib"].values()) <= r["peak_rss_mib"]

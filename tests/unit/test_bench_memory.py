@@ -21,7 +21,15 @@ def test_a_childs_cpu_seconds_and_memory_are_counted():
 
 def test_cpu_between_takes_the_nearest_samples():
     tree = TreeMemory()
-    tree.samples = [(10.0, 1.0), (11.0, 2.5), (12.0, 4.0), (13.0, 4.0)]
+    tree.samples = [(10.0, 1.0, 5), (11.0, 2.5, 9), (12.0, 4.0, 7), (13.0, 4.0, 3)]
     assert tree.cpu_between(11.0, 12.0) == 1.5
     assert tree.cpu_between(10.5, 12.0) == 1.5  # first sample at or after the start
     assert tree.cpu_between(0.0, 99.0) == 3.0  # clamped to the first and last samples
+
+
+def test_peak_between_is_the_largest_sample_in_the_window():
+    tree = TreeMemory()
+    tree.samples = [(10.0, 1.0, 5), (11.0, 2.5, 9), (12.0, 4.0, 7), (13.0, 4.0, 3)]
+    assert tree.peak_between(11.5, 13.0) == 7
+    assert tree.peak_between(0.0, 10.0) == 5
+    assert tree.peak_between(0.0, 99.0) == 9

@@ -316,12 +316,15 @@ def test_bucket_entries_merge_into_one_decision_per_key_on_its_primary_row():
 
     from denseforge.pipeline.dedup_phase import ENTRY_SCHEMA, _merge_entries
 
-    entries = pa.Table.from_pylist([
+    bucket_7 = pa.Table.from_pylist([
         {"key": "x", "unit": 0, "cluster": 7, "distance": 0.1, "rank": 3, "reason": dd.SEMANTIC, "dup_of": "y", "primary": True},
         {"key": "y", "unit": 0, "cluster": 7, "distance": 0.0, "rank": 0, "reason": "", "dup_of": None, "primary": True},
+    ], schema=ENTRY_SCHEMA)
+    bucket_5 = pa.Table.from_pylist([
         {"key": "x", "unit": 0, "cluster": 5, "distance": 0.1, "rank": 0, "reason": "", "dup_of": None, "primary": False},
         {"key": "z", "unit": 1, "cluster": 5, "distance": 0.2, "rank": 2, "reason": dd.NEAR, "dup_of": "x", "primary": True},
     ], schema=ENTRY_SCHEMA)
+    entries = pa.concat_tables([bucket_7, bucket_5])  # as the phase reads its bucket parts: one chunk each
     merged = {r["key"]: r for r in _merge_entries(entries).to_pylist()}
     assert set(merged) == {"x", "y", "z"} and "primary" not in merged["x"]
     assert (merged["x"]["cluster"], merged["x"]["reason"], merged["x"]["dup_of"]) == (7, dd.SEMANTIC, "y")
