@@ -111,7 +111,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         options = {"images": args.images or 256, "batch_size": args.batch_size, "model": args.model}
     elif args.name == "dedup":
         options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n,
-                   "pipeline": args.pipeline, "assign": args.assign}
+                   "pipeline": args.pipeline, "assign": args.assign, "overrides": tuple(args.set)}
     else:
         options = {"images": args.images or 96, "gpu": args.gpu}
     with stdout_to_stderr():
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dedup: instead, assignment of --sizes[0] rows to a two-level index of K centroids")
     p.add_argument("--gpu", action="store_true", help="experts: share one GPU between the experts in equal fractions")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="e2e: change the demo's config, e.g. perceive.experts.0.resources.max_concurrency=3")
+                   help="e2e: change the demo's config, e.g. perceive.experts.0.resources.max_concurrency=3; "
+                        "dedup --pipeline: its config, e.g. dedup.matmul=float32")
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=_cmd_bench)
     return parser

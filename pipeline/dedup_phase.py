@@ -173,12 +173,13 @@ def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> 
     pre = dd.prefilter(width, height, settings["min_short_edge"], settings["max_aspect_ratio"])
     entries = np.flatnonzero(pre == dd.KEPT)  # each table row is one entry
     result = dd.dedup_entries(
-        entries, cluster[entries], primary[entries], embeddings_matrix(table), keys,
+        entries, cluster[entries], primary[entries], embeddings_matrix(table, dtype=None), keys,
         table.column("sha256").to_pylist(), table.column("phash").to_numpy(), sims, width * height,
         fingerprint=_fingerprints(table), witness_max_fine_distance=settings["witness_max_fine_distance"],
         witness_max_colour_difference=settings["witness_max_colour_difference"],
         epsilon=settings["epsilon"], phash_max_distance=settings["phash_max_distance"], exact=settings["exact"],
-        policy=settings["keep"], sweep=settings["sweep"], block=settings["block"])
+        policy=settings["keep"], sweep=settings["sweep"], block=settings["block"],
+        bf16=dd.use_bf16(settings["matmul"], np.unique(cluster[entries], return_counts=True)[1]))
     sweep = result.sweep_kept
     reason, dup_of, rank = pre, np.full(len(keys), -1), np.full(len(keys), -1)
     reason[entries], dup_of[entries], rank[entries] = result.reason, result.dup_of, result.rank
@@ -249,7 +250,8 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
                     "epsilon": cfg.epsilon, "phash_max_distance": cfg.phash_max_distance,
                     "witness_max_fine_distance": cfg.witness_max_fine_distance,
                     "witness_max_colour_difference": cfg.witness_max_colour_difference,
-                    "exact": cfg.exact, "keep": cfg.keep, "sweep": cfg.sweep, "block": cfg.block_size}
+                    "exact": cfg.exact, "keep": cfg.keep, "sweep": cfg.sweep, "block": cfg.block_size,
+                    "matmul": cfg.matmul}
         parts = [rd.bucket_part(b) for b in range(buckets)]
         parts[0].parent.mkdir(exist_ok=True)
         task = ray.remote(_dedup_bucket)

@@ -59,6 +59,11 @@ class DedupConfig(Settings):
                                  "one kept 0.9937 (bench dedup)")
     keep: KeepPolicy = "nearest_centroid"
     block_size: int = Field(2048, ge=16)
+    matmul: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="bfloat16: similarities first in bfloat16 (torch), every row near 1 - epsilon "
+        "recomputed in float32, so decisions are float32's; the sweep's other values are then counted on "
+        "bfloat16 similarities (within ~0.012); auto: bfloat16 where the CPU has bfloat16 instructions and a "
+        "task's clusters are large enough to pay for importing torch (see use_bf16)")
     buckets: int = Field(16, ge=1, description="parallel dedup tasks (clusters are hashed into buckets)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs for k-means training (faiss-gpu)")
 
@@ -238,8 +243,41 @@ def assign_clusters(x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int
 # -- greedy removal inside one cluster -------------------------------------------------------
 
 
+# Above the bfloat16 error of a dot product, relative to the vectors' norms: two input roundings
+# and the output's (3 x 2^-8), and float32 accumulation over 512 dims (~2 x 3e-5).
+BF16_MARGIN = 2.0 ** -6
+
+
+def bf16_native() -> bool:
+    """True where this process's CPU has bfloat16 dot-product instructions (decided where the work
+    runs): there torch's bfloat16 matmul is ~3.4x numpy's float32 one on a core (bench dedup)."""
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+BF16_MIN_WORK = 3e8  # Σ n² over a task's clusters that pays torch's import (~1 s and ~0.9 GB per worker)
+
+
+def use_bf16(matmul: Literal["auto", "bfloat16", "float32"], cluster_sizes: np.ndarray) -> bool:
+    """Whether a dedup task screens in bfloat16 (`DedupConfig.matmul`): auto does where the CPU
+    has bfloat16 instructions and its clusters are big enough to pay for importing torch."""
+    if matmul != "auto":
+        return matmul == "bfloat16"
+    return float(np.square(cluster_sizes, dtype=np.float64).sum()) >= BF16_MIN_WORK and bf16_native()
+
+
+def _bf16_products(vectors: np.ndarray) -> Callable[[int, int, int, int], np.ndarray]:
+    """products(s, e, c, ce) = vectors[s:e] @ vectors[c:ce].T computed in bfloat16 (torch)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(torch.bfloat16)
+    return lambda s, e, c, ce: (x[s:e] @ x[c:ce].T).float().numpy()
+
+
 def greedy_duplicates(vectors: np.ndarray, thresholds: Sequence[float], block: int = 2048,
-                      active: np.ndarray | None = None) -> list[np.ndarray]:
+                      active: np.ndarray | None = None, bf16: bool = False) -> list[np.ndarray]:
     """For each threshold t: dup_of[i] = index of an earlier kept row with similarity > t, or -1.
 
     Rows are in priority order: row i is kept unless an earlier *kept* row is more similar than t.
@@ -247,12 +285,22 @@ def greedy_duplicates(vectors: np.ndarray, thresholds: Sequence[float], block: i
     decided `block // 4` at a time against every earlier row, in column blocks of `block`, so the
     products cover little more than the triangle each row needs; a threshold costs a pass only
     over the rows that have an earlier row above it. Memory is O(block²) whatever the number of rows.
+
+    `bf16`: products are computed in bfloat16 first, and only the rows that have a product within
+    BF16_MARGIN of thresholds[0] are recomputed in float32, so thresholds[0] is decided on float32
+    similarities as without it; the other thresholds are decided on the bfloat16 ones (estimates,
+    e.g. for a sweep). Float32 products of one pair differ by ~1e-7 between matrix shapes, so a pair
+    that close to the threshold may fall either way, as it already may between block sizes.
     """
     n = len(vectors)
     active = np.ones(n, dtype=bool) if active is None else active
     dups = [np.full(n, -1, dtype=np.int64) for _ in thresholds]
     kept = [active.copy() for _ in thresholds]
     step = max(1, block // 4)
+    margin, products = 0.0, None
+    if bf16 and n and thresholds:
+        margin = BF16_MARGIN * float(np.einsum("ij,ij->i", vectors, vectors).max())
+        products = _bf16_products(vectors)
     for s in range(0, n, step):
         e = min(n, s + step)
         q = vectors[s:e]
@@ -260,19 +308,25 @@ def greedy_duplicates(vectors: np.ndarray, thresholds: Sequence[float], block: i
         arg = [np.full(e - s, -1, dtype=np.int64) for _ in thresholds]
         for c in range(0, s, block):  # earlier rows are decided: the most similar kept one above t
             ce = min(s, c + block)
-            sims = q @ vectors[c:ce].T
+            sims = q @ vectors[c:ce].T if products is None else products(s, e, c, ce)
             row_max = sims.max(axis=1)
             for ti, t in enumerate(thresholds):
-                rows = np.flatnonzero(row_max > t)
+                recompute = ti == 0 and products is not None
+                rows = np.flatnonzero(row_max > (t - margin if recompute else t))
                 if not rows.size:
                     continue
-                hot = sims[rows]
+                hot = q[rows] @ vectors[c:ce].T if recompute else sims[rows]
                 masked = np.where((hot > t) & kept[ti][None, c:ce], hot, -np.inf)
                 top, where = masked.max(axis=1), masked.argmax(axis=1)
                 better = top > best[ti][rows]
                 best[ti][rows[better]], arg[ti][rows[better]] = top[better], where[better] + c
-        inner = q @ q.T
+        estimate = q @ q.T if products is None else products(s, e, s, e)
         for ti, t in enumerate(thresholds):
+            inner = estimate
+            if ti == 0 and products is not None:  # rows with a later in-step product near t, in float32
+                near = np.flatnonzero(np.triu(estimate > t - margin, k=1).any(axis=1))
+                inner = estimate.copy()
+                inner[near] = q[near] @ q.T
             local_kept = active[s:e].copy()
             above = np.triu(inner > t, k=1)
             local = above.any(axis=0)
@@ -396,11 +450,13 @@ def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str
                   centroid_sim: np.ndarray, area: np.ndarray, *, epsilon: float | None, phash_max_distance: int | None,
                   exact: bool = True, policy: KeepPolicy = "nearest_centroid", sweep: Sequence[float] = (),
                   block: int = 2048, fingerprint: np.ndarray | None = None, witness_max_fine_distance: int | None = 64,
-                  witness_max_colour_difference: float | None = 0.6, counted: np.ndarray | None = None) -> ClusterResult:
+                  witness_max_colour_difference: float | None = 0.6, counted: np.ndarray | None = None,
+                  bf16: bool = False) -> ClusterResult:
     """Exact, perceptual and semantic duplicates inside one cluster (see module doc). A pHash
     match alone is not evidence of a copy (two signs with different words on the same background
     hash 4 bits apart): with `fingerprint` rows, a second witness must confirm it. The sweep counts
-    the kept rows among `counted` (default all: border copies from a neighbouring cluster are not)."""
+    the kept rows among `counted` (default all: border copies from a neighbouring cluster are not).
+    `bf16`: see `greedy_duplicates` (epsilon is its first threshold, decided on float32 similarities)."""
     n = len(keys)
     order = priority_order(keys, centroid_sim, area, policy)
     counted = np.ones(n, dtype=bool) if counted is None else counted[order]
@@ -428,7 +484,7 @@ def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str
     sweep_kept: dict[float, int] = {}
     eps_list = ([epsilon] if epsilon is not None else []) + [e for e in sweep if e != epsilon]
     if eps_list:
-        sem = greedy_duplicates(vectors[order], [1.0 - e for e in eps_list], block, active)
+        sem = greedy_duplicates(vectors[order], [1.0 - e for e in eps_list], block, active, bf16)
         for e, d in zip(eps_list, sem):
             sweep_kept[e] = int((active & (d < 0) & counted).sum())
         if epsilon is not None:
@@ -479,7 +535,8 @@ def dedup_entries(rows: np.ndarray, labels: np.ndarray, primary: np.ndarray, vec
     border row has more, non-`primary` entries in its neighbouring clusters. Results are per
     entry, dup_of as row indices; `merge_entries` turns them into one decision per row. The keep
     priority uses each row's own (primary) centroid similarity in both clusters, so it is one order
-    over all rows and a dup_of always points to a row of higher priority."""
+    over all rows and a dup_of always points to a row of higher priority. `vectors` may be stored as
+    float16: each cluster's rows are converted to float32 as it is deduplicated."""
     reason = np.full(len(rows), KEPT, dtype=object)
     dup_of = np.full(len(rows), -1, dtype=np.int64)
     rank = np.full(len(rows), -1, dtype=np.int64)
@@ -489,7 +546,7 @@ def dedup_entries(rows: np.ndarray, labels: np.ndarray, primary: np.ndarray, vec
     keys_arr, sha_arr = np.asarray(keys), np.asarray(sha256)
     for group in np.split(order, bounds) if len(order) else []:
         idx = rows[group]
-        res = dedup_cluster(keys_arr[idx], vectors[idx], sha_arr[idx], phash[idx], centroid_sim[idx], area[idx],
+        res = dedup_cluster(keys_arr[idx], vectors[idx].astype(np.float32, copy=False), sha_arr[idx], phash[idx], centroid_sim[idx], area[idx],
                             fingerprint=None if fingerprint is None else fingerprint[idx], counted=primary[group],
                             **options)
         reason[group], rank[group] = res.reason, res.rank

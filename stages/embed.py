@@ -296,10 +296,12 @@ def embedding_table(keys: list[str], units: list[int], vectors: np.ndarray, extr
     return pa.table(columns)
 
 
-def embeddings_matrix(table: pa.Table) -> np.ndarray:
-    """The embedding column of an embeddings table as an (n, d) float32 matrix."""
+def embeddings_matrix(table: pa.Table, dtype: type | None = np.float32) -> np.ndarray:
+    """The embedding column of an embeddings table as an (n, d) matrix of `dtype` (None: as stored,
+    e.g. float16: half the memory where rows are converted a few at a time)."""
     column = table.column("embedding").combine_chunks()
     if len(column) == 0:
-        return np.zeros((0, 0), dtype=np.float32)
+        return np.zeros((0, 0), dtype=dtype or np.float32)
     dim = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return matrix if dtype is None else matrix.astype(dtype, copy=False)

@@ -102,13 +102,13 @@ def _naive_dedup(x: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]
 
 def bench_dedup(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, epsilon: float = 0.05,
                 cluster_size: int = 1000, baseline_n: int = 20_000, seed: int = 0, pipeline: int = 0,
-                assign: int = 0) -> dict[str, Any]:
+                assign: int = 0, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Wall time, peak RSS, precision/recall of planted duplicates, and speed-up against the naive
     baseline at the largest n it can do (`baseline_n`), measured in the same run. `pipeline` > 0:
     the run's own dedup phase on that many embeddings on disk instead (`bench_dedup_pipeline`);
     `assign` > 0: assignment of `sizes[0]` rows to that many centroids (`bench_assign`)."""
     if pipeline:
-        return bench_dedup_pipeline(pipeline, dim, epsilon, seed=seed)
+        return bench_dedup_pipeline(pipeline, dim, epsilon, seed=seed, overrides=overrides)
     if assign:
         return bench_assign(assign, sizes[0], dim, seed=seed)
     results: dict[str, Any] = {"benchmark": "dedup", "dim": dim, "epsilon": epsilon, "cluster_size": cluster_size,
@@ -148,6 +148,12 @@ def _faiss_gpu() -> bool:
     return faiss_gpu_available()
 
 
+def _cpu_bf16() -> bool:
+    from denseforge.stages.dedup import bf16_native
+
+    return bf16_native()
+
+
 def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup_fraction: float = 0.1) -> np.ndarray:
     """n planted embeddings written as the embed pass writes them (one float16 embeddings file per
     unit of `unit_rows`; each unit's near-copies are of its own originals), streaming: memory holds
@@ -178,11 +184,12 @@ def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup
 
 
 def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_rows: int = 10_000,
-                         buckets: int = 64, seed: int = 0) -> dict[str, Any]:
+                         buckets: int = 64, seed: int = 0, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """The run's own dedup phase (`run_dedup`: k-means on a sample, assignment and the bucket
     shuffle in Ray tasks, per-bucket dedup tasks, the merge and selection on the driver) on n
     planted embeddings stored as float16 unit files: wall time, peak RSS of the process tree,
-    disk used, precision and recall. Out of core by construction: no step holds all vectors."""
+    disk used, precision and recall. Out of core by construction: no step holds all vectors.
+    `overrides` (`--set key=value`) change its config, e.g. dedup.matmul=float32."""
     import os
     import tempfile
     from pathlib import Path
@@ -190,7 +197,7 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
     import pyarrow.parquet as pq
     import ray
 
-    from denseforge.pipeline.config import parse_config
+    from denseforge.pipeline.config import apply_overrides, parse_config
     from denseforge.pipeline.dedup_phase import run_dedup
     from denseforge.pipeline.ray_session import start_ray
     from denseforge.pipeline.rundir import RunDir
@@ -198,10 +205,10 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
         root = Path(tmp)
-        config = parse_config({"input": {"kind": "table", "path": str(root / "unused.parquet")},
-                               "ray": {"num_cpus": cores}, "embed": {"storage_dtype": "float16"},
-                               "dedup": {"epsilon": epsilon, "exact": False, "phash_max_distance": None,
-                                         "sweep": [], "buckets": buckets}})
+        raw = {"input": {"kind": "table", "path": str(root / "unused.parquet")},
+               "ray": {"num_cpus": cores}, "embed": {"storage_dtype": "float16"},
+               "dedup": {"epsilon": epsilon, "exact": False, "phash_max_distance": None, "sweep": [], "buckets": buckets}}
+        config = parse_config(apply_overrides(raw, list(overrides)))
         rd = RunDir(root / "run")
         rd.create(config)
         start = time.perf_counter()
@@ -228,7 +235,8 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
         dup_of[row] = [int(d) if d is not None else -1 for d in table.column("dup_of").to_pylist()]
     marks = [start, *progress.marks]
     names = ("train", "assign_and_shuffle", "bucket_dedup", "merge_and_select")
-    return {"benchmark": "dedup-pipeline", "n": n, "dim": dim, "epsilon": epsilon, "cores": cores,
+    return {"benchmark": "dedup-pipeline", "n": n, "dim": dim, "epsilon": epsilon, "overrides": list(overrides),
+            "matmul": config.dedup.matmul, "cpu_bf16": _cpu_bf16(), "cores": cores,
             "storage": "float16 parquet, one file per unit", "units": units, "unit_rows": unit_rows,
             "buckets": buckets, "clusters": summary["clusters"], "generate_s": round(generate_s, 1),
             "seconds": round(wall, 1), "steps_s": {name: round(b - a, 1) for name, a, b in zip(names, marks, marks[1:])},

@@ -50,6 +50,34 @@ def test_blocked_greedy_matches_the_naive_reference_across_block_boundaries(plan
         np.testing.assert_array_equal(dup, naive_greedy(planted, t))
 
 
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_bf16_screened_greedy_decides_its_first_threshold_as_float32_does(planted, block):
+    """bfloat16 products screen the pairs and every row near thresholds[0] is recomputed in float32:
+    its decisions are the reference's; the others are estimates from bfloat16 similarities."""
+    thresholds = [0.95, 0.9, 0.5]
+    got = dd.greedy_duplicates(planted, thresholds, block=block, bf16=True)
+    np.testing.assert_array_equal(got[0], naive_greedy(planted, 0.95))
+    for t, dup in zip(thresholds[1:], got[1:]):  # estimates: at most a few rows either way
+        assert abs(int((dup < 0).sum()) - int((naive_greedy(planted, t) < 0).sum())) <= 3
+
+
+def test_bf16_screening_decides_pairs_near_the_threshold_in_float32():
+    """200 pairs with cosines spread over 0.95 ± 0.01: the bfloat16 estimate (the same threshold
+    asked for twice: the second is decided on bfloat16 alone) gets some wrong, the screened first
+    one none."""
+    rng = np.random.default_rng(1)
+    base = _unit(rng.normal(size=(200, 256))).astype(np.float32)
+    other = rng.normal(size=(200, 256))
+    other = _unit(other - (other * base).sum(1, keepdims=True) * base)
+    cos = rng.uniform(0.94, 0.96, size=(200, 1))
+    x = np.concatenate([base, (cos * base + np.sqrt(1 - cos ** 2) * other)]).astype(np.float32)
+    x = x[rng.permutation(len(x))]
+    reference = naive_greedy(x, 0.95)
+    screened, estimate = dd.greedy_duplicates(x, [0.95, 0.95], block=64, bf16=True)
+    np.testing.assert_array_equal(screened, reference)
+    assert (estimate != reference).any()
+
+
 def test_greedy_respects_inactive_rows(planted):
     active = np.ones(len(planted), bool)
     active[::3] = False
@@ -374,3 +402,23 @@ def test_bench_assign_times_the_two_level_search_against_the_flat_one():
     assert r["baseline"]["same_nearest"] >= 0.9  # the nearest cell's nearest centroid is mostly the global nearest
     assert 1.0 < r["entries_per_row"] <= 5.0  # at most 2 border centroids + 2 border cells
     assert 0.1 < r["median_centroid_sim"] < 0.5 and r["rows_per_s"] > 0 and r["baseline"]["speedup"] > 0
+
+
+def test_a_task_screens_in_bf16_when_asked_or_when_its_clusters_pay_for_torch():
+    small, large = np.full(10, 1000), np.full(100, 4000)  # Σ n²: 1e7 and 1.6e9
+    assert not dd.use_bf16("float32", large) and dd.use_bf16("bfloat16", small)
+    assert not dd.use_bf16("auto", small)
+    assert dd.use_bf16("auto", large) == dd.bf16_native()
+
+
+def test_entries_stored_as_float16_are_decided_as_their_float32_values(planted):
+    """The dedup task keeps a bucket's vectors as stored (float16) and converts cluster by cluster."""
+    half = planted.astype(np.float16)
+    n = len(half)
+    rows, labels, primary = np.arange(n), np.arange(n) % 3, np.ones(n, bool)
+    keys = [f"k{i:03d}" for i in range(n)]
+    args = (keys, keys, np.zeros(n, np.int64), np.zeros(n), np.ones(n))
+    options = {"epsilon": 0.1, "phash_max_distance": None, "exact": False, "block": 64}
+    got = dd.dedup_entries(rows, labels, primary, half, *args, **options)
+    want = dd.dedup_entries(rows, labels, primary, half.astype(np.float32), *args, **options)
+    assert (got.reason == want.reason).all() and (got.dup_of == want.dup_of).all() and (got.reason != "").sum() > 0

@@ -124,6 +124,16 @@ def test_blocked_greedy_dedup_equals_a_brute_force_reference(seed, n, block_exp,
 
 @given(st.integers(0, 10_000), st.integers(2, 60), st.integers(2, 8), st.floats(0.5, 0.99))
 @settings(max_examples=60, deadline=None)
+def test_bf16_screened_greedy_dedup_equals_the_brute_force_reference(seed, n, block_exp, threshold):
+    x = _clustered(np.random.default_rng(seed), n)
+    block = 2 ** block_exp if 2 ** block_exp < n else 16
+    [ours] = dd.greedy_duplicates(x, [threshold], block=block, bf16=True)
+    assert ((ours < 0) == (_naive(x, threshold) < 0)).all()
+    assert (ours == dd.greedy_duplicates(x, [threshold], block=block)[0]).all()
+
+
+@given(st.integers(0, 10_000), st.integers(2, 60), st.integers(2, 8), st.floats(0.5, 0.99))
+@settings(max_examples=60, deadline=None)
 def test_confirmed_dedup_without_a_witness_equals_the_greedy_one(seed, n, block_exp, threshold):
     rng = np.random.default_rng(seed)
     x = _clustered(rng, n)
