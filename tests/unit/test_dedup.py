@@ -422,3 +422,38 @@ def test_entries_stored_as_float16_are_decided_as_their_float32_values(planted):
     got = dd.dedup_entries(rows, labels, primary, half, *args, **options)
     want = dd.dedup_entries(rows, labels, primary, half.astype(np.float32), *args, **options)
     assert (got.reason == want.reason).all() and (got.dup_of == want.dup_of).all() and (got.reason != "").sum() > 0
+
+
+def test_a_bucket_writes_its_rows_and_removed_border_copies_only(tmp_path):
+    """A kept border copy decides nothing in the merge, so the bucket's part leaves it out (at 10M
+    they were 3 of every 4.5 entries the driver read); a removed one names what removed it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from denseforge.pipeline.dedup_phase import _dedup_bucket
+    from denseforge.stages.embed import embedding_table
+    from denseforge.stages.files import write_arrow_atomic
+
+    a = np.zeros(8, np.float32)
+    a[0] = 1.0
+    b = a.copy()
+    b[1] = 0.1  # cosine 0.995 to a
+    c = np.zeros(8, np.float32)
+    c[2] = 1.0
+    x = _unit(np.stack([a, b, c, c + a * 0.001]))
+    keys = ["a", "b", "c", "d"]  # b: a border copy removed as a copy of a; d: a kept border copy
+    table = embedding_table(keys, [0, 0, 1, 1], x, {"sha256": pa.array(keys), "phash": pa.array([0] * 4),
+                                                     "width": pa.array([640] * 4), "height": pa.array([480] * 4)},
+                            dtype="float16")
+    table = (table.append_column("cluster", pa.array([3, 3, 3, 5])).append_column("centroid_sim", pa.array([0.9, 0.8, 0.7, 0.1], pa.float32()))
+             .append_column("primary", pa.array([True, False, True, False])))
+    (tmp_path / "bucket").mkdir()
+    write_arrow_atomic(tmp_path / "bucket" / "unit.arrow", table)
+    settings = {"min_short_edge": 0, "max_aspect_ratio": None, "epsilon": 0.05, "phash_max_distance": None,
+                "witness_max_fine_distance": None, "witness_max_colour_difference": None, "exact": False,
+                "keep": "nearest_centroid", "sweep": [], "block": 16, "matmul": "float32"}
+    result = _dedup_bucket(str(tmp_path / "bucket"), str(tmp_path / "part.parquet"), settings)
+    part = pq.read_table(tmp_path / "part.parquet").to_pylist()
+    assert result["entries"] == 4
+    assert [(r["key"], r["primary"], r["reason"], r["dup_of"]) for r in part] == [
+        ("a", True, "", None), ("b", False, dd.SEMANTIC, "a"), ("c", True, "", None)]
