@@ -168,7 +168,8 @@ def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> 
     if table is None or not table.num_rows:
         write_table_atomic(Path(out_file), ENTRY_SCHEMA.empty_table())
         return {"entries": 0, "sweep_kept": {}}
-    keys = table.column("key").to_pylist()
+    key = table.column("key").combine_chunks()
+    keys = key.to_pylist()
     cluster, sims = table.column("cluster").to_numpy(), table.column("centroid_sim").to_numpy()
     primary = table.column("primary").to_numpy(zero_copy_only=False)
     width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
@@ -185,7 +186,6 @@ def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> 
     sweep = result.sweep_kept
     reason, dup_of, rank = pre, np.full(len(keys), -1), np.full(len(keys), -1)
     reason[entries], dup_of[entries], rank[entries] = result.reason, result.dup_of, result.rank
-    key = table.column("key").combine_chunks()
     out = pa.table({
         "key": key, "unit": table.column("unit"), "cluster": table.column("cluster"),
         "distance": pa.array(1 - sims), "rank": pa.array(rank), "reason": pa.array(reason, pa.string()),
@@ -197,7 +197,7 @@ def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> 
 
 def _strings(column: pa.ChunkedArray) -> np.ndarray:
     """A string column with few distinct values (reasons) as an object array that shares one Python
-    string per value: 45M entries at 10M rows, where `to_pylist` made a string object for each."""
+    string per value, where `to_pylist` makes a string object for each of millions of entries."""
     values = pc.unique(column)
     return np.asarray(values.to_pylist(), dtype=object)[pc.index_in(column, value_set=values).to_numpy()]
 
