@@ -495,12 +495,7 @@ def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str
             reason[hit], dup[hit] = SEMANTIC, sem[0][hit]
     else:
         sweep_kept = {}
-    # point every duplicate at the item that finally stays
-    for pos in range(n):
-        target = dup[pos]
-        while target >= 0 and dup[target] >= 0:
-            target = dup[target]
-        dup[pos] = target
+    follow_to_kept(dup)
     out_reason = np.empty(n, dtype=object)
     out_dup = np.full(n, -1, dtype=np.int64)
     rank = np.empty(n, dtype=np.int64)
@@ -559,6 +554,16 @@ def dedup_entries(rows: np.ndarray, labels: np.ndarray, primary: np.ndarray, vec
     return DedupResult(reason, dup_of, rank, sweep)
 
 
+def follow_to_kept(dup_of: np.ndarray) -> None:
+    """Point every duplicate (dup_of >= 0) at the end of its chain, the row that stays, in place.
+    dup_of points to higher priority, so chains end; each pass halves every chain left."""
+    while True:
+        hop = (dup_of >= 0) & (dup_of[np.maximum(dup_of, 0)] >= 0)
+        if not hop.any():
+            return
+        dup_of[hop] = dup_of[dup_of[hop]]
+
+
 def merge_entries(rows: np.ndarray, primary: np.ndarray, entries: DedupResult, n: int) -> DedupResult:
     """One decision per row from its entries: removed where any entry removed it (the primary
     entry's reason first), ranked by its primary entry; then every dup_of is followed to the row
@@ -570,11 +575,7 @@ def merge_entries(rows: np.ndarray, primary: np.ndarray, entries: DedupResult, n
         removed = part & (entries.reason != KEPT)
         reason[rows[removed]], dup_of[rows[removed]] = entries.reason[removed], entries.dup_of[removed]
     rank[rows[primary]] = entries.rank[primary]
-    for _ in range(n):  # dup_of points to higher priority, so chains end; at most n links
-        hop = (dup_of >= 0) & (dup_of[np.maximum(dup_of, 0)] >= 0)
-        if not hop.any():
-            break
-        dup_of[hop] = dup_of[dup_of[hop]]
+    follow_to_kept(dup_of)
     return DedupResult(reason, dup_of, rank, entries.sweep_kept)
 
 
