@@ -30,7 +30,7 @@ from denseforge.pipeline.progress import Progress
 from denseforge.pipeline.ray_session import one_off
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
-from denseforge.stages.embed import embedding_table, embeddings_matrix, pixel_spec
+from denseforge.stages.embed import embedding_table, embeddings_matrix, pixel_spec, write_embeddings_file
 from denseforge.stages.files import read_arrow, write_arrow_atomic, write_json_atomic, write_table_atomic
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample
@@ -66,7 +66,7 @@ def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str], storage_d
         provenance = outputs[0]["provenance"] if outputs else None
         rd.embeddings.mkdir(parents=True, exist_ok=True)
         write_rejects([r.model_dump() for r in failed], rd.embed_rejects_file(unit))
-        write_table_atomic(rd.embeddings_file(unit), table.replace_schema_metadata({"provenance": json.dumps(provenance)}))
+        write_embeddings_file(rd.embeddings_file(unit), table.replace_schema_metadata({"provenance": json.dumps(provenance)}))
         counts = {"unit": unit, "embedded": len(samples), "failed": len(failed),
                   "stages": count_traces([r["trace"] for r in rows])}
         write_json_atomic(rd.embed_marker(unit), counts)

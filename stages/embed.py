@@ -25,6 +25,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from denseforge.errors import ModelLoadError
+from denseforge.stages.files import write_table_atomic
 from denseforge.stages.settings import Settings
 from denseforge.stages.stage import Item, Stage, Verdict, WorkerSettings
 
@@ -294,6 +295,13 @@ def embedding_table(keys: list[str], units: list[int], vectors: np.ndarray, extr
                "embedding": pa.FixedSizeListArray.from_arrays(flat, dim) if dim else pa.nulls(len(keys), pa.list_(value_type))}
     columns.update({name: pa.array(values) for name, values in extra.items()})
     return pa.table(columns)
+
+
+def write_embeddings_file(path: Path, table: pa.Table) -> None:
+    """An embeddings table (`embedding_table`) as parquet without dictionary encoding: float16
+    vectors have few distinct values, so parquet's default dictionary-encodes them, and reading a
+    10,000 x 512 unit back took 93 ms instead of 26 (dedup reads every unit at least once)."""
+    write_table_atomic(path, table, use_dictionary=False)
 
 
 def embeddings_matrix(table: pa.Table, dtype: type | None = np.float32) -> np.ndarray:

@@ -28,9 +28,10 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_table_atomic(path: Path, table: pa.Table) -> None:
+def write_table_atomic(path: Path, table: pa.Table, **options: Any) -> None:
+    """A parquet file, whole or not at all; `options` go to `pq.write_table`."""
     tmp = tmp_path(path)
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, **options)
     os.replace(tmp, path)
 
 

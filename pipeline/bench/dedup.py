@@ -160,8 +160,7 @@ def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup
     one unit. Returns the group id of every row (rows are keyed by their index)."""
     import pyarrow as pa
 
-    from denseforge.stages.embed import embedding_table
-    from denseforge.stages.files import write_table_atomic
+    from denseforge.stages.embed import embedding_table, write_embeddings_file
 
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((max(1, n // 200), dim), dtype=np.float32)
@@ -179,7 +178,7 @@ def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup
         keys = [f"{i:012d}" for i in range(start, start + rows)]
         extra = {"sha256": pa.array(keys), "phash": pa.array(np.zeros(rows, dtype=np.int64)),
                  "width": pa.array(np.full(rows, 640)), "height": pa.array(np.full(rows, 480))}
-        write_table_atomic(rd.embeddings_file(unit), embedding_table(keys, [unit] * rows, x, extra, dtype="float16"))
+        write_embeddings_file(rd.embeddings_file(unit), embedding_table(keys, [unit] * rows, x, extra, dtype="float16"))
     return group
 
 
