@@ -148,12 +148,6 @@ def _faiss_gpu() -> bool:
     return faiss_gpu_available()
 
 
-def _cpu_bf16() -> bool:
-    from denseforge.stages.dedup import bf16_native
-
-    return bf16_native()
-
-
 def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup_fraction: float = 0.1) -> np.ndarray:
     """n planted embeddings written as the embed pass writes them (one float16 embeddings file per
     unit of `unit_rows`; each unit's near-copies are of its own originals), streaming: memory holds
@@ -200,6 +194,7 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
     from denseforge.pipeline.dedup_phase import run_dedup
     from denseforge.pipeline.ray_session import start_ray
     from denseforge.pipeline.rundir import RunDir
+    from denseforge.stages.dedup import bf16_native
 
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
@@ -234,7 +229,7 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
     marks = [start, *progress.marks]
     names = ("train", "assign_and_shuffle", "bucket_dedup", "merge_and_select")
     return {"benchmark": "dedup-pipeline", "n": n, "dim": dim, "epsilon": epsilon, "overrides": list(overrides),
-            "matmul": config.dedup.matmul, "cpu_bf16": _cpu_bf16(), "cores": cores,
+            "matmul": config.dedup.matmul, "cpu_bf16": bf16_native(), "cores": cores,
             "storage": "float16 parquet, one file per unit", "units": units, "unit_rows": unit_rows,
             "buckets": buckets, "clusters": summary["clusters"], "generate_s": round(generate_s, 1),
             "seconds": round(wall, 1), "steps_s": {name: round(b - a, 1) for name, a, b in zip(names, marks, marks[1:])},
