@@ -131,22 +131,44 @@ def _train(files: list[str], k: int, fraction: float, seed: int, niter: int, mpp
 
 
 def _assign_unit(file: str, index: dd.CentroidIndex, rd: RunDir, buckets: int, border: float, border_clusters: int) -> int:
-    """Rows to the bucket of their cluster; a border row also, as non-primary entries, to the
-    buckets of its border clusters (with its own centroid similarity, the keep priority)."""
+    """Rows to the buckets of their clusters, a bucket holding whole coarse cells: a border row is
+    also deduplicated in its border clusters (`dd.border_entries`, with its own centroid
+    similarity, the keep priority). A row goes once to each bucket it has entries in, its clusters
+    there as a list (`_bucket_entries`), so a border cluster in its own cell costs no second copy
+    of its vector: at 10M rows most border clusters are."""
     table = pq.read_table(file)
     if table.num_rows == 0:
         return 0
     labels, sims, extra = dd.assign_clusters(embeddings_matrix(table), index, border=border,
                                              border_clusters=border_clusters)
-    rows, labels, primary = dd.border_entries(np.arange(table.num_rows), labels, extra)
-    table = (table.take(pa.array(rows)).append_column("cluster", pa.array(labels))
-             .append_column("centroid_sim", pa.array(sims[rows])).append_column("primary", pa.array(primary)))
-    bucket_of = labels % buckets
-    for b in np.unique(bucket_of):
-        target = rd.bucket(int(b))
+    rows, clusters, primary = dd.border_entries(np.arange(table.num_rows), labels, extra)
+    bucket_of = index.cell_of(clusters) % buckets
+    order = np.lexsort((np.arange(len(rows)), rows, bucket_of))  # by bucket, then row, its own cluster first
+    rows, clusters, primary, bucket_of = rows[order], clusters[order], primary[order], bucket_of[order]
+    cuts = np.flatnonzero(np.diff(bucket_of)) + 1
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+        starts = np.r_[0, np.flatnonzero(np.diff(rows[lo:hi])) + 1]
+        first = lo + starts
+        target = rd.bucket(int(bucket_of[lo]))
         target.mkdir(parents=True, exist_ok=True)
-        write_arrow_atomic(target / f"{Path(file).stem}.arrow", table.filter(pa.array(bucket_of == b)))
-    return int(primary.sum())
+        part = (table.take(pa.array(rows[first]))
+                .append_column("clusters", pa.ListArray.from_arrays(pa.array(np.r_[starts, hi - lo], pa.int32()),
+                                                                     pa.array(clusters[lo:hi])))
+                .append_column("centroid_sim", pa.array(sims[rows[first]]))
+                .append_column("primary", pa.array(primary[first])))
+        write_arrow_atomic(target / f"{Path(file).stem}.arrow", part)
+    return table.num_rows
+
+
+def _bucket_entries(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, cluster, primary) per entry of a bucket's rows: each row's `clusters` list, whose first
+    is the row's own cluster where `primary` says so."""
+    clusters = table.column("clusters")
+    lengths = pc.list_value_length(clusters).to_numpy()
+    rows = np.repeat(np.arange(table.num_rows), lengths)
+    primary = np.zeros(len(rows), dtype=bool)
+    primary[np.r_[0, np.cumsum(lengths)[:-1]]] = table.column("primary").to_numpy(zero_copy_only=False)
+    return rows, pc.list_flatten(clusters).to_numpy(), primary
 
 
 def _fingerprints(table: pa.Table) -> np.ndarray | None:
@@ -164,35 +186,32 @@ def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> 
     kept border copy decides nothing); 4.5 entries per row at 10M become ~1.1."""
     files = sorted(Path(bucket_path).glob("*.arrow"))
     table = pa.concat_tables([read_arrow(f) for f in files]) if files else None
-    sweep: dict[float, int] = {}
     if table is None or not table.num_rows:
         write_table_atomic(Path(out_file), ENTRY_SCHEMA.empty_table())
         return {"entries": 0, "sweep_kept": {}}
+    rows, cluster, primary = _bucket_entries(table)
     key = table.column("key").combine_chunks()
-    keys = key.to_pylist()
-    cluster, sims = table.column("cluster").to_numpy(), table.column("centroid_sim").to_numpy()
-    primary = table.column("primary").to_numpy(zero_copy_only=False)
+    sims = table.column("centroid_sim").to_numpy()
     width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
-    pre = dd.prefilter(width, height, settings["min_short_edge"], settings["max_aspect_ratio"])
-    entries = np.flatnonzero(pre == dd.KEPT)  # each table row is one entry
+    pre = dd.prefilter(width, height, settings["min_short_edge"], settings["max_aspect_ratio"])[rows]
+    entries = np.flatnonzero(pre == dd.KEPT)
     result = dd.dedup_entries(
-        entries, cluster[entries], primary[entries], embeddings_matrix(table, dtype=None), keys,
+        rows[entries], cluster[entries], primary[entries], embeddings_matrix(table, dtype=None), key.to_pylist(),
         table.column("sha256").to_pylist(), table.column("phash").to_numpy(), sims, width * height,
         fingerprint=_fingerprints(table), witness_max_fine_distance=settings["witness_max_fine_distance"],
         witness_max_colour_difference=settings["witness_max_colour_difference"],
         epsilon=settings["epsilon"], phash_max_distance=settings["phash_max_distance"], exact=settings["exact"],
         policy=settings["keep"], sweep=settings["sweep"], block=settings["block"],
         bf16=dd.use_bf16(settings["matmul"], np.unique(cluster[entries], return_counts=True)[1]))
-    sweep = result.sweep_kept
-    reason, dup_of, rank = pre, np.full(len(keys), -1), np.full(len(keys), -1)
+    reason, dup_of, rank = pre, np.full(len(rows), -1), np.full(len(rows), -1)
     reason[entries], dup_of[entries], rank[entries] = result.reason, result.dup_of, result.rank
     out = pa.table({
-        "key": key, "unit": table.column("unit"), "cluster": table.column("cluster"),
-        "distance": pa.array(1 - sims), "rank": pa.array(rank), "reason": pa.array(reason, pa.string()),
+        "key": key.take(pa.array(rows)), "unit": table.column("unit").take(pa.array(rows)), "cluster": pa.array(cluster),
+        "distance": pa.array(1 - sims[rows]), "rank": pa.array(rank), "reason": pa.array(reason, pa.string()),
         "dup_of": key.take(pa.array(dup_of, mask=dup_of < 0)), "primary": pa.array(primary),
     }).cast(ENTRY_SCHEMA)
     write_table_atomic(Path(out_file), out.filter(pa.array(primary | (reason != dd.KEPT))))
-    return {"entries": table.num_rows, "sweep_kept": {str(k): v for k, v in sweep.items()}}
+    return {"entries": len(rows), "sweep_kept": {str(k): v for k, v in result.sweep_kept.items()}}
 
 
 def _strings(column: pa.ChunkedArray) -> np.ndarray:
@@ -245,7 +264,7 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         index = ray.get(train.remote(files, k, fraction, config.run.seed, cfg.kmeans_iters,
                                      cfg.max_points_per_centroid, cfg.num_gpus > 0 or None))
         bar.update(1, clusters=len(index))
-        buckets = min(cfg.buckets, len(index))
+        buckets = min(cfg.buckets, index.cell_count)
         ref = ray.put(index)
         ray.get([ray.remote(_assign_unit).remote(f, ref, rd, buckets, cfg.border, cfg.border_clusters) for f in files])
         bar.update(1)

@@ -177,6 +177,20 @@ class CentroidIndex:
     def __len__(self) -> int:
         return len(self.centroids)
 
+    @property
+    def cell_count(self) -> int:
+        """Coarse cells; without a hierarchy every cluster is its own cell."""
+        return len(self) if self.coarse is None else len(self.coarse)
+
+    def cell_of(self, clusters: np.ndarray) -> np.ndarray:
+        """The coarse cell of each of `clusters`."""
+        if self.coarse is None:
+            return clusters
+        cell = np.empty(len(self), dtype=np.int64)
+        for c, members in enumerate(self.cells):
+            cell[members] = c
+        return cell[clusters]
+
 
 def _cell_search(index: CentroidIndex):
     """FAISS's IVF with the coarse cells as inverted lists, searched one given cell at a time

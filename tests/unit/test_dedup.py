@@ -445,7 +445,8 @@ def test_a_bucket_writes_its_rows_and_removed_border_copies_only(tmp_path):
     table = embedding_table(keys, [0, 0, 1, 1], x, {"sha256": pa.array(keys), "phash": pa.array([0] * 4),
                                                      "width": pa.array([640] * 4), "height": pa.array([480] * 4)},
                             dtype="float16")
-    table = (table.append_column("cluster", pa.array([3, 3, 3, 5])).append_column("centroid_sim", pa.array([0.9, 0.8, 0.7, 0.1], pa.float32()))
+    table = (table.append_column("clusters", pa.array([[3], [3], [3], [5]]))
+             .append_column("centroid_sim", pa.array([0.9, 0.8, 0.7, 0.1], pa.float32()))
              .append_column("primary", pa.array([True, False, True, False])))
     (tmp_path / "bucket").mkdir()
     write_arrow_atomic(tmp_path / "bucket" / "unit.arrow", table)
@@ -457,3 +458,59 @@ def test_a_bucket_writes_its_rows_and_removed_border_copies_only(tmp_path):
     assert result["entries"] == 4
     assert [(r["key"], r["primary"], r["reason"], r["dup_of"]) for r in part] == [
         ("a", True, "", None), ("b", False, dd.SEMANTIC, "a"), ("c", True, "", None)]
+
+
+def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path):
+    """Assignment, bucket tasks and the merge give every key the decision `dd.dedup_all` gives in
+    one process, on a two-level index whose border rows fall both inside their own coarse cell
+    and in other cells; a row travels once to each bucket it has entries in (its in-cell border
+    clusters ride in the same bucket row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from denseforge.pipeline.dedup_phase import _assign_unit, _bucket_entries, _dedup_bucket, _merge_entries
+    from denseforge.pipeline.rundir import RunDir
+    from denseforge.stages.embed import embedding_table, embeddings_matrix, write_embeddings_file
+    from denseforge.stages.files import read_arrow
+
+    rng = np.random.default_rng(5)
+    base = _unit(rng.normal(size=(400, 16)) + np.repeat(rng.normal(size=(8, 16)) * 2, 50, axis=0))
+    x = np.concatenate([base, _unit(base[:80] + rng.normal(scale=0.03, size=(80, 16)))])
+    x = x[rng.permutation(len(x))]
+    keys = [f"{i:04d}" for i in range(len(x))]
+    index = dd.train_kmeans(x, 25, niter=10, seed=0, two_level_above=4)  # 5 coarse cells
+    assert index.coarse is not None
+    rd = RunDir(tmp_path / "run")
+    files = []
+    for unit, lo in enumerate((0, 240)):
+        files.append(tmp_path / f"{unit:05d}.parquet")
+        part = slice(lo, lo + 240)
+        write_embeddings_file(files[-1], embedding_table(keys[part], [unit] * 240, x[part], {
+            "sha256": pa.array(keys[part]), "phash": pa.array([0] * 240),
+            "width": pa.array([640] * 240), "height": pa.array([480] * 240)}))
+    for f in files:
+        _assign_unit(str(f), index, rd, 3, 0.2, 2)
+    settings = {"min_short_edge": 0, "max_aspect_ratio": None, "epsilon": 0.05, "phash_max_distance": None,
+                "witness_max_fine_distance": None, "witness_max_colour_difference": None, "exact": False,
+                "keep": "nearest_centroid", "sweep": [], "block": 64, "matmul": "float32"}
+    parts, in_cell_pairs = [], 0
+    for b in range(3):
+        tables = [read_arrow(f) for f in sorted(rd.bucket(b).glob("*.arrow"))]
+        for t in tables:
+            assert len(set(t.column("key").to_pylist())) == t.num_rows  # once per bucket
+            in_cell_pairs += sum(len(c) > 1 for c in t.column("clusters").to_pylist())
+            rows, clusters, _ = _bucket_entries(t)
+            assert set(index.cell_of(clusters) % 3) == {b}
+        _dedup_bucket(str(rd.bucket(b)), str(tmp_path / f"part{b}.parquet"), settings)
+        parts.append(pq.read_table(tmp_path / f"part{b}.parquet"))
+    assert in_cell_pairs > 0  # the case the list column is for occurs
+
+    merged = {r["key"]: r for r in _merge_entries(pa.concat_tables(parts)).to_pylist()}
+    xq = embeddings_matrix(embedding_table(keys, [0] * len(x), x, {}))  # the float16 vectors the phase stores
+    labels, sims, extra = dd.assign_clusters(xq, index, border=0.2, border_clusters=2)
+    ref = dd.dedup_all(labels, xq, keys, keys, np.zeros(len(x), np.int64), sims, np.full(len(x), 640 * 480),
+                       extra=extra, epsilon=0.05, phash_max_distance=None, exact=False, block=64)
+    assert (ref.reason == dd.SEMANTIC).sum() >= 70 and (extra >= 0).any()
+    assert [merged[k]["reason"] for k in keys] == list(ref.reason)
+    assert [merged[k]["dup_of"] for k in keys] == [keys[d] if d >= 0 else None for d in ref.dup_of]
+    assert [merged[k]["cluster"] for k in keys] == list(labels)
