@@ -102,8 +102,12 @@ class RunDir:
     def bucket(self, index: int) -> Path:
         return self.buckets / f"{index:05d}"
 
+    @property
+    def bucket_parts(self) -> Path:
+        return self.dedup / "parts"
+
     def bucket_part(self, index: int) -> Path:
-        return self.dedup / "parts" / f"{index:05d}.parquet"
+        return self.bucket_parts / f"{index:05d}.parquet"
 
     @property
     def parts(self) -> Path:

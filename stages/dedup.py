@@ -580,13 +580,18 @@ def follow_to_kept(dup_of: np.ndarray) -> None:
 
 def merge_entries(rows: np.ndarray, primary: np.ndarray, entries: DedupResult, n: int) -> DedupResult:
     """One decision per row from its entries: removed where any entry removed it (the primary
-    entry's reason first), ranked by its primary entry; then every dup_of is followed to the row
-    that finally stays (a border row kept in one cluster may have been removed in the other)."""
+    entry's reason first; among border copies removed in several clusters, the lowest dup_of row,
+    so the decision does not depend on the order entries come in), ranked by its primary entry;
+    then every dup_of is followed to the row that finally stays (a border row kept in one cluster
+    may have been removed in the other)."""
     reason = np.full(n, KEPT, dtype=object)
     dup_of = np.full(n, -1, dtype=np.int64)
     rank = np.full(n, -1, dtype=np.int64)
     for part in (~primary, primary):  # primary entries written last: their removal wins
-        removed = part & (entries.reason != KEPT)
+        removed = np.flatnonzero(part & (entries.reason != KEPT))
+        codes = np.unique(entries.reason[removed], return_inverse=True)[1]
+        removed = removed[np.lexsort((codes, entries.dup_of[removed], rows[removed]))]
+        removed = removed[np.r_[True, np.diff(rows[removed]) != 0]] if removed.size else removed
         reason[rows[removed]], dup_of[rows[removed]] = entries.reason[removed], entries.dup_of[removed]
     rank[rows[primary]] = entries.rank[primary]
     follow_to_kept(dup_of)

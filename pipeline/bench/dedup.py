@@ -219,7 +219,6 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
                 wall = time.perf_counter() - start
         finally:
             ray.shutdown()
-        dedup_files_mib = sum(f.stat().st_size for f in rd.dedup.rglob("*") if f.is_file()) / 2**20
         table = pq.read_table(rd.decisions, columns=["key", "reason", "dup_of"])
         row = np.asarray(table.column("key").to_pylist(), dtype=np.int64)
         reason = np.empty(n, dtype=object)
@@ -235,7 +234,7 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
             "seconds": round(wall, 1), "steps_s": {name: round(b - a, 1) for name, a, b in zip(names, marks, marks[1:])},
             "peak_rss_mib": round(mem.peak / 2**20, 1),
             "step_peak_rss_mib": {name: round(mem.peak_between(a, b) / 2**20, 1) for name, a, b in zip(names, marks, marks[1:])},
-            "embeddings_mib": round(embeddings_mib, 1), "dedup_files_mib": round(dedup_files_mib, 1),
+            "embeddings_mib": round(embeddings_mib, 1), "shuffle_mib": round(summary["shuffle_bytes"] / 2**20, 1),
             "entries_per_row": round(summary["entries"] / n, 3),
             **_score(reason, dup_of, group)}
 

@@ -37,3 +37,41 @@ def test_bench_dedup_pipeline_runs_the_ray_dedup_phase_on_float16_unit_files():
     steps = {"train", "assign_and_shuffle", "bucket_dedup", "merge_and_select"}
     assert set(r["steps_s"]) == steps and r["peak_rss_mib"] > 0
     assert set(r["step_peak_rss_mib"]) == steps and max(r["step_peak_rss_mib"].values()) <= r["peak_rss_mib"]
+
+
+def test_a_dedup_retried_after_a_cut_short_attempt_ignores_its_leftovers(tmp_path):
+    """Bucket files an earlier attempt left (another layout, or a bucket this attempt does not
+    use) are not read as entries of this one, and the shuffle is removed once decided. The
+    decisions do not depend on how many buckets the clusters were spread over."""
+    import pyarrow as pa
+    import ray
+
+    from denseforge.pipeline.bench.dedup import _StepTimes, write_planted_units
+    from denseforge.pipeline.config import parse_config
+    from denseforge.pipeline.dedup_phase import run_dedup
+    from denseforge.pipeline.ray_session import start_ray
+    from denseforge.pipeline.rundir import RunDir
+    from denseforge.stages.files import write_arrow_atomic
+
+    configs = [parse_config({"input": {"kind": "table", "path": str(tmp_path / "unused.parquet")}, "ray": {"num_cpus": 2},
+                             "dedup": {"exact": False, "phash_max_distance": None, "sweep": [], "buckets": buckets,
+                                       "target_cluster_size": 200, "border": 0.2}}) for buckets in (3, 2)]
+    runs = [RunDir(tmp_path / name) for name in ("clean", "retried")]
+    for rd, config in zip(runs, configs):
+        rd.create(config)
+        write_planted_units(rd, 3_000, 32, 1_000, seed=2, dup_fraction=0.5)  # copies of copies: border
+        # rows removed in two clusters as copies of different rows
+    stale = pa.table({"key": ["000000000001"] * 2, "cluster": [0, 1]})  # an old layout's columns
+    for bucket, unit in ((0, 0), (1, 9), (2, 0)):  # files this attempt overwrites, does not, and a bucket it does not use
+        runs[1].bucket(bucket).mkdir(parents=True, exist_ok=True)
+        write_arrow_atomic(runs[1].bucket(bucket) / f"{unit:07d}.arrow", stale)
+    start_ray(configs[0].ray, None)
+    try:
+        summaries = [run_dedup(config, rd, 3, _StepTimes()) for rd, config in zip(runs, configs)]
+    finally:
+        ray.shutdown()
+    assert summaries[0]["removed_by_reason"]["semantic_duplicate"] > 1_000 and summaries[0]["entries"] > 3_300
+    assert all(s["shuffle_bytes"] > 3_000 * 32 * 2 for s in summaries)
+    assert [{**s, "shuffle_bytes": 0} for s in summaries[:1]] == [{**s, "shuffle_bytes": 0} for s in summaries[1:]]
+    assert runs[0].decisions.read_bytes() == runs[1].decisions.read_bytes()
+    assert not any(p.exists() for rd in runs for p in (rd.buckets, rd.bucket_parts))

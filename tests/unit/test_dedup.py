@@ -337,6 +337,18 @@ def test_merge_entries_a_primary_removal_names_the_reason():
     assert list(merged.reason) == ["", dd.EXACT] and list(merged.dup_of) == [-1, 0] and list(merged.rank) == [0, 2]
 
 
+def test_merge_entries_decides_the_same_whatever_order_the_entries_come_in():
+    """Row 0 is kept in its own cluster and removed as a border copy in two others, of rows 2 and 1
+    (the buckets' parts come in bucket order, which `dedup.buckets` changes): dup_of is row 1."""
+    rows, primary = np.array([0, 1, 2, 0, 0]), np.array([True, True, True, False, False])
+    entries = dd.DedupResult(np.array(["", "", "", dd.SEMANTIC, dd.SEMANTIC], dtype=object),
+                             np.array([-1, -1, -1, 2, 1]), np.array([0, 0, 0, 5, 5]), {})
+    for order in (np.arange(5), np.array([4, 3, 2, 1, 0]), np.array([1, 4, 0, 3, 2])):
+        part = dd.DedupResult(entries.reason[order], entries.dup_of[order], entries.rank[order], {})
+        merged = dd.merge_entries(rows[order], primary[order], part, 3)
+        assert list(merged.reason) == [dd.SEMANTIC, "", ""] and list(merged.dup_of) == [1, -1, -1]
+
+
 def test_bucket_entries_merge_into_one_decision_per_key_on_its_primary_row():
     """What the dedup phase does with its buckets' entries: key "x" is kept as a border copy in
     cluster 5 (removing "z") but removed in its own cluster 7 as a copy of "y"."""
