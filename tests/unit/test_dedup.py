@@ -480,7 +480,7 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from denseforge.pipeline.dedup_phase import _assign_unit, _bucket_entries, _dedup_bucket, _merge_entries
+    from denseforge.pipeline.dedup_phase import _assign_units, _bucket_entries, _dedup_bucket, _merge_entries
     from denseforge.pipeline.rundir import RunDir
     from denseforge.stages.embed import embedding_table, embeddings_matrix, write_embeddings_file
     from denseforge.stages.files import read_arrow
@@ -500,8 +500,7 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
         write_embeddings_file(files[-1], embedding_table(keys[part], [unit] * 240, x[part], {
             "sha256": pa.array(keys[part]), "phash": pa.array([0] * 240),
             "width": pa.array([640] * 240), "height": pa.array([480] * 240)}))
-    for f in files:
-        _assign_unit(str(f), index, rd, 3, 0.2, 2)
+    _assign_units([str(f) for f in files], index, rd, 3, 0.2, 2)  # one task, both units
     settings = {"min_short_edge": 0, "max_aspect_ratio": None, "epsilon": 0.05, "phash_max_distance": None,
                 "witness_max_fine_distance": None, "witness_max_colour_difference": None, "exact": False,
                 "keep": "nearest_centroid", "sweep": [], "block": 64, "matmul": "float32"}
@@ -526,3 +525,13 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
     assert [merged[k]["reason"] for k in keys] == list(ref.reason)
     assert [merged[k]["dup_of"] for k in keys] == [keys[d] if d >= 0 else None for d in ref.dup_of]
     assert [merged[k]["cluster"] for k in keys] == list(labels)
+
+
+def test_assignment_tasks_group_consecutive_units_to_about_the_task_size(monkeypatch):
+    from denseforge.pipeline import dedup_phase
+
+    monkeypatch.setattr(dedup_phase, "ASSIGN_TASK_ROWS", 25)
+    files = [f"{u}.parquet" for u in range(6)]
+    assert dedup_phase._assignment_tasks(files, [10, 10, 10, 0, 30, 5]) == [
+        ["0.parquet", "1.parquet", "2.parquet"], ["3.parquet", "4.parquet"], ["5.parquet"]]
+    assert dedup_phase._assignment_tasks([], []) == []
