@@ -5,9 +5,10 @@ per unit a parquet of vectors and hashes under `embeddings/`, the images it fail
 completion marker with the unit's counts, so resume skips finished units.
 
 dedup: a global step that waits for every embedding and holds at scale: k-means is trained on a
-bounded sample, every unit is assigned to clusters in parallel tasks that also shuffle rows into
-buckets by cluster, and each bucket is deduplicated cluster by cluster in its own task. Only key
-columns (no vectors) come back to the driver for the balanced selection.
+bounded sample, units are assigned to clusters in parallel tasks that also shuffle rows into
+buckets (whole coarse cells), and each bucket is deduplicated cluster by cluster in its own task.
+Only key columns (no vectors) come back to the driver for the merge and the balanced selection;
+the shuffle is scratch, cleared before a dedup starts and deleted bucket by bucket once decided.
 """
 
 from __future__ import annotations
