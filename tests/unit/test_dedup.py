@@ -101,6 +101,48 @@ def test_bf16_products_run_beside_one_blas_thread(planted, monkeypatch):
         assert blas_threads() == {2}  # restored
 
 
+def test_bf16_products_multiply_padded_shapes_and_return_the_span_asked_for():
+    """oneDNN's bfloat16 matmul is several times slower on shapes of its own, and a cluster's last
+    step always has one: every product is computed on rows and columns rounded up to BF16_SHAPE."""
+    from torch.overrides import TorchFunctionMode
+
+    shapes = []
+
+    class Shapes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "matmul":
+                shapes.append((args[0].shape[0], args[1].shape[1]))
+            return func(*args, **(kwargs or {}))
+
+    rng = np.random.default_rng(2)
+    x = _unit(rng.normal(size=(301, 40)))
+    products = dd._bf16_products(x)
+    with Shapes():
+        spans = [(0, 5, 0, 5), (128, 301, 0, 128), (256, 301, 100, 301), (300, 301, 0, 1)]
+        got = [products(*span) for span in spans]
+    assert shapes and all(r % dd.BF16_SHAPE == 0 and c % dd.BF16_SHAPE == 0 for r, c in shapes)
+    for (s, e, c, ce), product in zip(spans, got):
+        assert product.shape == (e - s, ce - c) and product.dtype == np.float32
+        np.testing.assert_allclose(product, x[s:e] @ x[c:ce].T, atol=dd.BF16_MARGIN)
+
+
+def test_pairs_finds_what_nonzero_finds():
+    rng = np.random.default_rng(3)
+    for mask in (rng.random((7, 5)) > 0.7, np.zeros((4, 3), bool), (rng.random((9, 9)) > 0.5)[:6, 2:]):
+        for got, want in zip(dd._pairs(mask), np.nonzero(mask)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_keep_best_takes_each_rows_most_similar_col_and_the_lowest_on_a_tie():
+    best = np.array([0.96, -np.inf, 0.99], dtype=np.float32)
+    arg = np.array([4, -1, 8])
+    rows, cols = np.array([0, 0, 1, 1, 1, 2]), np.array([9, 7, 6, 3, 5, 2])
+    sims = np.array([0.97, 0.98, 0.97, 0.97, 0.96, 0.98], dtype=np.float32)
+    dd._keep_best(best, arg, rows, cols, sims)
+    np.testing.assert_array_equal(arg, [7, 3, 8])  # row 2 keeps its better earlier col
+    np.testing.assert_allclose(best, [0.98, 0.97, 0.99])
+
+
 def test_greedy_respects_inactive_rows(planted):
     active = np.ones(len(planted), bool)
     active[::3] = False
