@@ -193,24 +193,38 @@ class CentroidIndex:
         return cell[clusters]
 
 
-def _cell_search(index: CentroidIndex):
-    """FAISS's IVF with the coarse cells as inverted lists, searched one given cell at a time
-    (`search_preassigned`). FAISS indexes do not pickle into Ray tasks, so each task builds its
-    own; it holds k vectors."""
-    import faiss
+class _CellSearch:
+    """Exact search inside given coarse cells: one FAISS flat index per cell, searched with all
+    the rows that ask for that cell at once, so FAISS multiplies them as one matrix. (An IVF's
+    `search_preassigned` scans cell by cell for each row without BLAS: at 10M rows it was half of
+    an assignment task.) FAISS indexes do not pickle into Ray tasks, so each task builds its own;
+    together they hold k vectors."""
 
-    d = index.centroids.shape[1]
-    quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(index.coarse)
-    ivf = faiss.IndexIVFFlat(quantizer, d, len(index.coarse), faiss.METRIC_INNER_PRODUCT)
-    for cell, members in enumerate(index.cells):
-        vectors = np.ascontiguousarray(index.centroids[members])
-        ids = np.ascontiguousarray(members, dtype=np.int64)
-        ivf.invlists.add_entries(cell, len(members), faiss.swig_ptr(ids), faiss.swig_ptr(vectors.view(np.uint8)))
-    ivf.ntotal = len(index.centroids)
-    ivf.nprobe = 1
-    ivf.referenced_objects = [quantizer]  # the IVF does not own its quantizer
-    return ivf
+    def __init__(self, index: CentroidIndex):
+        import faiss
+
+        d = index.centroids.shape[1]
+        self.coarse = faiss.IndexFlatIP(d)
+        self.coarse.add(index.coarse)
+        self.ids = index.cells
+        self.flats = []
+        for members in index.cells:
+            flat = faiss.IndexFlatIP(d)
+            flat.add(np.ascontiguousarray(index.centroids[members]))
+            self.flats.append(flat)
+
+    def search(self, x: np.ndarray, cells: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's k nearest centroids inside its cell (`cells[i]`): similarities and global
+        ids, -1 where the cell has fewer than k."""
+        val = np.empty((len(x), k), dtype=np.float32)
+        idx = np.empty((len(x), k), dtype=np.int64)
+        order = np.argsort(cells, kind="stable")
+        bounds = np.flatnonzero(np.diff(cells[order])) + 1
+        for rows in np.split(order, bounds) if len(order) else []:
+            cell = int(cells[rows[0]])
+            val[rows], local = self.flats[cell].search(np.ascontiguousarray(x[rows]), k)
+            idx[rows] = np.where(local >= 0, self.ids[cell][np.maximum(local, 0)], -1)
+        return val, idx
 
 
 def assign_clusters(x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int = 65536, border: float = 0.0,
@@ -236,20 +250,18 @@ def assign_clusters(x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int
         search = faiss.IndexFlatIP(index.centroids.shape[1])
         search.add(index.centroids)
     else:
-        search = _cell_search(index)
+        search = _CellSearch(index)
     for s in range(0, len(x), batch):
         xb = np.ascontiguousarray(x[s:s + batch], dtype=np.float32)
         if index.coarse is None:
             val, idx = search.search(xb, m + 1)  # fewer centroids than asked for: id -1
         else:
-            cell_val, cell_idx = search.quantizer.search(xb, m + 1)
-            val, idx = search.search_preassigned(xb, m + 1, cell_idx[:, :1], cell_val[:, :1])
+            cell_val, cell_idx = search.coarse.search(xb, m + 1)
+            val, idx = search.search(xb, cell_idx[:, 0], m + 1)
             for r in range(1, m + 1):
                 near = np.flatnonzero((cell_idx[:, r] >= 0) & (cell_val[:, 0] - cell_val[:, r] <= border))
                 if near.size:
-                    _, best = search.search_preassigned(np.ascontiguousarray(xb[near]), 1, cell_idx[near, r:r + 1],
-                                                        cell_val[near, r:r + 1])
-                    extra[s + near, m + r - 1] = best[:, 0]
+                    extra[s + near, m + r - 1] = search.search(xb[near], cell_idx[near, r], 1)[1][:, 0]
         labels[s:s + batch], sims[s:s + batch] = idx[:, 0], val[:, 0]
         extra[s:s + batch, :m] = np.where((idx[:, 1:] >= 0) & (val[:, :1] - val[:, 1:] <= border), idx[:, 1:], -1)
     return labels, sims, extra
