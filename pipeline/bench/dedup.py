@@ -56,8 +56,8 @@ def _ours_dedup(x: np.ndarray, epsilon: float, cluster_size: int, seed: int) -> 
     """The dedup phase's steps in one process, with `DedupConfig`'s defaults: k-means on a bounded
     sample, assignment with border rows in two clusters, greedy removal per cluster, merge. The
     products are float32: in one process they already use every core, and bfloat16 screening
-    (`dedup.matmul`, for single-CPU tasks) measured no faster at 1M (8.9 / 8.2 s against 8.1 / 8.5 s)
-    for 1.1 GB more RSS."""
+    (`dedup.matmul`, for single-CPU tasks) measured no faster at 1M (8.1 s against 8.2 s with
+    padded shapes, ~1.5 s of it importing torch) for 1.1 GB more RSS."""
     from denseforge.stages import dedup as dd
 
     cfg = dd.DedupConfig()
