@@ -300,7 +300,7 @@ def use_bf16(matmul: Literal["auto", "bfloat16", "float32"], cluster_sizes: np.n
 
 # bfloat16 products are computed on row and column counts rounded up to a multiple of this (zero
 # rows pad the end): on other shapes oneDNN's matmul is several times slower, and a cluster's last
-# step has a shape of its own (1M rows in 1,000 clusters: 4.1 s of products against 1.5 s)
+# step has a shape of its own (1M rows in 1,000 clusters: 5.1 s of products against 2.0 s)
 BF16_SHAPE = 128
 
 
@@ -372,13 +372,14 @@ def _greedy(vectors: np.ndarray, thresholds: Sequence[float], block: int, active
             sims = q @ vectors[c:ce].T if products is None else products(s, e, c, ce)
             row_max = sims.max(axis=1)
             for ti, t in enumerate(thresholds):
-                screen = t - margin if ti == 0 and products is not None else t
+                recheck = ti == 0 and products is not None
+                screen = t - margin if recheck else t
                 rows = np.flatnonzero(row_max > screen)
                 if not rows.size:
                     continue
                 r, col = _pairs(sims[rows] > screen)
                 r, col = rows[r], c + col
-                sim = np.einsum("ij,ij->i", q[r], vectors[col]) if screen != t else sims[r, col - c]
+                sim = np.einsum("ij,ij->i", q[r], vectors[col]) if recheck else sims[r, col - c]
                 take = (sim > t) & kept[ti][col]
                 _keep_best(best[ti], arg[ti], r[take], col[take], sim[take])
         estimate = q @ q.T if products is None else products(s, e, s, e)
