@@ -168,12 +168,32 @@ class CentroidIndex:
     centroids: np.ndarray
     coarse: np.ndarray | None = None
     cells: list[np.ndarray] = field(default_factory=list)
+    _search: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # FAISS reads the vectors' bytes as float32: float64 centroids would be silently misread
         self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
         if self.coarse is not None:
             self.coarse = np.ascontiguousarray(self.coarse, dtype=np.float32)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # FAISS indexes do not pickle: a Ray task that receives the index builds its own search
+        return {**self.__dict__, "_search": None}
+
+    @property
+    def search(self) -> Any:
+        """What `assign_clusters` searches (a FAISS flat index, or `_CellSearch` for a hierarchy),
+        built on first use and kept: an assignment task calls it once per unit file, and at
+        k = 10⁶ each build copies 2 GB."""
+        if self._search is None:
+            if self.coarse is None:
+                import faiss
+
+                self._search = faiss.IndexFlatIP(self.centroids.shape[1])
+                self._search.add(self.centroids)
+            else:
+                self._search = _CellSearch(self)
+        return self._search
 
     def __len__(self) -> int:
         return len(self.centroids)
@@ -197,8 +217,7 @@ class _CellSearch:
     """Exact search inside given coarse cells: one FAISS flat index per cell, searched with all
     the rows that ask for that cell at once, so FAISS multiplies them as one matrix. (An IVF's
     `search_preassigned` scans cell by cell for each row without BLAS: at 10M rows it was half of
-    an assignment task.) FAISS indexes do not pickle into Ray tasks, so each task builds its own;
-    together they hold k vectors."""
+    an assignment task.) Together they hold k vectors."""
 
     def __init__(self, index: CentroidIndex):
         import faiss
@@ -244,13 +263,7 @@ def assign_clusters(x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int
     labels = np.empty(len(x), dtype=np.int64)
     sims = np.empty(len(x), dtype=np.float32)
     extra = np.full((len(x), m if index.coarse is None else 2 * m), -1, dtype=np.int64)
-    if index.coarse is None:
-        import faiss
-
-        search = faiss.IndexFlatIP(index.centroids.shape[1])
-        search.add(index.centroids)
-    else:
-        search = _CellSearch(index)
+    search = index.search
     for s in range(0, len(x), batch):
         xb = np.ascontiguousarray(x[s:s + batch], dtype=np.float32)
         if index.coarse is None:

@@ -470,6 +470,25 @@ def test_bucket_files_are_arrow_ipc_written_atomically_and_read_memory_mapped(tm
     assert back.equals(table) and np.abs(embeddings_matrix(back) - x).max() < 4e-3
 
 
+def test_an_index_builds_its_search_once_and_pickles_without_it():
+    """An assignment task assigns unit file after unit file with one index: its FAISS search is
+    built once (2 GB at k = 10⁶), and a pickled index (into a Ray task) builds its own."""
+    import pickle
+
+    rng = np.random.default_rng(4)
+    x = _unit(rng.normal(size=(300, 16)))
+    for index in (dd.train_kmeans(x, 8, seed=0), dd.train_kmeans(x, 25, seed=0, two_level_above=4)):
+        first = dd.assign_clusters(x, index, border=0.1)
+        search = index.search
+        again = dd.assign_clusters(x, index, border=0.1)
+        assert index.search is search
+        copy = pickle.loads(pickle.dumps(index))
+        assert copy._search is None
+        for a, b, c in zip(first, again, dd.assign_clusters(x, copy, border=0.1)):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, c)
+
+
 def test_bench_assign_times_the_two_level_search_against_the_flat_one():
     from denseforge.pipeline.bench.dedup import bench_assign
 
