@@ -213,6 +213,12 @@ class CentroidIndex:
         return cell[clusters]
 
 
+def _groups(values: np.ndarray) -> list[np.ndarray]:
+    """The indices of each distinct value, in value order, each group in index order."""
+    order = np.argsort(values, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(values[order])) + 1) if len(order) else []
+
+
 class _CellSearch:
     """Exact search inside given coarse cells: one FAISS flat index per cell, searched with all
     the rows that ask for that cell at once, so FAISS multiplies them as one matrix. (An IVF's
@@ -237,9 +243,7 @@ class _CellSearch:
         ids, -1 where the cell has fewer than k."""
         val = np.empty((len(x), k), dtype=np.float32)
         idx = np.empty((len(x), k), dtype=np.int64)
-        order = np.argsort(cells, kind="stable")
-        bounds = np.flatnonzero(np.diff(cells[order])) + 1
-        for rows in np.split(order, bounds) if len(order) else []:
+        for rows in _groups(cells):
             cell = int(cells[rows[0]])
             val[rows], local = self.flats[cell].search(np.ascontiguousarray(x[rows]), k)
             idx[rows] = np.where(local >= 0, self.ids[cell][np.maximum(local, 0)], -1)
@@ -468,7 +472,7 @@ def confirmed_duplicates(vectors: np.ndarray, threshold: float, active: np.ndarr
             columns = c + np.flatnonzero(kept[c:ce])
             if columns.size:
                 sims = q @ vectors[columns].T
-                for r, col in zip(*np.nonzero(sims > threshold)):
+                for r, col in zip(*_pairs(sims > threshold)):
                     earlier[r].append((-float(sims[r, col]), int(columns[col])))
         inner = q @ q.T
         for r in range(e - s):
@@ -637,10 +641,8 @@ def dedup_entries(rows: np.ndarray, labels: np.ndarray, primary: np.ndarray, vec
     dup_of = np.full(len(rows), -1, dtype=np.int64)
     rank = np.full(len(rows), -1, dtype=np.int64)
     sweep: dict[float, int] = {}
-    order = np.argsort(labels, kind="stable")
-    bounds = np.flatnonzero(np.diff(labels[order])) + 1
     keys_arr, sha_arr = np.asarray(keys), np.asarray(sha256)
-    for group in np.split(order, bounds) if len(order) else []:
+    for group in _groups(labels):
         idx = rows[group]
         res = dedup_cluster(keys_arr[idx], vectors[idx].astype(np.float32, copy=False), sha_arr[idx], phash[idx], centroid_sim[idx], area[idx],
                             fingerprint=None if fingerprint is None else fingerprint[idx], counted=primary[group],
