@@ -414,18 +414,32 @@ def _greedy(vectors: np.ndarray, thresholds: Sequence[float], block: int, active
             alone = local_kept & ~local & (best[ti] > t)
             local_kept[alone] = False
             dups[ti][s:e][alone] = arg[ti][alone]
-            for j in np.flatnonzero(local_kept & local):
-                top, where = best[ti][j], arg[ti][j]
-                earlier = np.flatnonzero(above[:j, j] & local_kept[:j])
-                if earlier.size:
-                    i = earlier[np.argmax(inner[earlier, j])]
-                    if inner[i, j] > top:
-                        top, where = inner[i, j], s + i
-                if top > t:
-                    local_kept[j] = False
-                    dups[ti][s + j] = where
+            _decide_in_step(np.flatnonzero(local_kept & local), above, inner, local_kept, best[ti], arg[ti], t, s,
+                            dups[ti][s:e])
             kept[ti][s:e] = local_kept
     return dups
+
+
+def _decide_in_step(pending: np.ndarray, above: np.ndarray, inner: np.ndarray, kept: np.ndarray, best: np.ndarray,
+                    arg: np.ndarray, t: float, offset: int, dup: np.ndarray) -> None:
+    """Decide the `pending` rows of one step, those with an earlier row of the step above t, in
+    place. A row whose earlier rows above t are all decided takes the most similar kept one (the
+    lowest on a tie) unless the earlier steps' `best` is at least as similar; each round decides all
+    such rows at once, so there are as many rounds as the longest chain of rows above t, where a
+    loop over rows took ~20 % of a bfloat16 dedup."""
+    sources = np.flatnonzero(above.any(axis=1))  # the rows above t with a later row
+    while pending.size:
+        waiting = above[np.ix_(pending, pending)].any(axis=0)
+        ready = pending[~waiting]
+        pairs = np.ix_(sources, ready)
+        near = np.where(above[pairs] & kept[sources, None], inner[pairs], -np.inf)
+        pick = near.argmax(axis=0)
+        sim = near[pick, np.arange(len(ready))]
+        local = sim > best[ready]
+        removed = np.where(local, sim, best[ready]) > t
+        kept[ready[removed]] = False
+        dup[ready[removed]] = np.where(local, offset + sources[pick], arg[ready])[removed]
+        pending = pending[waiting]
 
 
 @functools.cache
