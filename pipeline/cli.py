@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="experts: share one GPU between the experts in equal fractions")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="e2e: change the demo's config, e.g. perceive.experts.0.resources.max_concurrency=3; "
-                        "dedup --pipeline: its config, e.g. dedup.matmul=float32")
+                        "dedup: its config, e.g. dedup.matmul=float32")
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=_cmd_bench)
     return parser

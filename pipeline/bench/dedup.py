@@ -4,11 +4,14 @@ time and peak memory of our dedup, against a brute-force baseline at a size it c
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from denseforge.pipeline.bench.memory import TreeMemory
+
+if TYPE_CHECKING:
+    from denseforge.stages.dedup import DedupConfig
 
 def planted_embeddings(n: int, dim: int = 512, dup_fraction: float = 0.1, topics: int | None = None,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -52,17 +55,15 @@ def _score(reason: np.ndarray, dup_of: np.ndarray, group: np.ndarray) -> dict[st
             "precision": round(true_pos / max(len(removed), 1), 4), "recall": round(true_pos / max(planted, 1), 4)}
 
 
-def _ours_dedup(x: np.ndarray, epsilon: float, cluster_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """The dedup phase's steps in one process, with `DedupConfig`'s defaults: k-means on a bounded
-    sample, assignment with border rows in two clusters, greedy removal per cluster, merge. The
-    products are float32: in one process they already use every core, and bfloat16 screening
-    (`dedup.matmul`, for single-CPU tasks) measured no faster at 1M (8.1 s against 8.2 s with
-    padded shapes, ~1.5 s of it importing torch) for 1.1 GB more RSS."""
+def _ours_dedup(x: np.ndarray, cfg: DedupConfig, cluster_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The dedup phase's steps in one process, with `cfg`: k-means on a bounded sample, assignment
+    with border rows in two clusters, greedy removal per cluster, merge. `cfg.matmul` decides the
+    bfloat16 screening as it does for a bucket task (`use_bf16`, on the clusters' sizes); where it
+    picks bfloat16, importing torch is inside dedup_s."""
     from denseforge.stages import dedup as dd
 
-    cfg = dd.DedupConfig()
     n = len(x)
-    times: dict[str, float] = {}
+    times: dict[str, Any] = {}
     start = time.perf_counter()
     k = dd.clusters_for(n, None, cluster_size)
     rng = np.random.default_rng(seed)
@@ -76,10 +77,13 @@ def _ours_dedup(x: np.ndarray, epsilon: float, cluster_size: int, seed: int) -> 
     labels, sims, extra = dd.assign_clusters(x, index, border=cfg.border, border_clusters=cfg.border_clusters)
     times["assign_s"] = time.perf_counter() - start
     start = time.perf_counter()
+    bf16 = dd.use_bf16(cfg.matmul, np.bincount(np.concatenate([labels, extra[extra >= 0]])))
     keys = np.char.zfill(np.arange(n).astype(str), 9)
     result = dd.dedup_all(labels, x, keys, keys, np.zeros(n, np.int64), sims, np.ones(n), extra=extra,
-                          epsilon=epsilon, phash_max_distance=None, exact=False, policy=cfg.keep)
+                          epsilon=cfg.epsilon, phash_max_distance=None, exact=False, policy=cfg.keep,
+                          block=cfg.block_size, bf16=bf16)
     times["dedup_s"] = time.perf_counter() - start
+    times["matmul"] = "bfloat16" if bf16 else "float32"
     times["clusters"] = k
     times["train_points"] = points
     times["entries_per_row"] = 1 + float((extra >= 0).sum() / n)
@@ -109,22 +113,28 @@ def bench_dedup(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, e
     """Wall time, peak RSS, precision/recall of planted duplicates, and speed-up against the naive
     baseline at the largest n it can do (`baseline_n`), measured in the same run. `pipeline` > 0:
     the run's own dedup phase on that many embeddings on disk instead (`bench_dedup_pipeline`);
-    `assign` > 0: assignment of `sizes[0]` rows to that many centroids (`bench_assign`)."""
+    `assign` > 0: assignment of `sizes[0]` rows to that many centroids (`bench_assign`).
+    `overrides` (`--set key=value`) change the config of either dedup, e.g. dedup.matmul=float32."""
     if pipeline:
         return bench_dedup_pipeline(pipeline, dim, epsilon, seed=seed, overrides=overrides)
     if assign:
         return bench_assign(assign, sizes[0], dim, seed=seed)
-    results: dict[str, Any] = {"benchmark": "dedup", "dim": dim, "epsilon": epsilon, "cluster_size": cluster_size,
-                               "faiss_gpu": _faiss_gpu(), "sizes": {}}
+    from denseforge.pipeline.config import apply_overrides, parse_config
+
+    raw = {"input": {"kind": "table", "path": "unused.parquet"}, "dedup": {"epsilon": epsilon}}
+    cfg = parse_config(apply_overrides(raw, list(overrides))).dedup
+    results: dict[str, Any] = {"benchmark": "dedup", "dim": dim, "epsilon": cfg.epsilon, "cluster_size": cluster_size,
+                               "overrides": list(overrides), "faiss_gpu": _faiss_gpu(), "sizes": {}}
     for n in sizes:
         x, group = planted_embeddings(n, dim, seed=seed)
         with TreeMemory() as mem:
             start = time.perf_counter()
-            reason, dup_of, times = _ours_dedup(x, epsilon, cluster_size, seed)
+            reason, dup_of, times = _ours_dedup(x, cfg, cluster_size, seed)
             wall = time.perf_counter() - start
         results["sizes"][str(n)] = {"seconds": round(wall, 2), "peak_rss_mib": round(mem.peak / 2**20, 1),
                                     "input_mib": round(x.nbytes / 2**20, 1),
-                                    **{k: round(v, 3) for k, v in times.items()}, **_score(reason, dup_of, group)}
+                                    **{k: round(v, 3) if isinstance(v, float) else v for k, v in times.items()},
+                                    **_score(reason, dup_of, group)}
         del x, group
     if len(sizes) > 1:
         a, b = min(sizes), max(sizes)
@@ -136,7 +146,7 @@ def bench_dedup(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, e
     naive_s = time.perf_counter() - start
     naive_score = _score(reason, dup_of, group)
     start = time.perf_counter()
-    reason, dup_of, _ = _ours_dedup(x, epsilon, cluster_size, seed)
+    reason, dup_of, _ = _ours_dedup(x, cfg, cluster_size, seed)
     ours_s = time.perf_counter() - start
     results["baseline"] = {"n": baseline_n, "method": "numpy global brute force (n x n) + greedy",
                            "naive_s": round(naive_s, 2), "ours_s": round(ours_s, 2),

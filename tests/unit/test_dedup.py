@@ -511,6 +511,23 @@ def test_bench_assign_times_the_two_level_search_against_the_flat_one():
     assert 0.1 < r["median_centroid_sim"] < 0.5 and r["rows_per_s"] > 0 and r["baseline"]["speedup"] > 0
 
 
+def test_the_in_memory_bench_takes_the_config_and_screens_as_a_bucket_task_does():
+    """`bench dedup --set dedup.matmul=...` reaches the in-memory run (it was float32 whatever was
+    set); both products decide the same planted copies, and a key outside the config is an error."""
+    from denseforge.errors import ConfigError
+    from denseforge.pipeline.bench.dedup import bench_dedup
+
+    runs = {m: bench_dedup(sizes=(3000,), dim=32, baseline_n=300, overrides=(f"dedup.matmul={m}",))
+            for m in ("float32", "bfloat16")}
+    for m, r in runs.items():
+        assert r["sizes"]["3000"]["matmul"] == m and r["overrides"] == [f"dedup.matmul={m}"]
+    a, b = (runs[m]["sizes"]["3000"] for m in ("float32", "bfloat16"))
+    assert (a["removed"], a["recall"], a["precision"]) == (b["removed"], b["recall"], b["precision"])
+    assert a["planted"] == 300 and a["recall"] >= 0.99
+    with pytest.raises(ConfigError):
+        bench_dedup(sizes=(3000,), dim=32, baseline_n=300, overrides=("dedup.no_such_key=1",))
+
+
 def test_a_task_screens_in_bf16_when_asked_or_when_its_clusters_pay_for_torch():
     small, large = np.full(10, 1000), np.full(100, 4000)  # Σ n²: 1e7 and 1.6e9
     assert not dd.use_bf16("float32", large) and dd.use_bf16("bfloat16", small)
