@@ -425,8 +425,8 @@ def _decide_in_step(pending: np.ndarray, above: np.ndarray, inner: np.ndarray, k
     """Decide the `pending` rows of one step, those with an earlier row of the step above t, in
     place. A row whose earlier rows above t are all decided takes the most similar kept one (the
     lowest on a tie) unless the earlier steps' `best` is at least as similar; each round decides all
-    such rows at once, so there are as many rounds as the longest chain of rows above t, where a
-    loop over rows took ~20 % of a bfloat16 dedup."""
+    such rows at once, so there are as many rounds as links in the longest chain of rows above t
+    (one Python iteration per row took ~20 % of a bfloat16 dedup at 1M)."""
     sources = np.flatnonzero(above.any(axis=1))  # the rows above t with a later row
     while pending.size:
         waiting = above[np.ix_(pending, pending)].any(axis=0)

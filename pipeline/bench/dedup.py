@@ -13,6 +13,7 @@ from denseforge.pipeline.bench.memory import TreeMemory
 if TYPE_CHECKING:
     from denseforge.stages.dedup import DedupConfig
 
+
 def planted_embeddings(n: int, dim: int = 512, dup_fraction: float = 0.1, topics: int | None = None,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n L2-normalised vectors: topic-structured originals (intra-topic cosine ~0.5) and planted
