@@ -146,8 +146,8 @@ def test_keep_best_takes_each_rows_most_similar_col_and_the_lowest_on_a_tie():
 @pytest.mark.parametrize("bf16", [False, True])
 def test_a_chain_of_rows_above_the_threshold_inside_one_step_is_decided_in_order(bf16):
     """Rows 10 degrees apart, threshold cos 15 degrees: each is above it only with its neighbours.
-    Row 1 goes (row 0 stays), so row 2 stays, so row 3 goes, row 4 stays; the ties between rows 5
-    and 6 (one copy each of row 4's direction) name the first."""
+    Row 1 goes (row 0 stays), so row 2 stays, so row 3 goes, row 4 stays; rows 5 and 6, copies of
+    row 4, both name row 4, the kept one, and not each other."""
     angles = np.radians([0, 10, 20, 30, 40, 40, 40])
     x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
     got = dd.greedy_duplicates(x, [float(np.cos(np.radians(15)))], block=64, bf16=bf16)[0]
