@@ -54,3 +54,21 @@ class FailedUnitsError(RunFailedError):
     """The run finished, but some units never downloaded (their rows are reject rows)."""
 
     exit_code = 3
+
+
+class StorageError(DenseforgeError):
+    """A store cannot be used: a missing bucket, wrong credentials, no filesystem for the URL, an
+    `--out` that holds another run; the message names the URL and the cause."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a cancelled or preempted cluster job) or SIGINT: the driver stops cleanly and the
+    run is left `interrupted` and resumable."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
+class NodeLostError(RunFailedError):
+    """A Ray node was lost and the run made no progress for `ray.node_loss_timeout_s` after it."""

@@ -7,16 +7,18 @@ the failing item, turns verdicts into reject/removed rows or a recorded error, a
 Stages of one `group` (next to each other in the flow) share a worker: one process and one CUDA
 context for their models, each record parsed and each image decoded once for all of them. Light
 stages run in the next CPU worker, and a pass ends in its sink, a worker that lives for the whole
-pass (see `add_stages`). Every row carries a `trace`: per stage, its share of the busy seconds and
-how it ended (failed with an exception type, rejected with a reason, removed). The writer sums the
+pass (see `add_stages`). Every row carries a `trace`: per stage, its share of the busy seconds, the
+Ray node it ran on, and how it ended (failed with an exception type, rejected with a reason, removed). The writer sums the
 traces per unit into the unit's completion marker, which is where stats, `status` and the error
 budget read them from.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
+import socket
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -49,6 +51,20 @@ class StageRun:
     on_error: Literal["reject", "keep"] = "reject"
     max_error_rate: float | None = 0.05
     group: str | None = None
+
+
+@functools.cache
+def node_name() -> str:
+    """This worker's Ray node as `status` and the node watch name it: its IP and the start of its
+    id (several nodes may share a host); the host name outside Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
+    except Exception:  # noqa: BLE001 - no Ray here: the host is the node
+        pass
+    return socket.gethostname()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -178,7 +194,7 @@ class StageWorker:
         going_on: list[tuple[int, Item]] = []
         for (i, item), verdict in zip(live, verdicts):
             row = rows[i]
-            entry: dict[str, Any] = {"s": round(share, 6)}
+            entry: dict[str, Any] = {"s": round(share, 6), "n": node_name()}
             if verdict is None:
                 try:  # a value the stage left that is not JSON (a numpy scalar) fails this item only
                     sample_json = item.sample.model_dump_json()
@@ -322,13 +338,17 @@ def _light_task(ds, runs: list[StageRun], load: Step | None):
 
 def count_traces(traces: Sequence[str | None]) -> dict[str, dict[str, Any]]:
     """Per stage: items it saw, failures by exception type, rejects by reason, removals, busy
-    seconds, the first error message (for the one-line failure) and the stage's own counters."""
+    seconds, items and busy seconds per node, the first error message (for the one-line failure)
+    and the stage's own counters."""
     out: dict[str, dict[str, Any]] = {}
     for raw in traces:
         for stage, entry in (json.loads(raw) if raw else {}).items():
             c = out.setdefault(stage, new_counts())
             c["items"] += 1
             c["busy_s"] += entry.get("s", 0.0)
+            node = c["nodes"].setdefault(entry.get("n", "?"), {"items": 0, "busy_s": 0.0})
+            node["items"] += 1
+            node["busy_s"] += entry.get("s", 0.0)
             if "f" in entry:
                 c["failed"][entry["f"]] = c["failed"].get(entry["f"], 0) + 1
                 c["first_error"] = c["first_error"] or entry.get("m")
@@ -340,11 +360,14 @@ def count_traces(traces: Sequence[str | None]) -> dict[str, dict[str, Any]]:
                 c["counters"][name] = c["counters"].get(name, 0) + n
     for c in out.values():
         c["busy_s"] = round(c["busy_s"], 4)
+        for node in c["nodes"].values():
+            node["busy_s"] = round(node["busy_s"], 4)
     return out
 
 
 def new_counts() -> dict[str, Any]:
-    return {"items": 0, "failed": {}, "rejected": {}, "removed": 0, "busy_s": 0.0, "first_error": None, "counters": {}}
+    return {"items": 0, "failed": {}, "rejected": {}, "removed": 0, "busy_s": 0.0, "first_error": None, "counters": {},
+            "nodes": {}}
 
 
 def merge_counts(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]]) -> None:
@@ -358,6 +381,10 @@ def merge_counts(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any
         for field in ("failed", "rejected", "counters"):
             for k, n in c.get(field, {}).items():
                 t[field][k] = t[field].get(k, 0) + n
+        for name, n in c.get("nodes", {}).items():
+            node = t["nodes"].setdefault(name, {"items": 0, "busy_s": 0.0})
+            node["items"] += n["items"]
+            node["busy_s"] = round(node["busy_s"] + n["busy_s"], 4)
 
 
 def failures(c: dict[str, Any]) -> int:

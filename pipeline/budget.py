@@ -8,12 +8,12 @@ failed on every item it was given fails it at the end whatever the counts (a dea
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from denseforge.errors import StageFailedError
 from denseforge.pipeline.adapter import StageRun, failures, merge_counts
 from denseforge.pipeline.rundir import RunDir
+from denseforge.storage import read_json
 
 
 class ErrorBudget:
@@ -25,10 +25,9 @@ class ErrorBudget:
     def load(self, rd: RunDir, units: int) -> None:
         """Start from the counts of the units earlier invocations finished."""
         for phase in ("embed", "write"):
-            for unit in range(units):
-                marker = rd.marker(phase, unit)
-                if marker.exists():
-                    self.add(json.loads(marker.read_text()).get("stages", {}))
+            for marker in rd.markers(phase):  # one listing, not a request per unit
+                if int(marker.name[:len(rd.unit_name(0))]) < units:
+                    self.add(read_json(marker).get("stages", {}))
 
     def add(self, counts: dict[str, dict[str, Any]]) -> None:
         merge_counts(self.totals, counts)

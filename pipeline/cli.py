@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from denseforge.errors import DenseforgeError
+from denseforge.errors import DenseforgeError, Interrupted
+from denseforge.storage import is_local, location
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -21,56 +22,62 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not source.exists() and shipped(args.config) is not None:
         source = shipped(args.config)  # `denseforge run demo`: a config that ships in the package
     config = load_config(source, args.set)
+    out = location(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}", config.storage.options)
     if args.dry_run:
         from denseforge.pipeline.adapter import chains
+        from denseforge.pipeline.ray_session import check_address
         from denseforge.pipeline.rundir import RunDir
-        from denseforge.pipeline.runner import preflight
+        from denseforge.pipeline.runner import check_stores, preflight
 
-        runs = preflight(config, RunDir(Path(args.out or ".").resolve()))
+        rd = RunDir(out)
+        runs = preflight(config, rd)
+        check_address(args.address or config.ray.address, config.ray.connect_timeout_s)
+        check_stores(config, rd, fresh=True)
         if runs:
             steps = [c[0].instance if len(c) == 1 else f"{' + '.join(r.instance for r in c)} (group {c[0].group}: one worker)"
                      for c in chains(runs)]
             print(f"# stages, in order: {', '.join(steps)}")
         print(dump_config(config), end="")
         return 0
-    out = Path(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run(config, out.resolve(), args.address, args.allow_failed_units)
+    run(config, out, args.address, args.allow_failed_units)
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from denseforge.pipeline.runner import resume
 
-    resume(Path(args.dir).resolve(), args.address, args.allow_failed_units)
+    resume(location(args.dir), args.address, args.allow_failed_units)
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from denseforge.pipeline.status import describe_run, run_status, watch
 
+    root = location(args.dir)
     if args.watch:
-        watch(Path(args.dir), args.watch, args.json, sys.stdout)
+        watch(root, args.watch, args.json, sys.stdout)
     elif args.json:
-        print(json.dumps(run_status(Path(args.dir)), indent=1, sort_keys=True))
+        print(json.dumps(run_status(root), indent=1, sort_keys=True))
     else:
-        print(describe_run(Path(args.dir)))
+        print(describe_run(root))
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from denseforge.pipeline.show import show
 
-    print(show(Path(args.dir), args.key, Path(args.out) if args.out else None))
+    print(show(location(args.dir), args.key, Path(args.out) if args.out else None))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from denseforge.pipeline.export_run import ExportSpec, export_run
 
-    root = Path(args.dir)
+    root = location(args.dir)
     spec = ExportSpec(args.format, args.layout, tuple(t.strip() for t in args.task.split(",") if t.strip()),
                       args.negatives, args.min_pixels, args.max_pixels)
-    default = root / "export" / (args.format if args.layout == "sharegpt" else f"{args.format}-{args.layout}")
+    name = args.format if args.layout == "sharegpt" else f"{args.format}-{args.layout}"
+    default = Path(root / "export" / name) if is_local(root) else Path("export", name).resolve()
     out = Path(args.out) if args.out else default
     target, checked = export_run(root, spec, out, args.check)
     print(target)
@@ -202,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     args = build_parser().parse_args(argv)
     from denseforge.pipeline.progress import close_open_bars
+    from denseforge.pipeline.ray_session import stop_cleanly_on_signals
 
+    stop_cleanly_on_signals()
     try:
         return args.func(args)
     except DenseforgeError as err:
@@ -214,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {err.filename}" if err.filename else ""
         print(f"denseforge: error: cannot write{where}: {err.strerror or err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         close_open_bars()
-        print("denseforge: interrupted; continue with `denseforge resume DIR`", file=sys.stderr)
-        return 130
+        how = "stopped by SIGTERM" if isinstance(err, Interrupted) and err.exit_code == 143 else "interrupted"
+        print(f"denseforge: {how}; continue with `denseforge resume DIR`", file=sys.stderr)
+        return err.exit_code if isinstance(err, Interrupted) else 130
 
 
 if __name__ == "__main__":

@@ -37,6 +37,30 @@ class RayConfig(Settings):
     address: str | None = Field(None, description="None starts an embedded local cluster")
     num_cpus: int | None = Field(None, ge=1, description="local cluster only; None = all cores")
     object_store_memory: int | None = Field(None, ge=75 * 2**20, description="bytes, local only")
+    connect_timeout_s: float = Field(30.0, gt=0, description="how long to wait for --address to answer")
+    node_loss_timeout_s: float = Field(
+        300.0, gt=0, description="after a node is lost, how long the run may make no progress before it fails")
+
+
+class StorageConfig(Settings):
+    """Where a run's files live: `--out` and `input.path` take local paths and s3://, gs://,
+    az:// or abfs:// URLs. Credentials come from the store's standard chain (AWS_*, profiles,
+    AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)."""
+
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (endpoint_url, region, profile, ...); a secret "
+                                          "only as ${ENV_VAR}, never literally")
+    scratch: str | None = Field(None, description="node-local folder for temporaries (DENSEFORGE_SCRATCH "
+                                                  "overrides it per node); null: the system's temp dir")
+    shared_local: bool = Field(False, description="a local --out is on a disk every Ray node mounts at the same "
+                                                  "path (NFS, Lustre): allow it on a multi-node cluster")
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> "StorageConfig":
+        from denseforge.storage import check_options
+
+        check_options(self.options)
+        return self
 
 
 class InputConfig(Settings):
@@ -84,6 +108,7 @@ class DemoConfig(Settings):
 class Config(Settings):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
     input: InputConfig = InputConfig()
     ingest: IngestConfig = IngestConfig()
     embed: EmbedConfig = EmbedConfig()

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from upath import UPath
 
 from denseforge.pipeline.adapter import Step, add_stages, count_traces
 from denseforge.pipeline.config import Config
@@ -33,7 +31,8 @@ from denseforge.pipeline.ray_session import one_off
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
 from denseforge.stages.embed import embedding_table, embeddings_matrix, pixel_spec, write_embeddings_file
-from denseforge.stages.files import read_arrow, write_arrow_atomic, write_json_atomic, write_table_atomic
+from denseforge.storage import (ensure_dir, list_files, parquet_rows, read_arrow, read_json, read_parquet, remove_tree,
+                                write_arrow_atomic, write_json_atomic, write_table_atomic)
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample
 
@@ -66,7 +65,7 @@ def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str], storage_d
              "height": pa.array([s.original_height or s.height for s in samples], pa.int64())},
             dtype=storage_dtype)
         provenance = outputs[0]["provenance"] if outputs else None
-        rd.embeddings.mkdir(parents=True, exist_ok=True)
+        ensure_dir(rd.embeddings)
         write_rejects([r.model_dump() for r in failed], rd.embed_rejects_file(unit))
         write_embeddings_file(rd.embeddings_file(unit), table.replace_schema_metadata({"provenance": json.dumps(provenance)}))
         counts = {"unit": unit, "embedded": len(samples), "failed": len(failed),
@@ -107,7 +106,7 @@ def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, l
 SAMPLE_SPREAD = 4  # the training sample reads this many times the files its fraction needs
 
 
-def _train_sample(files: list[str], fraction: float, seed: int) -> np.ndarray:
+def _train_sample(files: list[UPath], fraction: float, seed: int) -> np.ndarray:
     """About `fraction` of all rows, from a seeded random subset of the units' files (each row of a
     chosen file with probability fraction x files / chosen): at 10M rows the sample needs 4 % of
     them, and reading every file to keep 4 % of it was most of the training time."""
@@ -119,14 +118,14 @@ def _train_sample(files: list[str], fraction: float, seed: int) -> np.ndarray:
     rate = fraction * len(files) / chosen
     parts = []
     for i in picked:
-        x = embeddings_matrix(pq.read_table(files[i], columns=["embedding"]))
+        x = embeddings_matrix(read_parquet(files[i], columns=["embedding"]))
         if len(x):
             pick = np.random.default_rng(seed + int(i)).random(len(x)) < rate
             parts.append(x[pick])
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def _train(files: list[str], k: int, fraction: float, seed: int, niter: int, mppc: int, use_gpu: bool) -> dd.CentroidIndex:
+def _train(files: list[UPath], k: int, fraction: float, seed: int, niter: int, mppc: int, use_gpu: bool) -> dd.CentroidIndex:
     sample = _train_sample(files, fraction, seed)
     return dd.train_kmeans(sample, min(k, len(sample)), niter=niter, seed=seed, use_gpu=use_gpu,
                            max_points_per_centroid=mppc)
@@ -135,10 +134,10 @@ def _train(files: list[str], k: int, fraction: float, seed: int, niter: int, mpp
 ASSIGN_TASK_ROWS = 65_536  # an assignment task takes consecutive units up to about this many rows
 
 
-def _assignment_tasks(files: list[str], rows: list[int]) -> list[list[str]]:
+def _assignment_tasks(files: list[UPath], rows: list[int]) -> list[list[UPath]]:
     """Consecutive units grouped into assignment tasks of about `ASSIGN_TASK_ROWS` rows: a task
     writes one file per bucket, so at 10M rows a bucket task opens ~150 files, not 1,000 (~1 ms each)."""
-    tasks: list[list[str]] = []
+    tasks: list[list[UPath]] = []
     size = ASSIGN_TASK_ROWS
     for file, count in zip(files, rows):
         if size >= ASSIGN_TASK_ROWS:
@@ -149,7 +148,7 @@ def _assignment_tasks(files: list[str], rows: list[int]) -> list[list[str]]:
     return tasks
 
 
-def _assign_units(files: list[str], index: dd.CentroidIndex, rd: RunDir, buckets: int, border: float,
+def _assign_units(files: list[UPath], index: dd.CentroidIndex, rd: RunDir, buckets: int, border: float,
                   border_clusters: int) -> int:
     """Rows to the buckets of their clusters, a bucket holding whole coarse cells: a border row is
     also deduplicated in its border clusters (`dd.border_entries`, with its own centroid
@@ -159,7 +158,7 @@ def _assign_units(files: list[str], index: dd.CentroidIndex, rd: RunDir, buckets
     named after the first unit. Returns the bytes it wrote."""
     pieces: dict[int, list[pa.Table]] = {}
     for file in files:
-        table = pq.read_table(file).replace_schema_metadata(None)
+        table = read_parquet(file).replace_schema_metadata(None)
         if table.num_rows == 0:
             continue
         labels, sims, extra = dd.assign_clusters(embeddings_matrix(table), index, border=border,
@@ -180,8 +179,8 @@ def _assign_units(files: list[str], index: dd.CentroidIndex, rd: RunDir, buckets
                 .append_column("primary", pa.array(primary[first])))
     written = 0
     for bucket, tables in pieces.items():
-        target = rd.bucket(bucket) / f"{Path(files[0]).stem}.arrow"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = rd.bucket(bucket) / f"{files[0].stem}.arrow"
+        ensure_dir(target.parent)
         write_arrow_atomic(target, pa.concat_tables(tables))
         written += target.stat().st_size
     return written
@@ -206,15 +205,15 @@ def _fingerprints(table: pa.Table) -> np.ndarray | None:
     return np.frombuffer(b"".join(table.column("fingerprint").to_pylist()), dtype=np.uint8).reshape(table.num_rows, -1)
 
 
-def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> dict[str, Any]:
+def _dedup_bucket(bucket_path: UPath, out_file: UPath, settings: dict[str, Any]) -> dict[str, Any]:
     """Every entry of one bucket decided (`dd.dedup_entries`), written as columns: a bucket holds
     hundreds of thousands of entries at 10M rows, so no Python object per entry. Only the entries
     the merge reads are written: every primary entry, and the border copies that were removed (a
     kept border copy decides nothing); 4.5 entries per row at 10M become ~1.1."""
-    files = sorted(Path(bucket_path).glob("*.arrow"))
+    files = list_files(bucket_path, ".arrow")
     table = pa.concat_tables([read_arrow(f) for f in files]) if files else None
     if table is None or not table.num_rows:
-        write_table_atomic(Path(out_file), ENTRY_SCHEMA.empty_table())
+        write_table_atomic(out_file, ENTRY_SCHEMA.empty_table())
         return {"entries": 0, "sweep_kept": {}}
     rows, cluster, primary = _bucket_entries(table)
     key = table.column("key").combine_chunks()
@@ -237,7 +236,7 @@ def _dedup_bucket(bucket_path: str, out_file: str, settings: dict[str, Any]) -> 
         "distance": pa.array(1 - sims[rows]), "rank": pa.array(rank), "reason": pa.array(reason, pa.string()),
         "dup_of": key.take(pa.array(dup_of, mask=dup_of < 0)), "primary": pa.array(primary),
     }).cast(ENTRY_SCHEMA)
-    write_table_atomic(Path(out_file), out.filter(pa.array(primary | (reason != dd.KEPT))))
+    write_table_atomic(out_file, out.filter(pa.array(primary | (reason != dd.KEPT))))
     return {"entries": len(rows), "sweep_kept": {str(k): v for k, v in result.sweep_kept.items()}}
 
 
@@ -276,20 +275,20 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     out = rd.dedup
     summary_file = rd.dedup_summary
     if summary_file.exists():
-        return json.loads(summary_file.read_text())
+        return read_json(summary_file)
     cfg, sel = config.dedup, config.select
-    files = [str(rd.embeddings_file(u)) for u in range(plan_units)]
-    rows = [pq.read_metadata(f).num_rows for f in files]
+    files = [rd.embeddings_file(u) for u in range(plan_units)]
+    rows = [parquet_rows(f) for f in files]
     n = sum(rows)
     k = dd.clusters_for(n, cfg.clusters, cfg.target_cluster_size)
     bar = progress.phase("dedup", total=4, unit="step")
     decisions = rd.decisions
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     sweep: Counter[float] = Counter()
     entries = shuffle_bytes = 0
     scratch = (rd.buckets, rd.bucket_parts)
     for path in scratch:  # what an attempt cut short left behind would be read as entries of this one
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
     if n:
         fraction = dd.train_points(n, k, cfg) / n
         train = ray.remote(num_gpus=cfg.num_gpus)(_train)
@@ -309,9 +308,9 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
                     "exact": cfg.exact, "keep": cfg.keep, "sweep": cfg.sweep, "block": cfg.block_size,
                     "matmul": cfg.matmul}
         parts = [rd.bucket_part(b) for b in range(buckets)]
-        rd.bucket_parts.mkdir()
+        ensure_dir(rd.bucket_parts)
         task = ray.remote(_dedup_bucket)
-        running = {task.remote(str(rd.bucket(b)), str(p), settings): b for b, p in enumerate(parts)}
+        running = {task.remote(rd.bucket(b), p, settings): b for b, p in enumerate(parts)}
         while running:
             (done,), _ = ray.wait(list(running))
             result = ray.get(done)
@@ -319,19 +318,19 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
             entries += result["entries"]
             # its rows are decided: their shuffled copies go while other buckets run (at 10M,
             # deleting all 30 GB after the last bucket left 15 s outside the steps), and the disk peak falls
-            shutil.rmtree(rd.bucket(running.pop(done)), ignore_errors=True)
+            remove_tree(rd.bucket(running.pop(done)))
         bar.update(1)
-        table = _merge_entries(pa.concat_tables([pq.read_table(p) for p in parts if p.exists()]))
+        table = _merge_entries(pa.concat_tables([read_parquet(p) for p in parts if p.exists()]))
         table = _select(table, sel.per_cluster, sel.target_total)
         kept = pc.equal(table.column("reason"), dd.KEPT)
         table = table.append_column("kept", kept)
         write_table_atomic(decisions, table)
         bar.update(1)
     else:
-        pq.write_table(pa.Table.from_pylist([], schema=DECISION_SCHEMA.append(pa.field("kept", pa.bool_()))), decisions)
+        write_table_atomic(decisions, DECISION_SCHEMA.append(pa.field("kept", pa.bool_())).empty_table())
         index = dd.CentroidIndex(np.zeros((0, 0)))
     bar.close()
-    counts = pc.value_counts(pq.read_table(decisions, columns=["reason"]).column("reason")).to_pylist()
+    counts = pc.value_counts(read_parquet(decisions, columns=["reason"]).column("reason")).to_pylist()
     reasons = {c["values"]: c["counts"] for c in counts if c["values"]}
     summary = {"embedded": n, "clusters": len(index), "entries": entries, "shuffle_bytes": shuffle_bytes,
                "epsilon": cfg.epsilon, "keep": cfg.keep,
@@ -342,7 +341,7 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         progress.note(f"epsilon sweep: epsilon={e:<5} keeps {sweep[e]} of {n} embedded images")
     write_json_atomic(summary_file, summary)
     for path in scratch:  # the shuffle: ~3 copies of the embeddings, of no use once decided
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
     return summary
 
 

@@ -19,8 +19,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+from upath import UPath
+
+from denseforge.storage import write_table_atomic
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "camera")
 
@@ -62,14 +64,16 @@ def odd_variants(img: Image.Image) -> dict[str, bytes]:
 
 @dataclass
 class DemoCorpus:
-    table: Path
+    table: UPath | None
     rows: int
     images: int
 
 
-def build_demo_corpus(root: Path, base_url: str, copies: int = 2, include_broken: bool = True) -> DemoCorpus:
-    """Write the demo images under root/files and the input table root/input.parquet."""
-    files = root / "files"
+def build_demo_corpus(files: Path, table: UPath | None, base_url: str, copies: int = 2,
+                      include_broken: bool = True) -> DemoCorpus:
+    """Write the demo images (the web the loopback server serves) under the local folder `files`
+    and, when `table` is given, the input table there (a run's `demo/input.parquet`, in its store).
+    Deterministic: a resume on another machine serves the same bytes again."""
     files.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for index, name in enumerate(PHOTOS):
@@ -118,8 +122,8 @@ def build_demo_corpus(root: Path, base_url: str, copies: int = 2, include_broken
             ("", "an empty URL"),
         ]
         rows += [{"url": url, "caption": why, "source_id": f"broken-{i}", "license": None} for i, (url, why) in enumerate(broken)]
-    table = root / "input.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), table)
+    if table is not None:
+        write_table_atomic(table, pa.Table.from_pylist(rows))
     return DemoCorpus(table, len(rows), images)
 
 

@@ -18,6 +18,7 @@ from denseforge.stages.sample import Sample
 from PIL import Image, ImageDraw
 
 from denseforge.errors import ConfigError, RunDirError
+from denseforge.storage import list_files, open_binary
 
 TABLES = ("llava", "coco", "refcoco")
 FORMATS = TABLES + tuple(DIALECTS)
@@ -55,11 +56,11 @@ class ExportSpec:
 
 def iter_samples(rd: RunDir, images_to: Path | None) -> Iterator[tuple[Sample, str]]:
     """(sample, image path relative to the export) for every written sample, in shard order."""
-    shards = sorted(rd.shards.glob("*.tar"))
+    shards = list_files(rd.shards, ".tar")
     if not rd.stats.exists():
         raise RunDirError(f"{rd.root} has not finished (no stats.json); run `denseforge resume {rd.root}` first")
     for shard in shards:
-        with tarfile.open(shard) as tar:
+        with open_binary(shard) as source, tarfile.open(fileobj=source) as tar:
             members = {m.name: m for m in tar.getmembers()}
             for name in sorted(n for n in members if n.endswith(".json")):
                 sample = Sample.model_validate_json(tar.extractfile(members[name]).read())

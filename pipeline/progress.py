@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 
 _OPEN: list["PhaseBar"] = []
+_LAST_UPDATE = [time.monotonic()]  # when a bar last moved: the node watch's measure of progress
 
 
 def close_open_bars() -> None:
@@ -27,11 +29,13 @@ class PhaseBar:
         self._bar = tqdm(total=total, initial=done, desc=f"{name:>8}", unit=unit, file=sys.stderr,
                          mininterval=1.0, dynamic_ncols=True, leave=True)
         _OPEN.append(self)
+        _LAST_UPDATE[0] = time.monotonic()
 
     def update(self, n: int = 1, **counts: int) -> None:
         self.counts.update(counts)
         self._bar.set_postfix(dict(self.counts), refresh=False)
         self._bar.update(n)
+        _LAST_UPDATE[0] = time.monotonic()
 
     def close(self) -> None:
         self._bar.close()
@@ -40,6 +44,11 @@ class PhaseBar:
 
 
 class Progress:
+    @property
+    def last_update(self) -> float:
+        """`time.monotonic()` when a phase last started or finished a unit."""
+        return _LAST_UPDATE[0]
+
     def phase(self, name: str, total: int, done: int = 0, unit: str = "it") -> PhaseBar:
         return PhaseBar(name, total, done, unit)
 

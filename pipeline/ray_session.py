@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
+import signal
+import socket
+import threading
+import time
 from contextlib import contextmanager
+from typing import Any
 
-from denseforge.pipeline.config import RayConfig
+from denseforge.errors import Interrupted, NodeLostError, SetupError
+from denseforge.pipeline.config import Config, RayConfig
 
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE", "YOLO_AUTOINSTALL",
                     "YOLO_CONFIG_DIR", "NO_ALBUMENTATIONS_UPDATE", "RAY_AUTH_MODE")
@@ -76,6 +83,7 @@ def start_ray(cfg: RayConfig, address: str | None) -> str | None:
     from ray.data import DataContext
 
 
+    stop_cleanly_on_signals()  # after ray.init, which installs a SIGTERM handler of its own
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # our own bars report progress
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -86,3 +94,108 @@ def start_ray(cfg: RayConfig, address: str | None) -> str | None:
         return ray._private.worker._global_node.get_logs_dir_path()
     except Exception:  # noqa: BLE001
         return None
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def stop_cleanly_on_signals() -> None:
+    """SIGTERM (scancel, preemption, a Kubernetes pod's end) and SIGINT raise `Interrupted` in the
+    driver: the run is recorded `interrupted` and Ray is shut down, exit 143 / 130. Ray's own
+    SIGTERM handler calls sys.exit, which skipped both and crashed Ray's core worker at exit."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _interrupt)
+
+
+def check_address(address: str | None, timeout_s: float) -> None:
+    """An unreachable `--address` is one line within `timeout_s`, before anything is created
+    (`ray.init` would retry for minutes). `auto` and `local` are Ray's to resolve."""
+    if not address or address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise SetupError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default) or "
+                         "ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise SetupError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; is `ray start --head` "
+                         f"running there (and the port open)?") from None
+
+
+def alive_nodes() -> dict[str, str]:
+    """Node id -> a readable name (IP and the id's start) of every node alive now."""
+    import ray
+
+    return {n["NodeID"]: f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})" for n in ray.nodes() if n.get("Alive")}
+
+
+def check_nodes(root_is_local: bool, config: Config, inputs_local: bool) -> None:
+    """On a cluster of several nodes, nothing may assume a worker sees the driver's disk: a local
+    `--out` (or local webdataset / folder input, read by workers) is refused unless the config says
+    it is on a disk every node mounts (`storage.shared_local`)."""
+    nodes = alive_nodes()
+    if len(nodes) < 2 or config.storage.shared_local:
+        return
+    if root_is_local:
+        raise SetupError(f"the Ray cluster has {len(nodes)} nodes but --out is a local folder, which the other "
+                         "nodes cannot see; use an object store URL (s3://, gs://, az://) or, if the folder is on a "
+                         "disk every node mounts at the same path, set storage.shared_local: true")
+    if inputs_local:
+        raise SetupError(f"the Ray cluster has {len(nodes)} nodes but input.path ({config.input.path}) is local and "
+                         f"input.kind {config.input.kind} is read by the workers; put it in the object store or set "
+                         "storage.shared_local: true")
+
+
+class NodeWatch:
+    """Watches the cluster's nodes from the driver while a run works. A lost node is reported at
+    once; Ray's retries usually finish its work elsewhere. If the run then makes no progress (no
+    unit finishes) for `timeout_s`, the driver is interrupted with `NodeLostError`, naming the
+    node, instead of waiting forever for a worker pool that cannot be placed again."""
+
+    def __init__(self, timeout_s: float, progress: Any, every_s: float = 5.0):
+        self.timeout_s, self.progress, self.every_s = timeout_s, progress, every_s
+        self.lost: dict[str, float] = {}
+        self.reason: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="denseforge-nodes", daemon=True)
+
+    def __enter__(self) -> "NodeWatch":
+        self._known = alive_nodes()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._fail)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.every_s + 5)
+
+    def _fail(self, signum: int, frame: Any) -> None:
+        raise NodeLostError(self.reason or "a Ray node was lost")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                now_alive = alive_nodes()
+            except Exception:  # noqa: BLE001 - the head itself is going: ray.get reports that
+                continue
+            for node, name in self._known.items():
+                if node not in now_alive and name not in self.lost:
+                    self.lost[name] = time.monotonic()
+                    self.progress.warn(f"Ray node {name} was lost; its work is retried on the other nodes")
+            self._known.update(now_alive)
+            if not self.lost:
+                continue
+            since = max(max(self.lost.values()), self.progress.last_update)
+            if time.monotonic() - since > self.timeout_s:
+                names = ", ".join(self.lost)
+                self.reason = (f"Ray node {names} was lost and the run made no progress for {self.timeout_s:.0f} s "
+                               "(ray.node_loss_timeout_s); bring nodes back or lower the stages' worker pools, then "
+                               "`denseforge resume`")
+                _thread.interrupt_main(signal.SIGUSR1)
+                return

@@ -18,11 +18,11 @@ import tarfile
 from collections import defaultdict
 from typing import Any
 
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.sample import Sample, safe_member_key
+from denseforge.storage import open_binary, read_parquet
 
 GALLERY = 24
 EXAMPLES = 3
@@ -143,7 +143,7 @@ def _samples(rd: RunDir, keys: list[str]) -> dict[str, tuple[Sample, bytes]]:
         path = rd.shards / shard
         if not path.exists():
             continue
-        with tarfile.open(path) as tar:
+        with open_binary(path) as source, tarfile.open(fileobj=source) as tar:
             for member in tar:
                 stem, _, ext = member.name.partition(".")
                 if stem in stems and ext in ("jpg", "json"):
@@ -183,10 +183,10 @@ def _raw_image(rd: RunDir, key: str) -> bytes | None:
     table = rd.raw / f"{rd.unit_name(unit)}.parquet"
     if not table.exists():
         return None
-    rows = [r for r in pq.read_table(table, columns=["df_key", "key"]).to_pylist() if r["df_key"] == key]
+    rows = [r for r in read_parquet(table, columns=["df_key", "key"]).to_pylist() if r["df_key"] == key]
     if not rows or not (rd.raw / f"{rd.unit_name(unit)}.tar").exists():
         return None
-    with tarfile.open(rd.raw / f"{rd.unit_name(unit)}.tar") as tar:
+    with open_binary(rd.raw / f"{rd.unit_name(unit)}.tar") as source, tarfile.open(fileobj=source) as tar:
         try:
             return tar.extractfile(f"{rows[0]['key']}.jpg").read()
         except KeyError:
@@ -197,7 +197,7 @@ def examples(rd: RunDir) -> str:
     parts = []
     if rd.rejects.exists():
         by_reason: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in pq.read_table(rd.rejects).to_pylist():
+        for r in read_parquet(rd.rejects).to_pylist():
             group = by_reason[f"{r['stage']}/{r['reason']}"]
             if len(group) < EXAMPLES:
                 group.append(r)
@@ -207,7 +207,7 @@ def examples(rd: RunDir) -> str:
             parts.append(f"<h3>rejected: {esc(reason)}</h3><ul>{items}</ul>")
     if rd.decisions.exists():
         removed: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in pq.read_table(rd.decisions, columns=["key", "reason", "dup_of"]).to_pylist():
+        for r in read_parquet(rd.decisions, columns=["key", "reason", "dup_of"]).to_pylist():
             if r["reason"] and len(removed[r["reason"]]) < EXAMPLES:
                 removed[r["reason"]].append(r)
         written = _samples(rd, [r["dup_of"] for rows in removed.values() for r in rows if r["dup_of"]])
@@ -229,7 +229,7 @@ def render_report(rd: RunDir, stats: dict[str, Any]) -> str:
     f = stats["funnel"]
     keys, scores = [], []
     if rd.manifest.exists():
-        for r in pq.read_table(rd.manifest, columns=["key", "scores"]).to_pylist():
+        for r in read_parquet(rd.manifest, columns=["key", "scores"]).to_pylist():
             keys.append(r["key"])
             scores.append(json.loads(r["scores"] or "{}"))
     figures = "".join(f"<h2>{esc(title)}</h2><div class='chart'>{svg}</div>" for title, svg in charts(stats, scores))
@@ -238,6 +238,9 @@ def render_report(rd: RunDir, stats: dict[str, Any]) -> str:
         f"<td>{esc(', '.join(f'{k} {n}' for k, n in c['failed'].items()))}</td>"
         f"<td>{sum(c['rejected'].values())}</td><td>{c['removed']}</td><td>{c['busy_s']}</td>"
         f"<td>{esc(c['first_error'] or '')}</td></tr>" for name, c in stats["stages"].items())
+    node_rows = "".join(
+        f"<tr><td>{esc(name)}</td><td>{esc(node)}</td><td>{n['items']}</td><td>{n['busy_s']}</td></tr>"
+        for name, c in stats["stages"].items() for node, n in sorted(c.get("nodes", {}).items()))
     removed = ", ".join(f"{n} {esc(r)}" for r, n in f["removed_by_reason"].items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>denseforge run: {esc(stats['run']['name'])}</title>
 <style>body{{font-family:sans-serif;max-width:72em;margin:2em auto;color:#222}}td,th{{padding:2px 10px;text-align:left}}
@@ -251,6 +254,7 @@ def render_report(rd: RunDir, stats: dict[str, Any]) -> str:
 {figures}
 <h2>Stages</h2><table><tr><th>stage</th><th>items</th><th>failed</th><th>by type</th><th>rejected</th>
 <th>removed</th><th>busy s</th><th>first error</th></tr>{stage_rows}</table>
+<h2>Work per node</h2><table><tr><th>stage</th><th>node</th><th>items</th><th>busy s</th></tr>{node_rows}</table>
 <h2>Gallery ({min(len(keys), GALLERY)} of {len(keys)} written samples)</h2>
 {gallery(rd, keys)}
 <h2>Rejected and removed: examples</h2>

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import shutil
 import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from upath import UPath
 
-from denseforge.errors import DenseforgeError, FailedUnitsError, RunFailedError, SetupError, StageFailedError
+from denseforge.errors import (DenseforgeError, FailedUnitsError, Interrupted, RunFailedError, SetupError,
+                               StageFailedError)
 from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages, count_traces
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.pipeline.config import Config
@@ -29,10 +32,11 @@ from denseforge.pipeline.dedup_phase import run_dedup, run_embed
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
 from denseforge.pipeline.flow import build_stages, describe_embed, embed_stages
 from denseforge.pipeline.progress import Progress
-from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, one_off, start_ray
+from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, NodeWatch, check_address, check_nodes, one_off, start_ray
 from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import finalize_run
-from denseforge.stages.files import write_json_atomic
+from denseforge.storage import (append_text, check_store, ensure_dir, is_local, location, read_json, remove, scratch_dir,
+                                write_json_atomic)
 from denseforge.stages.ingest import IngestConfig, download_unit, ingest_webdataset_unit, read_raw_unit
 from denseforge.stages.read_input import expand_paths, iter_folder_rows, iter_table_rows, write_units
 from denseforge.stages.sample import Reject, Sample
@@ -54,21 +58,22 @@ class Plan:
 def plan_units(config: Config, rd: RunDir) -> Plan:
     """Cut the input into units once; later calls read the saved plan."""
     if rd.plan_file.exists():
-        return Plan(**json.loads(rd.plan_file.read_text()))
+        return Plan(**read_json(rd.plan_file))
     inp = config.input
     spp = config.output.samples_per_shard
+    options = config.storage.options
     if inp.kind == "webdataset":
-        tars = [str(p) for p in expand_paths(inp.path, {".tar"})]
+        tars = [str(p) for p in expand_paths(inp.path, {".tar"}, options)]
         plan = Plan("webdataset", len(tars), None, tars)
     else:
-        rd.units.mkdir(parents=True, exist_ok=True)
+        ensure_dir(rd.units)
         if inp.kind == "table":
-            rows = iter_table_rows(inp.path, inp.format, inp.url_col, inp.caption_col, inp.keep_cols)
+            rows = iter_table_rows(inp.path, inp.format, inp.url_col, inp.caption_col, inp.keep_cols, options)
         else:
             rows = iter_folder_rows(inp.path, inp.follow_symlinks)
         result = write_units(rows, rd.units, spp, config.ingest.allow_private_addresses, inp.kind == "folder")
         plan = Plan(inp.kind, result.units, result.rows)
-    rd.units.mkdir(parents=True, exist_ok=True)
+    ensure_dir(rd.units)
     write_json_atomic(rd.plan_file, plan.__dict__)
     return plan
 
@@ -76,11 +81,11 @@ def plan_units(config: Config, rd: RunDir) -> Plan:
 # -- ingest ----------------------------------------------------------------------------------
 
 
-def _ingest_one(unit: int, plan_kind: str, source: str, rd: RunDir, cfg: IngestConfig, samples_per_unit: int,
-                allow_files: bool) -> dict[str, Any]:
+def _ingest_one(unit: int, plan_kind: str, source: UPath, rd: RunDir, cfg: IngestConfig, samples_per_unit: int,
+                allow_files: bool, scratch: str | None) -> dict[str, Any]:
     if plan_kind == "webdataset":
-        return ingest_webdataset_unit(unit, Path(source), rd.raw, rd.ingest_marker(unit), cfg)
-    return download_unit(unit, Path(source), rd.raw, rd.ingest_marker(unit), cfg, samples_per_unit, allow_files)
+        return ingest_webdataset_unit(unit, source, rd.raw, rd.ingest_marker(unit), cfg, scratch)
+    return download_unit(unit, source, rd.raw, rd.ingest_marker(unit), cfg, samples_per_unit, allow_files, scratch)
 
 
 def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> int:
@@ -90,7 +95,7 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> in
 
     retry = [u for u in range(plan.units) if _ingest_failed(rd, u)]
     pending = sorted(rd.pending("ingest", plan.units) + retry)
-    rd.raw.mkdir(parents=True, exist_ok=True)
+    ensure_dir(rd.raw)
     bar = progress.phase("ingest", total=plan.units, done=plan.units - len(pending), unit="unit")
     if not pending:
         bar.close()
@@ -102,8 +107,9 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> in
     while queue or in_flight:
         while queue and len(in_flight) < config.ingest.processes:
             unit = queue.pop()
-            source = plan.sources[unit] if plan.kind == "webdataset" else str(rd.unit_file(unit))
-            ref = task.remote(unit, plan.kind, source, rd, config.ingest, config.output.samples_per_shard, allow_files)
+            source = location(plan.sources[unit], config.storage.options) if plan.kind == "webdataset" else rd.unit_file(unit)
+            ref = task.remote(unit, plan.kind, source, rd, config.ingest, config.output.samples_per_shard, allow_files,
+                              config.storage.scratch)
             in_flight[ref] = unit
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         unit = in_flight.pop(ready[0])
@@ -121,17 +127,17 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> in
     if recovered:
         # new images can change dedup's decisions anywhere: dedup and every unit's write are redone
         for unit in recovered:
-            rd.embed_marker(unit).unlink(missing_ok=True)
-        rd.dedup_summary.unlink(missing_ok=True)
+            remove(rd.embed_marker(unit))
+        remove(rd.dedup_summary)
         for marker in rd.markers("write"):
-            marker.unlink()
+            remove(marker)
         progress.note(f"{len(recovered)} failed unit(s) downloaded on retry; dedup and writing are redone")
     return len(pending)
 
 
 def _ingest_failed(rd: RunDir, unit: int) -> bool:
     marker = rd.ingest_marker(unit)
-    return marker.exists() and bool(json.loads(marker.read_text()).get("failed"))
+    return marker.exists() and bool(read_json(marker).get("failed"))
 
 
 # -- process ---------------------------------------------------------------------------------
@@ -211,10 +217,7 @@ def check_setups(runs: list[StageRun], rd: RunDir, progress: Progress) -> None:
     refs += [task.options(num_cpus=0, num_gpus=r.resources.num_gpus).remote([r]) for r in runs if r.resources.num_gpus]
     failed = [f for result in ray.get(refs) for f in result]
     if failed:
-        rd.logs.mkdir(parents=True, exist_ok=True)
-        with open(rd.log_file, "a", encoding="utf-8") as log:
-            for instance, error in failed:
-                log.write(f"setup of {instance} failed:\n{error}\n")
+        append_text(rd.log_file, "".join(f"setup of {instance} failed:\n{error}\n" for instance, error in failed))
         instance, error = failed[0]
         more = f" (and {len(failed) - 1} more stage(s))" if len(failed) > 1 else ""
         raise SetupError(f"setup of stage {instance!r} failed: {error.split(chr(10))[0]}{more}; "
@@ -269,8 +272,8 @@ def _failure_reason(rd: RunDir, config: Config, plan: Plan | None, timings: dict
     if isinstance(err, StageFailedError):
         for unit in range(plan.units):
             marker = rd.write_marker(unit)
-            if marker.exists() and json.loads(marker.read_text()).get("stages", {}).get(err.stage, {}).get("failed"):
-                marker.unlink()
+            if marker.exists() and read_json(marker).get("stages", {}).get(err.stage, {}).get("failed"):
+                remove(marker)
     return reason
 
 
@@ -299,8 +302,9 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, addr
             _execute(rd, config, runs, address, timings, stack, planned, redid)
         plan = planned[0]
         stats = finalize_run(rd, config, plan.rows, {**earlier, **timings})
-    except KeyboardInterrupt:
-        record("interrupted", reason="interrupted; continue with `denseforge resume`")
+    except KeyboardInterrupt as exc:
+        how = "stopped by SIGTERM" if isinstance(exc, Interrupted) and exc.exit_code == 143 else "interrupted"
+        _quietly(lambda: record("interrupted", reason=f"{how}; continue with `denseforge resume {rd.root}`"))
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
         _log(rd, exc)
@@ -328,7 +332,7 @@ def _finished(rd: RunDir, config: Config) -> bool:
     """Every unit is written (and no failed download is left to retry): no stage will run."""
     if not rd.plan_file.exists():
         return False
-    units = json.loads(rd.plan_file.read_text())["units"]
+    units = read_json(rd.plan_file)["units"]
     return not rd.pending("write", units) and not any(_ingest_failed(rd, u) for u in range(units))
 
 
@@ -358,10 +362,8 @@ def explain(exc: BaseException, rd: RunDir) -> str:
 
 def _log(rd: RunDir, exc: BaseException) -> None:
     try:
-        rd.logs.mkdir(parents=True, exist_ok=True)
-        with open(rd.log_file, "a", encoding="utf-8") as log:
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run failed:\n")
-            log.write("".join(traceback.format_exception(exc)))
+        append_text(rd.log_file, f"{time.strftime('%Y-%m-%d %H:%M:%S')} run failed:\n"
+                                 + "".join(traceback.format_exception(exc)))
     except OSError:  # a full or read-only disk: the one-line error still reaches the console
         pass
 
@@ -383,16 +385,26 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
 
     if config.demo.enabled:
         state = rd.read_state()
-        server = stack.enter_context(LoopbackImageServer(rd.demo / "files", port=state.get("demo_port", 0)))
-        if not rd.plan_file.exists():
-            corpus = build_demo_corpus(rd.demo, server.base_url, config.demo.copies, config.demo.include_broken)
+        # the demo's web: in the run directory on local disk, in the driver's scratch for a run in
+        # an object store (rebuilt, byte for byte, by a resume on another machine)
+        web = rd.demo / "files" if is_local(rd.root) else \
+            scratch_dir(config.storage.scratch) / f"denseforge-demo-{os.getpid()}" / "files"
+        if not is_local(rd.root):
+            stack.callback(shutil.rmtree, web.parent, True)
+        server = stack.enter_context(LoopbackImageServer(web, port=state.get("demo_port", 0)))
+        fresh_demo = not rd.plan_file.exists()
+        corpus = build_demo_corpus(web, rd.demo / "input.parquet" if fresh_demo else None, server.base_url,
+                                   config.demo.copies, config.demo.include_broken)
+        if fresh_demo:
             config.input.path = str(corpus.table)
             rd.update_state(demo_port=server.port)
             progress.note(f"demo: serving {corpus.images} images (+{corpus.rows - corpus.images} broken rows) on {server.base_url}")
     start = time.perf_counter()
     rd.update_state(ray_logs=start_ray(config.ray, address))
     stack.callback(ray.shutdown)
+    check_nodes(is_local(rd.root), config, config.input.kind != "table" and "://" not in (config.input.path or ""))
     timings["ray_init_s"] = time.perf_counter() - start
+    stack.enter_context(NodeWatch(config.ray.node_loss_timeout_s, progress))
     embed = embed_stages(config) if config.embed.enabled else []
     start = time.perf_counter()
     if not _finished(rd, config):  # a resume with nothing left to do loads no model
@@ -422,20 +434,33 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
     budget.check(final=True)
 
 
-def run(config: Config, out: Path, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:
-    """Start a new run in `out`."""
-    rd = RunDir(out)
+def check_stores(config: Config, rd: RunDir, fresh: bool) -> None:
+    """Before a cluster starts or anything is created: the run's store and the input's answer (a
+    missing bucket, wrong credentials, an unreachable endpoint are one line naming the URL)."""
+    check_store(rd.root, "--out" if fresh else "run directory")
+    if fresh and config.input.path and "://" in config.input.path and not config.input.path.startswith("file://"):
+        check_store(location(config.input.path, config.storage.options), "input.path")
+
+
+def run(config: Config, out: UPath, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:
+    """Start a new run in `out` (a local folder or an object-store URL)."""
+    rd = RunDir(location(out, config.storage.options))
     runs = preflight(config, rd)
+    check_address(address or config.ray.address, config.ray.connect_timeout_s)
+    check_stores(config, rd, fresh=True)
     rd.create(config)
     with rd.locked("run"):
         return execute(rd, config, runs, "run", address, allow_failed_units)
 
 
-def resume(root: Path, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:
+def resume(root: UPath, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:
     """Finish a run that stopped for any reason; finished units are kept, the rest (and units
     whose download failed) redone."""
     rd = RunDir(root)
+    check_store(rd.root, "run directory")
     config = rd.load_config()
+    rd = RunDir(location(str(root), config.storage.options))
     runs = preflight(config, rd)
+    check_address(address or config.ray.address, config.ray.connect_timeout_s)
     with rd.locked("resume"):
         return execute(rd, config, runs, "resume", address, allow_failed_units)

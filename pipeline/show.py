@@ -7,12 +7,13 @@ import tarfile
 import textwrap
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+from upath import UPath
 
 from denseforge.errors import RunDirError
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.sample import Sample
+from denseforge.storage import is_local, open_binary, read_parquet, writing
 
 COLOURS = {"objects": (230, 60, 40), "ocr": (30, 120, 230)}
 
@@ -21,17 +22,17 @@ def load_sample(rd: RunDir, key: str) -> tuple[Sample, bytes]:
     """The sample and stored image of `key`, found through the manifest."""
     if not rd.manifest.exists():
         raise RunDirError(f"{rd.root} has no manifest.parquet yet; finish it with `denseforge resume {rd.root}`")
-    rows = pq.read_table(rd.manifest, columns=["key", "shard"], filters=[("key", "=", key)]).to_pylist()
+    rows = read_parquet(rd.manifest, columns=["key", "shard"], filters=[("key", "=", key)]).to_pylist()
     if not rows:
-        rejected = pq.read_table(rd.rejects, filters=[("key", "=", key)]).to_pylist() if rd.rejects.exists() else []
+        rejected = read_parquet(rd.rejects, filters=[("key", "=", key)]).to_pylist() if rd.rejects.exists() else []
         why = f" (rejected at {rejected[0]['stage']}: {rejected[0]['reason']})" if rejected else ""
-        decisions = rd.root / "dedup" / "decisions.parquet"
-        removed = pq.read_table(decisions, filters=[("key", "=", key)]).to_pylist() if decisions.exists() else []
+        decisions = rd.decisions
+        removed = read_parquet(decisions, filters=[("key", "=", key)]).to_pylist() if decisions.exists() else []
         if removed and removed[0]["reason"]:
             why = f" (removed by dedup: {removed[0]['reason']}" + (
                 f", duplicate of {removed[0]['dup_of']})" if removed[0]["dup_of"] else ")")
         raise RunDirError(f"no written sample with key {key!r} in {rd.root}{why}")
-    with tarfile.open(rd.shards / rows[0]["shard"]) as tar:
+    with open_binary(rd.shards / rows[0]["shard"]) as source, tarfile.open(fileobj=source) as tar:
         sample = Sample.model_validate_json(tar.extractfile(f"{key}.json").read())
         image = tar.extractfile(f"{key}.jpg").read()
     return sample, image
@@ -60,11 +61,14 @@ def render_sample(sample: Sample, image: bytes, width: int = 900) -> Image.Image
     return canvas
 
 
-def show(root: Path, key: str, out: Path | None = None) -> Path:
+def show(root: UPath, key: str, out: Path | None = None) -> UPath:
+    """Render `key` to a PNG: `out`, else DIR/show/KEY.png for a local run, else ./KEY.png (a run
+    in an object store is read, never written, by `show`)."""
     rd = RunDir(root)
     rd.load_config()
     sample, image = load_sample(rd, key)
-    target = out or root / "show" / f"{key}.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    render_sample(sample, image).save(target)
+    target = out or (rd.root / "show" / f"{key}.png" if is_local(rd.root) else Path(f"{key}.png").resolve())
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    with writing(target) as handle:
+        render_sample(sample, image).save(handle, format="PNG")
     return target

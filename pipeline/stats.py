@@ -10,11 +10,10 @@ import json
 import platform
 from collections import Counter
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+from upath import UPath
 
 from denseforge import __version__
 from denseforge.errors import DenseforgeError
@@ -23,21 +22,19 @@ from denseforge.pipeline.config import Config
 from denseforge.pipeline.report import render_report
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.card import dataset_card, decode_type, merge_types
-from denseforge.stages.files import tmp_path
+from denseforge.storage import parquet_writer, read_json, read_parquet, write_bytes
 from denseforge.stages.read_input import REJECT_SCHEMA
 from denseforge.stages.write import MANIFEST_SCHEMA
 
 
-def _merge(parts: list[Path], target: Path, schema) -> int:
+def _merge(parts: list[UPath], target: UPath, schema) -> int:
     """Concatenate parquet parts in order, streaming (one part in memory at a time)."""
-    tmp = tmp_path(target)
     rows = 0
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with parquet_writer(target, schema) as writer:
         for part in parts:
-            table = pq.read_table(part, schema=schema)
+            table = read_parquet(part, schema=schema)
             rows += table.num_rows
             writer.write_table(table)
-    tmp.replace(target)
     return rows
 
 
@@ -57,7 +54,7 @@ def stage_counts(rd: RunDir) -> dict[str, dict[str, Any]]:
     totals: dict[str, dict[str, Any]] = {}
     for phase in ("embed", "write"):
         for marker in rd.markers(phase):
-            merge_counts(totals, json.loads(marker.read_text()).get("stages", {}))
+            merge_counts(totals, read_json(marker).get("stages", {}))
     for c in totals.values():
         c["failed_total"] = failures(c)
         c["items_per_busy_s"] = round(c["items"] / c["busy_s"], 2) if c["busy_s"] > 0 else None
@@ -77,7 +74,7 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
     unit_rows = removed = 0
     sample_type = pa.null()
     for marker in done:
-        counts = json.loads(marker.read_text())
+        counts = read_json(marker)
         if "json_type" in counts:
             sample_type = merge_types(sample_type, decode_type(counts["json_type"]))
         unit_rows += counts["rows"]
@@ -88,7 +85,7 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
             by_stage[reason.split("/", 1)[0]] += n
     input_rows = planned_rows if planned_rows is not None else unit_rows
     balanced = input_rows == written + rejected + removed == unit_rows
-    ingest = [json.loads(p.read_text()) for p in rd.markers("ingest")]
+    ingest = [read_json(p) for p in rd.markers("ingest")]
     ingest_s = timings.get("ingest_s", 0.0)
     stats = {
         "funnel": {
@@ -99,7 +96,7 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
         "complete": complete,
         "units": len(done),
         "stages": stage_counts(rd),
-        "dedup": json.loads(rd.dedup_summary.read_text()) if rd.dedup_summary.exists() else None,
+        "dedup": read_json(rd.dedup_summary) if rd.dedup_summary.exists() else None,
         "ingest": {
             "downloaded": sum(m.get("successes", 0) for m in ingest),
             "failed_to_download": sum(m.get("failed_to_download", 0) for m in ingest),
@@ -111,8 +108,8 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
         "versions": versions(),
         "run": {"name": config.run.name, "seed": config.run.seed},
     }
-    rd.report.write_text(render_report(rd, stats))
-    rd.card.write_text(dataset_card(sample_type, config.run.name, stats["funnel"]))
+    write_bytes(rd.report, render_report(rd, stats).encode())
+    write_bytes(rd.card, dataset_card(sample_type, config.run.name, stats["funnel"]).encode())
     if complete and not balanced:
         raise DenseforgeError(
             f"the funnel does not balance: {input_rows} input rows vs {written} written + {rejected} rejected + "

@@ -9,27 +9,29 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
+
+from upath import UPath
 
 from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import stage_counts
+from denseforge.storage import read_json
 
 PHASES = ("ingest", "embed", "write")
 WINDOW_S = 60.0
 
 
-def _recent(markers: list[Path], now: float) -> int:
+def _recent(markers: list[UPath], now: float) -> int:
     count = 0
     for marker in markers:
         try:
             count += now - marker.stat().st_mtime <= WINDOW_S
-        except FileNotFoundError:  # redone right now
+        except (FileNotFoundError, TypeError, ValueError):  # redone right now; a store without a time
             pass
     return count
 
 
-def run_status(root: Path) -> dict[str, Any]:
+def run_status(root: UPath) -> dict[str, Any]:
     """The run's state as one JSON-able dict (what `status --json` prints)."""
     rd = RunDir(root)
     rd.load_config()  # raises RunDirError for a foreign directory
@@ -45,7 +47,7 @@ def run_status(root: Path) -> dict[str, Any]:
     if not rd.plan_file.exists():
         out["phase"] = "plan"
         return out
-    plan = json.loads(rd.plan_file.read_text())
+    plan = read_json(rd.plan_file)
     units, now = plan["units"], time.time()
     out["plan"] = {"units": units, "input_rows": plan["rows"], "kind": plan["kind"]}
     phases: dict[str, Any] = {}
@@ -64,22 +66,22 @@ def run_status(root: Path) -> dict[str, Any]:
     out["phase"] = current or ("done" if rd.stats.exists() else "finalize")
     written = rejected = removed = 0
     for marker in rd.markers("write"):
-        counts = json.loads(marker.read_text())
+        counts = read_json(marker)
         written, rejected, removed = written + counts["written"], rejected + counts["rejected"], removed + counts["removed"]
     out["samples"] = {"written": written, "rejected": rejected, "removed": removed}
-    stats = json.loads(rd.stats.read_text()) if rd.stats.exists() else None
+    stats = read_json(rd.stats) if rd.stats.exists() else None
     # a finished or failed run's counts are in its stats (a failed stage's units lost their markers
     # so that resume redoes them); a running one's are in the markers
     counts = stats["stages"] if stats is not None and out["state"] != "running" else stage_counts(rd)
     out["stages"] = {name: {k: c.get(k) for k in ("items", "failed_total", "failed", "rejected", "removed", "busy_s",
-                                                  "first_error", "counters")}
+                                                  "first_error", "counters", "nodes")}
                      for name, c in counts.items()}
     if stats is not None:
         out["funnel"] = stats["funnel"]
     return out
 
 
-def describe_run(root: Path) -> str:
+def describe_run(root: UPath) -> str:
     """The same, for a person."""
     s = run_status(root)
     lines = [f"run {root}: {s['state']}" + (f" (phase: {s['phase']})" if s["state"] == "running" else "")]
@@ -124,7 +126,7 @@ def describe_run(root: Path) -> str:
     return "\n".join(lines)
 
 
-def watch(root: Path, every_s: float, as_json: bool, out) -> None:
+def watch(root: UPath, every_s: float, as_json: bool, out) -> None:
     """Print the status every `every_s` seconds while a driver works on the run, then once more."""
     while True:
         s = run_status(root)

@@ -757,11 +757,11 @@ class DecisionStage(Stage):
         self.decisions, self.embed_rejects = decisions, embed_rejects
 
     def _unit(self, unit: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-        import pyarrow.parquet as pq
+        from denseforge.storage import read_parquet
 
-        decided = {r["key"]: r for r in pq.read_table(self.decisions, filters=[("unit", "=", unit)]).to_pylist()}
+        decided = {r["key"]: r for r in read_parquet(self.decisions, filters=[("unit", "=", unit)]).to_pylist()}
         failed_file = self.embed_rejects(unit)
-        failed = {r["key"]: r for r in pq.read_table(failed_file).to_pylist()} if failed_file.exists() else {}
+        failed = {r["key"]: r for r in read_parquet(failed_file).to_pylist()} if failed_file.exists() else {}
         return decided, failed
 
     def process(self, batch: list[Item]) -> list[Verdict]:

@@ -25,7 +25,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from denseforge.errors import ModelLoadError
-from denseforge.stages.files import write_table_atomic
+from denseforge.storage import write_table_atomic
 from denseforge.stages.settings import Settings
 from denseforge.stages.stage import Item, Stage, Verdict, WorkerSettings
 

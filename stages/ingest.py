@@ -14,19 +14,20 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tarfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from upath import UPath
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from denseforge import __version__
-from denseforge.stages.files import write_json_atomic
+from denseforge.storage import open_binary, read_arrow, read_json, read_parquet, staged, write_bytes, write_json_atomic
 from denseforge.stages.image_normalize import ImageNormalizer, ImageRejected
 from denseforge.stages.sample import Reject, Sample, make_key
 from denseforge.stages.url_screen import guarded_opener
@@ -54,54 +55,62 @@ def unit_name(unit: int) -> str:
     return f"{unit:07d}"
 
 
-def download_unit(unit: int, unit_file: Path, raw_dir: Path, marker: Path, cfg: IngestConfig,
-                  samples_per_unit: int, allow_files: bool) -> dict[str, Any]:
-    """Download one unit with img2dataset; idempotent (rewrites the unit's raw files)."""
+def download_unit(unit: int, unit_file: UPath, raw_dir: UPath, marker: UPath, cfg: IngestConfig,
+                  samples_per_unit: int, allow_files: bool, scratch: str | None = None) -> dict[str, Any]:
+    """Download one unit with img2dataset; idempotent (rewrites the unit's raw files). img2dataset
+    writes local files: on an object store they are made in this node's scratch and uploaded."""
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
     deadline = cfg.download_deadline_s or 3 * cfg.timeout_s
     urllib.request.install_opener(guarded_opener(cfg.allow_private_addresses, cfg.max_download_bytes, allow_files, deadline))
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    # img2dataset deletes the shard file it was given; keep our unit for resume.
-    work_copy = raw_dir / f"{unit_name(unit)}.input.arrow"
-    shutil.copyfile(unit_file, work_copy)
-    downloader = Downloader(
-        sample_writer_class=WebDatasetSampleWriter,
-        resizer=cfg,  # an IngestConfig is an ImageNormalizer
-        thread_count=cfg.threads,
-        save_caption=True,
-        extract_exif=False,
-        output_folder=str(raw_dir),
-        column_list=RAW_COLUMNS,
-        timeout=cfg.timeout_s,
-        number_sample_per_shard=samples_per_unit,
-        oom_shard_count=7,
-        compute_hash=None,
-        verify_hash_type=None,
-        encode_format="jpg",
-        retries=cfg.retries,
-        user_agent_token=cfg.user_agent_token,
-        disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
-    )
-    ok, _ = downloader((unit, str(work_copy)))
-    if not ok:
-        raise RuntimeError(f"img2dataset failed on unit {unit_name(unit)} (see the worker log)")
-    stats = json.loads((raw_dir / f"{unit_name(unit)}_stats.json").read_text())
+    with staged(raw_dir, scratch) as folder:
+        # img2dataset deletes the shard file it was given; keep our unit for resume.
+        work_copy = folder / f"{unit_name(unit)}.input.arrow"
+        write_bytes(work_copy, unit_file.read_bytes())
+        downloader = Downloader(
+            sample_writer_class=WebDatasetSampleWriter,
+            resizer=cfg,  # an IngestConfig is an ImageNormalizer
+            thread_count=cfg.threads,
+            save_caption=True,
+            extract_exif=False,
+            output_folder=str(folder),
+            column_list=RAW_COLUMNS,
+            timeout=cfg.timeout_s,
+            number_sample_per_shard=samples_per_unit,
+            oom_shard_count=7,
+            compute_hash=None,
+            verify_hash_type=None,
+            encode_format="jpg",
+            retries=cfg.retries,
+            user_agent_token=cfg.user_agent_token,
+            disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
+        )
+        ok, _ = downloader((unit, str(work_copy)))
+        if not ok:
+            raise RuntimeError(f"img2dataset failed on unit {unit_name(unit)} (see the worker log)")
+        work_copy.unlink(missing_ok=True)
+        stats = json.loads((folder / f"{unit_name(unit)}_stats.json").read_text())
     write_json_atomic(marker, {"unit": unit, "source": "img2dataset", **stats})
     return stats
 
 
-def ingest_webdataset_unit(unit: int, tar_path: Path, raw_dir: Path, marker: Path,
-                           normalizer: ImageNormalizer) -> dict[str, Any]:
+def ingest_webdataset_unit(unit: int, tar_path: UPath, raw_dir: UPath, marker: UPath,
+                           normalizer: ImageNormalizer, scratch: str | None = None) -> dict[str, Any]:
     """Normalise the images of an existing webdataset shard into the raw form img2dataset writes."""
+    with staged(raw_dir, scratch) as folder:
+        stats = _normalise_shard(unit, tar_path, folder, normalizer)
+    write_json_atomic(marker, {"unit": unit, "source": "webdataset", **stats})
+    return stats
+
+
+def _normalise_shard(unit: int, tar_path: UPath, folder: Path, normalizer: ImageNormalizer) -> dict[str, Any]:
     from img2dataset.writer import WebDatasetSampleWriter
 
-    raw_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     schema = pa.schema([(c, pa.string()) for c in RAW_COLUMNS + ["key", "status", "error_message"]]
                        + [(c, pa.int32()) for c in ("width", "height", "original_width", "original_height")])
-    writer = WebDatasetSampleWriter(unit, str(raw_dir), True, 7, schema, "jpg")
+    writer = WebDatasetSampleWriter(unit, str(folder), True, 7, schema, "jpg")
     counts = {"count": 0, "successes": 0, "failed_to_resize": 0}
     try:
         for position, (member_key, files) in enumerate(_iter_tar_samples(tar_path)):
@@ -129,9 +138,7 @@ def ingest_webdataset_unit(unit: int, tar_path: Path, raw_dir: Path, marker: Pat
             writer.write(image.data, key, caption, meta)
     finally:
         writer.close()
-    stats = {**counts, "failed_to_download": 0, "duration": time.time() - start}
-    write_json_atomic(marker, {"unit": unit, "source": "webdataset", **stats})
-    return stats
+    return {**counts, "failed_to_download": 0, "duration": time.time() - start}
 
 
 def _json_or_empty(data: bytes | None) -> dict[str, Any]:
@@ -144,10 +151,10 @@ def _json_or_empty(data: bytes | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _iter_tar_samples(tar_path: Path):
+def _iter_tar_samples(tar_path: UPath):
     """(key, {ext: bytes}) per sample of a webdataset tar, members grouped by key prefix."""
     current_key, files = None, {}
-    with tarfile.open(tar_path, "r|*") as tar:
+    with open_binary(tar_path) as source, tarfile.open(fileobj=source, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -196,8 +203,8 @@ def _strip_tag(message: str | None) -> str:
     return _TAGGED.sub("", message or "")
 
 
-def read_raw_unit(unit: int, unit_file: Path | None, raw_dir: Path, marker: Path,
-                  screened_file: Path | None) -> list[dict[str, Any]]:
+def read_raw_unit(unit: int, unit_file: UPath | None, raw_dir: UPath, marker: UPath,
+                  screened_file: UPath | None) -> list[dict[str, Any]]:
     """Every row of one unit as a pipeline row: samples with image bytes, rejects with reasons.
 
     Rows img2dataset never reported (a crash inside its per-sample loop) become `ingest/lost`
@@ -206,13 +213,12 @@ def read_raw_unit(unit: int, unit_file: Path | None, raw_dir: Path, marker: Path
     name = unit_name(unit)
     rows: list[dict[str, Any]] = []
     if screened_file is not None and screened_file.exists():
-        for reject in pq.read_table(screened_file).to_pylist():
+        for reject in read_parquet(screened_file).to_pylist():
             rows.append(reject_row(unit, Reject(**reject)))
-    state = json.loads(marker.read_text())
+    state = read_json(marker)
     expected: dict[str, str | None] = {}
     if unit_file is not None:
-        with pa.memory_map(str(unit_file)) as source:
-            table = pa.ipc.open_file(source).read_all().select(["df_key", "url"])
+        table = read_arrow(unit_file).select(["df_key", "url"])
         expected = dict(zip(table.column("df_key").to_pylist(), table.column("url").to_pylist()))
     if state.get("failed"):
         for key, url in expected.items():
@@ -223,7 +229,7 @@ def read_raw_unit(unit: int, unit_file: Path | None, raw_dir: Path, marker: Path
         return rows
     images = _read_tar_images(raw_dir / f"{name}.tar")
     seen: set[str] = set()
-    for meta in pq.read_table(raw_dir / f"{name}.parquet").to_pylist():
+    for meta in read_parquet(raw_dir / f"{name}.parquet").to_pylist():
         key = meta["df_key"]
         seen.add(key)
         if meta["status"] != "success":
@@ -249,11 +255,11 @@ def read_raw_unit(unit: int, unit_file: Path | None, raw_dir: Path, marker: Path
     return rows
 
 
-def _read_tar_images(tar_path: Path) -> dict[str, bytes]:
+def _read_tar_images(tar_path: UPath) -> dict[str, bytes]:
     images: dict[str, bytes] = {}
     if not tar_path.exists():
         return images
-    with tarfile.open(tar_path, "r") as tar:
+    with open_binary(tar_path) as source, tarfile.open(fileobj=source, mode="r") as tar:
         for member in tar:
             if member.isfile() and member.name.endswith(".jpg"):
                 handle = tar.extractfile(member)

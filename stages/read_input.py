@@ -20,9 +20,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from upath import UPath
 
 from denseforge.errors import InputError
-from denseforge.stages.files import tmp_path, write_parquet_atomic
+from denseforge.storage import child, describe_store_error, ensure_dir, location, open_binary, read_text_file, write_arrow_atomic, write_parquet_atomic
 from denseforge.stages.sample import Reject, make_key
 from denseforge.stages.url_screen import ALLOWED_SCHEMES, screen_url
 
@@ -48,23 +49,47 @@ class InputRow:
     reason: str = "malformed_row"
 
 
-def expand_paths(path: str, suffixes: set[str] | dict[str, str]) -> list[Path]:
-    """A file, a directory (its matching files) or a glob, sorted for stable keys."""
+def expand_paths(path: str, suffixes: set[str] | dict[str, str], options: dict[str, Any] | None = None) -> list[UPath]:
+    """A file, a directory (its matching files) or a glob, local or in an object store, sorted for
+    stable keys. A store is listed page by page (fsspec), never assumed to list what has no marker."""
+    if "://" in path and not path.startswith("file://"):
+        return _expand_remote(location(path, options), path, suffixes)
     if any(ch in path for ch in "*?["):
         found = [Path(p) for p in glob.glob(path, recursive=True)]
     elif os.path.isdir(path):
         found = [p for p in Path(path).rglob("*") if p.is_file()]
     elif os.path.isfile(path):
-        return [Path(path)]
+        return [location(path)]
     else:
         raise InputError(f"input.path {path!r} does not exist")
     files = sorted(p for p in found if p.suffix.lower() in suffixes and p.is_file())
     if not files:
         raise InputError(f"input.path {path!r} holds no files ending in {', '.join(sorted(suffixes))}")
-    return files
+    return [location(p) for p in files]
 
 
-def table_format(path: Path, configured: str) -> str:
+def _expand_remote(where: UPath, path: str, suffixes: set[str] | dict[str, str]) -> list[UPath]:
+    fs = where.fs
+    try:
+        if any(ch in where.path for ch in "*?["):
+            found = fs.glob(where.path)
+        elif fs.isfile(where.path):
+            return [where]
+        elif fs.isdir(where.path):
+            found = fs.find(where.path)
+        else:
+            raise InputError(f"input.path {path!r} does not exist")
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a missing bucket, wrong credentials, an unreachable store
+        raise InputError(f"input.path {path}: {describe_store_error(exc)}") from None
+    files = sorted(f for f in found if os.path.splitext(f)[1].lower() in suffixes)
+    if not files:
+        raise InputError(f"input.path {path!r} holds no files ending in {', '.join(sorted(suffixes))}")
+    return [child(where, f) for f in files]
+
+
+def table_format(path: UPath, configured: str) -> str:
     if configured != "auto":
         return configured
     try:
@@ -89,9 +114,9 @@ def _check_columns(path: Path, columns: list[str], url_col: str, caption_col: st
         )
 
 
-def _parquet_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
+def _parquet_rows(path: UPath, url_col, caption_col, keep) -> Iterator[InputRow]:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_binary(path))
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise InputError(f"{path} is not a readable parquet file: {exc}") from None
     names = pf.schema_arrow.names
@@ -114,10 +139,10 @@ def _parquet_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
         start += batch.num_rows
 
 
-def _csv_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
+def _csv_rows(path: UPath, url_col, caption_col, keep) -> Iterator[InputRow]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+    with read_text_file(path) as fh:
         reader = csv.reader(fh, delimiter=delimiter)
         try:
             header = next(reader)
@@ -140,8 +165,8 @@ def _csv_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
             yield _pick(dict(zip(header, cells)), url_col, caption_col, keep)
 
 
-def _jsonl_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
-    with open(path, encoding="utf-8", errors="replace") as fh:
+def _jsonl_rows(path: UPath, url_col, caption_col, keep) -> Iterator[InputRow]:
+    with read_text_file(path) as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -159,9 +184,11 @@ def _jsonl_rows(path: Path, url_col, caption_col, keep) -> Iterator[InputRow]:
 _READERS = {"parquet": _parquet_rows, "csv": _csv_rows, "jsonl": _jsonl_rows}
 
 
-def iter_table_rows(path: str, fmt: str, url_col: str, caption_col: str | None, keep: list[str] | None) -> Iterator[InputRow]:
+def iter_table_rows(path: str, fmt: str, url_col: str, caption_col: str | None, keep: list[str] | None,
+                    options: dict[str, Any] | None = None) -> Iterator[InputRow]:
     """Rows of every table under `path`, in sorted file order."""
-    files = expand_paths(path, TABLE_SUFFIXES if fmt == "auto" else {s for s, f in TABLE_SUFFIXES.items() if f == fmt})
+    files = expand_paths(path, TABLE_SUFFIXES if fmt == "auto" else {s for s, f in TABLE_SUFFIXES.items() if f == fmt},
+                         options)
     for file in files:
         yield from _READERS[table_format(file, fmt)](file, url_col, caption_col, keep)
 
@@ -169,8 +196,11 @@ def iter_table_rows(path: str, fmt: str, url_col: str, caption_col: str | None, 
 def iter_folder_rows(path: str, follow_symlinks: bool = False) -> Iterator[InputRow]:
     """Images of a local folder as file:// rows; a same-named .txt beside an image is its caption.
     A link that leads out of the folder is refused unless `follow_symlinks`."""
+    if "://" in path and not path.startswith("file://"):
+        raise InputError(f"input.path {path}: input.kind folder reads a folder on this machine; for images in an "
+                         "object store use a table of their URLs (input.kind table) or webdataset shards")
     root = Path(path).resolve()
-    for file in expand_paths(path, IMAGE_SUFFIXES):
+    for file in map(Path, expand_paths(path, IMAGE_SUFFIXES)):
         target = file.resolve()
         if not follow_symlinks and root not in (target, *target.parents):
             yield InputRow(source={"path": str(file)}, reason="outside_folder",
@@ -208,10 +238,10 @@ class UnitPlan:
     screened_out: int = 0
 
 
-def write_units(rows: Iterator[InputRow], unit_dir: Path, samples_per_shard: int,
+def write_units(rows: Iterator[InputRow], unit_dir: UPath, samples_per_shard: int,
                 allow_private: bool, allow_files: bool = False) -> UnitPlan:
     """Screen rows and write them as img2dataset input shards (`NNNNNNN.arrow`) + screen rejects."""
-    unit_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(unit_dir)
     schemes = ALLOWED_SCHEMES + (("file",) if allow_files else ())
     plan = UnitPlan()
     batch: list[dict[str, Any]] = []
@@ -219,11 +249,7 @@ def write_units(rows: Iterator[InputRow], unit_dir: Path, samples_per_shard: int
 
     def flush() -> None:
         unit = plan.units
-        table = pa.Table.from_pylist(batch, schema=UNIT_SCHEMA)
-        tmp = tmp_path(unit_dir / f"{unit:07d}.arrow")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, UNIT_SCHEMA) as writer:
-            writer.write_table(table)
-        os.replace(tmp, unit_dir / f"{unit:07d}.arrow")
+        write_arrow_atomic(unit_dir / f"{unit:07d}.arrow", pa.Table.from_pylist(batch, schema=UNIT_SCHEMA))
         write_rejects(rejects, unit_dir / f"{unit:07d}.screened.parquet")
         plan.units += 1
         batch.clear()
@@ -261,6 +287,6 @@ REJECT_SCHEMA = pa.schema([
 ])
 
 
-def write_rejects(rows: list[dict[str, Any]], path: Path) -> None:
+def write_rejects(rows: list[dict[str, Any]], path: UPath) -> None:
     """Write reject rows atomically."""
     write_parquet_atomic(path, rows, REJECT_SCHEMA)

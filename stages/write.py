@@ -1,24 +1,24 @@
 """write: one unit's rows to a webdataset shard, a manifest part and a rejects part, atomically.
 
-Each file is written under a temporary name and renamed; the unit's completion marker is written
-last, so a unit is either complete or redone from scratch on resume — never half-counted.
+Each file appears whole or not at all (`storage.writing`: a rename on local disk, one upload on an
+object store); the unit's completion marker is written last, so a unit is either complete or
+redone from scratch on resume — never half-counted.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from upath import UPath
 
 from denseforge.stages.card import encode_type, json_type
-from denseforge.stages.files import tmp_path, write_json_atomic, write_parquet_atomic
+from denseforge.storage import ensure_dir, remove, write_json_atomic, write_parquet_atomic, writing
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample, safe_member_key
 
@@ -32,10 +32,10 @@ MANIFEST_SCHEMA = pa.schema([
 class UnitFiles:
     """Where one unit's output goes (the run directory decides)."""
 
-    shard: Path
-    manifest: Path
-    rejects: Path
-    marker: Path
+    shard: UPath
+    manifest: UPath
+    rejects: UPath
+    marker: UPath
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -57,26 +57,23 @@ def write_unit(unit: int, files: UnitFiles, samples: list[tuple[Sample, bytes]],
     lists them.
     """
     for folder in {files.shard.parent, files.manifest.parent, files.rejects.parent, files.marker.parent}:
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_dir(folder)
     manifest: list[dict[str, Any]] = []
-    tmp_tar = tmp_path(files.shard)  # dot-prefixed: never matched by *.tar
-    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample, image in sorted(samples, key=lambda pair: pair[0].key):
-            stem = safe_member_key(sample.key)
-            _add_member(tar, f"{stem}.jpg", image)
-            if sample.caption is not None:
-                _add_member(tar, f"{stem}.txt", sample.caption.encode("utf-8"))
-            _add_member(tar, f"{stem}.json", sample.model_dump_json().encode("utf-8"))
-            manifest.append({
-                "key": sample.key, "shard": files.shard.name, "url": sample.url, "width": sample.width,
-                "height": sample.height, "sha256": sample.sha256, "cluster": sample.cluster,
-                "scores": json.dumps(sample.qa.scores if sample.qa else {}),
-            })
-    if manifest:
-        os.replace(tmp_tar, files.shard)
+    if samples:  # streamed into the shard: on an object store a multipart upload, not a copy in memory
+        with writing(files.shard) as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample, image in sorted(samples, key=lambda pair: pair[0].key):
+                stem = safe_member_key(sample.key)
+                _add_member(tar, f"{stem}.jpg", image)
+                if sample.caption is not None:
+                    _add_member(tar, f"{stem}.txt", sample.caption.encode("utf-8"))
+                _add_member(tar, f"{stem}.json", sample.model_dump_json().encode("utf-8"))
+                manifest.append({
+                    "key": sample.key, "shard": files.shard.name, "url": sample.url, "width": sample.width,
+                    "height": sample.height, "sha256": sample.sha256, "cluster": sample.cluster,
+                    "scores": json.dumps(sample.qa.scores if sample.qa else {}),
+                })
     else:
-        tmp_tar.unlink()
-        files.shard.unlink(missing_ok=True)
+        remove(files.shard)
     rejects = sorted(rejects, key=lambda r: r.key)
     write_rejects([r.model_dump() for r in rejects], files.rejects)
     write_parquet_atomic(files.manifest, manifest, MANIFEST_SCHEMA)

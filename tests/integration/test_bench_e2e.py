@@ -51,7 +51,7 @@ def test_a_dedup_retried_after_a_cut_short_attempt_ignores_its_leftovers(tmp_pat
     from denseforge.pipeline.dedup_phase import run_dedup
     from denseforge.pipeline.ray_session import start_ray
     from denseforge.pipeline.rundir import RunDir
-    from denseforge.stages.files import write_arrow_atomic
+    from denseforge.storage import write_arrow_atomic
 
     configs = [parse_config({"input": {"kind": "table", "path": str(tmp_path / "unused.parquet")}, "ray": {"num_cpus": 2},
                              "dedup": {"exact": False, "phash_max_distance": None, "sweep": [], "buckets": buckets,

@@ -471,7 +471,7 @@ def test_the_training_sample_reads_a_seeded_subset_of_the_files(tmp_path):
 
 def test_bucket_files_are_arrow_ipc_written_atomically_and_read_memory_mapped(tmp_path):
     from denseforge.stages.embed import embedding_table, embeddings_matrix
-    from denseforge.stages.files import read_arrow, write_arrow_atomic
+    from denseforge.storage import read_arrow, write_arrow_atomic
 
     x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
     table = embedding_table([str(i) for i in range(50)], [3] * 50, x, {"phash": np.arange(50)}, dtype="float16")
@@ -556,7 +556,7 @@ def test_a_bucket_writes_its_rows_and_removed_border_copies_only(tmp_path):
 
     from denseforge.pipeline.dedup_phase import _dedup_bucket
     from denseforge.stages.embed import embedding_table
-    from denseforge.stages.files import write_arrow_atomic
+    from denseforge.storage import write_arrow_atomic
 
     a = np.zeros(8, np.float32)
     a[0] = 1.0
@@ -577,7 +577,7 @@ def test_a_bucket_writes_its_rows_and_removed_border_copies_only(tmp_path):
     settings = {"min_short_edge": 0, "max_aspect_ratio": None, "epsilon": 0.05, "phash_max_distance": None,
                 "witness_max_fine_distance": None, "witness_max_colour_difference": None, "exact": False,
                 "keep": "nearest_centroid", "sweep": [], "block": 16, "matmul": "float32"}
-    result = _dedup_bucket(str(tmp_path / "bucket"), str(tmp_path / "part.parquet"), settings)
+    result = _dedup_bucket(tmp_path / "bucket", tmp_path / "part.parquet", settings)
     part = pq.read_table(tmp_path / "part.parquet").to_pylist()
     assert result["entries"] == 4
     assert [(r["key"], r["primary"], r["reason"], r["dup_of"]) for r in part] == [
@@ -595,7 +595,7 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
     from denseforge.pipeline.dedup_phase import _assign_units, _bucket_entries, _dedup_bucket, _merge_entries
     from denseforge.pipeline.rundir import RunDir
     from denseforge.stages.embed import embedding_table, embeddings_matrix, write_embeddings_file
-    from denseforge.stages.files import read_arrow
+    from denseforge.storage import read_arrow
 
     rng = np.random.default_rng(5)
     base = _unit(rng.normal(size=(400, 16)) + np.repeat(rng.normal(size=(8, 16)) * 2, 50, axis=0))
@@ -624,7 +624,7 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
             in_cell_pairs += sum(len(c) > 1 for c in t.column("clusters").to_pylist())
             rows, clusters, _ = _bucket_entries(t)
             assert set(index.cell_of(clusters) % 3) == {b}
-        _dedup_bucket(str(rd.bucket(b)), str(tmp_path / f"part{b}.parquet"), settings)
+        _dedup_bucket(rd.bucket(b), tmp_path / f"part{b}.parquet", settings)
         parts.append(pq.read_table(tmp_path / f"part{b}.parquet"))
     assert in_cell_pairs > 0  # the case the list column is for occurs
 

@@ -114,7 +114,7 @@ def test_webdataset_input_is_normalised_and_accounted(tmp_path, photo_dir):
 
 
 def test_a_failed_unit_still_accounts_for_its_rows(tmp_path):
-    from denseforge.stages.files import write_json_atomic
+    from denseforge.storage import write_json_atomic
     from denseforge.stages.read_input import write_units
 
     rd = RunDir(tmp_path)

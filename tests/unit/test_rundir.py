@@ -9,7 +9,7 @@ import pytest
 
 from denseforge.errors import RunDirError
 from denseforge.pipeline.rundir import RunDir
-from denseforge.stages.files import write_json_atomic
+from denseforge.storage import write_json_atomic
 
 
 def test_a_second_driver_is_refused_while_the_first_holds_the_lock(tmp_path):
