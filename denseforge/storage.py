@@ -124,6 +124,7 @@ def writing(path: UPath | Path) -> Iterator[IO[bytes]]:
     a rename on local disk, a (multipart) upload on an object store, aborted on failure."""
     if is_local(path):
         tmp = tmp_path(Path(path))
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # as on a store, where a key needs no folder
         try:
             with open(tmp, "wb") as handle:
                 yield handle
@@ -138,6 +139,7 @@ def writing(path: UPath | Path) -> Iterator[IO[bytes]]:
         discard = getattr(handle, "discard", None)
         if discard is not None:  # s3fs, gcsfs: abort the multipart upload, nothing appears
             discard()
+            handle.closed = True  # nothing left to flush when it is collected
         else:
             handle.close()
             path.fs.rm(path.path)

@@ -195,7 +195,9 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply overrides, validate; a relative input path resolves against the cwd."""
-    path = Path(path)
+    from denseforge.storage import location
+
+    path = location(path)
     try:
         text = path.read_text()
     except OSError as exc:

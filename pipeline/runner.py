@@ -38,7 +38,7 @@ from denseforge.pipeline.stats import finalize_run
 from denseforge.storage import (append_text, check_store, ensure_dir, is_local, location, read_json, remove, scratch_dir,
                                 write_json_atomic)
 from denseforge.stages.ingest import IngestConfig, download_unit, ingest_webdataset_unit, read_raw_unit
-from denseforge.stages.read_input import expand_paths, iter_folder_rows, iter_table_rows, write_units
+from denseforge.stages.read_input import expand_paths, iter_folder_rows, iter_table_rows, table_suffixes, write_units
 from denseforge.stages.sample import Reject, Sample
 from denseforge.stages.stage import Stage
 from denseforge.stages.write import UnitFiles, write_unit
@@ -438,8 +438,14 @@ def check_stores(config: Config, rd: RunDir, fresh: bool) -> None:
     """Before a cluster starts or anything is created: the run's store and the input's answer (a
     missing bucket, wrong credentials, an unreachable endpoint are one line naming the URL)."""
     check_store(rd.root, "--out" if fresh else "run directory")
-    if fresh and config.input.path and "://" in config.input.path and not config.input.path.startswith("file://"):
-        check_store(location(config.input.path, config.storage.options), "input.path")
+    inp = config.input
+    if fresh and inp.path is not None:
+        if "://" in inp.path and not inp.path.startswith("file://"):
+            check_store(location(inp.path, config.storage.options), "input.path")
+        if inp.kind == "webdataset":  # one listing: the input holds files of its kind
+            expand_paths(inp.path, {".tar"}, config.storage.options)
+        elif inp.kind == "table":
+            expand_paths(inp.path, table_suffixes(inp.format), config.storage.options)
 
 
 def run(config: Config, out: UPath, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:

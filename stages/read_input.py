@@ -184,11 +184,15 @@ def _jsonl_rows(path: UPath, url_col, caption_col, keep) -> Iterator[InputRow]:
 _READERS = {"parquet": _parquet_rows, "csv": _csv_rows, "jsonl": _jsonl_rows}
 
 
+def table_suffixes(fmt: str) -> set[str]:
+    """The file endings of a table `input.format` (every table's with auto)."""
+    return set(TABLE_SUFFIXES) if fmt == "auto" else {s for s, f in TABLE_SUFFIXES.items() if f == fmt}
+
+
 def iter_table_rows(path: str, fmt: str, url_col: str, caption_col: str | None, keep: list[str] | None,
                     options: dict[str, Any] | None = None) -> Iterator[InputRow]:
     """Rows of every table under `path`, in sorted file order."""
-    files = expand_paths(path, TABLE_SUFFIXES if fmt == "auto" else {s for s, f in TABLE_SUFFIXES.items() if f == fmt},
-                         options)
+    files = expand_paths(path, table_suffixes(fmt), options)
     for file in files:
         yield from _READERS[table_format(file, fmt)](file, url_col, caption_col, keep)
 

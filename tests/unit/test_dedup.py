@@ -612,7 +612,7 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
         write_embeddings_file(files[-1], embedding_table(keys[part], [unit] * 240, x[part], {
             "sha256": pa.array(keys[part]), "phash": pa.array([0] * 240),
             "width": pa.array([640] * 240), "height": pa.array([480] * 240)}))
-    _assign_units([str(f) for f in files], index, rd, 3, 0.2, 2)  # one task, both units
+    _assign_units(files, index, rd, 3, 0.2, 2)  # one task, both units
     settings = {"min_short_edge": 0, "max_aspect_ratio": None, "epsilon": 0.05, "phash_max_distance": None,
                 "witness_max_fine_distance": None, "witness_max_colour_difference": None, "exact": False,
                 "keep": "nearest_centroid", "sweep": [], "block": 64, "matmul": "float32"}
