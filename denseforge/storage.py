@@ -79,8 +79,11 @@ def location(path: str | os.PathLike[str] | UPath, options: dict[str, Any] | Non
     if "://" not in text or text.startswith("file://"):
         return UPath(os.path.abspath(os.path.expanduser(text.removeprefix("file://"))))
     protocol = text.split("://", 1)[0]
+    # no listings cache: other processes write here, and a cached listing made fsspec report a
+    # file another worker had just written as missing
+    settings = {"use_listings_cache": False, **_resolve(options or {})}
     try:
-        return UPath(text, **_resolve(options or {}))
+        return UPath(text, **settings)
     except (ValueError, ImportError) as exc:
         hint = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}.get(protocol)
         extra = f"; install it with `pip install {hint}`" if hint else ""

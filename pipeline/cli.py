@@ -25,13 +25,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = location(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}", config.storage.options)
     if args.dry_run:
         from denseforge.pipeline.adapter import chains
-        from denseforge.pipeline.ray_session import check_address
+        from denseforge.pipeline.ray_session import check_address, cluster_address
         from denseforge.pipeline.rundir import RunDir
         from denseforge.pipeline.runner import check_stores, preflight
 
         rd = RunDir(out)
         runs = preflight(config, rd)
-        check_address(args.address or config.ray.address, config.ray.connect_timeout_s)
+        check_address(cluster_address(args.address, config.ray), config.ray.connect_timeout_s)
         check_stores(config, rd, fresh=True)
         if runs:
             steps = [c[0].instance if len(c) == 1 else f"{' + '.join(r.instance for r in c)} (group {c[0].group}: one worker)"

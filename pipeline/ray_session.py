@@ -73,7 +73,7 @@ def start_ray(cfg: RayConfig, address: str | None) -> str | None:
     # not on the console: there, progress and one line per problem
     common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                   configure_logging=True)
-    address = address or cfg.address
+    address = cluster_address(address, cfg)
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, **common)
     else:
@@ -107,6 +107,12 @@ def stop_cleanly_on_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, _interrupt)
+
+
+def cluster_address(address: str | None, cfg: RayConfig) -> str | None:
+    """The cluster to join: `--address`, else `ray.address`, else RAY_ADDRESS (set by `ray job
+    submit` for the job's driver); None starts an embedded local cluster."""
+    return address or cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def check_address(address: str | None, timeout_s: float) -> None:

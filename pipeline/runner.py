@@ -32,7 +32,8 @@ from denseforge.pipeline.dedup_phase import run_dedup, run_embed
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
 from denseforge.pipeline.flow import build_stages, describe_embed, embed_stages
 from denseforge.pipeline.progress import Progress
-from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS, NodeWatch, check_address, check_nodes, one_off, start_ray
+from denseforge.pipeline.ray_session import (LIGHT_TASK_CPUS, NodeWatch, check_address, check_nodes, cluster_address, one_off,
+                                             start_ray)
 from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import finalize_run
 from denseforge.storage import (append_text, check_store, ensure_dir, is_local, location, read_json, remove, scratch_dir,
@@ -452,7 +453,7 @@ def run(config: Config, out: UPath, address: str | None = None, allow_failed_uni
     """Start a new run in `out` (a local folder or an object-store URL)."""
     rd = RunDir(location(out, config.storage.options))
     runs = preflight(config, rd)
-    check_address(address or config.ray.address, config.ray.connect_timeout_s)
+    check_address(cluster_address(address, config.ray), config.ray.connect_timeout_s)
     check_stores(config, rd, fresh=True)
     rd.create(config)
     with rd.locked("run"):
@@ -467,6 +468,6 @@ def resume(root: UPath, address: str | None = None, allow_failed_units: bool = F
     config = rd.load_config()
     rd = RunDir(location(str(root), config.storage.options))
     runs = preflight(config, rd)
-    check_address(address or config.ray.address, config.ray.connect_timeout_s)
+    check_address(cluster_address(address, config.ray), config.ray.connect_timeout_s)
     with rd.locked("resume"):
         return execute(rd, config, runs, "resume", address, allow_failed_units)
