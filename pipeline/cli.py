@@ -114,6 +114,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         options = {}
     elif args.name == "e2e":
         options = {"images": args.images or 1000, "overrides": tuple(args.set)}
+    elif args.name == "io":
+        options = {"images": 1000 if args.images is None else args.images, "store": args.store}
     elif args.name == "embed":
         options = {"images": args.images or 256, "batch_size": args.batch_size, "model": args.model}
     elif args.name == "dedup":
@@ -181,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)
     p = sub.add_parser("bench", help="benchmarks, JSON out")
-    p.add_argument("name", choices=["ingest", "dedup", "embed", "e2e", "experts", "fuse", "quality"])
-    p.add_argument("--images", type=int, default=None, help="ingest: corpus size (1000); embed: images (256); experts: images (96); fuse: samples (256)")
+    p.add_argument("name", choices=["ingest", "dedup", "embed", "e2e", "experts", "fuse", "quality", "io"])
+    p.add_argument("--images", type=int, default=None, help="ingest: corpus size (1000); embed: images (256); experts: images (96); fuse: samples (256); "
+                        "io: the whole run's images, 0 for files only (1000)")
     p.add_argument("--batch-size", type=int, default=64, help="embed: images per forward pass (64)")
     p.add_argument("--model", default="ViT-B-32", help="embed: open_clip architecture, random weights (ViT-B-32)")
     p.add_argument("--processes", type=int, default=2, help="ingest: shards at once")
@@ -195,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dedup: instead, the run's own Ray dedup phase on N embeddings stored as float16 unit files")
     p.add_argument("--assign", type=int, default=0, metavar="K",
                    help="dedup: instead, assignment of --sizes[0] rows to a two-level index of K centroids")
+    p.add_argument("--store", help="io: an object-store URL to measure (default: a loopback S3 server)")
     p.add_argument("--gpu", action="store_true", help="experts: share one GPU between the experts in equal fractions")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="e2e: change the demo's config, e.g. perceive.experts.0.resources.max_concurrency=3; "

@@ -57,6 +57,40 @@ def run_cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.
     return proc
 
 
+def every_phase_config(tmp: Path, table, name: str = "c.yaml", **ray: float) -> Path:
+    """Default ingest threads, several units, every phase on cheap models: ingest, embed, dedup,
+    perceive, fuse, write. `table` is a local path or a URL; `ray` adds ray.* settings."""
+    settings = ", ".join(f"{k}: {v}" for k, v in {"num_cpus": 2, **ray}.items())
+    cfg = tmp / name
+    cfg.write_text(f"""
+ray: {{{settings}}}
+input: {{path: {table}}}
+ingest: {{processes: 2, image_size: 128, allow_private_addresses: true}}
+embed: {{model: df-tiny-clip, weights: random, batch_size: 4}}
+dedup: {{epsilon: null, clusters: 3, keep: first_key}}
+perceive:
+  enabled: true
+  experts: [{{plugin: clip-tags, name: tagger, options: {{model: df-tiny-clip, weights: random, top_k: 2,
+              threshold: 0.0}}, resources: {{num_cpus: 0.5, batch_size: 2}}}}]
+fuse: {{enabled: true, backend: template}}
+qa: {{enabled: true, min_words: 1}}
+output: {{samples_per_shard: 2}}
+""")
+    return cfg
+
+
+def run_result(out) -> dict:
+    """What must be identical between two runs of one input: manifest, shard bytes, rejects,
+    dedup decisions (a local folder or a store URL)."""
+    from denseforge.storage import list_files, location, read_parquet
+
+    out = location(out)
+    return {"manifest": sorted((r["key"], r["sha256"], r["shard"]) for r in read_parquet(out / "manifest.parquet").to_pylist()),
+            "shards": {p.name: p.read_bytes() for p in list_files(out / "shards", ".tar")},
+            "rejects": sorted((r["key"], r["stage"], r["reason"]) for r in read_parquet(out / "rejects.parquet").to_pylist()),
+            "decisions": read_parquet(out / "dedup" / "decisions.parquet").to_pylist()}
+
+
 PLUGIN = Path(__file__).resolve().parent / "plugins" / "denseforge-colors"
 
 

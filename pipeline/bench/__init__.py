@@ -51,6 +51,10 @@ def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
         from denseforge.pipeline.bench.ingest import bench_ingest
 
         return bench_ingest(**kwargs)
+    if name == "io":
+        from denseforge.pipeline.bench.io import bench_io
+
+        return bench_io(**kwargs)
     if name == "dedup":
         from denseforge.pipeline.bench.dedup import bench_dedup
 

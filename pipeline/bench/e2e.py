@@ -8,7 +8,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 # the phases of `runner.execute`, in the order they run
 PHASES = ("ray_init_s", "setup_s", "plan_s", "ingest_s", "embed_s", "dedup_s", "process_s")
@@ -16,9 +19,20 @@ PHASES = ("ray_init_s", "setup_s", "plan_s", "ingest_s", "embed_s", "dedup_s", "
 
 def bench_e2e(images: int = 1000, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """`overrides` (`--set key=value`) change the demo's config, e.g. an expert's resources."""
+    from denseforge.pipeline.bench.corpus import served_corpus
+    from denseforge.storage import location
+
+    with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
+        root = Path(tmp)
+        with served_corpus(root, images) as table:
+            return run_e2e(images, location(root / "run"), str(table), overrides)
+
+
+def run_e2e(images: int, out: UPath, table: str, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One run of the demo's config over the input `table` (served photos) into `out`, a local
+    folder or a store; the figures `bench e2e` reports."""
     from denseforge.errors import DenseforgeError
     from denseforge.pipeline.bench import demo_config
-    from denseforge.pipeline.bench.corpus import served_corpus
     from denseforge.pipeline.bench.memory import TreeMemory
     from denseforge.pipeline.config import apply_overrides, parse_config
     from denseforge.pipeline.rundir import RunDir
@@ -27,21 +41,18 @@ def bench_e2e(images: int = 1000, overrides: tuple[str, ...] = ()) -> dict[str, 
     if images < 1:
         raise DenseforgeError("bench e2e: --images must be at least 1")
     cores = os.cpu_count() or 1
-    with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
-        root = Path(tmp)
-        with served_corpus(root, images) as table:
-            raw = demo_config()
-            raw["demo"] = {"enabled": False}
-            raw["input"]["path"] = str(table)
-            raw["dedup"]["clusters"] = None  # N / target_cluster_size, as a real run
-            config = parse_config(apply_overrides(raw, list(overrides)))
-            rd = RunDir(root / "run")
-            runs = preflight(config, rd)
-            rd.create(config)
-            with TreeMemory() as tree:
-                start = time.perf_counter()
-                stats = execute(rd, config, runs, "bench")
-                end = time.perf_counter()
+    raw = demo_config()
+    raw["demo"] = {"enabled": False}
+    raw["input"]["path"] = table
+    raw["dedup"]["clusters"] = None  # N / target_cluster_size, as a real run
+    config = parse_config(apply_overrides(raw, list(overrides)))
+    rd = RunDir(out)
+    runs = preflight(config, rd)
+    rd.create(config)
+    with TreeMemory() as tree:
+        start = time.perf_counter()
+        stats = execute(rd, config, runs, "bench")
+        end = time.perf_counter()
     # the phases run back to back: walk back from the end to place each one in time
     phases: dict[str, Any] = {}
     cursor = end

@@ -24,37 +24,10 @@ from denseforge.pipeline.bench.memory import descendants
 from denseforge.pipeline.chat_stub import StubChatServer
 from denseforge.pipeline.demo import LoopbackImageServer
 
-from ..conftest import run_cli
+from ..conftest import every_phase_config, run_cli, run_result
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 UNITS = 9
-
-
-def _config(tmp: Path, table: Path, name: str = "c.yaml") -> Path:
-    """Default ingest threads, several units, every phase: ingest, embed, dedup, perceive, fuse, write."""
-    cfg = tmp / name
-    cfg.write_text(f"""
-ray: {{num_cpus: 2}}
-input: {{path: {table}}}
-ingest: {{processes: 2, image_size: 128, allow_private_addresses: true}}
-embed: {{model: df-tiny-clip, weights: random, batch_size: 4}}
-dedup: {{epsilon: null, clusters: 3, keep: first_key}}
-perceive:
-  enabled: true
-  experts: [{{plugin: clip-tags, name: tagger, options: {{model: df-tiny-clip, weights: random, top_k: 2,
-              threshold: 0.0}}, resources: {{num_cpus: 0.5, batch_size: 2}}}}]
-fuse: {{enabled: true, backend: template}}
-qa: {{enabled: true, min_words: 1}}
-output: {{samples_per_shard: 2}}
-""")
-    return cfg
-
-
-def _result(out: Path) -> dict:
-    return {"manifest": sorted((r["key"], r["sha256"], r["shard"]) for r in pq.read_table(out / "manifest.parquet").to_pylist()),
-            "shards": {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))},
-            "rejects": sorted((r["key"], r["stage"], r["reason"]) for r in pq.read_table(out / "rejects.parquet").to_pylist()),
-            "decisions": pq.read_table(out / "dedup" / "decisions.parquet").to_pylist()}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +38,7 @@ def corpus(tmp_path_factory, photo_dir):
         table = tmp / "t.parquet"
         pq.write_table(pa.table({"url": [f"{server.base_url}/img/{n}.jpg" for n in names],
                                  "caption": [f"{n} {i}" for i, n in enumerate(names)]}), table)
-        cfg = _config(tmp, table)
+        cfg = every_phase_config(tmp, table)
         clean = tmp / "clean"
         run_cli("run", str(cfg), "--out", str(clean))
         again = tmp / "again"
@@ -119,7 +92,7 @@ def _kill_driver_during(cmd: list[str], out: Path, phase: str, rng: random.Rando
 
 def test_two_clean_runs_with_many_threads_are_byte_identical(corpus):
     tmp, _, clean, _ = corpus
-    assert _result(clean) == _result(tmp / "again")
+    assert run_result(clean) == run_result(tmp / "again")
 
 
 def test_sigkill_of_the_driver_in_every_phase_then_resume_equals_a_clean_run(corpus):
@@ -135,7 +108,7 @@ def test_sigkill_of_the_driver_in_every_phase_then_resume_equals_a_clean_run(cor
         print(f"kill {i + 1} ({phase}): {landed[-1][1]}")
     assert "driver: no driver holds the run" in run_cli("status", str(out)).stdout or (out / "stats.json").exists()
     run_cli("resume", str(out))
-    assert _result(out) == _result(clean), f"seed {seed}: {landed}"
+    assert run_result(out) == run_result(clean), f"seed {seed}: {landed}"
     assert not list(out.rglob(".*.tmp"))
     stats = json.loads((out / "stats.json").read_text())
     assert stats["funnel"]["balanced"] and stats["funnel"]["written"] == 4
@@ -163,7 +136,7 @@ def test_a_killed_ray_worker_costs_a_retry_not_a_sample(corpus):
     _, err = proc.communicate(timeout=300)
     assert killed is not None, "no stage worker was found to kill"
     assert proc.returncode == 0, err
-    assert _result(out) == _result(clean)
+    assert run_result(out) == run_result(clean)
 
 
 def test_a_model_server_that_misbehaves_costs_those_samples_with_reasons(tmp_path, photo_dir):
@@ -223,7 +196,7 @@ def test_a_full_disk_is_one_line_and_resume_after_freeing_space_finishes_the_run
         print(f"\n{line}")
         filler.unlink()
         run_cli("resume", str(out))
-        assert _result(out) == _result(clean)
+        assert run_result(out) == run_result(clean)
         assert not list(out.rglob(".*.tmp"))
 
 

@@ -20,39 +20,9 @@ import pytest
 from denseforge.pipeline.demo import LoopbackImageServer
 from denseforge.storage import list_files, location, read_json, read_parquet, write_table_atomic
 
-from ..conftest import S3_SECRET, run_cli
+from ..conftest import S3_SECRET, every_phase_config, run_cli, run_result
 
 pytestmark = [pytest.mark.slow]
-UNITS = 9
-
-
-def _config(tmp: Path, table: str, name: str, **ray: float) -> Path:
-    """Every phase on cheap models, nine units (chaos's config), input in the bucket."""
-    settings = ", ".join(f"{k}: {v}" for k, v in {"num_cpus": 2, **ray}.items())
-    cfg = tmp / name
-    cfg.write_text(f"""
-ray: {{{settings}}}
-input: {{path: {table}}}
-ingest: {{processes: 2, image_size: 128, allow_private_addresses: true}}
-embed: {{model: df-tiny-clip, weights: random, batch_size: 4}}
-dedup: {{epsilon: null, clusters: 3, keep: first_key}}
-perceive:
-  enabled: true
-  experts: [{{plugin: clip-tags, name: tagger, options: {{model: df-tiny-clip, weights: random, top_k: 2,
-              threshold: 0.0}}, resources: {{num_cpus: 0.5, batch_size: 2}}}}]
-fuse: {{enabled: true, backend: template}}
-qa: {{enabled: true, min_words: 1}}
-output: {{samples_per_shard: 2}}
-""")
-    return cfg
-
-
-def _result(url: str) -> dict:
-    out = location(url)
-    return {"manifest": sorted((r["key"], r["sha256"], r["shard"]) for r in read_parquet(out / "manifest.parquet").to_pylist()),
-            "shards": {p.name: p.read_bytes() for p in list_files(out / "shards", ".tar")},
-            "rejects": sorted((r["key"], r["stage"], r["reason"]) for r in read_parquet(out / "rejects.parquet").to_pylist()),
-            "decisions": read_parquet(out / "dedup" / "decisions.parquet").to_pylist()}
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +102,9 @@ def test_the_demo_runs_with_its_input_and_output_in_a_bucket(bucket_url, tmp_pat
 def test_two_nodes_a_killed_node_and_resume_give_the_clean_runs_bytes(bucket_input, bucket_url):
     tmp, table = bucket_input
     clean = bucket_url + "/clean"
-    run_cli("run", str(_config(tmp, table, "one.yaml")), "--out", clean, timeout=600)
+    run_cli("run", str(every_phase_config(tmp, table, "one.yaml")), "--out", clean, timeout=600)
     killed = bucket_url + "/killed"
-    cfg = _config(tmp, table, "two.yaml", node_loss_timeout_s=20)
+    cfg = every_phase_config(tmp, table, "two.yaml", node_loss_timeout_s=20)
     with two_nodes(tmp) as (address, dashboard, worker_port):
         job = subprocess.Popen(
             [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard, "--",
@@ -155,7 +125,7 @@ def test_two_nodes_a_killed_node_and_resume_give_the_clean_runs_bytes(bucket_inp
             assert "was lost and the run made no progress" in state["reason"], log
         run_cli("resume", killed, "--address", address, timeout=600)
     assert read_json(location(killed) / "run.json")["state"] == "complete"
-    assert _result(killed) == _result(clean)
+    assert run_result(killed) == run_result(clean)
     assert not list((tmp / "scratch-head").iterdir()) and not list((tmp / "scratch-worker").iterdir())
     nodes = read_json(location(killed) / "stats.json")["stages"]["tagger"]["nodes"]
     assert sum(n["items"] for n in nodes.values()) > 0
@@ -164,7 +134,7 @@ def test_two_nodes_a_killed_node_and_resume_give_the_clean_runs_bytes(bucket_inp
 def test_sigterm_stops_the_driver_cleanly_and_resume_finishes(bucket_input, bucket_url):
     tmp, table = bucket_input
     out = bucket_url + "/sigterm"
-    proc = subprocess.Popen([sys.executable, "-m", "denseforge.pipeline.cli", "run", str(_config(tmp, table, "t.yaml")),
+    proc = subprocess.Popen([sys.executable, "-m", "denseforge.pipeline.cli", "run", str(every_phase_config(tmp, table, "t.yaml")),
                              "--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     embedded = location(out) / "embeddings"
     deadline = time.time() + 300

@@ -89,7 +89,9 @@ def test_the_lease_is_renewed_while_the_driver_works(bucket_url, monkeypatch):
     rd = RunDir(location(bucket_url))
     with rd.locked("run"):
         first = read_json(rd.lock_file)["renewed"]
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while read_json(rd.lock_file)["renewed"] == first and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert read_json(rd.lock_file)["renewed"] > first
 
 
@@ -177,41 +179,41 @@ class _Progress:
         self.warnings.append(message)
 
 
-def test_a_lost_node_without_progress_interrupts_the_driver_naming_the_node(monkeypatch):
+@pytest.fixture
+def two_nodes(monkeypatch):
+    """Two fake Ray nodes the watch sees (drop one to lose it); SIGUSR1's handler restored after."""
     from denseforge.pipeline import ray_session
 
     nodes = {"a" * 40: "10.0.0.1 (aaaaaaaa)", "b" * 40: "10.0.0.2 (bbbbbbbb)"}
     monkeypatch.setattr(ray_session, "alive_nodes", lambda: dict(nodes))
-    progress = _Progress()
     saved = signal.getsignal(signal.SIGUSR1)
-    try:
-        with pytest.raises(NodeLostError, match=r"Ray node 10.0.0.2 \(bbbbbbbb\) was lost and the run made no progress"):
-            with ray_session.NodeWatch(0.3, progress, every_s=0.05):
-                nodes.pop("b" * 40)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    time.sleep(0.01)
-        assert progress.warnings == ["Ray node 10.0.0.2 (bbbbbbbb) was lost; its work is retried on the other nodes"]
-    finally:
-        signal.signal(signal.SIGUSR1, saved)
+    yield nodes
+    signal.signal(signal.SIGUSR1, saved)
 
 
-def test_a_lost_node_while_units_keep_finishing_does_not_stop_the_run(monkeypatch):
-    from denseforge.pipeline import ray_session
+def test_a_lost_node_without_progress_interrupts_the_driver_naming_the_node(two_nodes):
+    from denseforge.pipeline.ray_session import NodeWatch
 
-    nodes = {"a" * 40: "10.0.0.1 (aaaaaaaa)", "b" * 40: "10.0.0.2 (bbbbbbbb)"}
-    monkeypatch.setattr(ray_session, "alive_nodes", lambda: dict(nodes))
     progress = _Progress()
-    saved = signal.getsignal(signal.SIGUSR1)
-    try:
-        with ray_session.NodeWatch(0.3, progress, every_s=0.05) as watch:
-            nodes.pop("b" * 40)
-            for _ in range(40):  # a unit finishes every 50 ms: Ray's retries are doing their job
-                progress.last_update = time.monotonic()
-                time.sleep(0.05)
-        assert watch.reason is None and watch.lost
-    finally:
-        signal.signal(signal.SIGUSR1, saved)
+    with pytest.raises(NodeLostError, match=r"Ray node 10.0.0.2 \(bbbbbbbb\) was lost and the run made no progress"):
+        with NodeWatch(0.3, progress, every_s=0.05):
+            two_nodes.pop("b" * 40)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert progress.warnings == ["Ray node 10.0.0.2 (bbbbbbbb) was lost; its work is retried on the other nodes"]
+
+
+def test_a_lost_node_while_units_keep_finishing_does_not_stop_the_run(two_nodes):
+    from denseforge.pipeline.ray_session import NodeWatch
+
+    progress = _Progress()
+    with NodeWatch(0.3, progress, every_s=0.05) as watch:
+        two_nodes.pop("b" * 40)
+        for _ in range(40):  # a unit finishes every 50 ms: Ray's retries are doing their job
+            progress.last_update = time.monotonic()
+            time.sleep(0.05)
+    assert watch.reason is None and watch.lost
 
 
 def test_node_work_is_counted_per_stage_and_node():
