@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -68,6 +69,36 @@ def _resolve(value: Any) -> Any:
             raise ConfigError(f"storage.options refers to ${{{ref.group(1)}}}, which is not set in the environment")
         return os.environ[ref.group(1)]
     return value
+
+
+class _RetryCounter(logging.Handler):
+    """Counts the store requests this process retried (botocore's throttling and connection
+    retries, s3fs's own backoff on SlowDown and dropped reads), read off their debug records."""
+
+    NEEDLES = ("Retry needed, action of", "Retry needed, retrying request", "Retryable error",
+               "Client error (maybe retryable)")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith(self.NEEDLES):
+            self.count += 1
+
+
+_RETRIES = _RetryCounter()
+for _name in ("s3fs", "botocore.retryhandler", "botocore.retries.standard"):  # in every process that
+    logging.getLogger(_name).addHandler(_RETRIES)                          # touches a store
+    logging.getLogger(_name).setLevel(logging.DEBUG)
+    logging.getLogger(_name).propagate = False  # counted here, not printed
+
+
+def store_retries() -> int:
+    """Store requests this process retried since the last call (a unit's writer reports them with
+    the unit's counts)."""
+    count, _RETRIES.count = _RETRIES.count, 0
+    return count
 
 
 def location(path: str | os.PathLike[str] | UPath, options: dict[str, Any] | None = None) -> UPath:
@@ -307,6 +338,26 @@ def check_store(path: UPath, purpose: str) -> None:
         path.fs.ls(bucket, detail=False, refresh=True)
     except Exception as exc:  # noqa: BLE001 - every backend raises its own types
         raise StorageError(f"{purpose} {url(path)}: {describe_store_error(exc)}") from None
+
+
+def modified_times(folder: UPath | Path) -> dict[str, float]:
+    """Name -> modification time (epoch seconds) of the files in `folder`, from one listing (a
+    store lists them with their times; no request per file)."""
+    try:
+        if is_local(folder):
+            with os.scandir(folder) as entries:
+                return {e.name: e.stat().st_mtime for e in entries if e.is_file()}
+        found = folder.fs.ls(folder.path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    times = {}
+    for info in found:
+        stamp = info.get("LastModified") or info.get("mtime") or info.get("last_modified") or info.get("updated")
+        if hasattr(stamp, "timestamp"):
+            times[info["name"].rsplit("/", 1)[-1]] = stamp.timestamp()
+        elif isinstance(stamp, (int, float)):
+            times[info["name"].rsplit("/", 1)[-1]] = float(stamp)
+    return times
 
 
 def list_files(folder: UPath | Path, suffix: str) -> list[UPath]:

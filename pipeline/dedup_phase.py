@@ -32,7 +32,7 @@ from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
 from denseforge.stages.embed import embedding_table, embeddings_matrix, pixel_spec, write_embeddings_file
 from denseforge.storage import (ensure_dir, list_files, parquet_rows, read_arrow, read_json, read_parquet, remove_tree,
-                                write_arrow_atomic, write_json_atomic, write_table_atomic)
+                                store_retries, write_arrow_atomic, write_json_atomic, write_table_atomic)
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample
 
@@ -69,7 +69,7 @@ def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str], storage_d
         write_rejects([r.model_dump() for r in failed], rd.embed_rejects_file(unit))
         write_embeddings_file(rd.embeddings_file(unit), table.replace_schema_metadata({"provenance": json.dumps(provenance)}))
         counts = {"unit": unit, "embedded": len(samples), "failed": len(failed),
-                  "stages": count_traces([r["trace"] for r in rows])}
+                  "stages": count_traces([r["trace"] for r in rows]), "store_retries": store_retries()}
         write_json_atomic(rd.embed_marker(unit), counts)
         out.append({"unit": unit, "counts": json.dumps(counts)})
     return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.int64()), ("counts", pa.string())]))

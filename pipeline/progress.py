@@ -76,5 +76,7 @@ def format_summary(stats: dict[str, Any], root: Path) -> str:
             kinds = ", ".join(f"{k} {n}" for k, n in c["failed"].items())
             lines.append(f"stage {name}: failed on {c['failed_total']} of {c['items']} items ({kinds}); "
                          f"first error: {c['first_error']}")
+    if stats.get("storage", {}).get("retries"):
+        lines.append(f"store: {stats['storage']['retries']} request(s) retried (throttling, dropped connections)")
     lines.append(f"shards, manifest.parquet, rejects.parquet, stats.json, report.html in {root}")
     return "\n".join(lines)

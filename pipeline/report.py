@@ -260,5 +260,6 @@ def render_report(rd: RunDir, stats: dict[str, Any]) -> str:
 <h2>Rejected and removed: examples</h2>
 {examples(rd)}
 <h2>Timings (s)</h2><p>{esc(json.dumps(stats['timings']))}</p>
+<p>storage: {esc(str(stats.get('storage', {}).get('url', '')))}, {stats.get('storage', {}).get('retries', 0)} request(s) retried</p>
 <p><small>versions: {esc(json.dumps(stats['versions']))}</small></p></body></html>
 """

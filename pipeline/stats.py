@@ -71,19 +71,21 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
     by_reason: Counter[str] = Counter()
     by_stage: Counter[str] = Counter()
     removed_by: Counter[str] = Counter()
-    unit_rows = removed = 0
+    unit_rows = removed = unit_retries = 0
     sample_type = pa.null()
     for marker in done:
         counts = read_json(marker)
         if "json_type" in counts:
             sample_type = merge_types(sample_type, decode_type(counts["json_type"]))
         unit_rows += counts["rows"]
+        unit_retries += counts.get("store_retries", 0)
         removed += counts.get("removed", 0)
         removed_by.update(counts.get("removed_reasons", {}))
         for reason, n in counts["reasons"].items():
             by_reason[reason] += n
             by_stage[reason.split("/", 1)[0]] += n
     input_rows = planned_rows if planned_rows is not None else unit_rows
+    embedded = [read_json(p) for p in rd.markers("embed")]
     balanced = input_rows == written + rejected + removed == unit_rows
     ingest = [read_json(p) for p in rd.markers("ingest")]
     ingest_s = timings.get("ingest_s", 0.0)
@@ -104,6 +106,8 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
             "failed_units": sum(1 for m in ingest if m.get("failed")),
             "images_per_s_this_session": (sum(m.get("successes", 0) for m in ingest) / ingest_s) if ingest_s > 0.5 else None,
         },
+        "storage": {"url": str(rd.root), "retries": sum(m.get("store_retries", 0) for m in (*ingest, *embedded))
+                    + unit_retries},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "versions": versions(),
         "run": {"name": config.run.name, "seed": config.run.seed},

@@ -15,20 +15,18 @@ from upath import UPath
 
 from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import stage_counts
-from denseforge.storage import read_json
+from denseforge.storage import modified_times, read_json
 
 PHASES = ("ingest", "embed", "write")
 WINDOW_S = 60.0
 
 
 def _recent(markers: list[UPath], now: float) -> int:
-    count = 0
-    for marker in markers:
-        try:
-            count += now - marker.stat().st_mtime <= WINDOW_S
-        except (FileNotFoundError, TypeError, ValueError):  # redone right now; a store without a time
-            pass
-    return count
+    """How many of `markers` were written in the last WINDOW_S seconds (one listing per folder)."""
+    times: dict[str, float] = {}
+    for folder in {m.parent for m in markers}:
+        times.update(modified_times(folder))
+    return sum(now - times[m.name] <= WINDOW_S for m in markers if m.name in times)
 
 
 def run_status(root: UPath) -> dict[str, Any]:
@@ -64,10 +62,11 @@ def run_status(root: UPath) -> dict[str, Any]:
     if current == "write" and not phases["dedup"]["done"] and phases["embed"]["units_done"] == units:
         current = "dedup"
     out["phase"] = current or ("done" if rd.stats.exists() else "finalize")
-    written = rejected = removed = 0
+    written = rejected = removed = retries = 0
     for marker in rd.markers("write"):
         counts = read_json(marker)
         written, rejected, removed = written + counts["written"], rejected + counts["rejected"], removed + counts["removed"]
+        retries += counts.get("store_retries", 0)
     out["samples"] = {"written": written, "rejected": rejected, "removed": removed}
     stats = read_json(rd.stats) if rd.stats.exists() else None
     # a finished or failed run's counts are in its stats (a failed stage's units lost their markers
@@ -76,6 +75,7 @@ def run_status(root: UPath) -> dict[str, Any]:
     out["stages"] = {name: {k: c.get(k) for k in ("items", "failed_total", "failed", "rejected", "removed", "busy_s",
                                                   "first_error", "counters", "nodes")}
                      for name, c in counts.items()}
+    out["store_retries"] = stats["storage"]["retries"] if stats is not None and "storage" in stats else retries
     if stats is not None:
         out["funnel"] = stats["funnel"]
     return out
@@ -108,6 +108,8 @@ def describe_run(root: UPath) -> str:
     lines.append(f"  dedup: {'done' if s['phases']['dedup']['done'] else 'not done'}")
     n = s["samples"]
     lines.append(f"  samples so far: {n['written']} written, {n['rejected']} rejected, {n['removed']} removed")
+    if s["store_retries"]:
+        lines.append(f"  store requests retried (throttling, dropped connections): {s['store_retries']}")
     for name, c in s["stages"].items():
         parts = [f"{c['items']} items"]
         if c["failed_total"]:

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from denseforge import __version__
-from denseforge.storage import open_binary, read_arrow, read_json, read_parquet, staged, write_bytes, write_json_atomic
+from denseforge.storage import (open_binary, read_arrow, read_json, read_parquet, staged, store_retries, write_bytes,
+                                write_json_atomic)
 from denseforge.stages.image_normalize import ImageNormalizer, ImageRejected
 from denseforge.stages.sample import Reject, Sample, make_key
 from denseforge.stages.url_screen import guarded_opener
@@ -91,7 +92,7 @@ def download_unit(unit: int, unit_file: UPath, raw_dir: UPath, marker: UPath, cf
             raise RuntimeError(f"img2dataset failed on unit {unit_name(unit)} (see the worker log)")
         work_copy.unlink(missing_ok=True)
         stats = json.loads((folder / f"{unit_name(unit)}_stats.json").read_text())
-    write_json_atomic(marker, {"unit": unit, "source": "img2dataset", **stats})
+    write_json_atomic(marker, {"unit": unit, "source": "img2dataset", **stats, "store_retries": store_retries()})
     return stats
 
 
@@ -100,7 +101,7 @@ def ingest_webdataset_unit(unit: int, tar_path: UPath, raw_dir: UPath, marker: U
     """Normalise the images of an existing webdataset shard into the raw form img2dataset writes."""
     with staged(raw_dir, scratch) as folder:
         stats = _normalise_shard(unit, tar_path, folder, normalizer)
-    write_json_atomic(marker, {"unit": unit, "source": "webdataset", **stats})
+    write_json_atomic(marker, {"unit": unit, "source": "webdataset", **stats, "store_retries": store_retries()})
     return stats
 
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 from upath import UPath
 
 from denseforge.stages.card import encode_type, json_type
-from denseforge.storage import ensure_dir, remove, write_json_atomic, write_parquet_atomic, writing
+from denseforge.storage import ensure_dir, remove, store_retries, write_json_atomic, write_parquet_atomic, writing
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample, safe_member_key
 
@@ -83,6 +83,6 @@ def write_unit(unit: int, files: UnitFiles, samples: list[tuple[Sample, bytes]],
               "rejected": len(rejects), "removed": len(removed),
               "reasons": dict(sorted(Counter(f"{r.stage}/{r.reason}" for r in rejects).items())),
               "removed_reasons": dict(sorted(Counter(f"{r['stage']}/{r['reason']}" for r in removed).items())),
-              "stages": stages}
+              "stages": stages, "store_retries": store_retries()}
     write_json_atomic(files.marker, counts)
     return counts

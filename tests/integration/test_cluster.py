@@ -39,6 +39,17 @@ def bucket_input(s3_server, photo_dir, tmp_path_factory):
         yield tmp_path_factory.mktemp("cluster"), table
 
 
+@pytest.fixture(scope="module")
+def clean_in_bucket(bucket_input):
+    """The every-phase run of the bucket's table on one node, untouched: what the others must equal."""
+    from ..conftest import S3_BUCKET
+
+    tmp, table = bucket_input
+    clean = f"s3://{S3_BUCKET}/clean"
+    run_cli("run", str(every_phase_config(tmp, table, "clean.yaml")), "--out", clean, timeout=600)
+    return clean
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,10 +110,8 @@ def test_the_demo_runs_with_its_input_and_output_in_a_bucket(bucket_url, tmp_pat
     assert len(everything) > 40 and not [f for f in everything if S3_SECRET.encode() in root.fs.cat(f)]
 
 
-def test_two_nodes_a_killed_node_and_resume_give_the_clean_runs_bytes(bucket_input, bucket_url):
+def test_two_nodes_a_killed_node_and_resume_give_the_clean_runs_bytes(bucket_input, clean_in_bucket, bucket_url):
     tmp, table = bucket_input
-    clean = bucket_url + "/clean"
-    run_cli("run", str(every_phase_config(tmp, table, "one.yaml")), "--out", clean, timeout=600)
     killed = bucket_url + "/killed"
     cfg = every_phase_config(tmp, table, "two.yaml", node_loss_timeout_s=20)
     with two_nodes(tmp) as (address, dashboard, worker_port):
@@ -125,13 +134,13 @@ def test_two_nodes_a_killed_node_and_resume_give_the_clean_runs_bytes(bucket_inp
             assert "was lost and the run made no progress" in state["reason"], log
         run_cli("resume", killed, "--address", address, timeout=600)
     assert read_json(location(killed) / "run.json")["state"] == "complete"
-    assert run_result(killed) == run_result(clean)
+    assert run_result(killed) == run_result(clean_in_bucket)
     assert not list((tmp / "scratch-head").iterdir()) and not list((tmp / "scratch-worker").iterdir())
     nodes = read_json(location(killed) / "stats.json")["stages"]["tagger"]["nodes"]
     assert sum(n["items"] for n in nodes.values()) > 0
 
 
-def test_sigterm_stops_the_driver_cleanly_and_resume_finishes(bucket_input, bucket_url):
+def test_sigterm_stops_the_driver_cleanly_and_resume_finishes(bucket_input, clean_in_bucket, bucket_url):
     tmp, table = bucket_input
     out = bucket_url + "/sigterm"
     proc = subprocess.Popen([sys.executable, "-m", "denseforge.pipeline.cli", "run", str(every_phase_config(tmp, table, "t.yaml")),
@@ -149,3 +158,112 @@ def test_sigterm_stops_the_driver_cleanly_and_resume_finishes(bucket_input, buck
     assert state["state"] == "interrupted" and state["history"][-1]["outcome"] == "interrupted"
     run_cli("resume", out, timeout=600)
     assert read_json(location(out) / "run.json")["state"] == "complete"
+    assert run_result(out) == run_result(clean_in_bucket)
+
+
+class FaultyStore:
+    """A loopback proxy in front of the S3 server that answers every `slow_every`-th request with
+    503 SlowDown and drops the connection of every `drop_every`-th, before forwarding it (so a
+    fault never half-applies a request); counts what it did."""
+
+    HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
+
+    def __init__(self, upstream: str, slow_every: int = 7, drop_every: int = 19):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        proxy = self
+        self.requests = self.slowed = self.dropped = 0
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return data
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _any(self) -> None:
+                body = self._body()
+                with proxy._lock:
+                    proxy.requests += 1
+                    n = proxy.requests
+                if n % drop_every == 0:
+                    with proxy._lock:
+                        proxy.dropped += 1
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if n % slow_every == 0:
+                    with proxy._lock:
+                        proxy.slowed += 1
+                    error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                             b"<Message>Please reduce your request rate.</Message></Error>")
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(error)
+                    return
+                upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "expect")}
+                headers["Content-Length"] = str(len(body))
+                upstream_conn.request(self.command, self.path, body=body, headers=headers)
+                answer = upstream_conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in FaultyStore.HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream_conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> "FaultyStore":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_store_that_throttles_and_drops_connections_costs_retries_not_data(bucket_input, clean_in_bucket, bucket_url,
+                                                                            s3_server):
+    tmp, table = bucket_input
+    flaky = bucket_url + "/flaky"
+    with FaultyStore(s3_server) as store:
+        cfg = every_phase_config(tmp, table, "flaky.yaml")
+        with open(cfg, "a") as handle:  # this run reaches the store through the proxy: storage.options
+            handle.write(f"storage: {{options: {{endpoint_url: '{store.url}'}}}}\n")
+        run_cli("run", str(cfg), "--out", flaky, timeout=600)
+    print(f"proxy: {store.requests} requests, {store.slowed} SlowDown, {store.dropped} dropped")
+    assert store.slowed > 20 and store.dropped > 5
+    assert run_result(flaky) == run_result(clean_in_bucket)
+    stats = read_json(location(flaky) / "stats.json")
+    assert stats["storage"]["retries"] > 0 and stats["funnel"]["balanced"]
