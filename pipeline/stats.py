@@ -6,7 +6,6 @@ fails loudly; that is a bug, never a rounding matter.
 
 from __future__ import annotations
 
-import json
 import platform
 from collections import Counter
 from importlib import metadata

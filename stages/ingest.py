@@ -23,7 +23,6 @@ from typing import Any
 from upath import UPath
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from denseforge import __version__
