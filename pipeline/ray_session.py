@@ -24,6 +24,7 @@ LIGHT_TASK_CPUS = 0.25
 QUIET_RAY = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0"}
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
               "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+LOOPBACK = "127.0.0.1,localhost,::1"
 # A closed port on this host: a request through it is refused before anything leaves the machine.
 NOWHERE = "http://127.0.0.1:9"
 
@@ -42,7 +43,13 @@ def _system_processes_offline():
     for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         os.environ[k] = NOWHERE
     try:
-        yield {k: v or "" for k, v in saved.items()}  # "" reads as unset for urllib, requests, httpx
+        # "" reads as unset for urllib, requests, httpx. Loopback never goes through a proxy: with
+        # ray[default] installed each worker exports metrics over gRPC to its node's agent on
+        # 127.0.0.1, and gRPC honours http_proxy (seen: CONNECTs to the user's proxy)
+        restored = {k: v or "" for k, v in saved.items()}
+        for k in ("no_proxy", "NO_PROXY"):
+            restored[k] = ",".join(filter(None, (restored[k], LOOPBACK)))
+        yield restored
     finally:
         for k, v in saved.items():
             if v is None:
