@@ -191,7 +191,13 @@ def write_json_atomic(path: UPath | Path, payload: Any) -> None:
 
 
 def read_json(path: UPath | Path) -> Any:
-    return json.loads(path.read_bytes())
+    """A JSON file the run wrote; a truncated or foreign one is one line naming it."""
+    data = path.read_bytes()
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise StorageError(f"{url(path)} is not valid JSON ({exc}; {len(data)} bytes): it was cut short or is not "
+                           "denseforge's; restore or delete it") from None
 
 
 def write_table_atomic(path: UPath | Path, table: pa.Table, **options: Any) -> None:

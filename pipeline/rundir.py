@@ -24,7 +24,7 @@ from typing import Any, Literal
 from upath import UPath
 
 from denseforge import __version__
-from denseforge.errors import RunDirError
+from denseforge.errors import RunDirError, StorageError
 from denseforge.pipeline.config import Config, dump_config, load_config
 from denseforge.storage import ensure_dir, is_local, list_files, location, read_json, remove, write_bytes, write_json_atomic
 
@@ -279,7 +279,7 @@ class RunDir:
             try:
                 if read_json(self.lock_file).get("token") == token:
                     remove(self.lock_file)
-            except (OSError, ValueError):
+            except (OSError, StorageError):
                 pass
 
     def holder(self) -> dict[str, Any] | None:
@@ -289,7 +289,7 @@ class RunDir:
         if not is_local(self.root):
             try:
                 lease = read_json(self.lock_file)
-            except (OSError, ValueError):
+            except (OSError, StorageError):
                 return None
             if time.time() - float(lease.get("renewed", 0)) > LEASE_EXPIRY_S:
                 return None

@@ -228,7 +228,9 @@ class FaultyStore:
                 for k, v in answer.getheaders():
                     if k.lower() not in FaultyStore.HOP:
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD's length is the object's, not that of the (empty) body
+                length = answer.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -246,3 +246,11 @@ def test_threads_do_not_see_a_half_written_object(bucket_url):
     stop.set()
     thread.join()
     assert target.stat().st_size == 12 * 2**20 and not any(seen)
+
+
+def test_a_truncated_json_file_is_one_line_naming_it(root):
+    from denseforge.storage import write_bytes
+
+    write_bytes(root / "run.json", b'{"state": "runn')
+    with pytest.raises(StorageError, match=r"run.json is not valid JSON .*15 bytes.*cut short"):
+        read_json(root / "run.json")
