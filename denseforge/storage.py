@@ -42,6 +42,9 @@ LOCAL_PROTOCOLS = ("", "file", "local")
 SECRET_KEY = re.compile(r"secret|password|token|credential|account_key|sas|connection_string|^key$", re.I)
 ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 SCRATCH_ENV = "DENSEFORGE_SCRATCH"
+# A file larger than this goes up in parts of this size (S3's minimum is 5 MiB): what a writer
+# holds in memory, whatever the size of the shard.
+UPLOAD_PART = 8 * 2**20
 
 
 def check_options(options: dict[str, Any]) -> None:
@@ -166,7 +169,7 @@ def writing(path: UPath | Path) -> Iterator[IO[bytes]]:
         finally:
             tmp.unlink(missing_ok=True)
         return
-    handle = path.fs.open(path.path, "wb")
+    handle = path.fs.open(path.path, "wb", block_size=UPLOAD_PART)
     try:
         yield handle
     except BaseException:
@@ -190,9 +193,14 @@ def write_json_atomic(path: UPath | Path, payload: Any) -> None:
     write_bytes(path, json.dumps(payload, indent=1, sort_keys=True, default=str).encode())
 
 
+def read_bytes(path: UPath | Path) -> bytes:
+    """A whole file: one GET on an object store (a UPath's own read asks for the size first)."""
+    return Path(path).read_bytes() if is_local(path) else path.fs.cat_file(path.path)
+
+
 def read_json(path: UPath | Path) -> Any:
     """A JSON file the run wrote; a truncated or foreign one is one line naming it."""
-    data = path.read_bytes()
+    data = read_bytes(path)
     try:
         return json.loads(data)
     except ValueError as exc:
@@ -219,7 +227,7 @@ def read_arrow(path: UPath | Path) -> pa.Table:
     if is_local(path):
         with pa.memory_map(str(path)) as source:
             return pa.ipc.open_file(source).read_all()
-    return pa.ipc.open_file(pa.BufferReader(path.read_bytes())).read_all()
+    return pa.ipc.open_file(pa.BufferReader(read_bytes(path))).read_all()
 
 
 def write_parquet_atomic(path: UPath | Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
@@ -278,7 +286,10 @@ def append_text(path: UPath | Path, text: str) -> None:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(text)
         return
-    before = path.read_bytes() if path.exists() else b""
+    try:
+        before = read_bytes(path)
+    except FileNotFoundError:
+        before = b""
     write_bytes(path, before + text.encode("utf-8"))
 
 

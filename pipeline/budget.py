@@ -26,7 +26,7 @@ class ErrorBudget:
         """Start from the counts of the units earlier invocations finished."""
         for phase in ("embed", "write"):
             for marker in rd.markers(phase):  # one listing, not a request per unit
-                if int(marker.name[:len(rd.unit_name(0))]) < units:
+                if rd.unit_of(marker) < units:
                     self.add(read_json(marker).get("stages", {}))
 
     def add(self, counts: dict[str, dict[str, Any]]) -> None:

@@ -145,6 +145,11 @@ class RunDir:
     def unit_name(unit: int) -> str:
         return f"{unit:07d}"
 
+    @classmethod
+    def unit_of(cls, path: UPath) -> int:
+        """The unit a marker or per-unit file belongs to (its name starts with the unit's)."""
+        return int(path.name[:len(cls.unit_name(0))])
+
     def unit_file(self, unit: int) -> UPath:
         return self.units / f"{self.unit_name(unit)}.arrow"
 

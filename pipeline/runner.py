@@ -94,7 +94,7 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> in
     at a time; returns how many units it worked on."""
     import ray
 
-    retry = [u for u in range(plan.units) if _ingest_failed(rd, u)]
+    retry = _failed_ingests(rd)
     pending = sorted(rd.pending("ingest", plan.units) + retry)
     ensure_dir(rd.raw)
     bar = progress.phase("ingest", total=plan.units, done=plan.units - len(pending), unit="unit")
@@ -124,7 +124,7 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> in
             bar.update(1, failed_units=1)
             progress.warn(f"unit {rd.unit_name(unit)} failed after {config.ingest.unit_retries} retries: {message}")
     bar.close()
-    recovered = [u for u in retry if not _ingest_failed(rd, u)]
+    recovered = sorted(set(retry) - set(_failed_ingests(rd)))
     if recovered:
         # new images can change dedup's decisions anywhere: dedup and every unit's write are redone
         for unit in recovered:
@@ -136,9 +136,9 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> in
     return len(pending)
 
 
-def _ingest_failed(rd: RunDir, unit: int) -> bool:
-    marker = rd.ingest_marker(unit)
-    return marker.exists() and bool(read_json(marker).get("failed"))
+def _failed_ingests(rd: RunDir) -> list[int]:
+    """The units whose ingest marker says their download failed (one listing, then the markers)."""
+    return [rd.unit_of(m) for m in rd.markers("ingest") if read_json(m).get("failed")]
 
 
 # -- process ---------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def _finished(rd: RunDir, config: Config) -> bool:
     if not rd.plan_file.exists():
         return False
     units = read_json(rd.plan_file)["units"]
-    return not rd.pending("write", units) and not any(_ingest_failed(rd, u) for u in range(units))
+    return not rd.pending("write", units) and not _failed_ingests(rd)
 
 
 def _quietly(step) -> None:

@@ -26,8 +26,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from denseforge import __version__
-from denseforge.storage import (open_binary, read_arrow, read_json, read_parquet, staged, store_retries, write_bytes,
-                                write_json_atomic)
+from denseforge.storage import (open_binary, read_arrow, read_bytes, read_json, read_parquet, staged, store_retries,
+                                write_bytes, write_json_atomic)
 from denseforge.stages.image_normalize import ImageNormalizer, ImageRejected
 from denseforge.stages.sample import Reject, Sample, make_key
 from denseforge.stages.url_screen import guarded_opener
@@ -67,7 +67,7 @@ def download_unit(unit: int, unit_file: UPath, raw_dir: UPath, marker: UPath, cf
     with staged(raw_dir, scratch) as folder:
         # img2dataset deletes the shard file it was given; keep our unit for resume.
         work_copy = folder / f"{unit_name(unit)}.input.arrow"
-        write_bytes(work_copy, unit_file.read_bytes())
+        write_bytes(work_copy, read_bytes(unit_file))
         downloader = Downloader(
             sample_writer_class=WebDatasetSampleWriter,
             resizer=cfg,  # an IngestConfig is an ImageNormalizer

@@ -167,7 +167,9 @@ def bench_io(images: int = 1000, store: str | None = None, shards: int = 4, shar
             same = {p.name: p.read_bytes() for p in list_files(location(root / "run") / "shards", ".tar")} == \
                 {p.name: p.read_bytes() for p in list_files(base / "run" / "shards", ".tar")}
             result["e2e"] = {"images": images, **{k: {"seconds": v["seconds"], "peak_rss_mib": v["peak_rss_mib"],
-                                                       "written": v["funnel"]["written"]} for k, v in runs.items()},
+                                                       "written": v["funnel"]["written"],
+                                                       "phases_s": {p: f["seconds"] for p, f in v["phases"].items()}}
+                                                   for k, v in runs.items()},
                              "wall_ratio_store_to_local": round(runs["store"]["seconds"] / runs["local"]["seconds"], 3),
                              "peak_rss_ratio_store_to_local": round(runs["store"]["peak_rss_mib"] / runs["local"]["peak_rss_mib"], 3),
                              "same_shard_bytes": same}
