@@ -1,4 +1,4 @@
-"""Packaging: the top-level folders are the `denseforge` subpackages (see DESIGN.md's layout).
+"""Packaging: the top-level folders are the `denseforge` subpackages (docs/design.md: the layout).
 
 Every folder below them that holds an `__init__.py` is a package of the wheel, found here rather
 than listed by hand, so a new subfolder cannot import under `pip install -e` and be missing from

@@ -9,11 +9,13 @@ any key (the value is parsed as YAML, so `--set ingest.threads=8` gives an int).
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from denseforge.errors import ConfigError
 from denseforge.stages.dedup import DedupConfig, SelectConfig
@@ -218,3 +220,54 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 def dump_config(config: Config) -> str:
     """The resolved config as YAML, as saved in the run directory."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if getattr(annotation, "__args__", None) is None else None
+    text = text or str(annotation)
+    return re.sub(r"\b(typing|pathlib|denseforge\.[\w.]+)\.", "", text).replace("NoneType", "None").replace("|", "\\|")
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The settings model a field holds: itself, or a list's items (`perceive.experts[]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows, nested = [], []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        inner = _model_of(field.annotation)
+        if inner is not None:
+            nested.append((f"{key}[]." if "list" in str(field.annotation) else f"{key}.", inner))
+            continue
+        default = "(required)" if field.is_required() else field.get_default(call_default_factory=True)
+        shown = json.dumps(default, default=str) if not isinstance(default, str) or default != "(required)" else default
+        description = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        rows.append(f"| `{key}` | {_type_name(field.annotation)} | `{shown}` | {description} |")
+    for sub, inner in nested:
+        rows += _rows(inner, sub)
+    return rows
+
+
+def reference() -> str:
+    """docs/configuration.md: every key of a run's config with its type, default and description,
+    made from the settings models themselves (a test fails when the page is stale)."""
+    out = ["# Configuration reference", "",
+           "Every key of a run's YAML config (`--set KEY=VALUE` overrides any of them). Generated from the "
+           "settings models: `python -c \"from denseforge.pipeline.config import reference; "
+           "print(reference(), end='')\" > docs/configuration.md`.", ""]
+    for name, field in Config.model_fields.items():
+        model = _model_of(field.annotation)
+        out += [f"## {name}", ""]
+        doc = (model.__doc__ or "").strip() if model is not None else ""
+        if doc and not doc.startswith(("Usage docs", "!!!")):
+            out += [" ".join(doc.split()), ""]
+        out += ["| key | type | default | description |", "|---|---|---|---|",
+                *(_rows(model, f"{name}.") if model is not None else []), ""]
+    return "\n".join(out)

@@ -36,7 +36,7 @@ LEASE_EXPIRY_S = 120.0
 
 @dataclass(frozen=True)
 class RunDir:
-    """Paths of one run; see DESIGN.md for the layout."""
+    """Paths of one run (docs/design.md, "Run directory layout")."""
 
     root: UPath
 
