@@ -13,7 +13,6 @@ from typing import Any
 from denseforge.errors import StageFailedError
 from denseforge.pipeline.adapter import StageRun, failures, merge_counts
 from denseforge.pipeline.rundir import RunDir
-from denseforge.storage import read_json
 
 
 class ErrorBudget:
@@ -25,9 +24,9 @@ class ErrorBudget:
     def load(self, rd: RunDir, units: int) -> None:
         """Start from the counts of the units earlier invocations finished."""
         for phase in ("embed", "write"):
-            for marker in rd.markers(phase):  # one listing, not a request per unit
-                if rd.unit_of(marker) < units:
-                    self.add(read_json(marker).get("stages", {}))
+            for unit, counts in rd.marker_counts(phase):
+                if unit < units:
+                    self.add(counts.get("stages", {}))
 
     def add(self, counts: dict[str, dict[str, Any]]) -> None:
         merge_counts(self.totals, counts)

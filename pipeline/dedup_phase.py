@@ -31,7 +31,7 @@ from denseforge.pipeline.ray_session import one_off
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
 from denseforge.stages.embed import embedding_table, embeddings_matrix, pixel_spec, write_embeddings_file
-from denseforge.storage import (ensure_dir, list_files, parquet_rows, read_arrow, read_json, read_parquet, remove_tree,
+from denseforge.storage import (ensure_dir, list_files, read_arrow, read_json, read_parquet, remove_tree,
                                 store_retries, write_arrow_atomic, write_json_atomic, write_table_atomic)
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample
@@ -181,8 +181,7 @@ def _assign_units(files: list[UPath], index: dd.CentroidIndex, rd: RunDir, bucke
     for bucket, tables in pieces.items():
         target = rd.bucket(bucket) / f"{files[0].stem}.arrow"
         ensure_dir(target.parent)
-        write_arrow_atomic(target, pa.concat_tables(tables))
-        written += target.stat().st_size
+        written += write_arrow_atomic(target, pa.concat_tables(tables))
     return written
 
 
@@ -278,7 +277,8 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         return read_json(summary_file)
     cfg, sel = config.dedup, config.select
     files = [rd.embeddings_file(u) for u in range(plan_units)]
-    rows = [parquet_rows(f) for f in files]
+    embedded = dict(rd.marker_counts("embed"))  # each unit's rows, from its marker: no request per file
+    rows = [embedded[u]["embedded"] for u in range(plan_units)]
     n = sum(rows)
     k = dd.clusters_for(n, cfg.clusters, cfg.target_cluster_size)
     bar = progress.phase("dedup", total=4, unit="step")

@@ -26,7 +26,8 @@ from upath import UPath
 from denseforge import __version__
 from denseforge.errors import RunDirError, StorageError
 from denseforge.pipeline.config import Config, dump_config, load_config
-from denseforge.storage import ensure_dir, is_local, list_files, location, read_json, remove, write_bytes, write_json_atomic
+from denseforge.storage import (ensure_dir, is_local, list_files, location, read_json, read_json_many, remove, write_bytes,
+                                write_json_atomic)
 
 # An object-store lock is a lease: its holder rewrites it every LEASE_RENEW_S; one not renewed for
 # LEASE_EXPIRY_S belongs to a driver that died and may be taken over.
@@ -187,6 +188,12 @@ class RunDir:
         """The units of `range(units)` that have no completion marker for `phase`."""
         done = {p.name for p in self.markers(phase)}
         return [u for u in range(units) if self.marker(phase, u).name not in done]
+
+    def marker_counts(self, phase: Literal["ingest", "embed", "write"]) -> list[tuple[int, dict[str, Any]]]:
+        """(unit, the counts its marker holds) for every finished unit of `phase`, in unit order,
+        read in one batch."""
+        markers = self.markers(phase)
+        return list(zip(map(self.unit_of, markers), read_json_many(markers)))
 
     def markers(self, phase: Literal["ingest", "embed", "write"]) -> list[UPath]:
         """Every completion marker of `phase`, in unit order."""

@@ -138,7 +138,7 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> in
 
 def _failed_ingests(rd: RunDir) -> list[int]:
     """The units whose ingest marker says their download failed (one listing, then the markers)."""
-    return [rd.unit_of(m) for m in rd.markers("ingest") if read_json(m).get("failed")]
+    return [unit for unit, counts in rd.marker_counts("ingest") if counts.get("failed")]
 
 
 # -- process ---------------------------------------------------------------------------------

@@ -52,8 +52,8 @@ def stage_counts(rd: RunDir) -> dict[str, dict[str, Any]]:
     busy seconds, summed over the embed and write markers of every finished unit."""
     totals: dict[str, dict[str, Any]] = {}
     for phase in ("embed", "write"):
-        for marker in rd.markers(phase):
-            merge_counts(totals, read_json(marker).get("stages", {}))
+        for _, counts in rd.marker_counts(phase):
+            merge_counts(totals, counts.get("stages", {}))
     for c in totals.values():
         c["failed_total"] = failures(c)
         c["items_per_busy_s"] = round(c["items"] / c["busy_s"], 2) if c["busy_s"] > 0 else None
@@ -64,16 +64,15 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
                  complete: bool = True) -> dict[str, Any]:
     """Merge parts, compute the funnel and per-stage counts, write report.html; returns the stats
     dict. An incomplete run (one that failed) gets the same files without the balance check."""
-    done = rd.markers("write")
-    written = _merge([rd.manifest_part(int(m.stem)) for m in done], rd.manifest, MANIFEST_SCHEMA)
-    rejected = _merge([rd.rejects_part(int(m.stem)) for m in done], rd.rejects, REJECT_SCHEMA)
+    done = rd.marker_counts("write")
+    written = _merge([rd.manifest_part(unit) for unit, _ in done], rd.manifest, MANIFEST_SCHEMA)
+    rejected = _merge([rd.rejects_part(unit) for unit, _ in done], rd.rejects, REJECT_SCHEMA)
     by_reason: Counter[str] = Counter()
     by_stage: Counter[str] = Counter()
     removed_by: Counter[str] = Counter()
     unit_rows = removed = unit_retries = 0
     sample_type = pa.null()
-    for marker in done:
-        counts = read_json(marker)
+    for _, counts in done:
         if "json_type" in counts:
             sample_type = merge_types(sample_type, decode_type(counts["json_type"]))
         unit_rows += counts["rows"]
@@ -84,9 +83,9 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
             by_reason[reason] += n
             by_stage[reason.split("/", 1)[0]] += n
     input_rows = planned_rows if planned_rows is not None else unit_rows
-    embedded = [read_json(p) for p in rd.markers("embed")]
+    embedded = [counts for _, counts in rd.marker_counts("embed")]
     balanced = input_rows == written + rejected + removed == unit_rows
-    ingest = [read_json(p) for p in rd.markers("ingest")]
+    ingest = [counts for _, counts in rd.marker_counts("ingest")]
     ingest_s = timings.get("ingest_s", 0.0)
     stats = {
         "funnel": {

@@ -63,8 +63,7 @@ def run_status(root: UPath) -> dict[str, Any]:
         current = "dedup"
     out["phase"] = current or ("done" if rd.stats.exists() else "finalize")
     written = rejected = removed = retries = 0
-    for marker in rd.markers("write"):
-        counts = read_json(marker)
+    for _, counts in rd.marker_counts("write"):
         written, rejected, removed = written + counts["written"], rejected + counts["rejected"], removed + counts["removed"]
         retries += counts.get("store_retries", 0)
     out["samples"] = {"written": written, "rejected": rejected, "removed": removed}

@@ -11,6 +11,7 @@ the unit comes back exactly once.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -212,9 +213,12 @@ def read_raw_unit(unit: int, unit_file: UPath | None, raw_dir: UPath, marker: UP
     """
     name = unit_name(unit)
     rows: list[dict[str, Any]] = []
-    if screened_file is not None and screened_file.exists():
-        for reject in read_parquet(screened_file).to_pylist():
-            rows.append(reject_row(unit, Reject(**reject)))
+    if screened_file is not None:
+        try:
+            for reject in read_parquet(screened_file).to_pylist():
+                rows.append(reject_row(unit, Reject(**reject)))
+        except FileNotFoundError:  # a unit written before screening existed
+            pass
     state = read_json(marker)
     expected: dict[str, str | None] = {}
     if unit_file is not None:
@@ -256,10 +260,13 @@ def read_raw_unit(unit: int, unit_file: UPath | None, raw_dir: UPath, marker: UP
 
 
 def _read_tar_images(tar_path: UPath) -> dict[str, bytes]:
+    """The images of a unit's raw tar (fetched whole: the unit's rows hold them all anyway)."""
     images: dict[str, bytes] = {}
-    if not tar_path.exists():
+    try:
+        data = read_bytes(tar_path)
+    except FileNotFoundError:  # a unit with no image downloaded
         return images
-    with open_binary(tar_path) as source, tarfile.open(fileobj=source, mode="r") as tar:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         for member in tar:
             if member.isfile() and member.name.endswith(".jpg"):
                 handle = tar.extractfile(member)
