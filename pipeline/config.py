@@ -140,12 +140,29 @@ class Config(Settings):
         return self
 
 
+def _meant(loc: tuple[Any, ...]) -> str | None:
+    """The key an unknown one was probably meant to be: the closest name beside it."""
+    import difflib
+
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = _model_of(field.annotation) if field is not None else None
+        if model is None:
+            return None
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return ".".join([*map(str, loc[:-1]), close[0]]) if close else None
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key")
+            meant = _meant(e["loc"])
+            lines.append(f"  {path}: unknown key" + (f" (did you mean {meant}?)" if meant else ""))
         elif e["type"] == "missing":
             lines.append(f"  {path}: required key is missing")
         else:

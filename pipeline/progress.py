@@ -58,13 +58,14 @@ class Progress:
     def warn(self, message: str) -> None:
         print(f"denseforge: warning: {message}", file=sys.stderr, flush=True)
 
-    def summary(self, stats: dict[str, Any], root: Path) -> None:
-        print(format_summary(stats, root), file=sys.stderr, flush=True)
+    def summary(self, stats: dict[str, Any], root: Path, example: str | None = None) -> None:
+        print(format_summary(stats, root, example), file=sys.stderr, flush=True)
 
 
-def format_summary(stats: dict[str, Any], root: Path) -> str:
-    """The end-of-run summary: the funnel with removals by reason, rejects by reason, and every
-    stage that failed on items (with its first error)."""
+def format_summary(stats: dict[str, Any], root: Path, example: str | None = None) -> str:
+    """The end-of-run summary: the funnel with removals by reason, rejects by reason, every stage
+    that failed on items (with its first error), and where to look: the report, and `show` with
+    the key of a written sample (`example`)."""
     f = stats["funnel"]
     removed = ", ".join(f"{n} {r}" for r, n in sorted(f["removed_by_reason"].items(), key=lambda kv: -kv[1]))
     lines = [f"done: {f['input_rows']} input rows -> {f['written']} written, {f['rejected']} rejected, "
@@ -79,4 +80,6 @@ def format_summary(stats: dict[str, Any], root: Path) -> str:
     if stats.get("storage", {}).get("retries"):
         lines.append(f"store: {stats['storage']['retries']} request(s) retried (throttling, dropped connections)")
     lines.append(f"shards, manifest.parquet, rejects.parquet, stats.json, report.html in {root}")
+    lines.append(f"look at it: open {root}/report.html in a browser"
+                 + (f"; denseforge show {root} {example}" if example else ""))
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from upath import UPath
 
 from denseforge.errors import (DenseforgeError, FailedUnitsError, Interrupted, RunFailedError, SetupError,
@@ -36,8 +37,8 @@ from denseforge.pipeline.ray_session import (LIGHT_TASK_CPUS, NodeWatch, check_a
                                              start_ray)
 from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import finalize_run
-from denseforge.storage import (append_text, check_store, ensure_dir, is_local, location, read_json, remove, scratch_dir,
-                                write_json_atomic)
+from denseforge.storage import (append_text, check_store, ensure_dir, is_local, location, open_binary, read_json, remove,
+                                scratch_dir, write_json_atomic)
 from denseforge.stages.ingest import IngestConfig, download_unit, ingest_webdataset_unit, read_raw_unit
 from denseforge.stages.read_input import expand_paths, iter_folder_rows, iter_table_rows, table_suffixes, write_units
 from denseforge.stages.sample import Reject, Sample
@@ -317,7 +318,7 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, addr
             raise
         raise failure from exc
     write_json_atomic(rd.stats, stats)
-    Progress().summary(stats, rd.root)
+    Progress().summary(stats, rd.root, _example_key(rd))
     failed_units = stats["ingest"]["failed_units"]
     if failed_units and not allow_failed_units:
         reason = (f"{failed_units} unit(s) failed to download after their retries; their rows are "
@@ -327,6 +328,16 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, addr
         raise FailedUnitsError(reason)
     record("complete", reason=None)
     return stats
+
+
+def _example_key(rd: RunDir) -> str | None:
+    """The key of one written sample, for the summary's `show` command (read from the manifest's
+    first row group only)."""
+    with open_binary(rd.manifest) as source:
+        manifest = pq.ParquetFile(source)
+        if not manifest.metadata.num_rows:
+            return None
+        return manifest.read_row_group(0, columns=["key"]).column("key")[0].as_py()
 
 
 def _finished(rd: RunDir, config: Config) -> bool:

@@ -4,9 +4,14 @@ from denseforge.errors import ConfigError
 from denseforge.pipeline.config import apply_overrides, load_config, parse_config
 
 
-def test_unknown_key_names_its_path():
-    with pytest.raises(ConfigError, match=r"ingest\.thredas: unknown key"):
+def test_unknown_key_names_its_path_and_the_key_it_meant():
+    with pytest.raises(ConfigError, match=r"ingest\.thredas: unknown key \(did you mean ingest\.threads\?\)"):
         parse_config({"input": {"path": "x.parquet"}, "ingest": {"thredas": 4}})
+    with pytest.raises(ConfigError, match=r"perceive\.experts\.0\.optoins: unknown key \(did you mean "
+                                          r"perceive\.experts\.0\.options\?\)"):
+        parse_config({"input": {"path": "x.parquet"}, "perceive": {"experts": [{"plugin": "yolox", "optoins": {}}]}})
+    with pytest.raises(ConfigError, match=r"zzz: unknown key$"):
+        parse_config({"input": {"path": "x.parquet"}, "zzz": 1})
 
 
 def test_bad_value_names_path_and_expectation():

@@ -36,7 +36,8 @@ def test_the_summary_and_report_say_removed_with_the_reasons_not_duplicates(tmp_
     stats = finalize_run(rd, parse_config({"input": {"path": "x"}}), 4, {"ingest_s": 1.0})
     f = stats["funnel"]
     assert (f["input_rows"], f["written"], f["rejected"], f["removed"], f["balanced"]) == (4, 1, 1, 2, True)
-    text = format_summary(stats, rd.root)
+    text = format_summary(stats, rd.root, "000000000000")
+    assert text.splitlines()[-1] == f"look at it: open {rd.root}/report.html in a browser; denseforge show {rd.root} 000000000000"
     assert "2 removed (1 dedup/not_selected, 1 dedup/too_small)" in text and "duplicates" not in text
     assert "stage qa: failed on 1 of 4 items (ValueError 1); first error: ValueError: boom" in text
     assert "stage embed" not in text  # no failures, no line
