@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from denseforge.pipeline.demo import LoopbackImageServer
+from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
 from denseforge.storage import list_files, location, read_json, read_parquet, write_table_atomic
 
 from ..conftest import S3_SECRET, every_phase_config, run_cli, run_result
@@ -48,6 +48,22 @@ def clean_in_bucket(bucket_input):
     clean = f"s3://{S3_BUCKET}/clean"
     run_cli("run", str(every_phase_config(tmp, table, "clean.yaml")), "--out", clean, timeout=600)
     return clean
+
+
+@pytest.fixture(scope="module")
+def demo_in_bucket(s3_server, tmp_path_factory):
+    """The demo's corpus (its photos, odd encodings and broken rows) served on loopback to every
+    node, its input table in the bucket, and the demo config's clean run of it on one node."""
+    from ..conftest import S3_BUCKET
+
+    tmp = tmp_path_factory.mktemp("demo-corpus")
+    with LoopbackImageServer(tmp / "files") as server:
+        table = location(f"s3://{S3_BUCKET}/demo-input/input.parquet")
+        build_demo_corpus(tmp / "files", table, server.base_url)
+        demo = ("run", "demo", "--set", "demo.enabled=false", "--set", f"input.path={table}")
+        clean = f"s3://{S3_BUCKET}/demo-clean"
+        run_cli(*demo, "--out", clean, timeout=600)
+        yield tmp, demo, clean
 
 
 def _free_port() -> int:
@@ -110,14 +126,14 @@ def test_the_demo_runs_with_its_input_and_output_in_a_bucket(bucket_url, tmp_pat
     assert len(everything) > 40 and not [f for f in everything if S3_SECRET.encode() in root.fs.cat(f)]
 
 
-def test_two_nodes_a_killed_node_and_resume_give_the_clean_runs_bytes(bucket_input, clean_in_bucket, bucket_url):
-    tmp, table = bucket_input
+def test_the_demo_on_two_nodes_with_a_node_killed_then_resume_gives_the_clean_runs_bytes(demo_in_bucket, bucket_url):
+    tmp, demo, clean = demo_in_bucket
     killed = bucket_url + "/killed"
-    cfg = every_phase_config(tmp, table, "two.yaml", node_loss_timeout_s=20)
     with two_nodes(tmp) as (address, dashboard, worker_port):
         job = subprocess.Popen(
             [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard, "--",
-             sys.executable, "-m", "denseforge.pipeline.cli", "run", str(cfg), "--out", killed],
+             sys.executable, "-m", "denseforge.pipeline.cli", *demo, "--set", "ray.node_loss_timeout_s=20",
+             "--out", killed],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         done = location(killed) / "shards" / "_done"
         deadline = time.time() + 300
@@ -134,9 +150,9 @@ def test_two_nodes_a_killed_node_and_resume_give_the_clean_runs_bytes(bucket_inp
             assert "was lost and the run made no progress" in state["reason"], log
         run_cli("resume", killed, "--address", address, timeout=600)
     assert read_json(location(killed) / "run.json")["state"] == "complete"
-    assert run_result(killed) == run_result(clean_in_bucket)
+    assert run_result(killed) == run_result(clean)
     assert not list((tmp / "scratch-head").iterdir()) and not list((tmp / "scratch-worker").iterdir())
-    nodes = read_json(location(killed) / "stats.json")["stages"]["tagger"]["nodes"]
+    nodes = read_json(location(killed) / "stats.json")["stages"]["yolox"]["nodes"]
     assert sum(n["items"] for n in nodes.values()) > 0
 
 
