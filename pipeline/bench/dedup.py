@@ -165,10 +165,12 @@ def _faiss_gpu() -> bool:
 def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup_fraction: float = 0.1) -> np.ndarray:
     """n planted embeddings written as the embed pass writes them (one float16 embeddings file per
     unit of `unit_rows`; each unit's near-copies are of its own originals), streaming: memory holds
-    one unit. Returns the group id of every row (rows are keyed by their index)."""
+    one unit, each with its completion marker. Returns the group id of every row (rows are keyed by
+    their index)."""
     import pyarrow as pa
 
     from denseforge.stages.embed import embedding_table, write_embeddings_file
+    from denseforge.storage import write_json_atomic
 
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((max(1, n // 200), dim), dtype=np.float32)
@@ -187,6 +189,7 @@ def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup
         extra = {"sha256": pa.array(keys), "phash": pa.array(np.zeros(rows, dtype=np.int64)),
                  "width": pa.array(np.full(rows, 640)), "height": pa.array(np.full(rows, 480))}
         write_embeddings_file(rd.embeddings_file(unit), embedding_table(keys, [unit] * rows, x, extra, dtype="float16"))
+        write_json_atomic(rd.embed_marker(unit), {"unit": unit, "embedded": rows, "failed": 0, "stages": {}})
     return group
 
 
@@ -223,7 +226,7 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
         group = write_planted_units(rd, n, dim, unit_rows, seed)
         generate_s = time.perf_counter() - start
         units = -(-n // unit_rows)
-        embeddings_mib = sum(f.stat().st_size for f in rd.embeddings.iterdir()) / 2**20
+        embeddings_mib = sum(f.stat().st_size for f in rd.embeddings.glob("*.parquet")) / 2**20
         start_ray(config.ray, None)
         progress = _StepTimes()
         try:
