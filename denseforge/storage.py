@@ -51,9 +51,11 @@ def check_options(options: dict[str, Any]) -> None:
     """Refuse a literal secret in `storage.options`: it would be saved in the run's config.yaml."""
     for key, value in _walk(options):
         if SECRET_KEY.search(key) and isinstance(value, str) and not ENV_REF.match(value):
-            raise ConfigError(f"storage.options.{key}: a secret is never written into a config; give it as "
-                              f"${{ENV_VAR}} or through the store's standard credentials (AWS_*, profiles, "
-                              "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)")
+            raise ConfigError(
+                f"storage.options.{key}: a secret is never written into a config; give it as "
+                f"${{ENV_VAR}} or through the store's standard credentials (AWS_*, profiles, "
+                "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)"
+            )
 
 
 def _walk(options: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -78,8 +80,12 @@ class _RetryCounter(logging.Handler):
     """Counts the store requests this process retried (botocore's throttling and connection
     retries, s3fs's own backoff on SlowDown and dropped reads), read off their debug records."""
 
-    NEEDLES = ("Retry needed, action of", "Retry needed, retrying request", "Retryable error",
-               "Client error (maybe retryable)")
+    NEEDLES = (
+        "Retry needed, action of",
+        "Retry needed, retrying request",
+        "Retryable error",
+        "Client error (maybe retryable)",
+    )
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -92,7 +98,7 @@ class _RetryCounter(logging.Handler):
 
 _RETRIES = _RetryCounter()
 for _name in ("s3fs", "botocore.retryhandler", "botocore.retries.standard"):  # in every process that
-    logging.getLogger(_name).addHandler(_RETRIES)                          # touches a store
+    logging.getLogger(_name).addHandler(_RETRIES)  # touches a store
     logging.getLogger(_name).setLevel(logging.DEBUG)
     logging.getLogger(_name).propagate = False  # counted here, not printed
 
@@ -119,9 +125,17 @@ def location(path: str | os.PathLike[str] | UPath, options: dict[str, Any] | Non
     try:
         return UPath(text, **settings)
     except (ValueError, ImportError) as exc:
-        hint = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}.get(protocol)
+        hint = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}.get(
+            protocol
+        )
         extra = f"; install it with `pip install {hint}`" if hint else ""
         raise StorageError(f"{text}: no filesystem for {protocol}:// ({exc}){extra}") from None
+
+
+def _store(path: UPath | Path) -> tuple[Any, str]:
+    """The fsspec filesystem of a store path and the path as that filesystem names it."""
+    upath = path if isinstance(path, UPath) else location(path)
+    return upath.fs, upath.path
 
 
 def is_local(path: UPath | Path) -> bool:
@@ -160,16 +174,17 @@ def writing(path: UPath | Path) -> Iterator[IO[bytes]]:
     """A binary file that becomes `path` whole when the block ends, or not at all if it raises:
     a rename on local disk, a (multipart) upload on an object store, aborted on failure."""
     if is_local(path):
-        tmp = tmp_path(Path(path))
+        tmp = tmp_path(Path(str(path)))
         tmp.parent.mkdir(parents=True, exist_ok=True)  # as on a store, where a key needs no folder
         try:
             with open(tmp, "wb") as handle:
                 yield handle
-            os.replace(tmp, path)
+            os.replace(tmp, str(path))
         finally:
             tmp.unlink(missing_ok=True)
         return
-    handle = path.fs.open(path.path, "wb", block_size=UPLOAD_PART)
+    fs, key = _store(path)
+    handle = fs.open(key, "wb", block_size=UPLOAD_PART)
     try:
         yield handle
     except BaseException:
@@ -179,7 +194,7 @@ def writing(path: UPath | Path) -> Iterator[IO[bytes]]:
             handle.closed = True  # nothing left to flush when it is collected
         else:
             handle.close()
-            path.fs.rm(path.path)
+            fs.rm(key)
         raise
     handle.close()
 
@@ -195,7 +210,10 @@ def write_json_atomic(path: UPath | Path, payload: Any) -> None:
 
 def read_bytes(path: UPath | Path) -> bytes:
     """A whole file: one GET on an object store (a UPath's own read asks for the size first)."""
-    return Path(path).read_bytes() if is_local(path) else path.fs.cat_file(path.path)
+    if is_local(path):
+        return Path(str(path)).read_bytes()
+    fs, key = _store(path)
+    return fs.cat_file(key)
 
 
 def read_json(path: UPath | Path) -> Any:
@@ -216,8 +234,10 @@ def _json(path: UPath | Path, data: bytes) -> Any:
     try:
         return json.loads(data)
     except ValueError as exc:
-        raise StorageError(f"{url(path)} is not valid JSON ({exc}; {len(data)} bytes): it was cut short or is not "
-                           "denseforge's; restore or delete it") from None
+        raise StorageError(
+            f"{url(path)} is not valid JSON ({exc}; {len(data)} bytes): it was cut short or is not "
+            "denseforge's; restore or delete it"
+        ) from None
 
 
 def write_table_atomic(path: UPath | Path, table: pa.Table, **options: Any) -> None:
@@ -250,7 +270,10 @@ def write_parquet_atomic(path: UPath | Path, rows: list[dict[str, Any]], schema:
 
 
 def _arrow_args(path: UPath | Path) -> tuple[str, Any]:
-    return (str(path), None) if is_local(path) else (path.path, path.fs)
+    if is_local(path):
+        return str(path), None
+    fs, key = _store(path)
+    return key, fs
 
 
 def read_parquet(path: UPath | Path, **options: Any) -> pa.Table:
@@ -281,10 +304,11 @@ def remove(path: UPath | Path) -> None:
 def remove_tree(path: UPath | Path) -> None:
     """A folder (a key prefix) and everything under it, if it is there."""
     if is_local(path):
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(str(path), ignore_errors=True)
         return
+    fs, key = _store(path)
     try:
-        path.fs.rm(path.path, recursive=True)
+        fs.rm(key, recursive=True)
     except FileNotFoundError:
         pass
 
@@ -294,7 +318,7 @@ def append_text(path: UPath | Path, text: str) -> None:
     store, which has no append."""
     if is_local(path):
         ensure_dir(path.parent)
-        with open(path, "a", encoding="utf-8") as handle:
+        with open(str(path), "a", encoding="utf-8") as handle:
             handle.write(text)
         return
     try:
@@ -311,21 +335,25 @@ def staged(folder: UPath | Path, scratch: str | None = None) -> Iterator[Path]:
     removed either way. For writers that only know local files (img2dataset's)."""
     if is_local(folder):
         ensure_dir(folder)
-        yield Path(folder)
+        yield Path(str(folder))
         return
+    fs, key = _store(folder)
     local = Path(tempfile.mkdtemp(prefix="denseforge-", dir=scratch_dir(scratch)))
     try:
         yield local
         for file in sorted(local.iterdir()):
             if file.is_file():
-                folder.fs.put_file(str(file), (folder / file.name).path)
+                fs.put_file(str(file), f"{key}/{file.name}")
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
 
 def open_binary(path: UPath | Path) -> IO[bytes]:
     """A seekable binary reader (ranged reads on an object store)."""
-    return open(path, "rb") if is_local(path) else path.fs.open(path.path, "rb")
+    if is_local(path):
+        return open(str(path), "rb")
+    fs, key = _store(path)
+    return fs.open(key, "rb")
 
 
 def read_text_file(path: UPath | Path) -> io.TextIOWrapper:
@@ -345,11 +373,31 @@ def describe_store_error(exc: BaseException) -> str:
     lowered = text.lower()
     for needles, cause in (
         (("nosuchbucket", "bucket does not exist", "specified bucket"), "the bucket does not exist"),
-        (("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied", "forbidden", "403",
-          "permissionerror", "nocredentials", "unable to locate credentials"),
-         "access denied: check the credentials (AWS_* / profile / storage.options)"),
-        (("could not connect", "connect timeout", "endpointconnectionerror", "connection refused",
-          "name or service not known", "cannot connect"), "the store does not answer (check AWS_ENDPOINT_URL / the network)"),
+        (
+            (
+                "invalidaccesskeyid",
+                "signaturedoesnotmatch",
+                "accessdenied",
+                "access denied",
+                "forbidden",
+                "403",
+                "permissionerror",
+                "nocredentials",
+                "unable to locate credentials",
+            ),
+            "access denied: check the credentials (AWS_* / profile / storage.options)",
+        ),
+        (
+            (
+                "could not connect",
+                "connect timeout",
+                "endpointconnectionerror",
+                "connection refused",
+                "name or service not known",
+                "cannot connect",
+            ),
+            "the store does not answer (check AWS_ENDPOINT_URL / the network)",
+        ),
     ):
         if any(n in lowered for n in needles):
             return f"{cause} ({text[:200]})"
@@ -373,9 +421,10 @@ def modified_times(folder: UPath | Path) -> dict[str, float]:
     store lists them with their times; no request per file)."""
     try:
         if is_local(folder):
-            with os.scandir(folder) as entries:
+            with os.scandir(str(folder)) as entries:
                 return {e.name: e.stat().st_mtime for e in entries if e.is_file()}
-        found = folder.fs.ls(folder.path, detail=True)
+        fs, key = _store(folder)
+        found = fs.ls(key, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         return {}
     times = {}
@@ -392,7 +441,7 @@ def list_files(folder: UPath | Path, suffix: str) -> list[UPath]:
     """The finished files of `folder` whose names end in `suffix`, sorted by name (one listing,
     paginated on an object store); none when the folder is not there."""
     try:
-        found = [p for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith(".")]
+        found = [location(p) for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith(".")]
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(found, key=lambda p: p.name)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic
 
 from PIL import Image
 from pydantic import BaseModel
 
-from denseforge.stages.stage import NoOptions, Resources
+from denseforge.stages.stage import NoOptions, OptionsT, Resources, validated_options
 
 __all__ = ["Expert", "ExpertInput", "NoOptions", "Resources", "clip_box", "render_json"]
 
@@ -32,8 +32,9 @@ class ExpertInput:
     observations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-class Expert(ABC):
-    """Base class of every expert; subclass it and register it under `denseforge.experts`."""
+class Expert(ABC, Generic[OptionsT]):
+    """Base class of every expert; subclass it and register it under `denseforge.experts`;
+    `Expert[ItsOptions]` types `self.options`."""
 
     name: ClassVar[str]
     kind: ClassVar[str]
@@ -42,7 +43,7 @@ class Expert(ABC):
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, options: BaseModel | dict[str, Any] | None = None):
-        self.options = options if isinstance(options, BaseModel) else self.Options.model_validate(options or {})
+        self.options: OptionsT = validated_options(self.Options, options)
         self.resources = self.default_resources  # the configured ones once the pipeline runs it
 
     def setup(self) -> None:
@@ -69,8 +70,9 @@ class Expert(ABC):
 
 def render_json(observations: list[dict[str, Any]]) -> str:
     """Observations as quoted JSON lines (at most 300 characters each): data, never instructions."""
-    return "\n".join(json.dumps(json.dumps(o, ensure_ascii=False, sort_keys=True), ensure_ascii=False)[:300]
-                     for o in observations)
+    return "\n".join(
+        json.dumps(json.dumps(o, ensure_ascii=False, sort_keys=True), ensure_ascii=False)[:300] for o in observations
+    )
 
 
 def clip_box(box: list[float], width: int, height: int) -> list[float] | None:

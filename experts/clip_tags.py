@@ -34,7 +34,7 @@ class ClipTagOptions(ClipModel):
     threshold: float = Field(0.05, ge=0, le=1, description="minimum softmax probability over the vocabulary")
 
 
-class ClipTagExpert(Expert):
+class ClipTagExpert(Expert[ClipTagOptions]):
     """Zero-shot tags: softmax over CLIP image-text similarities to every vocabulary prompt."""
 
     name = "clip-tags"
@@ -67,8 +67,13 @@ class ClipTagExpert(Expert):
         k = min(self.options.top_k, len(self.tags))
         for row in probs:
             values, index = row.topk(k)
-            out.append([{"label": self.tags[i], "score": round(float(v), 4)}
-                        for v, i in zip(values.tolist(), index.tolist()) if v >= self.options.threshold])
+            out.append(
+                [
+                    {"label": self.tags[i], "score": round(float(v), 4)}
+                    for v, i in zip(values.tolist(), index.tolist(), strict=True)
+                    if v >= self.options.threshold
+                ]
+            )
         return out
 
     def untrained(self) -> bool:

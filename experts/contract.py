@@ -41,13 +41,18 @@ class Checked(list):
         super().__init__(found)
         self.observations = sum(len(f) for f in found)
         self.boxes = sum(1 for f in found for obs in f if "box" in obs)
-        self.summary = (f"check_expert({name}): {len(found)} images, {self.observations} observations checked "
-                        f"({self.boxes} with boxes)")
+        self.summary = (
+            f"check_expert({name}): {len(found)} images, {self.observations} observations checked "
+            f"({self.boxes} with boxes)"
+        )
 
 
-def check_expert(expert: Expert | type[Expert], images: list[Image.Image] | None = None,
-                 observations: list[dict[str, list[dict[str, Any]]]] | None = None,
-                 deterministic: bool = True) -> Checked:
+def check_expert(
+    expert: Expert | type[Expert],
+    images: list[Image.Image] | None = None,
+    observations: list[dict[str, list[dict[str, Any]]]] | None = None,
+    deterministic: bool = True,
+) -> Checked:
     """Raise ContractError unless the expert honours the contract; returns its observations (a
     list with `.summary`: how many observations and boxes were really checked — zero boxes from a
     detector means its boxes went unchecked)."""
@@ -63,14 +68,19 @@ def check_expert(expert: Expert | type[Expert], images: list[Image.Image] | None
         raise ContractError("; ".join(problems))
     images = images or sample_images()
     observations = observations or [{} for _ in images]
-    batch = [ExpertInput(f"k{i}", im.convert("RGB"), obs) for i, (im, obs) in enumerate(zip(images, observations))]
+    batch = [
+        ExpertInput(f"k{i}", im.convert("RGB"), obs)
+        for i, (im, obs) in enumerate(zip(images, observations, strict=True))
+    ]
     instance.setup()
     first = instance(batch)
     if not isinstance(first, list) or len(first) != len(batch):
-        raise ContractError(f"{cls.name}: must return one list per image ({len(batch)}), got {type(first).__name__}"
-                            + (f" of length {len(first)}" if isinstance(first, list) else ""))
+        raise ContractError(
+            f"{cls.name}: must return one list per image ({len(batch)}), got {type(first).__name__}"
+            + (f" of length {len(first)}" if isinstance(first, list) else "")
+        )
     schema = KNOWN_KINDS.get(cls.kind)
-    for i, (item, found) in enumerate(zip(batch, first)):
+    for i, (item, found) in enumerate(zip(batch, first, strict=True)):
         w, h = item.image.size
         if not isinstance(found, list):
             problems.append(f"image {i}: result is {type(found).__name__}, not a list")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import metadata
+from typing import Any
 
 from denseforge.errors import ConfigError, DenseforgeError
 from denseforge.experts.base import Expert
@@ -29,7 +30,7 @@ def entries(group: str = GROUP) -> dict[str, PluginEntry]:
     return dict(sorted(found.items()))
 
 
-def load_plugin(group: str, name: str, base: type) -> type:
+def load_plugin(group: str, name: str, base: type) -> Any:
     """Import the class registered as `name` in `group`; a clear error if it is missing, fails to
     import or is not a subclass of `base`."""
     what = "expert" if group == GROUP else "stage"
@@ -40,8 +41,9 @@ def load_plugin(group: str, name: str, base: type) -> type:
             except Exception as exc:  # noqa: BLE001 - a plugin's import failure, reported with its name
                 raise DenseforgeError(f"{what} plugin {name!r} ({ep.value}) failed to import: {exc}") from exc
             if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise DenseforgeError(f"{what} plugin {name!r} ({ep.value}) is not a "
-                                      f"{base.__module__}.{base.__name__} subclass")
+                raise DenseforgeError(
+                    f"{what} plugin {name!r} ({ep.value}) is not a {base.__module__}.{base.__name__} subclass"
+                )
             return cls
     known = ", ".join(entries(group)) or "none"
     raise ConfigError(f"no {what} plugin named {name!r} is installed (installed: {known})")
@@ -64,13 +66,29 @@ def describe_experts() -> list[dict[str, str]]:
                 r = cls.default_resources
                 if base is Expert:
                     kind = cls.kind
-                    consumes = ",".join(cls.consumes) or "-" if isinstance(cls.consumes, tuple) else "depends on options"
+                    consumes = (
+                        ",".join(cls.consumes) or "-" if isinstance(cls.consumes, tuple) else "depends on options"
+                    )
                 else:
                     kind, consumes = "stage", "-"
-                rows.append({"name": name, "kind": kind, "consumes": consumes,
-                             "resources": f"gpus={r.num_gpus} cpus={r.num_cpus} batch={r.batch_size} x{r.concurrency or 'tasks'}",
-                             "package": entry.package})
+                rows.append(
+                    {
+                        "name": name,
+                        "kind": kind,
+                        "consumes": consumes,
+                        "resources": f"gpus={r.num_gpus} cpus={r.num_cpus} batch={r.batch_size} "
+                        f"x{r.concurrency or 'tasks'}",
+                        "package": entry.package,
+                    }
+                )
             except DenseforgeError as err:
-                rows.append({"name": name, "kind": "?", "consumes": "?", "resources": f"unavailable: {err}",
-                             "package": entry.package})
+                rows.append(
+                    {
+                        "name": name,
+                        "kind": "?",
+                        "consumes": "?",
+                        "resources": f"unavailable: {err}",
+                        "package": entry.package,
+                    }
+                )
     return rows

@@ -4,7 +4,7 @@ detection with classes from config or from the tagger's output for the same imag
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,7 +16,8 @@ class YoloOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field("yolov8x.pt", description="a name ultralytics knows, a local .pt path, or a .yaml architecture")
     weights: Literal["pretrained", "random"] = Field(
-        "pretrained", description="random builds the architecture (model with .yaml) untrained: tests and demos only")
+        "pretrained", description="random builds the architecture (model with .yaml) untrained: tests and demos only"
+    )
     conf: float = Field(0.25, ge=0, le=1)
     iou: float = Field(0.7, ge=0, le=1)
     imgsz: int = Field(640, ge=32)
@@ -30,7 +31,7 @@ class YoloOptions(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _one_vocabulary(self) -> "YoloOptions":
+    def _one_vocabulary(self) -> YoloOptions:
         if self.classes is not None and self.classes_from is not None:
             raise ValueError("set classes or classes_from, not both")
         return self
@@ -40,7 +41,7 @@ class YoloOptions(BaseModel):
         return self.classes is not None or self.classes_from is not None
 
 
-class YoloExpert(Expert):
+class YoloExpert(Expert[YoloOptions]):
     name = "yolo"
     kind = "objects"
     default_resources = Resources(batch_size=16)
@@ -60,18 +61,21 @@ class YoloExpert(Expert):
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(o.seed)
-                self.model = YOLO(source)
+                self.model: Any = YOLO(source)
         except Exception as exc:  # noqa: BLE001 - offline downloads, bad paths, bad names
-            raise ModelLoadError(f"yolo: cannot load {source!r}: {type(exc).__name__}: {exc}. Offline? "
-                                 "Put the .pt file on disk and set options.model to its path.") from None
+            raise ModelLoadError(
+                f"yolo: cannot load {source!r}: {type(exc).__name__}: {exc}. Offline? "
+                "Put the .pt file on disk and set options.model to its path."
+            ) from None
         self._text_cache: dict[str, Any] = {}
         if o.open_vocabulary:
             if type(self.model.model).__name__ != "WorldModel":
                 raise ModelLoadError(f"yolo: classes/classes_from need a YOLO-World model, {o.model!r} is not one")
             from denseforge.stages.embed import ClipModel, load_clip
 
-            text_tower = ClipModel(model=o.text_model, pretrained=o.text_pretrained, weights=o.text_weights,
-                                   device="cpu", seed=o.seed)
+            text_tower = ClipModel(
+                model=o.text_model, pretrained=o.text_pretrained, weights=o.text_weights, device="cpu", seed=o.seed
+            )
             self.clip, _, self._text_provenance = load_clip(text_tower, "cpu")
             import open_clip
 
@@ -86,7 +90,7 @@ class YoloExpert(Expert):
         if missing:
             with torch.inference_mode():
                 feats = self.clip.encode_text(self.tokenizer(missing)).float()
-            for n, f in zip(missing, torch.nn.functional.normalize(feats, dim=-1)):
+            for n, f in zip(missing, torch.nn.functional.normalize(feats, dim=-1), strict=True):
                 self._text_cache[n] = f
         feats = torch.stack([self._text_cache[n] for n in names])[None]
         world = self.model.model
@@ -98,14 +102,20 @@ class YoloExpert(Expert):
 
     def _detect(self, images) -> list[list[dict[str, Any]]]:
         o = self.options
-        results = self.model.predict(images, conf=o.conf, iou=o.iou, imgsz=o.imgsz, max_det=o.max_det,
-                                     device=self.device, verbose=False)
+        results = self.model.predict(
+            images, conf=o.conf, iou=o.iou, imgsz=o.imgsz, max_det=o.max_det, device=self.device, verbose=False
+        )
         out = []
         for r in results:
+            r = cast(Any, r)  # ultralytics types predict() as Results | Tensor
             names = r.names
             boxes = r.boxes
-            out.append([{"label": names[int(c)], "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
-                        for b, s, c in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist())])
+            out.append(
+                [
+                    {"label": names[int(c)], "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
+                    for b, s, c in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist(), strict=True)
+                ]
+            )
         return out
 
     def __call__(self, batch: list[ExpertInput]) -> list[list[dict[str, Any]]]:
@@ -115,12 +125,12 @@ class YoloExpert(Expert):
         out: list[list[dict[str, Any]]] = [[] for _ in batch]
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, item in enumerate(batch):
-            names = o.classes if o.classes is not None else [t["label"] for t in item.observations.get("tags", [])]
-            if names:
-                groups.setdefault(tuple(dict.fromkeys(names)), []).append(i)
+            wanted = o.classes if o.classes is not None else [t["label"] for t in item.observations.get("tags", [])]
+            if wanted:
+                groups.setdefault(tuple(dict.fromkeys(wanted)), []).append(i)
         for names, members in groups.items():
             self._set_classes(list(names))
-            for i, dets in zip(members, self._detect([batch[i].image for i in members])):
+            for i, dets in zip(members, self._detect([batch[i].image for i in members]), strict=True):
                 out[i] = dets
         return out
 
@@ -129,8 +139,11 @@ class YoloExpert(Expert):
 
     def provenance(self) -> dict[str, Any]:
         o = self.options
-        info = {"plugin": self.name, "model": o.model,
-                "weights": "random (untrained architecture)" if o.weights == "random" else "pretrained"}
+        info: dict[str, Any] = {
+            "plugin": self.name,
+            "model": o.model,
+            "weights": "random (untrained architecture)" if o.weights == "random" else "pretrained",
+        }
         if o.open_vocabulary:
             info["vocabulary"] = "tags of the same image" if o.classes_from else o.classes
             info["text_encoder"] = self._text_provenance

@@ -43,27 +43,28 @@ def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, float]:
     r = min(size / h, size / w)
     resized = cv2.resize(image_bgr, (max(1, int(w * r)), max(1, int(h * r))), interpolation=cv2.INTER_LINEAR)
     canvas = np.full((size, size, 3), 114, dtype=np.uint8)
-    canvas[:resized.shape[0], :resized.shape[1]] = resized
+    canvas[: resized.shape[0], : resized.shape[1]] = resized
     return canvas.transpose(2, 0, 1).astype(np.float32), r
 
 
 def decode(raw: np.ndarray, size: int) -> np.ndarray:
     """YOLOX head output (n, 5 + classes) to boxes in input pixels: centre offsets plus the grid
     cell, times the stride; log sizes exponentiated, times the stride."""
-    grids, strides = [], []
+    grids: list[np.ndarray] = []
+    strides: list[np.ndarray] = []
     for stride in STRIDES:
         cells = size // stride
         ys, xs = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
         grids.append(np.stack([xs, ys], axis=-1).reshape(-1, 2))
         strides.append(np.full((cells * cells, 1), stride))
-    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    grid, offsets = np.concatenate(grids), np.concatenate(strides)
     out = raw.astype(np.float32).copy()
-    out[:, :2] = (out[:, :2] + grid) * stride
-    out[:, 2:4] = np.exp(out[:, 2:4]) * stride
+    out[:, :2] = (out[:, :2] + grid) * offsets
+    out[:, 2:4] = np.exp(out[:, 2:4]) * offsets
     return out
 
 
-class YoloxExpert(Expert):
+class YoloxExpert(Expert[YoloxOptions]):
     name = "yolox"
     kind = "objects"
     default_resources = Resources(batch_size=8)
@@ -110,16 +111,23 @@ class YoloxExpert(Expert):
         if not keep.any():
             return []
         boxes_xywh = np.concatenate([out[keep, :2] - out[keep, 2:4] / 2, out[keep, 2:4]], axis=1) / r
-        picked = cv2.dnn.NMSBoxesBatched(boxes_xywh.tolist(), scores[keep].tolist(), cls[keep].tolist(),
-                                         o.score_threshold, o.nms_iou, top_k=o.max_detections)
+        picked = cv2.dnn.NMSBoxesBatched(
+            boxes_xywh.tolist(),
+            scores[keep].tolist(),
+            cls[keep].tolist(),
+            o.score_threshold,
+            o.nms_iou,
+            top_k=o.max_detections,
+        )
         found = []
         height, width = image_rgb.shape[:2]
         for i in np.asarray(picked, dtype=np.int64).reshape(-1):
             x, y, w, h = (float(v) for v in boxes_xywh[i])
             box = clip_box([x, y, x + w, y + h], width, height)  # boxes may overhang the image
             if box is not None:
-                found.append({"label": self.names[int(cls[keep][i])], "score": round(float(scores[keep][i]), 4),
-                              "box": box})
+                found.append(
+                    {"label": self.names[int(cls[keep][i])], "score": round(float(scores[keep][i]), 4), "box": box}
+                )
         return sorted(found, key=lambda d: -d["score"])
 
     def __call__(self, batch: list[ExpertInput]) -> list[list[dict[str, Any]]]:
@@ -127,7 +135,12 @@ class YoloxExpert(Expert):
 
     def provenance(self) -> dict[str, Any]:
         path = self.model_path()
-        return {"plugin": self.name, "model": self.options.model,
-                "weights": "pretrained (YOLOX-Nano, COCO, Apache-2.0; experts/models/NOTICE)"
-                if self.options.model == "builtin:yolox_nano" else f"ONNX file {path.name}",
-                "runtime": "onnxruntime", "providers": getattr(self, "providers", None)}
+        return {
+            "plugin": self.name,
+            "model": self.options.model,
+            "weights": "pretrained (YOLOX-Nano, COCO, Apache-2.0; experts/models/NOTICE)"
+            if self.options.model == "builtin:yolox_nano"
+            else f"ONNX file {path.name}",
+            "runtime": "onnxruntime",
+            "providers": getattr(self, "providers", None),
+        }

@@ -8,9 +8,9 @@ Stages of one `group` (next to each other in the flow) share a worker: one proce
 context for their models, each record parsed and each image decoded once for all of them. Light
 stages run in the next CPU worker, and a pass ends in its sink, a worker that lives for the whole
 pass (see `add_stages`). Every row carries a `trace`: per stage, its share of the busy seconds, the
-Ray node it ran on, and how it ended (failed with an exception type, rejected with a reason, removed). The writer sums the
-traces per unit into the unit's completion marker, which is where stats, `status` and the error
-budget read them from.
+Ray node it ran on, and how it ended (failed with an exception type, rejected with a reason,
+removed). The writer sums the traces per unit into the unit's completion marker, which is where
+stats, `status` and the error budget read them from.
 """
 
 from __future__ import annotations
@@ -34,9 +34,19 @@ from denseforge.stages.stage import Item, Rejection, Removal, Resources, Stage, 
 
 # a sink worker writes units as fast as a few CPUs' worth of model workers produce them
 CPUS_PER_SINK_WORKER = 8
-ROW_SCHEMA = pa.schema([("unit", pa.int64()), ("unit_rows", pa.int64()), ("key", pa.string()),
-                        ("image", pa.binary()), ("sample", pa.string()), ("reject", pa.string()),
-                        ("removed", pa.string()), ("trace", pa.string()), ("outputs", pa.binary())])
+ROW_SCHEMA = pa.schema(
+    [
+        ("unit", pa.int64()),
+        ("unit_rows", pa.int64()),
+        ("key", pa.string()),
+        ("image", pa.binary()),
+        ("sample", pa.string()),
+        ("reject", pa.string()),
+        ("removed", pa.string()),
+        ("trace", pa.string()),
+        ("outputs", pa.binary()),
+    ]
+)
 
 
 @dataclass
@@ -72,8 +82,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return name == "OutOfMemoryError" or ("out of memory" in str(exc).lower() and "cuda" in str(exc).lower())
 
 
-def call_isolated(process: Callable[[list[Item]], Sequence[Verdict]], items: list[Item],
-                  on_oom: Callable[[], None] | None = None) -> list[Verdict]:
+def call_isolated(
+    process: Callable[[list[Item]], Sequence[Verdict]], items: list[Item], on_oom: Callable[[], None] | None = None
+) -> list[Verdict]:
     """One verdict per item; a failing call is split in halves until the failing items are alone
     (their verdict is then the exception). A wrong number of verdicts counts as a failure."""
     if not items:
@@ -81,8 +92,10 @@ def call_isolated(process: Callable[[list[Item]], Sequence[Verdict]], items: lis
     try:
         verdicts = process(items)
         if not isinstance(verdicts, list) or len(verdicts) != len(items):
-            raise TypeError(f"returned {type(verdicts).__name__} of length "
-                            f"{len(verdicts) if isinstance(verdicts, list) else '?'} for {len(items)} items")
+            raise TypeError(
+                f"returned {type(verdicts).__name__} of length "
+                f"{len(verdicts) if isinstance(verdicts, list) else '?'} for {len(items)} items"
+            )
         return verdicts
     except Exception as exc:  # noqa: BLE001 - isolation is the point
         if len(items) == 1:
@@ -136,7 +149,7 @@ class StageWorker:
         out: list[Verdict] = []
         start = 0
         while start < len(items):
-            chunk = items[start:start + self.batch_sizes[position]]
+            chunk = items[start : start + self.batch_sizes[position]]
             start += len(chunk)
             out += call_isolated(process, chunk, lambda: self._shrink(position))
         return out
@@ -146,8 +159,9 @@ class StageWorker:
         back): rejected by its first stage with the reason, whatever `on_error` says."""
         run = self.runs[0]
         detail = f"record unreadable: {describe(exc)}"[:500]
-        row["reject"] = Reject(key=row["key"], stage=run.instance, reason=run.stage.error_reason,
-                               detail=detail).model_dump_json()
+        row["reject"] = Reject(
+            key=row["key"], stage=run.instance, reason=run.stage.error_reason, detail=detail
+        ).model_dump_json()
         row["sample"], row["image"] = None, None
         self._trace(row, run, {"s": 0.0, "f": type(exc).__name__, "m": detail})
 
@@ -173,8 +187,17 @@ class StageWorker:
             if not row["sample"]:
                 continue
             try:
-                live.append((i, Item(row["unit"], Sample.model_validate_json(row["sample"]), row["image"],
-                                     pickle.loads(row["outputs"]) if row.get("outputs") else {})))
+                live.append(
+                    (
+                        i,
+                        Item(
+                            row["unit"],
+                            Sample.model_validate_json(row["sample"]),
+                            row["image"],
+                            pickle.loads(row["outputs"]) if row.get("outputs") else {},
+                        ),
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - a record that cannot be read fails here, not the job
                 self._unreadable(row, exc)
         for position in range(len(self.runs)):
@@ -182,8 +205,9 @@ class StageWorker:
             began = time.perf_counter()
         return pa.Table.from_pylist(rows, schema=batch.schema)
 
-    def _apply(self, position: int, rows: list[dict[str, Any]], live: list[tuple[int, Item]],
-               began: float) -> list[tuple[int, Item]]:
+    def _apply(
+        self, position: int, rows: list[dict[str, Any]], live: list[tuple[int, Item]], began: float
+    ) -> list[tuple[int, Item]]:
         """One stage of the chain over the live items: their rows updated, its trace entries
         added; returns the items that go on to the next stage."""
         run = self.runs[position]
@@ -192,7 +216,7 @@ class StageWorker:
         verdicts = self._verdicts(position, [item for _, item in live])
         share = (time.perf_counter() - began) / len(live) if live else 0.0
         going_on: list[tuple[int, Item]] = []
-        for (i, item), verdict in zip(live, verdicts):
+        for (i, item), verdict in zip(live, verdicts, strict=True):
             row = rows[i]
             entry: dict[str, Any] = {"s": round(share, 6), "n": node_name()}
             if verdict is None:
@@ -210,27 +234,48 @@ class StageWorker:
                     row["sample"] = item.sample.model_dump_json()
                     going_on.append((i, item))
                 else:
-                    row["reject"] = Reject(key=item.key, stage=run.instance, reason=run.stage.error_reason,
-                                           detail=entry["m"], url=item.sample.url).model_dump_json()
+                    row["reject"] = Reject(
+                        key=item.key,
+                        stage=run.instance,
+                        reason=run.stage.error_reason,
+                        detail=entry["m"],
+                        url=item.sample.url,
+                    ).model_dump_json()
                     row["sample"], row["image"] = None, None
             elif isinstance(verdict, Rejection):
                 entry["r"] = verdict.reason
-                row["reject"] = Reject(key=item.key, stage=verdict.stage or run.instance, reason=verdict.reason,
-                                       detail=verdict.detail,
-                                       url=item.sample.url).model_dump_json()
+                row["reject"] = Reject(
+                    key=item.key,
+                    stage=verdict.stage or run.instance,
+                    reason=verdict.reason,
+                    detail=verdict.detail,
+                    url=item.sample.url,
+                ).model_dump_json()
                 row["sample"], row["image"] = None, None
             elif isinstance(verdict, Removal):
                 entry["d"] = verdict.reason
-                row["removed"] = json.dumps({"key": item.key, "stage": run.instance, "reason": verdict.reason,
-                                             "dup_of": verdict.dup_of, "cluster": verdict.cluster})
+                row["removed"] = json.dumps(
+                    {
+                        "key": item.key,
+                        "stage": run.instance,
+                        "reason": verdict.reason,
+                        "dup_of": verdict.dup_of,
+                        "cluster": verdict.cluster,
+                    }
+                )
                 row["sample"], row["image"] = None, None
             elif verdict is None:
                 row["sample"], row["outputs"] = sample_json, outputs
                 going_on.append((i, item))
             else:
                 entry.update(f="TypeError", m=f"stage {run.instance} returned a {type(verdict).__name__} verdict")
-                row["reject"] = Reject(key=item.key, stage=run.instance, reason=run.stage.error_reason,
-                                       detail=entry["m"], url=item.sample.url).model_dump_json()
+                row["reject"] = Reject(
+                    key=item.key,
+                    stage=run.instance,
+                    reason=run.stage.error_reason,
+                    detail=entry["m"],
+                    url=item.sample.url,
+                ).model_dump_json()
                 row["sample"], row["image"] = None, None
             if item.counts:
                 entry["c"] = item.counts
@@ -266,15 +311,19 @@ def check_groups(runs: Sequence[StageRun]) -> None:
         if group is None:
             continue
         if group in placed:
-            between = [r.instance for c in cut[placed[group] + 1:i] for r in c]
-            raise ConfigError(f"group {group}: its stages must be next to each other in the flow, but "
-                              f"{', '.join(between)} run(s) between them; move them (stages[].after)")
+            between = [r.instance for c in cut[placed[group] + 1 : i] for r in c]
+            raise ConfigError(
+                f"group {group}: its stages must be next to each other in the flow, but "
+                f"{', '.join(between)} run(s) between them; move them (stages[].after)"
+            )
         placed[group] = i
         pools = {(r.resources.concurrency, r.resources.max_concurrency) for r in chain}
         if len(pools) > 1:
             sizes = ", ".join(f"{r.instance}: {r.resources.concurrency}/{r.resources.max_concurrency}" for r in chain)
-            raise ConfigError(f"group {group}: its stages share one worker pool, so their resources.concurrency and "
-                              f"max_concurrency must be equal ({sizes})")
+            raise ConfigError(
+                f"group {group}: its stages share one worker pool, so their resources.concurrency and "
+                f"max_concurrency must be equal ({sizes})"
+            )
 
 
 def _light(chain: Sequence[StageRun]) -> bool:
@@ -302,8 +351,12 @@ def add_stages(ds, runs: Sequence[StageRun], load: Step | None = None, sink: Ste
             light += chain
             continue
         r = chain[0].resources
-        common = dict(batch_size=None, batch_format="pyarrow", num_cpus=sum(c.resources.num_cpus for c in chain),
-                      num_gpus=sum(c.resources.num_gpus for c in chain))
+        common = dict(
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=sum(c.resources.num_cpus for c in chain),
+            num_gpus=sum(c.resources.num_gpus for c in chain),
+        )
         if common["num_gpus"] and (light or load):  # before a GPU worker: as a task
             ds = _light_task(ds, light, load)
             light, load = [], None
@@ -314,23 +367,39 @@ def add_stages(ds, runs: Sequence[StageRun], load: Step | None = None, sink: Ste
                 pool = ray.data.ActorPoolStrategy(size=r.concurrency)
             else:  # Ray Data adds workers while this stage is the bottleneck and resources are free
                 pool = ray.data.ActorPoolStrategy(min_size=r.concurrency, max_size=r.max_concurrency)
-            ds = ds.map_batches(StageWorker, fn_constructor_args=(*light, *chain), fn_constructor_kwargs={"load": load},
-                                compute=pool, **common)
+            ds = ds.map_batches(
+                StageWorker,
+                fn_constructor_args=(*light, *chain),
+                fn_constructor_kwargs={"load": load},
+                compute=pool,
+                **common,
+            )
         light, load = [], None
     if sink is not None:
         cpus = ray.cluster_resources().get("CPU", 1)
         pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cpus // CPUS_PER_SINK_WORKER)))
-        ds = ds.map_batches(StageWorker, fn_constructor_args=tuple(light),
-                            fn_constructor_kwargs={"load": load, "sink": sink}, compute=pool, batch_size=None,
-                            batch_format="pyarrow", num_cpus=0)
+        ds = ds.map_batches(
+            StageWorker,
+            fn_constructor_args=tuple(light),
+            fn_constructor_kwargs={"load": load, "sink": sink},
+            compute=pool,
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=0,
+        )
     elif light or load:
         ds = _light_task(ds, light, load)
     return ds
 
 
 def _light_task(ds, runs: list[StageRun], load: Step | None):
-    return ds.map_batches(run_stage_task, fn_kwargs={"runs": runs, "load": load}, batch_size=None,
-                          batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+    return ds.map_batches(
+        run_stage_task,
+        fn_kwargs={"runs": runs, "load": load},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=LIGHT_TASK_CPUS,
+    )
 
 
 # -- counting --------------------------------------------------------------------------------
@@ -366,8 +435,16 @@ def count_traces(traces: Sequence[str | None]) -> dict[str, dict[str, Any]]:
 
 
 def new_counts() -> dict[str, Any]:
-    return {"items": 0, "failed": {}, "rejected": {}, "removed": 0, "busy_s": 0.0, "first_error": None, "counters": {},
-            "nodes": {}}
+    return {
+        "items": 0,
+        "failed": {},
+        "rejected": {},
+        "removed": 0,
+        "busy_s": 0.0,
+        "first_error": None,
+        "counters": {},
+        "nodes": {},
+    }
 
 
 def merge_counts(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]]) -> None:

@@ -40,6 +40,9 @@ class ErrorBudget:
             limit = self.limits.get(stage)
             over = limit is not None and items >= self.min_items and failed / items > limit
             if over or (final and failed == items):
-                why = (f"failed on {failed} of {items} items ({failed / items:.0%}, max_error_rate {limit})" if over
-                       else f"failed on every item it was given ({items})")
+                why = (
+                    f"failed on {failed} of {items} items ({failed / items:.0%}, max_error_rate {limit})"
+                    if over
+                    else f"failed on every item it was given ({items})"
+                )
                 raise StageFailedError(stage, f"stage {stage!r} {why}; first error: {c['first_error']}")

@@ -22,12 +22,15 @@ CAPTION = "Two dogs and a car."
 
 
 def _text_of(body: dict[str, Any]) -> str:
-    return " ".join(part.get("text", "") for m in body.get("messages", []) for part in
-                    (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}]))
+    return " ".join(
+        part.get("text", "")
+        for m in body.get("messages", [])
+        for part in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}])
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "StubChatServer"
+    server: StubChatServer
 
     def log_message(self, *args) -> None:
         pass
@@ -43,8 +46,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server hook
         if self.path.rstrip("/").endswith("/models"):
-            self._send(200, json.dumps({"object": "list", "data": [
-                {"id": "stub", "object": "model", "created": 0, "owned_by": "denseforge"}]}).encode())
+            self._send(
+                200,
+                json.dumps(
+                    {
+                        "object": "list",
+                        "data": [{"id": "stub", "object": "model", "created": 0, "owned_by": "denseforge"}],
+                    }
+                ).encode(),
+            )
         else:
             self._send(404, b"{}")
 
@@ -82,10 +92,19 @@ class _Handler(BaseHTTPRequestHandler):
         if "EMPTYBODY" in text:
             return self._send(200, b"")
         reply: dict[str, Any] = {
-            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"] + "-served",
-            "choices": [{"index": 0, "finish_reason": "length" if "LONG" in text else "stop",
-                         "message": {"role": "assistant", "content": stub.caption}}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16}}
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"] + "-served",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "length" if "LONG" in text else "stop",
+                    "message": {"role": "assistant", "content": stub.caption},
+                }
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16},
+        }
         if "NOCHOICES" in text:
             del reply["choices"]
         self._send(200, json.dumps(reply).encode())
@@ -110,7 +129,8 @@ class StubChatServer(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
-    def __enter__(self) -> str:
+    def __enter__(self) -> str:  # type: ignore[override]  # the URL to call, as tests use it
+        self.runner: Any
         if self.own_process:
             import multiprocessing
 

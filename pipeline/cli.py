@@ -19,8 +19,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from denseforge.pipeline.runner import run
 
     source = Path(args.config)
-    if not source.exists() and shipped(args.config) is not None:
-        source = shipped(args.config)  # `denseforge run demo`: a config that ships in the package
+    builtin = shipped(args.config)
+    if not source.exists() and builtin is not None:
+        source = builtin  # `denseforge run demo`: a config that ships in the package
     config = load_config(source, args.set)
     out = location(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}", config.storage.options)
     if args.dry_run:
@@ -34,8 +35,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_address(cluster_address(args.address, config.ray), config.ray.connect_timeout_s)
         check_stores(config, rd, fresh=True)
         if runs:
-            steps = [c[0].instance if len(c) == 1 else f"{' + '.join(r.instance for r in c)} (group {c[0].group}: one worker)"
-                     for c in chains(runs)]
+            steps = [
+                c[0].instance
+                if len(c) == 1
+                else f"{' + '.join(r.instance for r in c)} (group {c[0].group}: one worker)"
+                for c in chains(runs)
+            ]
             print(f"# stages, in order: {', '.join(steps)}")
         print(dump_config(config), end="")
         return 0
@@ -74,20 +79,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from denseforge.pipeline.export_run import ExportSpec, export_run
 
     root = location(args.dir)
-    spec = ExportSpec(args.format, args.layout, tuple(t.strip() for t in args.task.split(",") if t.strip()),
-                      args.negatives, args.min_pixels, args.max_pixels)
+    spec = ExportSpec(
+        args.format,
+        args.layout,
+        tuple(t.strip() for t in args.task.split(",") if t.strip()),
+        args.negatives,
+        args.min_pixels,
+        args.max_pixels,
+    )
     name = args.format if args.layout == "sharegpt" else f"{args.format}-{args.layout}"
-    default = Path(root / "export" / name) if is_local(root) else Path("export", name).resolve()
+    default = Path(str(root / "export" / name)) if is_local(root) else Path("export", name).resolve()
     out = Path(args.out) if args.out else default
     target, checked = export_run(root, spec, out, args.check)
     print(target)
     if checked:
         bad = [c for c in checked if not c["ok"]]
-        print(f"check: {len(checked) - len(bad)} of {len(checked)} records read back within half a unit of "
-              f"{spec.dialect().name}; pictures in {out / 'check'}", file=sys.stderr)
+        print(
+            f"check: {len(checked) - len(bad)} of {len(checked)} records read back within half a unit of "
+            f"{spec.dialect().name}; pictures in {out / 'check'}",
+            file=sys.stderr,
+        )
         if bad:
-            raise DenseforgeError(f"{len(bad)} of {len(checked)} exported records do not read back to their boxes "
-                                  f"(first: {bad[0]['id']}); see {out / 'check' / 'check.json'}")
+            raise DenseforgeError(
+                f"{len(bad)} of {len(checked)} exported records do not read back to their boxes "
+                f"(first: {bad[0]['id']}); see {out / 'check' / 'check.json'}"
+            )
     return 0
 
 
@@ -107,7 +123,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from denseforge.pipeline.bench import run_benchmark, stdout_to_stderr
 
     if args.name == "ingest":
-        options = {"images": args.images or 1000, "processes": args.processes, "threads": args.threads, "repeats": args.repeats}
+        options = {
+            "images": args.images or 1000,
+            "processes": args.processes,
+            "threads": args.threads,
+            "repeats": args.repeats,
+        }
     elif args.name == "fuse":
         options = {"samples": args.images or 256}
     elif args.name == "quality":
@@ -119,8 +140,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.name == "embed":
         options = {"images": args.images or 256, "batch_size": args.batch_size, "model": args.model}
     elif args.name == "dedup":
-        options = {"sizes": tuple(args.sizes), "epsilon": args.epsilon, "baseline_n": args.baseline_n,
-                   "pipeline": args.pipeline, "assign": args.assign, "overrides": tuple(args.set)}
+        options = {
+            "sizes": tuple(args.sizes),
+            "epsilon": args.epsilon,
+            "baseline_n": args.baseline_n,
+            "pipeline": args.pipeline,
+            "assign": args.assign,
+            "overrides": tuple(args.set),
+        }
     else:
         options = {"images": args.images or 96, "gpu": args.gpu}
     with stdout_to_stderr():
@@ -144,20 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; run nothing")
-    p.add_argument("--allow-failed-units", action="store_true",
-                   help="exit 0 even when some units failed to download (otherwise exit 3)")
+    p.add_argument(
+        "--allow-failed-units",
+        action="store_true",
+        help="exit 0 even when some units failed to download (otherwise exit 3)",
+    )
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("resume", help="finish a run that stopped (killed, crashed, interrupted)")
     p.add_argument("dir")
     p.add_argument("--address")
-    p.add_argument("--allow-failed-units", action="store_true",
-                   help="exit 0 even when some units still fail to download (otherwise exit 3)")
+    p.add_argument(
+        "--allow-failed-units",
+        action="store_true",
+        help="exit 0 even when some units still fail to download (otherwise exit 3)",
+    )
     p.set_defaults(func=_cmd_resume)
     p = sub.add_parser("status", help="where a run is: phase, units, samples, throughput, ETA, failures, driver")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true", help="one JSON object (for schedulers and monitoring)")
-    p.add_argument("--watch", type=float, nargs="?", const=10.0, default=None, metavar="SECONDS",
-                   help="print again every SECONDS (10) while a driver works on the run")
+    p.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=10.0,
+        default=None,
+        metavar="SECONDS",
+        help="print again every SECONDS (10) while a driver works on the run",
+    )
     p.set_defaults(func=_cmd_status)
     p = sub.add_parser("show", help="render one sample with its boxes and caption to a PNG")
     p.add_argument("dir")
@@ -166,26 +206,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_show)
     p = sub.add_parser("export", help="write a finished run in a training format")
     p.add_argument("dir")
-    p.add_argument("--format", required=True, choices=FORMATS,
-                   help="a table (llava, coco, refcoco) or the box dialect of the model you train (README: Export)")
-    p.add_argument("--layout", default="sharegpt", choices=LAYOUTS,
-                   help="dialects: the fine-tuning framework's record layout (sharegpt: LLaVA/InternVL conversations)")
-    p.add_argument("--task", default="caption,refer,region",
-                   help="dialects: comma list of caption, refer, region, kvg (default caption,refer,region)")
-    p.add_argument("--negatives", action="store_true",
-                   help="kvg: also ask for an entity from another image that is not in this one (answer: not present)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="a table (llava, coco, refcoco) or the box dialect of the model you train (README: Export)",
+    )
+    p.add_argument(
+        "--layout",
+        default="sharegpt",
+        choices=LAYOUTS,
+        help="dialects: the fine-tuning framework's record layout (sharegpt: LLaVA/InternVL conversations)",
+    )
+    p.add_argument(
+        "--task",
+        default="caption,refer,region",
+        help="dialects: comma list of caption, refer, region, kvg (default caption,refer,region)",
+    )
+    p.add_argument(
+        "--negatives",
+        action="store_true",
+        help="kvg: also ask for an entity from another image that is not in this one (answer: not present)",
+    )
     p.add_argument("--min-pixels", type=int, default=None, help="qwen2.5-vl: the processor's min_pixels (3136)")
     p.add_argument("--max-pixels", type=int, default=None, help="qwen2.5-vl: the processor's max_pixels (12845056)")
-    p.add_argument("--check", type=int, default=0, metavar="N",
-                   help="read the first N records back from the exported text and draw them beside the original boxes")
+    p.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="read the first N records back from the exported text and draw them beside the original boxes",
+    )
     p.add_argument("--out", help="output folder (default DIR/export/FORMAT[-LAYOUT])")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)
     p = sub.add_parser("bench", help="benchmarks, JSON out")
     p.add_argument("name", choices=["ingest", "dedup", "embed", "e2e", "experts", "fuse", "quality", "io"])
-    p.add_argument("--images", type=int, default=None, help="ingest: corpus size (1000); embed: images (256); experts: images (96); fuse: samples (256); "
-                        "io: the whole run's images, 0 for files only (1000)")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="ingest: corpus size (1000); embed: images (256); experts: images (96); fuse: samples (256); "
+        "io: the whole run's images, 0 for files only (1000)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="embed: images per forward pass (64)")
     p.add_argument("--model", default="ViT-B-32", help="embed: open_clip architecture, random weights (ViT-B-32)")
     p.add_argument("--processes", type=int, default=2, help="ingest: shards at once")
@@ -194,15 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="dedup: numbers of embeddings")
     p.add_argument("--epsilon", type=float, default=0.05, help="dedup: duplicate when cosine > 1 - epsilon")
     p.add_argument("--baseline-n", type=int, default=20_000, help="dedup: n for the brute-force baseline")
-    p.add_argument("--pipeline", type=int, default=0, metavar="N",
-                   help="dedup: instead, the run's own Ray dedup phase on N embeddings stored as float16 unit files")
-    p.add_argument("--assign", type=int, default=0, metavar="K",
-                   help="dedup: instead, assignment of --sizes[0] rows to a two-level index of K centroids")
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=0,
+        metavar="N",
+        help="dedup: instead, the run's own Ray dedup phase on N embeddings stored as float16 unit files",
+    )
+    p.add_argument(
+        "--assign",
+        type=int,
+        default=0,
+        metavar="K",
+        help="dedup: instead, assignment of --sizes[0] rows to a two-level index of K centroids",
+    )
     p.add_argument("--store", help="io: an object-store URL to measure (default: a loopback S3 server)")
     p.add_argument("--gpu", action="store_true", help="experts: share one GPU between the experts in equal fractions")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="e2e: change the demo's config, e.g. perceive.experts.0.resources.max_concurrency=3; "
-                        "dedup: its config, e.g. dedup.matmul=float32")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e2e: change the demo's config, e.g. perceive.experts.0.resources.max_concurrency=3; "
+        "dedup: its config, e.g. dedup.matmul=float32",
+    )
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
+from upath import UPath
 
 from denseforge.errors import ConfigError
 from denseforge.stages.dedup import DedupConfig, SelectConfig
@@ -32,7 +33,8 @@ class RunConfig(Settings):
     name: str = "denseforge"
     seed: int = Field(0, description="seeds k-means, sampling and random-weight models")
     error_rate_min_items: int = Field(
-        20, ge=1, description="items a stage must have seen before its max_error_rate can fail the run")
+        20, ge=1, description="items a stage must have seen before its max_error_rate can fail the run"
+    )
 
 
 class RayConfig(Settings):
@@ -41,7 +43,8 @@ class RayConfig(Settings):
     object_store_memory: int | None = Field(None, ge=75 * 2**20, description="bytes, local only")
     connect_timeout_s: float = Field(30.0, gt=0, description="how long to wait for --address to answer")
     node_loss_timeout_s: float = Field(
-        300.0, gt=0, description="after a node is lost, how long the run may make no progress before it fails")
+        300.0, gt=0, description="after a node is lost, how long the run may make no progress before it fails"
+    )
 
 
 class StorageConfig(Settings):
@@ -50,15 +53,23 @@ class StorageConfig(Settings):
     AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)."""
 
     options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec storage options (endpoint_url, region, profile, ...); a secret "
-                                          "only as ${ENV_VAR}, never literally")
-    scratch: str | None = Field(None, description="node-local folder for temporaries (DENSEFORGE_SCRATCH "
-                                                  "overrides it per node); null: the system's temp dir")
-    shared_local: bool = Field(False, description="a local --out is on a disk every Ray node mounts at the same "
-                                                  "path (NFS, Lustre): allow it on a multi-node cluster")
+        default_factory=dict,
+        description="fsspec storage options (endpoint_url, region, profile, ...); a secret "
+        "only as ${ENV_VAR}, never literally",
+    )
+    scratch: str | None = Field(
+        None,
+        description="node-local folder for temporaries (DENSEFORGE_SCRATCH "
+        "overrides it per node); null: the system's temp dir",
+    )
+    shared_local: bool = Field(
+        False,
+        description="a local --out is on a disk every Ray node mounts at the same "
+        "path (NFS, Lustre): allow it on a multi-node cluster",
+    )
 
     @model_validator(mode="after")
-    def _no_secrets(self) -> "StorageConfig":
+    def _no_secrets(self) -> StorageConfig:
         from denseforge.storage import check_options
 
         check_options(self.options)
@@ -82,8 +93,11 @@ class StageSpec(Settings):
 
     plugin: str
     name: str | None = Field(None, description="instance name; defaults to the plugin name")
-    after: str | None = Field(None, description="run after this stage (dedup, merge, fuse, ground, qa, an expert "
-                                                "instance or another plugin stage); null: last, before write")
+    after: str | None = Field(
+        None,
+        description="run after this stage (dedup, merge, fuse, ground, qa, an expert "
+        "instance or another plugin stage); null: last, before write",
+    )
     options: dict[str, Any] = Field(default_factory=dict)
     resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
     on_error: Literal["reject", "keep"] = "reject"
@@ -125,11 +139,9 @@ class Config(Settings):
     demo: DemoConfig = DemoConfig()
 
     @model_validator(mode="after")
-    def _demo_needs_loopback(self) -> "Config":
+    def _demo_needs_loopback(self) -> Config:
         if self.demo.enabled and not self.ingest.allow_private_addresses:
-            raise ValueError(
-                "demo.enabled serves images on 127.0.0.1; set ingest.allow_private_addresses: true"
-            )
+            raise ValueError("demo.enabled serves images on 127.0.0.1; set ingest.allow_private_addresses: true")
         if self.dedup.enabled and not self.embed.enabled:
             raise ValueError("dedup.enabled needs embed.enabled (semantic dedup works on embeddings)")
         chosen = self.select.model_dump(exclude_defaults=True)
@@ -190,8 +202,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             key: Any = k
             if isinstance(node, list):  # a list entry by its index: perceive.experts.0.resources
                 if not (k.isdigit() and int(k) < len(node)):
-                    raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} - {'.'.join(keys[:i])} is a "
-                                      f"list of {len(node)}; give an index from 0 to {len(node) - 1}")
+                    raise ConfigError(
+                        f"--set {dotted}: {'.'.join(keys[: i + 1])} - {'.'.join(keys[:i])} is a "
+                        f"list of {len(node)}; give an index from 0 to {len(node) - 1}"
+                    )
                 key = int(k)
             elif not isinstance(node, dict):
                 raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i])} is not a mapping")
@@ -212,23 +226,23 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | UPath, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply overrides, validate; a relative input path resolves against the cwd."""
     from denseforge.storage import location
 
-    path = location(path)
+    where = location(path)
     try:
-        text = path.read_text()
+        text = where.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config {where}: {exc.strerror}") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{where}: the top level must be a mapping")
     data = apply_overrides(data, overrides or [])
-    config = parse_config(data, str(path))
+    config = parse_config(data, str(where))
     if config.input.path and "://" not in config.input.path:
         config.input.path = str(Path(config.input.path).expanduser().resolve())
     return config
@@ -275,16 +289,24 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
 def reference() -> str:
     """docs/configuration.md: every key of a run's config with its type, default and description,
     made from the settings models themselves (a test fails when the page is stale)."""
-    out = ["# Configuration reference", "",
-           "Every key of a run's YAML config (`--set KEY=VALUE` overrides any of them). Generated from the "
-           "settings models: `python -c \"from denseforge.pipeline.config import reference; "
-           "print(reference(), end='')\" > docs/configuration.md`.", ""]
+    out = [
+        "# Configuration reference",
+        "",
+        "Every key of a run's YAML config (`--set KEY=VALUE` overrides any of them). Generated from the "
+        'settings models: `python -c "from denseforge.pipeline.config import reference; '
+        "print(reference(), end='')\" > docs/configuration.md`.",
+        "",
+    ]
     for name, field in Config.model_fields.items():
         model = _model_of(field.annotation)
         out += [f"## {name}", ""]
         doc = (model.__doc__ or "").strip() if model is not None else ""
         if doc and not doc.startswith(("Usage docs", "!!!")):
             out += [" ".join(doc.split()), ""]
-        out += ["| key | type | default | description |", "|---|---|---|---|",
-                *(_rows(model, f"{name}.") if model is not None else []), ""]
+        out += [
+            "| key | type | default | description |",
+            "|---|---|---|---|",
+            *(_rows(model, f"{name}.") if model is not None else []),
+            "",
+        ]
     return "\n".join(out)

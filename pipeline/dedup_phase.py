@@ -31,15 +31,32 @@ from denseforge.pipeline.ray_session import one_off
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
 from denseforge.stages.embed import embedding_table, embeddings_matrix, pixel_spec, write_embeddings_file
-from denseforge.storage import (ensure_dir, list_files, read_arrow, read_json, read_parquet, remove_tree,
-                                store_retries, write_arrow_atomic, write_json_atomic, write_table_atomic)
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample
+from denseforge.storage import (
+    ensure_dir,
+    list_files,
+    read_arrow,
+    read_json,
+    read_parquet,
+    remove_tree,
+    store_retries,
+    write_arrow_atomic,
+    write_json_atomic,
+    write_table_atomic,
+)
 
-DECISION_SCHEMA = pa.schema([
-    ("key", pa.string()), ("unit", pa.int64()), ("cluster", pa.int64()), ("distance", pa.float32()),
-    ("rank", pa.int64()), ("reason", pa.string()), ("dup_of", pa.string()),
-])
+DECISION_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("unit", pa.int64()),
+        ("cluster", pa.int64()),
+        ("distance", pa.float32()),
+        ("rank", pa.int64()),
+        ("reason", pa.string()),
+        ("dup_of", pa.string()),
+    ]
+)
 # a bucket's decisions: one row per entry (a border row has one in each of its two clusters)
 ENTRY_SCHEMA = DECISION_SCHEMA.append(pa.field("primary", pa.bool_()))
 
@@ -51,25 +68,40 @@ def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str], storage_d
     for unit in sorted(set(batch.column("unit").to_pylist())):
         rows = batch.filter(pc.equal(batch.column("unit"), unit)).to_pylist()
         embedded = [r for r in rows if r["sample"]]
-        failed = [Reject.model_validate_json(r["reject"]) for r in rows
-                  if r["reject"] and instances & set(json.loads(r["trace"] or "{}"))]
+        failed = [
+            Reject.model_validate_json(r["reject"])
+            for r in rows
+            if r["reject"] and instances & set(json.loads(r["trace"] or "{}"))
+        ]
         samples = [Sample.model_validate_json(r["sample"]) for r in embedded]
         outputs = [pickle.loads(r["outputs"]) for r in embedded]
         vectors = np.stack([o["embedding"] for o in outputs]) if outputs else np.zeros((0, 0), np.float32)
         table = embedding_table(
-            [s.key for s in samples], [unit] * len(samples), vectors,
-            {"sha256": pa.array([s.sha256 for s in samples], pa.string()),
-             "phash": pa.array([o["phash"] for o in outputs], pa.int64()),
-             "fingerprint": pa.array([o["fingerprint"] for o in outputs], pa.binary()),
-             "width": pa.array([s.original_width or s.width for s in samples], pa.int64()),
-             "height": pa.array([s.original_height or s.height for s in samples], pa.int64())},
-            dtype=storage_dtype)
+            [s.key for s in samples],
+            [unit] * len(samples),
+            vectors,
+            {
+                "sha256": pa.array([s.sha256 for s in samples], pa.string()),
+                "phash": pa.array([o["phash"] for o in outputs], pa.int64()),
+                "fingerprint": pa.array([o["fingerprint"] for o in outputs], pa.binary()),
+                "width": pa.array([s.original_width or s.width for s in samples], pa.int64()),
+                "height": pa.array([s.original_height or s.height for s in samples], pa.int64()),
+            },
+            dtype=storage_dtype,
+        )
         provenance = outputs[0]["provenance"] if outputs else None
         ensure_dir(rd.embeddings)
         write_rejects([r.model_dump() for r in failed], rd.embed_rejects_file(unit))
-        write_embeddings_file(rd.embeddings_file(unit), table.replace_schema_metadata({"provenance": json.dumps(provenance)}))
-        counts = {"unit": unit, "embedded": len(samples), "failed": len(failed),
-                  "stages": count_traces([r["trace"] for r in rows]), "store_retries": store_retries()}
+        write_embeddings_file(
+            rd.embeddings_file(unit), table.replace_schema_metadata({"provenance": json.dumps(provenance)})
+        )
+        counts = {
+            "unit": unit,
+            "embedded": len(samples),
+            "failed": len(failed),
+            "stages": count_traces([r["trace"] for r in rows]),
+            "store_retries": store_retries(),
+        }
         write_json_atomic(rd.embed_marker(unit), counts)
         out.append({"unit": unit, "counts": json.dumps(counts)})
     return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.int64()), ("counts", pa.string())]))
@@ -88,9 +120,15 @@ def run_embed(config: Config, rd: RunDir, plan_units: int, progress: Progress, l
         if config.embed.feeders() != 0:  # resolved in a worker: the driver does not import torch
             spec = ray.get(one_off(pixel_spec, num_cpus=0).remote(config.embed))  # it imports torch
         runs = embed_stages(config, spec)
-        ds = add_stages(ds, runs, load=Step(load_units, {"rd": rd, "kind": config.input.kind}),
-                        sink=Step(write_embeddings, {"rd": rd, "instances": {r.instance for r in runs},
-                                                     "storage_dtype": config.embed.storage_dtype}))
+        ds = add_stages(
+            ds,
+            runs,
+            load=Step(load_units, {"rd": rd, "kind": config.input.kind}),
+            sink=Step(
+                write_embeddings,
+                {"rd": rd, "instances": {r.instance for r in runs}, "storage_dtype": config.embed.storage_dtype},
+            ),
+        )
         for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in result.to_pylist():
                 counts = json.loads(row["counts"])
@@ -113,8 +151,11 @@ def _train_sample(files: list[UPath], fraction: float, seed: int) -> np.ndarray:
     chosen = len(files)
     if fraction * SAMPLE_SPREAD < 1:
         chosen = min(len(files), max(1, int(np.ceil(fraction * SAMPLE_SPREAD * len(files)))))
-    picked = sorted(np.random.default_rng(seed).choice(len(files), size=chosen, replace=False)) if chosen < len(files) \
+    picked = (
+        sorted(np.random.default_rng(seed).choice(len(files), size=chosen, replace=False))
+        if chosen < len(files)
         else range(len(files))
+    )
     rate = fraction * len(files) / chosen
     parts = []
     for i in picked:
@@ -125,10 +166,13 @@ def _train_sample(files: list[UPath], fraction: float, seed: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def _train(files: list[UPath], k: int, fraction: float, seed: int, niter: int, mppc: int, use_gpu: bool) -> dd.CentroidIndex:
+def _train(
+    files: list[UPath], k: int, fraction: float, seed: int, niter: int, mppc: int, use_gpu: bool | None
+) -> dd.CentroidIndex:
     sample = _train_sample(files, fraction, seed)
-    return dd.train_kmeans(sample, min(k, len(sample)), niter=niter, seed=seed, use_gpu=use_gpu,
-                           max_points_per_centroid=mppc)
+    return dd.train_kmeans(
+        sample, min(k, len(sample)), niter=niter, seed=seed, use_gpu=use_gpu, max_points_per_centroid=mppc
+    )
 
 
 ASSIGN_TASK_ROWS = 65_536  # an assignment task takes consecutive units up to about this many rows
@@ -139,7 +183,7 @@ def _assignment_tasks(files: list[UPath], rows: list[int]) -> list[list[UPath]]:
     writes one file per bucket, so at 10M rows a bucket task opens ~150 files, not 1,000 (~1 ms each)."""
     tasks: list[list[UPath]] = []
     size = ASSIGN_TASK_ROWS
-    for file, count in zip(files, rows):
+    for file, count in zip(files, rows, strict=True):
         if size >= ASSIGN_TASK_ROWS:
             tasks.append([])
             size = 0
@@ -148,8 +192,9 @@ def _assignment_tasks(files: list[UPath], rows: list[int]) -> list[list[UPath]]:
     return tasks
 
 
-def _assign_units(files: list[UPath], index: dd.CentroidIndex, rd: RunDir, buckets: int, border: float,
-                  border_clusters: int) -> int:
+def _assign_units(
+    files: list[UPath], index: dd.CentroidIndex, rd: RunDir, buckets: int, border: float, border_clusters: int
+) -> int:
     """Rows to the buckets of their clusters, a bucket holding whole coarse cells: a border row is
     also deduplicated in its border clusters (`dd.border_entries`, with its own centroid
     similarity, the keep priority). A row goes once to each bucket it has entries in, its clusters
@@ -161,22 +206,26 @@ def _assign_units(files: list[UPath], index: dd.CentroidIndex, rd: RunDir, bucke
         table = read_parquet(file).replace_schema_metadata(None)
         if table.num_rows == 0:
             continue
-        labels, sims, extra = dd.assign_clusters(embeddings_matrix(table), index, border=border,
-                                                 border_clusters=border_clusters)
+        labels, sims, extra = dd.assign_clusters(
+            embeddings_matrix(table), index, border=border, border_clusters=border_clusters
+        )
         rows, clusters, primary = dd.border_entries(np.arange(table.num_rows), labels, extra)
         bucket_of = index.cell_of(clusters) % buckets
         order = np.lexsort((np.arange(len(rows)), rows, bucket_of))  # by bucket, then row, its own cluster first
         rows, clusters, primary, bucket_of = rows[order], clusters[order], primary[order], bucket_of[order]
         cuts = np.flatnonzero(np.diff(bucket_of)) + 1
-        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)], strict=True):
             starts = np.r_[0, np.flatnonzero(np.diff(rows[lo:hi])) + 1]
             first = lo + starts
             pieces.setdefault(int(bucket_of[lo]), []).append(
                 table.take(pa.array(rows[first]))
-                .append_column("clusters", pa.ListArray.from_arrays(pa.array(np.r_[starts, hi - lo], pa.int32()),
-                                                                     pa.array(clusters[lo:hi])))
+                .append_column(
+                    "clusters",
+                    pa.ListArray.from_arrays(pa.array(np.r_[starts, hi - lo], pa.int32()), pa.array(clusters[lo:hi])),
+                )
                 .append_column("centroid_sim", pa.array(sims[rows[first]]))
-                .append_column("primary", pa.array(primary[first])))
+                .append_column("primary", pa.array(primary[first]))
+            )
     written = 0
     for bucket, tables in pieces.items():
         target = rd.bucket(bucket) / f"{files[0].stem}.arrow"
@@ -221,20 +270,40 @@ def _dedup_bucket(bucket_path: UPath, out_file: UPath, settings: dict[str, Any])
     pre = dd.prefilter(width, height, settings["min_short_edge"], settings["max_aspect_ratio"])[rows]
     entries = np.flatnonzero(pre == dd.KEPT)
     result = dd.dedup_entries(
-        rows[entries], cluster[entries], primary[entries], embeddings_matrix(table, dtype=None), key.to_pylist(),
-        table.column("sha256").to_pylist(), table.column("phash").to_numpy(), sims, width * height,
-        fingerprint=_fingerprints(table), witness_max_fine_distance=settings["witness_max_fine_distance"],
+        rows[entries],
+        cluster[entries],
+        primary[entries],
+        embeddings_matrix(table, dtype=None),
+        key.to_pylist(),
+        table.column("sha256").to_pylist(),
+        table.column("phash").to_numpy(),
+        sims,
+        width * height,
+        fingerprint=_fingerprints(table),
+        witness_max_fine_distance=settings["witness_max_fine_distance"],
         witness_max_colour_difference=settings["witness_max_colour_difference"],
-        epsilon=settings["epsilon"], phash_max_distance=settings["phash_max_distance"], exact=settings["exact"],
-        policy=settings["keep"], sweep=settings["sweep"], block=settings["block"],
-        bf16=dd.use_bf16(settings["matmul"], np.unique(cluster[entries], return_counts=True)[1]))
+        epsilon=settings["epsilon"],
+        phash_max_distance=settings["phash_max_distance"],
+        exact=settings["exact"],
+        policy=settings["keep"],
+        sweep=settings["sweep"],
+        block=settings["block"],
+        bf16=dd.use_bf16(settings["matmul"], np.unique(cluster[entries], return_counts=True)[1]),
+    )
     reason, dup_of, rank = pre, np.full(len(rows), -1), np.full(len(rows), -1)
     reason[entries], dup_of[entries], rank[entries] = result.reason, result.dup_of, result.rank
-    out = pa.table({
-        "key": key.take(pa.array(rows)), "unit": table.column("unit").take(pa.array(rows)), "cluster": pa.array(cluster),
-        "distance": pa.array(1 - sims[rows]), "rank": pa.array(rank), "reason": pa.array(reason, pa.string()),
-        "dup_of": key.take(pa.array(dup_of, mask=dup_of < 0)), "primary": pa.array(primary),
-    }).cast(ENTRY_SCHEMA)
+    out = pa.table(
+        {
+            "key": key.take(pa.array(rows)),
+            "unit": table.column("unit").take(pa.array(rows)),
+            "cluster": pa.array(cluster),
+            "distance": pa.array(1 - sims[rows]),
+            "rank": pa.array(rank),
+            "reason": pa.array(reason, pa.string()),
+            "dup_of": key.take(pa.array(dup_of, mask=dup_of < 0)),
+            "primary": pa.array(primary),
+        }
+    ).cast(ENTRY_SCHEMA)
     write_table_atomic(out_file, out.filter(pa.array(primary | (reason != dd.KEPT))))
     return {"entries": len(rows), "sweep_kept": {str(k): v for k, v in result.sweep_kept.items()}}
 
@@ -257,11 +326,15 @@ def _merge_entries(table: pa.Table) -> pa.Table:
     keys = result.column("key").combine_chunks()
     row = pc.index_in(table.column("key"), value_set=keys).to_numpy()
     dup_row = pc.fill_null(pc.index_in(table.column("dup_of"), value_set=keys), -1).to_numpy()
-    entries = dd.DedupResult(_strings(table.column("reason")), dup_row.astype(np.int64),
-                             table.column("rank").to_numpy(), {})
+    entries = dd.DedupResult(
+        _strings(table.column("reason")), dup_row.astype(np.int64), table.column("rank").to_numpy(), {}
+    )
     merged = dd.merge_entries(row.astype(np.int64), primary, entries, len(keys))
-    columns = {"reason": pa.array(merged.reason, pa.string()), "rank": pa.array(merged.rank),
-               "dup_of": keys.take(pa.array(merged.dup_of, mask=merged.dup_of < 0))}
+    columns = {
+        "reason": pa.array(merged.reason, pa.string()),
+        "rank": pa.array(merged.rank),
+        "dup_of": keys.take(pa.array(merged.dup_of, mask=merged.dup_of < 0)),
+    }
     for name, column in columns.items():
         result = result.set_column(result.schema.get_field_index(name), name, column)
     return result
@@ -292,21 +365,43 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     if n:
         fraction = dd.train_points(n, k, cfg) / n
         train = ray.remote(num_gpus=cfg.num_gpus)(_train)
-        index = ray.get(train.remote(files, k, fraction, config.run.seed, cfg.kmeans_iters,
-                                     cfg.max_points_per_centroid, cfg.num_gpus > 0 or None))
+        index = ray.get(
+            train.remote(
+                files,
+                k,
+                fraction,
+                config.run.seed,
+                cfg.kmeans_iters,
+                cfg.max_points_per_centroid,
+                cfg.num_gpus > 0 or None,
+            )
+        )
         bar.update(1, clusters=len(index))
         buckets = min(cfg.buckets, index.cell_count)
         ref = ray.put(index)
         assign = ray.remote(_assign_units)
-        shuffle_bytes = sum(ray.get([assign.remote(group, ref, rd, buckets, cfg.border, cfg.border_clusters)
-                                     for group in _assignment_tasks(files, rows)]))
+        shuffle_bytes = sum(
+            ray.get(
+                [
+                    assign.remote(group, ref, rd, buckets, cfg.border, cfg.border_clusters)
+                    for group in _assignment_tasks(files, rows)
+                ]
+            )
+        )
         bar.update(1)
-        settings = {"min_short_edge": sel.min_short_edge, "max_aspect_ratio": sel.max_aspect_ratio,
-                    "epsilon": cfg.epsilon, "phash_max_distance": cfg.phash_max_distance,
-                    "witness_max_fine_distance": cfg.witness_max_fine_distance,
-                    "witness_max_colour_difference": cfg.witness_max_colour_difference,
-                    "exact": cfg.exact, "keep": cfg.keep, "sweep": cfg.sweep, "block": cfg.block_size,
-                    "matmul": cfg.matmul}
+        settings = {
+            "min_short_edge": sel.min_short_edge,
+            "max_aspect_ratio": sel.max_aspect_ratio,
+            "epsilon": cfg.epsilon,
+            "phash_max_distance": cfg.phash_max_distance,
+            "witness_max_fine_distance": cfg.witness_max_fine_distance,
+            "witness_max_colour_difference": cfg.witness_max_colour_difference,
+            "exact": cfg.exact,
+            "keep": cfg.keep,
+            "sweep": cfg.sweep,
+            "block": cfg.block_size,
+            "matmul": cfg.matmul,
+        }
         parts = [rd.bucket_part(b) for b in range(buckets)]
         ensure_dir(rd.bucket_parts)
         task = ray.remote(_dedup_bucket)
@@ -332,11 +427,17 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     bar.close()
     counts = pc.value_counts(read_parquet(decisions, columns=["reason"]).column("reason")).to_pylist()
     reasons = {c["values"]: c["counts"] for c in counts if c["values"]}
-    summary = {"embedded": n, "clusters": len(index), "entries": entries, "shuffle_bytes": shuffle_bytes,
-               "epsilon": cfg.epsilon, "keep": cfg.keep,
-               "removed_by_reason": dict(sorted(reasons.items())),
-               "epsilon_sweep": {str(e): sweep[e] for e in sorted(sweep)},
-               "epsilon_sweep_note": "images each epsilon would keep after exact/perceptual dedup and prefilters"}
+    summary = {
+        "embedded": n,
+        "clusters": len(index),
+        "entries": entries,
+        "shuffle_bytes": shuffle_bytes,
+        "epsilon": cfg.epsilon,
+        "keep": cfg.keep,
+        "removed_by_reason": dict(sorted(reasons.items())),
+        "epsilon_sweep": {str(e): sweep[e] for e in sorted(sweep)},
+        "epsilon_sweep_note": "images each epsilon would keep after exact/perceptual dedup and prefilters",
+    }
     for e in sorted(sweep):
         progress.note(f"epsilon sweep: epsilon={e:<5} keeps {sweep[e]} of {n} embedded images")
     write_json_atomic(summary_file, summary)
@@ -352,7 +453,12 @@ def _select(table: pa.Table, per_cluster: int | None, target_total: int | None) 
         return table
     idx = np.flatnonzero(kept)
     key_rank = None if target_total is None else pc.rank(table.column("key"), "ascending").to_numpy()[idx]
-    chosen = dd.select_balanced(table.column("cluster").to_numpy()[idx], table.column("rank").to_numpy()[idx],
-                                key_rank, per_cluster, target_total)
+    chosen = dd.select_balanced(
+        table.column("cluster").to_numpy()[idx],
+        table.column("rank").to_numpy()[idx],
+        key_rank,
+        per_cluster,
+        target_total,
+    )
     reason[idx[~chosen]] = dd.NOT_SELECTED
     return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))

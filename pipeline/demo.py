@@ -69,8 +69,9 @@ class DemoCorpus:
     images: int
 
 
-def build_demo_corpus(files: Path, table: UPath | None, base_url: str, copies: int = 2,
-                      include_broken: bool = True) -> DemoCorpus:
+def build_demo_corpus(
+    files: Path, table: UPath | None, base_url: str, copies: int = 2, include_broken: bool = True
+) -> DemoCorpus:
     """Write the demo images (the web the loopback server serves) under the local folder `files`
     and, when `table` is given, the input table there (a run's `demo/input.parquet`, in its store).
     Deterministic: a resume on another machine serves the same bytes again."""
@@ -85,29 +86,45 @@ def build_demo_corpus(files: Path, table: UPath | None, base_url: str, copies: i
             crop = photo.crop((inset, inset // 2, w - inset // 2, h - inset))
             filename = f"{name}_{copy}.jpg"
             (files / filename).write_bytes(_encode(crop, "JPEG", quality=92))
-            rows.append({"url": f"{base_url}/img/{filename}", "caption": f"{name.replace('_', ' ')} photo, view {copy}",
-                         "source_id": f"{name}-{copy}", "license": "scikit-image sample data"})
+            rows.append(
+                {
+                    "url": f"{base_url}/img/{filename}",
+                    "caption": f"{name.replace('_', ' ')} photo, view {copy}",
+                    "source_id": f"{name}-{copy}",
+                    "license": "scikit-image sample data",
+                }
+            )
         if index == 1:  # a landscape photo, so a missed EXIF rotation shows
             for variant, data in odd_variants(photo.resize((w // 2, h // 2))).items():
                 filename = f"{name}_{variant}"
                 (files / filename).write_bytes(data)
-                rows.append({"url": f"{base_url}/img/{filename}", "caption": f"{name} stored as {variant}",
-                             "source_id": f"{name}-{variant}", "license": "scikit-image sample data"})
+                rows.append(
+                    {
+                        "url": f"{base_url}/img/{filename}",
+                        "caption": f"{name} stored as {variant}",
+                        "source_id": f"{name}-{variant}",
+                        "license": "scikit-image sample data",
+                    }
+                )
     # planted duplicates: a byte-identical copy under another URL, and an 85 % re-encode
     original = files / f"{PHOTOS[2]}_0.jpg"
     (files / "copy_of_chelsea.jpg").write_bytes(original.read_bytes())
-    smaller = Image.open(original)
+    smaller: Image.Image = Image.open(original)
     smaller = smaller.resize((round(smaller.width * 0.85), round(smaller.height * 0.85)))
     (files / "resized_chelsea.jpg").write_bytes(_encode(smaller, "JPEG", quality=80))
-    rows += [{"url": f"{base_url}/img/{name}", "caption": why, "source_id": name, "license": "scikit-image sample data"}
-             for name, why in (("copy_of_chelsea.jpg", "an exact copy"), ("resized_chelsea.jpg", "an 85% re-encode"))]
+    rows += [
+        {"url": f"{base_url}/img/{name}", "caption": why, "source_id": name, "license": "scikit-image sample data"}
+        for name, why in (("copy_of_chelsea.jpg", "an exact copy"), ("resized_chelsea.jpg", "an 85% re-encode"))
+    ]
     # a sign with text, so the OCR expert has something real to read
     sign = Image.new("RGB", (640, 240), (250, 250, 240))
     draw = ImageDraw.Draw(sign)
     draw.text((40, 50), "DENSEFORGE", fill=(20, 20, 120), font=ImageFont.load_default(size=64))
     draw.text((40, 150), "Open 24 hours", fill=(120, 20, 20), font=ImageFont.load_default(size=40))
     sign.save(files / "sign.png")
-    rows.append({"url": f"{base_url}/img/sign.png", "caption": "a shop sign", "source_id": "sign", "license": "generated"})
+    rows.append(
+        {"url": f"{base_url}/img/sign.png", "caption": "a shop sign", "source_id": "sign", "license": "generated"}
+    )
     images = len(rows)
     if include_broken:
         good = (files / f"{PHOTOS[1]}_0.jpg").read_bytes()
@@ -121,14 +138,17 @@ def build_demo_corpus(files: Path, table: UPath | None, base_url: str, copies: i
             ("ftp://example.com/image.jpg", "an unsupported scheme"),
             ("", "an empty URL"),
         ]
-        rows += [{"url": url, "caption": why, "source_id": f"broken-{i}", "license": None} for i, (url, why) in enumerate(broken)]
+        rows += [
+            {"url": url, "caption": why, "source_id": f"broken-{i}", "license": None}
+            for i, (url, why) in enumerate(broken)
+        ]
     if table is not None:
         write_table_atomic(table, pa.Table.from_pylist(rows))
     return DemoCorpus(table, len(rows), images)
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "LoopbackImageServer._Server"
+    server: LoopbackImageServer._Server
 
     def log_message(self, *args) -> None:  # keep test and demo output clean
         pass
@@ -200,7 +220,7 @@ class LoopbackImageServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "LoopbackImageServer":
+    def __enter__(self) -> LoopbackImageServer:
         self._thread.start()
         return self
 

@@ -10,14 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, ImageDraw
+from upath import UPath
+
+from denseforge.errors import ConfigError, RunDirError
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import export as ex
 from denseforge.stages.dialects import DIALECTS, Dialect, Placeholders, dialect
 from denseforge.stages.ground import plural
 from denseforge.stages.sample import Sample
-from PIL import Image, ImageDraw
-
-from denseforge.errors import ConfigError, RunDirError
+from denseforge.stages.write import read_member
 from denseforge.storage import list_files, open_binary
 
 TABLES = ("llava", "coco", "refcoco")
@@ -28,6 +30,7 @@ FORMATS = TABLES + tuple(DIALECTS)
 class ExportSpec:
     """What `denseforge export` writes: a format (a table or a model's box dialect), for dialects
     the framework layout, the tasks, KVG negatives, and Qwen2.5-VL's processor pixel bounds."""
+
     format: str
     layout: str = "sharegpt"
     tasks: tuple[str, ...] = ("caption", "refer", "region")
@@ -63,11 +66,11 @@ def iter_samples(rd: RunDir, images_to: Path | None) -> Iterator[tuple[Sample, s
         with open_binary(shard) as source, tarfile.open(fileobj=source) as tar:
             members = {m.name: m for m in tar.getmembers()}
             for name in sorted(n for n in members if n.endswith(".json")):
-                sample = Sample.model_validate_json(tar.extractfile(members[name]).read())
+                sample = Sample.model_validate_json(read_member(tar, members[name]))
                 stem = name[:-5]
                 rel = f"images/{stem}.jpg"
                 if images_to is not None:
-                    (images_to / rel).write_bytes(tar.extractfile(members[stem + ".jpg"]).read())
+                    (images_to / rel).write_bytes(read_member(tar, members[stem + ".jpg"]))
                 yield sample, rel
 
 
@@ -82,7 +85,7 @@ def _absent_entity(recent: list[str], sample: Sample) -> str | None:
     return None
 
 
-def export_run(root: Path, spec: ExportSpec, out: Path, check: int = 0) -> tuple[Path, list[dict[str, Any]]]:
+def export_run(root: UPath | Path, spec: ExportSpec, out: Path, check: int = 0) -> tuple[Path, list[dict[str, Any]]]:
     """Write `spec` under `out` (images in out/images); returns the main file and, with `check`,
     the read-back check of the first `check` records (see `check_records`)."""
     rd = RunDir(root)
@@ -124,8 +127,9 @@ def export_run(root: Path, spec: ExportSpec, out: Path, check: int = 0) -> tuple
     return target, check_records(spec, d, target, kept, out) if check else []
 
 
-def check_records(spec: ExportSpec, d: Dialect, target: Path, kept: list[tuple[Sample, str, ex.Turn]],
-                  out: Path) -> list[dict[str, Any]]:
+def check_records(
+    spec: ExportSpec, d: Dialect, target: Path, kept: list[tuple[Sample, str, ex.Turn]], out: Path
+) -> list[dict[str, Any]]:
     """Read the first records back from `target` as a trainer would — the exported text alone,
     parsed in the dialect and mapped to pixels — and compare with the boxes they were made from:
     each coordinate within half a unit of the dialect. Draws out/check/ID.png: the original boxes
@@ -133,7 +137,7 @@ def check_records(spec: ExportSpec, d: Dialect, target: Path, kept: list[tuple[S
     (out / "check").mkdir(exist_ok=True)
     results = []
     with open(target, encoding="utf-8") as fh:
-        for (sample, path, turn), line in zip(kept, fh):
+        for (sample, path, turn), line in zip(kept, fh, strict=True):
             rec = json.loads(line)
             w, h = sample.width, sample.height
             if spec.layout == "ms-swift":
@@ -144,14 +148,25 @@ def check_records(spec: ExportSpec, d: Dialect, target: Path, kept: list[tuple[S
             back = [d.decode(v, w, h) for v in found]
             expected = turn.boxes()
             ux, uy = d.unit(w, h)
-            errors = [max(abs(a - b) / (ux if i % 2 == 0 else uy) for i, (a, b) in enumerate(zip(e, g)))
-                      for e, g in zip(expected, back)]
+            errors = [
+                max(abs(a - b) / (ux if i % 2 == 0 else uy) for i, (a, b) in enumerate(zip(e, g, strict=True)))
+                for e, g in zip(expected, back, strict=True)
+            ]
             worst = max(errors, default=0.0)
             ok = len(back) == len(expected) and worst <= 0.5 + 1e-6
             picture = out / "check" / f"{rec['id']}.png"
             _draw_pair(out / path, expected, back, picture)
-            results.append({"id": rec["id"], "task": turn.task, "boxes": len(expected), "read_back": len(back),
-                            "worst_error_units": round(worst, 4), "ok": ok, "picture": str(picture.relative_to(out))})
+            results.append(
+                {
+                    "id": rec["id"],
+                    "task": turn.task,
+                    "boxes": len(expected),
+                    "read_back": len(back),
+                    "worst_error_units": round(worst, 4),
+                    "ok": ok,
+                    "picture": str(picture.relative_to(out)),
+                }
+            )
     (out / "check" / "check.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
@@ -159,12 +174,16 @@ def check_records(spec: ExportSpec, d: Dialect, target: Path, kept: list[tuple[S
 def _draw_pair(image: Path, expected: list[list[float]], back: list[list[float]], target: Path) -> None:
     picture = Image.open(image).convert("RGB")
     pair = Image.new("RGB", (picture.width * 2 + 8, picture.height), "white")
-    for offset, boxes, colour, title in ((0, expected, (40, 200, 60), "original boxes"),
-                                         (picture.width + 8, back, (230, 50, 40), "read back from the export")):
+    for offset, boxes, colour, title in (
+        (0, expected, (40, 200, 60), "original boxes"),
+        (picture.width + 8, back, (230, 50, 40), "read back from the export"),
+    ):
         panel = picture.copy()
         draw = ImageDraw.Draw(panel)
         for x0, y0, x1, y1 in boxes:
-            draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=colour, width=max(2, picture.width // 200))
+            draw.rectangle(
+                [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=colour, width=max(2, picture.width // 200)
+            )
         draw.text((6, 4), title, fill=colour)
         pair.paste(panel, (offset, 0))
     pair.save(target)

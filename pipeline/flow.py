@@ -19,8 +19,8 @@ from denseforge.stages.embed import EmbedStage, PixelSpec, PixelStage
 from denseforge.stages.fuse import CaptionStage
 from denseforge.stages.ground import GroundStage
 from denseforge.stages.perceive import ExpertStage, MergeStage, plan_experts
-from denseforge.stages.sample import KNOWN_KINDS
 from denseforge.stages.qa import ClipScoreStage, QaStage
+from denseforge.stages.sample import KNOWN_KINDS
 from denseforge.stages.stage import Resources, Stage, configure
 
 
@@ -62,13 +62,20 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
     renderers = {}
     if config.perceive.enabled:
         planned = plan_experts(config.perceive)
-        for spec, expert, resources in planned:
-            runs.append(StageRun(ExpertStage(expert, spec.instance, resources), spec.instance, resources,
-                                 on_error=config.perceive.on_error, max_error_rate=spec.max_error_rate,
-                                 group=spec.group))
+        for planned_expert, expert, resources in planned:
+            runs.append(
+                StageRun(
+                    ExpertStage(expert, planned_expert.instance, resources),
+                    planned_expert.instance,
+                    resources,
+                    on_error=config.perceive.on_error,
+                    max_error_rate=planned_expert.max_error_rate,
+                    group=planned_expert.group,
+                )
+            )
             if expert.kind not in KNOWN_KINDS:
                 renderers[expert.kind] = expert
-        untrained = frozenset(spec.instance for spec, expert, _ in planned if expert.untrained())
+        untrained = frozenset(e.instance for e, expert, _ in planned if expert.untrained())
         runs.append(light(MergeStage(config.perceive, untrained)))
     if config.fuse.enabled:
         caption = CaptionStage(config.fuse, config.ground, renderers)
@@ -81,7 +88,9 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
         if qa.enabled:
             if qa.clip is not None:
                 resources = Resources(num_cpus=0.25, num_gpus=qa.clip_num_gpus, batch_size=16, concurrency=1)
-                runs.append(StageRun(ClipScoreStage(qa.clip), "clip-score", resources, max_error_rate=qa.max_error_rate))
+                runs.append(
+                    StageRun(ClipScoreStage(qa.clip), "clip-score", resources, max_error_rate=qa.max_error_rate)
+                )
             runs.append(light(QaStage(qa), max_error_rate=qa.max_error_rate))
     for i, spec in enumerate(config.stages):
         run = plugin_stage(spec, f"stages[{i}]")
@@ -93,8 +102,10 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
         elif spec.after in names:
             runs.insert(names.index(spec.after) + 1, run)
         else:
-            raise ConfigError(f"stages[{i}].after: no stage named {spec.after!r} runs in this config "
-                              f"(stages: {', '.join(names) or 'none'})")
+            raise ConfigError(
+                f"stages[{i}].after: no stage named {spec.after!r} runs in this config "
+                f"(stages: {', '.join(names) or 'none'})"
+            )
     check_groups(runs)
     return runs
 
@@ -103,5 +114,11 @@ def plugin_stage(spec: StageSpec, where: str) -> StageRun:
     """A stage from a plugin package, its options and resources checked against its own models."""
     cls = load_plugin(STAGE_GROUP, spec.plugin, Stage)
     options, resources = configure(cls, spec.options, spec.resources, where)
-    return StageRun(cls(options), spec.instance, resources, on_error=spec.on_error, max_error_rate=spec.max_error_rate,
-                    group=spec.group)
+    return StageRun(
+        cls(options),
+        spec.instance,
+        resources,
+        on_error=spec.on_error,
+        max_error_rate=spec.max_error_rate,
+        group=spec.group,
+    )

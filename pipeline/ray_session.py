@@ -15,15 +15,30 @@ from typing import Any
 from denseforge.errors import Interrupted, NodeLostError, SetupError
 from denseforge.pipeline.config import Config, RayConfig
 
-OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE", "YOLO_AUTOINSTALL",
-                    "YOLO_CONFIG_DIR", "NO_ALBUMENTATIONS_UPDATE", "RAY_AUTH_MODE")
+OFFLINE_SWITCHES = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "YOLO_OFFLINE",
+    "YOLO_AUTOINSTALL",
+    "YOLO_CONFIG_DIR",
+    "NO_ALBUMENTATIONS_UPDATE",
+    "RAY_AUTH_MODE",
+)
 # Reading/writing units is I/O, not compute: a quarter CPU each leaves room for the model pools.
 LIGHT_TASK_CPUS = 0.25
 
 
 QUIET_RAY = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0"}
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
-              "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+PROXY_VARS = (
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+)
 LOOPBACK = "127.0.0.1,localhost,::1"
 # A closed port on this host: a request through it is refused before anything leaves the machine.
 NOWHERE = "http://127.0.0.1:9"
@@ -78,17 +93,21 @@ def start_ray(cfg: RayConfig, address: str | None) -> str | None:
     env = {k: os.environ[k] for k in (*OFFLINE_SWITCHES, *QUIET_RAY) if k in os.environ}
     # workers' own output (library warnings, tracebacks a library prints) stays in Ray's log files,
     # not on the console: there, progress and one line per problem
-    common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                  configure_logging=True)
+    common: dict[str, Any] = dict(
+        include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, configure_logging=True
+    )
     address = cluster_address(address, cfg)
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, **common)
     else:
         with _system_processes_offline() as proxies:
-            ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
-                     runtime_env={"env_vars": {**env, **proxies}}, **common)
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                object_store_memory=cfg.object_store_memory,
+                runtime_env={"env_vars": {**env, **proxies}},
+                **common,
+            )
     from ray.data import DataContext
-
 
     stop_cleanly_on_signals()  # after ray.init, which installs a SIGTERM handler of its own
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # our own bars report progress
@@ -98,7 +117,8 @@ def start_ray(cfg: RayConfig, address: str | None) -> str | None:
     # One block is one unit all the way to the writer, which checks it got the whole unit.
     ctx.target_max_block_size = 2 * 2**30
     try:  # where the workers' output went (a private attribute: best effort)
-        return ray._private.worker._global_node.get_logs_dir_path()
+        node: Any = ray._private.worker._global_node
+        return node.get_logs_dir_path()
     except Exception:  # noqa: BLE001
         return None
 
@@ -130,20 +150,25 @@ def check_address(address: str | None, timeout_s: float) -> None:
     target = address.split("://", 1)[-1]
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
-        raise SetupError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default) or "
-                         "ray://HOST:PORT")
+        raise SetupError(
+            f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default) or ray://HOST:PORT"
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise SetupError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; is `ray start --head` "
-                         f"running there (and the port open)?") from None
+        raise SetupError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; is `ray start --head` "
+            f"running there (and the port open)?"
+        ) from None
 
 
 def alive_nodes() -> dict[str, str]:
     """Node id -> a readable name (IP and the id's start) of every node alive now."""
     import ray
 
-    return {n["NodeID"]: f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})" for n in ray.nodes() if n.get("Alive")}
+    return {
+        n["NodeID"]: f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})" for n in ray.nodes() if n.get("Alive")
+    }
 
 
 def check_nodes(root_is_local: bool, config: Config, inputs_local: bool) -> None:
@@ -154,13 +179,17 @@ def check_nodes(root_is_local: bool, config: Config, inputs_local: bool) -> None
     if len(nodes) < 2 or config.storage.shared_local:
         return
     if root_is_local:
-        raise SetupError(f"the Ray cluster has {len(nodes)} nodes but --out is a local folder, which the other "
-                         "nodes cannot see; use an object store URL (s3://, gs://, az://) or, if the folder is on a "
-                         "disk every node mounts at the same path, set storage.shared_local: true")
+        raise SetupError(
+            f"the Ray cluster has {len(nodes)} nodes but --out is a local folder, which the other "
+            "nodes cannot see; use an object store URL (s3://, gs://, az://) or, if the folder is on a "
+            "disk every node mounts at the same path, set storage.shared_local: true"
+        )
     if inputs_local:
-        raise SetupError(f"the Ray cluster has {len(nodes)} nodes but input.path ({config.input.path}) is local and "
-                         f"input.kind {config.input.kind} is read by the workers; put it in the object store or set "
-                         "storage.shared_local: true")
+        raise SetupError(
+            f"the Ray cluster has {len(nodes)} nodes but input.path ({config.input.path}) is local and "
+            f"input.kind {config.input.kind} is read by the workers; put it in the object store or set "
+            "storage.shared_local: true"
+        )
 
 
 class NodeWatch:
@@ -176,7 +205,7 @@ class NodeWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="denseforge-nodes", daemon=True)
 
-    def __enter__(self) -> "NodeWatch":
+    def __enter__(self) -> NodeWatch:
         self._known = alive_nodes()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGUSR1, self._fail)
@@ -207,8 +236,10 @@ class NodeWatch:
             since = max(max(self.lost.values()), self.progress.last_update)
             if time.monotonic() - since > self.timeout_s:
                 names = ", ".join(self.lost)
-                self.reason = (f"Ray node {names} was lost and the run made no progress for {self.timeout_s:.0f} s "
-                               "(ray.node_loss_timeout_s); bring nodes back or lower the stages' worker pools, then "
-                               "`denseforge resume`")
+                self.reason = (
+                    f"Ray node {names} was lost and the run made no progress for {self.timeout_s:.0f} s "
+                    "(ray.node_loss_timeout_s); bring nodes back or lower the stages' worker pools, then "
+                    "`denseforge resume`"
+                )
                 _thread.interrupt_main(signal.SIGUSR1)
                 return

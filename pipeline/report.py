@@ -16,12 +16,14 @@ import io
 import json
 import tarfile
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image, ImageDraw
 
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.sample import Sample, safe_member_key
+from denseforge.stages.write import read_member
 from denseforge.storage import open_binary, read_parquet
 
 GALLERY = 24
@@ -41,7 +43,7 @@ def _svg(fig) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
 def charts(stats: dict[str, Any], scores: list[dict[str, float]]) -> list[tuple[str, str]]:
@@ -53,10 +55,17 @@ def charts(stats: dict[str, Any], scores: list[dict[str, float]]) -> list[tuple[
 
     out = []
     f = stats["funnel"]
-    labels = ["input rows", "written"] + [f"rejected: {r}" for r in f["rejected_by_reason"]] + \
-             [f"removed: {r}" for r in f["removed_by_reason"]]
-    values = [f["input_rows"], f["written"]] + list(f["rejected_by_reason"].values()) + list(f["removed_by_reason"].values())
-    colours = ["#888", "#3cb44b"] + ["#e6194b"] * len(f["rejected_by_reason"]) + ["#f58231"] * len(f["removed_by_reason"])
+    labels = (
+        ["input rows", "written"]
+        + [f"rejected: {r}" for r in f["rejected_by_reason"]]
+        + [f"removed: {r}" for r in f["removed_by_reason"]]
+    )
+    values = (
+        [f["input_rows"], f["written"]] + list(f["rejected_by_reason"].values()) + list(f["removed_by_reason"].values())
+    )
+    colours = (
+        ["#888", "#3cb44b"] + ["#e6194b"] * len(f["rejected_by_reason"]) + ["#f58231"] * len(f["removed_by_reason"])
+    )
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 0.8))
     ax.barh(range(len(labels)), values, color=colours)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
@@ -77,7 +86,7 @@ def charts(stats: dict[str, Any], scores: list[dict[str, float]]) -> list[tuple[
     names = sorted({k for s in scores for k in s})
     if names:
         fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.0), squeeze=False)
-        for ax, name in zip(axes[0], names):
+        for ax, name in zip(axes[0], names, strict=True):
             ax.hist([s[name] for s in scores if name in s], bins=12, color="#4363d8")
             ax.set_title(name, fontsize=8)
             ax.tick_params(labelsize=7)
@@ -87,15 +96,18 @@ def charts(stats: dict[str, Any], scores: list[dict[str, float]]) -> list[tuple[
         names = list(stages)
         fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 0.8))
         ax.barh(range(len(names)), [stages[n]["busy_s"] for n in names], color="#4363d8", label="busy seconds")
-        ax.set_yticks(range(len(names)), [f"{n} ({stages[n]['items']} items, {stages[n]['failed_total']} failed)"
-                                          for n in names], fontsize=8)
+        ax.set_yticks(
+            range(len(names)),
+            [f"{n} ({stages[n]['items']} items, {stages[n]['failed_total']} failed)" for n in names],
+            fontsize=8,
+        )
         ax.invert_yaxis()
         ax.set_xlabel("busy seconds")
         out.append(("Busy time per stage", _svg(fig)))
     return out
 
 
-def thumbnail(data: bytes, boxes: list[tuple[list[float], str]] = ()) -> str:
+def thumbnail(data: bytes, boxes: Sequence[tuple[list[float], str]] = ()) -> str:
     """A data: URL of a small JPEG with the boxes drawn in their colours ("" when the bytes are not
     an image: the report shows the record without it rather than failing)."""
     try:
@@ -126,8 +138,10 @@ def highlighted(sample: Sample) -> str:
         if start < cursor or caption[start:end] != g.phrase:
             continue
         out.append(esc(caption[cursor:start]))
-        out.append(f'<mark style="background:{_colour(g.source)}55;border-bottom:2px solid {_colour(g.source)}" '
-                   f'title="{esc(g.source)}">{esc(g.phrase)}</mark>')
+        out.append(
+            f'<mark style="background:{_colour(g.source)}55;border-bottom:2px solid {_colour(g.source)}" '
+            f'title="{esc(g.source)}">{esc(g.phrase)}</mark>'
+        )
         cursor = end
     out.append(esc(caption[cursor:]))
     return "".join(out)
@@ -147,9 +161,12 @@ def _samples(rd: RunDir, keys: list[str]) -> dict[str, tuple[Sample, bytes]]:
             for member in tar:
                 stem, _, ext = member.name.partition(".")
                 if stem in stems and ext in ("jpg", "json"):
-                    found[stem][ext] = tar.extractfile(member).read()
-    return {json.loads(v["json"])["key"]: (Sample.model_validate_json(v["json"]), v["jpg"])
-            for v in found.values() if "json" in v and "jpg" in v}
+                    found[stem][ext] = read_member(tar, member)
+    return {
+        json.loads(v["json"])["key"]: (Sample.model_validate_json(v["json"]), v["jpg"])
+        for v in found.values()
+        if "json" in v and "jpg" in v
+    }
 
 
 def gallery(rd: RunDir, keys: list[str]) -> str:
@@ -162,17 +179,19 @@ def gallery(rd: RunDir, keys: list[str]) -> str:
         objects = sample.experts.get("objects", [])
         boxes = [(o["box"], _colour(f"objects/{i}")) for i, o in enumerate(objects)]
         boxes += [(o["box"], _colour(f"ocr/{i}")) for i, o in enumerate(sample.experts.get("ocr", []))]
-        detected = ", ".join(f'<span style="color:{_colour(f"objects/{i}")}">{esc(o["label"])} {o.get("score", 1):.2f}</span>'
-                             for i, o in enumerate(objects))
+        detected = ", ".join(
+            f'<span style="color:{_colour(f"objects/{i}")}">{esc(o["label"])} {o.get("score", 1):.2f}</span>'
+            for i, o in enumerate(objects)
+        )
         ocr = "".join(f"<li>{esc(o['text'])}</li>" for o in sample.experts.get("ocr", []))
         tags = ", ".join(esc(t["label"]) for t in sample.experts.get("tags", []))
         scores = ", ".join(f"{esc(k)} {v:g}" for k, v in (sample.qa.scores if sample.qa else {}).items())
         cards.append(f"""<div class="card"><img class="thumb" src="{thumbnail(data, boxes)}" alt="{esc(key)}">
 <p class="caption">{highlighted(sample)}</p>
-<p class="meta"><b>{esc(key)}</b> {sample.width}x{sample.height}{' · objects: ' + detected if detected else ''}
-{' · tags: ' + tags if tags else ''}{' · qa: ' + scores if scores else ''}</p>
-{'<ul class="ocr">' + ocr + '</ul>' if ocr else ''}
-<p class="meta">alt text: {esc(sample.alt_text or '')}</p>
+<p class="meta"><b>{esc(key)}</b> {sample.width}x{sample.height}{" · objects: " + detected if detected else ""}
+{" · tags: " + tags if tags else ""}{" · qa: " + scores if scores else ""}</p>
+{'<ul class="ocr">' + ocr + "</ul>" if ocr else ""}
+<p class="meta">alt text: {esc(sample.alt_text or "")}</p>
 <details><summary>provenance</summary><pre>{esc(json.dumps(sample.provenance, indent=1))}</pre></details></div>""")
     return '<div class="gallery">' + "\n".join(cards) + "</div>"
 
@@ -188,7 +207,7 @@ def _raw_image(rd: RunDir, key: str) -> bytes | None:
         return None
     with open_binary(rd.raw / f"{rd.unit_name(unit)}.tar") as source, tarfile.open(fileobj=source) as tar:
         try:
-            return tar.extractfile(f"{rows[0]['key']}.jpg").read()
+            return read_member(tar, f"{rows[0]['key']}.jpg")
         except KeyError:
             return None
 
@@ -202,8 +221,11 @@ def examples(rd: RunDir) -> str:
             if len(group) < EXAMPLES:
                 group.append(r)
         for reason, rows in sorted(by_reason.items()):
-            items = "".join(f"<li><b>{esc(r['key'])}</b> {esc(r['url'] or '')}<br><small>{esc((r['detail'] or '')[:300])}</small></li>"
-                            for r in rows)
+            items = "".join(
+                f"<li><b>{esc(r['key'])}</b> {esc(r['url'] or '')}<br>"
+                f"<small>{esc((r['detail'] or '')[:300])}</small></li>"
+                for r in rows
+            )
             parts.append(f"<h3>rejected: {esc(reason)}</h3><ul>{items}</ul>")
     if rd.decisions.exists():
         removed: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -212,15 +234,18 @@ def examples(rd: RunDir) -> str:
                 removed[r["reason"]].append(r)
         written = _samples(rd, [r["dup_of"] for rows in removed.values() for r in rows if r["dup_of"]])
         for reason, rows in sorted(removed.items()):
-            items = []
+            pairs = []
             for r in rows:
                 mine = _raw_image(rd, r["key"])
                 kept = written.get(r["dup_of"]) if r["dup_of"] else None
-                pics = (f'<img class="small" src="{thumbnail(mine)}" alt="{esc(r["key"])}">' if mine else "") + \
-                       (f' = <img class="small" src="{thumbnail(kept[1])}" alt="{esc(r["dup_of"])}">' if kept else "")
-                items.append(f"<li>{pics}<br><b>{esc(r['key'])}</b>"
-                             f"{' duplicates ' + esc(r['dup_of']) if r['dup_of'] else ''}</li>")
-            parts.append(f"<h3>removed: {esc(reason)}</h3><ul class='pairs'>{''.join(items)}</ul>")
+                pics = (f'<img class="small" src="{thumbnail(mine)}" alt="{esc(r["key"])}">' if mine else "") + (
+                    f' = <img class="small" src="{thumbnail(kept[1])}" alt="{esc(r["dup_of"])}">' if kept else ""
+                )
+                pairs.append(
+                    f"<li>{pics}<br><b>{esc(r['key'])}</b>"
+                    f"{' duplicates ' + esc(r['dup_of']) if r['dup_of'] else ''}</li>"
+                )
+            parts.append(f"<h3>removed: {esc(reason)}</h3><ul class='pairs'>{''.join(pairs)}</ul>")
     return "\n".join(parts) or "<p>Nothing was rejected or removed.</p>"
 
 
@@ -237,20 +262,26 @@ def render_report(rd: RunDir, stats: dict[str, Any]) -> str:
         f"<tr><td>{esc(name)}</td><td>{c['items']}</td><td>{c['failed_total']}</td>"
         f"<td>{esc(', '.join(f'{k} {n}' for k, n in c['failed'].items()))}</td>"
         f"<td>{sum(c['rejected'].values())}</td><td>{c['removed']}</td><td>{c['busy_s']}</td>"
-        f"<td>{esc(c['first_error'] or '')}</td></tr>" for name, c in stats["stages"].items())
+        f"<td>{esc(c['first_error'] or '')}</td></tr>"
+        for name, c in stats["stages"].items()
+    )
     node_rows = "".join(
         f"<tr><td>{esc(name)}</td><td>{esc(node)}</td><td>{n['items']}</td><td>{n['busy_s']}</td></tr>"
-        for name, c in stats["stages"].items() for node, n in sorted(c.get("nodes", {}).items()))
+        for name, c in stats["stages"].items()
+        for node, n in sorted(c.get("nodes", {}).items())
+    )
     removed = ", ".join(f"{n} {esc(r)}" for r, n in f["removed_by_reason"].items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>denseforge run: {esc(stats['run']['name'])}</title>
+    title = esc(stats["run"]["name"])
+    storage = stats.get("storage", {})
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>denseforge run: {title}</title>
 <style>body{{font-family:sans-serif;max-width:72em;margin:2em auto;color:#222}}td,th{{padding:2px 10px;text-align:left}}
 .gallery{{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:14px}}
 .card{{border:1px solid #ddd;padding:8px;border-radius:6px}}.thumb{{max-width:100%}}.small{{height:90px}}
 .caption{{font-size:14px}}.meta{{font-size:12px;color:#555}}mark{{color:inherit}}pre{{font-size:11px;white-space:pre-wrap}}
 .chart svg{{max-width:100%;height:auto}}</style></head><body>
-<h1>denseforge run: {esc(stats['run']['name'])}{'' if stats['complete'] else ' (failed, incomplete)'}</h1>
-<p>{f['input_rows']} input rows → {f['written']} written, {f['rejected']} rejected, {f['removed']} removed
-{('(' + removed + ')') if removed else ''} · balanced: {f['balanced']}</p>
+<h1>denseforge run: {esc(stats["run"]["name"])}{"" if stats["complete"] else " (failed, incomplete)"}</h1>
+<p>{f["input_rows"]} input rows → {f["written"]} written, {f["rejected"]} rejected, {f["removed"]} removed
+{("(" + removed + ")") if removed else ""} · balanced: {f["balanced"]}</p>
 {figures}
 <h2>Stages</h2><table><tr><th>stage</th><th>items</th><th>failed</th><th>by type</th><th>rejected</th>
 <th>removed</th><th>busy s</th><th>first error</th></tr>{stage_rows}</table>
@@ -259,7 +290,7 @@ def render_report(rd: RunDir, stats: dict[str, Any]) -> str:
 {gallery(rd, keys)}
 <h2>Rejected and removed: examples</h2>
 {examples(rd)}
-<h2>Timings (s)</h2><p>{esc(json.dumps(stats['timings']))}</p>
-<p>storage: {esc(str(stats.get('storage', {}).get('url', '')))}, {stats.get('storage', {}).get('retries', 0)} request(s) retried</p>
-<p><small>versions: {esc(json.dumps(stats['versions']))}</small></p></body></html>
+<h2>Timings (s)</h2><p>{esc(json.dumps(stats["timings"]))}</p>
+<p>storage: {esc(str(storage.get("url", "")))}, {storage.get("retries", 0)} request(s) retried</p>
+<p><small>versions: {esc(json.dumps(stats["versions"]))}</small></p></body></html>
 """

@@ -26,8 +26,17 @@ from upath import UPath
 from denseforge import __version__
 from denseforge.errors import RunDirError, StorageError
 from denseforge.pipeline.config import Config, dump_config, load_config
-from denseforge.storage import (ensure_dir, is_local, list_files, location, read_json, read_json_many, remove, write_bytes,
-                                write_json_atomic)
+from denseforge.storage import (
+    ensure_dir,
+    is_local,
+    list_files,
+    location,
+    read_json,
+    read_json_many,
+    remove,
+    write_bytes,
+    write_json_atomic,
+)
 
 # An object-store lock is a lease: its holder rewrites it every LEASE_RENEW_S; one not renewed for
 # LEASE_EXPIRY_S belongs to a driver that died and may be taken over.
@@ -41,8 +50,8 @@ class RunDir:
 
     root: UPath
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", location(self.root))
+    def __init__(self, root: UPath | Path | str):
+        object.__setattr__(self, "root", location(root))
 
     @property
     def config_file(self) -> UPath:
@@ -149,7 +158,7 @@ class RunDir:
     @classmethod
     def unit_of(cls, path: UPath) -> int:
         """The unit a marker or per-unit file belongs to (its name starts with the unit's)."""
-        return int(path.name[:len(cls.unit_name(0))])
+        return int(path.name[: len(cls.unit_name(0))])
 
     def unit_file(self, unit: int) -> UPath:
         return self.units / f"{self.unit_name(unit)}.arrow"
@@ -193,12 +202,12 @@ class RunDir:
         """(unit, the counts its marker holds) for every finished unit of `phase`, in unit order,
         read in one batch."""
         markers = self.markers(phase)
-        return list(zip(map(self.unit_of, markers), read_json_many(markers)))
+        return list(zip(map(self.unit_of, markers), read_json_many(markers), strict=True))
 
     def markers(self, phase: Literal["ingest", "embed", "write"]) -> list[UPath]:
         """Every completion marker of `phase`, in unit order."""
         sample = self.marker(phase, 0)
-        return list_files(sample.parent, sample.name[len(self.unit_name(0)):])
+        return list_files(sample.parent, sample.name[len(self.unit_name(0)) :])
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -222,28 +231,34 @@ class RunDir:
         """Hold the run's lock while a driver works here; a second driver is refused. On local disk
         an fcntl lock on run.lock (temporary files a killed writer left are swept once it is held);
         on an object store a lease (`_leased`)."""
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "command": command,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         if not is_local(self.root):
             with self._leased(info):
                 yield
             return
         ensure_dir(self.root)
-        handle = open(self.lock_file, "a+")
+        handle = open(str(self.lock_file), "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise RunDirError(f"{self.root} is in use by a running driver ({holder}); wait for it to finish "
-                              "or stop it first (`denseforge status` shows it)") from None
+            raise RunDirError(
+                f"{self.root} is in use by a running driver ({holder}); wait for it to finish "
+                "or stop it first (`denseforge status` shows it)"
+            ) from None
         try:
             handle.seek(0)
             handle.truncate()
             handle.write(json.dumps(info))
             handle.flush()
-            for stale in Path(self.root).rglob(".*.tmp"):
+            for stale in Path(str(self.root)).rglob(".*.tmp"):
                 stale.unlink(missing_ok=True)
             yield
         finally:
@@ -269,8 +284,10 @@ class RunDir:
             except FileExistsError:
                 holder = self.holder()
                 if holder is not None or attempt:
-                    raise RunDirError(f"{self.root} is in use by a running driver ({json.dumps(holder)}); wait for it "
-                                      "to finish or stop it first (`denseforge status` shows it)") from None
+                    raise RunDirError(
+                        f"{self.root} is in use by a running driver ({json.dumps(holder)}); wait for it "
+                        "to finish or stop it first (`denseforge status` shows it)"
+                    ) from None
                 remove(self.lock_file)  # an expired lease
         stop = threading.Event()
 
@@ -306,7 +323,7 @@ class RunDir:
             if time.time() - float(lease.get("renewed", 0)) > LEASE_EXPIRY_S:
                 return None
             return {k: v for k, v in lease.items() if k not in ("token", "renewed")}
-        with open(self.lock_file) as handle:
+        with open(str(self.lock_file)) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:

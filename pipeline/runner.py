@@ -17,6 +17,7 @@ import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -24,8 +25,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from upath import UPath
 
-from denseforge.errors import (DenseforgeError, FailedUnitsError, Interrupted, RunFailedError, SetupError,
-                               StageFailedError)
+from denseforge.errors import (
+    ConfigError,
+    DenseforgeError,
+    FailedUnitsError,
+    Interrupted,
+    RunFailedError,
+    SetupError,
+    StageFailedError,
+)
 from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages, count_traces
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.pipeline.config import Config
@@ -33,17 +41,34 @@ from denseforge.pipeline.dedup_phase import run_dedup, run_embed
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
 from denseforge.pipeline.flow import build_stages, describe_embed, embed_stages
 from denseforge.pipeline.progress import Progress
-from denseforge.pipeline.ray_session import (LIGHT_TASK_CPUS, NodeWatch, check_address, check_nodes, cluster_address, one_off,
-                                             start_ray)
+from denseforge.pipeline.ray_session import (
+    LIGHT_TASK_CPUS,
+    NodeWatch,
+    check_address,
+    check_nodes,
+    cluster_address,
+    one_off,
+    start_ray,
+)
 from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import finalize_run
-from denseforge.storage import (append_text, check_store, ensure_dir, is_local, location, open_binary, read_json, remove,
-                                scratch_dir, write_json_atomic)
 from denseforge.stages.ingest import IngestConfig, download_unit, ingest_webdataset_unit, read_raw_unit
 from denseforge.stages.read_input import expand_paths, iter_folder_rows, iter_table_rows, table_suffixes, write_units
 from denseforge.stages.sample import Reject, Sample
 from denseforge.stages.stage import Stage
 from denseforge.stages.write import UnitFiles, write_unit
+from denseforge.storage import (
+    append_text,
+    check_store,
+    ensure_dir,
+    is_local,
+    location,
+    open_binary,
+    read_json,
+    remove,
+    scratch_dir,
+    write_json_atomic,
+)
 
 
 @dataclass
@@ -62,6 +87,8 @@ def plan_units(config: Config, rd: RunDir) -> Plan:
     if rd.plan_file.exists():
         return Plan(**read_json(rd.plan_file))
     inp = config.input
+    if inp.path is None:
+        raise ConfigError("input.path is not set: give the table, folder or shards to read")
     spp = config.output.samples_per_shard
     options = config.storage.options
     if inp.kind == "webdataset":
@@ -83,8 +110,16 @@ def plan_units(config: Config, rd: RunDir) -> Plan:
 # -- ingest ----------------------------------------------------------------------------------
 
 
-def _ingest_one(unit: int, plan_kind: str, source: UPath, rd: RunDir, cfg: IngestConfig, samples_per_unit: int,
-                allow_files: bool, scratch: str | None) -> dict[str, Any]:
+def _ingest_one(
+    unit: int,
+    plan_kind: str,
+    source: UPath,
+    rd: RunDir,
+    cfg: IngestConfig,
+    samples_per_unit: int,
+    allow_files: bool,
+    scratch: str | None,
+) -> dict[str, Any]:
     if plan_kind == "webdataset":
         return ingest_webdataset_unit(unit, source, rd.raw, rd.ingest_marker(unit), cfg, scratch)
     return download_unit(unit, source, rd.raw, rd.ingest_marker(unit), cfg, samples_per_unit, allow_files, scratch)
@@ -109,9 +144,21 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> in
     while queue or in_flight:
         while queue and len(in_flight) < config.ingest.processes:
             unit = queue.pop()
-            source = location(plan.sources[unit], config.storage.options) if plan.kind == "webdataset" else rd.unit_file(unit)
-            ref = task.remote(unit, plan.kind, source, rd, config.ingest, config.output.samples_per_shard, allow_files,
-                              config.storage.scratch)
+            source = (
+                location(plan.sources[unit], config.storage.options)
+                if plan.kind == "webdataset"
+                else rd.unit_file(unit)
+            )
+            ref = task.remote(
+                unit,
+                plan.kind,
+                source,
+                rd,
+                config.ingest,
+                config.output.samples_per_shard,
+                allow_files,
+                config.storage.scratch,
+            )
             in_flight[ref] = unit
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         unit = in_flight.pop(ready[0])
@@ -120,8 +167,15 @@ def run_ingest(config: Config, rd: RunDir, plan: Plan, progress: Progress) -> in
             bar.update(1, ok=stats.get("successes", 0), failed=stats["count"] - stats.get("successes", 0))
         except Exception as exc:  # noqa: BLE001 - a unit that keeps failing becomes reject rows
             message = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
-            write_json_atomic(rd.ingest_marker(unit), {"unit": unit, "failed": message, "count": 0,
-                                                       "source_path": plan.sources[unit] if plan.sources else None})
+            write_json_atomic(
+                rd.ingest_marker(unit),
+                {
+                    "unit": unit,
+                    "failed": message,
+                    "count": 0,
+                    "source_path": plan.sources[unit] if plan.sources else None,
+                },
+            )
             bar.update(1, failed_units=1)
             progress.warn(f"unit {rd.unit_name(unit)} failed after {config.ingest.unit_retries} retries: {message}")
     bar.close()
@@ -166,14 +220,17 @@ def write_units_batch(batch: pa.Table, rd: RunDir) -> pa.Table:
         if len(rows) != rows[0]["unit_rows"]:
             raise DenseforgeError(
                 f"unit {rd.unit_name(unit)} reached the writer split across blocks ({len(rows)} of "
-                f"{rows[0]['unit_rows']} rows); lower output.samples_per_shard")
+                f"{rows[0]['unit_rows']} rows); lower output.samples_per_shard"
+            )
         files = UnitFiles(rd.shard_file(unit), rd.manifest_part(unit), rd.rejects_part(unit), rd.write_marker(unit))
         counts = write_unit(
-            unit, files,
+            unit,
+            files,
             samples=[(Sample.model_validate_json(r["sample"]), r["image"]) for r in rows if r["sample"]],
             rejects=[Reject.model_validate_json(r["reject"]) for r in rows if r["reject"]],
             removed=[json.loads(r["removed"]) for r in rows if r["removed"]],
-            stages=count_traces([r["trace"] for r in rows]))
+            stages=count_traces([r["trace"] for r in rows]),
+        )
         out.append({"unit": unit, "counts": json.dumps(counts)})
     return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.int64()), ("counts", pa.string())]))
 
@@ -193,7 +250,8 @@ def check_capacity(runs: list[StageRun]) -> None:
             raise SetupError(
                 f"the stages' worker pools ask for {wanted:g} {resource}s at once ({names}; resources.{key} x "
                 f"concurrency, all pools run together, plus {LIGHT_TASK_CPUS} CPU for reading units and running "
-                f"light stages) but the cluster has {cluster.get(resource, 0):g}; lower them or add nodes")
+                f"light stages) but the cluster has {cluster.get(resource, 0):g}; lower them or add nodes"
+            )
 
 
 def _setup_all(runs: list[StageRun]) -> list[tuple[str, str]]:
@@ -222,12 +280,14 @@ def check_setups(runs: list[StageRun], rd: RunDir, progress: Progress) -> None:
         append_text(rd.log_file, "".join(f"setup of {instance} failed:\n{error}\n" for instance, error in failed))
         instance, error = failed[0]
         more = f" (and {len(failed) - 1} more stage(s))" if len(failed) > 1 else ""
-        raise SetupError(f"setup of stage {instance!r} failed: {error.split(chr(10))[0]}{more}; "
-                         f"traceback in {rd.log_file}")
+        raise SetupError(
+            f"setup of stage {instance!r} failed: {error.split(chr(10))[0]}{more}; traceback in {rd.log_file}"
+        )
 
 
-def run_process(config: Config, rd: RunDir, plan: Plan, runs: list[StageRun], progress: Progress,
-                budget: ErrorBudget) -> int:
+def run_process(
+    config: Config, rd: RunDir, plan: Plan, runs: list[StageRun], progress: Progress, budget: ErrorBudget
+) -> int:
     """Stream every unfinished unit through the stages into the shards; the error budget is
     checked as each unit is written. Returns how many units it wrote."""
     import ray
@@ -238,8 +298,9 @@ def run_process(config: Config, rd: RunDir, plan: Plan, runs: list[StageRun], pr
         bar.close()
         return 0
     ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
-    ds = add_stages(ds, runs, load=Step(load_units, {"rd": rd, "kind": plan.kind}),
-                    sink=Step(write_units_batch, {"rd": rd}))
+    ds = add_stages(
+        ds, runs, load=Step(load_units, {"rd": rd, "kind": plan.kind}), sink=Step(write_units_batch, {"rd": rd})
+    )
     for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in result.to_pylist():
             counts = json.loads(row["counts"])
@@ -259,8 +320,9 @@ def preflight(config: Config, rd: RunDir) -> list[StageRun]:
     return build_stages(config, rd)
 
 
-def _failure_reason(rd: RunDir, config: Config, plan: Plan | None, timings: dict[str, float],
-                    err: BaseException) -> str:
+def _failure_reason(
+    rd: RunDir, config: Config, plan: Plan | None, timings: dict[str, float], err: BaseException
+) -> str:
     """Leave a failed run resumable and explained: the stats it has so far, and the markers of
     units written while a failing stage was failing removed (so `resume` redoes them). Returns the
     reason `status` shows."""
@@ -279,8 +341,14 @@ def _failure_reason(rd: RunDir, config: Config, plan: Plan | None, timings: dict
     return reason
 
 
-def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, address: str | None = None,
-            allow_failed_units: bool = False) -> dict[str, Any]:
+def execute(
+    rd: RunDir,
+    config: Config,
+    runs: list[StageRun],
+    command: str,
+    address: str | None = None,
+    allow_failed_units: bool = False,
+) -> dict[str, Any]:
     """Run (or continue) the pipeline in `rd`; returns the final stats. Any failure leaves
     `status` = failed with the reason, and its traceback in the run's log. Units whose download
     kept failing leave the run `complete_with_failed_units` (exit 3) unless allowed. Every
@@ -289,14 +357,23 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, addr
     timings: dict[str, float] = {}
     redid: dict[str, Any] = {}
     planned: list[Plan] = []  # filled once the input is planned, for a failure's partial stats
-    entry = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "redid": redid, "timings": timings}
+    entry: dict[str, Any] = {
+        "command": command,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "redid": redid,
+        "timings": timings,
+    }
     earlier = rd.read_state().get("timings", {})
     rd.update_state(state="running", reason=None)
 
     def record(state: str, **fields: Any) -> None:
         history = rd.read_state().get("history", [])
-        done = {**entry, "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "outcome": state,
-                "timings": {k: round(v, 3) for k, v in timings.items()}}
+        done = {
+            **entry,
+            "ended": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "outcome": state,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
         rd.update_state(state=state, history=[*history, done], timings={**earlier, **done["timings"]}, **fields)
 
     try:
@@ -310,10 +387,15 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, addr
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the log
         _log(rd, exc)
-        failure = exc if isinstance(exc, DenseforgeError) else \
-            RunFailedError(f"{explain(exc, rd)} (traceback in {rd.log_file})")
-        plan = planned[0] if planned else None
-        _quietly(lambda: record("failed", reason=_failure_reason(rd, config, plan, {**earlier, **timings}, failure)))
+        failure = (
+            exc
+            if isinstance(exc, DenseforgeError)
+            else RunFailedError(f"{explain(exc, rd)} (traceback in {rd.log_file})")
+        )
+        failed_plan = planned[0] if planned else None
+        _quietly(
+            lambda: record("failed", reason=_failure_reason(rd, config, failed_plan, {**earlier, **timings}, failure))
+        )
         if failure is exc:
             raise
         raise failure from exc
@@ -321,9 +403,11 @@ def execute(rd: RunDir, config: Config, runs: list[StageRun], command: str, addr
     Progress().summary(stats, rd.root, _example_key(rd))
     failed_units = stats["ingest"]["failed_units"]
     if failed_units and not allow_failed_units:
-        reason = (f"{failed_units} unit(s) failed to download after their retries; their rows are "
-                  f"ingest/ingest_failed rejects. `denseforge resume {rd.root}` retries them; "
-                  "--allow-failed-units accepts the run as it is")
+        reason = (
+            f"{failed_units} unit(s) failed to download after their retries; their rows are "
+            f"ingest/ingest_failed rejects. `denseforge resume {rd.root}` retries them; "
+            "--allow-failed-units accepts the run as it is"
+        )
         record("complete_with_failed_units", reason=reason)
         raise FailedUnitsError(reason)
     record("complete", reason=None)
@@ -359,7 +443,7 @@ def _quietly(step) -> None:
 def explain(exc: BaseException, rd: RunDir) -> str:
     """One line a user can act on: the root cause behind Ray's wrappers; for a file system error
     the path and what to do."""
-    cause = exc
+    cause: Any = exc
     while getattr(cause, "cause", None) is not None and cause is not cause.cause:  # RayTaskError.cause
         cause = cause.cause
     if isinstance(cause, OSError) and cause.strerror:
@@ -374,14 +458,24 @@ def explain(exc: BaseException, rd: RunDir) -> str:
 
 def _log(rd: RunDir, exc: BaseException) -> None:
     try:
-        append_text(rd.log_file, f"{time.strftime('%Y-%m-%d %H:%M:%S')} run failed:\n"
-                                 + "".join(traceback.format_exception(exc)))
+        append_text(
+            rd.log_file,
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} run failed:\n" + "".join(traceback.format_exception(exc)),
+        )
     except OSError:  # a full or read-only disk: the one-line error still reaches the console
         pass
 
 
-def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | None, timings: dict[str, float],
-             stack: ExitStack, planned: list[Plan], redid: dict[str, Any]) -> None:
+def _execute(
+    rd: RunDir,
+    config: Config,
+    runs: list[StageRun],
+    address: str | None,
+    timings: dict[str, float],
+    stack: ExitStack,
+    planned: list[Plan],
+    redid: dict[str, Any],
+) -> None:
     import ray
 
     progress = Progress()
@@ -399,18 +493,29 @@ def _execute(rd: RunDir, config: Config, runs: list[StageRun], address: str | No
         state = rd.read_state()
         # the demo's web: in the run directory on local disk, in the driver's scratch for a run in
         # an object store (rebuilt, byte for byte, by a resume on another machine)
-        web = rd.demo / "files" if is_local(rd.root) else \
-            scratch_dir(config.storage.scratch) / f"denseforge-demo-{os.getpid()}" / "files"
+        web = (
+            Path(str(rd.demo / "files"))
+            if is_local(rd.root)
+            else scratch_dir(config.storage.scratch) / f"denseforge-demo-{os.getpid()}" / "files"
+        )
         if not is_local(rd.root):
             stack.callback(shutil.rmtree, web.parent, True)
         server = stack.enter_context(LoopbackImageServer(web, port=state.get("demo_port", 0)))
         fresh_demo = not rd.plan_file.exists()
-        corpus = build_demo_corpus(web, rd.demo / "input.parquet" if fresh_demo else None, server.base_url,
-                                   config.demo.copies, config.demo.include_broken)
+        corpus = build_demo_corpus(
+            web,
+            rd.demo / "input.parquet" if fresh_demo else None,
+            server.base_url,
+            config.demo.copies,
+            config.demo.include_broken,
+        )
         if fresh_demo:
             config.input.path = str(corpus.table)
             rd.update_state(demo_port=server.port)
-            progress.note(f"demo: serving {corpus.images} images (+{corpus.rows - corpus.images} broken rows) on {server.base_url}")
+            progress.note(
+                f"demo: serving {corpus.images} images (+{corpus.rows - corpus.images} broken rows) "
+                f"on {server.base_url}"
+            )
     start = time.perf_counter()
     rd.update_state(ray_logs=start_ray(config.ray, address))
     stack.callback(ray.shutdown)

@@ -13,6 +13,7 @@ from upath import UPath
 from denseforge.errors import RunDirError
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.sample import Sample
+from denseforge.stages.write import read_member
 from denseforge.storage import is_local, open_binary, read_parquet, writing
 
 COLOURS = {"objects": (230, 60, 40), "ocr": (30, 120, 230)}
@@ -30,11 +31,12 @@ def load_sample(rd: RunDir, key: str) -> tuple[Sample, bytes]:
         removed = read_parquet(decisions, filters=[("key", "=", key)]).to_pylist() if decisions.exists() else []
         if removed and removed[0]["reason"]:
             why = f" (removed by dedup: {removed[0]['reason']}" + (
-                f", duplicate of {removed[0]['dup_of']})" if removed[0]["dup_of"] else ")")
+                f", duplicate of {removed[0]['dup_of']})" if removed[0]["dup_of"] else ")"
+            )
         raise RunDirError(f"no written sample with key {key!r} in {rd.root}{why}")
     with open_binary(rd.shards / rows[0]["shard"]) as source, tarfile.open(fileobj=source) as tar:
-        sample = Sample.model_validate_json(tar.extractfile(f"{key}.json").read())
-        image = tar.extractfile(f"{key}.jpg").read()
+        sample = Sample.model_validate_json(read_member(tar, f"{key}.json"))
+        image = read_member(tar, f"{key}.jpg")
     return sample, image
 
 
@@ -47,12 +49,17 @@ def render_sample(sample: Sample, image: bytes, width: int = 900) -> Image.Image
         for obs in sample.experts.get(kind, []):
             draw.rectangle(obs["box"], outline=colour, width=max(2, picture.width // 250))
             label = obs.get("label") or obs.get("text", "")
-            draw.text((obs["box"][0] + 3, obs["box"][1] + 2), f"{label} {obs.get('score', 1.0):.2f}", fill=colour, font=font)
+            draw.text(
+                (obs["box"][0] + 3, obs["box"][1] + 2), f"{label} {obs.get('score', 1.0):.2f}", fill=colour, font=font
+            )
     scale = width / picture.width
     picture = picture.resize((width, max(1, round(picture.height * scale))))
     body = ImageFont.load_default(size=16)
-    lines = textwrap.wrap(sample.caption or "(no caption)", width=100) + [""] + [
-        f"{g.phrase!r} -> {g.source}" for g in sample.grounding[:12]]
+    lines = (
+        textwrap.wrap(sample.caption or "(no caption)", width=100)
+        + [""]
+        + [f"{g.phrase!r} -> {g.source}" for g in sample.grounding[:12]]
+    )
     canvas = Image.new("RGB", (width, picture.height + 22 * len(lines) + 20), "white")
     canvas.paste(picture, (0, 0))
     text = ImageDraw.Draw(canvas)
@@ -61,14 +68,16 @@ def render_sample(sample: Sample, image: bytes, width: int = 900) -> Image.Image
     return canvas
 
 
-def show(root: UPath, key: str, out: Path | None = None) -> UPath:
+def show(root: UPath, key: str, out: Path | None = None) -> UPath | Path:
     """Render `key` to a PNG: `out`, else DIR/show/KEY.png for a local run, else ./KEY.png (a run
     in an object store is read, never written, by `show`)."""
     rd = RunDir(root)
     rd.load_config()
     sample, image = load_sample(rd, key)
-    target = out or (rd.root / "show" / f"{key}.png" if is_local(rd.root) else Path(f"{key}.png").resolve())
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    target: UPath | Path = out or (
+        rd.root / "show" / f"{key}.png" if is_local(rd.root) else Path(f"{key}.png").resolve()
+    )
+    Path(str(target)).parent.mkdir(parents=True, exist_ok=True)
     with writing(target) as handle:
         render_sample(sample, image).save(handle, format="PNG")
     return target

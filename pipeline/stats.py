@@ -21,9 +21,9 @@ from denseforge.pipeline.config import Config
 from denseforge.pipeline.report import render_report
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.card import dataset_card, decode_type, merge_types
-from denseforge.storage import parquet_writer, read_json, read_parquet, write_bytes
 from denseforge.stages.read_input import REJECT_SCHEMA
 from denseforge.stages.write import MANIFEST_SCHEMA
+from denseforge.storage import parquet_writer, read_json, read_parquet, write_bytes
 
 
 def _merge(parts: list[UPath], target: UPath, schema) -> int:
@@ -60,8 +60,9 @@ def stage_counts(rd: RunDir) -> dict[str, dict[str, Any]]:
     return totals
 
 
-def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: dict[str, float],
-                 complete: bool = True) -> dict[str, Any]:
+def finalize_run(
+    rd: RunDir, config: Config, planned_rows: int | None, timings: dict[str, float], complete: bool = True
+) -> dict[str, Any]:
     """Merge parts, compute the funnel and per-stage counts, write report.html; returns the stats
     dict. An incomplete run (one that failed) gets the same files without the balance check."""
     done = rd.marker_counts("write")
@@ -87,12 +88,18 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
     balanced = input_rows == written + rejected + removed == unit_rows
     ingest = [counts for _, counts in rd.marker_counts("ingest")]
     ingest_s = timings.get("ingest_s", 0.0)
+    funnel = {
+        "input_rows": input_rows,
+        "written": written,
+        "rejected": rejected,
+        "removed": removed,
+        "balanced": balanced,
+        "rejected_by_stage": dict(sorted(by_stage.items())),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "removed_by_reason": dict(sorted(removed_by.items())),
+    }
     stats = {
-        "funnel": {
-            "input_rows": input_rows, "written": written, "rejected": rejected, "removed": removed,
-            "balanced": balanced, "rejected_by_stage": dict(sorted(by_stage.items())),
-            "rejected_by_reason": dict(sorted(by_reason.items())), "removed_by_reason": dict(sorted(removed_by.items())),
-        },
+        "funnel": funnel,
         "complete": complete,
         "units": len(done),
         "stages": stage_counts(rd),
@@ -102,18 +109,23 @@ def finalize_run(rd: RunDir, config: Config, planned_rows: int | None, timings: 
             "failed_to_download": sum(m.get("failed_to_download", 0) for m in ingest),
             "failed_to_resize": sum(m.get("failed_to_resize", 0) for m in ingest),
             "failed_units": sum(1 for m in ingest if m.get("failed")),
-            "images_per_s_this_session": (sum(m.get("successes", 0) for m in ingest) / ingest_s) if ingest_s > 0.5 else None,
+            "images_per_s_this_session": (sum(m.get("successes", 0) for m in ingest) / ingest_s)
+            if ingest_s > 0.5
+            else None,
         },
-        "storage": {"url": str(rd.root), "retries": sum(m.get("store_retries", 0) for m in (*ingest, *embedded))
-                    + unit_retries},
+        "storage": {
+            "url": str(rd.root),
+            "retries": sum(m.get("store_retries", 0) for m in (*ingest, *embedded)) + unit_retries,
+        },
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "versions": versions(),
         "run": {"name": config.run.name, "seed": config.run.seed},
     }
     write_bytes(rd.report, render_report(rd, stats).encode())
-    write_bytes(rd.card, dataset_card(sample_type, config.run.name, stats["funnel"]).encode())
+    write_bytes(rd.card, dataset_card(sample_type, config.run.name, funnel).encode())
     if complete and not balanced:
         raise DenseforgeError(
             f"the funnel does not balance: {input_rows} input rows vs {written} written + {rejected} rejected + "
-            f"{removed} removed ({unit_rows} rows seen by the writer); stats.json and rejects.parquet hold the detail")
+            f"{removed} removed ({unit_rows} rows seen by the writer); stats.json and rejects.parquet hold the detail"
+        )
     return stats

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 from upath import UPath
 
@@ -17,7 +17,7 @@ from denseforge.pipeline.rundir import RunDir
 from denseforge.pipeline.stats import stage_counts
 from denseforge.storage import modified_times, read_json
 
-PHASES = ("ingest", "embed", "write")
+PHASES: tuple[Literal["ingest", "embed", "write"], ...] = ("ingest", "embed", "write")
 WINDOW_S = 60.0
 
 
@@ -36,8 +36,11 @@ def run_status(root: UPath) -> dict[str, Any]:
     state = rd.read_state()
     holder = rd.holder()
     out: dict[str, Any] = {
-        "run": str(root), "state": state.get("state", "unknown"), "reason": state.get("reason"),
-        "driver": {"alive": holder is not None, **(holder or {})}, "ray_logs": state.get("ray_logs"),
+        "run": str(root),
+        "state": state.get("state", "unknown"),
+        "reason": state.get("reason"),
+        "driver": {"alive": holder is not None, **(holder or {})},
+        "ray_logs": state.get("ray_logs"),
         "invocations": len(state.get("history", [])),
     }
     if state.get("state") == "running" and holder is None:
@@ -54,26 +57,48 @@ def run_status(root: UPath) -> dict[str, Any]:
         done = len(markers)
         recent = _recent(markers, now)
         rate = recent / WINDOW_S  # units per second over the last minute
-        phases[phase] = {"units_done": done, "units_total": units, "units_per_min": round(rate * 60, 2),
-                         "eta_s": round((units - done) / rate, 1) if rate > 0 and done < units else None}
+        phases[phase] = {
+            "units_done": done,
+            "units_total": units,
+            "units_per_min": round(rate * 60, 2),
+            "eta_s": round((units - done) / rate, 1) if rate > 0 and done < units else None,
+        }
     phases["dedup"] = {"done": rd.dedup_summary.exists()}
     out["phases"] = phases
-    current = next((p for p in PHASES if phases[p]["units_done"] < units), None)
+    current: str | None = next((p for p in PHASES if phases[p]["units_done"] < units), None)
     if current == "write" and not phases["dedup"]["done"] and phases["embed"]["units_done"] == units:
         current = "dedup"
     out["phase"] = current or ("done" if rd.stats.exists() else "finalize")
     written = rejected = removed = retries = 0
     for _, counts in rd.marker_counts("write"):
-        written, rejected, removed = written + counts["written"], rejected + counts["rejected"], removed + counts["removed"]
+        written, rejected, removed = (
+            written + counts["written"],
+            rejected + counts["rejected"],
+            removed + counts["removed"],
+        )
         retries += counts.get("store_retries", 0)
     out["samples"] = {"written": written, "rejected": rejected, "removed": removed}
     stats = read_json(rd.stats) if rd.stats.exists() else None
     # a finished or failed run's counts are in its stats (a failed stage's units lost their markers
     # so that resume redoes them); a running one's are in the markers
     counts = stats["stages"] if stats is not None and out["state"] != "running" else stage_counts(rd)
-    out["stages"] = {name: {k: c.get(k) for k in ("items", "failed_total", "failed", "rejected", "removed", "busy_s",
-                                                  "first_error", "counters", "nodes")}
-                     for name, c in counts.items()}
+    out["stages"] = {
+        name: {
+            k: c.get(k)
+            for k in (
+                "items",
+                "failed_total",
+                "failed",
+                "rejected",
+                "removed",
+                "busy_s",
+                "first_error",
+                "counters",
+                "nodes",
+            )
+        }
+        for name, c in counts.items()
+    }
     out["store_retries"] = stats["storage"]["retries"] if stats is not None and "storage" in stats else retries
     if stats is not None:
         out["funnel"] = stats["funnel"]
@@ -90,7 +115,10 @@ def describe_run(root: UPath) -> str:
             lines.append(f"  workers' logs: {s['ray_logs']}")
     d = s["driver"]
     if d["alive"]:
-        lines.append(f"  driver: alive, {d.get('command', '?')} on {d.get('host')} pid {d.get('pid')} since {d.get('since', '?')}")
+        lines.append(
+            f"  driver: alive, {d.get('command', '?')} on {d.get('host')} pid {d.get('pid')} "
+            f"since {d.get('since', '?')}"
+        )
     elif d.get("note"):
         lines.append(f"  driver: {d['note']}")
     if "plan" not in s:
@@ -120,8 +148,10 @@ def describe_run(root: UPath) -> str:
         lines.append(f"  stage {name}: {', '.join(parts)}")
     if "funnel" in s:
         f = s["funnel"]
-        lines.append(f"  funnel: {f['input_rows']} in = {f['written']} written + {f['rejected']} rejected"
-                     f" + {f['removed']} removed (balanced: {f['balanced']})")
+        lines.append(
+            f"  funnel: {f['input_rows']} in = {f['written']} written + {f['rejected']} rejected"
+            f" + {f['removed']} removed (balanced: {f['balanced']})"
+        )
     elif s["state"] != "complete" and not d["alive"]:
         lines.append(f"  continue with: denseforge resume {root}")
     return "\n".join(lines)

@@ -16,8 +16,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-_SCALARS = {pa.bool_(): "bool", pa.int64(): "int64", pa.float64(): "float64", pa.string(): "string",
-            pa.null(): "null"}
+_SCALARS = {pa.bool_(): "bool", pa.int64(): "int64", pa.float64(): "float64", pa.string(): "string", pa.null(): "null"}
 
 
 def merge_types(a: pa.DataType, b: pa.DataType) -> pa.DataType:
@@ -84,20 +83,26 @@ def yaml_feature(dtype: pa.DataType) -> Any:
 
 def dataset_card(sample_type: pa.DataType, name: str, funnel: dict[str, Any], shards: str = "shards/*.tar") -> str:
     """README.md with the YAML header `datasets` reads and a short card for people."""
-    features = [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"},
-                {"name": "jpg", "dtype": "image"}, {"name": "txt", "dtype": "string"},
-                {"name": "json", **yaml_feature(sample_type)}]
-    header = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": shards}]}],
-              "dataset_info": {"features": features},
-              "tags": ["denseforge", "dense-captions", "grounding", "webdataset"]}
+    features = [
+        {"name": "__key__", "dtype": "string"},
+        {"name": "__url__", "dtype": "string"},
+        {"name": "jpg", "dtype": "image"},
+        {"name": "txt", "dtype": "string"},
+        {"name": "json", **yaml_feature(sample_type)},
+    ]
+    header = {
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": shards}]}],
+        "dataset_info": {"features": features},
+        "tags": ["denseforge", "dense-captions", "grounding", "webdataset"],
+    }
     return f"""---
 {yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---
 
 # {name}
 
 Image-text pairs with dense captions and grounded phrases, built by denseforge:
-{funnel['input_rows']} input rows -> {funnel['written']} written, {funnel['rejected']} rejected
-(`rejects.parquet`, with the stage and reason), {funnel['removed']} removed (`dedup/decisions.parquet`).
+{funnel["input_rows"]} input rows -> {funnel["written"]} written, {funnel["rejected"]} rejected
+(`rejects.parquet`, with the stage and reason), {funnel["removed"]} removed (`dedup/decisions.parquet`).
 `stats.json` has the full funnel, `report.html` a visual summary, `manifest.parquet` one row per sample.
 
 Each sample: `jpg` (the stored image), `txt` (the caption, when there is one) and `json` (the record:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
+from upath import UPath
 
 from denseforge.stages.settings import Settings
 from denseforge.stages.stage import Item, Rejection, Removal, Stage, Verdict
@@ -36,40 +37,71 @@ class DedupConfig(Settings):
     enabled: bool = True
     exact: bool = True
     phash_max_distance: int | None = Field(
-        12, ge=0, le=32, description="Hamming distance of the 64-bit pHashes (imagededup's default is 10); every "
-                                     "match also needs the second witness below; null disables")
+        12,
+        ge=0,
+        le=32,
+        description="Hamming distance of the 64-bit pHashes (imagededup's default is 10); every "
+        "match also needs the second witness below; null disables",
+    )
     witness_max_fine_distance: int | None = Field(
-        64, ge=0, le=256, description="a pHash match also needs the 256-bit pHashes this close; null: no witness")
+        64, ge=0, le=256, description="a pHash match also needs the 256-bit pHashes this close; null: no witness"
+    )
     witness_max_colour_difference: float | None = Field(
-        0.6, ge=0, le=2, description="...and, when both have colour, their hue histograms this close (L1); null: no check")
+        0.6,
+        ge=0,
+        le=2,
+        description="...and, when both have colour, their hue histograms this close (L1); null: no check",
+    )
     epsilon: float | None = Field(0.05, gt=0, lt=2, description="duplicate when cosine > 1 - epsilon; null disables")
     sweep: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.4])
     clusters: int | None = Field(None, ge=1, description="k for k-means; null derives it from N")
     target_cluster_size: int = Field(1000, ge=1)
-    kmeans_iters: int = Field(10, ge=1, description="border rows make up for rougher centroids: with them, 10 "
-                              "iterations on a bounded sample kept recall >= 0.997 at 1M (bench dedup)")
-    max_points_per_centroid: int = Field(256, ge=1, description="k-means trains on at most k x this many points (FAISS default)")
-    max_train_points: int = Field(65536, ge=1, description="...and on at most this many: training costs points x k, "
-                                  "so a fixed sample keeps it linear in N (border rows recover the recall)")
-    border: float = Field(0.05, ge=0, le=2, description="a row is also deduplicated in the clusters whose centroid is "
-                          "within this cosine of its nearest (see border_clusters); 0: nearest only. Exact and pHash "
-                          "copies are only compared inside a cluster too: at 0.02 the demo lost a pHash copy whose "
-                          "random-weight embedding sat 0.02-0.05 across a boundary")
-    border_clusters: int = Field(2, ge=0, le=8, description="at most this many such clusters per row (and as many "
-                                 "coarse cells above 4,096 clusters): 2 kept planted-copy recall 0.9994 at 1M where "
-                                 "one kept 0.9937 (bench dedup)")
+    kmeans_iters: int = Field(
+        10,
+        ge=1,
+        description="border rows make up for rougher centroids: with them, 10 "
+        "iterations on a bounded sample kept recall >= 0.997 at 1M (bench dedup)",
+    )
+    max_points_per_centroid: int = Field(
+        256, ge=1, description="k-means trains on at most k x this many points (FAISS default)"
+    )
+    max_train_points: int = Field(
+        65536,
+        ge=1,
+        description="...and on at most this many: training costs points x k, "
+        "so a fixed sample keeps it linear in N (border rows recover the recall)",
+    )
+    border: float = Field(
+        0.05,
+        ge=0,
+        le=2,
+        description="a row is also deduplicated in the clusters whose centroid is "
+        "within this cosine of its nearest (see border_clusters); 0: nearest only. Exact and pHash "
+        "copies are only compared inside a cluster too: at 0.02 the demo lost a pHash copy whose "
+        "random-weight embedding sat 0.02-0.05 across a boundary",
+    )
+    border_clusters: int = Field(
+        2,
+        ge=0,
+        le=8,
+        description="at most this many such clusters per row (and as many "
+        "coarse cells above 4,096 clusters): 2 kept planted-copy recall 0.9994 at 1M where "
+        "one kept 0.9937 (bench dedup)",
+    )
     keep: KeepPolicy = "nearest_centroid"
     block_size: int = Field(2048, ge=16)
     matmul: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="bfloat16: similarities first in bfloat16 (torch), every row near 1 - epsilon "
+        "auto",
+        description="bfloat16: similarities first in bfloat16 (torch), every row near 1 - epsilon "
         "recomputed in float32, so decisions are float32's; the sweep's other values are then counted on "
         "bfloat16 similarities (within ~0.012); auto: bfloat16 where the CPU has bfloat16 instructions and a "
-        "task's clusters are large enough to pay for importing torch (see use_bf16)")
+        "task's clusters are large enough to pay for importing torch (see use_bf16)",
+    )
     buckets: int = Field(16, ge=1, description="parallel dedup tasks (clusters are hashed into buckets)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs for k-means training (faiss-gpu)")
 
     @model_validator(mode="after")
-    def _sweep_in_range(self) -> "DedupConfig":
+    def _sweep_in_range(self) -> DedupConfig:
         if any(not 0 < e < 2 for e in self.sweep):
             raise ValueError("dedup.sweep values must lie in (0, 2)")
         return self
@@ -82,6 +114,7 @@ class SelectConfig(Settings):
     max_aspect_ratio: float | None = Field(None, ge=1)
     per_cluster: int | None = Field(None, ge=1, description="top n per cluster (DenseFusion: 20)")
     target_total: int | None = Field(None, ge=1, description="cluster-balanced down to this many")
+
 
 KEPT = ""
 EXACT, NEAR, SEMANTIC = "exact_duplicate", "near_duplicate", "semantic_duplicate"
@@ -105,7 +138,9 @@ def clusters_for(n: int, k: int | None, target_cluster_size: int) -> int:
     return max(1, min(n, k if k else round(n / target_cluster_size)))
 
 
-MIN_POINTS_PER_CENTROID = 39  # FAISS's own floor: it warns below it, and such centroids are little more than sample points
+MIN_POINTS_PER_CENTROID = (
+    39  # FAISS's own floor: it warns below it, and such centroids are little more than sample points
+)
 
 
 def train_points(n: int, k: int, cfg: DedupConfig) -> int:
@@ -119,14 +154,31 @@ def train_points(n: int, k: int, cfg: DedupConfig) -> int:
 def _flat_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool, mppc: int) -> np.ndarray:
     import faiss
 
-    km = faiss.Kmeans(sample.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=use_gpu,
-                      max_points_per_centroid=mppc, verbose=False)
+    km = faiss.Kmeans(
+        sample.shape[1],
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=True,
+        gpu=use_gpu,
+        max_points_per_centroid=mppc,
+        verbose=False,
+    )
     km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    if km.centroids is None:
+        raise RuntimeError("faiss.Kmeans trained no centroids")
     return km.centroids.copy()
 
 
-def train_kmeans(sample: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: bool | None = None,
-                 max_points_per_centroid: int = 256, two_level_above: int = 4096) -> "CentroidIndex":
+def train_kmeans(
+    sample: np.ndarray,
+    k: int,
+    niter: int = 20,
+    seed: int = 0,
+    use_gpu: bool | None = None,
+    max_points_per_centroid: int = 256,
+    two_level_above: int = 4096,
+) -> CentroidIndex:
     """Spherical k-means centroids (k, d), trained with FAISS on a sample of the embeddings.
 
     Above `two_level_above` clusters, training is hierarchical: sqrt(k) coarse centroids, then each
@@ -150,8 +202,11 @@ def train_kmeans(sample: np.ndarray, k: int, niter: int = 20, seed: int = 0, use
         members = sample[labels == c]
         if len(members) == 0:
             continue
-        fine.append(members if share[c] >= len(members) else
-                    _flat_kmeans(members, int(share[c]), niter, seed + c, bool(use_gpu), max_points_per_centroid))
+        fine.append(
+            members
+            if share[c] >= len(members)
+            else _flat_kmeans(members, int(share[c]), niter, seed + c, bool(use_gpu), max_points_per_centroid)
+        )
         cells.append(np.arange(start, start + len(fine[-1])))
         filled.append(c)
         start += len(fine[-1])
@@ -229,6 +284,8 @@ class _CellSearch:
         import faiss
 
         d = index.centroids.shape[1]
+        if index.coarse is None:
+            raise ValueError("a two-level index needs the coarse centroids of a hierarchy")
         self.coarse = faiss.IndexFlatIP(d)
         self.coarse.add(index.coarse)
         self.ids = index.cells
@@ -250,8 +307,9 @@ class _CellSearch:
         return val, idx
 
 
-def assign_clusters(x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int = 65536, border: float = 0.0,
-                    border_clusters: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def assign_clusters(
+    x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int = 65536, border: float = 0.0, border_clusters: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every row's cluster, its similarity to that centroid, and its border clusters ((n, m), -1
     padded; (n, 2m) for a hierarchy): up to m = `border_clusters` more centroids within `border`
     (cosine) of the nearest, where the row is deduplicated too, so that near-duplicates on either
@@ -269,7 +327,7 @@ def assign_clusters(x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int
     extra = np.full((len(x), m if index.coarse is None else 2 * m), -1, dtype=np.int64)
     search = index.search
     for s in range(0, len(x), batch):
-        xb = np.ascontiguousarray(x[s:s + batch], dtype=np.float32)
+        xb = np.ascontiguousarray(x[s : s + batch], dtype=np.float32)
         if index.coarse is None:
             val, idx = search.search(xb, m + 1)  # fewer centroids than asked for: id -1
         else:
@@ -279,8 +337,8 @@ def assign_clusters(x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int
                 near = np.flatnonzero((cell_idx[:, r] >= 0) & (cell_val[:, 0] - cell_val[:, r] <= border))
                 if near.size:
                     extra[s + near, m + r - 1] = search.search(xb[near], cell_idx[near, r], 1)[1][:, 0]
-        labels[s:s + batch], sims[s:s + batch] = idx[:, 0], val[:, 0]
-        extra[s:s + batch, :m] = np.where((idx[:, 1:] >= 0) & (val[:, :1] - val[:, 1:] <= border), idx[:, 1:], -1)
+        labels[s : s + batch], sims[s : s + batch] = idx[:, 0], val[:, 0]
+        extra[s : s + batch, :m] = np.where((idx[:, 1:] >= 0) & (val[:, :1] - val[:, 1:] <= border), idx[:, 1:], -1)
     return labels, sims, extra
 
 
@@ -289,7 +347,7 @@ def assign_clusters(x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int
 
 # Above the bfloat16 error of a dot product, relative to the vectors' norms: two input roundings
 # and the output's (3 x 2^-8), and float32 accumulation over 512 dims (~2 x 3e-5).
-BF16_MARGIN = 2.0 ** -6
+BF16_MARGIN = 2.0**-6
 
 
 def bf16_native() -> bool:
@@ -298,8 +356,10 @@ def bf16_native() -> bool:
     5.8 against 20.1 ms)."""
     import torch
 
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return bool(
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
 
 
 # Σ n² over a task's clusters that pays torch's import (~1 s, and ~1.2 GB RSS per worker: at 3M rows,
@@ -326,17 +386,22 @@ def _bf16_products(vectors: np.ndarray) -> Callable[[int, int, int, int], np.nda
     import torch
 
     x = torch.zeros((len(vectors) + BF16_SHAPE, vectors.shape[1]), dtype=torch.bfloat16)
-    x[:len(vectors)] = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    x[: len(vectors)] = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def products(s: int, e: int, c: int, ce: int) -> np.ndarray:
         rows, cols = -(-(e - s) // BF16_SHAPE) * BF16_SHAPE, -(-(ce - c) // BF16_SHAPE) * BF16_SHAPE
-        return (x[s:s + rows] @ x[c:c + cols].T)[:e - s, :ce - c].float().numpy()
+        return (x[s : s + rows] @ x[c : c + cols].T)[: e - s, : ce - c].float().numpy()
 
     return products
 
 
-def greedy_duplicates(vectors: np.ndarray, thresholds: Sequence[float], block: int = 2048,
-                      active: np.ndarray | None = None, bf16: bool = False) -> list[np.ndarray]:
+def greedy_duplicates(
+    vectors: np.ndarray,
+    thresholds: Sequence[float],
+    block: int = 2048,
+    active: np.ndarray | None = None,
+    bf16: bool = False,
+) -> list[np.ndarray]:
     """For each threshold t: dup_of[i] = index of an earlier kept row with similarity > t, or -1.
 
     Rows are in priority order: row i is kept unless an earlier *kept* row is more similar than t.
@@ -370,8 +435,14 @@ def _blas_threads():
     return ThreadpoolController()
 
 
-def _greedy(vectors: np.ndarray, thresholds: Sequence[float], block: int, active: np.ndarray, margin: float,
-            products: Callable[[int, int, int, int], np.ndarray] | None) -> list[np.ndarray]:
+def _greedy(
+    vectors: np.ndarray,
+    thresholds: Sequence[float],
+    block: int,
+    active: np.ndarray,
+    margin: float,
+    products: Callable[[int, int, int, int], np.ndarray] | None,
+) -> list[np.ndarray]:
     """`greedy_duplicates`' blocked loop; `products` (bfloat16, or None: float32) screens within
     `margin` of thresholds[0], and only the pairs screened in are recomputed in float32."""
     n = len(vectors)
@@ -400,7 +471,7 @@ def _greedy(vectors: np.ndarray, thresholds: Sequence[float], block: int, active
                 take = (sim > t) & kept[ti][col]
                 _keep_best(best[ti], arg[ti], r[take], col[take], sim[take])
         estimate = q @ q.T if products is None else products(s, e, s, e)
-        later = upper[:e - s, :e - s]
+        later = upper[: e - s, : e - s]
         for ti, t in enumerate(thresholds):
             inner = estimate
             if ti == 0 and products is not None:  # the in-step pairs near t, in float32
@@ -414,14 +485,24 @@ def _greedy(vectors: np.ndarray, thresholds: Sequence[float], block: int, active
             alone = local_kept & ~local & (best[ti] > t)
             local_kept[alone] = False
             dups[ti][s:e][alone] = arg[ti][alone]
-            _decide_in_step(np.flatnonzero(local_kept & local), above, inner, local_kept, best[ti], arg[ti], t, s,
-                            dups[ti][s:e])
+            _decide_in_step(
+                np.flatnonzero(local_kept & local), above, inner, local_kept, best[ti], arg[ti], t, s, dups[ti][s:e]
+            )
             kept[ti][s:e] = local_kept
     return dups
 
 
-def _decide_in_step(pending: np.ndarray, above: np.ndarray, inner: np.ndarray, kept: np.ndarray, best: np.ndarray,
-                    arg: np.ndarray, t: float, offset: int, dup: np.ndarray) -> None:
+def _decide_in_step(
+    pending: np.ndarray,
+    above: np.ndarray,
+    inner: np.ndarray,
+    kept: np.ndarray,
+    best: np.ndarray,
+    arg: np.ndarray,
+    t: float,
+    offset: int,
+    dup: np.ndarray,
+) -> None:
     """Decide the `pending` rows of one step, those with an earlier row of the step above t, in
     place. A row whose earlier rows above t are all decided takes the most similar kept one (the
     lowest on a tie) unless the earlier steps' `best` is at least as similar; each round decides all
@@ -469,8 +550,13 @@ def _keep_best(best: np.ndarray, arg: np.ndarray, rows: np.ndarray, cols: np.nda
     best[rows[better]], arg[rows[better]] = sims[better], cols[better]
 
 
-def confirmed_duplicates(vectors: np.ndarray, threshold: float, active: np.ndarray,
-                         confirm: Callable[[int, int], bool] | None = None, block: int = 2048) -> np.ndarray:
+def confirmed_duplicates(
+    vectors: np.ndarray,
+    threshold: float,
+    active: np.ndarray,
+    confirm: Callable[[int, int], bool] | None = None,
+    block: int = 2048,
+) -> np.ndarray:
     """dup_of[i] = the most similar earlier kept row with similarity > threshold that `confirm(i, j)`
     accepts (any, without `confirm`), or -1 (i is kept). Every kept candidate in the radius is tried
     in order of similarity, so a rejected look-alike (another sign on the same background) does not
@@ -488,7 +574,7 @@ def confirmed_duplicates(vectors: np.ndarray, threshold: float, active: np.ndarr
             columns = c + np.flatnonzero(kept[c:ce])
             if columns.size:
                 sims = q @ vectors[columns].T
-                for r, col in zip(*_pairs(sims > threshold)):
+                for r, col in zip(*_pairs(sims > threshold), strict=True):
                     earlier[r].append((-float(sims[r, col]), int(columns[col])))
         inner = q @ q.T
         for r in range(e - s):
@@ -505,7 +591,7 @@ def confirmed_duplicates(vectors: np.ndarray, threshold: float, active: np.ndarr
 
 def phash_vectors(phashes: np.ndarray) -> np.ndarray:
     """64-bit hashes as ±1/8 vectors: dot product = 1 - 2·hamming/64."""
-    bits = ((phashes.astype(np.int64).view(np.uint64)[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1))
+    bits = (phashes.astype(np.int64).view(np.uint64)[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)
     return (bits.astype(np.float32) * 2 - 1) / 8.0
 
 
@@ -549,8 +635,9 @@ def hue_histogram(thumb: np.ndarray, bins: int = 12) -> np.ndarray | None:
     low = np.floor(pos)
     frac = pos - low
     low = low.astype(int) % bins
-    hist = (np.bincount(low, weights=weight * (1 - frac), minlength=bins)
-            + np.bincount((low + 1) % bins, weights=weight * frac, minlength=bins))
+    hist = np.bincount(low, weights=weight * (1 - frac), minlength=bins) + np.bincount(
+        (low + 1) % bins, weights=weight * frac, minlength=bins
+    )
     return hist / hist.sum()
 
 
@@ -567,12 +654,26 @@ def witnessed(a: np.ndarray, b: np.ndarray, max_fine: int | None, max_colour: fl
     return ha is None or hb is None or float(np.abs(ha - hb).sum()) <= max_colour
 
 
-def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str], phash: np.ndarray,
-                  centroid_sim: np.ndarray, area: np.ndarray, *, epsilon: float | None, phash_max_distance: int | None,
-                  exact: bool = True, policy: KeepPolicy = "nearest_centroid", sweep: Sequence[float] = (),
-                  block: int = 2048, fingerprint: np.ndarray | None = None, witness_max_fine_distance: int | None = 64,
-                  witness_max_colour_difference: float | None = 0.6, counted: np.ndarray | None = None,
-                  bf16: bool = False) -> ClusterResult:
+def dedup_cluster(
+    keys: Sequence[str],
+    vectors: np.ndarray,
+    sha256: Sequence[str],
+    phash: np.ndarray,
+    centroid_sim: np.ndarray,
+    area: np.ndarray,
+    *,
+    epsilon: float | None,
+    phash_max_distance: int | None,
+    exact: bool = True,
+    policy: KeepPolicy = "nearest_centroid",
+    sweep: Sequence[float] = (),
+    block: int = 2048,
+    fingerprint: np.ndarray | None = None,
+    witness_max_fine_distance: int | None = 64,
+    witness_max_colour_difference: float | None = 0.6,
+    counted: np.ndarray | None = None,
+    bf16: bool = False,
+) -> ClusterResult:
     """Exact, perceptual and semantic duplicates inside one cluster (see module doc). A pHash
     match alone is not evidence of a copy (two signs with different words on the same background
     hash 4 bits apart): with `fingerprint` rows, a second witness must confirm it. The sweep counts
@@ -606,7 +707,7 @@ def dedup_cluster(keys: Sequence[str], vectors: np.ndarray, sha256: Sequence[str
     eps_list = ([epsilon] if epsilon is not None else []) + [e for e in sweep if e != epsilon]
     if eps_list:
         sem = greedy_duplicates(vectors[order], [1.0 - e for e in eps_list], block, active, bf16)
-        for e, d in zip(eps_list, sem):
+        for e, d in zip(eps_list, sem, strict=True):
             sweep_kept[e] = int((active & (d < 0) & counted).sum())
         if epsilon is not None:
             hit = sem[0] >= 0
@@ -635,18 +736,32 @@ class DedupResult:
     sweep_kept: dict[float, int]
 
 
-def border_entries(rows: np.ndarray, labels: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def border_entries(
+    rows: np.ndarray, labels: np.ndarray, extra: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, cluster, primary) per entry: every row in its own cluster, then each border row again
     in each of its border clusters (`extra` >= 0, see `assign_clusters`)."""
     more = [(rows[extra[rows, j] >= 0], j) for j in range(extra.shape[1])]
-    return (np.concatenate([rows] + [r for r, _ in more]),
-            np.concatenate([labels[rows]] + [extra[r, j] for r, j in more]),
-            np.arange(len(rows) + sum(len(r) for r, _ in more)) < len(rows))
+    return (
+        np.concatenate([rows] + [r for r, _ in more]),
+        np.concatenate([labels[rows]] + [extra[r, j] for r, j in more]),
+        np.arange(len(rows) + sum(len(r) for r, _ in more)) < len(rows),
+    )
 
 
-def dedup_entries(rows: np.ndarray, labels: np.ndarray, primary: np.ndarray, vectors: np.ndarray,
-                  keys: Sequence[str], sha256: Sequence[str], phash: np.ndarray, centroid_sim: np.ndarray,
-                  area: np.ndarray, fingerprint: np.ndarray | None = None, **options) -> DedupResult:
+def dedup_entries(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    primary: np.ndarray,
+    vectors: np.ndarray,
+    keys: Sequence[str] | np.ndarray,
+    sha256: Sequence[str] | np.ndarray,
+    phash: np.ndarray,
+    centroid_sim: np.ndarray,
+    area: np.ndarray,
+    fingerprint: np.ndarray | None = None,
+    **options,
+) -> DedupResult:
     """`dedup_cluster` over every cluster. An entry puts row `rows[e]` in cluster `labels[e]`; a
     border row has more, non-`primary` entries in its neighbouring clusters. Results are per
     entry, dup_of as row indices; `merge_entries` turns them into one decision per row. The keep
@@ -660,9 +775,17 @@ def dedup_entries(rows: np.ndarray, labels: np.ndarray, primary: np.ndarray, vec
     keys_arr, sha_arr = np.asarray(keys), np.asarray(sha256)
     for group in _groups(labels):
         idx = rows[group]
-        res = dedup_cluster(keys_arr[idx], vectors[idx].astype(np.float32, copy=False), sha_arr[idx], phash[idx], centroid_sim[idx], area[idx],
-                            fingerprint=None if fingerprint is None else fingerprint[idx], counted=primary[group],
-                            **options)
+        res = dedup_cluster(
+            keys_arr[idx],
+            vectors[idx].astype(np.float32, copy=False),
+            sha_arr[idx],
+            phash[idx],
+            centroid_sim[idx],
+            area[idx],
+            fingerprint=None if fingerprint is None else fingerprint[idx],
+            counted=primary[group],
+            **options,
+        )
         reason[group], rank[group] = res.reason, res.rank
         dup_of[group] = np.where(res.dup_of >= 0, idx[np.maximum(res.dup_of, 0)], -1)
         for e, kept in res.sweep_kept.items():
@@ -700,9 +823,19 @@ def merge_entries(rows: np.ndarray, primary: np.ndarray, entries: DedupResult, n
     return DedupResult(reason, dup_of, rank, entries.sweep_kept)
 
 
-def dedup_all(labels: np.ndarray, vectors: np.ndarray, keys: Sequence[str], sha256: Sequence[str], phash: np.ndarray,
-              centroid_sim: np.ndarray, area: np.ndarray, candidates: np.ndarray | None = None,
-              fingerprint: np.ndarray | None = None, extra: np.ndarray | None = None, **options) -> DedupResult:
+def dedup_all(
+    labels: np.ndarray,
+    vectors: np.ndarray,
+    keys: Sequence[str] | np.ndarray,
+    sha256: Sequence[str] | np.ndarray,
+    phash: np.ndarray,
+    centroid_sim: np.ndarray,
+    area: np.ndarray,
+    candidates: np.ndarray | None = None,
+    fingerprint: np.ndarray | None = None,
+    extra: np.ndarray | None = None,
+    **options,
+) -> DedupResult:
     """Every row's decision: its nearest cluster, and for border rows (`extra` >= 0, see
     `assign_clusters`) its border clusters too. Rows outside `candidates` are left alone (reason ""
     and rank -1): the caller has already removed them (prefilters)."""
@@ -710,8 +843,9 @@ def dedup_all(labels: np.ndarray, vectors: np.ndarray, keys: Sequence[str], sha2
     rows = np.arange(n) if candidates is None else np.flatnonzero(candidates)
     extra = np.full((n, 0), -1, dtype=np.int64) if extra is None else extra
     rows, entry_labels, primary = border_entries(rows, labels, extra)
-    entries = dedup_entries(rows, entry_labels, primary, vectors, keys, sha256, phash, centroid_sim, area,
-                            fingerprint, **options)
+    entries = dedup_entries(
+        rows, entry_labels, primary, vectors, keys, sha256, phash, centroid_sim, area, fingerprint, **options
+    )
     return merge_entries(rows, primary, entries, n)
 
 
@@ -728,8 +862,13 @@ def prefilter(width: np.ndarray, height: np.ndarray, min_short_edge: int, max_as
     return reason
 
 
-def select_balanced(cluster: np.ndarray, rank: np.ndarray, keys: Sequence[str] | np.ndarray | None,
-                    per_cluster: int | None, target_total: int | None) -> np.ndarray:
+def select_balanced(
+    cluster: np.ndarray,
+    rank: np.ndarray,
+    keys: Sequence[str] | np.ndarray | None,
+    per_cluster: int | None,
+    target_total: int | None,
+) -> np.ndarray:
     """Which kept rows survive selection: top `per_cluster` per cluster by rank, then, to reach
     `target_total`, round-robin over clusters (everyone's best first, then second best, …) with
     ties broken by key. `keys` may be anything that sorts as the keys do (their ranks), and is
@@ -752,7 +891,7 @@ class DecisionStage(Stage):
 
     name = "dedup"
 
-    def __init__(self, decisions: Path, embed_rejects: Callable[[int], Path]):
+    def __init__(self, decisions: UPath | Path, embed_rejects: Callable[[int], UPath]):
         super().__init__()
         self.decisions, self.embed_rejects = decisions, embed_rejects
 

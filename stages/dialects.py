@@ -33,12 +33,14 @@ Box = list[float]
 class Ref:
     """A grounded phrase read back from dialect text: its phrase where the dialect delimits one, and
     its boxes in the dialect's numbers."""
+
     phrase: str | None
     boxes: list[list[Number]]
 
 
 class Dialect:
     """The base: relative 0-1000 coordinates, rounded to the nearest unit (error <= half a unit)."""
+
     name: ClassVar[str]
     caption_prompt: ClassVar[str] = "Describe this image in detail, and give the box of every object you mention."
 
@@ -115,8 +117,10 @@ class QwenVL(Dialect):
         return f"<ref>{phrase}</ref>"
 
     def parse(self, text):
-        refs = [Ref(m.group(1), [_ints(b) for b in re.findall(r"<box>(.*?)</box>", m.group(2))])
-                for m in self._REF.finditer(text)]
+        refs = [
+            Ref(m.group(1), [_ints(b) for b in re.findall(r"<box>(.*?)</box>", m.group(2))])
+            for m in self._REF.finditer(text)
+        ]
         if not refs:  # a bare answer or region prompt: boxes without a phrase
             refs = [Ref(None, [_ints(b) for b in re.findall(r"<box>(.*?)</box>", text)])] if "<box>" in text else []
         return re.sub(r"<box>.*?</box>", "", text).replace("<ref>", "").replace("</ref>", ""), refs
@@ -124,7 +128,9 @@ class QwenVL(Dialect):
 
 class Qwen2VL(Dialect):
     name = "qwen2-vl"
-    _REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>((?:<\|box_start\|>.*?<\|box_end\|>)*)", re.DOTALL)
+    _REF = re.compile(
+        r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>((?:<\|box_start\|>.*?<\|box_end\|>)*)", re.DOTALL
+    )
     _BOX = re.compile(r"<\|box_start\|>(.*?)<\|box_end\|>", re.DOTALL)
 
     def box_text(self, values):
@@ -168,7 +174,7 @@ class _JsonAnswers(Qwen2VL):
                 refs[-1].boxes.append(item["bbox_2d"])
             else:
                 refs.append(Ref(item.get("label"), [item["bbox_2d"]]))
-        return text[:fenced.start()] + text[fenced.end():], refs
+        return text[: fenced.start()] + text[fenced.end() :], refs
 
     def parse_boxes(self, text):
         inline = re.search(r"bbox_2d (\[[^\]]*\])", text)  # a region prompt; answers are fenced JSON
@@ -180,6 +186,7 @@ class Qwen25VL(_JsonAnswers):
     """Absolute pixels of the image the model sees: the processor first `smart_resize`s it to
     sides that are multiples of `factor` with min_pixels <= area <= max_pixels (keep these equal to
     the processor's settings in training)."""
+
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 16384
     factor: int = 28
@@ -227,7 +234,9 @@ class InternVL(Dialect):
     def parse(self, text):
         refs = [Ref(m.group(1), json.loads(m.group(2))) for m in self._REF.finditer(text) if m.group(2)]
         if not refs and "<box>" in text:
-            refs = [Ref(None, [b for found in re.findall(r"<box>(.*?)</box>", text, re.DOTALL) for b in json.loads(found)])]
+            refs = [
+                Ref(None, [b for found in re.findall(r"<box>(.*?)</box>", text, re.DOTALL) for b in json.loads(found)])
+            ]
         return re.sub(r"<box>.*?</box>", "", text, flags=re.DOTALL).replace("<ref>", "").replace("</ref>", ""), refs
 
 
@@ -235,6 +244,7 @@ class Llava15(Dialect):
     """LLaVA-1.5 pads the shorter side to a square (`expand2square`, image centred) before the
     encoder sees it, and its grounding data gives boxes as [0, 1] floats of that square with two
     decimals. Without a phrase delimiter, the box follows its phrase: "two dogs [0.02, ...]"."""
+
     name = "llava-1.5"
     _GROUP = re.compile(r" ?(\[\d\.\d+, \d\.\d+, \d\.\d+, \d\.\d+\](?:, \[\d\.\d+, \d\.\d+, \d\.\d+, \d\.\d+\])*)")
 
@@ -265,14 +275,17 @@ class Llava15(Dialect):
         return f"Please provide a short description for this region: {self.box_text(values)}."
 
     def parse(self, text):
-        refs = [Ref(None, [[float(v) for v in re.findall(r"\d\.\d+", b)] for b in re.findall(r"\[.*?\]", m.group(1))])
-                for m in self._GROUP.finditer(text)]
+        refs = [
+            Ref(None, [[float(v) for v in re.findall(r"\d\.\d+", b)] for b in re.findall(r"\[.*?\]", m.group(1))])
+            for m in self._GROUP.finditer(text)
+        ]
         return self._GROUP.sub("", text), refs
 
 
 class Florence2(Dialect):
     """Florence-2 quantizes each coordinate into 1000 bins per axis (floor, clamped to 999) and reads
     a bin back at its centre; grounding answers are `phrase<loc_x1><loc_y1><loc_x2><loc_y2>...`."""
+
     name = "florence-2"
     caption_prompt = "<CAPTION_TO_PHRASE_GROUNDING>"
     _REF = re.compile(r"([^<]*)((?:<loc_\d+>){4,})")
@@ -303,13 +316,14 @@ class Florence2(Dialect):
         refs = []
         for m in self._REF.finditer(text):
             values = _ints(m.group(2))
-            refs.append(Ref(m.group(1).strip() or None, [values[i:i + 4] for i in range(0, len(values) - 3, 4)]))
+            refs.append(Ref(m.group(1).strip() or None, [values[i : i + 4] for i in range(0, len(values) - 3, 4)]))
         return re.sub(r"<loc_\d+>", "", text), refs
 
 
 class Kosmos2(Dialect):
     """Kosmos-2: a box is the pair (top-left patch, bottom-right patch) of a 32x32 grid; the patches
     cover the box, so a read-back box contains the original and exceeds it by less than a patch."""
+
     name = "kosmos2"
     caption_prompt = "<grounding>Describe this image in detail:"
     BINS: ClassVar[int] = 32
@@ -320,12 +334,19 @@ class Kosmos2(Dialect):
 
     def encode(self, box, width, height):
         x0, y0, x1, y1 = box
-        return [self._bin(y0, height) * self.BINS + self._bin(x0, width),
-                self._bin(y1 - 1e-6, height) * self.BINS + self._bin(x1 - 1e-6, width)]
+        return [
+            self._bin(y0, height) * self.BINS + self._bin(x0, width),
+            self._bin(y1 - 1e-6, height) * self.BINS + self._bin(x1 - 1e-6, width),
+        ]
 
     def decode(self, values, width, height):
         (r0, c0), (r1, c1) = divmod(values[0], self.BINS), divmod(values[1], self.BINS)
-        return [c0 * width / self.BINS, r0 * height / self.BINS, (c1 + 1) * width / self.BINS, (r1 + 1) * height / self.BINS]
+        return [
+            c0 * width / self.BINS,
+            r0 * height / self.BINS,
+            (c1 + 1) * width / self.BINS,
+            (r1 + 1) * height / self.BINS,
+        ]
 
     def unit(self, width, height):
         return 2 * width / self.BINS, 2 * height / self.BINS  # covering: off by up to one whole patch
@@ -334,8 +355,11 @@ class Kosmos2(Dialect):
         return f"<patch_index_{values[0]:04d}><patch_index_{values[1]:04d}>"
 
     def mark(self, phrase, boxes):
-        return f"<phrase>{phrase}</phrase><object>" + "</delimiter_of_multi_objects/>".join(
-            self.box_text(b) for b in boxes) + "</object>"
+        return (
+            f"<phrase>{phrase}</phrase><object>"
+            + "</delimiter_of_multi_objects/>".join(self.box_text(b) for b in boxes)
+            + "</object>"
+        )
 
     def refer_prompt(self, phrase):
         return f"<grounding><phrase>{phrase}</phrase>"
@@ -345,8 +369,12 @@ class Kosmos2(Dialect):
 
     def parse(self, text):
         pairs = re.compile(r"<patch_index_(\d{4})><patch_index_(\d{4})>")
-        refs = [Ref(m.group(1), [[int(a), int(b)] for a, b in pairs.findall(m.group(2))]) for m in self._REF.finditer(text)]
-        plain = re.sub(r"<object>.*?</object>", "", text, flags=re.DOTALL).replace("<phrase>", "").replace("</phrase>", "")
+        refs = [
+            Ref(m.group(1), [[int(a), int(b)] for a, b in pairs.findall(m.group(2))]) for m in self._REF.finditer(text)
+        ]
+        plain = (
+            re.sub(r"<object>.*?</object>", "", text, flags=re.DOTALL).replace("<phrase>", "").replace("</phrase>", "")
+        )
         return plain, refs
 
 
@@ -354,6 +382,7 @@ class Placeholders(Dialect):
     """ms-swift's model-independent grounding: `<ref-object>` and `<bbox>` in the text, the phrases
     and original-pixel boxes in the record's `objects`; ms-swift writes them in the convention of
     the model chosen at training time, after its own resize, which only it knows."""
+
     name = "ms-swift"
 
     def encode(self, box, width, height):
@@ -381,7 +410,9 @@ class Placeholders(Dialect):
         raise NotImplementedError("ms-swift text holds placeholders; read the boxes from the record's `objects`")
 
 
-DIALECTS: dict[str, type[Dialect]] = {d.name: d for d in (QwenVL, Qwen2VL, Qwen25VL, Qwen3VL, InternVL, Llava15, Florence2, Kosmos2)}
+DIALECTS: dict[str, type[Dialect]] = {
+    d.name: d for d in (QwenVL, Qwen2VL, Qwen25VL, Qwen3VL, InternVL, Llava15, Florence2, Kosmos2)
+}
 
 
 def dialect(name: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Dialect:

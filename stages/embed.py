@@ -23,11 +23,12 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 from pydantic import Field, field_validator
+from upath import UPath
 
 from denseforge.errors import ModelLoadError
-from denseforge.storage import write_table_atomic
 from denseforge.stages.settings import Settings
 from denseforge.stages.stage import Item, Stage, Verdict, WorkerSettings
+from denseforge.storage import write_table_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +43,8 @@ class ClipModel(Settings):
     pretrained: str | None = "laion2b_s34b_b79k"
     checkpoint: str | None = Field(None, description="local weights file; wins over pretrained")
     weights: Literal["pretrained", "random"] = Field(
-        "pretrained", description="random: an untrained architecture, for offline tests and the demo only")
+        "pretrained", description="random: an untrained architecture, for offline tests and the demo only"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, description="random weights are drawn from it, so every worker and rerun embeds alike")
 
@@ -53,14 +55,19 @@ class EmbedConfig(ClipModel, WorkerSettings):
     enabled: bool = True
     batch_size: int = Field(64, ge=1, le=4096, description="images per forward pass (on a 24 GB GPU: 512)")
     cpu_workers: int | Literal["auto"] = Field(
-        "auto", description="CPU workers that decode, hash and resize for the model workers (0: the model worker "
-                            "does it itself; auto: on GPU workers as many as the free CPUs, on CPU workers 0, "
-                            "since there they would only take cores from the forward pass)")
+        "auto",
+        description="CPU workers that decode, hash and resize for the model workers (0: the model worker "
+        "does it itself; auto: on GPU workers as many as the free CPUs, on CPU workers 0, "
+        "since there they would only take cores from the forward pass)",
+    )
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="forward-pass precision (auto: float16 autocast on CUDA, float32 on CPU)")
+        "auto", description="forward-pass precision (auto: float16 autocast on CUDA, float32 on CPU)"
+    )
     storage_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="how vectors are stored in embeddings/ and shuffled by dedup (float16: half the disk "
-                               "and shuffle volume; dedup computes in float32 either way)")
+        "float32",
+        description="how vectors are stored in embeddings/ and shuffled by dedup (float16: half the disk "
+        "and shuffle volume; dedup computes in float32 either way)",
+    )
 
     def feeders(self) -> int | None:
         """CPU workers feeding the model workers: a number, 0 (none), or None (as many as fit)."""
@@ -98,8 +105,10 @@ def pixel_spec(settings: ClipModel) -> PixelSpec:
     open_clip.add_model_config(MODEL_CONFIGS)
     model_cfg = open_clip.get_model_config(settings.model)
     if model_cfg is None:
-        raise ModelLoadError(f"embed: open_clip has no model config {settings.model!r}; "
-                             "set embed.cpu_workers: 0 to preprocess inside the model worker")
+        raise ModelLoadError(
+            f"embed: open_clip has no model config {settings.model!r}; "
+            "set embed.cpu_workers: 0 to preprocess inside the model worker"
+        )
     cfg = merge_preprocess_dict(asdict(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
     if settings.weights == "pretrained" and not settings.checkpoint and settings.pretrained:
         cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(settings.model, settings.pretrained) or {})
@@ -110,8 +119,13 @@ def pixel_spec(settings: ClipModel) -> PixelSpec:
 def _spec(cfg: dict[str, Any]) -> PixelSpec:
     size = cfg["size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
-    return PixelSpec(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                     interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"])
+    return PixelSpec(
+        size=size,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg["interpolation"],
+        resize_mode=cfg["resize_mode"],
+    )
 
 
 RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -121,8 +135,7 @@ def to_pixels(image: Image.Image, spec: PixelSpec) -> np.ndarray:
     """(H, W, 3) uint8: open_clip's eval transform up to ToTensor, as torchvision does it on PIL
     images (shortest side to the size, int() of the long side, centre crop rounding the offsets)."""
     if spec.interpolation not in RESAMPLING or spec.resize_mode not in ("shortest", "squash"):
-        raise ValueError(f"unsupported preprocessing {spec.interpolation}/{spec.resize_mode}; "
-                         "set embed.cpu_workers: 0")
+        raise ValueError(f"unsupported preprocessing {spec.interpolation}/{spec.resize_mode}; set embed.cpu_workers: 0")
     height, width = spec.size
     resample = RESAMPLING[spec.interpolation]
     if spec.resize_mode == "squash":
@@ -148,10 +161,13 @@ class PixelStage(Stage):
     name = "embed-pixels"
     error_reason = "embed_error"
 
-    def __init__(self, spec: PixelSpec):
-        self.spec = spec
+    def __init__(self, spec: PixelSpec | None):
+        super().__init__()
+        self.spec = spec  # None: listed for its name and error budget only (the run's plan)
 
     def process(self, batch: list[Item]) -> list[Verdict]:
+        if self.spec is None:
+            raise RuntimeError("embed-pixels was built without a pixel spec (for the plan only)")
         for item in batch:
             item.outputs.update(pixels=to_pixels(item.image, self.spec), **hashes(item.image))
         return [None] * len(batch)
@@ -187,16 +203,18 @@ def load_clip(settings: ClipModel, device: str):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                settings.model, pretrained=pretrained, device=device, load_weights=pretrained is not None)
+                settings.model, pretrained=pretrained, device=device, load_weights=pretrained is not None
+            )
     except Exception as exc:  # noqa: BLE001 - hub misses, bad paths and bad names all land here
         raise ModelLoadError(
             f"cannot load open_clip model {settings.model!r} with {source}: {type(exc).__name__}: {exc}. "
-            "Offline? Download the weights elsewhere and set embed.checkpoint to the file.") from None
+            "Offline? Download the weights elsewhere and set embed.checkpoint to the file."
+        ) from None
     model.eval()
     return model, preprocess, {"library": "open_clip", "model": settings.model, "weights": source, "device": device}
 
 
-class EmbedStage(Stage):
+class EmbedStage(Stage[EmbedConfig]):
     """L2-normalised float32 embeddings, batched, in `item.outputs`: from the `pixels` a
     `PixelStage` left there (the model worker only normalises and runs the forward pass), or, with
     `cpu_workers: 0`, from the images themselves (decoding and hashing here too)."""
@@ -223,18 +241,22 @@ class EmbedStage(Stage):
         if self.options.feeders() != 0:
             ours, theirs = pixel_spec(self.options), _spec(self.model.visual.preprocess_cfg)
             if ours != theirs:
-                raise ModelLoadError(f"embed: CPU preprocessing {ours} differs from the model's own {theirs}; "
-                                     "set embed.cpu_workers: 0")
+                raise ModelLoadError(
+                    f"embed: CPU preprocessing {ours} differs from the model's own {theirs}; set embed.cpu_workers: 0"
+                )
 
-    def forward(self, pixels: "torch.Tensor") -> np.ndarray:
+    def forward(self, pixels: torch.Tensor) -> np.ndarray:
         """(n, 3, H, W) normalised float32 -> (n, d) L2-normalised float32 vectors."""
         import torch
 
-        with torch.inference_mode(), torch.autocast(self.device, dtype=self.autocast, enabled=self.autocast is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device, dtype=self.autocast, enabled=self.autocast is not None),
+        ):
             feats = self.model.encode_image(pixels).float()
         return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy().astype(np.float32, copy=False)
 
-    def tensor(self, pixels: np.ndarray) -> "torch.Tensor":
+    def tensor(self, pixels: np.ndarray) -> torch.Tensor:
         """(n, H, W, 3) uint8 -> (n, 3, H, W) normalised on the device (pinned, asynchronous copy on CUDA)."""
         import torch
 
@@ -253,7 +275,7 @@ class EmbedStage(Stage):
             vectors = self.forward(torch.stack([self.preprocess(item.image) for item in batch]).to(self.device))
             for item in batch:
                 item.outputs.update(hashes(item.image))
-        for item, vector in zip(batch, vectors):
+        for item, vector in zip(batch, vectors, strict=True):
             item.outputs.update(embedding=vector, provenance=self.provenance)
         return [None] * len(batch)
 
@@ -285,19 +307,23 @@ def perceptual_hash(image: Image.Image) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def embedding_table(keys: list[str], units: list[int], vectors: np.ndarray, extra: dict[str, list[Any]],
-                    dtype: str = "float32") -> pa.Table:
+def embedding_table(
+    keys: list[str], units: list[int], vectors: np.ndarray, extra: dict[str, list[Any]], dtype: str = "float32"
+) -> pa.Table:
     """The per-unit embeddings file: key, unit, embedding (fixed-size list of `dtype`) and the hash columns."""
     dim = vectors.shape[1] if vectors.size else 0
     value_type = pa.float16() if dtype == "float16" else pa.float32()
     flat = pa.array(vectors.reshape(-1).astype(dtype, copy=False), type=value_type)
-    columns = {"key": pa.array(keys, pa.string()), "unit": pa.array(units, pa.int64()),
-               "embedding": pa.FixedSizeListArray.from_arrays(flat, dim) if dim else pa.nulls(len(keys), pa.list_(value_type))}
+    columns = {
+        "key": pa.array(keys, pa.string()),
+        "unit": pa.array(units, pa.int64()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim) if dim else pa.nulls(len(keys), pa.list_(value_type)),
+    }
     columns.update({name: pa.array(values) for name, values in extra.items()})
     return pa.table(columns)
 
 
-def write_embeddings_file(path: Path, table: pa.Table) -> None:
+def write_embeddings_file(path: UPath | Path, table: pa.Table) -> None:
     """An embeddings table (`embedding_table`) as parquet without dictionary encoding: float16
     vectors have few distinct values, so parquet's default dictionary-encodes them, and reading a
     10,000 x 512 unit back took 93 ms instead of 26 (dedup reads every unit at least once)."""

@@ -25,7 +25,7 @@ def _spans(sample: Sample) -> list[tuple[tuple[int, int], list[Grounding]]]:
     """Grounded spans in caption order, boxes grouped per span, overlapping spans dropped."""
     by_span: dict[tuple[int, int], list[Grounding]] = defaultdict(list)
     for g in sample.grounding:
-        by_span[tuple(g.span)].append(g)
+        by_span[(g.span[0], g.span[1])].append(g)
     out, end = [], -1
     for span in sorted(by_span):
         if span[0] >= end:
@@ -50,6 +50,7 @@ def _groups(sample: Sample) -> list[tuple[int, int, str, list[Box]]]:
 
 def grounded_text(sample: Sample, d: Dialect) -> str:
     """The caption with every grounded phrase marked inline in dialect `d`."""
+
     def render(phrase, boxes, s):
         return d.mark(phrase, [d.encode(b, s.width, s.height) for b in boxes])
 
@@ -61,6 +62,7 @@ class Turn:
     """One exported question and answer about one image. `refs` are the phrases and original-pixel
     boxes its text encodes, in order of appearance (prompt first): what `--check` compares the
     parsed text against, and what ms-swift's `objects` hold."""
+
     task: str
     prompt: str
     answer: str
@@ -96,14 +98,16 @@ def turns(sample: Sample, d: Dialect, tasks: Iterable[str], absent: str | None =
     `refer` (phrase -> boxes), `region` (box -> region caption), `kvg` (fine-grained entity ->
     boxes, plus `absent` -> "not present" when given)."""
     w, h = sample.width, sample.height
+
     def enc(boxes: list[Box]) -> list[list[float]]:
         return [d.encode(b, w, h) for b in boxes]
 
     out: list[Turn] = []
     groups = _groups(sample)
     if "caption" in tasks and sample.caption:
-        prompt, answer = d.caption_turn(sample.caption, grounded_text(sample, d),
-                                        [(phrase, enc(boxes)) for _, _, phrase, boxes in groups])
+        prompt, answer = d.caption_turn(
+            sample.caption, grounded_text(sample, d), [(phrase, enc(boxes)) for _, _, phrase, boxes in groups]
+        )
         out.append(Turn("caption", prompt, answer, [(phrase, boxes) for _, _, phrase, boxes in groups]))
     if "refer" in tasks:
         by_phrase: dict[str, tuple[str, list[Box]]] = {}
@@ -114,7 +118,9 @@ def turns(sample: Sample, d: Dialect, tasks: Iterable[str], absent: str | None =
             out.append(Turn("refer", d.refer_prompt(phrase), d.answer(phrase, enc(boxes)), [(phrase, boxes)]))
     if "region" in tasks:
         for region in sample.regions:
-            out.append(Turn("region", d.region_prompt(d.encode(region.box, w, h)), region.caption, [("", [region.box])]))
+            out.append(
+                Turn("region", d.region_prompt(d.encode(region.box, w, h)), region.caption, [("", [region.box])])
+            )
     if "kvg" in tasks:
         for phrase, boxes in kvg_entities(sample):
             out.append(Turn("kvg", d.refer_prompt(phrase), d.answer(phrase, enc(boxes)), [(phrase, boxes)]))
@@ -132,15 +138,32 @@ def record(layout: str, sample: Sample, image: str, turn: Turn, index: int) -> d
     format, see dataset_info.json); ms-swift: `messages` + `images` + `objects` for its placeholders."""
     rid = f"{sample.key}-{turn.task}-{index}"
     if layout == "sharegpt":
-        return {"id": rid, "image": image, "width": sample.width, "height": sample.height,
-                "conversations": [{"from": "human", "value": f"<image>\n{turn.prompt}"},
-                                  {"from": "gpt", "value": turn.answer}]}
-    rec: dict[str, Any] = {"id": rid, "messages": [{"role": "user", "content": f"<image>{turn.prompt}"},
-                                                   {"role": "assistant", "content": turn.answer}], "images": [image]}
+        return {
+            "id": rid,
+            "image": image,
+            "width": sample.width,
+            "height": sample.height,
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{turn.prompt}"},
+                {"from": "gpt", "value": turn.answer},
+            ],
+        }
+    rec: dict[str, Any] = {
+        "id": rid,
+        "messages": [
+            {"role": "user", "content": f"<image>{turn.prompt}"},
+            {"role": "assistant", "content": turn.answer},
+        ],
+        "images": [image],
+    }
     if layout == "ms-swift":
         bbox = [[round(v, 2) for v in b] for b in turn.boxes()]
-        rec["objects"] = {"ref": [phrase for phrase, _ in turn.refs if phrase], "bbox": bbox,
-                          "bbox_type": "real", "image_id": [0] * len(bbox)}
+        rec["objects"] = {
+            "ref": [phrase for phrase, _ in turn.refs if phrase],
+            "bbox": bbox,
+            "bbox_type": "real",
+            "image_id": [0] * len(bbox),
+        }
     return rec
 
 
@@ -156,10 +179,14 @@ def record_text(layout: str, rec: dict[str, Any]) -> tuple[str, str]:
 def llama_factory_info(name: str, file_name: str) -> dict[str, Any]:
     """The dataset_info.json entry LLaMA-Factory needs to read `file_name` (its sharegpt format
     with OpenAI-style messages)."""
-    return {name: {"file_name": file_name, "formatting": "sharegpt",
-                   "columns": {"messages": "messages", "images": "images"},
-                   "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                            "assistant_tag": "assistant"}}}
+    return {
+        name: {
+            "file_name": file_name,
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "images": "images"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        }
+    }
 
 
 def xywh(box: list[float]) -> list[float]:
@@ -169,43 +196,146 @@ def xywh(box: list[float]) -> list[float]:
 
 
 def llava_record(sample: Sample, image_path: str) -> dict[str, Any]:
-    return {"id": sample.key, "image": image_path,
-            "conversations": [{"from": "human", "value": DETAIL_PROMPT}, {"from": "gpt", "value": sample.caption or ""}]}
+    return {
+        "id": sample.key,
+        "image": image_path,
+        "conversations": [{"from": "human", "value": DETAIL_PROMPT}, {"from": "gpt", "value": sample.caption or ""}],
+    }
 
 
 # COCO 2017's category ids for its 80 names, in the order of experts/vocabularies/objects.txt
-COCO_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
-            32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58,
-            59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+COCO_IDS = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    27,
+    28,
+    31,
+    32,
+    33,
+    34,
+    35,
+    36,
+    37,
+    38,
+    39,
+    40,
+    41,
+    42,
+    43,
+    44,
+    46,
+    47,
+    48,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    55,
+    56,
+    57,
+    58,
+    59,
+    60,
+    61,
+    62,
+    63,
+    64,
+    65,
+    67,
+    70,
+    72,
+    73,
+    74,
+    75,
+    76,
+    77,
+    78,
+    79,
+    80,
+    81,
+    82,
+    84,
+    85,
+    86,
+    87,
+    88,
+    89,
+    90,
+)
 
 
 def coco_category_ids() -> dict[str, int]:
     from denseforge.experts.clip_tags import read_vocabulary
 
-    return dict(zip(read_vocabulary("builtin:objects"), COCO_IDS))
+    return dict(zip(read_vocabulary("builtin:objects"), COCO_IDS, strict=True))
 
 
 def coco_dataset(samples: Iterable[tuple[Sample, str]]) -> dict[str, Any]:
     """COCO json: images, object annotations (xywh), categories, and captions. COCO's 80 names
     keep COCO's own ids (person 1, ..., toothbrush 90); other labels are numbered from 91."""
-    images, annotations, captions = [], [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    captions: list[dict[str, Any]] = []
     categories = coco_category_ids()
     used: set[str] = set()
     for image_id, (sample, path) in enumerate(samples, 1):
-        images.append({"id": image_id, "file_name": path, "width": sample.width, "height": sample.height,
-                       "denseforge_key": sample.key})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": path,
+                "width": sample.width,
+                "height": sample.height,
+                "denseforge_key": sample.key,
+            }
+        )
         if sample.caption:
             captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": sample.caption})
         for obj in sample.experts.get("objects", []):
             cat = categories.setdefault(obj["label"], max(90, *categories.values()) + 1)
             used.add(obj["label"])
             bbox = xywh(obj["box"])
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
-                                "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0,
-                                "score": obj.get("score", 1.0)})
-    return {"info": {"description": "exported by denseforge"}, "images": images, "annotations": annotations,
-            "categories": [{"id": i, "name": n} for n, i in sorted(categories.items(), key=lambda kv: kv[1]) if n in used],
-            "captions": captions}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "bbox": bbox,
+                    "area": round(bbox[2] * bbox[3], 2),
+                    "iscrowd": 0,
+                    "score": obj.get("score", 1.0),
+                }
+            )
+    return {
+        "info": {"description": "exported by denseforge"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": n} for n, i in sorted(categories.items(), key=lambda kv: kv[1]) if n in used],
+        "captions": captions,
+    }
 
 
 def refcoco_refs(samples: Iterable[tuple[Sample, str]]) -> Iterator[dict[str, Any]]:
@@ -216,5 +346,12 @@ def refcoco_refs(samples: Iterable[tuple[Sample, str]]) -> Iterator[dict[str, An
             if not g.source.startswith("objects/"):
                 continue
             ref_id += 1
-            yield {"ref_id": ref_id, "image": path, "key": sample.key, "bbox": xywh(g.box),
-                   "sentences": [{"sent": g.phrase}], "span": list(g.span), "source": g.source}
+            yield {
+                "ref_id": ref_id,
+                "image": path,
+                "key": sample.key,
+                "bbox": xywh(g.box),
+                "sentences": [{"sent": g.phrase}],
+                "span": list(g.span),
+                "source": g.source,
+            }

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from denseforge.errors import ConfigError, ModelLoadError
 from denseforge.experts.base import Expert, render_json
@@ -55,8 +55,9 @@ def cut_at_word(text: str, limit: int) -> str:
     return head.rstrip() + " …"
 
 
-def render_perception(sample: Sample, renderers: Mapping[str, Expert] | None = None,
-                      alt_text_limit: int | None = None) -> str:
+def render_perception(
+    sample: Sample, renderers: Mapping[str, Expert] | None = None, alt_text_limit: int | None = None
+) -> str:
     """The helper-data section of the prompt: alt text (cut to `alt_text_limit` characters), then
     one section per observation kind. Plugin kinds read as their expert's `render` says (JSON
     lines by default), escaped so they cannot close their block."""
@@ -68,8 +69,10 @@ def render_perception(sample: Sample, renderers: Mapping[str, Expert] | None = N
         if not found:
             continue
         if kind == "objects":
-            lines = [f"[{i}] {o['label']} {o.get('score', 1.0):.2f} ({_scaled(o['box'], sample.width, sample.height)})"
-                     for i, o in enumerate(found)]
+            lines = [
+                f"[{i}] {o['label']} {o.get('score', 1.0):.2f} ({_scaled(o['box'], sample.width, sample.height)})"
+                for i, o in enumerate(found)
+            ]
             parts.append("<objects>\n" + "\n".join(lines) + "\n</objects>")
         elif kind == "ocr":
             lines = [f"[{i}] {quote_untrusted(o['text'])}" for i, o in enumerate(found)]
@@ -93,7 +96,7 @@ class PromptTemplate:
     alt_text_limit: int | None = None
 
     @classmethod
-    def load(cls, path: str | None, word_limit: int) -> "PromptTemplate":
+    def load(cls, path: str | None, word_limit: int) -> PromptTemplate:
         file = Path(path) if path else BUILTIN_PROMPT
         try:
             text = file.read_text(encoding="utf-8")
@@ -133,12 +136,24 @@ class FuseConfig(WorkerSettings):
     prompt_file: str | None = Field(None, description="template with $word_limit and $perception; None = built-in")
     word_limit: int = Field(192, ge=10)
     max_alt_text_chars: int = Field(2000, ge=0, description="alt text in the prompt is cut here, at a word boundary")
-    max_caption_chars: int = Field(8000, ge=100, description="a longer reply is rejected (caption_too_long) before grounding")
+    max_caption_chars: int = Field(
+        8000, ge=100, description="a longer reply is rejected (caption_too_long) before grounding"
+    )
     region_top_k: int = Field(0, ge=0, description="region captions for this many salient boxes (0: none)")
     region_views: int = Field(3, ge=1, le=11, description="DynRefer views per region, the tight crop included")
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
     transformers: TransformersBackendConfig = TransformersBackendConfig()
     num_cpus: float = Field(0.25, gt=0, description="CPUs per captioner worker")
+
+    @model_validator(mode="after")
+    def _regions_need_a_backend_that_writes_them(self) -> FuseConfig:
+        if self.region_top_k and self.backend == "transformers":
+            raise ValueError(
+                "region_top_k: region captions come from the template or openai backend; the "
+                "transformers backend writes none (set region_top_k: 0, or use backend: openai "
+                "with a vLLM/SGLang server)"
+            )
+        return self
 
 
 class CaptionerError(RuntimeError):
@@ -189,9 +204,11 @@ def compose_template_caption(sample: Sample) -> str:
     return " ".join(sentences) if sentences else "An image."
 
 
-REGION_PROMPT = ("The first image is a close crop of one {label} in a larger picture; the others show the same "
-                 "region with more and more context. Describe that {label} in one sentence: what it is, its "
-                 "attributes and what it is doing. Never mention crops or images.")
+REGION_PROMPT = (
+    "The first image is a close crop of one {label} in a larger picture; the others show the same "
+    "region with more and more context. Describe that {label} in one sentence: what it is, its "
+    "attributes and what it is doing. Never mention crops or images."
+)
 
 
 class TemplateCaptioner:
@@ -217,8 +234,12 @@ class OpenAICaptioner:
         from openai import OpenAI
 
         self.prompt, self.cfg, self.renderers = prompt, cfg, renderers
-        self.client = OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env, "EMPTY"),
-                             timeout=cfg.timeout_s, max_retries=cfg.max_retries)
+        self.client = OpenAI(
+            base_url=cfg.base_url,
+            api_key=os.environ.get(cfg.api_key_env, "EMPTY"),
+            timeout=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+        )
         self.provenance = {"backend": "openai", "base_url": cfg.base_url, "model": cfg.model}
 
     def check_server(self) -> None:
@@ -226,18 +247,30 @@ class OpenAICaptioner:
         try:
             self.client.with_options(max_retries=0, timeout=min(self.cfg.timeout_s, 10.0)).models.list()
         except Exception as exc:  # noqa: BLE001 - any failure here is a setup problem
-            raise ModelLoadError(f"fuse.openai.base_url {self.cfg.base_url} does not answer GET /models "
-                                 f"({type(exc).__name__}: {str(exc)[:200]}); start the server or fix the URL "
-                                 "(fuse.openai.check_server: false skips this check)") from None
+            raise ModelLoadError(
+                f"fuse.openai.base_url {self.cfg.base_url} does not answer GET /models "
+                f"({type(exc).__name__}: {str(exc)[:200]}); start the server or fix the URL "
+                "(fuse.openai.check_server: false skips this check)"
+            ) from None
 
     def _one(self, sample: Sample, image: bytes) -> Caption:
         data_url = "data:image/jpeg;base64," + base64.b64encode(image).decode("ascii")
-        messages = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url}},
-            {"type": "text", "text": self.prompt.render(sample, self.renderers)}]}]
+        messages: list[Any] = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url}},
+                    {"type": "text", "text": self.prompt.render(sample, self.renderers)},
+                ],
+            }
+        ]
         try:
-            reply = self.client.chat.completions.create(model=self.cfg.model, messages=messages,
-                                                        max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature)
+            reply = self.client.chat.completions.create(
+                model=self.cfg.model,
+                messages=messages,
+                max_tokens=self.cfg.max_tokens,
+                temperature=self.cfg.temperature,
+            )
             if not getattr(reply, "choices", None):
                 raise CaptionerError("the reply has no choices")
             choice = reply.choices[0]
@@ -245,8 +278,12 @@ class OpenAICaptioner:
             if not isinstance(text, str):
                 raise CaptionerError(f"the reply has no text content ({type(text).__name__})")
             usage = reply.usage.model_dump() if reply.usage is not None else None
-            provenance = {**self.provenance, "model": reply.model or self.cfg.model,
-                          "finish_reason": choice.finish_reason, "usage": usage}
+            provenance = {
+                **self.provenance,
+                "model": reply.model or self.cfg.model,
+                "finish_reason": choice.finish_reason,
+                "usage": usage,
+            }
         except Exception as exc:  # noqa: BLE001 - after the client's own retries: this image's error
             return Caption(None, self.provenance, error=f"{type(exc).__name__}: {exc}"[:500])
         return Caption(text.strip(), provenance, truncated=choice.finish_reason == "length")
@@ -259,11 +296,14 @@ class OpenAICaptioner:
         """One sentence about a region from its multi-view crops; None when the request fails."""
         content: list[dict[str, Any]] = [
             {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(v).decode("ascii")}}
-            for v in views]
+            for v in views
+        ]
         content.append({"type": "text", "text": REGION_PROMPT.format(label=quote_untrusted(label))})
         try:
-            reply = self.client.chat.completions.create(model=self.cfg.model, messages=[{"role": "user", "content": content}],
-                                                        max_tokens=96, temperature=self.cfg.temperature)
+            message: Any = {"role": "user", "content": content}
+            reply = self.client.chat.completions.create(
+                model=self.cfg.model, messages=[message], max_tokens=96, temperature=self.cfg.temperature
+            )
             return (reply.choices[0].message.content or "").strip() or None
         except Exception:  # noqa: BLE001 - a missing region caption is not worth the sample
             return None
@@ -273,8 +313,9 @@ class TransformersCaptioner:
     """A local VLM through transformers' Auto classes (Qwen2-VL / Qwen2.5-VL / LLaVA families):
     chat template with the image, batched greedy generation, GPU when this process sees one."""
 
-    def __init__(self, prompt: PromptTemplate, cfg: TransformersBackendConfig,
-                 renderers: Mapping[str, Expert] | None = None):
+    def __init__(
+        self, prompt: PromptTemplate, cfg: TransformersBackendConfig, renderers: Mapping[str, Expert] | None = None
+    ):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -287,10 +328,13 @@ class TransformersCaptioner:
         try:
             self.processor = AutoProcessor.from_pretrained(model)
             dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(self.device).eval()
+            loaded: Any = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+            self.model = loaded.to(self.device).eval()
         except Exception as exc:  # noqa: BLE001 - offline hub misses, bad paths
-            raise ModelLoadError(f"fuse.transformers.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}. "
-                                 "Offline? Point it at a local folder with the model and its processor.") from None
+            raise ModelLoadError(
+                f"fuse.transformers.model {model!r} cannot be loaded: {type(exc).__name__}: {exc}. "
+                "Offline? Point it at a local folder with the model and its processor."
+            ) from None
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         tokenizer.padding_side = "left"  # decoder-only batches generate from the right edge
         self.eos = self.model.generation_config.eos_token_id
@@ -304,11 +348,23 @@ class TransformersCaptioner:
 
         out: list[Caption] = []
         for start in range(0, len(samples), self.batch_size):
-            chunk = samples[start:start + self.batch_size]
-            pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start:start + self.batch_size]]
-            texts = [self.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt.render(s, self.renderers)}]}],
-                add_generation_prompt=True) for s in chunk]
+            chunk = samples[start : start + self.batch_size]
+            pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start : start + self.batch_size]]
+            texts = [
+                self.processor.apply_chat_template(
+                    [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image"},
+                                {"type": "text", "text": self.prompt.render(s, self.renderers)},
+                            ],
+                        }
+                    ],
+                    add_generation_prompt=True,
+                )
+                for s in chunk
+            ]
             try:
                 inputs = self.processor(text=texts, images=pictures, padding=True, return_tensors="pt").to(self.device)
                 with torch.inference_mode():
@@ -316,19 +372,21 @@ class TransformersCaptioner:
             except Exception as exc:  # noqa: BLE001 - this batch's error, per image
                 out += [Caption(None, self.provenance, error=f"{type(exc).__name__}: {exc}"[:500]) for _ in chunk]
                 continue
-            new = generated[:, inputs["input_ids"].shape[1]:]
+            new = generated[:, inputs["input_ids"].shape[1] :]
             eos = set(self.eos if isinstance(self.eos, list) else [self.eos])
-            for row, text in zip(new, self.processor.batch_decode(new, skip_special_tokens=True)):
+            for row, text in zip(new, self.processor.batch_decode(new, skip_special_tokens=True), strict=True):
                 finished = any(int(t) in eos for t in row)
                 out.append(Caption(text.strip(), self.provenance, truncated=not finished))
         return out
 
 
-MARKUP_RULE = ("\n\nWhen you mention an object listed under <objects>, wrap the phrase as "
-               "<ref id=N>phrase</ref>, N being its number in that list.")
+MARKUP_RULE = (
+    "\n\nWhen you mention an object listed under <objects>, wrap the phrase as "
+    "<ref id=N>phrase</ref>, N being its number in that list."
+)
 
 
-class CaptionStage(Stage):
+class CaptionStage(Stage[FuseConfig]):
     """One dense caption per sample from the configured backend, plus DynRefer region captions for
     the most salient boxes; in markup mode the model's `<ref>` phrases become the grounding."""
 
@@ -336,8 +394,9 @@ class CaptionStage(Stage):
     error_reason = "captioner_error"
     Options = FuseConfig
 
-    def __init__(self, options: FuseConfig, ground: GroundConfig | None = None,
-                 renderers: Mapping[str, Expert] | None = None):
+    def __init__(
+        self, options: FuseConfig, ground: GroundConfig | None = None, renderers: Mapping[str, Expert] | None = None
+    ):
         super().__init__(options)
         self.markup = ground is not None and ground.mode == "markup" and options.backend != "template"
         self.renderers = dict(renderers or {})
@@ -346,33 +405,42 @@ class CaptionStage(Stage):
 
     def setup(self) -> None:
         f = self.options
+        self.captioner: TemplateCaptioner | TransformersCaptioner | OpenAICaptioner
         if f.backend == "template":
             self.captioner = TemplateCaptioner()
             return
         prompt = PromptTemplate.load(f.prompt_file, f.word_limit)
-        prompt = PromptTemplate(prompt.text + (MARKUP_RULE if self.markup else ""), prompt.word_limit, f.max_alt_text_chars)
+        prompt = PromptTemplate(
+            prompt.text + (MARKUP_RULE if self.markup else ""), prompt.word_limit, f.max_alt_text_chars
+        )
         if f.backend == "transformers":
             self.captioner = TransformersCaptioner(prompt, f.transformers, self.renderers)
         else:
-            self.captioner = OpenAICaptioner(prompt, f.openai, self.renderers)
+            captioner = OpenAICaptioner(prompt, f.openai, self.renderers)
             if f.openai.check_server:
-                self.captioner.check_server()
+                captioner.check_server()
+            self.captioner = captioner
 
     def _regions(self, item: Item) -> list[Region]:
         sample = item.sample
         objects = sample.experts.get("objects", [])
         regions = []
+        captioner = self.captioner
+        assert not isinstance(captioner, TransformersCaptioner), "FuseConfig refuses region_top_k with it"
         for i in top_regions(objects, self.options.region_top_k):
             views = select_views(item.image, objects[i]["box"], self.options.region_views)
-            text = self.captioner.caption_region(objects[i]["label"], objects[i]["box"], sample.width, sample.height,
-                                                 [jpeg(c) for c in views.crops])
+            text = captioner.caption_region(
+                objects[i]["label"], objects[i]["box"], sample.width, sample.height, [jpeg(c) for c in views.crops]
+            )
             if text:
                 regions.append(Region(box=objects[i]["box"], caption=text))
         return regions
 
     def process(self, batch: list[Item]) -> list[Verdict]:
         verdicts: list[Verdict] = []
-        for item, caption in zip(batch, self.captioner([i.sample for i in batch], [i.data for i in batch])):
+        for item, caption in zip(
+            batch, self.captioner([i.sample for i in batch], [i.data for i in batch]), strict=True
+        ):
             sample = item.sample
             if caption.error is not None or not caption.text:
                 verdicts.append(CaptionerError(caption.error or "the captioner returned an empty caption"))
@@ -381,8 +449,12 @@ class CaptionStage(Stage):
             if self.options.backend != "template" and len(sample.alt_text or "") > self.options.max_alt_text_chars:
                 sample.provenance["captioner"]["alt_text_cut_to_chars"] = self.options.max_alt_text_chars
             if len(caption.text) > self.options.max_caption_chars:
-                verdicts.append(Rejection("caption_too_long", f"{len(caption.text)} characters > "
-                                                              f"fuse.max_caption_chars={self.options.max_caption_chars}"))
+                verdicts.append(
+                    Rejection(
+                        "caption_too_long",
+                        f"{len(caption.text)} characters > fuse.max_caption_chars={self.options.max_caption_chars}",
+                    )
+                )
                 continue
             if self.markup:
                 sample.caption, sample.grounding = parse_ref_markup(caption.text, sample.experts.get("objects", []))

@@ -27,15 +27,29 @@ class GroundConfig(WorkerSettings):
     batch_size: int = Field(32, ge=1, le=4096, description="captions per call")
 
     mode: Literal["mentions", "markup"] = Field(
-        "mentions", description="markup: the model marks phrases <ref id=N>..</ref>; mentions: found afterwards")
+        "mentions", description="markup: the model marks phrases <ref id=N>..</ref>; mentions: found afterwards"
+    )
     aliases: str | None = Field(
-        "builtin:aliases", description="fine-grained name -> detector label TSV for knowledge-aligned grounding")
+        "builtin:aliases", description="fine-grained name -> detector label TSV for knowledge-aligned grounding"
+    )
     synonyms: SynonymConfig = Field(default_factory=SynonymConfig)
 
 
-IRREGULAR = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
-             "knife": "knives", "sheep": "sheep", "fish": "fish", "bus": "buses", "glass": "glasses",
-             "skis": "skis", "scissors": "scissors", "tv": "tvs"}
+IRREGULAR = {
+    "person": "people",
+    "man": "men",
+    "woman": "women",
+    "child": "children",
+    "mouse": "mice",
+    "knife": "knives",
+    "sheep": "sheep",
+    "fish": "fish",
+    "bus": "buses",
+    "glass": "glasses",
+    "skis": "skis",
+    "scissors": "scissors",
+    "tv": "tvs",
+}
 
 
 def plural(noun: str) -> str:
@@ -78,13 +92,50 @@ def read_aliases(spec: str | None) -> dict[str, str]:
 
 
 _MODIFIER = r"(?:(?:[A-Z][\w'-]*|\d[\w.-]*)\s+){1,3}"  # capitalised or numeric words: "Falcon 9 ", "Golden "
-DETERMINERS = {"the", "a", "an", "this", "that", "these", "those", "its", "their", "his", "her", "our", "my",
-                "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "some",
-                "many", "both", "each", "every", "another", "other", "in", "on", "at", "with", "and", "of"}
+DETERMINERS = {
+    "the",
+    "a",
+    "an",
+    "this",
+    "that",
+    "these",
+    "those",
+    "its",
+    "their",
+    "his",
+    "her",
+    "our",
+    "my",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "several",
+    "some",
+    "many",
+    "both",
+    "each",
+    "every",
+    "another",
+    "other",
+    "in",
+    "on",
+    "at",
+    "with",
+    "and",
+    "of",
+}
 
 
-def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]],
-                    aliases: dict[str, str] | None = None) -> list[Grounding]:
+def ground_mentions(
+    caption: str, experts: dict[str, list[dict[str, Any]]], aliases: dict[str, str] | None = None
+) -> list[Grounding]:
     """Spans of object labels (with proper-name modifiers: "Falcon 9 rocket"), of fine-grained
     names that refine a detected label ("tabby cat" -> cat, via `aliases`) and of OCR strings."""
     out: list[Grounding] = []
@@ -120,8 +171,11 @@ def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]],
             chosen = indices if is_plural else [indices[next_box % len(indices)]]
             next_box += 0 if is_plural else 1
             for i in chosen:
-                out.append(Grounding(phrase=caption[start:end], span=(start, end), box=objects[i]["box"],
-                                     source=f"objects/{i}"))
+                out.append(
+                    Grounding(
+                        phrase=caption[start:end], span=(start, end), box=objects[i]["box"], source=f"objects/{i}"
+                    )
+                )
     for i, line in enumerate(experts.get("ocr", [])):
         text = line.get("text", "").strip()
         if len(text) < 2:
@@ -132,9 +186,9 @@ def ground_mentions(caption: str, experts: dict[str, list[dict[str, Any]]],
         else:  # case- and space-insensitive ("OPEN24HOURS" read, "Open 24 hours" written), with
             # positions in the caption itself ("İ".lower() is two characters)
             loose = r"\s*".join(re.escape(c) for c in "".join(text.split()))
-            match = re.search(loose, caption, re.IGNORECASE)
-            if match:
-                start, end = match.span()
+            found = re.search(loose, caption, re.IGNORECASE)
+            if found:
+                start, end = found.span()
         if start >= 0:
             out.append(Grounding(phrase=caption[start:end], span=(start, end), box=line["box"], source=f"ocr/{i}"))
     return sorted(out, key=lambda g: (g.span, g.source))
@@ -150,14 +204,20 @@ def parse_ref_markup(text: str, objects: list[dict[str, Any]]) -> tuple[str, lis
     clean, groundings, cursor = [], [], 0
     length = 0
     for match in _REF.finditer(text):
-        before = _STRAY.sub("", text[cursor:match.start()])
+        before = _STRAY.sub("", text[cursor : match.start()])
         clean.append(before)
         length += len(before)
         phrase = _STRAY.sub("", match.group(2))
         index = int(match.group(1))
         if phrase and 0 <= index < len(objects):
-            groundings.append(Grounding(phrase=phrase, span=(length, length + len(phrase)),
-                                        box=objects[index]["box"], source=f"objects/{index}"))
+            groundings.append(
+                Grounding(
+                    phrase=phrase,
+                    span=(length, length + len(phrase)),
+                    box=objects[index]["box"],
+                    source=f"objects/{index}",
+                )
+            )
         clean.append(phrase)
         length += len(phrase)
         cursor = match.end()
@@ -165,7 +225,7 @@ def parse_ref_markup(text: str, objects: list[dict[str, Any]]) -> tuple[str, lis
     return "".join(clean), groundings
 
 
-class GroundStage(Stage):
+class GroundStage(Stage[GroundConfig]):
     """Ties the caption's mentions of detected labels, fine-grained aliases, synonyms (see
     `stages/synonyms.py`) and OCR lines to boxes; the synonyms it matched, and the labels they
     claim, go to the sample's provenance for the hallucination check."""

@@ -60,7 +60,7 @@ class ImageNormalizer(Settings):
         """Bytes in, upright RGB JPEG out; raises ImageRejected with a reason code."""
         try:
             # Only the decoders we support look at untrusted bytes.
-            img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+            img: Image.Image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
         except (UnidentifiedImageError, ImportError):
             # ImportError: ultralytics replaces PIL.Image.open process-wide and, on unidentified
             # bytes, tries to import pi_heif; without it that surfaces as ModuleNotFoundError.
@@ -93,7 +93,9 @@ class ImageNormalizer(Settings):
         if min(ow, oh) < self.min_image_size:
             raise ImageRejected("too_small", f"{ow}x{oh}, short edge below ingest.min_image_size={self.min_image_size}")
         if max(ow, oh) / min(ow, oh) > self.max_aspect_ratio:
-            raise ImageRejected("bad_aspect_ratio", f"{ow}x{oh} exceeds ingest.max_aspect_ratio={self.max_aspect_ratio}")
+            raise ImageRejected(
+                "bad_aspect_ratio", f"{ow}x{oh} exceeds ingest.max_aspect_ratio={self.max_aspect_ratio}"
+            )
         img = self._resize(img)
         out = io.BytesIO()
         img.save(out, format="JPEG", quality=self.encode_quality)
@@ -119,7 +121,9 @@ class ImageNormalizer(Settings):
         if edge != self.image_size and not (self.resize_only_if_bigger and edge <= self.image_size):
             scale = self.image_size / edge
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            img = img.resize(size, Image.Resampling.LANCZOS if scale > 1 else Image.Resampling.BICUBIC, reducing_gap=3.0)
+            img = img.resize(
+                size, Image.Resampling.LANCZOS if scale > 1 else Image.Resampling.BICUBIC, reducing_gap=3.0
+            )
         if self.resize_mode == "center_crop":
             w, h = img.size
             side = min(w, h, self.image_size)

@@ -21,17 +21,25 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from upath import UPath
-
 import pyarrow as pa
 from pydantic import Field
+from upath import UPath
 
 from denseforge import __version__
-from denseforge.storage import (open_binary, read_arrow, read_bytes, read_json, read_parquet, staged, store_retries,
-                                write_bytes, write_json_atomic)
 from denseforge.stages.image_normalize import ImageNormalizer, ImageRejected
 from denseforge.stages.sample import Reject, Sample, make_key
 from denseforge.stages.url_screen import guarded_opener
+from denseforge.storage import (
+    open_binary,
+    read_arrow,
+    read_bytes,
+    read_json,
+    read_parquet,
+    staged,
+    store_retries,
+    write_bytes,
+    write_json_atomic,
+)
 
 RAW_COLUMNS = ["url", "caption", "df_key", "df_source"]
 
@@ -43,12 +51,14 @@ class IngestConfig(ImageNormalizer):
     threads: int = Field(32, ge=1, le=1024, description="download threads per unit")
     timeout_s: float = Field(10.0, gt=0, description="per socket operation (connect, each read)")
     download_deadline_s: float | None = Field(
-        None, gt=0, description="wall-clock limit of one download; null: 3 x timeout_s")
+        None, gt=0, description="wall-clock limit of one download; null: 3 x timeout_s"
+    )
     retries: int = Field(0, ge=0, le=10)
     unit_retries: int = Field(2, ge=0, le=10, description="re-runs of a unit whose task died")
     max_download_bytes: int = Field(32 * 2**20, ge=1024)
     allow_private_addresses: bool = Field(
-        False, description="allow loopback/private/link-local targets (local mirrors, the demo)")
+        False, description="allow loopback/private/link-local targets (local mirrors, the demo)"
+    )
     user_agent_token: str | None = "denseforge"
 
 
@@ -56,15 +66,25 @@ def unit_name(unit: int) -> str:
     return f"{unit:07d}"
 
 
-def download_unit(unit: int, unit_file: UPath, raw_dir: UPath, marker: UPath, cfg: IngestConfig,
-                  samples_per_unit: int, allow_files: bool, scratch: str | None = None) -> dict[str, Any]:
+def download_unit(
+    unit: int,
+    unit_file: UPath,
+    raw_dir: UPath,
+    marker: UPath,
+    cfg: IngestConfig,
+    samples_per_unit: int,
+    allow_files: bool,
+    scratch: str | None = None,
+) -> dict[str, Any]:
     """Download one unit with img2dataset; idempotent (rewrites the unit's raw files). img2dataset
     writes local files: on an object store they are made in this node's scratch and uploaded."""
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
     deadline = cfg.download_deadline_s or 3 * cfg.timeout_s
-    urllib.request.install_opener(guarded_opener(cfg.allow_private_addresses, cfg.max_download_bytes, allow_files, deadline))
+    urllib.request.install_opener(
+        guarded_opener(cfg.allow_private_addresses, cfg.max_download_bytes, allow_files, deadline)
+    )
     with staged(raw_dir, scratch) as folder:
         # img2dataset deletes the shard file it was given; keep our unit for resume.
         work_copy = folder / f"{unit_name(unit)}.input.arrow"
@@ -96,8 +116,9 @@ def download_unit(unit: int, unit_file: UPath, raw_dir: UPath, marker: UPath, cf
     return stats
 
 
-def ingest_webdataset_unit(unit: int, tar_path: UPath, raw_dir: UPath, marker: UPath,
-                           normalizer: ImageNormalizer, scratch: str | None = None) -> dict[str, Any]:
+def ingest_webdataset_unit(
+    unit: int, tar_path: UPath, raw_dir: UPath, marker: UPath, normalizer: ImageNormalizer, scratch: str | None = None
+) -> dict[str, Any]:
     """Normalise the images of an existing webdataset shard into the raw form img2dataset writes."""
     with staged(raw_dir, scratch) as folder:
         stats = _normalise_shard(unit, tar_path, folder, normalizer)
@@ -109,24 +130,42 @@ def _normalise_shard(unit: int, tar_path: UPath, folder: Path, normalizer: Image
     from img2dataset.writer import WebDatasetSampleWriter
 
     start = time.time()
-    schema = pa.schema([(c, pa.string()) for c in RAW_COLUMNS + ["key", "status", "error_message"]]
-                       + [(c, pa.int32()) for c in ("width", "height", "original_width", "original_height")])
+    schema = pa.schema(
+        [(c, pa.string()) for c in RAW_COLUMNS + ["key", "status", "error_message"]]
+        + [(c, pa.int32()) for c in ("width", "height", "original_width", "original_height")]
+    )
     writer = WebDatasetSampleWriter(unit, str(folder), True, 7, schema, "jpg")
     counts = {"count": 0, "successes": 0, "failed_to_resize": 0}
     try:
         for position, (member_key, files) in enumerate(_iter_tar_samples(tar_path)):
             key = make_key(unit, position)
             counts["count"] += 1
-            image_ext = next((e for e in ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff") if e in files), None)
+            image_ext = next(
+                (e for e in ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff") if e in files), None
+            )
             meta_in = _json_or_empty(files.get("json"))
             caption = files["txt"].decode("utf-8", "replace") if "txt" in files else meta_in.get("caption")
-            meta = {"url": meta_in.get("url"), "caption": caption, "df_key": key,
-                    "df_source": json.dumps({"source_key": member_key, **{k: v for k, v in meta_in.items() if k not in ("url", "caption")}}, default=str),
-                    "key": key, "status": "success", "error_message": None,
-                    "width": None, "height": None, "original_width": None, "original_height": None}
+            meta = {
+                "url": meta_in.get("url"),
+                "caption": caption,
+                "df_key": key,
+                "df_source": json.dumps(
+                    {"source_key": member_key, **{k: v for k, v in meta_in.items() if k not in ("url", "caption")}},
+                    default=str,
+                ),
+                "key": key,
+                "status": "success",
+                "error_message": None,
+                "width": None,
+                "height": None,
+                "original_width": None,
+                "original_height": None,
+            }
             try:
                 if image_ext is None:
-                    raise ImageRejected("no_image", f"sample {member_key!r} has no image member ({', '.join(sorted(files))})")
+                    raise ImageRejected(
+                        "no_image", f"sample {member_key!r} has no image member ({', '.join(sorted(files))})"
+                    )
                 image = normalizer.normalize(files[image_ext])
             except ImageRejected as rejected:
                 counts["failed_to_resize"] += 1
@@ -134,8 +173,12 @@ def _normalise_shard(unit: int, tar_path: UPath, folder: Path, normalizer: Image
                 writer.write(None, key, caption, meta)
                 continue
             counts["successes"] += 1
-            meta.update(width=image.width, height=image.height,
-                        original_width=image.original_width, original_height=image.original_height)
+            meta.update(
+                width=image.width,
+                height=image.height,
+                original_width=image.original_width,
+                original_height=image.original_height,
+            )
             writer.write(image.data, key, caption, meta)
     finally:
         writer.close()
@@ -189,10 +232,16 @@ def classify_failure(status: str | None, message: str | None) -> str:
         return f"http_{code.group(1)}"
     lowered = message.lower()
     for needle, reason in (
-        ("timed out", "timeout"), ("timeout", "timeout"), ("connection refused", "connection_refused"),
-        ("connection reset", "connection_reset"), ("name or service not known", "dns_error"),
-        ("nodename nor servname", "dns_error"), ("x-robots-tag", "robots_disallowed"),
-        ("certificate", "tls_error"), ("ssl", "tls_error"), ("incompleteread", "incomplete_read"),
+        ("timed out", "timeout"),
+        ("timeout", "timeout"),
+        ("connection refused", "connection_refused"),
+        ("connection reset", "connection_reset"),
+        ("name or service not known", "dns_error"),
+        ("nodename nor servname", "dns_error"),
+        ("x-robots-tag", "robots_disallowed"),
+        ("certificate", "tls_error"),
+        ("ssl", "tls_error"),
+        ("incompleteread", "incomplete_read"),
         ("unknown url type", "unsupported_scheme"),
     ):
         if needle in lowered:
@@ -204,8 +253,9 @@ def _strip_tag(message: str | None) -> str:
     return _TAGGED.sub("", message or "")
 
 
-def read_raw_unit(unit: int, unit_file: UPath | None, raw_dir: UPath, marker: UPath,
-                  screened_file: UPath | None) -> list[dict[str, Any]]:
+def read_raw_unit(
+    unit: int, unit_file: UPath | None, raw_dir: UPath, marker: UPath, screened_file: UPath | None
+) -> list[dict[str, Any]]:
     """Every row of one unit as a pipeline row: samples with image bytes, rejects with reasons.
 
     Rows img2dataset never reported (a crash inside its per-sample loop) become `ingest/lost`
@@ -223,13 +273,27 @@ def read_raw_unit(unit: int, unit_file: UPath | None, raw_dir: UPath, marker: UP
     expected: dict[str, str | None] = {}
     if unit_file is not None:
         table = read_arrow(unit_file).select(["df_key", "url"])
-        expected = dict(zip(table.column("df_key").to_pylist(), table.column("url").to_pylist()))
+        expected = dict(zip(table.column("df_key").to_pylist(), table.column("url").to_pylist(), strict=True))
     if state.get("failed"):
         for key, url in expected.items():
-            rows.append(reject_row(unit, Reject(key=key, stage="ingest", reason="ingest_failed", detail=state["failed"], url=url)))
+            rows.append(
+                reject_row(
+                    unit, Reject(key=key, stage="ingest", reason="ingest_failed", detail=state["failed"], url=url)
+                )
+            )
         if unit_file is None:  # an input shard we could not read: its rows are unknown, the shard is one row
-            rows.append(reject_row(unit, Reject(key=make_key(unit, 0), stage="ingest", reason="unreadable_shard",
-                                                detail=state["failed"], url=state.get("source_path"))))
+            rows.append(
+                reject_row(
+                    unit,
+                    Reject(
+                        key=make_key(unit, 0),
+                        stage="ingest",
+                        reason="unreadable_shard",
+                        detail=state["failed"],
+                        url=state.get("source_path"),
+                    ),
+                )
+            )
         return rows
     images = _read_tar_images(raw_dir / f"{name}.tar")
     seen: set[str] = set()
@@ -238,24 +302,60 @@ def read_raw_unit(unit: int, unit_file: UPath | None, raw_dir: UPath, marker: UP
         seen.add(key)
         if meta["status"] != "success":
             reason = classify_failure(meta["status"], meta["error_message"])
-            rows.append(reject_row(unit, Reject(key=key, stage="ingest", reason=reason,
-                                                detail=_strip_tag(meta["error_message"]), url=meta["url"])))
+            rows.append(
+                reject_row(
+                    unit,
+                    Reject(
+                        key=key,
+                        stage="ingest",
+                        reason=reason,
+                        detail=_strip_tag(meta["error_message"]),
+                        url=meta["url"],
+                    ),
+                )
+            )
             continue
         image = images.get(meta["key"])
         if image is None:
-            rows.append(reject_row(unit, Reject(key=key, stage="ingest", reason="lost",
-                                                detail="reported as downloaded but missing from the raw shard", url=meta["url"])))
+            rows.append(
+                reject_row(
+                    unit,
+                    Reject(
+                        key=key,
+                        stage="ingest",
+                        reason="lost",
+                        detail="reported as downloaded but missing from the raw shard",
+                        url=meta["url"],
+                    ),
+                )
+            )
             continue
         sample = Sample(
-            key=key, url=meta["url"], alt_text=meta["caption"], width=meta["width"], height=meta["height"],
-            original_width=meta["original_width"], original_height=meta["original_height"],
-            sha256=hashlib.sha256(image).hexdigest(), source=json.loads(meta["df_source"] or "{}"),
+            key=key,
+            url=meta["url"],
+            alt_text=meta["caption"],
+            width=meta["width"],
+            height=meta["height"],
+            original_width=meta["original_width"],
+            original_height=meta["original_height"],
+            sha256=hashlib.sha256(image).hexdigest(),
+            source=json.loads(meta["df_source"] or "{}"),
             provenance={"denseforge": __version__, "ingest": {"source": state["source"]}},
         )
         rows.append(sample_row(unit, sample, image))
     for key in expected.keys() - seen:
-        rows.append(reject_row(unit, Reject(key=key, stage="ingest", reason="lost",
-                                            detail="img2dataset reported no status for this row", url=expected[key])))
+        rows.append(
+            reject_row(
+                unit,
+                Reject(
+                    key=key,
+                    stage="ingest",
+                    reason="lost",
+                    detail="img2dataset reported no status for this row",
+                    url=expected[key],
+                ),
+            )
+        )
     return rows
 
 
@@ -283,4 +383,3 @@ def sample_row(unit: int, sample: Sample, image: bytes) -> dict[str, Any]:
 def reject_row(unit: int, reject: Reject) -> dict[str, Any]:
     """A pipeline row carrying a rejection; later stages pass it through untouched."""
     return {"unit": unit, "key": reject.key, "image": None, "sample": None, "reject": reject.model_dump_json()}
-

@@ -46,12 +46,13 @@ class PerceiveConfig(Settings):
     enabled: bool = False
     experts: list[ExpertSpec] = Field(default_factory=list)
     on_error: Literal["keep", "reject"] = Field(
-        "keep", description="an expert failing on an image: keep the sample (error recorded) or reject it")
+        "keep", description="an expert failing on an image: keep the sample (error recorded) or reject it"
+    )
     merge_iou: float = Field(0.65, gt=0, le=1, description="IoU at which boxes of several detectors agree")
     merge_min_votes: int = Field(1, ge=1, description="detectors that must agree on a box (GranD: 2)")
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "PerceiveConfig":
+    def _unique_names(self) -> PerceiveConfig:
         names = [e.instance for e in self.experts]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -81,8 +82,9 @@ def plan_experts(cfg: PerceiveConfig) -> list[PlannedExpert]:
     for spec, expert, _ in built:
         missing = [k for k in expert.consumes if k not in producers]
         if missing:
-            raise ConfigError(f"perceive.experts: {spec.instance} consumes {', '.join(missing)}, "
-                              "which no configured expert produces")
+            raise ConfigError(
+                f"perceive.experts: {spec.instance} consumes {', '.join(missing)}, which no configured expert produces"
+            )
     workers: dict[str, list[PlannedExpert]] = {}
     for b in built:
         workers.setdefault(f"group {b[0].group}" if b[0].group else b[0].instance, []).append(b)
@@ -94,15 +96,19 @@ def plan_experts(cfg: PerceiveConfig) -> list[PlannedExpert]:
     return ordered
 
 
-def _layered(nodes: list[list[PlannedExpert]], producers: dict[str, set[str]], done: set[str]) -> list[list[PlannedExpert]]:
+def _layered(
+    nodes: list[list[PlannedExpert]], producers: dict[str, set[str]], done: set[str]
+) -> list[list[PlannedExpert]]:
     """`nodes` (experts that run together) in order: each after every expert it consumes from,
     `done` counting as placed; config order among those that are ready together."""
     placed, out, pending = set(done), [], list(nodes)
     while pending:
         ready = [m for m in pending if _needs(m, producers) <= placed | {spec.instance for spec, _, _ in m}]
         if not ready:
-            raise ConfigError("perceive.experts: circular consumes between "
-                              + ", ".join(spec.instance for m in pending for spec, _, _ in m))
+            raise ConfigError(
+                "perceive.experts: circular consumes between "
+                + ", ".join(spec.instance for m in pending for spec, _, _ in m)
+            )
         for members in ready:
             out.append(members)
             placed |= {spec.instance for spec, _, _ in members}
@@ -146,10 +152,12 @@ class ExpertStage(Stage):
         inputs = [ExpertInput(item.key, item.image, observations_by_kind(item.sample.experts)) for item in batch]
         found = self.expert(inputs)
         if not isinstance(found, list) or len(found) != len(batch):
-            raise TypeError(f"expert {self.instance} returned {type(found).__name__} of length "
-                            f"{len(found) if isinstance(found, list) else '?'} for {len(batch)} images")
+            raise TypeError(
+                f"expert {self.instance} returned {type(found).__name__} of length "
+                f"{len(found) if isinstance(found, list) else '?'} for {len(batch)} images"
+            )
         verdicts: list[Verdict] = []
-        for item, observations in zip(batch, found):
+        for item, observations in zip(batch, found, strict=True):
             try:
                 clean = sanitize(observations, self.expert.kind, *item.image.size, item.counts)
             except (TypeError, ValueError) as exc:
@@ -161,7 +169,7 @@ class ExpertStage(Stage):
         return verdicts
 
 
-class MergeStage(Stage):
+class MergeStage(Stage[PerceiveConfig]):
     """Merge staged outputs per kind: detectors by IoU voting, the rest concatenated (tagged with
     their source when several experts share a kind); per-expert score thresholds apply. Experts
     with random weights (`untrained`) fed their consumers already; here their observations are
@@ -191,18 +199,23 @@ class MergeStage(Stage):
                 if not per_instance:
                     continue
                 if kind == "objects" and len(per_instance) > 1:
-                    merged[kind] = merge_detections(per_instance, self.options.merge_iou, self.options.merge_min_votes,
-                                                    thresholds)
+                    merged[kind] = merge_detections(
+                        per_instance, self.options.merge_iou, self.options.merge_min_votes, thresholds
+                    )
                 else:
-                    merged[kind] = [{**obs, "source": name} if len(per_instance) > 1 else obs
-                                    for name, found in sorted(per_instance.items()) for obs in found
-                                    if obs.get("score", 1.0) >= thresholds.get(name, 0.0)]
+                    merged[kind] = [
+                        {**obs, "source": name} if len(per_instance) > 1 else obs
+                        for name, found in sorted(per_instance.items())
+                        for obs in found
+                        if obs.get("score", 1.0) >= thresholds.get(name, 0.0)
+                    ]
             item.sample.experts = merged
         return [None] * len(batch)
 
 
-def sanitize(observations: Any, kind: str, width: int, height: int,
-             counts: dict[str, int] | None = None) -> list[dict[str, Any]]:
+def sanitize(
+    observations: Any, kind: str, width: int, height: int, counts: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
     """Validate one image's observations: known kinds against their schema, boxes clipped to the
     stored image, invalid entries dropped; unknown kinds must be JSON-like dicts. Clipped and
     dropped boxes are counted in `counts` (they show per expert in stats.json)."""
@@ -231,7 +244,10 @@ def sanitize(observations: Any, kind: str, width: int, height: int,
         model = KNOWN_KINDS.get(kind)
         if model is not None:
             extra = {k: v for k, v in obs.items() if k not in model.model_fields}
-            obs = {**model.model_validate({k: v for k, v in obs.items() if k in model.model_fields}).model_dump(), **extra}
+            obs = {
+                **model.model_validate({k: v for k, v in obs.items() if k in model.model_fields}).model_dump(),
+                **extra,
+            }
         clean.append(obs)
     return clean
 
@@ -244,15 +260,23 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def merge_detections(per_expert: dict[str, list[dict[str, Any]]], iou_threshold: float = 0.65, min_votes: int = 1,
-                     thresholds: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def merge_detections(
+    per_expert: dict[str, list[dict[str, Any]]],
+    iou_threshold: float = 0.65,
+    min_votes: int = 1,
+    thresholds: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """IoU voting across detectors (GranD): boxes of the same label from different experts that
     overlap by >= iou_threshold form one object; it is kept when at least `min_votes` experts
     agree. Each expert's boxes first pass its own score threshold. The kept box is the
     score-weighted mean; the score is the best one; `sources` names the agreeing experts."""
     thresholds = thresholds or {}
-    boxes = [(name, obs) for name, found in sorted(per_expert.items()) for obs in found
-             if obs.get("score", 1.0) >= thresholds.get(name, 0.0)]
+    boxes = [
+        (name, obs)
+        for name, found in sorted(per_expert.items())
+        for obs in found
+        if obs.get("score", 1.0) >= thresholds.get(name, 0.0)
+    ]
     boxes.sort(key=lambda item: -item[1].get("score", 1.0))
     used = [False] * len(boxes)
     merged = []
@@ -263,14 +287,24 @@ def merge_detections(per_expert: dict[str, list[dict[str, Any]]], iou_threshold:
         group = [(name, obs)]
         for j in range(i + 1, len(boxes)):
             other_name, other = boxes[j]
-            if (not used[j] and other["label"] == obs["label"] and other_name not in {g[0] for g in group}
-                    and iou(obs["box"], other["box"]) >= iou_threshold):
+            if (
+                not used[j]
+                and other["label"] == obs["label"]
+                and other_name not in {g[0] for g in group}
+                and iou(obs["box"], other["box"]) >= iou_threshold
+            ):
                 used[j] = True
                 group.append((other_name, other))
         if len(group) < min_votes:
             continue
         weights = np.array([g[1].get("score", 1.0) for g in group]) + 1e-9
         box = (np.array([g[1]["box"] for g in group]) * weights[:, None]).sum(0) / weights.sum()
-        merged.append({"label": obs["label"], "score": obs.get("score", 1.0),
-                       "box": [round(float(v), 2) for v in box], "sources": sorted(g[0] for g in group)})
+        merged.append(
+            {
+                "label": obs["label"],
+                "score": obs.get("score", 1.0),
+                "box": [round(float(v), 2) for v in box],
+                "sources": sorted(g[0] for g in group),
+            }
+        )
     return merged

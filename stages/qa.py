@@ -37,7 +37,9 @@ class QaConfig(Settings):
     clip: ClipModel | None = Field(None, description="open_clip model for the image-text score; null: no score")
     min_clip_score: float | None = Field(None, ge=-1, le=1, description="reject below this CLIP cosine")
     clip_num_gpus: float = Field(0.0, ge=0)
-    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of samples qa may fail on; null: no limit")
+    max_error_rate: float | None = Field(
+        0.05, ge=0, le=1, description="share of samples qa may fail on; null: no limit"
+    )
 
 
 @lru_cache(maxsize=8)
@@ -53,7 +55,7 @@ def noun_forms(vocabulary: str) -> dict[str, str]:
 
 
 def repetition(words: list[str], n: int = 3) -> float:
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
 
 
@@ -62,7 +64,9 @@ def mentioned_nouns(caption: str, forms: dict[str, str]) -> set[str]:
     return {singular for form, singular in forms.items() if f" {form} " in lowered}
 
 
-def assess(sample: Sample, settings: QaConfig, truncated: bool = False, clip_score: float | None = None) -> QualityReport:
+def assess(
+    sample: Sample, settings: QaConfig, truncated: bool = False, clip_score: float | None = None
+) -> QualityReport:
     """Scores and failure reasons for one captioned sample."""
     caption = sample.caption or ""
     words = [w.lower() for w in _WORD.findall(caption)]
@@ -88,8 +92,11 @@ def assess(sample: Sample, settings: QaConfig, truncated: bool = False, clip_sco
     scores["hallucination"] = round(len(unsupported) / len(claimed), 4) if claimed else 0.0
     if scores["hallucination"] > settings.max_hallucination:
         reasons.append("hallucination")
-    confident = [o["text"] for o in sample.experts.get("ocr", []) if o.get("score", 1.0) >= settings.ocr_min_score
-                 and len(o.get("text", "").strip()) >= 2]
+    confident = [
+        o["text"]
+        for o in sample.experts.get("ocr", [])
+        if o.get("score", 1.0) >= settings.ocr_min_score and len(o.get("text", "").strip()) >= 2
+    ]
     if confident:
         # spaces do not count: PP-OCR recognisers may drop them (PP-OCRv4 read OPEN 24 HOURS as "OPEN24HOURS")
         squeezed = "".join(caption.lower().split())
@@ -97,8 +104,13 @@ def assess(sample: Sample, settings: QaConfig, truncated: bool = False, clip_sco
         scores["ocr_fidelity"] = round(found / len(confident), 4)
         if scores["ocr_fidelity"] < settings.min_ocr_fidelity:
             reasons.append("ocr_missing")
-    valid = [g for g in sample.grounding if caption[g.span[0]:g.span[1]] == g.phrase
-             and 0 <= g.box[0] <= g.box[2] <= sample.width and 0 <= g.box[1] <= g.box[3] <= sample.height]
+    valid = [
+        g
+        for g in sample.grounding
+        if caption[g.span[0] : g.span[1]] == g.phrase
+        and 0 <= g.box[0] <= g.box[2] <= sample.width
+        and 0 <= g.box[1] <= g.box[3] <= sample.height
+    ]
     scores["box_validity"] = round(len(valid) / len(sample.grounding), 4) if sample.grounding else 1.0
     if scores["box_validity"] < 1.0:
         reasons.append("invalid_boxes")
@@ -111,7 +123,7 @@ def assess(sample: Sample, settings: QaConfig, truncated: bool = False, clip_sco
     return QualityReport(passed=not reasons, scores=scores, reasons=reasons)
 
 
-class QaStage(Stage):
+class QaStage(Stage[QaConfig]):
     """Scores every captioned sample (with the CLIP score and truncation flag earlier stages left
     in its provenance) and rejects those that fail, with their first reason."""
 
@@ -125,12 +137,17 @@ class QaStage(Stage):
             clip = sample.provenance.get("qa", {}).get("clip", {}).get("score")
             truncated = sample.provenance.get("captioner", {}).get("truncated", False)
             sample.qa = assess(sample, self.options, truncated=truncated, clip_score=clip)
-            verdicts.append(None if sample.qa.passed else Rejection(
-                sample.qa.reasons[0], json.dumps({"reasons": sample.qa.reasons, "scores": sample.qa.scores})))
+            verdicts.append(
+                None
+                if sample.qa.passed
+                else Rejection(
+                    sample.qa.reasons[0], json.dumps({"reasons": sample.qa.reasons, "scores": sample.qa.scores})
+                )
+            )
         return verdicts
 
 
-class ClipScoreStage(Stage):
+class ClipScoreStage(Stage[ClipModel]):
     """CLIP image-text agreement for long captions: sentences are packed into chunks that fit the
     text tower's context, and the score is the mean cosine between the image and each chunk. The
     score waits in the sample's provenance for the qa stage."""
@@ -148,7 +165,11 @@ class ClipScoreStage(Stage):
         self.context = getattr(self.tokenizer, "context_length", 77)
 
     def process(self, batch: list[Item]) -> list[Verdict]:
-        for item, score in zip(batch, self.scores([item.image for item in batch], [item.sample.caption or "" for item in batch])):
+        for item, score in zip(
+            batch,
+            self.scores([item.image for item in batch], [item.sample.caption or "" for item in batch]),
+            strict=True,
+        ):
             item.sample.provenance.setdefault("qa", {})["clip"] = {"score": score, **self.provenance}
         return [None] * len(batch)
 
@@ -176,11 +197,12 @@ class ClipScoreStage(Stage):
 
         scores = []
         with torch.inference_mode():
-            for image, caption in zip(images, captions):
+            for image, caption in zip(images, captions, strict=True):
                 pieces = self.chunks(caption) or [""]
                 pixels = self.preprocess(image)[None].to(self.device)
                 img = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
                 txt = torch.nn.functional.normalize(
-                    self.model.encode_text(self.tokenizer(pieces).to(self.device)).float(), dim=-1)
+                    self.model.encode_text(self.tokenizer(pieces).to(self.device)).float(), dim=-1
+                )
                 scores.append(round(float((txt @ img.T).mean()), 4))
         return scores

@@ -23,19 +23,37 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from denseforge.errors import InputError
-from denseforge.storage import child, describe_store_error, ensure_dir, location, open_binary, read_text_file, write_arrow_atomic, write_parquet_atomic
 from denseforge.stages.sample import Reject, make_key
 from denseforge.stages.url_screen import ALLOWED_SCHEMES, screen_url
+from denseforge.storage import (
+    child,
+    describe_store_error,
+    ensure_dir,
+    location,
+    open_binary,
+    read_text_file,
+    write_arrow_atomic,
+    write_parquet_atomic,
+)
 
 TABLE_SUFFIXES = {
-    ".parquet": "parquet", ".pq": "parquet",
-    ".csv": "csv", ".tsv": "csv",
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
 }
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-UNIT_SCHEMA = pa.schema([
-    ("url", pa.string()), ("caption", pa.string()), ("df_key", pa.string()), ("df_source", pa.string()),
-])
+UNIT_SCHEMA = pa.schema(
+    [
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("df_key", pa.string()),
+        ("df_source", pa.string()),
+    ]
+)
 
 
 @dataclass
@@ -105,7 +123,7 @@ def _pick(record: dict[str, Any], url_col: str, caption_col: str | None, keep: l
     return InputRow(record.get(url_col), record.get(caption_col) if caption_col else None, extras)
 
 
-def _check_columns(path: Path, columns: list[str], url_col: str, caption_col: str | None) -> None:
+def _check_columns(path: UPath | Path, columns: list[str], url_col: str, caption_col: str | None) -> None:
     missing = [c for c in (url_col, caption_col) if c and c not in columns]
     if missing:
         raise InputError(
@@ -132,8 +150,9 @@ def _parquet_rows(path: UPath, url_col, caption_col, keep) -> Iterator[InputRow]
                 try:
                     records.append(batch.slice(i, 1).to_pylist()[0])
                 except UnicodeDecodeError as exc:
-                    records.append(InputRow(problem=f"row {start + i}: invalid UTF-8 ({exc.reason})",
-                                            reason="invalid_text"))
+                    records.append(
+                        InputRow(problem=f"row {start + i}: invalid UTF-8 ({exc.reason})", reason="invalid_text")
+                    )
         for record in records:
             yield record if isinstance(record, InputRow) else _pick(record, url_col, caption_col, keep)
         start += batch.num_rows
@@ -162,7 +181,7 @@ def _csv_rows(path: UPath, url_col, caption_col, keep) -> Iterator[InputRow]:
             if len(cells) != len(header):
                 yield InputRow(problem=f"line {reader.line_num}: {len(cells)} fields, header has {len(header)}")
                 continue
-            yield _pick(dict(zip(header, cells)), url_col, caption_col, keep)
+            yield _pick(dict(zip(header, cells, strict=True)), url_col, caption_col, keep)
 
 
 def _jsonl_rows(path: UPath, url_col, caption_col, keep) -> Iterator[InputRow]:
@@ -189,8 +208,14 @@ def table_suffixes(fmt: str) -> set[str]:
     return set(TABLE_SUFFIXES) if fmt == "auto" else {s for s, f in TABLE_SUFFIXES.items() if f == fmt}
 
 
-def iter_table_rows(path: str, fmt: str, url_col: str, caption_col: str | None, keep: list[str] | None,
-                    options: dict[str, Any] | None = None) -> Iterator[InputRow]:
+def iter_table_rows(
+    path: str,
+    fmt: str,
+    url_col: str,
+    caption_col: str | None,
+    keep: list[str] | None,
+    options: dict[str, Any] | None = None,
+) -> Iterator[InputRow]:
     """Rows of every table under `path`, in sorted file order."""
     files = expand_paths(path, table_suffixes(fmt), options)
     for file in files:
@@ -201,14 +226,19 @@ def iter_folder_rows(path: str, follow_symlinks: bool = False) -> Iterator[Input
     """Images of a local folder as file:// rows; a same-named .txt beside an image is its caption.
     A link that leads out of the folder is refused unless `follow_symlinks`."""
     if "://" in path and not path.startswith("file://"):
-        raise InputError(f"input.path {path}: input.kind folder reads a folder on this machine; for images in an "
-                         "object store use a table of their URLs (input.kind table) or webdataset shards")
+        raise InputError(
+            f"input.path {path}: input.kind folder reads a folder on this machine; for images in an "
+            "object store use a table of their URLs (input.kind table) or webdataset shards"
+        )
     root = Path(path).resolve()
-    for file in map(Path, expand_paths(path, IMAGE_SUFFIXES)):
+    for file in (Path(str(p)) for p in expand_paths(path, IMAGE_SUFFIXES)):
         target = file.resolve()
         if not follow_symlinks and root not in (target, *target.parents):
-            yield InputRow(source={"path": str(file)}, reason="outside_folder",
-                           problem=f"{file.name} links outside the input folder (input.follow_symlinks allows it)")
+            yield InputRow(
+                source={"path": str(file)},
+                reason="outside_folder",
+                problem=f"{file.name} links outside the input folder (input.follow_symlinks allows it)",
+            )
             continue
         sidecar = file.with_suffix(".txt")
         caption = sidecar.read_text(errors="replace").strip() if sidecar.is_file() else None
@@ -218,7 +248,11 @@ def iter_folder_rows(path: str, follow_symlinks: bool = False) -> Iterator[Input
 def _invalid_text(row: InputRow) -> str | None:
     """Why a row's text cannot be stored as UTF-8 (a lone surrogate from JSON, a file name that is
     not UTF-8), or None."""
-    for name, value in (("url", row.url), ("caption", row.caption), ("source", json.dumps(row.source, default=str, ensure_ascii=False))):
+    for name, value in (
+        ("url", row.url),
+        ("caption", row.caption),
+        ("source", json.dumps(row.source, default=str, ensure_ascii=False)),
+    ):
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
@@ -242,8 +276,9 @@ class UnitPlan:
     screened_out: int = 0
 
 
-def write_units(rows: Iterator[InputRow], unit_dir: UPath, samples_per_shard: int,
-                allow_private: bool, allow_files: bool = False) -> UnitPlan:
+def write_units(
+    rows: Iterator[InputRow], unit_dir: UPath, samples_per_shard: int, allow_private: bool, allow_files: bool = False
+) -> UnitPlan:
     """Screen rows and write them as img2dataset input shards (`NNNNNNN.arrow`) + screen rejects."""
     ensure_dir(unit_dir)
     schemes = ALLOWED_SCHEMES + (("file",) if allow_files else ())
@@ -264,21 +299,28 @@ def write_units(rows: Iterator[InputRow], unit_dir: UPath, samples_per_shard: in
         plan.rows += 1
         invalid = None if row.problem is not None else _invalid_text(row)
         if row.problem is not None:
-            problem = Reject(key=key, stage="input", reason=row.reason, detail=row.problem, url=None)
+            problem: Reject | None = Reject(key=key, stage="input", reason=row.reason, detail=row.problem, url=None)
         elif invalid is not None:
             problem = Reject(key=key, stage="input", reason="invalid_text", detail=invalid, url=None)
         else:
             verdict = screen_url(row.url, allow_private, schemes)
-            problem = None if verdict is None else Reject(
-                key=key, stage="input", reason=verdict.reason, detail=verdict.detail, url=_cell(row.url))
+            problem = (
+                None
+                if verdict is None
+                else Reject(key=key, stage="input", reason=verdict.reason, detail=verdict.detail, url=_cell(row.url))
+            )
         if problem is not None:
             rejects.append(problem.model_dump())
             plan.screened_out += 1
         else:
-            batch.append({
-                "url": row.url.strip(), "caption": _cell(row.caption), "df_key": key,
-                "df_source": json.dumps(row.source, default=str, ensure_ascii=False),
-            })
+            batch.append(
+                {
+                    "url": row.url.strip(),
+                    "caption": _cell(row.caption),
+                    "df_key": key,
+                    "df_source": json.dumps(row.source, default=str, ensure_ascii=False),
+                }
+            )
         if plan.rows % samples_per_shard == 0:
             flush()
     if plan.rows % samples_per_shard:
@@ -286,9 +328,15 @@ def write_units(rows: Iterator[InputRow], unit_dir: UPath, samples_per_shard: in
     return plan
 
 
-REJECT_SCHEMA = pa.schema([
-    ("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("url", pa.string()),
-])
+REJECT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("url", pa.string()),
+    ]
+)
 
 
 def write_rejects(rows: list[dict[str, Any]], path: UPath) -> None:

@@ -20,7 +20,7 @@ STEPS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 def view_box(box: list[float], width: int, height: int, t: float) -> list[float]:
     """b(t) = b + t·(B − b) with B = [0, 0, width, height]."""
     whole = (0.0, 0.0, float(width), float(height))
-    return [b + t * (w - b) for b, w in zip(box, whole)]
+    return [b + t * (w - b) for b, w in zip(box, whole, strict=True)]
 
 
 def _crop(image: Image.Image, box: list[float]) -> Image.Image:
@@ -56,6 +56,7 @@ def select_views(image: Image.Image, box: list[float], views: int = 3) -> Region
 
 def top_regions(objects: list[dict[str, Any]], k: int) -> list[int]:
     """Indices of the k most salient boxes (score x area), for region captioning."""
+
     def weight(i: int) -> float:
         b = objects[i]["box"]
         return objects[i].get("score", 1.0) * (b[2] - b[0]) * (b[3] - b[1])

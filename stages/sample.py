@@ -49,7 +49,7 @@ class TagObservation(_Record):
     score: float
 
 
-KNOWN_KINDS = {"objects": ObjectObservation, "ocr": OcrObservation, "tags": TagObservation}
+KNOWN_KINDS: dict[str, type[BaseModel]] = {"objects": ObjectObservation, "ocr": OcrObservation, "tags": TagObservation}
 
 
 class Grounding(_Record):
@@ -81,9 +81,7 @@ class Sample(_Record):
     original_width: int | None = None
     original_height: int | None = None
     sha256: str
-    source: dict[str, Any] = Field(
-        default_factory=dict, description="extra columns of the input row, carried verbatim"
-    )
+    source: dict[str, Any] = Field(default_factory=dict, description="extra columns of the input row, carried verbatim")
     cluster: int | None = None
     experts: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
     errors: dict[str, str] = Field(default_factory=dict, description="expert instance -> why it has no output here")
@@ -98,7 +96,9 @@ class Reject(_Record):
     """An input row that will not be written, with the stage and reason why."""
 
     key: str
-    stage: str = Field(description="the phase or stage instance that rejected it (input, ingest, embed, an expert, ...)")
+    stage: str = Field(
+        description="the phase or stage instance that rejected it (input, ingest, embed, an expert, ...)"
+    )
     reason: str
     detail: str = ""
     url: str | None = None

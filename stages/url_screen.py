@@ -35,13 +35,16 @@ class ResponseTooLargeError(OSError):
     """The response body exceeds the configured byte limit."""
 
 
-_EMBEDDING_PREFIXES = [ipaddress.ip_network(n) for n in (
-    "::/96",          # IPv4-compatible (deprecated): ::a.b.c.d
-    "::ffff:0:0/96",  # IPv4-mapped: ::ffff:a.b.c.d
-    "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765): ::ffff:0:a.b.c.d
-    "64:ff9b::/96",   # NAT64 well-known prefix
-    "64:ff9b:1::/48",  # NAT64 local-use prefix (RFC 8215), the IPv4 address in the last 32 bits
-)]
+_EMBEDDING_PREFIXES = [
+    ipaddress.ip_network(n)
+    for n in (
+        "::/96",  # IPv4-compatible (deprecated): ::a.b.c.d
+        "::ffff:0:0/96",  # IPv4-mapped: ::ffff:a.b.c.d
+        "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765): ::ffff:0:a.b.c.d
+        "64:ff9b::/96",  # NAT64 well-known prefix
+        "64:ff9b:1::/48",  # NAT64 local-use prefix (RFC 8215), the IPv4 address in the last 32 bits
+    )
+]
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -114,7 +117,7 @@ def _vetted_connection(host: str, port: int, timeout, allow_private: bool) -> so
         raise OSError(f"cannot resolve {host}")
     last_error: OSError | None = None
     for family, socktype, proto, _, sockaddr in infos:
-        if not allow_private and not is_public_address(sockaddr[0]):
+        if not allow_private and not is_public_address(str(sockaddr[0])):
             raise BlockedAddressError(
                 f"[private_address] {host} resolves to {sockaddr[0]}, which is not public "
                 "(set ingest.allow_private_addresses to allow it)"
@@ -183,7 +186,8 @@ class _CappedResponses(urllib.request.BaseHandler):
                     response.close()
                     raise DownloadDeadlineError(
                         f"[timeout] the download took longer than its deadline of {deadline_s:g} s "
-                        f"(ingest.download_deadline_s), {size} bytes read")
+                        f"(ingest.download_deadline_s), {size} bytes read"
+                    )
                 chunk = piece(65536)
                 if not chunk:
                     return b"".join(parts)
@@ -201,8 +205,9 @@ class _CappedResponses(urllib.request.BaseHandler):
     file_response = http_response
 
 
-def guarded_opener(allow_private: bool, max_bytes: int, allow_files: bool = False,
-                   deadline_s: float | None = None) -> urllib.request.OpenerDirector:
+def guarded_opener(
+    allow_private: bool, max_bytes: int, allow_files: bool = False, deadline_s: float | None = None
+) -> urllib.request.OpenerDirector:
     """A urllib opener that refuses non-public targets (redirects included), caps body size and
     the wall-clock time of each download."""
     plain = _guarded_connection_class(http.client.HTTPConnection, allow_private)

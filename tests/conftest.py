@@ -6,8 +6,12 @@ import os
 import tempfile
 
 _OFFLINE = {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False",
-    "YOLO_CONFIG_DIR": tempfile.mkdtemp(prefix="denseforge-yolo-"), "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "YOLO_OFFLINE": "1",
+    "YOLO_AUTOINSTALL": "False",
+    "YOLO_CONFIG_DIR": tempfile.mkdtemp(prefix="denseforge-yolo-"),
+    "NO_ALBUMENTATIONS_UPDATE": "1",
     "RAY_AUTH_MODE": "disabled",
 }
 for _k, _v in _OFFLINE.items():
@@ -50,8 +54,9 @@ def photo_server(photo_dir):
 
 def run_cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real `denseforge` CLI in a fresh interpreter."""
-    proc = subprocess.run([sys.executable, "-m", "denseforge.pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "denseforge.pipeline.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"denseforge {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -85,10 +90,16 @@ def run_result(out) -> dict:
     from denseforge.storage import list_files, location, read_parquet
 
     out = location(out)
-    return {"manifest": sorted((r["key"], r["sha256"], r["shard"]) for r in read_parquet(out / "manifest.parquet").to_pylist()),
-            "shards": {p.name: p.read_bytes() for p in list_files(out / "shards", ".tar")},
-            "rejects": sorted((r["key"], r["stage"], r["reason"]) for r in read_parquet(out / "rejects.parquet").to_pylist()),
-            "decisions": read_parquet(out / "dedup" / "decisions.parquet").to_pylist()}
+    return {
+        "manifest": sorted(
+            (r["key"], r["sha256"], r["shard"]) for r in read_parquet(out / "manifest.parquet").to_pylist()
+        ),
+        "shards": {p.name: p.read_bytes() for p in list_files(out / "shards", ".tar")},
+        "rejects": sorted(
+            (r["key"], r["stage"], r["reason"]) for r in read_parquet(out / "rejects.parquet").to_pylist()
+        ),
+        "decisions": read_parquet(out / "dedup" / "decisions.parquet").to_pylist(),
+    }
 
 
 PLUGIN = Path(__file__).resolve().parent / "plugins" / "denseforge-colors"
@@ -115,17 +126,21 @@ S3_SECRET = "denseforge-test-secret-5f3a9"  # never to be found in a file of a r
 def s3_server():
     """A real S3-compatible server on loopback (moto's server mode) with one bucket; the standard
     AWS_* variables point this process, and the CLI and Ray processes it starts, at it."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     boto3.client("s3").create_bucket(Bucket=S3_BUCKET)

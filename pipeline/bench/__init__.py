@@ -16,9 +16,9 @@ def demo_config() -> dict[str, Any]:
     """The shipped demo config as raw YAML, for benchmarks that run its stages and experts."""
     import yaml
 
-    from denseforge.configs import shipped
+    from denseforge.configs import SHIPPED
 
-    return yaml.safe_load(shipped("demo").read_text())
+    return yaml.safe_load((SHIPPED / "demo.yaml").read_text())
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from denseforge.pipeline.demo import PHOTOS, load_photo
 
+
 def build_bench_corpus(root: Path, images: int, seed: int = 0) -> list[str]:
     """`images` distinct JPEGs (random 640x480-ish crops of real photos); returns file names."""
     rng = random.Random(seed)
@@ -39,6 +40,8 @@ def served_corpus(root: Path, images: int) -> Iterator[Path]:
     names = build_bench_corpus(root / "files", images)
     with LoopbackImageServer(root / "files") as server:
         table = root / "urls.parquet"
-        pq.write_table(pa.table({"url": [f"{server.base_url}/img/{n}" for n in names],
-                                 "caption": [f"image {n}" for n in names]}), table)
+        pq.write_table(
+            pa.table({"url": [f"{server.base_url}/img/{n}" for n in names], "caption": [f"image {n}" for n in names]}),
+            table,
+        )
         yield table

@@ -4,18 +4,21 @@ time and peak memory of our dedup, against a brute-force baseline at a size it c
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from denseforge.pipeline.bench.memory import TreeMemory
 
 if TYPE_CHECKING:
+    from denseforge.pipeline.progress import Progress
     from denseforge.stages.dedup import DedupConfig
 
 
-def planted_embeddings(n: int, dim: int = 512, dup_fraction: float = 0.1, topics: int | None = None,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def planted_embeddings(
+    n: int, dim: int = 512, dup_fraction: float = 0.1, topics: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """n L2-normalised vectors: topic-structured originals (intra-topic cosine ~0.5) and planted
     near-copies (cosine ~0.98 to their original). Returns (vectors, group id per row)."""
     rng = np.random.default_rng(seed)
@@ -25,22 +28,23 @@ def planted_embeddings(n: int, dim: int = 512, dup_fraction: float = 0.1, topics
     centers = rng.standard_normal((topics, dim), dtype=np.float32)
     x = np.empty((n, dim), dtype=np.float32)
     for s in range(0, originals, 65536):
-        x[s:min(originals, s + 65536)] = _originals(rng, centers, min(originals, s + 65536) - s)
+        x[s : min(originals, s + 65536)] = _originals(rng, centers, min(originals, s + 65536) - s)
     group = np.empty(n, dtype=np.int64)
     group[:originals] = np.arange(originals)
     source = rng.integers(0, originals, copies)
     group[originals:] = source
     for s in range(0, copies, 65536):
         e = min(copies, s + 65536)
-        x[originals + s:originals + e] = _near_copies(rng, x[source[s:e]])
+        x[originals + s : originals + e] = _near_copies(rng, x[source[s:e]])
     perm = rng.permutation(n)
     return x[perm], group[perm]
 
 
 def _originals(rng: np.random.Generator, centers: np.ndarray, count: int) -> np.ndarray:
     """`count` L2-normalised rows around random topic centres (intra-topic cosine ~0.5)."""
-    return _unit(centers[rng.integers(0, len(centers), count)]
-                 + rng.standard_normal((count, centers.shape[1]), dtype=np.float32))
+    return _unit(
+        centers[rng.integers(0, len(centers), count)] + rng.standard_normal((count, centers.shape[1]), dtype=np.float32)
+    )
 
 
 def _near_copies(rng: np.random.Generator, sources: np.ndarray) -> np.ndarray:
@@ -52,11 +56,17 @@ def _score(reason: np.ndarray, dup_of: np.ndarray, group: np.ndarray) -> dict[st
     removed = np.flatnonzero(reason != "")
     true_pos = int((group[removed] == group[dup_of[removed]]).sum())
     planted = len(group) - len(np.unique(group))
-    return {"removed": len(removed), "planted": planted,
-            "precision": round(true_pos / max(len(removed), 1), 4), "recall": round(true_pos / max(planted, 1), 4)}
+    return {
+        "removed": len(removed),
+        "planted": planted,
+        "precision": round(true_pos / max(len(removed), 1), 4),
+        "recall": round(true_pos / max(planted, 1), 4),
+    }
 
 
-def _ours_dedup(x: np.ndarray, cfg: DedupConfig, cluster_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _ours_dedup(
+    x: np.ndarray, cfg: DedupConfig, cluster_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The dedup phase's steps in one process, with `cfg`: k-means on a bounded sample, assignment
     with border rows in two clusters, greedy removal per cluster, merge. `cfg.matmul` decides the
     bfloat16 screening as it does for a bucket task (`use_bf16`, on the clusters' sizes); where it
@@ -70,8 +80,9 @@ def _ours_dedup(x: np.ndarray, cfg: DedupConfig, cluster_size: int, seed: int) -
     rng = np.random.default_rng(seed)
     points = dd.train_points(n, k, cfg)
     sample = x[np.sort(rng.choice(n, size=points, replace=False))]
-    index = dd.train_kmeans(sample, k, niter=cfg.kmeans_iters, seed=seed,
-                                max_points_per_centroid=cfg.max_points_per_centroid)
+    index = dd.train_kmeans(
+        sample, k, niter=cfg.kmeans_iters, seed=seed, max_points_per_centroid=cfg.max_points_per_centroid
+    )
     del sample
     times["kmeans_train_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -80,9 +91,22 @@ def _ours_dedup(x: np.ndarray, cfg: DedupConfig, cluster_size: int, seed: int) -
     start = time.perf_counter()
     bf16 = dd.use_bf16(cfg.matmul, np.bincount(np.concatenate([labels, extra[extra >= 0]])))
     keys = np.char.zfill(np.arange(n).astype(str), 9)
-    result = dd.dedup_all(labels, x, keys, keys, np.zeros(n, np.int64), sims, np.ones(n), extra=extra,
-                          epsilon=cfg.epsilon, phash_max_distance=None, exact=False, policy=cfg.keep,
-                          block=cfg.block_size, bf16=bf16)
+    result = dd.dedup_all(
+        labels,
+        x,
+        keys,
+        keys,
+        np.zeros(n, np.int64),
+        sims,
+        np.ones(n),
+        extra=extra,
+        epsilon=cfg.epsilon,
+        phash_max_distance=None,
+        exact=False,
+        policy=cfg.keep,
+        block=cfg.block_size,
+        bf16=bf16,
+    )
     times["dedup_s"] = time.perf_counter() - start
     times["matmul"] = "bfloat16" if bf16 else "float32"
     times["clusters"] = k
@@ -108,9 +132,17 @@ def _naive_dedup(x: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]
     return reason, dup_of
 
 
-def bench_dedup(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, epsilon: float = 0.05,
-                cluster_size: int = 1000, baseline_n: int = 20_000, seed: int = 0, pipeline: int = 0,
-                assign: int = 0, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+def bench_dedup(
+    sizes: tuple[int, ...] = (100_000, 1_000_000),
+    dim: int = 512,
+    epsilon: float = 0.05,
+    cluster_size: int = 1000,
+    baseline_n: int = 20_000,
+    seed: int = 0,
+    pipeline: int = 0,
+    assign: int = 0,
+    overrides: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Wall time, peak RSS, precision/recall of planted duplicates, and speed-up against the naive
     baseline at the largest n it can do (`baseline_n`), measured in the same run. `pipeline` > 0:
     the run's own dedup phase on that many embeddings on disk instead (`bench_dedup_pipeline`);
@@ -124,23 +156,35 @@ def bench_dedup(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, e
 
     raw = {"input": {"kind": "table", "path": "unused.parquet"}, "dedup": {"epsilon": epsilon}}
     cfg = parse_config(apply_overrides(raw, list(overrides))).dedup
-    results: dict[str, Any] = {"benchmark": "dedup", "dim": dim, "epsilon": cfg.epsilon, "cluster_size": cluster_size,
-                               "overrides": list(overrides), "faiss_gpu": _faiss_gpu(), "sizes": {}}
+    results: dict[str, Any] = {
+        "benchmark": "dedup",
+        "dim": dim,
+        "epsilon": cfg.epsilon,
+        "cluster_size": cluster_size,
+        "overrides": list(overrides),
+        "faiss_gpu": _faiss_gpu(),
+        "sizes": {},
+    }
     for n in sizes:
         x, group = planted_embeddings(n, dim, seed=seed)
         with TreeMemory() as mem:
             start = time.perf_counter()
             reason, dup_of, times = _ours_dedup(x, cfg, cluster_size, seed)
             wall = time.perf_counter() - start
-        results["sizes"][str(n)] = {"seconds": round(wall, 2), "peak_rss_mib": round(mem.peak / 2**20, 1),
-                                    "input_mib": round(x.nbytes / 2**20, 1),
-                                    **{k: round(v, 3) if isinstance(v, float) else v for k, v in times.items()},
-                                    **_score(reason, dup_of, group)}
+        results["sizes"][str(n)] = {
+            "seconds": round(wall, 2),
+            "peak_rss_mib": round(mem.peak / 2**20, 1),
+            "input_mib": round(x.nbytes / 2**20, 1),
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in times.items()},
+            **_score(reason, dup_of, group),
+        }
         del x, group
     if len(sizes) > 1:
         a, b = min(sizes), max(sizes)
-        results["scaling"] = {"n_ratio": b / a, "time_ratio": round(results["sizes"][str(b)]["seconds"]
-                                                                    / results["sizes"][str(a)]["seconds"], 2)}
+        results["scaling"] = {
+            "n_ratio": b / a,
+            "time_ratio": round(results["sizes"][str(b)]["seconds"] / results["sizes"][str(a)]["seconds"], 2),
+        }
     x, group = planted_embeddings(baseline_n, dim, seed=seed + 1)
     start = time.perf_counter()
     reason, dup_of = _naive_dedup(x, epsilon)
@@ -149,10 +193,15 @@ def bench_dedup(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, e
     start = time.perf_counter()
     reason, dup_of, _ = _ours_dedup(x, cfg, cluster_size, seed)
     ours_s = time.perf_counter() - start
-    results["baseline"] = {"n": baseline_n, "method": "numpy global brute force (n x n) + greedy",
-                           "naive_s": round(naive_s, 2), "ours_s": round(ours_s, 2),
-                           "speedup": round(naive_s / ours_s, 1), "naive": naive_score,
-                           "ours": _score(reason, dup_of, group)}
+    results["baseline"] = {
+        "n": baseline_n,
+        "method": "numpy global brute force (n x n) + greedy",
+        "naive_s": round(naive_s, 2),
+        "ours_s": round(ours_s, 2),
+        "speedup": round(naive_s / ours_s, 1),
+        "naive": naive_score,
+        "ours": _score(reason, dup_of, group),
+    }
     return results
 
 
@@ -183,18 +232,29 @@ def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup
         x[:originals] = _originals(rng, centers, originals)
         source = rng.integers(0, originals, rows - originals)
         x[originals:] = _near_copies(rng, x[source])
-        group[start:start + originals] = np.arange(start, start + originals)
-        group[start + originals:start + rows] = start + source
+        group[start : start + originals] = np.arange(start, start + originals)
+        group[start + originals : start + rows] = start + source
         keys = [f"{i:012d}" for i in range(start, start + rows)]
-        extra = {"sha256": pa.array(keys), "phash": pa.array(np.zeros(rows, dtype=np.int64)),
-                 "width": pa.array(np.full(rows, 640)), "height": pa.array(np.full(rows, 480))}
+        extra = {
+            "sha256": pa.array(keys),
+            "phash": pa.array(np.zeros(rows, dtype=np.int64)),
+            "width": pa.array(np.full(rows, 640)),
+            "height": pa.array(np.full(rows, 480)),
+        }
         write_embeddings_file(rd.embeddings_file(unit), embedding_table(keys, [unit] * rows, x, extra, dtype="float16"))
         write_json_atomic(rd.embed_marker(unit), {"unit": unit, "embedded": rows, "failed": 0, "stages": {}})
     return group
 
 
-def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_rows: int = 10_000,
-                         buckets: int = 64, seed: int = 0, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+def bench_dedup_pipeline(
+    n: int,
+    dim: int = 512,
+    epsilon: float = 0.05,
+    unit_rows: int = 10_000,
+    buckets: int = 64,
+    seed: int = 0,
+    overrides: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """The run's own dedup phase (`run_dedup`: k-means on a sample, assignment and the bucket
     shuffle in Ray tasks, per-bucket dedup tasks, the merge and selection on the driver) on n
     planted embeddings stored as float16 unit files: wall time, peak RSS of the process tree,
@@ -216,9 +276,12 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
         root = Path(tmp)
-        raw = {"input": {"kind": "table", "path": str(root / "unused.parquet")},
-               "ray": {"num_cpus": cores}, "embed": {"storage_dtype": "float16"},
-               "dedup": {"epsilon": epsilon, "exact": False, "phash_max_distance": None, "sweep": [], "buckets": buckets}}
+        raw = {
+            "input": {"kind": "table", "path": str(root / "unused.parquet")},
+            "ray": {"num_cpus": cores},
+            "embed": {"storage_dtype": "float16"},
+            "dedup": {"epsilon": epsilon, "exact": False, "phash_max_distance": None, "sweep": [], "buckets": buckets},
+        }
         config = parse_config(apply_overrides(raw, list(overrides)))
         rd = RunDir(root / "run")
         rd.create(config)
@@ -232,7 +295,7 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
         try:
             with TreeMemory() as mem:
                 start = time.perf_counter()
-                summary = run_dedup(config, rd, units, progress)
+                summary = run_dedup(config, rd, units, cast("Progress", progress))  # the same calls, timed
                 wall = time.perf_counter() - start
         finally:
             ray.shutdown()
@@ -244,16 +307,32 @@ def bench_dedup_pipeline(n: int, dim: int = 512, epsilon: float = 0.05, unit_row
         dup_of[row] = [int(d) if d is not None else -1 for d in table.column("dup_of").to_pylist()]
     marks = [start, *progress.marks]
     names = ("train", "assign_and_shuffle", "bucket_dedup", "merge_and_select")
-    return {"benchmark": "dedup-pipeline", "n": n, "dim": dim, "epsilon": epsilon, "overrides": list(overrides),
-            "matmul": config.dedup.matmul, "cpu_bf16": bf16_native(), "cores": cores,
-            "storage": "float16 parquet, one file per unit", "units": units, "unit_rows": unit_rows,
-            "buckets": buckets, "clusters": summary["clusters"], "generate_s": round(generate_s, 1),
-            "seconds": round(wall, 1), "steps_s": {name: round(b - a, 1) for name, a, b in zip(names, marks, marks[1:])},
-            "peak_rss_mib": round(mem.peak / 2**20, 1),
-            "step_peak_rss_mib": {name: round(mem.peak_between(a, b) / 2**20, 1) for name, a, b in zip(names, marks, marks[1:])},
-            "embeddings_mib": round(embeddings_mib, 1), "shuffle_mib": round(summary["shuffle_bytes"] / 2**20, 1),
-            "entries_per_row": round(summary["entries"] / n, 3),
-            **_score(reason, dup_of, group)}
+    return {
+        "benchmark": "dedup-pipeline",
+        "n": n,
+        "dim": dim,
+        "epsilon": epsilon,
+        "overrides": list(overrides),
+        "matmul": config.dedup.matmul,
+        "cpu_bf16": bf16_native(),
+        "cores": cores,
+        "storage": "float16 parquet, one file per unit",
+        "units": units,
+        "unit_rows": unit_rows,
+        "buckets": buckets,
+        "clusters": summary["clusters"],
+        "generate_s": round(generate_s, 1),
+        "seconds": round(wall, 1),
+        "steps_s": {name: round(b - a, 1) for name, (a, b) in zip(names, pairwise(marks), strict=True)},
+        "peak_rss_mib": round(mem.peak / 2**20, 1),
+        "step_peak_rss_mib": {
+            name: round(mem.peak_between(a, b) / 2**20, 1) for name, (a, b) in zip(names, pairwise(marks), strict=True)
+        },
+        "embeddings_mib": round(embeddings_mib, 1),
+        "shuffle_mib": round(summary["shuffle_bytes"] / 2**20, 1),
+        "entries_per_row": round(summary["entries"] / n, 3),
+        **_score(reason, dup_of, group),
+    }
 
 
 class _StepTimes:
@@ -262,7 +341,7 @@ class _StepTimes:
     def __init__(self):
         self.marks: list[float] = []
 
-    def phase(self, name: str, total: int, done: int = 0, unit: str = "it") -> "_StepTimes":
+    def phase(self, name: str, total: int, done: int = 0, unit: str = "it") -> _StepTimes:
         return self
 
     def update(self, n: int = 1, **postfix: Any) -> None:
@@ -275,7 +354,9 @@ class _StepTimes:
         pass
 
 
-def bench_assign(k: int, rows: int = 100_000, dim: int = 512, baseline_rows: int = 1_000, seed: int = 0) -> dict[str, Any]:
+def bench_assign(
+    k: int, rows: int = 100_000, dim: int = 512, baseline_rows: int = 1_000, seed: int = 0
+) -> dict[str, Any]:
     """Assignment alone against a two-level index of k centroids (sqrt(k) coarse cells), the
     index a run of ~1,000 x k embeddings trains: one node's share of a cluster-scale run, timed on
     `rows` rows drawn around the centroids (similarity ~0.25 to their nearest, about the planted
@@ -289,16 +370,20 @@ def bench_assign(k: int, rows: int = 100_000, dim: int = 512, baseline_rows: int
     cells = int(np.ceil(np.sqrt(k)))
     per = -(-k // cells)
     coarse = _unit(rng.standard_normal((cells, dim), dtype=np.float32))
-    spread = dim ** -0.5  # a Python float keeps the arrays float32 (a numpy float64 would widen them)
-    fine = np.concatenate([_unit(coarse[c] + rng.standard_normal((per, dim), dtype=np.float32) * spread)
-                           for c in range(cells)])
+    spread = dim**-0.5  # a Python float keeps the arrays float32 (a numpy float64 would widen them)
+    fine = np.concatenate(
+        [_unit(coarse[c] + rng.standard_normal((per, dim), dtype=np.float32) * spread) for c in range(cells)]
+    )
     index = dd.CentroidIndex(fine, coarse, [np.arange(c * per, (c + 1) * per) for c in range(cells)])
-    x = _unit(fine[rng.integers(0, len(fine), rows)] + rng.standard_normal((rows, dim), dtype=np.float32) * (4 * spread))
+    x = _unit(
+        fine[rng.integers(0, len(fine), rows)] + rng.standard_normal((rows, dim), dtype=np.float32) * (4 * spread)
+    )
     cfg = dd.DedupConfig()
     with TreeMemory() as mem:
         start = time.perf_counter()
-        labels, sims, extra = dd.assign_clusters(x, index, batch=10_000, border=cfg.border,
-                                                 border_clusters=cfg.border_clusters)
+        labels, sims, extra = dd.assign_clusters(
+            x, index, batch=10_000, border=cfg.border, border_clusters=cfg.border_clusters
+        )
         seconds = time.perf_counter() - start
     flat = faiss.IndexFlatIP(dim)
     flat.add(fine)
@@ -306,14 +391,26 @@ def bench_assign(k: int, rows: int = 100_000, dim: int = 512, baseline_rows: int
     _, exact = flat.search(x[:baseline_rows], 1)
     flat_s = time.perf_counter() - start
     per_row, flat_per_row = seconds / rows, flat_s / baseline_rows
-    return {"benchmark": "dedup-assign", "clusters": len(fine), "coarse_cells": cells, "rows": rows, "dim": dim,
-            "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
-            "entries_per_row": round(1 + float((extra >= 0).sum()) / rows, 3),
-            "median_centroid_sim": round(float(np.median(sims)), 3), "peak_rss_mib": round(mem.peak / 2**20, 1),
-            "index_mib": round(2 * fine.nbytes / 2**20, 1),
-            "baseline": {"method": "FAISS flat exact search over all centroids", "rows": baseline_rows,
-                         "seconds": round(flat_s, 2), "speedup": round(flat_per_row / per_row, 1),
-                         "same_nearest": round(float((exact[:, 0] == labels[:baseline_rows]).mean()), 4)}}
+    return {
+        "benchmark": "dedup-assign",
+        "clusters": len(fine),
+        "coarse_cells": cells,
+        "rows": rows,
+        "dim": dim,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows / seconds),
+        "entries_per_row": round(1 + float((extra >= 0).sum()) / rows, 3),
+        "median_centroid_sim": round(float(np.median(sims)), 3),
+        "peak_rss_mib": round(mem.peak / 2**20, 1),
+        "index_mib": round(2 * fine.nbytes / 2**20, 1),
+        "baseline": {
+            "method": "FAISS flat exact search over all centroids",
+            "rows": baseline_rows,
+            "seconds": round(flat_s, 2),
+            "speedup": round(flat_per_row / per_row, 1),
+            "same_nearest": round(float((exact[:, 0] == labels[:baseline_rows]).mean()), 4),
+        },
+    }
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

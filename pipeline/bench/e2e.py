@@ -61,16 +61,26 @@ def run_e2e(images: int, out: UPath, table: str, overrides: tuple[str, ...] = ()
         if not seconds:
             continue
         cpu = tree.cpu_between(cursor - seconds, cursor)
-        phases[name.removesuffix("_s")] = {"seconds": round(seconds, 2), "cpu_s": round(cpu, 2),
-                                           "cpu_efficiency": round(cpu / (seconds * cores), 3)}
+        phases[name.removesuffix("_s")] = {
+            "seconds": round(seconds, 2),
+            "cpu_s": round(cpu, 2),
+            "cpu_efficiency": round(cpu / (seconds * cores), 3),
+        }
         cursor -= seconds
     wall = end - start
-    return {"benchmark": "e2e", "images": images, "overrides": list(overrides), "cores": cores, "seconds": round(wall, 2),
-            "images_per_s": round(images / wall, 2), "funnel": stats["funnel"],
-            "phases": dict(reversed(list(phases.items()))),
-            "cpu_s": round(tree.cpu_between(start, end), 2),
-            "cpu_efficiency": round(tree.cpu_between(start, end) / (wall * cores), 3),
-            "peak_rss_mib": round(tree.peak / 2**20, 1),
-            "experts": [e.instance for e in config.perceive.experts],
-            "note": "the demo's config (tagger, yolox, rapidocr, template fuse, qa) on distinct loopback "
-                    "photos; CPU seconds of the whole process tree, sampled every 0.1 s"}
+    return {
+        "benchmark": "e2e",
+        "images": images,
+        "overrides": list(overrides),
+        "cores": cores,
+        "seconds": round(wall, 2),
+        "images_per_s": round(images / wall, 2),
+        "funnel": stats["funnel"],
+        "phases": dict(reversed(list(phases.items()))),
+        "cpu_s": round(tree.cpu_between(start, end), 2),
+        "cpu_efficiency": round(tree.cpu_between(start, end) / (wall * cores), 3),
+        "peak_rss_mib": round(tree.peak / 2**20, 1),
+        "experts": [e.instance for e in config.perceive.experts],
+        "note": "the demo's config (tagger, yolox, rapidocr, template fuse, qa) on distinct loopback "
+        "photos; CPU seconds of the whole process tree, sampled every 0.1 s",
+    }

@@ -55,8 +55,14 @@ def bench_embed(images: int = 256, batch_size: int = 64, model: str = "ViT-B-32"
 
     cores = os.cpu_count() or 1
     settings = EmbedConfig(model=model, weights="random", batch_size=batch_size)
-    result: dict[str, Any] = {"benchmark": "embed", "model": f"{model} (random weights: speed only)", "images": images,
-                              "batch_size": batch_size, "cores": cores, "torch_threads": torch.get_num_threads()}
+    result: dict[str, Any] = {
+        "benchmark": "embed",
+        "model": f"{model} (random weights: speed only)",
+        "images": images,
+        "batch_size": batch_size,
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+    }
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
         root = Path(tmp)
         names = build_bench_corpus(root / "images", images)
@@ -75,9 +81,11 @@ def bench_embed(images: int = 256, batch_size: int = 64, model: str = "ViT-B-32"
         fed = items()
         start, cpu = time.perf_counter(), time.process_time()
         for s in range(0, images, batch_size):
-            pixel_stage.process(fed[s:s + batch_size])
+            pixel_stage.process(fed[s : s + batch_size])
         pixels_wall, pixels_cpu = time.perf_counter() - start, time.process_time() - cpu
-        batches = [np.stack([i.outputs["pixels"] for i in fed[s:s + batch_size]]) for s in range(0, images, batch_size)]
+        batches = [
+            np.stack([i.outputs["pixels"] for i in fed[s : s + batch_size]]) for s in range(0, images, batch_size)
+        ]
 
         stage.forward(stage.tensor(batches[0]))  # warm-up: lazy initialisation, allocator, kernels
         tensors = [stage.tensor(b) for b in batches]
@@ -90,54 +98,77 @@ def bench_embed(images: int = 256, batch_size: int = 64, model: str = "ViT-B-32"
         spent = _timed_forward(stage)
         start = time.perf_counter()
         for s in range(0, images, batch_size):
-            stage.process(fed[s:s + batch_size])
+            stage.process(fed[s : s + batch_size])
         split_s, split_forward = time.perf_counter() - start, sum(spent)
         spent.clear()
         own = items()
         start = time.perf_counter()
         for s in range(0, images, batch_size):
-            stage.process(own[s:s + batch_size])
+            stage.process(own[s : s + batch_size])
         own_s, own_forward = time.perf_counter() - start, sum(spent)
 
         result["forward_only"] = {"seconds": round(forward_s, 3), "images_per_s": round(images / forward_s, 1)}
         result["model_worker_fed_pixels"] = {
-            "seconds": round(split_s, 3), "images_per_s": round(images / split_s, 1),
+            "seconds": round(split_s, 3),
+            "images_per_s": round(images / split_s, 1),
             "outside_forward_share": round(1 - split_forward / split_s, 4),
-            "note": "uint8 pixels -> normalised tensor on the device, forward, L2 normalise"}
+            "note": "uint8 pixels -> normalised tensor on the device, forward, L2 normalise",
+        }
         result["model_worker_on_its_own"] = {
-            "seconds": round(own_s, 3), "images_per_s": round(images / own_s, 1),
+            "seconds": round(own_s, 3),
+            "images_per_s": round(images / own_s, 1),
             "outside_forward_share": round(1 - own_forward / own_s, 4),
-            "note": "embed.cpu_workers: 0 - JPEG decode, open_clip preprocess, pHash + fingerprint, forward"}
+            "note": "embed.cpu_workers: 0 - JPEG decode, open_clip preprocess, pHash + fingerprint, forward",
+        }
         per_image = pixels_cpu / images
-        result["pixel_stage"] = {"cpu_s_per_image": round(per_image, 5), "images_per_s_per_core": round(1 / per_image, 1),
-                                 "cpu_workers_to_feed_one_model_worker": round(per_image * images / split_s, 2),
-                                 "wall_s": round(pixels_wall, 3)}
+        result["pixel_stage"] = {
+            "cpu_s_per_image": round(per_image, 5),
+            "images_per_s_per_core": round(1 / per_image, 1),
+            "cpu_workers_to_feed_one_model_worker": round(per_image * images / split_s, 2),
+            "wall_s": round(pixels_wall, 3),
+        }
         if phase:
             result["phase"] = {}
             # fed: one 1-CPU feeder, the model worker gets the rest less the reader's quarter CPU;
             # alone: the model worker gets every CPU but the reader's quarter
             rest = cores - LIGHT_TASK_CPUS
-            variants = (("fed_by_cpu_workers", {"cpu_workers": 1, "num_cpus": max(0.25, rest - 1)}),
-                        ("model_worker_alone", {"cpu_workers": 0, "num_cpus": rest}))
+            variants = (
+                ("fed_by_cpu_workers", {"cpu_workers": 1, "num_cpus": max(0.25, rest - 1)}),
+                ("model_worker_alone", {"cpu_workers": 0, "num_cpus": rest}),
+            )
             for label, embed in variants:
-                config = parse_config({
-                    "input": {"kind": "folder", "path": str(root / "images")}, "ray": {"num_cpus": cores},
-                    "embed": {"model": model, "weights": "random", "batch_size": batch_size, **embed},
-                    "dedup": {"enabled": True, "epsilon": None, "clusters": 1}, "output": {"samples_per_shard": 64}})
+                config = parse_config(
+                    {
+                        "input": {"kind": "folder", "path": str(root / "images")},
+                        "ray": {"num_cpus": cores},
+                        "embed": {"model": model, "weights": "random", "batch_size": batch_size, **embed},
+                        "dedup": {"enabled": True, "epsilon": None, "clusters": 1},
+                        "output": {"samples_per_shard": 64},
+                    }
+                )
                 rd = RunDir(root / f"run-{label}")
                 rd.create(config)
                 with TreeMemory() as memory:
                     stats = execute(rd, config, preflight(config, rd), "bench")
                 wall = stats["timings"]["embed_s"]
-                busy = {name: round(c.get("busy_s", 0.0), 2) for name, c in stats["stages"].items()
-                        if name.startswith("embed")}
-                result["phase"][label] = {"embed": embed, "seconds": round(wall, 2), "images_per_s": round(images / wall, 1),
-                                          "vs_forward_only": round((images / wall) / (images / forward_s), 3),
-                                          "model_busy_vs_forward_only": round(forward_s / busy["embed"], 3),
-                                          "busy_s": busy, "peak_rss_gib": round(memory.peak / 2**30, 2)}
+                busy = {
+                    name: round(c.get("busy_s", 0.0), 2)
+                    for name, c in stats["stages"].items()
+                    if name.startswith("embed")
+                }
+                result["phase"][label] = {
+                    "embed": embed,
+                    "seconds": round(wall, 2),
+                    "images_per_s": round(images / wall, 1),
+                    "vs_forward_only": round((images / wall) / (images / forward_s), 3),
+                    "model_busy_vs_forward_only": round(forward_s / busy["embed"], 3),
+                    "busy_s": busy,
+                    "peak_rss_gib": round(memory.peak / 2**30, 2),
+                }
             result["phase"]["note"] = (
                 "embed phase wall time, Ray actor start-up and model load included. Without a GPU the "
                 "forward pass runs on the same cores as the CPU feeders: the model worker's torch "
                 "threads are the CPUs it asked for (Ray sets OMP_NUM_THREADS), so splitting the cores "
-                "slows the forward pass; hence embed.cpu_workers: auto is 0 on CPU workers")
+                "slows the forward pass; hence embed.cpu_workers: auto is 0 on CPU workers"
+            )
     return result

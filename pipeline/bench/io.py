@@ -44,14 +44,24 @@ def loopback_s3() -> Iterator[str]:
         import boto3
         import moto  # noqa: F401
     except ImportError:
-        raise DenseforgeError("bench io needs a store: give --store s3://bucket/prefix, or "
-                              "`pip install 'moto[server]'` for a loopback S3 server") from None
+        raise DenseforgeError(
+            "bench io needs a store: give --store s3://bucket/prefix, or "
+            "`pip install 'moto[server]'` for a loopback S3 server"
+        ) from None
     port = _free_port()
-    launch = subprocess.run(["sh", "-c", f'"{sys.executable}" -m moto.server -H 127.0.0.1 -p {port} '
-                                         '>/dev/null 2>&1 & echo $!'], capture_output=True, text=True, check=True)
+    launch = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -m moto.server -H 127.0.0.1 -p {port} >/dev/null 2>&1 & echo $!'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     pid = int(launch.stdout.strip())
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -108,6 +118,7 @@ def _files(root, shards: int, shard_mib: int, rows: int) -> dict[str, Any]:
     import numpy as np
 
     from denseforge.stages.embed import embedding_table, write_embeddings_file
+    from denseforge.stages.write import read_member
     from denseforge.storage import open_binary, read_parquet, writing
 
     member = os.urandom(256 * 1024)  # JPEG-sized members of incompressible bytes
@@ -125,7 +136,7 @@ def _files(root, shards: int, shard_mib: int, rows: int) -> dict[str, Any]:
         for s in range(shards):
             with open_binary(root / f"shards/{s:07d}.tar") as source, tarfile.open(fileobj=source, mode="r|") as tar:
                 for entry in tar:
-                    tar.extractfile(entry).read()
+                    read_member(tar, entry)
 
     vectors = np.random.default_rng(0).normal(size=(rows, 512)).astype(np.float32)
     table = embedding_table([f"{i:012d}" for i in range(rows)], [0] * rows, vectors, {}, dtype="float16")
@@ -136,46 +147,74 @@ def _files(root, shards: int, shard_mib: int, rows: int) -> dict[str, Any]:
     emb_read_s, _ = _peak_during(lambda: read_parquet(target))
     shard_bytes = shards * per_shard * len(member)
     emb_bytes = target.stat().st_size
-    return {"shard_write_mib_s": round(shard_bytes / MIB / write_s, 1),
-            "shard_read_mib_s": round(shard_bytes / MIB / read_s, 1),
-            "embeddings_write_mib_s": round(emb_bytes / MIB / emb_write_s, 1),
-            "embeddings_read_mib_s": round(emb_bytes / MIB / emb_read_s, 1),
-            "shard_write_rss_rise_mib": round(write_peak / MIB, 1)}
+    return {
+        "shard_write_mib_s": round(shard_bytes / MIB / write_s, 1),
+        "shard_read_mib_s": round(shard_bytes / MIB / read_s, 1),
+        "embeddings_write_mib_s": round(emb_bytes / MIB / emb_write_s, 1),
+        "embeddings_read_mib_s": round(emb_bytes / MIB / emb_read_s, 1),
+        "shard_write_rss_rise_mib": round(write_peak / MIB, 1),
+    }
 
 
-def bench_io(images: int = 1000, store: str | None = None, shards: int = 4, shard_mib: int = 64,
-             rows: int = 100_000) -> dict[str, Any]:
-    from denseforge.pipeline.bench.e2e import run_e2e
+def bench_io(
+    images: int = 1000, store: str | None = None, shards: int = 4, shard_mib: int = 64, rows: int = 100_000
+) -> dict[str, Any]:
     from denseforge.pipeline.bench.corpus import served_corpus
+    from denseforge.pipeline.bench.e2e import run_e2e
     from denseforge.storage import list_files, location, write_bytes
 
     with _store(store) as url, tempfile.TemporaryDirectory(prefix="denseforge-bench-io-") as tmp:
         base = location(f"{url}/{uuid.uuid4().hex[:8]}")
         local = location(Path(tmp) / "files")
-        files = {"local": _files(local, shards, shard_mib, rows), "store": _files(base / "files", shards, shard_mib, rows)}
-        result: dict[str, Any] = {"benchmark": "io", "store": url, "shards": shards, "shard_mib": shard_mib,
-                                  "embedding_rows": rows, "files": files,
-                                  "files_ratio_store_to_local": {k: round(files["store"][k] / files["local"][k], 3)
-                                                                 for k in files["local"] if k.endswith("_s")}}
+        files = {
+            "local": _files(local, shards, shard_mib, rows),
+            "store": _files(base / "files", shards, shard_mib, rows),
+        }
+        result: dict[str, Any] = {
+            "benchmark": "io",
+            "store": url,
+            "shards": shards,
+            "shard_mib": shard_mib,
+            "embedding_rows": rows,
+            "files": files,
+            "files_ratio_store_to_local": {
+                k: round(files["store"][k] / files["local"][k], 3) for k in files["local"] if k.endswith("_s")
+            },
+        }
         if images:
             root = Path(tmp)
             with served_corpus(root, images) as table:
                 stored_table = base / "input" / table.name
                 write_bytes(stored_table, table.read_bytes())
-                runs = {"local": run_e2e(images, location(root / "run"), str(table)),
-                        "store": run_e2e(images, base / "run", str(stored_table))}
-            same = {p.name: p.read_bytes() for p in list_files(location(root / "run") / "shards", ".tar")} == \
-                {p.name: p.read_bytes() for p in list_files(base / "run" / "shards", ".tar")}
-            result["e2e"] = {"images": images, **{k: {"seconds": v["seconds"], "peak_rss_mib": v["peak_rss_mib"],
-                                                       "written": v["funnel"]["written"],
-                                                       "phases_s": {p: f["seconds"] for p, f in v["phases"].items()}}
-                                                   for k, v in runs.items()},
-                             "wall_ratio_store_to_local": round(runs["store"]["seconds"] / runs["local"]["seconds"], 3),
-                             "peak_rss_ratio_store_to_local": round(runs["store"]["peak_rss_mib"] / runs["local"]["peak_rss_mib"], 3),
-                             "same_shard_bytes": same}
-        result["note"] = ("throughput through denseforge.storage (tar shards streamed by writing(), parquet "
-                          "embeddings); e2e: the demo's stages on the same served photos, once with input and run "
-                          "directory on local disk, once in the store")
+                runs = {
+                    "local": run_e2e(images, location(root / "run"), str(table)),
+                    "store": run_e2e(images, base / "run", str(stored_table)),
+                }
+            same = {p.name: p.read_bytes() for p in list_files(location(root / "run") / "shards", ".tar")} == {
+                p.name: p.read_bytes() for p in list_files(base / "run" / "shards", ".tar")
+            }
+            result["e2e"] = {
+                "images": images,
+                **{
+                    k: {
+                        "seconds": v["seconds"],
+                        "peak_rss_mib": v["peak_rss_mib"],
+                        "written": v["funnel"]["written"],
+                        "phases_s": {p: f["seconds"] for p, f in v["phases"].items()},
+                    }
+                    for k, v in runs.items()
+                },
+                "wall_ratio_store_to_local": round(runs["store"]["seconds"] / runs["local"]["seconds"], 3),
+                "peak_rss_ratio_store_to_local": round(
+                    runs["store"]["peak_rss_mib"] / runs["local"]["peak_rss_mib"], 3
+                ),
+                "same_shard_bytes": same,
+            }
+        result["note"] = (
+            "throughput through denseforge.storage (tar shards streamed by writing(), parquet "
+            "embeddings); e2e: the demo's stages on the same served photos, once with input and run "
+            "directory on local disk, once in the store"
+        )
         return result
 
 

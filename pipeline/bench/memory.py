@@ -49,7 +49,7 @@ class TreeMemory:
         self.interval_s, self.peak = interval_s, 0
         self._ticks = os.sysconf("SC_CLK_TCK")
         self._cpu: dict[int, int] = {}
-        self.samples: list[tuple[float, float]] = []  # (perf_counter, CPU seconds so far)
+        self.samples: list[tuple[float, float, int]] = []  # (perf_counter, CPU seconds so far, summed RSS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -76,14 +76,14 @@ class TreeMemory:
 
     def peak_between(self, start: float, end: float) -> int:
         """Peak summed RSS (bytes) seen between two perf_counter times (nearest samples)."""
-        return max(rss for _, _, rss in self.samples[self._at(start):self._at(end) + 1])
+        return max(rss for _, _, rss in self.samples[self._at(start) : self._at(end) + 1])
 
     def _at(self, moment: float) -> int:
         """Index of the first sample at or after `moment` (the last one if none is)."""
         i = bisect.bisect_left(self.samples, moment, key=lambda sample: sample[0])
         return min(max(i, 0), len(self.samples) - 1)
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> TreeMemory:
         self._thread.start()
         return self
 

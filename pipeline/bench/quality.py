@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,51 +33,144 @@ LABELLED = {
     "chelsea": [("cat", [0, 0, 451, 300])],
     "camera": [("person", [0, 65, 335, 512])],
     "motorcycle": [("motorcycle", [90, 85, 685, 450])],
-    "bus": [("bus", [15, 230, 805, 740]), ("person", [50, 398, 245, 905]), ("person", [222, 405, 345, 860]),
-            ("person", [668, 395, 810, 880]), ("person", [0, 555, 78, 875])],
-    "zidane": [("person", [120, 200, 1150, 720]), ("person", [750, 40, 1150, 720]), ("tie", [435, 430, 525, 720]),
-               ("tie", [985, 300, 1060, 510])],
+    "bus": [
+        ("bus", [15, 230, 805, 740]),
+        ("person", [50, 398, 245, 905]),
+        ("person", [222, 405, 345, 860]),
+        ("person", [668, 395, 810, 880]),
+        ("person", [0, 555, 78, 875]),
+    ],
+    "zidane": [
+        ("person", [120, 200, 1150, 720]),
+        ("person", [750, 40, 1150, 720]),
+        ("tie", [435, 430, 525, 720]),
+        ("tie", [985, 300, 1060, 510]),
+    ],
 }
 
-TEXTS = ["OPEN 24 HOURS", "MAIN STREET", "DENSEFORGE", "Platform 3", "No Parking", "SALE 50%", "Coffee & Tea",
-         "Exit 12", "WELCOME", "Fresh Bread"]
+TEXTS = [
+    "OPEN 24 HOURS",
+    "MAIN STREET",
+    "DENSEFORGE",
+    "Platform 3",
+    "No Parking",
+    "SALE 50%",
+    "Coffee & Tea",
+    "Exit 12",
+    "WELCOME",
+    "Fresh Bread",
+]
 
 # phrase, detected label, whether the phrase should ground to it
 PHRASES = [
     # the label itself, plurals, proper-name modifiers
-    ("dog", "dog", True), ("dogs", "dog", True), ("cars", "car", True), ("people", "person", True),
-    ("Golden Retriever", "dog", True), ("Falcon 9 rocket", "airplane", False), ("wine glasses", "wine glass", True),
-    ("buses", "bus", True), ("knives", "knife", True), ("sheep", "sheep", True),
+    ("dog", "dog", True),
+    ("dogs", "dog", True),
+    ("cars", "car", True),
+    ("people", "person", True),
+    ("Golden Retriever", "dog", True),
+    ("Falcon 9 rocket", "airplane", False),
+    ("wine glasses", "wine glass", True),
+    ("buses", "bus", True),
+    ("knives", "knife", True),
+    ("sheep", "sheep", True),
     # the alias table
-    ("puppy", "dog", True), ("kitten", "cat", True), ("sofa", "couch", True), ("mug", "cup", True),
-    ("television", "tv", True), ("smartphone", "cell phone", True), ("yacht", "boat", True), ("lamb", "sheep", True),
-    ("motorbike", "motorcycle", True), ("sedan", "car", True), ("jet", "airplane", True), ("canoe", "boat", True),
-    ("stallion", "horse", True), ("armchair", "chair", True), ("calf", "cow", True), ("tabby cat", "cat", True),
-    ("espresso", "cup", True), ("lorry", "truck", True), ("airliner", "airplane", True),
+    ("puppy", "dog", True),
+    ("kitten", "cat", True),
+    ("sofa", "couch", True),
+    ("mug", "cup", True),
+    ("television", "tv", True),
+    ("smartphone", "cell phone", True),
+    ("yacht", "boat", True),
+    ("lamb", "sheep", True),
+    ("motorbike", "motorcycle", True),
+    ("sedan", "car", True),
+    ("jet", "airplane", True),
+    ("canoe", "boat", True),
+    ("stallion", "horse", True),
+    ("armchair", "chair", True),
+    ("calf", "cow", True),
+    ("tabby cat", "cat", True),
+    ("espresso", "cup", True),
+    ("lorry", "truck", True),
+    ("airliner", "airplane", True),
     # the synonym model (none of these is in the alias table)
-    ("automobile", "car", True), ("canine", "dog", True), ("cellphone", "cell phone", True),
-    ("hotdog", "hot dog", True), ("doughnut", "donut", True), ("notebook computer", "laptop", True),
-    ("automobiles", "car", True), ("canines", "dog", True), ("laptop computer", "laptop", True),
-    ("pickup truck", "truck", True), ("teddy", "teddy bear", True), ("bicycles", "bicycle", True), ("zebras", "zebra", True),
-    ("umbrellas", "umbrella", True), ("giraffes", "giraffe", True), ("elephants", "elephant", True),
-    ("pizzas", "pizza", True), ("ovens", "oven", True), ("refrigerators", "refrigerator", True),
+    ("automobile", "car", True),
+    ("canine", "dog", True),
+    ("cellphone", "cell phone", True),
+    ("hotdog", "hot dog", True),
+    ("doughnut", "donut", True),
+    ("notebook computer", "laptop", True),
+    ("automobiles", "car", True),
+    ("canines", "dog", True),
+    ("laptop computer", "laptop", True),
+    ("pickup truck", "truck", True),
+    ("teddy", "teddy bear", True),
+    ("bicycles", "bicycle", True),
+    ("zebras", "zebra", True),
+    ("umbrellas", "umbrella", True),
+    ("giraffes", "giraffe", True),
+    ("elephants", "elephant", True),
+    ("pizzas", "pizza", True),
+    ("ovens", "oven", True),
+    ("refrigerators", "refrigerator", True),
     ("toothbrushes", "toothbrush", True),
     # must not ground: another label, a neighbour, an attribute, a scene word
-    ("cat", "dog", False), ("dog", "cat", False), ("horse", "zebra", False), ("cow", "sheep", False),
-    ("truck", "car", False), ("car", "truck", False), ("bus", "train", False), ("chair", "couch", False),
-    ("desk", "chair", False), ("stool", "chair", False), ("coffee", "cup", False), ("tree", "person", False),
-    ("building", "bus", False), ("sky", "airplane", False), ("street", "car", False), ("red", "stop sign", False),
-    ("sign", "person", False), ("man", "dog", False), ("grass", "sheep", False), ("water", "boat", False),
-    ("table", "chair", False), ("window", "tv", False), ("wall", "clock", False), ("road", "truck", False),
-    ("field", "cow", False), ("snow", "skis", False), ("wave", "surfboard", False), ("plate", "pizza", False),
-    ("bowl", "cup", False), ("knife", "fork", False), ("fork", "spoon", False), ("orange", "apple", False),
-    ("banana", "orange", False), ("bottle", "wine glass", False), ("keyboard", "laptop", False),
-    ("mouse", "keyboard", False), ("remote", "cell phone", False), ("bird", "airplane", False),
-    ("kite", "bird", False), ("bench", "chair", False), ("bed", "couch", False), ("sink", "toilet", False),
-    ("oven", "microwave", False), ("vase", "bottle", False), ("book", "laptop", False), ("clock", "tv", False),
-    ("scissors", "knife", False), ("hair drier", "toothbrush", False), ("backpack", "handbag", False),
-    ("suitcase", "backpack", False), ("tie", "person", False), ("frisbee", "sports ball", False),
-    ("skateboard", "surfboard", False), ("bear", "teddy bear", False), ("elephant", "giraffe", False),
+    ("cat", "dog", False),
+    ("dog", "cat", False),
+    ("horse", "zebra", False),
+    ("cow", "sheep", False),
+    ("truck", "car", False),
+    ("car", "truck", False),
+    ("bus", "train", False),
+    ("chair", "couch", False),
+    ("desk", "chair", False),
+    ("stool", "chair", False),
+    ("coffee", "cup", False),
+    ("tree", "person", False),
+    ("building", "bus", False),
+    ("sky", "airplane", False),
+    ("street", "car", False),
+    ("red", "stop sign", False),
+    ("sign", "person", False),
+    ("man", "dog", False),
+    ("grass", "sheep", False),
+    ("water", "boat", False),
+    ("table", "chair", False),
+    ("window", "tv", False),
+    ("wall", "clock", False),
+    ("road", "truck", False),
+    ("field", "cow", False),
+    ("snow", "skis", False),
+    ("wave", "surfboard", False),
+    ("plate", "pizza", False),
+    ("bowl", "cup", False),
+    ("knife", "fork", False),
+    ("fork", "spoon", False),
+    ("orange", "apple", False),
+    ("banana", "orange", False),
+    ("bottle", "wine glass", False),
+    ("keyboard", "laptop", False),
+    ("mouse", "keyboard", False),
+    ("remote", "cell phone", False),
+    ("bird", "airplane", False),
+    ("kite", "bird", False),
+    ("bench", "chair", False),
+    ("bed", "couch", False),
+    ("sink", "toilet", False),
+    ("oven", "microwave", False),
+    ("vase", "bottle", False),
+    ("book", "laptop", False),
+    ("clock", "tv", False),
+    ("scissors", "knife", False),
+    ("hair drier", "toothbrush", False),
+    ("backpack", "handbag", False),
+    ("suitcase", "backpack", False),
+    ("tie", "person", False),
+    ("frisbee", "sports ball", False),
+    ("skateboard", "surfboard", False),
+    ("bear", "teddy bear", False),
+    ("elephant", "giraffe", False),
 ]
 
 
@@ -107,14 +201,21 @@ def text_images() -> list[tuple[Image.Image, str, list[float], str]]:
                 cx, cy = im.width / 2, im.height / 2
                 t = np.deg2rad(angle)
                 corners = [(x, y) for x in (box[0], box[2]) for y in (box[1], box[3])]
-                moved = [(cx + (x - cx) * np.cos(t) + (y - cy) * np.sin(t), cy - (x - cx) * np.sin(t) + (y - cy) * np.cos(t))
-                         for x, y in corners]
-                box = [min(p[0] for p in moved), min(p[1] for p in moved), max(p[0] for p in moved), max(p[1] for p in moved)]
+                moved = [
+                    (cx + (x - cx) * np.cos(t) + (y - cy) * np.sin(t), cy - (x - cx) * np.sin(t) + (y - cy) * np.cos(t))
+                    for x, y in corners
+                ]
+                box = [
+                    min(p[0] for p in moved),
+                    min(p[1] for p in moved),
+                    max(p[0] for p in moved),
+                    max(p[1] for p in moved),
+                ]
             out.append((im, text, box, font_name))
     return out
 
 
-def dedup_set() -> tuple[list[Image.Image], list[Any]]:
+def dedup_set() -> tuple[list[Image.Image], Callable[[Image.Image], list[Image.Image]]]:
     """Distinct low-texture images whose 64-bit pHashes nearly agree (signs with other words on the
     same background, same-layout slides, one logo in two colours) and three photos; and `copies`,
     which gives an image and four real copies of it."""
@@ -141,15 +242,23 @@ def dedup_set() -> tuple[list[Image.Image], list[Any]]:
         return im
 
     distinct = [sign(t) for t in ("MAIN STREET", "OPEN 24 HOURS", "NO PARKING", "EXIT", "SALE 50%", "WELCOME")]
-    distinct += [slide("Results", ["accuracy and recall", "per class"]), slide("Method", ["the data", "the model"]),
-                 slide("Outlook", ["more data", "a bigger model"])]
+    distinct += [
+        slide("Results", ["accuracy and recall", "per class"]),
+        slide("Method", ["the data", "the model"]),
+        slide("Outlook", ["more data", "a bigger model"]),
+    ]
     distinct += [logo(s, c) for s in ("circle", "square") for c in ((200, 30, 30), (30, 30, 200))]
     distinct += [load_photo(n).convert("RGB") for n in ("astronaut", "coffee", "chelsea")]
 
     def copies(im):
         w, h = im.size
-        return [im, im.resize((int(w * 0.7), int(h * 0.7))), ImageEnhance.Color(im).enhance(0.6),
-                ImageEnhance.Brightness(im).enhance(1.1), im.crop((int(w * .03), int(h * .03), int(w * .97), int(h * .97)))]
+        return [
+            im,
+            im.resize((int(w * 0.7), int(h * 0.7))),
+            ImageEnhance.Color(im).enhance(0.6),
+            ImageEnhance.Brightness(im).enhance(1.1),
+            im.crop((int(w * 0.03), int(h * 0.03), int(w * 0.97), int(h * 0.97))),
+        ]
 
     return distinct, copies
 
@@ -169,7 +278,7 @@ def labelled_photos() -> dict[str, Image.Image]:
     return photos
 
 
-def _detection(photos, detector) -> dict[str, Any]:
+def _detection(photos, detector) -> tuple[dict[str, Any], dict[str, Any]]:
     from denseforge.experts.base import ExpertInput
 
     found, misses = 0, []
@@ -180,8 +289,14 @@ def _detection(photos, detector) -> dict[str, Any]:
         seen[name] = boxes
         used: set[int] = set()
         for label, truth in LABELLED[name]:
-            match = next((i for i, b in enumerate(boxes) if i not in used and b["label"] == label
-                          and iou(b["box"], truth) >= 0.5), None)
+            match = next(
+                (
+                    i
+                    for i, b in enumerate(boxes)
+                    if i not in used and b["label"] == label and iou(b["box"], truth) >= 0.5
+                ),
+                None,
+            )
             if match is None:
                 best = max((iou(b["box"], truth) for b in boxes if b["label"] == label), default=0.0)
                 misses.append({"photo": name, "label": label, "best_iou_same_label": round(best, 2)})
@@ -210,8 +325,13 @@ def _ocr(reader) -> tuple[dict[str, Any], list]:
         if not exact:
             wrong.append({"truth": text, "read": [ln["text"] for ln in lines], "font": font})
     n = len(rendered)
-    return {"lines": n, "verbatim": round(verbatim / n, 3), "verbatim_ignoring_spaces": round(spaced / n, 3),
-            "box_iou_0.5": round(boxed / n, 3), "not_verbatim": wrong}, lines_per_image
+    return {
+        "lines": n,
+        "verbatim": round(verbatim / n, 3),
+        "verbatim_ignoring_spaces": round(spaced / n, 3),
+        "box_iou_0.5": round(boxed / n, 3),
+        "not_verbatim": wrong,
+    }, lines_per_image
 
 
 def _dedup() -> dict[str, Any]:
@@ -231,23 +351,40 @@ def _dedup() -> dict[str, Any]:
     phash = np.array([perceptual_hash(im) for im in images])
     prints = np.stack([np.frombuffer(fingerprint(im), np.uint8) for im in images])
     cfg = dd.DedupConfig()
-    res = dd.dedup_cluster(keys, np.zeros((n, 1), np.float32), [str(i) for i in range(n)], phash, np.zeros(n),
-                           np.ones(n), epsilon=None, phash_max_distance=cfg.phash_max_distance, policy="first_key",
-                           fingerprint=prints, witness_max_fine_distance=cfg.witness_max_fine_distance,
-                           witness_max_colour_difference=cfg.witness_max_colour_difference)
+    res = dd.dedup_cluster(
+        keys,
+        np.zeros((n, 1), np.float32),
+        [str(i) for i in range(n)],
+        phash,
+        np.zeros(n),
+        np.ones(n),
+        epsilon=None,
+        phash_max_distance=cfg.phash_max_distance,
+        policy="first_key",
+        fingerprint=prints,
+        witness_max_fine_distance=cfg.witness_max_fine_distance,
+        witness_max_colour_difference=cfg.witness_max_colour_difference,
+    )
     variants = ["re-encoded", "resized 0.7", "colour 0.6", "brightness 1.1", "cropped 3%"]
     removed = [i for i in range(n) if res.reason[i]]
     right = [i for i in removed if group[res.dup_of[i]] == group[i]]
     copies_total = n - len(distinct)
-    return {"images": n, "distinct": len(distinct), "copies": copies_total, "removed": len(removed),
-            "precision": round(len(right) / len(removed), 3) if removed else 1.0,
-            "recall": round(len(right) / copies_total, 3),
-            "false_merges": [(keys[i], keys[res.dup_of[i]]) for i in removed if i not in right],
-            "missed_copies": [variants[i % 5] for i in range(n) if i % 5 and i not in removed],
-            "settings": {"phash_max_distance": cfg.phash_max_distance,
-                         "witness_max_fine_distance": cfg.witness_max_fine_distance,
-                         "witness_max_colour_difference": cfg.witness_max_colour_difference},
-            "note": "the dedup defaults, pHash confirmed by the second witness; no CLIP embedding here"}
+    return {
+        "images": n,
+        "distinct": len(distinct),
+        "copies": copies_total,
+        "removed": len(removed),
+        "precision": round(len(right) / len(removed), 3) if removed else 1.0,
+        "recall": round(len(right) / copies_total, 3),
+        "false_merges": [(keys[i], keys[res.dup_of[i]]) for i in removed if i not in right],
+        "missed_copies": [variants[i % 5] for i in range(n) if i % 5 and i not in removed],
+        "settings": {
+            "phash_max_distance": cfg.phash_max_distance,
+            "witness_max_fine_distance": cfg.witness_max_fine_distance,
+            "witness_max_colour_difference": cfg.witness_max_colour_difference,
+        },
+        "note": "the dedup defaults, pHash confirmed by the second witness; no CLIP embedding here",
+    }
 
 
 def _grounding(ground) -> dict[str, Any]:
@@ -258,18 +395,30 @@ def _grounding(ground) -> dict[str, Any]:
     errors = []
     for phrase, label, should in PHRASES:
         caption = f"In this picture there is {phrase} near the middle."
-        sample = Sample(key="k", width=100, height=100, sha256="0", caption=caption,
-                        experts={"objects": [{"label": label, "score": 0.9, "box": [10.0, 10.0, 60.0, 60.0]}]})
+        sample = Sample(
+            key="k",
+            width=100,
+            height=100,
+            sha256="0",
+            caption=caption,
+            experts={"objects": [{"label": label, "score": 0.9, "box": [10.0, 10.0, 60.0, 60.0]}]},
+        )
         ground.process([Item(0, sample, b"")])
         grounded = any(g.source == "objects/0" and phrase.endswith(g.phrase.split()[-1]) for g in sample.grounding)
         tp, fp = tp + (grounded and should), fp + (grounded and not should)
         fn, tn = fn + (not grounded and should), tn + (not grounded and not should)
         if grounded != should:
-            errors.append({"phrase": phrase, "label": label, "expected": should,
-                           "tied": [g.phrase for g in sample.grounding]})
-    return {"pairs": len(PHRASES), "positives": tp + fn, "negatives": fp + tn,
-            "precision": round(tp / (tp + fp), 3) if tp + fp else 1.0, "recall": round(tp / (tp + fn), 3),
-            "errors": errors}
+            errors.append(
+                {"phrase": phrase, "label": label, "expected": should, "tied": [g.phrase for g in sample.grounding]}
+            )
+    return {
+        "pairs": len(PHRASES),
+        "positives": tp + fn,
+        "negatives": fp + tn,
+        "precision": round(tp / (tp + fp), 3) if tp + fp else 1.0,
+        "recall": round(tp / (tp + fn), 3),
+        "errors": errors,
+    }
 
 
 def _captions(photos, seen, ocr_lines) -> dict[str, Any]:
@@ -293,9 +442,13 @@ def _captions(photos, seen, ocr_lines) -> dict[str, Any]:
         for line in experts.get("ocr", []):
             total += 1
             mentioned += line["text"] in caption
-    return {"coverage": round(mentioned / total, 3) if total else 1.0, "observations": total,
-            "captions_with_the_planted_instruction": leaks, "captions": len(evidence),
-            "note": "template captioner (the offline one); a model backend needs the same check against its server"}
+    return {
+        "coverage": round(mentioned / total, 3) if total else 1.0,
+        "observations": total,
+        "captions_with_the_planted_instruction": leaks,
+        "captions": len(evidence),
+        "note": "template captioner (the offline one); a model backend needs the same check against its server",
+    }
 
 
 def bench_quality() -> dict[str, Any]:

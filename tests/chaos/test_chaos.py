@@ -36,8 +36,15 @@ def corpus(tmp_path_factory, photo_dir):
     with LoopbackImageServer(photo_dir, delay_s=0.25) as server:  # slow enough that threads finish out of order
         names = ["astronaut", "coffee", "chelsea", "rocket"] * 4 + ["page", "missing"]
         table = tmp / "t.parquet"
-        pq.write_table(pa.table({"url": [f"{server.base_url}/img/{n}.jpg" for n in names],
-                                 "caption": [f"{n} {i}" for i, n in enumerate(names)]}), table)
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [f"{server.base_url}/img/{n}.jpg" for n in names],
+                    "caption": [f"{n} {i}" for i, n in enumerate(names)],
+                }
+            ),
+            table,
+        )
         cfg = every_phase_config(tmp, table)
         clean = tmp / "clean"
         run_cli("run", str(cfg), "--out", str(clean))
@@ -64,8 +71,9 @@ PHASES = {  # phase -> (the moment it is under way, the longest random wait afte
 def _kill_driver_during(cmd: list[str], out: Path, phase: str, rng: random.Random, check_lock: bool) -> str:
     """Start the CLI, wait until `phase` is under way, wait a random moment, SIGKILL the driver
     (and reap the Ray processes it leaves). Returns where the kill landed."""
-    proc = subprocess.Popen([sys.executable, "-m", "denseforge.pipeline.cli", *cmd],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "denseforge.pipeline.cli", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     started, wait = PHASES[phase]
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not started(out):
@@ -84,9 +92,13 @@ def _kill_driver_during(cmd: list[str], out: Path, phase: str, rng: random.Rando
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    landed = (f"ingest {_count(out / 'raw', '*.ingested.json')}/{UNITS}, embed {_count(out / 'embeddings', '*.done.json')}/{UNITS}, "
-              f"dedup {'done' if (out / 'dedup' / 'summary.json').exists() else 'not done'}, "
-              f"write {_count(out / 'shards' / '_done', '*.json')}/{UNITS}, stats {'yes' if (out / 'stats.json').exists() else 'no'}")
+    landed = (
+        f"ingest {_count(out / 'raw', '*.ingested.json')}/{UNITS}, "
+        f"embed {_count(out / 'embeddings', '*.done.json')}/{UNITS}, "
+        f"dedup {'done' if (out / 'dedup' / 'summary.json').exists() else 'not done'}, "
+        f"write {_count(out / 'shards' / '_done', '*.json')}/{UNITS}, "
+        f"stats {'yes' if (out / 'stats.json').exists() else 'no'}"
+    )
     return ("(finished before the kill) " if finished else "") + landed
 
 
@@ -117,8 +129,12 @@ def test_sigkill_of_the_driver_in_every_phase_then_resume_equals_a_clean_run(cor
 def test_a_killed_ray_worker_costs_a_retry_not_a_sample(corpus):
     tmp, cfg, clean, _ = corpus
     out = tmp / "worker_killed"
-    proc = subprocess.Popen([sys.executable, "-m", "denseforge.pipeline.cli", "run", str(cfg), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "denseforge.pipeline.cli", "run", str(cfg), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     killed = None
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and killed is None:
@@ -153,7 +169,10 @@ ray: {{num_cpus: 2}}
 input: {{kind: folder, path: {folder}}}
 embed: {{enabled: false}}
 dedup: {{enabled: false}}
-fuse: {{enabled: true, backend: openai, openai: {{base_url: "{url}", model: m, timeout_s: 2, max_retries: 1, concurrency: 8}}}}
+fuse:
+  enabled: true
+  backend: openai
+  openai: {{base_url: "{url}", model: m, timeout_s: 2, max_retries: 1, concurrency: 8}}
 qa: {{enabled: true, min_words: 1, max_hallucination: 1.0}}
 """)
         proc = run_cli("run", str(cfg), "--out", str(tmp_path / "run"))
@@ -206,7 +225,9 @@ def test_a_read_only_out_is_one_line_naming_the_path(tmp_path, photo_dir):
         folder.mkdir()
         (folder / "coffee.jpg").write_bytes((photo_dir / "coffee.jpg").read_bytes())
         cfg = tmp_path / "c.yaml"
-        cfg.write_text(f"input: {{kind: folder, path: {folder}}}\nembed: {{enabled: false}}\ndedup: {{enabled: false}}\n")
+        cfg.write_text(
+            f"input: {{kind: folder, path: {folder}}}\nembed: {{enabled: false}}\ndedup: {{enabled: false}}\n"
+        )
         proc = run_cli("run", str(cfg), "--out", str(mount / "run"), check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         [line] = [line for line in proc.stderr.splitlines() if line.startswith("denseforge: error:")]

@@ -53,21 +53,39 @@ def test_a_dedup_retried_after_a_cut_short_attempt_ignores_its_leftovers(tmp_pat
     from denseforge.pipeline.rundir import RunDir
     from denseforge.storage import write_arrow_atomic
 
-    configs = [parse_config({"input": {"kind": "table", "path": str(tmp_path / "unused.parquet")}, "ray": {"num_cpus": 2},
-                             "dedup": {"exact": False, "phash_max_distance": None, "sweep": [], "buckets": buckets,
-                                       "target_cluster_size": 200, "border": 0.2}}) for buckets in (3, 2)]
+    configs = [
+        parse_config(
+            {
+                "input": {"kind": "table", "path": str(tmp_path / "unused.parquet")},
+                "ray": {"num_cpus": 2},
+                "dedup": {
+                    "exact": False,
+                    "phash_max_distance": None,
+                    "sweep": [],
+                    "buckets": buckets,
+                    "target_cluster_size": 200,
+                    "border": 0.2,
+                },
+            }
+        )
+        for buckets in (3, 2)
+    ]
     runs = [RunDir(tmp_path / name) for name in ("clean", "retried")]
-    for rd, config in zip(runs, configs):
+    for rd, config in zip(runs, configs, strict=True):
         rd.create(config)
         write_planted_units(rd, 3_000, 32, 1_000, seed=2, dup_fraction=0.5)  # copies of copies: border
         # rows removed in two clusters as copies of different rows
     stale = pa.table({"key": ["000000000001"] * 2, "cluster": [0, 1]})  # an old layout's columns
-    for bucket, unit in ((0, 0), (1, 9), (2, 0)):  # files this attempt overwrites, does not, and a bucket it does not use
+    for bucket, unit in (
+        (0, 0),
+        (1, 9),
+        (2, 0),
+    ):  # files this attempt overwrites, does not, and a bucket it does not use
         runs[1].bucket(bucket).mkdir(parents=True, exist_ok=True)
         write_arrow_atomic(runs[1].bucket(bucket) / f"{unit:07d}.arrow", stale)
     start_ray(configs[0].ray, None)
     try:
-        summaries = [run_dedup(config, rd, 3, _StepTimes()) for rd, config in zip(runs, configs)]
+        summaries = [run_dedup(config, rd, 3, _StepTimes()) for rd, config in zip(runs, configs, strict=True)]
     finally:
         ray.shutdown()
     assert summaries[0]["removed_by_reason"]["semantic_duplicate"] > 1_000 and summaries[0]["entries"] > 3_300

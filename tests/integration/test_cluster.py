@@ -34,8 +34,15 @@ def bucket_input(s3_server, photo_dir, tmp_path_factory):
     with LoopbackImageServer(photo_dir, delay_s=0.1) as server:
         names = ["astronaut", "coffee", "chelsea", "rocket"] * 4 + ["page", "missing"]
         table = f"s3://{S3_BUCKET}/input/table.parquet"
-        write_table_atomic(location(table), pa.table({"url": [f"{server.base_url}/img/{n}.jpg" for n in names],
-                                                       "caption": [f"{n} {i}" for i, n in enumerate(names)]}))
+        write_table_atomic(
+            location(table),
+            pa.table(
+                {
+                    "url": [f"{server.base_url}/img/{n}.jpg" for n in names],
+                    "caption": [f"{n} {i}" for i, n in enumerate(names)],
+                }
+            ),
+        )
         yield tmp_path_factory.mktemp("cluster"), table
 
 
@@ -73,8 +80,14 @@ def _free_port() -> int:
 
 
 def _ray(*args: str, env: dict[str, str]) -> None:
-    subprocess.run([str(Path(sys.executable).with_name("ray")), *args], env=env, check=True, timeout=120,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), *args],
+        env=env,
+        check=True,
+        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 @contextmanager
@@ -85,15 +98,34 @@ def two_nodes(tmp: Path):
     (tmp / "scratch-head").mkdir(exist_ok=True)
     (tmp / "scratch-worker").mkdir(exist_ok=True)
     try:
-        _ray("start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", "--disable-usage-stats",
-             env={**env, "DENSEFORGE_SCRATCH": str(tmp / "scratch-head")})
-        _ray("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--node-manager-port={worker_port}",
-             "--disable-usage-stats", env={**env, "DENSEFORGE_SCRATCH": str(tmp / "scratch-worker")})
+        _ray(
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+            env={**env, "DENSEFORGE_SCRATCH": str(tmp / "scratch-head")},
+        )
+        _ray(
+            "start",
+            f"--address=127.0.0.1:{gcs}",
+            "--num-cpus=2",
+            f"--node-manager-port={worker_port}",
+            "--disable-usage-stats",
+            env={**env, "DENSEFORGE_SCRATCH": str(tmp / "scratch-worker")},
+        )
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", worker_port
     finally:
-        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], env=env, timeout=120,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(Path(sys.executable).with_name("ray")), "stop", "--force"],
+            env=env,
+            timeout=120,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 def _raylet(node_manager_port: int) -> int | None:
@@ -131,10 +163,26 @@ def test_the_demo_on_two_nodes_with_a_node_killed_then_resume_gives_the_clean_ru
     killed = bucket_url + "/killed"
     with two_nodes(tmp) as (address, dashboard, worker_port):
         job = subprocess.Popen(
-            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard, "--",
-             sys.executable, "-m", "denseforge.pipeline.cli", *demo, "--set", "ray.node_loss_timeout_s=20",
-             "--out", killed],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "job",
+                "submit",
+                "--address",
+                dashboard,
+                "--",
+                sys.executable,
+                "-m",
+                "denseforge.pipeline.cli",
+                *demo,
+                "--set",
+                "ray.node_loss_timeout_s=20",
+                "--out",
+                killed,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         done = location(killed) / "shards" / "_done"
         deadline = time.time() + 300
         while time.time() < deadline and job.poll() is None and len(list_files(done, ".json")) < 1:
@@ -159,8 +207,20 @@ def test_the_demo_on_two_nodes_with_a_node_killed_then_resume_gives_the_clean_ru
 def test_sigterm_stops_the_driver_cleanly_and_resume_finishes(bucket_input, clean_in_bucket, bucket_url):
     tmp, table = bucket_input
     out = bucket_url + "/sigterm"
-    proc = subprocess.Popen([sys.executable, "-m", "denseforge.pipeline.cli", "run", str(every_phase_config(tmp, table, "t.yaml")),
-                             "--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "denseforge.pipeline.cli",
+            "run",
+            str(every_phase_config(tmp, table, "t.yaml")),
+            "--out",
+            out,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     embedded = location(out) / "embeddings"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list_files(embedded, ".done.json"):
@@ -225,8 +285,10 @@ class FaultyStore:
                 if n % slow_every == 0:
                     with proxy._lock:
                         proxy.slowed += 1
-                    error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                             b"<Message>Please reduce your request rate.</Message></Error>")
+                    error = (
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                        b"<Message>Please reduce your request rate.</Message></Error>"
+                    )
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(error)))
@@ -262,7 +324,7 @@ class FaultyStore:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "FaultyStore":
+    def __enter__(self) -> FaultyStore:
         self._thread.start()
         return self
 
@@ -271,8 +333,9 @@ class FaultyStore:
         self._server.server_close()
 
 
-def test_a_store_that_throttles_and_drops_connections_costs_retries_not_data(bucket_input, clean_in_bucket, bucket_url,
-                                                                            s3_server):
+def test_a_store_that_throttles_and_drops_connections_costs_retries_not_data(
+    bucket_input, clean_in_bucket, bucket_url, s3_server
+):
     tmp, table = bucket_input
     flaky = bucket_url + "/flaky"
     with FaultyStore(s3_server) as store:

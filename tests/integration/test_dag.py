@@ -22,7 +22,8 @@ run: {name: it}
 ray: {num_cpus: 2}
 input: {kind: table, path: %(path)s, url_col: URL, caption_col: TEXT}
 ingest: {processes: 2, threads: 4, timeout_s: 5, image_size: 256, allow_private_addresses: true}
-embed: {model: df-tiny-clip, weights: random, batch_size: 8, cpu_workers: 1, num_cpus: 0.5}  # CPU feeders, as on GPU nodes
+# CPU feeders, as on GPU nodes
+embed: {model: df-tiny-clip, weights: random, batch_size: 8, cpu_workers: 1, num_cpus: 0.5}
 dedup: {epsilon: null, phash_max_distance: 4, clusters: 2, keep: first_key}
 output: {samples_per_shard: 4}
 """
@@ -129,8 +130,10 @@ def test_embed_pools_that_cannot_fit_fail_before_any_download(tmp_path, photo_di
     """Regression: a 1-CPU feeder pool and a 1-CPU model pool on 2 CPUs left no CPU for reading the
     units, and the embed pass waited forever."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"ray: {{num_cpus: 2}}\ninput: {{kind: folder, path: {photo_dir}}}\n"
-                   "embed: {model: df-tiny-clip, weights: random, cpu_workers: 1, num_cpus: 1}\n")
+    cfg.write_text(
+        f"ray: {{num_cpus: 2}}\ninput: {{kind: folder, path: {photo_dir}}}\n"
+        "embed: {model: df-tiny-clip, weights: random, cpu_workers: 1, num_cpus: 1}\n"
+    )
     proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"), check=False, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "ask for 2.25 CPUs at once (embed-pixels 1x1, embed 1x1" in proc.stderr and "lower them" in proc.stderr
@@ -144,22 +147,28 @@ def test_folder_input_then_its_raw_shards_as_webdataset_input(tmp_path, photo_di
         (folder / f"{name}.jpg").write_bytes((photo_dir / f"{name}.jpg").read_bytes())
     (folder / "coffee.txt").write_text("a cup of coffee")
     cfg = tmp_path / "folder.yaml"
-    cfg.write_text(f"input: {{kind: folder, path: {folder}}}\nray: {{num_cpus: 2}}\noutput: {{samples_per_shard: 10}}\n"
-                   "embed: {enabled: false}\ndedup: {enabled: false}\n")
+    cfg.write_text(
+        f"input: {{kind: folder, path: {folder}}}\nray: {{num_cpus: 2}}\noutput: {{samples_per_shard: 10}}\n"
+        "embed: {enabled: false}\ndedup: {enabled: false}\n"
+    )
     out = tmp_path / "folder_run"
     run_cli("run", str(cfg), "--out", str(out))
     f = json.loads((out / "stats.json").read_text())["funnel"]
     assert (f["input_rows"], f["written"], f["rejected"]) == (4, 2, 2)
-    samples = {json.loads(s["json"])["source"]["path"].rsplit("/", 1)[1]: json.loads(s["json"])
-               for s in wds.WebDataset(str(out / "shards" / "0000000.tar"), shardshuffle=False)}
+    samples = {
+        json.loads(s["json"])["source"]["path"].rsplit("/", 1)[1]: json.loads(s["json"])
+        for s in wds.WebDataset(str(out / "shards" / "0000000.tar"), shardshuffle=False)
+    }
     assert samples["coffee.jpg"]["alt_text"] == "a cup of coffee"
 
     # The raw shards img2dataset wrote are valid webdataset input for another run; a corrupt
     # shard beside them becomes one reject row instead of a crash.
     (out / "raw" / "9999999.tar").write_bytes(b"this is not a tar archive" * 100)
     cfg2 = tmp_path / "wds.yaml"
-    cfg2.write_text(f"input: {{kind: webdataset, path: '{out}/raw/*.tar'}}\nray: {{num_cpus: 2}}\n"
-                    "embed: {enabled: false}\ndedup: {enabled: false}\n")
+    cfg2.write_text(
+        f"input: {{kind: webdataset, path: '{out}/raw/*.tar'}}\nray: {{num_cpus: 2}}\n"
+        "embed: {enabled: false}\ndedup: {enabled: false}\n"
+    )
     out2 = tmp_path / "wds_run"
     proc = run_cli("run", str(cfg2), "--out", str(out2), check=False)
     assert proc.returncode == 3 and "1 unit(s) failed to download" in proc.stderr.splitlines()[-1]
@@ -225,15 +234,30 @@ def test_joining_an_existing_cluster_with_address(tmp_path, photo_server):
     ray_bin = Path(sys.executable).parent / "ray"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     port = "6391"
-    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=120)
+    start = subprocess.run(
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert start.returncode == 0, start.stderr
     try:
         table = tmp_path / "t.jsonl"
         table.write_text(json.dumps({"url": f"{photo_server.base_url}/img/coffee.jpg", "caption": "c"}) + "\n")
         cfg = tmp_path / "c.yaml"
-        cfg.write_text(f"input: {{path: {table}}}\ningest: {{allow_private_addresses: true}}\n"
-                       "embed: {enabled: false}\ndedup: {enabled: false}\n")
+        cfg.write_text(
+            f"input: {{path: {table}}}\ningest: {{allow_private_addresses: true}}\n"
+            "embed: {enabled: false}\ndedup: {enabled: false}\n"
+        )
         out = tmp_path / "run"
         proc = run_cli("run", str(cfg), "--out", str(out), "--address", f"127.0.0.1:{port}")
         assert json.loads((out / "stats.json").read_text())["funnel"]["written"] == 1, proc.stderr

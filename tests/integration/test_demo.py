@@ -23,8 +23,9 @@ def test_the_demo_captions_what_yolox_really_saw(demo_run):
     assert "33 input rows" in proc.stderr and "balanced: True" in proc.stderr
     # every planted copy found: the coffee variants as pHash copies (regression: with dedup.border
     # at 0.02 one of them sat across the clusters' boundary and was kept: 11 written, 9 removed)
-    assert ("33 input rows -> 10 written, 13 rejected, 10 removed (8 dedup/near_duplicate, "
-            "2 dedup/exact_duplicate)") in proc.stderr, proc.stderr
+    assert (
+        "33 input rows -> 10 written, 13 rejected, 10 removed (8 dedup/near_duplicate, 2 dedup/exact_duplicate)"
+    ) in proc.stderr, proc.stderr
     samples = {}
     for shard in sorted((out / "shards").glob("*.tar")):
         for s in wds.WebDataset(str(shard), shardshuffle=False):
@@ -47,15 +48,18 @@ def test_every_dialect_reads_back_to_the_demos_real_boxes(demo_run, tmp_path):
 
     out, _ = demo_run
     for name in DIALECTS:
-        target, checked = export_run(out, ExportSpec(name, tasks=("caption", "refer", "kvg"), negatives=True),
-                                     tmp_path / name, check=40)
+        target, checked = export_run(
+            out, ExportSpec(name, tasks=("caption", "refer", "kvg"), negatives=True), tmp_path / name, check=40
+        )
         assert all(c["ok"] for c in checked), (name, [c for c in checked if not c["ok"]])
         assert sum(c["boxes"] for c in checked) >= 6, (name, checked)  # person, cup, cat... really read back
         assert {c["task"] for c in checked} >= {"caption", "refer"}
     for layout in ("ms-swift", "llama-factory"):
         done = run_cli("export", str(out), "--format", "qwen2.5-vl", "--layout", layout, "--check", "8")
         assert "check: 8 of 8 records read back" in done.stderr, done.stderr
-    records = [json.loads(line) for line in (out / "export" / "qwen2.5-vl-ms-swift" / "qwen2.5-vl.ms-swift.jsonl").open()]
+    records = [
+        json.loads(line) for line in (out / "export" / "qwen2.5-vl-ms-swift" / "qwen2.5-vl.ms-swift.jsonl").open()
+    ]
     refer = next(r for r in records if "-refer-" in r["id"])
     assert refer["objects"]["bbox_type"] == "real" and refer["messages"][0]["content"].count("<ref-object>") == 1
     assert (out / "export" / "qwen2.5-vl-llama-factory" / "dataset_info.json").exists()

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from ..conftest import run_cli
 from denseforge.pipeline.chat_stub import StubChatServer
 
+from ..conftest import run_cli
 from ..unit.test_experts import render_text
 
 pytestmark = pytest.mark.slow
@@ -120,8 +120,11 @@ qa: {{enabled: true, min_words: 1, max_hallucination: 1.0, min_ocr_fidelity: 0.0
     stats = json.loads((out / "stats.json").read_text())
     f = stats["funnel"]
     assert f["written"] == 3 and f["removed_by_reason"] == {"dedup/not_selected": 1}  # target_total: 3 of 4
-    samples = [json.loads(s["json"]) for shard in sorted((out / "shards").glob("*.tar"))
-               for s in wds.WebDataset(str(shard), shardshuffle=False)]
+    samples = [
+        json.loads(s["json"])
+        for shard in sorted((out / "shards").glob("*.tar"))
+        for s in wds.WebDataset(str(shard), shardshuffle=False)
+    ]
     with_objects = [s for s in samples if s["experts"].get("objects")]
     assert with_objects, "YOLOX finds the person, the cup, the cat"
     for s in with_objects:

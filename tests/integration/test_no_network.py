@@ -37,8 +37,10 @@ def test_a_run_sends_nothing_through_the_proxy(tmp_path, photo_dir, monkeypatch)
     folder.mkdir()
     (folder / "coffee.jpg").write_bytes((photo_dir / "coffee.jpg").read_bytes())
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"input: {{kind: folder, path: {folder}}}\nray: {{num_cpus: 2}}\n"
-                   "embed: {enabled: false}\ndedup: {enabled: false}\n")
+    cfg.write_text(
+        f"input: {{kind: folder, path: {folder}}}\nray: {{num_cpus: 2}}\n"
+        "embed: {enabled: false}\ndedup: {enabled: false}\n"
+    )
     try:
         run_cli("run", str(cfg), "--out", str(tmp_path / "run"))
     finally:

@@ -16,12 +16,16 @@ from ..conftest import run_cli
 from ..unit.test_experts import render_text
 
 pytestmark = pytest.mark.slow
+
+
 def test_the_plugin_is_discovered_and_passes_the_contract(colors_plugin):
     listing = run_cli("experts").stdout
     assert "colors" in listing and "denseforge-colors" in listing
     assert "min-caption-words" in listing and "stage" in listing
-    code = "from denseforge_colors import DominantColorExpert as E; from denseforge.experts import check_expert; " \
-           "print(check_expert(E)[0])"
+    code = (
+        "from denseforge_colors import DominantColorExpert as E; from denseforge.experts import check_expert; "
+        "print(check_expert(E)[0])"
+    )
     assert "label" in subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 
 
@@ -68,15 +72,19 @@ perceive:
     assert "<td>colors</td><td>5</td><td>1</td>" in (out / "report.html").read_text()
     status = run_cli("status", str(out)).stdout
     assert "stage colors: 5 items, failed 1 (ValueError 1)" in status and ": complete" in status
-    samples = {Path(json.loads(s["json"])["source"]["path"]).stem: json.loads(s["json"])
-               for s in wds.WebDataset(str(out / "shards" / "0000000.tar"), shardshuffle=False)}
+    samples = {
+        Path(json.loads(s["json"])["source"]["path"]).stem: json.loads(s["json"])
+        for s in wds.WebDataset(str(out / "shards" / "0000000.tar"), shardshuffle=False)
+    }
     for name, sample in samples.items():
         failed = {"colors"} if name == "tiny" else set()  # an expert that failed on an image says so in errors
         assert set(sample["provenance"]["experts"]) == {"world", "colors", "rapidocr", "tagger"} - failed
         # random-weight experts feed their consumers (the tag-queried detector) but never the evidence
         assert "tags" not in sample["experts"] and "objects" not in sample["experts"]
-        assert sample["provenance"]["experts"]["tagger"]["excluded"] == \
-            "random weights: 3 observation(s) kept out of the evidence"
+        assert (
+            sample["provenance"]["experts"]["tagger"]["excluded"]
+            == "random weights: 3 observation(s) kept out of the evidence"
+        )
         assert "random weights" in sample["provenance"]["experts"]["world"]["excluded"]
         if name != "tiny":
             assert sample["experts"]["colors"] and not sample["errors"]
@@ -89,8 +97,16 @@ perceive:
 
     # the reject policy turns the same expert failure into a reject row with its reason
     out2 = tmp_path / "run2"
-    run_cli("run", str(cfg), "--out", str(out2), "--set", "perceive.on_error=reject",
-            "--set", "perceive.experts=[{plugin: colors, options: {fail_below_px: 64}}]")
+    run_cli(
+        "run",
+        str(cfg),
+        "--out",
+        str(out2),
+        "--set",
+        "perceive.on_error=reject",
+        "--set",
+        "perceive.experts=[{plugin: colors, options: {fail_below_px: 64}}]",
+    )
     rejects = pq.read_table(out2 / "rejects.parquet").to_pylist()
     assert [(r["stage"], r["reason"]) for r in rejects] == [("colors", "expert_error")]
     assert "too small" in rejects[0]["detail"]
@@ -117,9 +133,13 @@ output: {{samples_per_shard: 2}}
     out = tmp_path / "run"
     proc = run_cli("run", str(cfg), "--out", str(out), check=False)
     assert proc.returncode == 1, proc.stderr
-    [line] = [l for l in proc.stderr.splitlines() if l.startswith("denseforge: error:")]
-    assert line.startswith("denseforge: error: stage 'colors' failed on every item it was given (3); "
-                           "first error: ValueError: image ") and "Traceback" not in proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("denseforge: error:")]
+    assert (
+        line.startswith(
+            "denseforge: error: stage 'colors' failed on every item it was given (3); first error: ValueError: image "
+        )
+        and "Traceback" not in proc.stderr
+    )
     status = run_cli("status", str(out)).stdout
     assert ": failed" in status and "reason: stage 'colors' failed on every item" in status
     js = json.loads(run_cli("status", str(out), "--json").stdout)
@@ -144,7 +164,7 @@ perceive: {{enabled: true, experts: [{{plugin: yolo, options: {{model: {tmp_path
     out = tmp_path / "run"
     proc = run_cli("run", str(cfg), "--out", str(out), check=False)
     assert proc.returncode == 2, proc.stderr
-    [line] = [l for l in proc.stderr.splitlines() if l.startswith("denseforge: error:")]
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("denseforge: error:")]
     assert line.startswith("denseforge: error: setup of stage 'yolo' failed: ModelLoadError: yolo: cannot load")
     assert "Traceback" not in proc.stderr and "RayTaskError" not in proc.stderr
     assert not (out / "raw").exists() and not (out / "input").exists()  # nothing read, nothing downloaded
@@ -166,8 +186,10 @@ qa: {{enabled: true, min_words: 1}}
 stages: [{{plugin: min-caption-words, name: gate, after: ground, options: {{min_words: 3}}}}]
 """)
     out = tmp_path / "run"
-    assert "# stages, in order: colors, merge, fuse, ground, gate, qa" in \
-        run_cli("run", str(cfg), "--out", str(out), "--dry-run").stdout
+    assert (
+        "# stages, in order: colors, merge, fuse, ground, gate, qa"
+        in run_cli("run", str(cfg), "--out", str(out), "--dry-run").stdout
+    )
     run_cli("run", str(cfg), "--out", str(out))
     stats = json.loads((out / "stats.json").read_text())
     # the template caption of an image no expert described is "An image." (2 words): the gate rejects it

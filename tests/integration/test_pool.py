@@ -34,9 +34,20 @@ class SlowStage(Stage):
 
 
 def _unit_rows(unit: int, n: int) -> pa.Table:
-    rows = [{"unit": unit, "unit_rows": n, "key": f"{unit:04d}{i:04d}", "image": b"",
-             "sample": Sample(key=f"{unit:04d}{i:04d}", url="u", width=1, height=1, sha256="0").model_dump_json(), "reject": None,
-             "removed": None, "trace": None, "outputs": None} for i in range(n)]
+    rows = [
+        {
+            "unit": unit,
+            "unit_rows": n,
+            "key": f"{unit:04d}{i:04d}",
+            "image": b"",
+            "sample": Sample(key=f"{unit:04d}{i:04d}", url="u", width=1, height=1, sha256="0").model_dump_json(),
+            "reject": None,
+            "removed": None,
+            "trace": None,
+            "outputs": None,
+        }
+        for i in range(n)
+    ]
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
@@ -56,8 +67,9 @@ def test_a_pool_with_max_concurrency_grows_while_it_is_the_bottleneck(ray_cluste
     units = 24
     ds = ray.data.from_items([{"unit": u} for u in range(units)], override_num_blocks=units)
     ds = ds.map_batches(lambda b: _unit_rows(int(b["unit"][0].as_py()), 2), batch_size=1, batch_format="pyarrow")
-    run = StageRun(SlowStage(), "slow", Resources(num_cpus=0.5, batch_size=2, concurrency=1,
-                                                  max_concurrency=max_concurrency))
+    run = StageRun(
+        SlowStage(), "slow", Resources(num_cpus=0.5, batch_size=2, concurrency=1, max_concurrency=max_concurrency)
+    )
     out = pa.concat_tables(list(add_stages(ds, [run]).iter_batches(batch_size=None, batch_format="pyarrow")))
     samples = [Sample.model_validate_json(s) for s in out.column("sample").to_pylist()]
     assert sorted(s.key for s in samples) == sorted(f"{u:04d}{i:04d}" for u in range(units) for i in range(2))
@@ -87,8 +99,10 @@ def test_the_stages_of_a_group_run_in_one_worker_process(ray_cluster):
     units = 6
     ds = ray.data.from_items([{"unit": u} for u in range(units)], override_num_blocks=units)
     ds = ds.map_batches(lambda b: _unit_rows(int(b["unit"][0].as_py()), 2), batch_size=1, batch_format="pyarrow")
-    runs = [StageRun(PidStage(name), name, Resources(num_cpus=0.25, batch_size=2, concurrency=1), group=group)
-            for name, group in (("a", "g"), ("b", "g"), ("c", None))]
+    runs = [
+        StageRun(PidStage(name), name, Resources(num_cpus=0.25, batch_size=2, concurrency=1), group=group)
+        for name, group in (("a", "g"), ("b", "g"), ("c", None))
+    ]
     out = pa.concat_tables(list(add_stages(ds, runs).iter_batches(batch_size=None, batch_format="pyarrow")))
     samples = [Sample.model_validate_json(s) for s in out.column("sample").to_pylist()]
     assert len(samples) == units * 2
@@ -104,8 +118,14 @@ def _load_rows(batch: pa.Table) -> pa.Table:
 def _write_pids(batch: pa.Table, label: str) -> pa.Table:
     """A sink that says which process wrote each unit and which ran the stage before it."""
     light = {Sample.model_validate_json(s).provenance["light"] for s in batch.column("sample").to_pylist()}
-    return pa.table({"label": [label], "units": [len(set(batch.column("unit").to_pylist()))],
-                     "writer": [os.getpid()], "light": [sorted(light)]})
+    return pa.table(
+        {
+            "label": [label],
+            "units": [len(set(batch.column("unit").to_pylist()))],
+            "writer": [os.getpid()],
+            "light": [sorted(light)],
+        }
+    )
 
 
 def test_the_sink_is_one_worker_for_the_pass_and_runs_the_light_stages_before_it(ray_cluster):

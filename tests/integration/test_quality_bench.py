@@ -18,5 +18,7 @@ def test_bench_quality_meets_its_goals(tmp_path):
     assert r["grounding"]["pairs"] >= 100 and r["grounding"]["precision"] >= 0.95
     assert r["dedup"]["precision"] == 1.0 and r["dedup"]["recall"] >= 0.95 and r["dedup"]["false_merges"] == []
     assert r["ocr"]["box_iou_0.5"] >= 0.95 and r["ocr"]["verbatim"] >= 0.95
-    assert r["detection"]["recall_at_iou_0.5"] >= 0.8  # YOLOX-Nano as measured: misses the spoon, a tie, a cut-off person
+    assert (
+        r["detection"]["recall_at_iou_0.5"] >= 0.8
+    )  # YOLOX-Nano as measured: misses the spoon, a tie, a cut-off person
     assert r["captions"]["captions_with_the_planted_instruction"] == 0 and r["captions"]["coverage"] == 1.0

@@ -11,8 +11,18 @@ from PIL import Image
 
 from denseforge.errors import StageFailedError
 from denseforge.experts.base import Expert, Resources
-from denseforge.pipeline.adapter import (ROW_SCHEMA, StageRun, StageWorker, Step, add_stages, call_isolated, chains,
-                                        count_traces, merge_counts, run_stage_task)
+from denseforge.pipeline.adapter import (
+    ROW_SCHEMA,
+    StageRun,
+    StageWorker,
+    Step,
+    add_stages,
+    call_isolated,
+    chains,
+    count_traces,
+    merge_counts,
+    run_stage_task,
+)
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.stages.perceive import ExpertStage, MergeStage, PerceiveConfig
 from denseforge.stages.sample import Reject, Sample
@@ -26,12 +36,34 @@ def _rows(n: int, dead: int = 0) -> pa.Table:
     rows = []
     for i in range(n):
         sample = Sample(key=f"k{i}", url=f"http://x/{i}", width=16, height=12, sha256="0")
-        rows.append({"unit": 0, "unit_rows": n + dead, "key": sample.key, "image": image,
-                     "sample": sample.model_dump_json(), "reject": None, "removed": None, "trace": None, "outputs": None})
+        rows.append(
+            {
+                "unit": 0,
+                "unit_rows": n + dead,
+                "key": sample.key,
+                "image": image,
+                "sample": sample.model_dump_json(),
+                "reject": None,
+                "removed": None,
+                "trace": None,
+                "outputs": None,
+            }
+        )
     for i in range(dead):
         reject = Reject(key=f"d{i}", stage="ingest", reason="http_404")
-        rows.append({"unit": 0, "unit_rows": n + dead, "key": reject.key, "image": None, "sample": None,
-                     "reject": reject.model_dump_json(), "removed": None, "trace": None, "outputs": None})
+        rows.append(
+            {
+                "unit": 0,
+                "unit_rows": n + dead,
+                "key": reject.key,
+                "image": None,
+                "sample": None,
+                "reject": reject.model_dump_json(),
+                "removed": None,
+                "trace": None,
+                "outputs": None,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
@@ -71,8 +103,13 @@ def test_verdicts_become_rows_and_dead_rows_pass_untouched():
     reject = Reject.model_validate_json(by_key["k1"]["reject"])
     assert (reject.stage, reject.reason, reject.detail, reject.url) == ("judge", "ugly", "too red", "http://x/1")
     assert by_key["k1"]["sample"] is None and by_key["k1"]["image"] is None
-    assert json.loads(by_key["k2"]["removed"]) == {"key": "k2", "stage": "judge", "reason": "duplicate",
-                                                   "dup_of": "k0", "cluster": 3}
+    assert json.loads(by_key["k2"]["removed"]) == {
+        "key": "k2",
+        "stage": "judge",
+        "reason": "duplicate",
+        "dup_of": "k0",
+        "cluster": 3,
+    }
     failed = Reject.model_validate_json(by_key["k3"]["reject"])
     assert (failed.stage, failed.reason, failed.detail) == ("judge", "stage_error", "ValueError: cannot judge k3")
     assert by_key["d0"]["trace"] is None and Reject.model_validate_json(by_key["d0"]["reject"]).reason == "http_404"
@@ -119,8 +156,9 @@ class MinCaptionWords(Stage):
     name = "min-caption-words"
 
     def process(self, batch):
-        return [None if len((item.sample.caption or "").split()) >= 2 else Rejection("caption_too_short")
-                for item in batch]
+        return [
+            None if len((item.sample.caption or "").split()) >= 2 else Rejection("caption_too_short") for item in batch
+        ]
 
 
 def test_a_new_filter_stage_is_one_class():
@@ -138,8 +176,12 @@ class Shouter(Expert):
     def __call__(self, batch):
         if any(item.image.size[0] < 10 for item in batch):
             raise ValueError("too small")
-        return [[{"text": "HEY", "box": [-5, 2, 8, 9]}, {"text": "gone", "box": [20, 20, 30, 30]}]
-                if item.key != "k1" else "not a list" for item in batch]
+        return [
+            [{"text": "HEY", "box": [-5, 2, 8, 9]}, {"text": "gone", "box": [20, 20, 30, 30]}]
+            if item.key != "k1"
+            else "not a list"
+            for item in batch
+        ]
 
 
 def test_an_expert_runs_as_a_stage_and_its_output_is_validated_per_image():
@@ -149,29 +191,56 @@ def test_an_expert_runs_as_a_stage_and_its_output_is_validated_per_image():
     assert sample.provenance["experts"]["loud"] == {"plugin": "shouter"}
     bad = Sample.model_validate_json(rows["k1"]["sample"])
     assert "invalid output" in bad.errors["loud"] and "shouts@loud" not in bad.experts
-    merged = {r["key"]: r for r in _run(MergeStage(PerceiveConfig()), pa.Table.from_pylist(list(rows.values()),
-                                                                                           schema=ROW_SCHEMA))}
-    assert Sample.model_validate_json(merged["k0"]["sample"]).experts == {"shouts": [{"text": "HEY", "box": [0.0, 2.0, 8.0, 9.0]}]}
+    merged = {
+        r["key"]: r
+        for r in _run(MergeStage(PerceiveConfig()), pa.Table.from_pylist(list(rows.values()), schema=ROW_SCHEMA))
+    }
+    assert Sample.model_validate_json(merged["k0"]["sample"]).experts == {
+        "shouts": [{"text": "HEY", "box": [0.0, 2.0, 8.0, 9.0]}]
+    }
     counters = count_traces([r["trace"] for r in rows.values()])["loud"]["counters"]
     assert counters == {"boxes_clipped": 2, "boxes_dropped": 2}  # k0 and k2, each one clipped and one outside
 
 
 def test_error_budget_fails_past_the_rate_and_on_a_dead_stage():
-    runs = [StageRun(Judge(), "judge", Resources(), max_error_rate=0.1),
-            StageRun(Judge(), "lenient", Resources(), max_error_rate=None)]
+    runs = [
+        StageRun(Judge(), "judge", Resources(), max_error_rate=0.1),
+        StageRun(Judge(), "lenient", Resources(), max_error_rate=None),
+    ]
     budget = ErrorBudget(runs, min_items=20)
-    part = {"judge": {"items": 10, "failed": {"ValueError": 2}, "rejected": {}, "removed": 0, "busy_s": 1.0,
-                      "first_error": "ValueError: boom"}}
+    part = {
+        "judge": {
+            "items": 10,
+            "failed": {"ValueError": 2},
+            "rejected": {},
+            "removed": 0,
+            "busy_s": 1.0,
+            "first_error": "ValueError: boom",
+        }
+    }
     budget.add(part)
     budget.check()  # 10 items < min_items: not judged yet
     budget.add(part)
-    with pytest.raises(StageFailedError, match=r"stage 'judge' failed on 4 of 20 items \(20%, max_error_rate 0.1\); "
-                                               r"first error: ValueError: boom") as err:
+    with pytest.raises(
+        StageFailedError,
+        match=r"stage 'judge' failed on 4 of 20 items \(20%, max_error_rate 0.1\); "
+        r"first error: ValueError: boom",
+    ) as err:
         budget.check()
     assert err.value.stage == "judge" and err.value.exit_code == 1
     dead = ErrorBudget(runs, min_items=20)
-    dead.add({"lenient": {"items": 3, "failed": {"OSError": 3}, "rejected": {}, "removed": 0, "busy_s": 0.0,
-                          "first_error": "OSError: no model"}})
+    dead.add(
+        {
+            "lenient": {
+                "items": 3,
+                "failed": {"OSError": 3},
+                "rejected": {},
+                "removed": 0,
+                "busy_s": 0.0,
+                "first_error": "OSError: no model",
+            }
+        }
+    )
     dead.check()  # no rate limit, too few items: only the final check catches a stage that never worked
     with pytest.raises(StageFailedError, match="failed on every item it was given"):
         dead.check(final=True)
@@ -185,14 +254,19 @@ def test_merge_keeps_random_weight_experts_out_of_the_evidence_and_says_so():
     table = _rows(1)
     row = table.to_pylist()[0]
     sample = Sample.model_validate_json(row["sample"])
-    sample.experts = {"tags@tagger": [{"label": "banana", "score": 0.9}],
-                      "objects@det": [{"label": "dog", "score": 0.8, "box": [0, 0, 5, 5]}]}
+    sample.experts = {
+        "tags@tagger": [{"label": "banana", "score": 0.9}],
+        "objects@det": [{"label": "dog", "score": 0.8, "box": [0, 0, 5, 5]}],
+    }
     row["sample"] = sample.model_dump_json()
     stage = MergeStage(PerceiveConfig(), untrained=frozenset({"tagger"}))
     [out] = _run(stage, pa.Table.from_pylist([row], schema=ROW_SCHEMA))
     merged = Sample.model_validate_json(out["sample"])
     assert merged.experts == {"objects": [{"label": "dog", "score": 0.8, "box": [0, 0, 5, 5]}]}
-    assert merged.provenance["experts"]["tagger"]["excluded"] == "random weights: 1 observation(s) kept out of the evidence"
+    assert (
+        merged.provenance["experts"]["tagger"]["excluded"]
+        == "random weights: 1 observation(s) kept out of the evidence"
+    )
 
 
 class LeavesNumpy(Stage):
@@ -252,8 +326,12 @@ class Second(Stage):
             if item.key == "k4":
                 verdicts.append(RuntimeError("second fails on k4"))
                 continue
-            item.sample.provenance["second_saw"] = {"caption": item.sample.caption, "errors": dict(item.sample.errors),
-                                                    "image_id": id(item.image), "judge_image_id": item.outputs.get("image_id")}
+            item.sample.provenance["second_saw"] = {
+                "caption": item.sample.caption,
+                "errors": dict(item.sample.errors),
+                "image_id": id(item.image),
+                "judge_image_id": item.outputs.get("image_id"),
+            }
             verdicts.append(None)
         return verdicts
 
@@ -269,11 +347,12 @@ def test_a_group_runs_its_stages_in_one_worker_each_with_its_own_verdicts_and_tr
     """Two stages in one worker: a record parsed and an image decoded once; the second stage sees
     what the first left (its caption, or with `keep` the sample as it came in plus the error) and
     only the items the first let through; each has its own trace entry, counts and policy."""
-    judge = StageRun(JudgeNotingImages(), "judge", Resources(batch_size=8, concurrency=None), on_error="keep", group="g")
+    judge = StageRun(
+        JudgeNotingImages(), "judge", Resources(batch_size=8, concurrency=None), on_error="keep", group="g"
+    )
     second = StageRun(Second(), "second", Resources(batch_size=2, concurrency=None), on_error="reject", group="g")
     rows = {r["key"]: r for r in StageWorker(judge, second)(_rows(6, dead=1)).to_pylist()}
-    seen = {k: Sample.model_validate_json(r["sample"]).provenance["second_saw"] for k, r in rows.items()
-            if r["sample"]}
+    seen = {k: Sample.model_validate_json(r["sample"]).provenance["second_saw"] for k, r in rows.items() if r["sample"]}
     assert sorted(seen) == ["k0", "k3", "k5"]
     assert seen["k0"]["caption"] == "judged k0" and seen["k0"]["errors"] == {}
     assert seen["k3"] == {**seen["k3"], "caption": None, "errors": {"judge": "ValueError: cannot judge k3"}}

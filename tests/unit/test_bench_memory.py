@@ -7,7 +7,10 @@ import sys
 
 from denseforge.pipeline.bench.memory import TreeMemory
 
-BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(0.3)\nprint(time.process_time())"
+BURN = (
+    "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    "time.sleep(0.3)\nprint(time.process_time())"
+)
 
 
 def test_a_childs_cpu_seconds_and_memory_are_counted():

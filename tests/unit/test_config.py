@@ -7,8 +7,11 @@ from denseforge.pipeline.config import apply_overrides, load_config, parse_confi
 def test_unknown_key_names_its_path_and_the_key_it_meant():
     with pytest.raises(ConfigError, match=r"ingest\.thredas: unknown key \(did you mean ingest\.threads\?\)"):
         parse_config({"input": {"path": "x.parquet"}, "ingest": {"thredas": 4}})
-    with pytest.raises(ConfigError, match=r"perceive\.experts\.0\.optoins: unknown key \(did you mean "
-                                          r"perceive\.experts\.0\.options\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"perceive\.experts\.0\.optoins: unknown key \(did you mean "
+        r"perceive\.experts\.0\.options\?\)",
+    ):
         parse_config({"input": {"path": "x.parquet"}, "perceive": {"experts": [{"plugin": "yolox", "optoins": {}}]}})
     with pytest.raises(ConfigError, match=r"zzz: unknown key$"):
         parse_config({"input": {"path": "x.parquet"}, "zzz": 1})
@@ -52,9 +55,13 @@ def test_set_rejects_malformed_items():
 def test_set_reaches_into_lists_by_index():
     data = {"perceive": {"experts": [{"plugin": "yolox"}, {"plugin": "rapidocr", "resources": {"num_cpus": 0.5}}]}}
     apply_overrides(data, ["perceive.experts.1.resources.max_concurrency=2", "perceive.experts.0.name=det"])
-    assert data["perceive"]["experts"] == [{"plugin": "yolox", "name": "det"},
-                                           {"plugin": "rapidocr", "resources": {"num_cpus": 0.5, "max_concurrency": 2}}]
-    with pytest.raises(ConfigError, match=r"perceive.experts.2 - perceive.experts is a list of 2; give an index from 0 to 1"):
+    assert data["perceive"]["experts"] == [
+        {"plugin": "yolox", "name": "det"},
+        {"plugin": "rapidocr", "resources": {"num_cpus": 0.5, "max_concurrency": 2}},
+    ]
+    with pytest.raises(
+        ConfigError, match=r"perceive.experts.2 - perceive.experts is a list of 2; give an index from 0 to 1"
+    ):
         apply_overrides(data, ["perceive.experts.2.name=x"])
     with pytest.raises(ConfigError, match="is a list of 2"):
         apply_overrides(data, ["perceive.experts.name=x"])

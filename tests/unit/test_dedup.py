@@ -46,7 +46,7 @@ def planted():
 def test_blocked_greedy_matches_the_naive_reference_across_block_boundaries(planted, block):
     thresholds = [0.9, 0.95, 0.5]
     got = dd.greedy_duplicates(planted, thresholds, block=block)
-    for t, dup in zip(thresholds, got):
+    for t, dup in zip(thresholds, got, strict=True):
         np.testing.assert_array_equal(dup, naive_greedy(planted, t))
 
 
@@ -57,7 +57,7 @@ def test_bf16_screened_greedy_decides_its_first_threshold_as_float32_does(plante
     thresholds = [0.95, 0.9, 0.5]
     got = dd.greedy_duplicates(planted, thresholds, block=block, bf16=True)
     np.testing.assert_array_equal(got[0], naive_greedy(planted, 0.95))
-    for t, dup in zip(thresholds[1:], got[1:]):  # estimates: at most a few rows either way
+    for t, dup in zip(thresholds[1:], got[1:], strict=True):  # estimates: at most a few rows either way
         assert abs(int((dup < 0).sum()) - int((naive_greedy(planted, t) < 0).sum())) <= 3
 
 
@@ -70,7 +70,7 @@ def test_bf16_screening_decides_pairs_near_the_threshold_in_float32():
     other = rng.normal(size=(200, 256))
     other = _unit(other - (other * base).sum(1, keepdims=True) * base)
     cos = rng.uniform(0.94, 0.96, size=(200, 1))
-    x = np.concatenate([base, (cos * base + np.sqrt(1 - cos ** 2) * other)]).astype(np.float32)
+    x = np.concatenate([base, (cos * base + np.sqrt(1 - cos**2) * other)]).astype(np.float32)
     x = x[rng.permutation(len(x))]
     reference = naive_greedy(x, 0.95)
     screened, estimate = dd.greedy_duplicates(x, [0.95, 0.95], block=64, bf16=True)
@@ -121,7 +121,7 @@ def test_bf16_products_multiply_padded_shapes_and_return_the_span_asked_for():
         spans = [(0, 5, 0, 5), (128, 301, 0, 128), (256, 301, 100, 301), (300, 301, 0, 1)]
         got = [products(*span) for span in spans]
     assert shapes and all(r % dd.BF16_SHAPE == 0 and c % dd.BF16_SHAPE == 0 for r, c in shapes)
-    for (s, e, c, ce), product in zip(spans, got):
+    for (s, e, c, ce), product in zip(spans, got, strict=True):
         assert product.shape == (e - s, ce - c) and product.dtype == np.float32
         np.testing.assert_allclose(product, x[s:e] @ x[c:ce].T, atol=dd.BF16_MARGIN)
 
@@ -129,7 +129,7 @@ def test_bf16_products_multiply_padded_shapes_and_return_the_span_asked_for():
 def test_pairs_finds_what_nonzero_finds():
     rng = np.random.default_rng(3)
     for mask in (rng.random((7, 5)) > 0.7, np.zeros((4, 3), bool), (rng.random((9, 9)) > 0.5)[:6, 2:]):
-        for got, want in zip(dd._pairs(mask), np.nonzero(mask)):
+        for got, want in zip(dd._pairs(mask), np.nonzero(mask), strict=True):
             np.testing.assert_array_equal(got, want)
 
 
@@ -168,8 +168,19 @@ def test_semantic_dedup_finds_planted_pairs():
     copies = _unit(base[:50] + rng.normal(scale=0.02, size=(50, 64)))
     x = np.concatenate([base, copies])
     keys = [f"{i:05d}" for i in range(len(x))]
-    res = dd.dedup_cluster(keys, x, keys, np.arange(len(x)), np.zeros(len(x)), np.ones(len(x)),
-                           epsilon=0.05, phash_max_distance=None, exact=True, policy="first_key", sweep=[0.01, 1.0])
+    res = dd.dedup_cluster(
+        keys,
+        x,
+        keys,
+        np.arange(len(x)),
+        np.zeros(len(x)),
+        np.ones(len(x)),
+        epsilon=0.05,
+        phash_max_distance=None,
+        exact=True,
+        policy="first_key",
+        sweep=[0.01, 1.0],
+    )
     removed = np.flatnonzero(res.reason != "")
     assert sorted(removed) == list(range(200, 250))
     assert all(res.dup_of[i] == i - 200 for i in removed)
@@ -179,20 +190,38 @@ def test_semantic_dedup_finds_planted_pairs():
 def test_dup_of_points_at_the_item_that_stays():
     # a: kept; b: exact copy of c; c: semantic duplicate of a  ->  b.dup_of must be a
     x = _unit(np.array([[1, 0], [1, 0.05], [1, 0.05]], dtype=np.float32))
-    res = dd.dedup_cluster(["a", "b", "c"], x, ["s1", "s2", "s2"], np.array([1, 2, 3]), np.array([0.9, 0.5, 0.8]),
-                           np.ones(3), epsilon=0.1, phash_max_distance=None, policy="nearest_centroid")
+    res = dd.dedup_cluster(
+        ["a", "b", "c"],
+        x,
+        ["s1", "s2", "s2"],
+        np.array([1, 2, 3]),
+        np.array([0.9, 0.5, 0.8]),
+        np.ones(3),
+        epsilon=0.1,
+        phash_max_distance=None,
+        policy="nearest_centroid",
+    )
     assert list(res.reason) == ["", "exact_duplicate", "semantic_duplicate"]
     assert list(res.dup_of) == [-1, 0, 0]
     assert list(res.rank) == [0, 3, 3]
 
 
-@pytest.mark.parametrize("policy, winner", [("nearest_centroid", 1), ("farthest_centroid", 0),
-                                            ("largest_image", 2), ("first_key", 0)])
+@pytest.mark.parametrize(
+    "policy, winner", [("nearest_centroid", 1), ("farthest_centroid", 0), ("largest_image", 2), ("first_key", 0)]
+)
 def test_keep_policies(policy, winner):
     x = _unit(np.ones((3, 4), dtype=np.float32))
-    res = dd.dedup_cluster(["k0", "k1", "k2"], x, ["a", "b", "c"], np.array([0, 1 << 40, 7]),
-                           np.array([0.1, 0.9, 0.5]), np.array([10, 20, 30]), epsilon=0.01,
-                           phash_max_distance=None, policy=policy)
+    res = dd.dedup_cluster(
+        ["k0", "k1", "k2"],
+        x,
+        ["a", "b", "c"],
+        np.array([0, 1 << 40, 7]),
+        np.array([0.1, 0.9, 0.5]),
+        np.array([10, 20, 30]),
+        epsilon=0.01,
+        phash_max_distance=None,
+        policy=policy,
+    )
     assert [i for i in range(3) if res.reason[i] == ""] == [winner]
 
 
@@ -220,8 +249,17 @@ def test_planted_duplicates_among_real_photos_are_removed_and_distinct_photos_ke
     sha = [hashlib.sha256(s).hexdigest() for s in stored]
     phash = np.array([perceptual_hash(Image.open(io.BytesIO(s)).convert("RGB")) for s in stored])
     sizes = np.array([Image.open(io.BytesIO(s)).size for s in stored])
-    res = dd.dedup_cluster(keys, np.zeros((len(keys), 1), np.float32), sha, phash, np.zeros(len(keys)),
-                           sizes[:, 0] * sizes[:, 1], epsilon=None, phash_max_distance=4, policy="first_key")
+    res = dd.dedup_cluster(
+        keys,
+        np.zeros((len(keys), 1), np.float32),
+        sha,
+        phash,
+        np.zeros(len(keys)),
+        sizes[:, 0] * sizes[:, 1],
+        epsilon=None,
+        phash_max_distance=4,
+        policy="first_key",
+    )
     for j, (key, _, original) in enumerate(entries):
         if original is None:
             assert res.reason[j] == "", f"distinct photo {key} was removed"
@@ -281,17 +319,28 @@ def test_dedup_all_works_cluster_by_cluster_and_skips_non_candidates():
     labels = np.array([0, 0, 1, 1, 1])  # row 4 is near row 0 but sits in another cluster
     keys = ["a", "b", "c", "d", "e"]
     candidates = np.array([True, True, True, False, True])
-    res = dd.dedup_all(labels, x, keys, keys, np.arange(5), np.zeros(5), np.ones(5), candidates=candidates,
-                       epsilon=0.01, phash_max_distance=None, policy="first_key", sweep=[0.01])
+    res = dd.dedup_all(
+        labels,
+        x,
+        keys,
+        keys,
+        np.arange(5),
+        np.zeros(5),
+        np.ones(5),
+        candidates=candidates,
+        epsilon=0.01,
+        phash_max_distance=None,
+        policy="first_key",
+        sweep=[0.01],
+    )
     assert list(res.reason) == ["", "semantic_duplicate", "", "", ""]
     assert list(res.dup_of) == [-1, 0, -1, -1, -1]
     assert res.rank[3] == -1 and res.sweep_kept == {0.01: 3}
 
 
 def test_a_phash_match_needs_a_second_witness_no_false_merges_copies_still_caught():
-    from denseforge.stages.embed import fingerprint
-
     from denseforge.pipeline.bench.quality import dedup_set
+    from denseforge.stages.embed import fingerprint
 
     distinct, copies = dedup_set()
     images, group = [], []
@@ -322,6 +371,7 @@ def test_a_phash_match_needs_a_second_witness_no_false_merges_copies_still_caugh
 def test_hue_histogram_is_circular_and_soft():
     """Regression: hard bins put pure red (hue ~0 and ~1) and pure blue (hue 2/3, a bin edge) in
     different bins on JPEG noise, so a logo's copy failed the colour witness (L1 up to 1.6)."""
+
     def thumb(rgb):
         return np.array([rgb] * 64, dtype=np.uint8)
 
@@ -341,28 +391,42 @@ def test_every_copy_kind_passes_the_witness_and_no_look_alike_does():
 
     cfg = dd.DedupConfig()
     distinct, copies = dedup_set()
-    prints = [[np.frombuffer(fingerprint(Image.open(io.BytesIO(_jpeg(c, quality=90))).convert("RGB")), np.uint8)
-               for c in copies(im)[:4]] for im in distinct]
+    prints = [
+        [
+            np.frombuffer(fingerprint(Image.open(io.BytesIO(_jpeg(c, quality=90))).convert("RGB")), np.uint8)
+            for c in copies(im)[:4]
+        ]
+        for im in distinct
+    ]
     for group in prints:
-        assert all(dd.witnessed(group[0], p, cfg.witness_max_fine_distance, cfg.witness_max_colour_difference)
-                   for p in group[1:])
+        assert all(
+            dd.witnessed(group[0], p, cfg.witness_max_fine_distance, cfg.witness_max_colour_difference)
+            for p in group[1:]
+        )
     for a in range(len(prints)):
         for b in range(a + 1, len(prints)):
-            pa, pb = np.frombuffer(fingerprint(distinct[a]), np.uint8), np.frombuffer(fingerprint(distinct[b]), np.uint8)
+            pa, pb = (
+                np.frombuffer(fingerprint(distinct[a]), np.uint8),
+                np.frombuffer(fingerprint(distinct[b]), np.uint8),
+            )
             same_bits = dd.phash_vectors(np.array([perceptual_hash(distinct[a]), perceptual_hash(distinct[b])]))
             close = float(same_bits[0] @ same_bits[1]) > 1.0 - 2.0 * (cfg.phash_max_distance + 0.5) / 64.0
-            assert not (close and dd.witnessed(pa, pb, cfg.witness_max_fine_distance, cfg.witness_max_colour_difference))
+            assert not (
+                close and dd.witnessed(pa, pb, cfg.witness_max_fine_distance, cfg.witness_max_colour_difference)
+            )
 
 
 def test_border_rows_get_the_clusters_within_the_margin_at_most_border_clusters():
     centroids = np.array([[1, 0], [0, 1], [-1, 0]], dtype=np.float32)
-    # sims to (c0, c1, c2): (0.719, 0.695, -0.719), (0.985, 0.174, -0.985), (0.643, 0.766, -0.643), (-0.682, 0.731, 0.682)
+    # sims to (c0, c1, c2): (0.719, 0.695, -0.719), (0.985, 0.174, -0.985), (0.643, 0.766, -0.643),
+    # (-0.682, 0.731, 0.682)
     angles = np.deg2rad([44.0, 10.0, 50.0, 133.0])
     x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
     labels, sims, extra = dd.assign_clusters(x, centroids, border=0.05)
     assert list(labels) == [0, 0, 1, 1] and extra.tolist() == [[1, -1], [-1, -1], [-1, -1], [2, -1]]
-    np.testing.assert_allclose(sims, [np.cos(angles[0]), np.cos(angles[1]), np.sin(angles[2]), np.sin(angles[3])],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        sims, [np.cos(angles[0]), np.cos(angles[1]), np.sin(angles[2]), np.sin(angles[3])], atol=1e-6
+    )
     assert dd.assign_clusters(x, centroids, border=0.13)[2].tolist() == [[1, -1], [-1, -1], [0, -1], [2, -1]]
     # 2.0: every centroid is within the border; border_clusters caps them
     assert dd.assign_clusters(x, centroids, border=2.0)[2].tolist() == [[1, 2], [1, 2], [0, 2], [2, 0]]
@@ -387,7 +451,9 @@ def test_a_duplicate_split_by_a_cluster_boundary_is_found_through_the_border_row
     common = dict(epsilon=0.01, phash_max_distance=None, policy="first_key", sweep=[0.01])
     alone = dd.dedup_all(labels, x, keys, keys, np.arange(3), np.zeros(3), np.ones(3), **common)
     assert list(alone.reason) == ["", "", ""]
-    res = dd.dedup_all(labels, x, keys, keys, np.arange(3), np.zeros(3), np.ones(3), extra=np.array([[1], [-1], [-1]]), **common)
+    res = dd.dedup_all(
+        labels, x, keys, keys, np.arange(3), np.zeros(3), np.ones(3), extra=np.array([[1], [-1], [-1]]), **common
+    )
     assert list(res.reason) == ["", "semantic_duplicate", ""] and list(res.dup_of) == [-1, 0, -1]
     assert res.sweep_kept == {0.01: 2}  # the border copy of "a" is not counted twice
     assert list(res.rank) == [0, 3, 0]  # ranked in its own cluster, where the copy of "a" takes no place; removed: n
@@ -398,8 +464,12 @@ def test_merge_entries_follows_a_border_row_removed_elsewhere_to_what_stays():
     # itself removed in its own cluster B as a duplicate of Y: Z must end up pointing at Y.
     rows = np.array([1, 0, 1, 2])
     primary = np.array([True, True, False, True])
-    entries = dd.DedupResult(np.array([dd.SEMANTIC, "", "", dd.NEAR], dtype=object),
-                             np.array([0, -1, -1, 1]), np.array([1, 0, 0, 1]), {0.05: 2})
+    entries = dd.DedupResult(
+        np.array([dd.SEMANTIC, "", "", dd.NEAR], dtype=object),
+        np.array([0, -1, -1, 1]),
+        np.array([1, 0, 0, 1]),
+        {0.05: 2},
+    )
     merged = dd.merge_entries(rows, primary, entries, 3)
     assert list(merged.reason) == ["", dd.SEMANTIC, dd.NEAR] and list(merged.dup_of) == [-1, 0, 0]
     assert list(merged.rank) == [0, 1, 1] and merged.sweep_kept == {0.05: 2}
@@ -407,8 +477,9 @@ def test_merge_entries_follows_a_border_row_removed_elsewhere_to_what_stays():
 
 def test_merge_entries_a_primary_removal_names_the_reason():
     rows, primary = np.array([1, 1, 0]), np.array([False, True, True])
-    entries = dd.DedupResult(np.array([dd.SEMANTIC, dd.EXACT, ""], dtype=object), np.array([0, 0, -1]),
-                             np.array([3, 2, 0]), {})
+    entries = dd.DedupResult(
+        np.array([dd.SEMANTIC, dd.EXACT, ""], dtype=object), np.array([0, 0, -1]), np.array([3, 2, 0]), {}
+    )
     merged = dd.merge_entries(rows, primary, entries, 2)
     assert list(merged.reason) == ["", dd.EXACT] and list(merged.dup_of) == [-1, 0] and list(merged.rank) == [0, 2]
 
@@ -417,8 +488,12 @@ def test_merge_entries_decides_the_same_whatever_order_the_entries_come_in():
     """Row 0 is kept in its own cluster and removed as a border copy in two others, of rows 2 and 1
     (the buckets' parts come in bucket order, which `dedup.buckets` changes): dup_of is row 1."""
     rows, primary = np.array([0, 1, 2, 0, 0]), np.array([True, True, True, False, False])
-    entries = dd.DedupResult(np.array(["", "", "", dd.SEMANTIC, dd.SEMANTIC], dtype=object),
-                             np.array([-1, -1, -1, 2, 1]), np.array([0, 0, 0, 5, 5]), {})
+    entries = dd.DedupResult(
+        np.array(["", "", "", dd.SEMANTIC, dd.SEMANTIC], dtype=object),
+        np.array([-1, -1, -1, 2, 1]),
+        np.array([0, 0, 0, 5, 5]),
+        {},
+    )
     for order in (np.arange(5), np.array([4, 3, 2, 1, 0]), np.array([1, 4, 0, 3, 2])):
         part = dd.DedupResult(entries.reason[order], entries.dup_of[order], entries.rank[order], {})
         merged = dd.merge_entries(rows[order], primary[order], part, 3)
@@ -432,14 +507,56 @@ def test_bucket_entries_merge_into_one_decision_per_key_on_its_primary_row():
 
     from denseforge.pipeline.dedup_phase import ENTRY_SCHEMA, _merge_entries
 
-    bucket_7 = pa.Table.from_pylist([
-        {"key": "x", "unit": 0, "cluster": 7, "distance": 0.1, "rank": 3, "reason": dd.SEMANTIC, "dup_of": "y", "primary": True},
-        {"key": "y", "unit": 0, "cluster": 7, "distance": 0.0, "rank": 0, "reason": "", "dup_of": None, "primary": True},
-    ], schema=ENTRY_SCHEMA)
-    bucket_5 = pa.Table.from_pylist([
-        {"key": "x", "unit": 0, "cluster": 5, "distance": 0.1, "rank": 0, "reason": "", "dup_of": None, "primary": False},
-        {"key": "z", "unit": 1, "cluster": 5, "distance": 0.2, "rank": 2, "reason": dd.NEAR, "dup_of": "x", "primary": True},
-    ], schema=ENTRY_SCHEMA)
+    bucket_7 = pa.Table.from_pylist(
+        [
+            {
+                "key": "x",
+                "unit": 0,
+                "cluster": 7,
+                "distance": 0.1,
+                "rank": 3,
+                "reason": dd.SEMANTIC,
+                "dup_of": "y",
+                "primary": True,
+            },
+            {
+                "key": "y",
+                "unit": 0,
+                "cluster": 7,
+                "distance": 0.0,
+                "rank": 0,
+                "reason": "",
+                "dup_of": None,
+                "primary": True,
+            },
+        ],
+        schema=ENTRY_SCHEMA,
+    )
+    bucket_5 = pa.Table.from_pylist(
+        [
+            {
+                "key": "x",
+                "unit": 0,
+                "cluster": 5,
+                "distance": 0.1,
+                "rank": 0,
+                "reason": "",
+                "dup_of": None,
+                "primary": False,
+            },
+            {
+                "key": "z",
+                "unit": 1,
+                "cluster": 5,
+                "distance": 0.2,
+                "rank": 2,
+                "reason": dd.NEAR,
+                "dup_of": "x",
+                "primary": True,
+            },
+        ],
+        schema=ENTRY_SCHEMA,
+    )
     entries = pa.concat_tables([bucket_7, bucket_5])  # as the phase reads its bucket parts: one chunk each
     merged = {r["key"]: r for r in _merge_entries(entries).to_pylist()}
     assert set(merged) == {"x", "y", "z"} and "primary" not in merged["x"]
@@ -495,7 +612,7 @@ def test_an_index_builds_its_search_once_and_pickles_without_it():
         assert index.search is search
         copy = pickle.loads(pickle.dumps(index))
         assert copy._search is None
-        for a, b, c in zip(first, again, dd.assign_clusters(x, copy, border=0.1)):
+        for a, b, c in zip(first, again, dd.assign_clusters(x, copy, border=0.1), strict=True):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(a, c)
 
@@ -517,8 +634,10 @@ def test_the_in_memory_bench_takes_the_config_and_screens_as_a_bucket_task_does(
     from denseforge.errors import ConfigError
     from denseforge.pipeline.bench.dedup import bench_dedup
 
-    runs = {m: bench_dedup(sizes=(3000,), dim=32, baseline_n=300, overrides=(f"dedup.matmul={m}",))
-            for m in ("float32", "bfloat16")}
+    runs = {
+        m: bench_dedup(sizes=(3000,), dim=32, baseline_n=300, overrides=(f"dedup.matmul={m}",))
+        for m in ("float32", "bfloat16")
+    }
     for m, r in runs.items():
         assert r["sizes"]["3000"]["matmul"] == m and r["overrides"] == [f"dedup.matmul={m}"]
     a, b = (runs[m]["sizes"]["3000"] for m in ("float32", "bfloat16"))
@@ -566,22 +685,46 @@ def test_a_bucket_writes_its_rows_and_removed_border_copies_only(tmp_path):
     c[2] = 1.0
     x = _unit(np.stack([a, b, c, c + a * 0.001]))
     keys = ["a", "b", "c", "d"]  # b: a border copy removed as a copy of a; d: a kept border copy
-    table = embedding_table(keys, [0, 0, 1, 1], x, {"sha256": pa.array(keys), "phash": pa.array([0] * 4),
-                                                     "width": pa.array([640] * 4), "height": pa.array([480] * 4)},
-                            dtype="float16")
-    table = (table.append_column("clusters", pa.array([[3], [3], [3], [5]]))
-             .append_column("centroid_sim", pa.array([0.9, 0.8, 0.7, 0.1], pa.float32()))
-             .append_column("primary", pa.array([True, False, True, False])))
+    table = embedding_table(
+        keys,
+        [0, 0, 1, 1],
+        x,
+        {
+            "sha256": pa.array(keys),
+            "phash": pa.array([0] * 4),
+            "width": pa.array([640] * 4),
+            "height": pa.array([480] * 4),
+        },
+        dtype="float16",
+    )
+    table = (
+        table.append_column("clusters", pa.array([[3], [3], [3], [5]]))
+        .append_column("centroid_sim", pa.array([0.9, 0.8, 0.7, 0.1], pa.float32()))
+        .append_column("primary", pa.array([True, False, True, False]))
+    )
     (tmp_path / "bucket").mkdir()
     write_arrow_atomic(tmp_path / "bucket" / "unit.arrow", table)
-    settings = {"min_short_edge": 0, "max_aspect_ratio": None, "epsilon": 0.05, "phash_max_distance": None,
-                "witness_max_fine_distance": None, "witness_max_colour_difference": None, "exact": False,
-                "keep": "nearest_centroid", "sweep": [], "block": 16, "matmul": "float32"}
+    settings = {
+        "min_short_edge": 0,
+        "max_aspect_ratio": None,
+        "epsilon": 0.05,
+        "phash_max_distance": None,
+        "witness_max_fine_distance": None,
+        "witness_max_colour_difference": None,
+        "exact": False,
+        "keep": "nearest_centroid",
+        "sweep": [],
+        "block": 16,
+        "matmul": "float32",
+    }
     result = _dedup_bucket(tmp_path / "bucket", tmp_path / "part.parquet", settings)
     part = pq.read_table(tmp_path / "part.parquet").to_pylist()
     assert result["entries"] == 4
     assert [(r["key"], r["primary"], r["reason"], r["dup_of"]) for r in part] == [
-        ("a", True, "", None), ("b", False, dd.SEMANTIC, "a"), ("c", True, "", None)]
+        ("a", True, "", None),
+        ("b", False, dd.SEMANTIC, "a"),
+        ("c", True, "", None),
+    ]
 
 
 def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path):
@@ -609,13 +752,34 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
     for unit, lo in enumerate((0, 240)):
         files.append(tmp_path / f"{unit:05d}.parquet")
         part = slice(lo, lo + 240)
-        write_embeddings_file(files[-1], embedding_table(keys[part], [unit] * 240, x[part], {
-            "sha256": pa.array(keys[part]), "phash": pa.array([0] * 240),
-            "width": pa.array([640] * 240), "height": pa.array([480] * 240)}))
+        write_embeddings_file(
+            files[-1],
+            embedding_table(
+                keys[part],
+                [unit] * 240,
+                x[part],
+                {
+                    "sha256": pa.array(keys[part]),
+                    "phash": pa.array([0] * 240),
+                    "width": pa.array([640] * 240),
+                    "height": pa.array([480] * 240),
+                },
+            ),
+        )
     _assign_units(files, index, rd, 3, 0.2, 2)  # one task, both units
-    settings = {"min_short_edge": 0, "max_aspect_ratio": None, "epsilon": 0.05, "phash_max_distance": None,
-                "witness_max_fine_distance": None, "witness_max_colour_difference": None, "exact": False,
-                "keep": "nearest_centroid", "sweep": [], "block": 64, "matmul": "float32"}
+    settings = {
+        "min_short_edge": 0,
+        "max_aspect_ratio": None,
+        "epsilon": 0.05,
+        "phash_max_distance": None,
+        "witness_max_fine_distance": None,
+        "witness_max_colour_difference": None,
+        "exact": False,
+        "keep": "nearest_centroid",
+        "sweep": [],
+        "block": 64,
+        "matmul": "float32",
+    }
     parts, in_cell_pairs = [], 0
     for b in range(3):
         tables = [read_arrow(f) for f in sorted(rd.bucket(b).glob("*.arrow"))]
@@ -631,8 +795,20 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
     merged = {r["key"]: r for r in _merge_entries(pa.concat_tables(parts)).to_pylist()}
     xq = embeddings_matrix(embedding_table(keys, [0] * len(x), x, {}))  # the float16 vectors the phase stores
     labels, sims, extra = dd.assign_clusters(xq, index, border=0.2, border_clusters=2)
-    ref = dd.dedup_all(labels, xq, keys, keys, np.zeros(len(x), np.int64), sims, np.full(len(x), 640 * 480),
-                       extra=extra, epsilon=0.05, phash_max_distance=None, exact=False, block=64)
+    ref = dd.dedup_all(
+        labels,
+        xq,
+        keys,
+        keys,
+        np.zeros(len(x), np.int64),
+        sims,
+        np.full(len(x), 640 * 480),
+        extra=extra,
+        epsilon=0.05,
+        phash_max_distance=None,
+        exact=False,
+        block=64,
+    )
     assert (ref.reason == dd.SEMANTIC).sum() >= 70 and (extra >= 0).any()
     assert [merged[k]["reason"] for k in keys] == list(ref.reason)
     assert [merged[k]["dup_of"] for k in keys] == [keys[d] if d >= 0 else None for d in ref.dup_of]
@@ -645,5 +821,8 @@ def test_assignment_tasks_group_consecutive_units_to_about_the_task_size(monkeyp
     monkeypatch.setattr(dedup_phase, "ASSIGN_TASK_ROWS", 25)
     files = [f"{u}.parquet" for u in range(6)]
     assert dedup_phase._assignment_tasks(files, [10, 10, 10, 0, 30, 5]) == [
-        ["0.parquet", "1.parquet", "2.parquet"], ["3.parquet", "4.parquet"], ["5.parquet"]]
+        ["0.parquet", "1.parquet", "2.parquet"],
+        ["3.parquet", "4.parquet"],
+        ["5.parquet"],
+    ]
     assert dedup_phase._assignment_tasks([], []) == []

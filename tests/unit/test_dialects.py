@@ -8,32 +8,40 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from denseforge.errors import ConfigError
 from denseforge.pipeline.export_run import ExportSpec, _absent_entity, check_records
 from denseforge.stages import export as ex
 from denseforge.stages.dialects import DIALECTS, Placeholders, Qwen25VL, dialect
 from denseforge.stages.sample import Grounding, Region, Sample
 
 from .test_export import street
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from PIL import Image
-
-from denseforge.errors import ConfigError
 
 ALL = sorted(DIALECTS)
 
 
 def _one_box(box, width, height, phrase="thing") -> Sample:
     caption = f"a {phrase} here"
-    return Sample(key="k", width=width, height=height, sha256="0", caption=caption,
-                  experts={"objects": [{"label": phrase, "score": 0.9, "box": box}]},
-                  grounding=[Grounding(phrase=phrase, span=(2, 2 + len(phrase)), box=box, source="objects/0")])
+    return Sample(
+        key="k",
+        width=width,
+        height=height,
+        sha256="0",
+        caption=caption,
+        experts={"objects": [{"label": phrase, "score": 0.9, "box": box}]},
+        grounding=[Grounding(phrase=phrase, span=(2, 2 + len(phrase)), box=box, source="objects/0")],
+    )
 
 
 def _within_half_a_unit(d, box, back, width, height):
     ux, uy = d.unit(width, height)
     assert len(back) == len(box) == 4, back  # zip below would accept a box that lost coordinates
-    return all(abs(a - b) <= 0.5 * (ux if i % 2 == 0 else uy) + 1e-6 for i, (a, b) in enumerate(zip(box, back)))
+    return all(
+        abs(a - b) <= 0.5 * (ux if i % 2 == 0 else uy) + 1e-6 for i, (a, b) in enumerate(zip(box, back, strict=True))
+    )
 
 
 def _round_trip(name, box, width, height):
@@ -54,7 +62,7 @@ EDGES = [  # (box, width, height): whole image, edges, sub-unit boxes, non-squar
     ([100.2, 3.0, 100.5, 3.2], 5000, 37),
     ([1.0, 1000.0, 49.0, 1999.5], 50, 2000),
     ([13.0, 7.0, 91.0, 55.0], 97, 61),
-    ([2.0, 2.0, 3.0, 3.0], 20, 20),   # smaller than min_pixels: Qwen2.5-VL upsizes
+    ([2.0, 2.0, 3.0, 3.0], 20, 20),  # smaller than min_pixels: Qwen2.5-VL upsizes
     ([0.0, 10.0, 7999.0, 3999.0], 8000, 4000),  # larger than max_pixels: Qwen2.5-VL downsizes
 ]
 
@@ -65,7 +73,12 @@ def test_round_trip_at_edges_sub_unit_boxes_and_odd_shapes(name, box, width, hei
     d, back = _round_trip(name, box, width, height)
     if name == "kosmos2":  # patches cover the box, by less than a patch
         pw, ph = width / 32, height / 32
-        assert back[0] <= box[0] + 1e-6 and back[1] <= box[1] + 1e-6 and back[2] >= box[2] - 1e-6 and back[3] >= box[3] - 1e-6
+        assert (
+            back[0] <= box[0] + 1e-6
+            and back[1] <= box[1] + 1e-6
+            and back[2] >= box[2] - 1e-6
+            and back[3] >= box[3] - 1e-6
+        )
         assert box[0] - back[0] < pw + 1e-6 and back[2] - box[2] < pw + 1e-6
         assert box[1] - back[1] < ph + 1e-6 and back[3] - box[3] < ph + 1e-6
     else:
@@ -73,13 +86,16 @@ def test_round_trip_at_edges_sub_unit_boxes_and_odd_shapes(name, box, width, hei
 
 
 rel_boxes = st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)).filter(
-    lambda b: b[0] < b[2] and b[1] < b[3])
+    lambda b: b[0] < b[2] and b[1] < b[3]
+)
 sizes = st.tuples(st.integers(16, 5000), st.integers(16, 5000)).filter(lambda s: max(s) / min(s) < 200)
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if n != "kosmos2"])  # kosmos2's covering property: test_properties
 @given(rel=rel_boxes, size=sizes)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 def test_round_trip_lands_within_half_a_unit(name, rel, size):
     w, h = size
     box = [rel[0] * w, rel[1] * h, rel[2] * w, rel[3] * h]
@@ -87,8 +103,10 @@ def test_round_trip_lands_within_half_a_unit(name, rel, size):
     assert _within_half_a_unit(d, box, back, w, h)
 
 
-@given(size=st.tuples(st.integers(1, 9000), st.integers(1, 9000)).filter(lambda s: max(s) / min(s) <= 200),
-       bounds=st.sampled_from([(None, None), (256 * 28 * 28, 1280 * 28 * 28), (3136, 589824), (100_000, 200_000)]))
+@given(
+    size=st.tuples(st.integers(1, 9000), st.integers(1, 9000)).filter(lambda s: max(s) / min(s) <= 200),
+    bounds=st.sampled_from([(None, None), (256 * 28 * 28, 1280 * 28 * 28), (3136, 589824), (100_000, 200_000)]),
+)
 @settings(max_examples=400, deadline=None)
 def test_qwen25_sizes_equal_the_processors_smart_resize(size, bounds):
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -156,11 +174,13 @@ def test_every_task_reads_back_to_its_boxes(name, sample):
     for turn in turns:
         back = [d.decode(v, 640, 480) for v in d.parse_boxes(turn.prompt) + d.parse_boxes(turn.answer)]
         assert len(back) == len(turn.boxes()), (turn.task, turn.prompt, turn.answer)
-        for box, b in zip(turn.boxes(), back):
+        for box, b in zip(turn.boxes(), back, strict=True):
             assert len(b) == 4, (turn.task, b)
             tolerance = d.unit(640, 480)
-            assert all(abs(x - y) <= (tolerance[i % 2] / (1 if name == "kosmos2" else 2)) + 1e-6
-                       for i, (x, y) in enumerate(zip(box, b))), (turn.task, box, b)
+            assert all(
+                abs(x - y) <= (tolerance[i % 2] / (1 if name == "kosmos2" else 2)) + 1e-6
+                for i, (x, y) in enumerate(zip(box, b, strict=True))
+            ), (turn.task, box, b)
     region = turns[4]
     assert region.answer == "a brown dog on grass" and region.boxes() == [[10.0, 20.0, 330.0, 400.0]]
     assert turns[-1].answer == "There is no Eiffel Tower in the image." and turns[-1].boxes() == []
@@ -171,7 +191,10 @@ def test_qwen25_grounding_answers_are_json_bbox_2d(sample):
     dogs = turns[0].answer
     assert dogs.startswith("```json\n[\n") and dogs.endswith("\n]\n```")
     items = json.loads(dogs.removeprefix("```json").removesuffix("```"))
-    assert items == [{"bbox_2d": [10, 20, 332, 397], "label": "dogs"}, {"bbox_2d": [403, 99, 604, 298], "label": "dogs"}]
+    assert items == [
+        {"bbox_2d": [10, 20, 332, 397], "label": "dogs"},
+        {"bbox_2d": [403, 99, 604, 298], "label": "dogs"},
+    ]
 
 
 def test_kvg_asks_for_fine_grained_names_only(sample):
@@ -179,7 +202,9 @@ def test_kvg_asks_for_fine_grained_names_only(sample):
     recent = ["Golden Retriever", "Falcon 9 rocket", "red London bus"]
     assert _absent_entity(recent, sample) == "red London bus"
     sample.caption += " A red London bus waits."
-    assert _absent_entity(recent, sample) == "Golden Retriever"  # the rocket is here; dogs are, retrievers' words are not labels
+    assert (
+        _absent_entity(recent, sample) == "Golden Retriever"
+    )  # the rocket is here; dogs are, retrievers' words are not labels
 
 
 def test_ms_swift_layout_matches_its_documented_grounding_example(sample):
@@ -198,8 +223,9 @@ def test_ms_swift_layout_matches_its_documented_grounding_example(sample):
         assert objects["image_id"] == [0] * len(objects["bbox"])
         assert objects["bbox"] == [[round(v, 2) for v in b] for b in turn.boxes()]
     caption = ex.record("ms-swift", sample, "images/a.jpg", ex.turns(sample, d, ["caption"])[0], 0)
-    assert caption["messages"][1]["content"] == ("Two <ref-object><bbox><bbox> run past a <ref-object><bbox> under a "
-                                                 "sign reading <ref-object><bbox>.")
+    assert caption["messages"][1]["content"] == (
+        "Two <ref-object><bbox><bbox> run past a <ref-object><bbox> under a sign reading <ref-object><bbox>."
+    )
     assert caption["objects"]["ref"] == ["dogs", "Falcon 9 rocket", "STOP"]
     odd = ex.Turn("refer", "p", "a", [("cup", [[10.123, 20.456, 30.789, 40.001]])])
     assert ex.record("ms-swift", sample, "i.jpg", odd, 0)["objects"]["bbox"] == [[10.12, 20.46, 30.79, 40.0]]
@@ -208,13 +234,20 @@ def test_ms_swift_layout_matches_its_documented_grounding_example(sample):
 def test_llama_factory_layout_and_dataset_info(sample):
     turn = ex.turns(sample, dialect("qwen2-vl"), ["refer"])[0]
     rec = ex.record("llama-factory", sample, "images/a.jpg", turn, 0)
-    assert rec["messages"] == [{"role": "user", "content": "<image>" + turn.prompt},
-                               {"role": "assistant", "content": turn.answer}]
+    assert rec["messages"] == [
+        {"role": "user", "content": "<image>" + turn.prompt},
+        {"role": "assistant", "content": turn.answer},
+    ]
     assert rec["images"] == ["images/a.jpg"]
     info = ex.llama_factory_info("denseforge_qwen2-vl", "qwen2-vl.llama-factory.jsonl")["denseforge_qwen2-vl"]
     assert info["file_name"] == "qwen2-vl.llama-factory.jsonl"
     assert info["formatting"] == "sharegpt" and info["columns"] == {"messages": "messages", "images": "images"}
-    assert info["tags"] == {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    assert info["tags"] == {
+        "role_tag": "role",
+        "content_tag": "content",
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+    }
     assert ex.record_text("llama-factory", rec) == (turn.prompt, turn.answer)
 
 
@@ -236,8 +269,9 @@ def test_check_flags_a_convention_that_does_not_read_back(sample, tmp_path):
     wrong, right = ExportSpec("qwen3-vl"), ExportSpec("qwen2.5-vl")
     turns = ex.turns(sample, wrong.dialect(), ["refer"])
     target = tmp_path / "data.jsonl"
-    target.write_text("".join(json.dumps(ex.record("sharegpt", sample, "images/a.jpg", t, i)) + "\n"
-                              for i, t in enumerate(turns)))
+    target.write_text(
+        "".join(json.dumps(ex.record("sharegpt", sample, "images/a.jpg", t, i)) + "\n" for i, t in enumerate(turns))
+    )
     kept = [(sample, "images/a.jpg", t) for t in turns]
     assert all(r["ok"] for r in check_records(wrong, wrong.dialect(), target, kept, tmp_path))
     flagged = check_records(right, right.dialect(), target, kept, tmp_path)
@@ -246,13 +280,16 @@ def test_check_flags_a_convention_that_does_not_read_back(sample, tmp_path):
     assert Image.open(tmp_path / flagged[0]["picture"]).size == (640 * 2 + 8, 480)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"format": "qwen5"}, "--format qwen5: choose from"),
-    ({"format": "coco", "layout": "ms-swift"}, "--layout applies to the model dialects"),
-    ({"format": "internvl", "layout": "axolotl"}, "--layout axolotl: choose from"),
-    ({"format": "internvl", "tasks": ("caption", "vqa")}, "--task vqa: choose from caption, refer, region, kvg"),
-    ({"format": "internvl", "tasks": ()}, "--task (none)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"format": "qwen5"}, "--format qwen5: choose from"),
+        ({"format": "coco", "layout": "ms-swift"}, "--layout applies to the model dialects"),
+        ({"format": "internvl", "layout": "axolotl"}, "--layout axolotl: choose from"),
+        ({"format": "internvl", "tasks": ("caption", "vqa")}, "--task vqa: choose from caption, refer, region, kvg"),
+        ({"format": "internvl", "tasks": ()}, "--task (none)"),
+    ],
+)
 def test_bad_export_options_say_what_to_choose(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ExportSpec(**kwargs)
@@ -273,9 +310,16 @@ def test_every_dialects_records_are_exactly_the_reviewed_ones(sample):
 
 def test_units_are_the_pixels_one_step_of_each_dialect_spans():
     """The check's tolerance is half of these, so they are asserted exactly (640 x 480 image)."""
-    expected = {"qwen-vl": (0.64, 0.48), "qwen2-vl": (0.64, 0.48), "qwen3-vl": (0.64, 0.48), "internvl": (0.64, 0.48),
-                "florence-2": (0.64, 0.48), "qwen2.5-vl": (640 / 644, 480 / 476), "llava-1.5": (6.4, 6.4),
-                "kosmos2": (40.0, 30.0)}  # Kosmos-2: two patches, since its read-back covers the box by up to one
+    expected = {
+        "qwen-vl": (0.64, 0.48),
+        "qwen2-vl": (0.64, 0.48),
+        "qwen3-vl": (0.64, 0.48),
+        "internvl": (0.64, 0.48),
+        "florence-2": (0.64, 0.48),
+        "qwen2.5-vl": (640 / 644, 480 / 476),
+        "llava-1.5": (6.4, 6.4),
+        "kosmos2": (40.0, 30.0),
+    }  # Kosmos-2: two patches, since its read-back covers the box by up to one
     for name, (ux, uy) in expected.items():
         assert dialect(name).unit(640, 480) == pytest.approx((ux, uy)), name
 
@@ -286,8 +330,11 @@ def test_json_answers_keep_unicode_and_group_boxes_of_one_label():
     assert "Café Zoë sign" in answer  # not \\u00e9: the label reads as written
     _, refs = d.parse(answer + " and " + d.answer("dog", [[9, 9, 10, 10]]).replace("```json", "").replace("```", ""))
     assert refs[0].phrase == "Café Zoë sign" and refs[0].boxes == [[1, 2, 3, 4], [5, 6, 7, 8]]
-    _, [one, other] = d.parse("```json\n" + json.dumps([{"bbox_2d": [1, 1, 2, 2], "label": "a"},
-                                                         {"bbox_2d": [3, 3, 4, 4], "label": "b"}]) + "\n```")
+    _, [one, other] = d.parse(
+        "```json\n"
+        + json.dumps([{"bbox_2d": [1, 1, 2, 2], "label": "a"}, {"bbox_2d": [3, 3, 4, 4], "label": "b"}])
+        + "\n```"
+    )
     assert (one.phrase, one.boxes, other.phrase, other.boxes) == ("a", [[1, 1, 2, 2]], "b", [[3, 3, 4, 4]])
 
 

@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_configuration_reference_is_made_from_the_settings_models():
     page = (ROOT / "docs" / "configuration.md").read_text()
-    assert page == reference(), ("docs/configuration.md is stale; regenerate it: python -c \"from "
-                                 "denseforge.pipeline.config import reference; print(reference(), end='')\" "
-                                 "> docs/configuration.md")
+    assert page == reference(), (
+        'docs/configuration.md is stale; regenerate it: python -c "from '
+        "denseforge.pipeline.config import reference; print(reference(), end='')\" "
+        "> docs/configuration.md"
+    )
     assert "| `storage.options` |" in page and "| `perceive.experts[].resources` |" in page
 
 
@@ -33,7 +35,12 @@ def test_the_readme_is_a_short_guide_whose_links_stay_in_the_repository():
 
 
 def test_the_docs_build_in_strict_mode(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "site" / "configuration" / "index.html").exists()

@@ -45,8 +45,12 @@ def test_tiny_random_clip_embeds_normalised_and_says_random(images):
     np.testing.assert_allclose(first[0].outputs["embedding"], vectors[0], rtol=1e-5, atol=1e-6)  # batching-independent
     assert "random weights" in stage.provenance["weights"] and stage.provenance["device"] == "cpu"
     _, again = _embed(images)
-    np.testing.assert_array_equal(np.stack([i.outputs["embedding"] for i in again]), vectors)  # seeded: every worker agrees
-    assert [i.outputs["phash"] for i in items] == [perceptual_hash(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
+    np.testing.assert_array_equal(
+        np.stack([i.outputs["embedding"] for i in again]), vectors
+    )  # seeded: every worker agrees
+    assert [i.outputs["phash"] for i in items] == [
+        perceptual_hash(Image.open(io.BytesIO(b)).convert("RGB")) for b in images
+    ]
 
 
 def test_configured_weights_that_cannot_load_are_an_error_not_a_random_fallback(tmp_path):
@@ -75,8 +79,9 @@ def test_embeddings_files_store_vectors_without_a_dictionary(tmp_path):
     from denseforge.stages.embed import write_embeddings_file
 
     x = np.random.default_rng(0).normal(size=(500, 64)).astype(np.float16)
-    table = embedding_table([str(i) for i in range(500)], [0] * 500, x, {"sha256": [str(i) for i in range(500)]},
-                            dtype="float16")
+    table = embedding_table(
+        [str(i) for i in range(500)], [0] * 500, x, {"sha256": [str(i) for i in range(500)]}, dtype="float16"
+    )
     write_embeddings_file(tmp_path / "unit.parquet", table)
     column = pq.read_metadata(tmp_path / "unit.parquet").row_group(0).column(2)
     assert column.path_in_schema.startswith("embedding") and "RLE_DICTIONARY" not in column.encodings
@@ -85,8 +90,16 @@ def test_embeddings_files_store_vectors_without_a_dictionary(tmp_path):
 
 # -- the CPU side of the embed pass: PixelStage feeding EmbedStage ------------------------------
 
-SHAPES = [("coffee", None), ("chelsea", None), ("rocket", None), ("astronaut", None),
-          ("coffee", (97, 61)), ("rocket", (1000, 223)), ("chelsea", (224, 224)), ("astronaut", (225, 3000))]
+SHAPES = [
+    ("coffee", None),
+    ("chelsea", None),
+    ("rocket", None),
+    ("astronaut", None),
+    ("coffee", (97, 61)),
+    ("rocket", (1000, 223)),
+    ("chelsea", (224, 224)),
+    ("astronaut", (225, 3000)),
+]
 
 
 def _pictures():
@@ -97,8 +110,9 @@ def _pictures():
     return out
 
 
-@pytest.mark.parametrize("settings", [TINY, EmbedConfig(model="ViT-B-32", weights="random", device="cpu")],
-                         ids=["df-tiny-clip", "ViT-B-32"])
+@pytest.mark.parametrize(
+    "settings", [TINY, EmbedConfig(model="ViT-B-32", weights="random", device="cpu")], ids=["df-tiny-clip", "ViT-B-32"]
+)
 def test_cpu_pixels_equal_open_clips_own_transform(settings):
     """Up-, down-sized, square, tall and wide photos: our uint8 pixels, normalised, equal
     open_clip's preprocess output (same resize, same crop offsets)."""
@@ -159,9 +173,17 @@ def test_a_cpu_transform_that_disagrees_with_the_model_fails_setup(monkeypatch):
     from denseforge.stages import embed
 
     real = embed.pixel_spec(TINY)
-    monkeypatch.setattr(embed, "pixel_spec", lambda settings: embed.PixelSpec(
-        size=(real.size[0] + 1, real.size[1]), mean=real.mean, std=real.std, interpolation=real.interpolation,
-        resize_mode=real.resize_mode))
+    monkeypatch.setattr(
+        embed,
+        "pixel_spec",
+        lambda settings: embed.PixelSpec(
+            size=(real.size[0] + 1, real.size[1]),
+            mean=real.mean,
+            std=real.std,
+            interpolation=real.interpolation,
+            resize_mode=real.resize_mode,
+        ),
+    )
     with pytest.raises(ModelLoadError, match="set embed.cpu_workers: 0"):
         EmbedStage(TINY.model_copy(update={"cpu_workers": 1})).setup()
     EmbedStage(TINY.model_copy(update={"cpu_workers": 0})).setup()  # the in-worker path needs no agreement
@@ -175,9 +197,20 @@ def test_pixels_travel_between_stages_through_the_adapters_rows(images):
     from denseforge.stages.embed import PixelStage, pixel_spec
     from denseforge.stages.stage import Resources
 
-    rows = [{"unit": 0, "unit_rows": len(images), "key": f"k{i}", "image": data,
-             "sample": Sample(key=f"k{i}", width=1, height=1, sha256="0").model_dump_json(), "reject": None,
-             "removed": None, "trace": None, "outputs": None} for i, data in enumerate(images)]
+    rows = [
+        {
+            "unit": 0,
+            "unit_rows": len(images),
+            "key": f"k{i}",
+            "image": data,
+            "sample": Sample(key=f"k{i}", width=1, height=1, sha256="0").model_dump_json(),
+            "reject": None,
+            "removed": None,
+            "trace": None,
+            "outputs": None,
+        }
+        for i, data in enumerate(images)
+    ]
     table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
     table = StageWorker(StageRun(PixelStage(pixel_spec(TINY)), "embed-pixels", Resources(concurrency=None)))(table)
     table = StageWorker(StageRun(EmbedStage(TINY), "embed", Resources(batch_size=2)))(table)
@@ -186,8 +219,9 @@ def test_pixels_travel_between_stages_through_the_adapters_rows(images):
     outputs = [pickle.loads(o) for o in table.column("outputs").to_pylist()]
     assert all(set(o) == {"phash", "fingerprint", "embedding", "provenance"} for o in outputs)
     _, direct = _embed(images)
-    np.testing.assert_allclose(np.stack([o["embedding"] for o in outputs]),
-                               np.stack([i.outputs["embedding"] for i in direct]), atol=1e-5)
+    np.testing.assert_allclose(
+        np.stack([o["embedding"] for o in outputs]), np.stack([i.outputs["embedding"] for i in direct]), atol=1e-5
+    )
 
 
 def test_the_plan_says_who_feeds_whom():
@@ -198,13 +232,17 @@ def test_the_plan_says_who_feeds_whom():
         return parse(dict(raw, input={"kind": "folder", "path": "/data/images"}))
 
     gpu = parse_config({"embed": {"num_gpus": 1, "num_cpus": 2, "cpu_workers": "auto", "batch_size": 512}})
-    assert describe_embed(gpu, 16) == ("embed: 14 CPU worker(s) (auto: the CPUs the model workers leave free) decode, "
-                                       "hash and resize for 1 model worker(s) (1 GPU each, batch 512, precision auto)")
+    assert describe_embed(gpu, 16) == (
+        "embed: 14 CPU worker(s) (auto: the CPUs the model workers leave free) decode, "
+        "hash and resize for 1 model worker(s) (1 GPU each, batch 512, precision auto)"
+    )
     assert [r.instance for r in embed_stages(gpu)] == ["embed-pixels", "embed"]
     own = parse_config({"embed": {"cpu_workers": 0}})
     assert [r.instance for r in embed_stages(own)] == ["embed"] and "embed.cpu_workers: 0" in describe_embed(own, 2)
     on_cpu = parse_config({"embed": {"cpu_workers": "auto"}})  # no GPU: feeders would only take the model's cores
-    assert [r.instance for r in embed_stages(on_cpu)] == ["embed"] and "(embed.cpu_workers: auto on CPU)" in describe_embed(on_cpu, 2)
+    assert [r.instance for r in embed_stages(on_cpu)] == [
+        "embed"
+    ] and "(embed.cpu_workers: auto on CPU)" in describe_embed(on_cpu, 2)
     fixed = embed_stages(parse_config({"embed": {"cpu_workers": 3}}))[0]
     assert fixed.resources.concurrency == 3
     with pytest.raises(Exception, match="cpu_workers"):

@@ -30,19 +30,36 @@ def _phash_pair(distance: int) -> np.ndarray:
 
 @pytest.mark.parametrize("distance, removed", [(3, True), (4, True), (5, False)])
 def test_phash_threshold_is_inclusive_and_one_bit_more_is_distinct(distance, removed):
-    res = dd.dedup_cluster(["a", "b"], np.zeros((2, 1), np.float32), ["x", "y"], _phash_pair(distance),
-                           np.zeros(2), np.ones(2), epsilon=None, phash_max_distance=4, policy="first_key")
+    res = dd.dedup_cluster(
+        ["a", "b"],
+        np.zeros((2, 1), np.float32),
+        ["x", "y"],
+        _phash_pair(distance),
+        np.zeros(2),
+        np.ones(2),
+        epsilon=None,
+        phash_max_distance=4,
+        policy="first_key",
+    )
     assert (res.reason[1] == dd.NEAR) is removed and res.reason[0] == dd.KEPT
     assert res.dup_of[1] == (0 if removed else -1)
 
 
 def test_qa_reasons_each_fire_on_their_own_and_box_validity_is_a_share():
-    s = Sample(key="k", width=100, height=100, sha256="0", experts={"objects": [{"label": "dog", "score": 1, "box": [0, 0, 9, 9]}]})
+    s = Sample(
+        key="k",
+        width=100,
+        height=100,
+        sha256="0",
+        experts={"objects": [{"label": "dog", "score": 1, "box": [0, 0, 9, 9]}]},
+    )
     s.caption = "a dog a dog a dog a dog a dog a dog"
-    s.grounding = [Grounding(phrase="dog", span=(2, 5), box=[0, 0, 9, 9], source="objects/0"),
-                   Grounding(phrase="dog", span=(8, 11), box=[0, 0, 200, 9], source="objects/0"),  # outside
-                   Grounding(phrase="cat", span=(14, 17), box=[0, 0, 9, 9], source="objects/0"),  # wrong span
-                   Grounding(phrase="dog", span=(20, 23), box=[0, 0, 9, 9], source="objects/0")]
+    s.grounding = [
+        Grounding(phrase="dog", span=(2, 5), box=[0, 0, 9, 9], source="objects/0"),
+        Grounding(phrase="dog", span=(8, 11), box=[0, 0, 200, 9], source="objects/0"),  # outside
+        Grounding(phrase="cat", span=(14, 17), box=[0, 0, 9, 9], source="objects/0"),  # wrong span
+        Grounding(phrase="dog", span=(20, 23), box=[0, 0, 9, 9], source="objects/0"),
+    ]
     report = assess(s, QaConfig(min_words=1, max_words=10, max_repetition=0.3))
     assert report.scores["box_validity"] == 0.5 and report.scores["words"] == 12.0
     assert report.reasons == ["too_long", "repetitive", "invalid_boxes"]
@@ -54,14 +71,23 @@ def test_our_own_pixel_limit_rejects_before_pillows():
     Image.new("RGB", (100, 100), "red").save(buf, format="PNG")
     with pytest.raises(ImageRejected) as err:
         ImageNormalizer(max_image_pixels=9_999).normalize(buf.getvalue())  # Pillow's own limit is ~89M
-    assert err.value.reason == "decompression_bomb" and "100x100 = 10000 px exceeds ingest.max_image_pixels=9999" in err.value.detail
+    assert (
+        err.value.reason == "decompression_bomb"
+        and "100x100 = 10000 px exceeds ingest.max_image_pixels=9999" in err.value.detail
+    )
     assert ImageNormalizer(max_image_pixels=10_000).normalize(buf.getvalue()).width == 100  # the limit itself passes
 
 
 def test_kosmos_bins_on_both_axes_and_for_a_box_smaller_than_a_bin():
     # 640 x 480, 32 bins: a bin is 20 px wide and 15 px high
-    s = Sample(key="k", width=640, height=480, sha256="0", caption="a dot here",
-               grounding=[Grounding(phrase="dot", span=(2, 5), box=[45.0, 31.0, 52.0, 40.0], source="objects/0")])
+    s = Sample(
+        key="k",
+        width=640,
+        height=480,
+        sha256="0",
+        caption="a dot here",
+        grounding=[Grounding(phrase="dot", span=(2, 5), box=[45.0, 31.0, 52.0, 40.0], source="objects/0")],
+    )
     kosmos = Kosmos2()
     text = ex.grounded_text(s, kosmos)
     # x 45..52 -> columns 2..2; y 31..40 -> rows 2..2: both corners in patch 2*32+2 = 66
@@ -69,12 +95,16 @@ def test_kosmos_bins_on_both_axes_and_for_a_box_smaller_than_a_bin():
     _, [ref] = kosmos.parse(text)
     assert ref.phrase == "dot" and kosmos.decode(ref.boxes[0], 640, 480) == [40.0, 30.0, 60.0, 45.0]
     s.grounding = [Grounding(phrase="dot", span=(2, 5), box=[0.0, 0.0, 640.0, 480.0], source="objects/0")]
-    assert "<patch_index_0000><patch_index_1023>" in ex.grounded_text(s, kosmos)  # the end bin of the edge is 31, not 32
+    assert "<patch_index_0000><patch_index_1023>" in ex.grounded_text(
+        s, kosmos
+    )  # the end bin of the edge is 31, not 32
 
 
 def test_iou_voting_box_is_the_score_weighted_mean():
-    a = {"det1": [{"label": "dog", "score": 0.9, "box": [10, 10, 110, 110]}],
-         "det2": [{"label": "dog", "score": 0.3, "box": [14, 6, 114, 106]}]}
+    a = {
+        "det1": [{"label": "dog", "score": 0.9, "box": [10, 10, 110, 110]}],
+        "det2": [{"label": "dog", "score": 0.3, "box": [14, 6, 114, 106]}],
+    }
     [merged] = merge_detections(a, iou_threshold=0.65, min_votes=2)
     # (0.9 * 10 + 0.3 * 14) / 1.2 = 11.0, (0.9 * 10 + 0.3 * 6) / 1.2 = 9.0, ...
     assert merged["box"] == [11.0, 9.0, 111.0, 109.0] and merged["score"] == 0.9
@@ -100,7 +130,7 @@ def test_ocr_grounding_spans_lie_in_the_caption_and_match_the_text(prefix, word)
     grounding = ground_mentions(caption, {"ocr": [{"text": word, "score": 1.0, "box": [0, 0, 1, 1]}]})
     for g in grounding:
         assert 0 <= g.span[0] < g.span[1] <= len(caption)
-        assert caption[g.span[0]:g.span[1]] == g.phrase
+        assert caption[g.span[0] : g.span[1]] == g.phrase
         assert g.phrase.casefold() == word.casefold() or g.phrase.lower() == word.lower()
 
 
@@ -115,14 +145,16 @@ def _hierarchy_by_hand(x, index, border, m):
     centroid of each further cell within the border of the nearest cell."""
     labels, sims, extra = [], [], []
     for row in x:
-        cells = np.argsort(-(index.coarse @ row), kind="stable")[:m + 1]
+        cells = np.argsort(-(index.coarse @ row), kind="stable")[: m + 1]
         cell_sims = index.coarse[cells] @ row
         members = index.cells[cells[0]]
         order = members[np.argsort(-(index.centroids[members] @ row), kind="stable")]
         best = float(index.centroids[order[0]] @ row)
-        inner = [int(c) for c in order[1:m + 1] if best - index.centroids[c] @ row <= border]
-        outer = [int(index.cells[c][np.argmax(index.centroids[index.cells[c]] @ row)]) if cell_sims[0] - s <= border
-                 else -1 for c, s in zip(cells[1:], cell_sims[1:])]
+        inner = [int(c) for c in order[1 : m + 1] if best - index.centroids[c] @ row <= border]
+        outer = [
+            int(index.cells[c][np.argmax(index.centroids[index.cells[c]] @ row)]) if cell_sims[0] - s <= border else -1
+            for c, s in zip(cells[1:], cell_sims[1:], strict=True)
+        ]
         labels.append(int(order[0]))
         sims.append(best)
         extra.append(inner + [-1] * (m - len(inner)) + outer + [-1] * (m - len(outer)))
@@ -148,8 +180,9 @@ def test_large_k_paths_hierarchical_training_and_two_level_assignment():
         np.testing.assert_array_equal(extra, want_extra)
     # planted copies land in one cluster whichever path trained it
     copies = x[:50] + 1e-4
-    labels, _, _ = dd.assign_clusters(np.concatenate([x[:50], copies / np.linalg.norm(copies, axis=1, keepdims=True)]),
-                                      tree)
+    labels, _, _ = dd.assign_clusters(
+        np.concatenate([x[:50], copies / np.linalg.norm(copies, axis=1, keepdims=True)]), tree
+    )
     assert (labels[:50] == labels[50:]).all()
 
 
@@ -183,8 +216,19 @@ def test_two_level_dedup_keeps_the_recall_of_flat_assignment():
     for path, above in (("flat", 10**9), ("two-level", 100)):  # 1,000 clusters: 32 coarse cells
         index = dd.train_kmeans(x, 1000, niter=10, seed=0, two_level_above=above, use_gpu=False)
         labels, sims, extra = dd.assign_clusters(x, index, border=0.02, border_clusters=2)
-        res = dd.dedup_all(labels, x, keys, keys, np.zeros(len(x), np.int64), sims, np.ones(len(x)), extra=extra,
-                           epsilon=0.05, phash_max_distance=None, exact=False)
+        res = dd.dedup_all(
+            labels,
+            x,
+            keys,
+            keys,
+            np.zeros(len(x), np.int64),
+            sims,
+            np.ones(len(x)),
+            extra=extra,
+            epsilon=0.05,
+            phash_max_distance=None,
+            exact=False,
+        )
         score = _score(res.reason, res.dup_of, group)
         assert score["precision"] == 1.0
         recall[path] = score["recall"]
@@ -215,8 +259,12 @@ def test_qa_hallucination_ocr_fidelity_and_clip_gates_at_their_thresholds():
     seen_by_ocr = _captioned("a stop sign", ocr=[{"text": "stop sign", "score": 0.9, "box": [0, 0, 1, 1]}])
     assert assess(seen_by_ocr, QaConfig(min_words=1)).scores["hallucination"] == 0.0
     # OCR fidelity: confident lines (score >= ocr_min_score, 2+ characters) reproduced in the caption
-    ocr = [{"text": "OPEN", "score": 0.9, "box": [0, 0, 1, 1]}, {"text": "EXIT", "score": 0.8, "box": [0, 0, 1, 1]},
-           {"text": "faint", "score": 0.79, "box": [0, 0, 1, 1]}, {"text": "x", "score": 1.0, "box": [0, 0, 1, 1]}]
+    ocr = [
+        {"text": "OPEN", "score": 0.9, "box": [0, 0, 1, 1]},
+        {"text": "EXIT", "score": 0.8, "box": [0, 0, 1, 1]},
+        {"text": "faint", "score": 0.79, "box": [0, 0, 1, 1]},
+        {"text": "x", "score": 1.0, "box": [0, 0, 1, 1]},
+    ]
     s = _captioned("a sign that reads open", ocr=ocr)
     report = assess(s, QaConfig(min_words=1, min_ocr_fidelity=0.5, ocr_min_score=0.8))
     assert report.scores["ocr_fidelity"] == 0.5 and "ocr_missing" not in report.reasons
@@ -244,31 +292,92 @@ def test_qa_stage_reads_the_earlier_stages_notes_and_rejects_with_the_first_reas
     assert json.loads(verdicts[1].detail)["reasons"] == ["too_short", "truncated_caption"]
 
 
-@pytest.mark.parametrize("noun, expected", [
-    ("person", "people"), ("man", "men"), ("woman", "women"), ("child", "children"), ("mouse", "mice"),
-    ("knife", "knives"), ("sheep", "sheep"), ("fish", "fish"), ("bus", "buses"), ("glass", "glasses"),
-    ("skis", "skis"), ("scissors", "scissors"), ("tv", "tvs"), ("wine glass", "wine glasses"),
-    ("box", "boxes"), ("bench", "benches"), ("brush", "brushes"), ("quiz", "quizes"), ("berry", "berries"),
-    ("toy", "toys"), ("cat", "cats"), ("hot dog", "hot dogs")])
+@pytest.mark.parametrize(
+    "noun, expected",
+    [
+        ("person", "people"),
+        ("man", "men"),
+        ("woman", "women"),
+        ("child", "children"),
+        ("mouse", "mice"),
+        ("knife", "knives"),
+        ("sheep", "sheep"),
+        ("fish", "fish"),
+        ("bus", "buses"),
+        ("glass", "glasses"),
+        ("skis", "skis"),
+        ("scissors", "scissors"),
+        ("tv", "tvs"),
+        ("wine glass", "wine glasses"),
+        ("box", "boxes"),
+        ("bench", "benches"),
+        ("brush", "brushes"),
+        ("quiz", "quizes"),
+        ("berry", "berries"),
+        ("toy", "toys"),
+        ("cat", "cats"),
+        ("hot dog", "hot dogs"),
+    ],
+)
 def test_plural_forms(noun, expected):
     from denseforge.stages.ground import plural
 
     assert plural(noun) == expected
 
 
-@pytest.mark.parametrize("word", ["the", "a", "an", "this", "that", "these", "those", "its", "their", "his", "her",
-                                  "our", "my", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-                                  "ten", "several", "some", "many", "both", "each", "every", "another", "other",
-                                  "in", "on", "at", "with", "and", "of"])
+@pytest.mark.parametrize(
+    "word",
+    [
+        "the",
+        "a",
+        "an",
+        "this",
+        "that",
+        "these",
+        "those",
+        "its",
+        "their",
+        "his",
+        "her",
+        "our",
+        "my",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "several",
+        "some",
+        "many",
+        "both",
+        "each",
+        "every",
+        "another",
+        "other",
+        "in",
+        "on",
+        "at",
+        "with",
+        "and",
+        "of",
+    ],
+)
 def test_a_capitalised_determiner_is_not_part_of_the_proper_name(word):
     caption = f"{word.capitalize()} Golden Retriever sleeps."
     experts = {"objects": [{"label": "dog", "score": 0.9, "box": [0, 0, 5, 5]}]}
     [g] = ground_mentions(caption, experts, {"golden retriever": "dog"})
-    assert g.phrase == "Golden Retriever" and caption[g.span[0]:g.span[1]] == g.phrase
+    assert g.phrase == "Golden Retriever" and caption[g.span[0] : g.span[1]] == g.phrase
 
 
 def test_a_capitalised_word_that_is_not_a_determiner_stays_in_the_phrase():
-    [g] = ground_mentions("Falcon 9 rocket on the pad.", {"objects": [{"label": "rocket", "score": 0.9, "box": [0, 0, 5, 5]}]})
+    [g] = ground_mentions(
+        "Falcon 9 rocket on the pad.", {"objects": [{"label": "rocket", "score": 0.9, "box": [0, 0, 5, 5]}]}
+    )
     assert g.phrase == "Falcon 9 rocket"
 
 
@@ -287,7 +396,7 @@ def test_ocr_text_without_its_spaces_still_grounds_and_counts():
     experts = {"ocr": [{"text": "OPEN24HOURS", "score": 0.99, "box": [10.0, 10.0, 90.0, 30.0], "polygon": []}]}
     caption = "A shop sign says Open 24 Hours in red."
     [g] = ground_mentions(caption, experts)
-    assert g.phrase == "Open 24 Hours" and caption[g.span[0]:g.span[1]] == g.phrase and g.source == "ocr/0"
+    assert g.phrase == "Open 24 Hours" and caption[g.span[0] : g.span[1]] == g.phrase and g.source == "ocr/0"
     sample = Sample(key="k", width=100, height=100, sha256="0", caption=caption, experts=experts, grounding=[g])
     assert assess(sample, QaConfig(min_words=1)).scores["ocr_fidelity"] == 1.0
     sample.caption = "A shop sign says Open 42 Hours in red."

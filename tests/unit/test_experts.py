@@ -37,17 +37,20 @@ def ocr():
     return expert
 
 
-@pytest.mark.parametrize("lines, scale", [
-    ([("DENSEFORGE", (30, 40), 48)], 1.0),
-    ([("Hello world", (20, 20), 32), ("Line 2: 1234", (40, 140), 40)], 1.0),
-    ([("small print", (10, 10), 22)], 1.0),
-    ([("RESIZED TEXT", (30, 60), 56)], 0.6),
-])
+@pytest.mark.parametrize(
+    "lines, scale",
+    [
+        ([("DENSEFORGE", (30, 40), 48)], 1.0),
+        ([("Hello world", (20, 20), 32), ("Line 2: 1234", (40, 140), 40)], 1.0),
+        ([("small print", (10, 10), 22)], 1.0),
+        ([("RESIZED TEXT", (30, 60), 56)], 0.6),
+    ],
+)
 def test_rapidocr_reads_rendered_text_where_it_was_drawn(ocr, lines, scale):
     img, boxes = render_text(lines, scale=scale)
     [found] = ocr([ExpertInput("k", img)])
     assert len(found) == len(lines)
-    for (text, _, _), box in zip(lines, boxes):
+    for (text, _, _), box in zip(lines, boxes, strict=True):
         match = max(found, key=lambda o: iou(o["box"], box))
         assert match["text"].replace(" ", "") == text.replace(" ", "")
         assert iou(match["box"], box) >= 0.5 and match["score"] > 0.8 and len(match["polygon"]) == 4
@@ -73,23 +76,26 @@ def _mono_font():
 
 
 def _word(text, x0, x1, y0=10.0, y1=30.0, score=0.9):
-    return {"text": text, "score": score, "box": [x0, y0, x1, y1],
-            "polygon": [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]}
+    return {"text": text, "score": score, "box": [x0, y0, x1, y1], "polygon": [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]}
 
 
 def test_join_words_joins_words_of_one_line_left_to_right():
     # height 20: gaps of 24 (1.2 heights) and -10 (margins overlapping by half a height) join
     joined = join_words([_word("c", 104, 130, score=0.7), _word("a", 0, 40), _word("b", 64, 80, y0=11, y1=31)], 1.2)
-    assert joined == [{"text": "a b c", "score": 0.7, "box": [0, 10, 130, 31],
-                       "polygon": [[0, 10], [130, 10], [130, 30], [0, 30]]}]
+    assert joined == [
+        {"text": "a b c", "score": 0.7, "box": [0, 10, 130, 31], "polygon": [[0, 10], [130, 10], [130, 30], [0, 30]]}
+    ]
     assert join_words([_word("a", 0, 40), _word("b", 30, 80)], 1.2)[0]["text"] == "a b"
 
 
-@pytest.mark.parametrize("second", [
-    _word("far", 64.1, 90),                 # gap 24.1 > 1.2 x 20
-    _word("below", 0, 40, y0=19, y1=39),    # vertical overlap 11 < 0.6 x 20
-    _word("inside", 29, 60),                # overlaps the first by 11 > half a height
-])
+@pytest.mark.parametrize(
+    "second",
+    [
+        _word("far", 64.1, 90),  # gap 24.1 > 1.2 x 20
+        _word("below", 0, 40, y0=19, y1=39),  # vertical overlap 11 < 0.6 x 20
+        _word("inside", 29, 60),  # overlaps the first by 11 > half a height
+    ],
+)
 def test_join_words_keeps_apart_what_is_not_one_line(second):
     found = join_words([_word("a", 0, 40), second], 1.2)
     assert sorted(line["text"] for line in found) == sorted(["a", second["text"]])
@@ -117,8 +123,17 @@ def test_builtins_pass_the_contract_checker():
     tags = check_expert(ClipTagExpert(TINY_TAGS), photos)
     assert all(len(t) == 5 for t in tags)
     check_expert(YoloExpert({"model": "yolov8n.pt", "weights": "random", "conf": 0.0, "device": "cpu"}), photos)
-    world = YoloExpert({"model": "yolov8s-worldv2.pt", "weights": "random", "conf": 0.0, "device": "cpu",
-                        "classes_from": "tags", "text_model": "df-tiny-clip-512", "text_weights": "random"})
+    world = YoloExpert(
+        {
+            "model": "yolov8s-worldv2.pt",
+            "weights": "random",
+            "conf": 0.0,
+            "device": "cpu",
+            "classes_from": "tags",
+            "text_model": "df-tiny-clip-512",
+            "text_weights": "random",
+        }
+    )
     observations = [{"tags": [{"label": "cat", "score": 0.9}, {"label": "cup", "score": 0.5}]}, {"tags": []}]
     found = check_expert(world, photos, observations)
     assert found[1] == []  # no tags, no open-vocabulary query
@@ -150,8 +165,13 @@ def test_the_checker_uses_real_photos_and_says_what_it_checked():
         name, kind = "center", "objects"
 
         def __call__(self, batch):
-            return [[{"label": "thing", "score": 0.5,
-                      "box": [w / 4, h / 4, 3 * w / 4, 3 * h / 4]} for w, h in [item.image.size]] for item in batch]
+            return [
+                [
+                    {"label": "thing", "score": 0.5, "box": [w / 4, h / 4, 3 * w / 4, 3 * h / 4]}
+                    for w, h in [item.image.size]
+                ]
+                for item in batch
+            ]
 
     found = check_expert(Center)
     assert found.summary == "check_expert(center): 3 images, 3 observations checked (3 with boxes)"
@@ -191,23 +211,33 @@ def _perceive(*experts):
 
 
 def test_experts_are_ordered_after_what_they_consume():
-    order = plan_experts(_perceive(
-        {"plugin": "yolo", "name": "world", "options": {"model": "yolov8s-worldv2.pt", "classes_from": "tags"}},
-        {"plugin": "rapidocr"},
-        {"plugin": "clip-tags", "options": {"model": "df-tiny-clip"}},
-    ))
+    order = plan_experts(
+        _perceive(
+            {"plugin": "yolo", "name": "world", "options": {"model": "yolov8s-worldv2.pt", "classes_from": "tags"}},
+            {"plugin": "rapidocr"},
+            {"plugin": "clip-tags", "options": {"model": "df-tiny-clip"}},
+        )
+    )
     assert [spec.instance for spec, _, _ in order] == ["rapidocr", "clip-tags", "world"]
 
 
 def test_the_experts_of_a_group_sit_together_producers_first():
     """A group's experts run in one worker, one after another, so they must be next to each other
     in the flow; inside the group the producer still comes before its consumer."""
-    world = {"plugin": "yolo", "name": "world", "group": "torch",
-             "options": {"model": "yolov8s-worldv2.pt", "classes_from": "tags"}}
+    world = {
+        "plugin": "yolo",
+        "name": "world",
+        "group": "torch",
+        "options": {"model": "yolov8s-worldv2.pt", "classes_from": "tags"},
+    }
     tagger = {"plugin": "clip-tags", "name": "tagger", "group": "torch", "options": {"model": "df-tiny-clip"}}
     order = plan_experts(_perceive(world, {"plugin": "rapidocr"}, {"plugin": "yolox"}, tagger))
-    assert [(spec.instance, spec.group) for spec, _, _ in order] == \
-        [("tagger", "torch"), ("world", "torch"), ("rapidocr", None), ("yolox", None)]
+    assert [(spec.instance, spec.group) for spec, _, _ in order] == [
+        ("tagger", "torch"),
+        ("world", "torch"),
+        ("rapidocr", None),
+        ("yolox", None),
+    ]
     with pytest.raises(ConfigError, match="String should have at least 1 character"):
         _perceive({**tagger, "group": ""})
 
@@ -227,23 +257,42 @@ def test_a_group_needs_one_pool_size_and_its_stages_side_by_side(monkeypatch, tm
             return [None] * len(batch)
 
     monkeypatch.setattr(flow, "load_plugin", lambda group, name, base: Gate)
-    tagger = {"plugin": "clip-tags", "name": "tagger", "group": "light", "options": {"model": "df-tiny-clip"},
-              "resources": {"concurrency": 1}}
+    tagger = {
+        "plugin": "clip-tags",
+        "name": "tagger",
+        "group": "light",
+        "options": {"model": "df-tiny-clip"},
+        "resources": {"concurrency": 1},
+    }
     yolox = {"plugin": "yolox", "group": "light"}
 
     def flow_of(experts, stages):
-        config = parse_config({"input": {"path": "x"}, "dedup": {"enabled": False},
-                               "perceive": {"enabled": True, "experts": experts}, "stages": stages})
+        config = parse_config(
+            {
+                "input": {"path": "x"},
+                "dedup": {"enabled": False},
+                "perceive": {"enabled": True, "experts": experts},
+                "stages": stages,
+            }
+        )
         return flow.build_stages(config, RunDir(tmp_path / "run"))
 
     gate = {"plugin": "gate", "after": "yolox", "group": "light", "resources": {"concurrency": 1}}
-    assert [[r.instance for r in c] for c in chains(flow_of([tagger, yolox], [gate]))] == \
-        [["tagger", "yolox", "gate"], ["merge"]]
-    with pytest.raises(ConfigError, match=r"^group light: its stages share one worker pool, so their resources.concurrency "
-                                          r"and max_concurrency must be equal \(tagger: 1/None, yolox: 1/None, gate: 2/None\)$"):
+    assert [[r.instance for r in c] for c in chains(flow_of([tagger, yolox], [gate]))] == [
+        ["tagger", "yolox", "gate"],
+        ["merge"],
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"^group light: its stages share one worker pool, so their resources.concurrency "
+        r"and max_concurrency must be equal \(tagger: 1/None, yolox: 1/None, gate: 2/None\)$",
+    ):
         flow_of([tagger, yolox], [{**gate, "resources": {"concurrency": 2}}])
-    with pytest.raises(ConfigError, match=r"^group light: its stages must be next to each other in the flow, but merge "
-                                          r"run\(s\) between them; move them \(stages\[\].after\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^group light: its stages must be next to each other in the flow, but merge "
+        r"run\(s\) between them; move them \(stages\[\].after\)$",
+    ):
         flow_of([tagger, yolox], [{**gate, "after": "merge"}])
 
 
@@ -259,9 +308,14 @@ def test_expert_config_errors_name_the_key():
 
 
 def test_a_pool_that_may_grow_needs_a_starting_size_at_or_below_its_bound():
-    (_, _, grows), = plan_experts(_perceive({"plugin": "rapidocr", "resources": {"concurrency": 1, "max_concurrency": 3}}))
+    ((_, _, grows),) = plan_experts(
+        _perceive({"plugin": "rapidocr", "resources": {"concurrency": 1, "max_concurrency": 3}})
+    )
     assert (grows.concurrency, grows.max_concurrency) == (1, 3)
-    with pytest.raises(ConfigError, match=r"^perceive.experts\[0\].resources: Value error, max_concurrency \(1\) is below concurrency \(2\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^perceive.experts\[0\].resources: Value error, max_concurrency \(1\) is below concurrency \(2\)",
+    ):
         plan_experts(_perceive({"plugin": "rapidocr", "resources": {"concurrency": 2, "max_concurrency": 1}}))
     with pytest.raises(ConfigError, match="max_concurrency sizes a worker pool; it needs concurrency"):
         plan_experts(_perceive({"plugin": "rapidocr", "resources": {"concurrency": None, "max_concurrency": 2}}))
@@ -293,8 +347,11 @@ def test_yolox_nano_finds_what_it_should_where_it_should():
     checked = check_expert(expert)  # real photos; the boxes get checked
     assert checked.boxes >= 3
     # boxes verified by eye on a rendering of these photos
-    expected = {"astronaut": ("person", [11, 20, 369, 507]), "coffee": ("cup", [162, 16, 421, 295]),
-                "chelsea": ("cat", [0, 0, 449, 300])}
+    expected = {
+        "astronaut": ("person", [11, 20, 369, 507]),
+        "coffee": ("cup", [162, 16, 421, 295]),
+        "chelsea": ("cat", [0, 0, 449, 300]),
+    }
     for name, (label, box) in expected.items():
         found = expert([ExpertInput(name, load_photo(name).convert("RGB"))])[0]
         best = max(found, key=lambda o: o["score"])
@@ -303,7 +360,9 @@ def test_yolox_nano_finds_what_it_should_where_it_should():
     assert not expert.untrained()
 
 
-@pytest.mark.parametrize("cpus,threads", [(0.25, 1), (0.5, 1), (1.0, 1), (1.75, 2)])  # RapidOCR ignores more than the cores
+@pytest.mark.parametrize(
+    "cpus,threads", [(0.25, 1), (0.5, 1), (1.0, 1), (1.75, 2)]
+)  # RapidOCR ignores more than the cores
 def test_onnx_experts_run_as_many_threads_as_cpus_they_were_given(cpus, threads):
     """ONNX Runtime takes every core unless told: three OCR actors on a 2-core node each ran two
     threads. Each session now runs the worker's CPUs, rounded (Ray's OMP_NUM_THREADS truncates)."""

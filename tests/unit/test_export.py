@@ -10,11 +10,20 @@ from denseforge.stages.sample import Sample
 
 def street(third: str = "car", phrase: str = "a red car") -> Sample:
     """Two dogs, a third object and a STOP sign on a 640 x 480 image, grounded."""
-    s = Sample(key="000000000007", width=640, height=480, sha256="0" * 64,
-               experts={"objects": [{"label": "dog", "score": 0.9, "box": [10.0, 20.0, 330.0, 400.0]},
-                                    {"label": "dog", "score": 0.8, "box": [400.0, 100.0, 600.0, 300.0]},
-                                    {"label": third, "score": 0.7, "box": [0.0, 300.0, 640.0, 480.0]}],
-                        "ocr": [{"text": "STOP", "score": 0.99, "box": [500.0, 10.0, 600.0, 60.0], "polygon": []}]})
+    s = Sample(
+        key="000000000007",
+        width=640,
+        height=480,
+        sha256="0" * 64,
+        experts={
+            "objects": [
+                {"label": "dog", "score": 0.9, "box": [10.0, 20.0, 330.0, 400.0]},
+                {"label": "dog", "score": 0.8, "box": [400.0, 100.0, 600.0, 300.0]},
+                {"label": third, "score": 0.7, "box": [0.0, 300.0, 640.0, 480.0]},
+            ],
+            "ocr": [{"text": "STOP", "score": 0.99, "box": [500.0, 10.0, 600.0, 60.0], "polygon": []}],
+        },
+    )
     s.caption = f"Two dogs run past {phrase} under a sign reading STOP."
     s.grounding = ground_mentions(s.caption, s.experts)
     return s
@@ -35,7 +44,10 @@ def test_qwen_vl_round_trip(sample):
     back = [qwen.decode(b, 640, 480) for r in refs for b in r.boxes]
     originals = [o["box"] for o in sample.experts["objects"]] + [sample.experts["ocr"][0]["box"]]
     for box, orig in zip(back, originals, strict=True):
-        assert all(abs(v - o) <= 0.5 * (640 if k % 2 == 0 else 480) / 1000 + 1e-9 for k, (v, o) in enumerate(zip(box, orig)))
+        assert all(
+            abs(v - o) <= 0.5 * (640 if k % 2 == 0 else 480) / 1000 + 1e-9
+            for k, (v, o) in enumerate(zip(box, orig, strict=True))
+        )
 
 
 def test_kosmos2_round_trip_within_a_bin(sample):
@@ -46,7 +58,7 @@ def test_kosmos2_round_trip_within_a_bin(sample):
     assert plain == sample.caption and [r.phrase for r in refs] == ["dogs", "car", "STOP"]
     car = kosmos.decode(refs[1].boxes[0], 640, 480)
     orig = sample.experts["objects"][2]["box"]
-    assert all(abs(a - b) <= 640 / 32 for a, b in zip(car, orig))
+    assert all(abs(a - b) <= 640 / 32 for a, b in zip(car, orig, strict=True))
 
 
 def test_llava_record(sample):
@@ -74,7 +86,7 @@ def test_refcoco_refs_tie_phrases_to_object_boxes(sample):
     assert [r["sentences"][0]["sent"] for r in refs] == ["dogs", "dogs", "car"]
     for r in refs:
         x, y, w, h = r["bbox"]
-        assert sample.caption[r["span"][0]:r["span"][1]] == r["sentences"][0]["sent"]
+        assert sample.caption[r["span"][0] : r["span"][1]] == r["sentences"][0]["sent"]
         assert [x, y, x + w, y + h] in [o["box"] for o in sample.experts["objects"]]
 
 
@@ -83,9 +95,15 @@ def test_exported_coordinates_carry_no_float_noise():
     from denseforge.stages.sample import Grounding, Sample
 
     box = [12.3, 0.1, 329.2, 25.7]  # 329.2 - 12.3 = 316.90000000000003 in floats
-    sample = Sample(key="k", width=400, height=300, sha256="0", caption="a dog",
-                    experts={"objects": [{"label": "dog", "score": 0.9, "box": box}]},
-                    grounding=[Grounding(phrase="dog", span=(2, 5), box=box, source="objects/0")])
+    sample = Sample(
+        key="k",
+        width=400,
+        height=300,
+        sha256="0",
+        caption="a dog",
+        experts={"objects": [{"label": "dog", "score": 0.9, "box": box}]},
+        grounding=[Grounding(phrase="dog", span=(2, 5), box=box, source="objects/0")],
+    )
     [ann] = coco_dataset([(sample, "k.jpg")])["annotations"]
     [ref] = list(refcoco_refs([(sample, "k.jpg")]))
     assert ann["bbox"] == ref["bbox"] == [12.3, 0.1, 316.9, 25.6] and ann["area"] == round(316.9 * 25.6, 2)
@@ -96,10 +114,17 @@ def test_coco_export_keeps_cocos_own_category_ids():
     from denseforge.stages.export import coco_dataset
     from denseforge.stages.sample import Sample
 
-    objects = [{"label": label, "score": 0.9, "box": [0, 0, 5, 5]} for label in ("cup", "person", "toothbrush", "llama", "dog")]
+    objects = [
+        {"label": label, "score": 0.9, "box": [0, 0, 5, 5]} for label in ("cup", "person", "toothbrush", "llama", "dog")
+    ]
     data = coco_dataset([(Sample(key="k", width=10, height=10, sha256="0", experts={"objects": objects}), "k.jpg")])
-    assert {c["name"]: c["id"] for c in data["categories"]} == {"person": 1, "dog": 18, "cup": 47, "toothbrush": 90,
-                                                               "llama": 91}
+    assert {c["name"]: c["id"] for c in data["categories"]} == {
+        "person": 1,
+        "dog": 18,
+        "cup": 47,
+        "toothbrush": 90,
+        "llama": 91,
+    }
     assert [a["category_id"] for a in data["annotations"]] == [47, 1, 90, 91, 18]
 
 
@@ -110,15 +135,22 @@ def test_coco_ids_are_cocos_80_of_90_with_its_ten_gaps():
     assert set(range(1, 91)) - set(ids) == {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
     names = ex.coco_category_ids()
     assert (names["person"], names["traffic light"], names["stop sign"], names["backpack"], names["hair drier"]) == (
-        1, 10, 13, 27, 89)
+        1,
+        10,
+        13,
+        27,
+        89,
+    )
 
 
 def _grounded(caption, spans):
     from denseforge.stages.sample import Grounding
 
     s = Sample(key="k", width=1000, height=1000, sha256="0", caption=caption)
-    s.grounding = [Grounding(phrase=caption[a:b], span=(a, b), box=[a, 0, b, 10], source=f"objects/{i}")
-                   for i, (a, b) in enumerate(spans)]
+    s.grounding = [
+        Grounding(phrase=caption[a:b], span=(a, b), box=[a, 0, b, 10], source=f"objects/{i}")
+        for i, (a, b) in enumerate(spans)
+    ]
     return s
 
 
@@ -126,7 +158,9 @@ def test_marked_spans_at_the_start_side_by_side_and_overlapping():
     qwen = dialect("qwen-vl")
     # a span at 0, one that starts where the last ended, one inside it (dropped), one overlapping its end (dropped)
     s = _grounded("Dogs cats run", [(0, 4), (4, 9), (5, 9), (7, 13)])
-    assert ex.grounded_text(s, qwen) == ("<ref>Dogs</ref><box>(0,0),(4,10)</box><ref> cats</ref><box>(4,0),(9,10)</box> run")
+    assert ex.grounded_text(s, qwen) == (
+        "<ref>Dogs</ref><box>(0,0),(4,10)</box><ref> cats</ref><box>(4,0),(9,10)</box> run"
+    )
     # the same span twice: one phrase with both boxes
     s = _grounded("Dogs run", [(0, 4), (0, 4)])
     assert ex.grounded_text(s, qwen) == "<ref>Dogs</ref><box>(0,0),(4,10)</box><box>(0,0),(4,10)</box> run"
@@ -144,13 +178,25 @@ def test_a_sample_without_a_caption_exports_no_caption_turn_and_empty_text():
 def test_kvg_entities_skip_ocr_and_the_bare_label_with_determiners_and_plurals():
     from denseforge.stages.sample import Grounding
 
-    s = Sample(key="k", width=100, height=100, sha256="0", caption="STOP: the hot dogs and a Chicago hot dog",
-               experts={"objects": [{"label": "hot dog", "score": 0.9, "box": [0, 0, 5, 5]},
-                                    {"label": "hot dog", "score": 0.9, "box": [5, 5, 9, 9]}],
-                        "ocr": [{"text": "STOP", "score": 1.0, "box": [9, 9, 10, 10]}]})
-    s.grounding = [Grounding(phrase="STOP", span=(0, 4), box=[9, 9, 10, 10], source="ocr/0"),
-                   Grounding(phrase="the hot dogs", span=(6, 18), box=[0, 0, 5, 5], source="objects/0"),
-                   Grounding(phrase="Chicago hot dog", span=(25, 40), box=[5, 5, 9, 9], source="objects/1")]
+    s = Sample(
+        key="k",
+        width=100,
+        height=100,
+        sha256="0",
+        caption="STOP: the hot dogs and a Chicago hot dog",
+        experts={
+            "objects": [
+                {"label": "hot dog", "score": 0.9, "box": [0, 0, 5, 5]},
+                {"label": "hot dog", "score": 0.9, "box": [5, 5, 9, 9]},
+            ],
+            "ocr": [{"text": "STOP", "score": 1.0, "box": [9, 9, 10, 10]}],
+        },
+    )
+    s.grounding = [
+        Grounding(phrase="STOP", span=(0, 4), box=[9, 9, 10, 10], source="ocr/0"),
+        Grounding(phrase="the hot dogs", span=(6, 18), box=[0, 0, 5, 5], source="objects/0"),
+        Grounding(phrase="Chicago hot dog", span=(25, 40), box=[5, 5, 9, 9], source="objects/1"),
+    ]
     assert ex.kvg_entities(s) == [("Chicago hot dog", [[5, 5, 9, 9]])]
 
 
@@ -161,43 +207,94 @@ def test_xywh_rounds_every_coordinate_to_a_hundredth():
 def test_llava_record_is_exactly_llavas_layout():
     s = Sample(key="k7", width=10, height=10, sha256="0", caption="A dog.")
     assert ex.llava_record(s, "images/k7.jpg") == {
-        "id": "k7", "image": "images/k7.jpg",
-        "conversations": [{"from": "human", "value": "<image>\nDescribe this image in detail."},
-                          {"from": "gpt", "value": "A dog."}]}
+        "id": "k7",
+        "image": "images/k7.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe this image in detail."},
+            {"from": "gpt", "value": "A dog."},
+        ],
+    }
 
 
 def test_coco_dataset_and_refcoco_refs_exactly_on_two_images():
     from denseforge.stages.sample import Grounding
 
-    a = Sample(key="ka", width=40, height=30, sha256="0", caption="A dog and STOP.",
-               experts={"objects": [{"label": "dog", "score": 0.5, "box": [1, 2, 11, 22]}],
-                        "ocr": [{"text": "STOP", "score": 1.0, "box": [20, 2, 30, 8]}]},
-               grounding=[Grounding(phrase="dog", span=(2, 5), box=[1, 2, 11, 22], source="objects/0"),
-                          Grounding(phrase="STOP", span=(10, 14), box=[20, 2, 30, 8], source="ocr/0")])
-    b = Sample(key="kb", width=20, height=10, sha256="0", caption=None,
-               experts={"objects": [{"label": "dog", "score": 0.7, "box": [0, 0, 4, 5]}]},
-               grounding=[Grounding(phrase="dog", span=(0, 3), box=[0, 0, 4, 5], source="objects/0")])
+    a = Sample(
+        key="ka",
+        width=40,
+        height=30,
+        sha256="0",
+        caption="A dog and STOP.",
+        experts={
+            "objects": [{"label": "dog", "score": 0.5, "box": [1, 2, 11, 22]}],
+            "ocr": [{"text": "STOP", "score": 1.0, "box": [20, 2, 30, 8]}],
+        },
+        grounding=[
+            Grounding(phrase="dog", span=(2, 5), box=[1, 2, 11, 22], source="objects/0"),
+            Grounding(phrase="STOP", span=(10, 14), box=[20, 2, 30, 8], source="ocr/0"),
+        ],
+    )
+    b = Sample(
+        key="kb",
+        width=20,
+        height=10,
+        sha256="0",
+        caption=None,
+        experts={"objects": [{"label": "dog", "score": 0.7, "box": [0, 0, 4, 5]}]},
+        grounding=[Grounding(phrase="dog", span=(0, 3), box=[0, 0, 4, 5], source="objects/0")],
+    )
     data = ex.coco_dataset([(a, "a.jpg"), (b, "b.jpg")])
     assert data == {
         "info": {"description": "exported by denseforge"},
-        "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30, "denseforge_key": "ka"},
-                   {"id": 2, "file_name": "b.jpg", "width": 20, "height": 10, "denseforge_key": "kb"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 18, "bbox": [1, 2, 10, 20], "area": 200, "iscrowd": 0,
-                         "score": 0.5},
-                        {"id": 2, "image_id": 2, "category_id": 18, "bbox": [0, 0, 4, 5], "area": 20, "iscrowd": 0,
-                         "score": 0.7}],
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 40, "height": 30, "denseforge_key": "ka"},
+            {"id": 2, "file_name": "b.jpg", "width": 20, "height": 10, "denseforge_key": "kb"},
+        ],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 18,
+                "bbox": [1, 2, 10, 20],
+                "area": 200,
+                "iscrowd": 0,
+                "score": 0.5,
+            },
+            {"id": 2, "image_id": 2, "category_id": 18, "bbox": [0, 0, 4, 5], "area": 20, "iscrowd": 0, "score": 0.7},
+        ],
         "categories": [{"id": 18, "name": "dog"}],
-        "captions": [{"id": 1, "image_id": 1, "caption": "A dog and STOP."}]}
+        "captions": [{"id": 1, "image_id": 1, "caption": "A dog and STOP."}],
+    }
     assert list(ex.refcoco_refs([(a, "a.jpg"), (b, "b.jpg")])) == [
-        {"ref_id": 1, "image": "a.jpg", "key": "ka", "bbox": [1, 2, 10, 20], "sentences": [{"sent": "dog"}],
-         "span": [2, 5], "source": "objects/0"},
-        {"ref_id": 2, "image": "b.jpg", "key": "kb", "bbox": [0, 0, 4, 5], "sentences": [{"sent": "dog"}],
-         "span": [0, 3], "source": "objects/0"}]
+        {
+            "ref_id": 1,
+            "image": "a.jpg",
+            "key": "ka",
+            "bbox": [1, 2, 10, 20],
+            "sentences": [{"sent": "dog"}],
+            "span": [2, 5],
+            "source": "objects/0",
+        },
+        {
+            "ref_id": 2,
+            "image": "b.jpg",
+            "key": "kb",
+            "bbox": [0, 0, 4, 5],
+            "sentences": [{"sent": "dog"}],
+            "span": [0, 3],
+            "source": "objects/0",
+        },
+    ]
 
 
 def test_coco_area_is_rounded_to_a_hundredth_too():
-    s = Sample(key="k", width=40, height=30, sha256="0",
-               experts={"objects": [{"label": "dog", "score": 0.5, "box": [1.234, 5.678, 10.111, 20.999]}]})
+    s = Sample(
+        key="k",
+        width=40,
+        height=30,
+        sha256="0",
+        experts={"objects": [{"label": "dog", "score": 0.5, "box": [1.234, 5.678, 10.111, 20.999]}]},
+    )
     [ann] = ex.coco_dataset([(s, "k.jpg")])["annotations"]
     assert (ann["bbox"], ann["area"]) == ([1.23, 5.68, 8.88, 15.32], 136.04)  # 8.88 x 15.32 = 136.0416
 
@@ -205,7 +302,15 @@ def test_coco_area_is_rounded_to_a_hundredth_too():
 def test_refcoco_skips_an_ocr_grounding_and_goes_on_to_the_objects_after_it():
     from denseforge.stages.sample import Grounding
 
-    s = Sample(key="k", width=40, height=30, sha256="0", caption="STOP by a dog",
-               grounding=[Grounding(phrase="STOP", span=(0, 4), box=[0, 0, 4, 4], source="ocr/0"),
-                          Grounding(phrase="dog", span=(10, 13), box=[5, 5, 9, 9], source="objects/0")])
+    s = Sample(
+        key="k",
+        width=40,
+        height=30,
+        sha256="0",
+        caption="STOP by a dog",
+        grounding=[
+            Grounding(phrase="STOP", span=(0, 4), box=[0, 0, 4, 4], source="ocr/0"),
+            Grounding(phrase="dog", span=(10, 13), box=[5, 5, 9, 9], source="objects/0"),
+        ],
+    )
     assert [r["sentences"] for r in ex.refcoco_refs([(s, "k.jpg")])] == [[{"sent": "dog"}]]

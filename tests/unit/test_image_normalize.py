@@ -72,12 +72,15 @@ def test_decompression_bomb_is_rejected_before_decoding():
     assert err.value.reason == "decompression_bomb"
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "not_an_image"),
-    (b"<!doctype html><html><body>hi</body></html>", "not_an_image"),
-    (b"%PDF-1.4 not an image at all", "not_an_image"),
-    (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "not_an_image"),  # a JPEG magic number on junk
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "not_an_image"),
+        (b"<!doctype html><html><body>hi</body></html>", "not_an_image"),
+        (b"%PDF-1.4 not an image at all", "not_an_image"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "not_an_image"),  # a JPEG magic number on junk
+    ],
+)
 def test_hostile_bytes_get_a_reason(data, reason):
     with pytest.raises(ImageRejected) as err:
         ImageNormalizer().normalize(data)

@@ -11,7 +11,13 @@ from PIL import Image
 
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.image_normalize import ImageNormalizer
-from denseforge.stages.ingest import IngestConfig, classify_failure, download_unit, ingest_webdataset_unit, read_raw_unit
+from denseforge.stages.ingest import (
+    IngestConfig,
+    classify_failure,
+    download_unit,
+    ingest_webdataset_unit,
+    read_raw_unit,
+)
 from denseforge.stages.read_input import InputRow, write_units
 from denseforge.stages.sample import Reject, Sample
 from denseforge.stages.write import UnitFiles, write_unit
@@ -22,8 +28,10 @@ from ..conftest import jpeg_bytes
 @pytest.fixture
 def one_unit(tmp_path, photo_server):
     base = photo_server.base_url
-    rows = [InputRow(f"{base}/img/{n}", f"caption {n}", {"row": i}) for i, n in enumerate(
-        ["coffee.jpg", "astronaut.jpg", "missing.jpg", "page.jpg", "truncated.jpg"])]
+    rows = [
+        InputRow(f"{base}/img/{n}", f"caption {n}", {"row": i})
+        for i, n in enumerate(["coffee.jpg", "astronaut.jpg", "missing.jpg", "page.jpg", "truncated.jpg"])
+    ]
     rows += [InputRow(f"{base}/status/503", "boom", {}), InputRow("gopher://x/y", "", {})]
     units = tmp_path / "input"
     plan = write_units(iter(rows), units, 100, allow_private=True)
@@ -38,10 +46,18 @@ def test_every_row_comes_back_once_with_a_reason(one_unit):
     _, stats, rows = one_unit
     assert stats["count"] == 6 and stats["successes"] == 2
     assert len(rows) == 7 and len({r["key"] for r in rows}) == 7
-    reasons = {json.loads(r["reject"])["url"].rsplit("/", 1)[-1]: json.loads(r["reject"])["reason"]
-               for r in rows if r["reject"]}
-    assert reasons == {"missing.jpg": "http_404", "page.jpg": "not_an_image", "truncated.jpg": "truncated",
-                       "503": "http_503", "y": "unsupported_scheme"}
+    reasons = {
+        json.loads(r["reject"])["url"].rsplit("/", 1)[-1]: json.loads(r["reject"])["reason"]
+        for r in rows
+        if r["reject"]
+    }
+    assert reasons == {
+        "missing.jpg": "http_404",
+        "page.jpg": "not_an_image",
+        "truncated.jpg": "truncated",
+        "503": "http_503",
+        "y": "unsupported_scheme",
+    }
     samples = [Sample.model_validate_json(r["sample"]) for r in rows if r["sample"]]
     coffee = next(s for s in samples if s.url.endswith("coffee.jpg"))
     assert (coffee.width, coffee.height, coffee.original_width) == (384, 256, 600)
@@ -62,8 +78,14 @@ def test_write_unit_makes_a_webdataset_shard_and_is_idempotent(one_unit):
     files = UnitFiles(rd.shard_file(0), rd.manifest_part(0), rd.rejects_part(0), rd.write_marker(0))
 
     def write(rows):
-        return write_unit(0, files, [(Sample.model_validate_json(r["sample"]), r["image"]) for r in rows if r["sample"]],
-                          [Reject.model_validate_json(r["reject"]) for r in rows if r["reject"]], [], {})
+        return write_unit(
+            0,
+            files,
+            [(Sample.model_validate_json(r["sample"]), r["image"]) for r in rows if r["sample"]],
+            [Reject.model_validate_json(r["reject"]) for r in rows if r["reject"]],
+            [],
+            {},
+        )
 
     counts = write(list(reversed(rows)))
     assert (counts["written"], counts["rejected"]) == (2, 5)
@@ -86,18 +108,32 @@ def test_write_unit_makes_a_webdataset_shard_and_is_idempotent(one_unit):
 def test_classify_failure():
     assert classify_failure("failed_to_download", "HTTP Error 404: Not Found") == "http_404"
     assert classify_failure("failed_to_download", "<urlopen error timed out>") == "timeout"
-    assert classify_failure("failed_to_download", "<urlopen error [Errno 111] Connection refused>") == "connection_refused"
-    assert classify_failure("failed_to_download", "<urlopen error [private_address] x resolves to 10.0.0.1>") == "private_address"
+    assert (
+        classify_failure("failed_to_download", "<urlopen error [Errno 111] Connection refused>") == "connection_refused"
+    )
+    assert (
+        classify_failure("failed_to_download", "<urlopen error [private_address] x resolves to 10.0.0.1>")
+        == "private_address"
+    )
     assert classify_failure("failed_to_resize", "[decompression_bomb] 1x1") == "decompression_bomb"
-    assert classify_failure("failed_to_download", "Use of image disallowed by X-Robots-Tag directive") == "robots_disallowed"
+    assert (
+        classify_failure("failed_to_download", "Use of image disallowed by X-Robots-Tag directive")
+        == "robots_disallowed"
+    )
     assert classify_failure("failed_to_download", "something new") == "download_error"
 
 
 def test_webdataset_input_is_normalised_and_accounted(tmp_path, photo_dir):
     src = tmp_path / "in.tar"
     with wds.TarWriter(str(src)) as sink:
-        sink.write({"__key__": "a", "jpg": (photo_dir / "coffee.jpg").read_bytes(), "txt": "a mug",
-                    "json": json.dumps({"url": "http://example.com/a.jpg", "similarity": 0.3}).encode()})
+        sink.write(
+            {
+                "__key__": "a",
+                "jpg": (photo_dir / "coffee.jpg").read_bytes(),
+                "txt": "a mug",
+                "json": json.dumps({"url": "http://example.com/a.jpg", "similarity": 0.3}).encode(),
+            }
+        )
         sink.write({"__key__": "b", "png": b"not really a png", "txt": "broken"})
         sink.write({"__key__": "c", "txt": "no image at all"})
         sink.write({"__key__": "d", "jpeg": jpeg_bytes(Image.new("RGB", (40, 30)))})
@@ -114,8 +150,8 @@ def test_webdataset_input_is_normalised_and_accounted(tmp_path, photo_dir):
 
 
 def test_a_failed_unit_still_accounts_for_its_rows(tmp_path):
-    from denseforge.storage import write_json_atomic
     from denseforge.stages.read_input import write_units
+    from denseforge.storage import write_json_atomic
 
     rd = RunDir(tmp_path)
     write_units(iter([InputRow(f"http://example.com/{i}.jpg", None, {}) for i in range(3)]), rd.units, 10, False)
@@ -132,7 +168,10 @@ def test_ingest_cuts_a_dripping_download_at_its_deadline_and_keeps_the_ssrf_guar
     import time
 
     base = photo_server.base_url
-    rows = [InputRow(f"{base}/drip?bytes=12&every=0.3&times=100", "slow", {}), InputRow(f"{base}/img/coffee.jpg", "", {})]
+    rows = [
+        InputRow(f"{base}/drip?bytes=12&every=0.3&times=100", "slow", {}),
+        InputRow(f"{base}/img/coffee.jpg", "", {}),
+    ]
     rd = RunDir(tmp_path)
     write_units(iter(rows), rd.units, 100, allow_private=True)
     cfg = IngestConfig(threads=2, timeout_s=2, download_deadline_s=1.5, allow_private_addresses=True)
@@ -146,7 +185,14 @@ def test_ingest_cuts_a_dripping_download_at_its_deadline_and_keeps_the_ssrf_guar
     # loopback targets (which screening let through here) are refused at connect time
     guarded = RunDir(tmp_path / "guarded")
     write_units(iter(rows), guarded.units, 100, allow_private=True)
-    download_unit(0, guarded.unit_file(0), guarded.raw, guarded.ingest_marker(0),
-                  IngestConfig(threads=2, timeout_s=2), 100, allow_files=False)
+    download_unit(
+        0,
+        guarded.unit_file(0),
+        guarded.raw,
+        guarded.ingest_marker(0),
+        IngestConfig(threads=2, timeout_s=2),
+        100,
+        allow_files=False,
+    )
     got = read_raw_unit(0, guarded.unit_file(0), guarded.raw, guarded.ingest_marker(0), guarded.screened_file(0))
     assert [json.loads(r["reject"])["reason"] for r in got] == ["private_address", "private_address"]

@@ -5,10 +5,12 @@ from denseforge.stages.perceive import iou, merge_detections, sanitize
 
 
 def test_sanitize_clips_boxes_and_drops_invalid_ones():
-    found = [{"label": "dog", "score": 0.9, "box": [-5, 2, 50, 300]},
-             {"label": "cat", "score": 0.8, "box": [60, 10, 20, 40]},
-             {"label": "void", "score": 0.7, "box": [200, 200, 300, 300]},
-             {"label": "nan", "score": float("nan"), "box": [1, 1, 2, 2]}]
+    found = [
+        {"label": "dog", "score": 0.9, "box": [-5, 2, 50, 300]},
+        {"label": "cat", "score": 0.8, "box": [60, 10, 20, 40]},
+        {"label": "void", "score": 0.7, "box": [200, 200, 300, 300]},
+        {"label": "nan", "score": float("nan"), "box": [1, 1, 2, 2]},
+    ]
     clean = sanitize(found, "objects", 100, 80)
     assert [o["label"] for o in clean] == ["dog", "cat"]
     assert clean[0]["box"] == [0.0, 2.0, 50.0, 80.0] and clean[1]["box"] == [20.0, 10.0, 60.0, 40.0]
@@ -26,8 +28,14 @@ def test_clip_box_and_iou():
 
 
 def test_iou_voting_keeps_what_two_detectors_agree_on():
-    a = [{"label": "dog", "score": 0.9, "box": [10, 10, 110, 110]}, {"label": "cat", "score": 0.8, "box": [0, 0, 20, 20]}]
-    b = [{"label": "dog", "score": 0.6, "box": [12, 8, 112, 108]}, {"label": "dog", "score": 0.5, "box": [300, 300, 320, 320]}]
+    a = [
+        {"label": "dog", "score": 0.9, "box": [10, 10, 110, 110]},
+        {"label": "cat", "score": 0.8, "box": [0, 0, 20, 20]},
+    ]
+    b = [
+        {"label": "dog", "score": 0.6, "box": [12, 8, 112, 108]},
+        {"label": "dog", "score": 0.5, "box": [300, 300, 320, 320]},
+    ]
     agreed = merge_detections({"a": a, "b": b}, iou_threshold=0.65, min_votes=2)
     assert len(agreed) == 1 and agreed[0]["label"] == "dog" and agreed[0]["sources"] == ["a", "b"]
     assert agreed[0]["score"] == 0.9 and 10 < agreed[0]["box"][0] < 12
@@ -44,45 +52,79 @@ def test_perceive_settings_defaults_and_bounds_are_the_documented_ones():
 
     spec = ExpertSpec(plugin="yolox")
     assert (spec.name, spec.options, spec.resources, spec.score_threshold, spec.max_error_rate, spec.instance) == (
-        None, {}, {}, 0.0, 0.05, "yolox")
+        None,
+        {},
+        {},
+        0.0,
+        0.05,
+        "yolox",
+    )
     assert ExpertSpec(plugin="yolox", name="det").instance == "det"
-    for key, good in [("score_threshold", 0.0), ("score_threshold", 1.0), ("max_error_rate", 0.0),
-                      ("max_error_rate", 1.0), ("max_error_rate", None)]:
+    for key, good in [
+        ("score_threshold", 0.0),
+        ("score_threshold", 1.0),
+        ("max_error_rate", 0.0),
+        ("max_error_rate", 1.0),
+        ("max_error_rate", None),
+    ]:
         assert getattr(ExpertSpec(plugin="p", **{key: good}), key) == good
-    for key, bad in [("score_threshold", -0.01), ("score_threshold", 1.01), ("max_error_rate", -0.01),
-                     ("max_error_rate", 1.01)]:
+    for key, bad in [
+        ("score_threshold", -0.01),
+        ("score_threshold", 1.01),
+        ("max_error_rate", -0.01),
+        ("max_error_rate", 1.01),
+    ]:
         with pytest.raises(ValidationError):
             ExpertSpec(plugin="p", **{key: bad})
     cfg = PerceiveConfig()
     assert (cfg.enabled, cfg.experts, cfg.on_error, cfg.merge_iou, cfg.merge_min_votes) == (False, [], "keep", 0.65, 1)
-    assert (PerceiveConfig(merge_iou=1.0).merge_iou, PerceiveConfig(on_error="reject").on_error,
-            PerceiveConfig(on_error="keep").on_error, PerceiveConfig(merge_min_votes=1).merge_min_votes) == (1.0, "reject", "keep", 1)
+    assert (
+        PerceiveConfig(merge_iou=1.0).merge_iou,
+        PerceiveConfig(on_error="reject").on_error,
+        PerceiveConfig(on_error="keep").on_error,
+        PerceiveConfig(merge_min_votes=1).merge_min_votes,
+    ) == (1.0, "reject", "keep", 1)
     for key, bad in [("merge_iou", 0.0), ("merge_iou", 1.01), ("merge_min_votes", 0), ("on_error", "drop")]:
         with pytest.raises(ValidationError):
             PerceiveConfig(**{key: bad})
-    with pytest.raises(ValidationError, match=r"Value error, perceive.experts: instance names must be unique, repeated: a, b \["):
+    with pytest.raises(
+        ValidationError, match=r"Value error, perceive.experts: instance names must be unique, repeated: a, b \["
+    ):
         PerceiveConfig(experts=[{"plugin": "a"}, {"plugin": "b"}, {"plugin": "x", "name": "a"}, {"plugin": "b"}])
-    with pytest.raises(ValidationError, match=r"Value error, perceive.enabled needs at least one entry in perceive.experts \["):
+    with pytest.raises(
+        ValidationError, match=r"Value error, perceive.enabled needs at least one entry in perceive.experts \["
+    ):
         PerceiveConfig(enabled=True)
     assert PerceiveConfig(enabled=False, experts=[]).experts == []
 
 
 def test_sanitize_counts_what_it_clips_and_drops_and_keeps_extra_keys():
     counts = {"boxes_clipped": 1, "boxes_dropped": 2, "dropped_nonfinite_score": 3}
-    clean = sanitize([{"label": "dog", "score": 1, "box": [-5, 2, 50, 300], "track": 7},
-                      {"label": "gone", "score": 0.5, "box": [200, 200, 300, 300]},
-                      {"label": "inf", "score": float("inf"), "box": [1, 1, 2, 2]},
-                      {"label": "ok", "score": 0.5, "box": [1, 1, 2, 2]},
-                      {"label": "nobox", "score": 0.25},
-                      {"label": "fine", "score": 0.5, "box": [1.234, 1, 2, 2]}], "tags", 100, 80, counts)
-    assert clean == [{"label": "dog", "score": 1.0, "box": [0.0, 2.0, 50.0, 80.0], "track": 7},
-                     {"label": "ok", "score": 0.5, "box": [1.0, 1.0, 2.0, 2.0]},
-                     {"label": "nobox", "score": 0.25},
-                     {"label": "fine", "score": 0.5, "box": [1.23, 1.0, 2.0, 2.0]}]  # rounded, not clipped
+    clean = sanitize(
+        [
+            {"label": "dog", "score": 1, "box": [-5, 2, 50, 300], "track": 7},
+            {"label": "gone", "score": 0.5, "box": [200, 200, 300, 300]},
+            {"label": "inf", "score": float("inf"), "box": [1, 1, 2, 2]},
+            {"label": "ok", "score": 0.5, "box": [1, 1, 2, 2]},
+            {"label": "nobox", "score": 0.25},
+            {"label": "fine", "score": 0.5, "box": [1.234, 1, 2, 2]},
+        ],
+        "tags",
+        100,
+        80,
+        counts,
+    )
+    assert clean == [
+        {"label": "dog", "score": 1.0, "box": [0.0, 2.0, 50.0, 80.0], "track": 7},
+        {"label": "ok", "score": 0.5, "box": [1.0, 1.0, 2.0, 2.0]},
+        {"label": "nobox", "score": 0.25},
+        {"label": "fine", "score": 0.5, "box": [1.23, 1.0, 2.0, 2.0]},
+    ]  # rounded, not clipped
     assert type(clean[0]["score"]) is float
     assert counts == {"boxes_clipped": 2, "boxes_dropped": 3, "dropped_nonfinite_score": 4}
     assert sanitize([{"label": "a", "score": 0.5, "box": [1, 1, 2, 2]}], "objects", 10, 10) == [
-        {"label": "a", "score": 0.5, "box": [1.0, 1.0, 2.0, 2.0]}]  # no counts dict: fine
+        {"label": "a", "score": 0.5, "box": [1.0, 1.0, 2.0, 2.0]}
+    ]  # no counts dict: fine
     with pytest.raises(TypeError, match=r"^an observation is a str, expected a dict$"):
         sanitize(["x"], "tags", 10, 10)
     with pytest.raises(TypeError, match=r"^expected a list of observations, got str$"):
@@ -105,14 +147,20 @@ def test_iou_voting_at_its_threshold_same_label_only_one_box_per_expert():
     at = merge_detections({"a": a, "b": b}, iou_threshold=0.5, min_votes=1)
     # a's first dog takes b's dog (IoU exactly 0.5) but not a's own second dog; the cat stays apart
     assert [(o["label"], o["score"], o["sources"]) for o in at] == [
-        ("dog", 0.9, ["a", "b"]), ("dog", 0.8, ["a"]), ("cat", 0.7, ["b"])]
+        ("dog", 0.9, ["a", "b"]),
+        ("dog", 0.8, ["a"]),
+        ("cat", 0.7, ["b"]),
+    ]
     assert at[0]["box"] == [0.0, 0.0, 10.0, round((0.9 * 10 + 0.6 * 5) / 1.5, 2)]
     above = merge_detections({"a": a, "b": b}, iou_threshold=0.51, min_votes=1)
     assert [(o["label"], o["sources"]) for o in above] == [("dog", ["a"]), ("dog", ["a", "b"]), ("cat", ["b"])]
     assert above[1]["box"] == [0.0, 0.0, 10.0, round((0.8 * 6 + 0.6 * 5) / 1.4, 2)]  # IoU 50/60 with a's second
     assert merge_detections({"a": a, "b": b}, iou_threshold=0.5, min_votes=2) == [at[0]]
     # a lone box that fails the vote does not end the voting; the better-scored expert leads its group
-    lone = [{"label": "cat", "score": 0.95, "box": [50, 50, 60, 60]}, {"label": "dog", "score": 0.3, "box": [0, 0, 10, 10]}]
+    lone = [
+        {"label": "cat", "score": 0.95, "box": [50, 50, 60, 60]},
+        {"label": "dog", "score": 0.3, "box": [0, 0, 10, 10]},
+    ]
     [dog] = merge_detections({"a": lone, "b": [{"label": "dog", "score": 0.6, "box": [0, 0, 10, 10]}]}, min_votes=2)
     assert (dog["score"], dog["sources"]) == (0.6, ["a", "b"])
     # a box exactly at its expert's threshold counts
@@ -147,16 +195,33 @@ def test_circular_consumes_is_a_config_error_naming_the_experts(monkeypatch):
         name, kind, consumes = "cook", "meals", ("eggs", "hens", "salt")
 
     monkeypatch.setattr(perceive, "load_expert_class", {"eggs": Eggs, "hens": Hens, "farm": Farm, "cook": Cook}.get)
-    two = parse_config({"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [{"plugin": "hens"}, {"plugin": "farm"}]}})
+    two = parse_config(
+        {"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [{"plugin": "hens"}, {"plugin": "farm"}]}}
+    )
     assert [spec.instance for spec, _, _ in perceive.plan_experts(two.perceive)] == ["farm", "hens"]
     lacking = parse_config({"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [{"plugin": "cook"}]}})
-    with pytest.raises(ConfigError, match=r"^perceive.experts: cook consumes eggs, hens, salt, which no configured expert produces$"):
+    with pytest.raises(
+        ConfigError, match=r"^perceive.experts: cook consumes eggs, hens, salt, which no configured expert produces$"
+    ):
         perceive.plan_experts(lacking.perceive)
-    cfg = parse_config({"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [{"plugin": "eggs"}, {"plugin": "hens"}]}})
+    cfg = parse_config(
+        {"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [{"plugin": "eggs"}, {"plugin": "hens"}]}}
+    )
     with pytest.raises(ConfigError, match=r"^perceive.experts: circular consumes between eggs, hens$"):
         perceive.plan_experts(cfg.perceive)
-    grouped = parse_config({"input": {"path": "x"}, "perceive": {"enabled": True, "experts": [
-        {"plugin": "eggs", "group": "coop"}, {"plugin": "hens", "group": "coop"}, {"plugin": "farm"}]}})
+    grouped = parse_config(
+        {
+            "input": {"path": "x"},
+            "perceive": {
+                "enabled": True,
+                "experts": [
+                    {"plugin": "eggs", "group": "coop"},
+                    {"plugin": "hens", "group": "coop"},
+                    {"plugin": "farm"},
+                ],
+            },
+        }
+    )
     with pytest.raises(ConfigError, match=r"^perceive.experts: circular consumes between eggs, hens$"):
         perceive.plan_experts(grouped.perceive)  # inside one group too
 
@@ -186,8 +251,11 @@ def test_expert_stage_stages_output_under_kind_at_instance_and_refuses_a_wrong_l
 
         def __call__(self, batch):
             self.seen = [item.observations for item in batch]
-            return self.reply if self.reply is not None else [[{"label": "dog", "score": 0.5, "box": [1, 1, 50, 50]}]
-                                                              for _ in batch]
+            return (
+                self.reply
+                if self.reply is not None
+                else [[{"label": "dog", "score": 0.5, "box": [1, 1, 50, 50]}] for _ in batch]
+            )
 
     stage = ExpertStage(Boxer(), "det")
     assert (stage.name, stage.staged, stage.expert.resources) == ("det", "objects@det", Boxer.default_resources)
@@ -199,7 +267,9 @@ def test_expert_stage_stages_output_under_kind_at_instance_and_refuses_a_wrong_l
     assert stage.process(items) == [None, None]
     assert stage.expert.seen == [{}, {"tags": [{"label": "cat", "score": 0.9}, {"label": "pet", "score": 0.8}]}]
     assert items[0].sample.experts == {"objects@det": [{"label": "dog", "score": 0.5, "box": [1.0, 1.0, 40.0, 30.0]}]}
-    assert items[0].counts == {"boxes_clipped": 1} and items[0].sample.provenance["experts"] == {"det": {"plugin": "boxer"}}
+    assert items[0].counts == {"boxes_clipped": 1} and items[0].sample.provenance["experts"] == {
+        "det": {"plugin": "boxer"}
+    }
     stage.expert.reply = [[]]
     with pytest.raises(TypeError, match=r"^expert det returned list of length 1 for 2 images$"):
         stage.process(_items(2))
@@ -208,7 +278,9 @@ def test_expert_stage_stages_output_under_kind_at_instance_and_refuses_a_wrong_l
         stage.process(_items(2))
     stage.expert.reply = [[{"label": "x"}], []]
     verdicts = stage.process(_items(2))
-    assert isinstance(verdicts[0], TypeError) and str(verdicts[0]).startswith("invalid output: ") and verdicts[1] is None
+    assert (
+        isinstance(verdicts[0], TypeError) and str(verdicts[0]).startswith("invalid output: ") and verdicts[1] is None
+    )
 
 
 def test_merge_applies_each_instances_threshold_and_names_sources_only_when_several_share_a_kind():
@@ -216,15 +288,21 @@ def test_merge_applies_each_instances_threshold_and_names_sources_only_when_seve
 
     cfg = PerceiveConfig(experts=[{"plugin": "a", "score_threshold": 0.5}, {"plugin": "b"}, {"plugin": "c"}])
     items = _items(1)
-    items[0].sample.experts = {"tags@a": [{"label": "x", "score": 0.4}, {"label": "y", "score": 0.5}],
-                               "tags@b": [{"label": "z", "score": 0.1}], "ocr@c": [{"text": "hi", "score": 0.1}],
-                               "tags@r": [{"label": "noise", "score": 0.9}]}
+    items[0].sample.experts = {
+        "tags@a": [{"label": "x", "score": 0.4}, {"label": "y", "score": 0.5}],
+        "tags@b": [{"label": "z", "score": 0.1}],
+        "ocr@c": [{"text": "hi", "score": 0.1}],
+        "tags@r": [{"label": "noise", "score": 0.9}],
+    }
     assert (MergeStage.name, MergeStage.Options) == ("merge", PerceiveConfig)
     assert MergeStage(cfg, untrained=frozenset({"r"})).process(items) == [None]
-    assert items[0].sample.experts == {"tags": [{"label": "y", "score": 0.5, "source": "a"},
-                                                {"label": "z", "score": 0.1, "source": "b"}],
-                                       "ocr": [{"text": "hi", "score": 0.1}]}
-    assert items[0].sample.provenance["experts"]["r"] == {"excluded": "random weights: 1 observation(s) kept out of the evidence"}
+    assert items[0].sample.experts == {
+        "tags": [{"label": "y", "score": 0.5, "source": "a"}, {"label": "z", "score": 0.1, "source": "b"}],
+        "ocr": [{"text": "hi", "score": 0.1}],
+    }
+    assert items[0].sample.provenance["experts"]["r"] == {
+        "excluded": "random weights: 1 observation(s) kept out of the evidence"
+    }
 
 
 def test_merge_votes_when_two_detectors_saw_objects_and_passes_one_detector_through():

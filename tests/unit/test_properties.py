@@ -33,18 +33,21 @@ def test_an_ipv4_target_is_refused_exactly_when_it_is_not_public(ip):
 @settings(max_examples=300, deadline=None)
 def test_every_ipv6_form_that_embeds_an_ipv4_gets_the_ipv4_verdict(ip):
     v4 = int(ip)
-    forms = [ipaddress.IPv6Address((0xFFFF << 32) | v4),            # ::ffff:a.b.c.d
-             ipaddress.IPv6Address((0x0064FF9B << 96) | v4),        # 64:ff9b::a.b.c.d
-             ipaddress.IPv6Address((0x2002 << 112) | (v4 << 80)),   # 6to4 2002:aabb:ccdd::
-             ipaddress.IPv6Address((0xFFFF << 48) | v4)]            # ::ffff:0:a.b.c.d
+    forms = [
+        ipaddress.IPv6Address((0xFFFF << 32) | v4),  # ::ffff:a.b.c.d
+        ipaddress.IPv6Address((0x0064FF9B << 96) | v4),  # 64:ff9b::a.b.c.d
+        ipaddress.IPv6Address((0x2002 << 112) | (v4 << 80)),  # 6to4 2002:aabb:ccdd::
+        ipaddress.IPv6Address((0xFFFF << 48) | v4),
+    ]  # ::ffff:0:a.b.c.d
     if v4 > 1:
-        forms.append(ipaddress.IPv6Address(v4))                      # ::a.b.c.d (compatible)
+        forms.append(ipaddress.IPv6Address(v4))  # ::a.b.c.d (compatible)
     for form in forms:
         assert is_public_address(str(form)) == is_public_address(str(ip)), form
 
 
 boxes = st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)).filter(
-    lambda b: b[0] < b[2] - 0.002 and b[1] < b[3] - 0.002)
+    lambda b: b[0] < b[2] - 0.002 and b[1] < b[3] - 0.002
+)
 sizes = st.tuples(st.integers(16, 4000), st.integers(16, 4000))
 
 
@@ -52,8 +55,14 @@ def _sample(rel, size) -> Sample:
     w, h = size
     box = [rel[0] * w, rel[1] * h, rel[2] * w, rel[3] * h]
     caption = "a thing here"
-    return Sample(key="k", width=w, height=h, sha256="0", caption=caption,
-                  grounding=[Grounding(phrase="thing", span=(2, 7), box=box, source="objects/0")])
+    return Sample(
+        key="k",
+        width=w,
+        height=h,
+        sha256="0",
+        caption=caption,
+        grounding=[Grounding(phrase="thing", span=(2, 7), box=box, source="objects/0")],
+    )
 
 
 @given(boxes, sizes)
@@ -73,18 +82,24 @@ def test_kosmos_round_trip_covers_the_box_within_one_bin(rel, size):
     assert orig[1] - box[1] < bin_h + 1e-6 and box[3] - orig[3] < bin_h + 1e-6  # on either axis
 
 
-words = st.sampled_from(["dog", "dogs", "Dog", "a", "the", "car", "cars", "Golden", "red", "STOP", "stop", "İ", "ß", ","])
+words = st.sampled_from(
+    ["dog", "dogs", "Dog", "a", "the", "car", "cars", "Golden", "red", "STOP", "stop", "İ", "ß", ","]
+)
 
 
 @given(st.lists(words, max_size=30))
 @settings(max_examples=300, deadline=None)
 def test_every_grounding_span_is_inside_the_caption_and_names_its_source(tokens):
     caption = " ".join(tokens)
-    experts = {"objects": [{"label": "dog", "score": 0.9, "box": [0, 0, 5, 5]},
-                           {"label": "car", "score": 0.9, "box": [5, 5, 9, 9]}],
-               "ocr": [{"text": "stop", "score": 0.9, "box": [1, 1, 2, 2]}]}
+    experts = {
+        "objects": [
+            {"label": "dog", "score": 0.9, "box": [0, 0, 5, 5]},
+            {"label": "car", "score": 0.9, "box": [5, 5, 9, 9]},
+        ],
+        "ocr": [{"text": "stop", "score": 0.9, "box": [1, 1, 2, 2]}],
+    }
     for g in ground_mentions(caption, experts):
-        assert 0 <= g.span[0] < g.span[1] <= len(caption) and caption[g.span[0]:g.span[1]] == g.phrase
+        assert 0 <= g.span[0] < g.span[1] <= len(caption) and caption[g.span[0] : g.span[1]] == g.phrase
         kind, index = g.source.split("/")
         found = experts[kind][int(index)]
         name = found.get("label") or found.get("text")
@@ -115,7 +130,7 @@ def _clustered(rng, n: int) -> np.ndarray:
 @settings(max_examples=60, deadline=None)
 def test_blocked_greedy_dedup_equals_a_brute_force_reference(seed, n, block_exp, threshold):
     x = _clustered(np.random.default_rng(seed), n)
-    [ours] = dd.greedy_duplicates(x, [threshold], block=2 ** block_exp if 2 ** block_exp < n else 16)
+    [ours] = dd.greedy_duplicates(x, [threshold], block=2**block_exp if 2**block_exp < n else 16)
     kept_ours, kept_ref = ours < 0, _naive(x, threshold) < 0
     assert (kept_ours == kept_ref).all()
     for i in np.flatnonzero(~kept_ours):  # every removed row names a kept row it really is close to
@@ -126,7 +141,7 @@ def test_blocked_greedy_dedup_equals_a_brute_force_reference(seed, n, block_exp,
 @settings(max_examples=60, deadline=None)
 def test_bf16_screened_greedy_dedup_equals_the_brute_force_reference(seed, n, block_exp, threshold):
     x = _clustered(np.random.default_rng(seed), n)
-    block = 2 ** block_exp if 2 ** block_exp < n else 16
+    block = 2**block_exp if 2**block_exp < n else 16
     [ours] = dd.greedy_duplicates(x, [threshold], block=block, bf16=True)
     assert ((ours < 0) == (_naive(x, threshold) < 0)).all()
     assert (ours == dd.greedy_duplicates(x, [threshold], block=block)[0]).all()
@@ -137,7 +152,7 @@ def test_bf16_screened_greedy_dedup_equals_the_brute_force_reference(seed, n, bl
 def test_confirmed_dedup_without_a_witness_equals_the_greedy_one(seed, n, block_exp, threshold):
     rng = np.random.default_rng(seed)
     x = _clustered(rng, n)
-    block = 2 ** block_exp if 2 ** block_exp < n else 16
+    block = 2**block_exp if 2**block_exp < n else 16
     active = rng.random(n) < 0.9
     [greedy] = dd.greedy_duplicates(x, [threshold], block=block, active=active)
     assert (dd.confirmed_duplicates(x, threshold, active, None, block) == greedy).all()

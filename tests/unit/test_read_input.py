@@ -18,8 +18,17 @@ def _units(tmp_path, rows, spp=3, allow_private=False, allow_files=False):
 
 def test_laion_columns_and_extras_from_parquet(tmp_path):
     path = tmp_path / "laion.parquet"
-    pq.write_table(pa.table({"URL": ["http://example.com/a.jpg", "https://example.com/b.png"],
-                             "TEXT": ["a cat", None], "similarity": [0.31, 0.28], "WIDTH": [640, 800]}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "URL": ["http://example.com/a.jpg", "https://example.com/b.png"],
+                "TEXT": ["a cat", None],
+                "similarity": [0.31, 0.28],
+                "WIDTH": [640, 800],
+            }
+        ),
+        path,
+    )
     rows = list(iter_table_rows(str(path), "auto", "URL", "TEXT", None))
     assert [r.url for r in rows] == ["http://example.com/a.jpg", "https://example.com/b.png"]
     assert rows[0].caption == "a cat" and rows[1].caption is None
@@ -37,8 +46,10 @@ def test_missing_column_names_it_and_lists_what_exists(tmp_path):
 
 def test_csv_with_malformed_rows(tmp_path):
     path = tmp_path / "t.csv"
-    path.write_text('url,caption,extra\nhttp://e.com/1.jpg,"one, quoted",x\nhttp://e.com/2.jpg,only two\n'
-                    "http://e.com/3.jpg,three,z\n")
+    path.write_text(
+        'url,caption,extra\nhttp://e.com/1.jpg,"one, quoted",x\nhttp://e.com/2.jpg,only two\n'
+        "http://e.com/3.jpg,three,z\n"
+    )
     rows = list(iter_table_rows(str(path), "auto", "url", "caption", None))
     assert len(rows) == 3
     assert rows[0].caption == "one, quoted" and rows[0].source == {"extra": "x"}
@@ -79,7 +90,12 @@ def test_units_keep_every_row_and_keys_are_stable(tmp_path):
     assert by_key["000000000002"]["reason"] == "unsupported_scheme"
     assert by_key["000000100002"]["reason"] == "private_address"
     assert by_key["000000200001"]["reason"] == "malformed_row"
-    assert accepted[0][0] == {"url": "http://example.com/0.jpg", "caption": "c0", "df_key": "000000000000", "df_source": "{}"}
+    assert accepted[0][0] == {
+        "url": "http://example.com/0.jpg",
+        "caption": "c0",
+        "df_key": "000000000000",
+        "df_source": "{}",
+    }
     _, again, _ = _units(tmp_path / "second", iter_table_rows(str(path), "auto", "url", "caption", None))
     assert again == accepted
 
@@ -107,18 +123,29 @@ def test_text_that_is_not_utf8_is_a_reject_row_not_a_crash(tmp_path):
     import pyarrow.parquet as pq
 
     jsonl = tmp_path / "t.jsonl"
-    jsonl.write_text('{"url": "http://example.com/0.jpg", "caption": "ok"}\n'
-                     '{"url": "http://example.com/1.jpg", "caption": "lone \\ud800 surrogate"}\n'
-                     '{"url": "http://example.com/2.jpg", "caption": "fine", "extra": "\\udfff"}\n')
+    jsonl.write_text(
+        '{"url": "http://example.com/0.jpg", "caption": "ok"}\n'
+        '{"url": "http://example.com/1.jpg", "caption": "lone \\ud800 surrogate"}\n'
+        '{"url": "http://example.com/2.jpg", "caption": "fine", "extra": "\\udfff"}\n'
+    )
     plan, accepted, rejects = _flat(_units(tmp_path / "j", iter_table_rows(str(jsonl), "auto", "url", "caption", None)))
     assert plan.rows == 3 and [r["df_key"] for r in accepted] == ["000000000000"]
-    assert [(r["key"], r["reason"]) for r in rejects] == [("000000000001", "invalid_text"), ("000000000002", "invalid_text")]
+    assert [(r["key"], r["reason"]) for r in rejects] == [
+        ("000000000001", "invalid_text"),
+        ("000000000002", "invalid_text"),
+    ]
     # a parquet string column holding invalid UTF-8 (written as binary, then relabelled as string)
-    raw = pa.table({"url": pa.array([b"http://example.com/a.jpg", b"http://example.com/\xff.jpg"], pa.binary()),
-                    "caption": pa.array([b"a", b"b"], pa.binary())})
+    raw = pa.table(
+        {
+            "url": pa.array([b"http://example.com/a.jpg", b"http://example.com/\xff.jpg"], pa.binary()),
+            "caption": pa.array([b"a", b"b"], pa.binary()),
+        }
+    )
     bad = raw.cast(pa.schema([("url", pa.string()), ("caption", pa.string())]), safe=False)
     pq.write_table(bad, tmp_path / "t.parquet")
-    plan, accepted, rejects = _flat(_units(tmp_path / "p", iter_table_rows(str(tmp_path / "t.parquet"), "auto", "url", "caption", None)))
+    plan, accepted, rejects = _flat(
+        _units(tmp_path / "p", iter_table_rows(str(tmp_path / "t.parquet"), "auto", "url", "caption", None))
+    )
     assert plan.rows == 2 and len(accepted) == 1 and [r["reason"] for r in rejects] == ["invalid_text"]
     # a folder file name that is not UTF-8
     folder = tmp_path / "imgs"
@@ -140,5 +167,8 @@ def test_folder_links_that_leave_the_folder_are_refused(tmp_path):
     (folder / "local.jpg").symlink_to(folder / "inside.jpg")
     rows = list(iter_folder_rows(str(folder)))
     assert [(r.source["path"].rsplit("/", 1)[1], r.reason if r.problem else None) for r in rows] == [
-        ("inside.jpg", None), ("link.jpg", "outside_folder"), ("local.jpg", None)]
+        ("inside.jpg", None),
+        ("link.jpg", "outside_folder"),
+        ("local.jpg", None),
+    ]
     assert all(r.problem is None for r in iter_folder_rows(str(folder), follow_symlinks=True))

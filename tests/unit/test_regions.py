@@ -27,9 +27,11 @@ def test_select_views_keeps_the_tight_crop_and_is_deterministic():
 
 @pytest.mark.parametrize("k, expected", [(1, [1]), (2, [1, 0]), (5, [1, 0, 2])])
 def test_top_regions_by_score_times_area(k, expected):
-    objects = [{"label": "a", "score": 0.9, "box": [0, 0, 10, 10]},
-               {"label": "b", "score": 0.5, "box": [0, 0, 30, 30]},
-               {"label": "c", "score": 0.9, "box": [0, 0, 5, 5]}]
+    objects = [
+        {"label": "a", "score": 0.9, "box": [0, 0, 10, 10]},
+        {"label": "b", "score": 0.5, "box": [0, 0, 30, 30]},
+        {"label": "c", "score": 0.9, "box": [0, 0, 5, 5]},
+    ]
     assert top_regions(objects, k) == expected
 
 
@@ -47,11 +49,14 @@ class _Width:
         return self.distance(self.width - other.width)
 
 
-@pytest.mark.parametrize("distance, expected", [
-    (lambda grow: min(20, grow), [0.0, 0.1, 0.2]),  # capped: new content per unit of t falls as t grows
-    (lambda grow: grow, [0.0, 0.1, 0.2]),           # proportional: every view ties, the smallest t wins
-    (lambda grow: grow * grow, [0.0, 0.9, 1.0]),    # accelerating: the widest views add the most per t
-])
+@pytest.mark.parametrize(
+    "distance, expected",
+    [
+        (lambda grow: min(20, grow), [0.0, 0.1, 0.2]),  # capped: new content per unit of t falls as t grows
+        (lambda grow: grow, [0.0, 0.1, 0.2]),  # proportional: every view ties, the smallest t wins
+        (lambda grow: grow * grow, [0.0, 0.9, 1.0]),  # accelerating: the widest views add the most per t
+    ],
+)
 def test_select_views_picks_the_most_new_content_per_unit_of_context(monkeypatch, distance, expected):
     """Mutation survivors: the view choice (distance / t, ties to the smaller t) was never pinned."""
     from PIL import Image
@@ -76,10 +81,12 @@ def test_a_degenerate_box_still_gives_a_one_pixel_crop_and_views_are_frozen():
 
 
 def test_top_regions_weighs_score_times_area_of_boxes_anywhere():
-    objects = [{"label": "a", "box": [100, 50, 110, 60]},                 # no score: 1.0 x 100 = 100
-               {"label": "b", "score": 0.5, "box": [0, 0, 12, 12]},      # 72
-               {"label": "c", "score": 0.1, "box": [5, 5, 35, 35]},      # 90
-               {"label": "d", "score": 0.75, "box": [0, 0, 20, 10]}]     # 150
+    objects = [
+        {"label": "a", "box": [100, 50, 110, 60]},  # no score: 1.0 x 100 = 100
+        {"label": "b", "score": 0.5, "box": [0, 0, 12, 12]},  # 72
+        {"label": "c", "score": 0.1, "box": [5, 5, 35, 35]},  # 90
+        {"label": "d", "score": 0.75, "box": [0, 0, 20, 10]},
+    ]  # 150
     assert top_regions(objects, 4) == [3, 0, 2, 1]
 
 

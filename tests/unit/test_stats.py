@@ -14,18 +14,32 @@ from denseforge.pipeline.stats import finalize_run
 from denseforge.stages.sample import Reject, Sample
 from denseforge.stages.write import UnitFiles, write_unit
 
-STAGE = {"items": 4, "failed": {"ValueError": 1}, "rejected": {"too_short": 1}, "removed": 0, "busy_s": 2.0,
-         "first_error": "ValueError: boom"}
+STAGE = {
+    "items": 4,
+    "failed": {"ValueError": 1},
+    "rejected": {"too_short": 1},
+    "removed": 0,
+    "busy_s": 2.0,
+    "first_error": "ValueError: boom",
+}
 
 
 def _run_dir(tmp_path) -> RunDir:
     rd = RunDir(tmp_path)
     files = UnitFiles(rd.shard_file(0), rd.manifest_part(0), rd.rejects_part(0), rd.write_marker(0))
     sample = Sample(key="000000000000", width=4, height=4, sha256="0")
-    removed = [{"key": "000000000002", "stage": "dedup", "reason": "too_small", "dup_of": None, "cluster": 0},
-               {"key": "000000000003", "stage": "dedup", "reason": "not_selected", "dup_of": None, "cluster": 0}]
-    write_unit(0, files, [(sample, b"\xff\xd8")], [Reject(key="000000000001", stage="qa", reason="too_short")],
-               removed, {"qa": STAGE})
+    removed = [
+        {"key": "000000000002", "stage": "dedup", "reason": "too_small", "dup_of": None, "cluster": 0},
+        {"key": "000000000003", "stage": "dedup", "reason": "not_selected", "dup_of": None, "cluster": 0},
+    ]
+    write_unit(
+        0,
+        files,
+        [(sample, b"\xff\xd8")],
+        [Reject(key="000000000001", stage="qa", reason="too_short")],
+        removed,
+        {"qa": STAGE},
+    )
     rd.embeddings.mkdir()
     rd.embed_marker(0).write_text(json.dumps({"stages": {"embed": {**STAGE, "failed": {}, "rejected": {}}}}))
     return rd
@@ -37,7 +51,10 @@ def test_the_summary_and_report_say_removed_with_the_reasons_not_duplicates(tmp_
     f = stats["funnel"]
     assert (f["input_rows"], f["written"], f["rejected"], f["removed"], f["balanced"]) == (4, 1, 1, 2, True)
     text = format_summary(stats, rd.root, "000000000000")
-    assert text.splitlines()[-1] == f"look at it: open {rd.root}/report.html in a browser; denseforge show {rd.root} 000000000000"
+    assert (
+        text.splitlines()[-1]
+        == f"look at it: open {rd.root}/report.html in a browser; denseforge show {rd.root} 000000000000"
+    )
     assert "2 removed (1 dedup/not_selected, 1 dedup/too_small)" in text and "duplicates" not in text
     assert "stage qa: failed on 1 of 4 items (ValueError 1); first error: ValueError: boom" in text
     assert "stage embed" not in text  # no failures, no line
@@ -69,10 +86,19 @@ def test_hugging_face_datasets_loads_a_run_whose_samples_differ_in_shape(tmp_pat
     from ..conftest import jpeg_bytes
 
     image = jpeg_bytes(Image.new("RGB", (8, 6), "red"))
-    plain = [(Sample(key=f"00000000000{i}", width=8, height=6, sha256="0", caption="a red square"), image) for i in range(3)]
-    rich = Sample(key="000000100000", width=8, height=6, sha256="0", caption="a dog", source={"license": "cc-by"},
-                  experts={"objects": [{"label": "dog", "score": 0.5, "box": [0, 0, 4, 4]}], "colors": [{"label": "red"}]},
-                  grounding=[Grounding(phrase="dog", span=(2, 5), box=[0, 0, 4, 4], source="objects/0")])
+    plain = [
+        (Sample(key=f"00000000000{i}", width=8, height=6, sha256="0", caption="a red square"), image) for i in range(3)
+    ]
+    rich = Sample(
+        key="000000100000",
+        width=8,
+        height=6,
+        sha256="0",
+        caption="a dog",
+        source={"license": "cc-by"},
+        experts={"objects": [{"label": "dog", "score": 0.5, "box": [0, 0, 4, 4]}], "colors": [{"label": "red"}]},
+        grounding=[Grounding(phrase="dog", span=(2, 5), box=[0, 0, 4, 4], source="objects/0")],
+    )
     for unit, samples in ((0, plain), (1, [(rich, image)])):
         files = UnitFiles(rd.shard_file(unit), rd.manifest_part(unit), rd.rejects_part(unit), rd.write_marker(unit))
         write_unit(unit, files, samples, [], [], {})
@@ -96,16 +122,31 @@ def test_the_report_escapes_everything_that_comes_from_the_data(tmp_path):
     hostile = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
     rd = RunDir(tmp_path)
     caption = f"a dog {hostile}"
-    sample = Sample(key="000000000000", width=40, height=30, sha256="0", url=f"http://x/{hostile}",
-                    alt_text=hostile, caption=caption,
-                    experts={"objects": [{"label": hostile, "score": 0.9, "box": [1, 1, 20, 20]}],
-                             "ocr": [{"text": hostile, "score": 0.9, "box": [2, 2, 9, 9], "polygon": []}],
-                             "tags": [{"label": hostile, "score": 0.5}]},
-                    grounding=[Grounding(phrase="dog", span=(2, 5), box=[1, 1, 20, 20], source="objects/0")],
-                    provenance={"note": hostile})
+    sample = Sample(
+        key="000000000000",
+        width=40,
+        height=30,
+        sha256="0",
+        url=f"http://x/{hostile}",
+        alt_text=hostile,
+        caption=caption,
+        experts={
+            "objects": [{"label": hostile, "score": 0.9, "box": [1, 1, 20, 20]}],
+            "ocr": [{"text": hostile, "score": 0.9, "box": [2, 2, 9, 9], "polygon": []}],
+            "tags": [{"label": hostile, "score": 0.5}],
+        },
+        grounding=[Grounding(phrase="dog", span=(2, 5), box=[1, 1, 20, 20], source="objects/0")],
+        provenance={"note": hostile},
+    )
     files = UnitFiles(rd.shard_file(0), rd.manifest_part(0), rd.rejects_part(0), rd.write_marker(0))
-    write_unit(0, files, [(sample, jpeg_bytes(Image.new("RGB", (40, 30), "blue")))],
-               [Reject(key="000000000001", stage="ingest", reason="http_404", detail=hostile, url=hostile)], [], {})
+    write_unit(
+        0,
+        files,
+        [(sample, jpeg_bytes(Image.new("RGB", (40, 30), "blue")))],
+        [Reject(key="000000000001", stage="ingest", reason="http_404", detail=hostile, url=hostile)],
+        [],
+        {},
+    )
     finalize_run(rd, parse_config({"input": {"path": "x"}}), 2, {})
     page = rd.report.read_text()
     assert "<script>" not in page and "onerror=alert" not in page.replace("onerror=alert(2)&gt;", "")
@@ -127,9 +168,15 @@ def test_a_list_with_no_common_type_is_written_and_typed_as_strings(tmp_path):
     from ..conftest import jpeg_bytes
 
     rd = RunDir(tmp_path)
-    sample = Sample(key="000000000000", width=4, height=4, sha256="0", caption="a ball",
-                    experts={"tags": [{"label": "ball", "score": 0.9, "extra": ["sports ball", 0.74]}]},
-                    provenance={"plugin": {"pair": ["cup", 1, True]}})
+    sample = Sample(
+        key="000000000000",
+        width=4,
+        height=4,
+        sha256="0",
+        caption="a ball",
+        experts={"tags": [{"label": "ball", "score": 0.9, "extra": ["sports ball", 0.74]}]},
+        provenance={"plugin": {"pair": ["cup", 1, True]}},
+    )
     files = UnitFiles(rd.shard_file(0), rd.manifest_part(0), rd.rejects_part(0), rd.write_marker(0))
     counts = write_unit(0, files, [(sample, jpeg_bytes(Image.new("RGB", (4, 4), "blue")))], [], [], {})
     assert counts["written"] == 1 and rd.write_marker(0).exists()

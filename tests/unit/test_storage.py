@@ -17,9 +17,22 @@ from denseforge.pipeline import rundir as rundir_module
 from denseforge.pipeline.config import dump_config, parse_config
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.read_input import expand_paths
-from denseforge.storage import (append_text, check_options, check_store, describe_store_error, list_files, location,
-                                read_arrow, read_json, read_parquet, remove_tree, write_arrow_atomic,
-                                write_json_atomic, write_table_atomic, writing)
+from denseforge.storage import (
+    append_text,
+    check_options,
+    check_store,
+    describe_store_error,
+    list_files,
+    location,
+    read_arrow,
+    read_json,
+    read_parquet,
+    remove_tree,
+    write_arrow_atomic,
+    write_json_atomic,
+    write_table_atomic,
+    writing,
+)
 
 from ..conftest import S3_BUCKET, run_cli
 
@@ -76,8 +89,16 @@ def test_the_object_store_lock_refuses_a_second_driver_and_expires(bucket_url, m
                 pass
     assert rd.holder() is None and not rd.lock_file.exists()
     # a driver killed while it held the lease: its lease stops being renewed and then expires
-    write_json_atomic(rd.lock_file, {"host": "h", "pid": 1, "command": "run", "token": "dead",
-                                     "renewed": time.time() - rundir_module.LEASE_EXPIRY_S - 1})
+    write_json_atomic(
+        rd.lock_file,
+        {
+            "host": "h",
+            "pid": 1,
+            "command": "run",
+            "token": "dead",
+            "renewed": time.time() - rundir_module.LEASE_EXPIRY_S - 1,
+        },
+    )
     assert rd.holder() is None
     with rd.locked("resume"):
         assert rd.holder()["command"] == "resume"
@@ -99,12 +120,18 @@ def test_a_missing_bucket_is_one_line_naming_the_url(s3_server):
         check_store(location("s3://no-such-bucket-here/run"), "--out")
 
 
-@pytest.mark.parametrize("message, cause", [
-    ("ClientError: An error occurred (InvalidAccessKeyId) when calling the ListObjectsV2 operation", "access denied"),
-    ("PermissionError: Forbidden", "access denied"),
-    ("EndpointConnectionError: Could not connect to the endpoint URL", "does not answer"),
-    ("FileNotFoundError: The specified bucket does not exist", "bucket does not exist"),
-])
+@pytest.mark.parametrize(
+    "message, cause",
+    [
+        (
+            "ClientError: An error occurred (InvalidAccessKeyId) when calling the ListObjectsV2 operation",
+            "access denied",
+        ),
+        ("PermissionError: Forbidden", "access denied"),
+        ("EndpointConnectionError: Could not connect to the endpoint URL", "does not answer"),
+        ("FileNotFoundError: The specified bucket does not exist", "bucket does not exist"),
+    ],
+)
 def test_store_errors_say_the_cause(message, cause):
     assert cause in describe_store_error(RuntimeError(message))
 
@@ -125,10 +152,20 @@ def test_a_literal_secret_in_storage_options_is_refused_and_a_reference_is_kept(
     with pytest.raises(ConfigError, match="storage.options.secret: a secret is never written"):
         check_options({"secret": "hunter2"})
     with pytest.raises(ConfigError, match="client_kwargs.aws_secret_access_key"):
-        parse_config({"demo": {"enabled": True}, "ingest": {"allow_private_addresses": True},
-                      "storage": {"options": {"client_kwargs": {"aws_secret_access_key": "hunter2"}}}})
-    config = parse_config({"demo": {"enabled": True}, "ingest": {"allow_private_addresses": True},
-                           "storage": {"options": {"secret": "${DF_TEST_SECRET}", "endpoint_url": "http://x"}}})
+        parse_config(
+            {
+                "demo": {"enabled": True},
+                "ingest": {"allow_private_addresses": True},
+                "storage": {"options": {"client_kwargs": {"aws_secret_access_key": "hunter2"}}},
+            }
+        )
+    config = parse_config(
+        {
+            "demo": {"enabled": True},
+            "ingest": {"allow_private_addresses": True},
+            "storage": {"options": {"secret": "${DF_TEST_SECRET}", "endpoint_url": "http://x"}},
+        }
+    )
     monkeypatch.setenv("DF_TEST_SECRET", "hunter2")
     assert "hunter2" not in dump_config(config) and "${DF_TEST_SECRET}" in dump_config(config)
     assert location("s3://b/k", config.storage.options).storage_options["secret"] == "hunter2"
@@ -143,14 +180,24 @@ def test_the_cli_refuses_a_missing_bucket_and_an_unreachable_cluster_before_crea
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         "denseforge: error: --out s3://no-such-bucket-here/run: the bucket does not exist "
-        "(FileNotFoundError: The specified bucket does not exist)"]
+        "(FileNotFoundError: The specified bucket does not exist)"
+    ]
     out = tmp_path / "never"
     nowhere = run_cli("run", "demo", "--out", str(out), "--address", "127.0.0.1:1", check=False)
     assert nowhere.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in nowhere.stderr
     assert not out.exists()
     assert time.monotonic() - start < 60
-    table = run_cli("run", "demo", "--out", f"s3://{S3_BUCKET}/x", "--set", "demo.enabled=false",
-                    "--set", f"input.path=s3://{S3_BUCKET}/no/tables/here", check=False)
+    table = run_cli(
+        "run",
+        "demo",
+        "--out",
+        f"s3://{S3_BUCKET}/x",
+        "--set",
+        "demo.enabled=false",
+        "--set",
+        f"input.path=s3://{S3_BUCKET}/no/tables/here",
+        check=False,
+    )
     assert table.returncode == 2 and f"input.path 's3://{S3_BUCKET}/no/tables/here' does not exist" in table.stderr
 
 
@@ -218,8 +265,11 @@ def test_a_lost_node_while_units_keep_finishing_does_not_stop_the_run(two_nodes)
 def test_node_work_is_counted_per_stage_and_node():
     from denseforge.pipeline.adapter import count_traces, merge_counts
 
-    traces = [json.dumps({"yolo": {"s": 0.5, "n": "n1"}}), json.dumps({"yolo": {"s": 0.25, "n": "n2"}}),
-              json.dumps({"yolo": {"s": 0.25, "n": "n1", "f": "ValueError", "m": "bad"}})]
+    traces = [
+        json.dumps({"yolo": {"s": 0.5, "n": "n1"}}),
+        json.dumps({"yolo": {"s": 0.25, "n": "n2"}}),
+        json.dumps({"yolo": {"s": 0.25, "n": "n1", "f": "ValueError", "m": "bad"}}),
+    ]
     counts = count_traces(traces)
     assert counts["yolo"]["nodes"] == {"n1": {"items": 2, "busy_s": 0.75}, "n2": {"items": 1, "busy_s": 0.25}}
     total: dict = {}

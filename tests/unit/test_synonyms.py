@@ -26,26 +26,45 @@ def ground():
     return stage
 
 
-@pytest.mark.parametrize("word,expected", [("puppies", "puppy"), ("boxes", "box"), ("cars", "car"), ("glass", "glass"),
-                                           ("bus", "bus"), ("benches", "bench"), ("sofa", "sofa"), ("dogs", "dog")])
+@pytest.mark.parametrize(
+    "word,expected",
+    [
+        ("puppies", "puppy"),
+        ("boxes", "box"),
+        ("cars", "car"),
+        ("glass", "glass"),
+        ("bus", "bus"),
+        ("benches", "bench"),
+        ("sofa", "sofa"),
+        ("dogs", "dog"),
+    ],
+)
 def test_singular(word, expected):
     assert singular(word) == expected
 
 
 def test_synonyms_map_to_their_label_and_nothing_else(matcher):
-    caption = ("A puppy naps on the sofa next to a mug; an automobile, a cat, a desk, a stool and a red "
-               "bright scene with several large windows.")
+    caption = (
+        "A puppy naps on the sofa next to a mug; an automobile, a cat, a desk, a stool and a red "
+        "bright scene with several large windows."
+    )
     found = matcher.match(caption, ["dog", "couch", "cup", "car"])
-    assert {w: label for w, (label, _) in found.items()} == {"puppy": "dog", "sofa": "couch", "mug": "cup",
-                                                             "automobile": "car"}
+    assert {w: label for w, (label, _) in found.items()} == {
+        "puppy": "dog",
+        "sofa": "couch",
+        "mug": "cup",
+        "automobile": "car",
+    }
     assert all(0.7 <= score <= 1 for _, score in found.values())
     # "cat" is a label itself (exact matching handles it; it is never a synonym of dog); "desk" and
     # "stool" are near chair/couch/toilet but not clearly nearest; colours and filler words are skipped
 
 
 def _sample(caption: str, labels: list[str]) -> Sample:
-    objects = [{"label": label, "score": 0.9, "box": [10.0 * i, 10.0 * i, 10.0 * i + 8, 10.0 * i + 8]}
-               for i, label in enumerate(labels)]
+    objects = [
+        {"label": label, "score": 0.9, "box": [10.0 * i, 10.0 * i, 10.0 * i + 8, 10.0 * i + 8]}
+        for i, label in enumerate(labels)
+    ]
     return Sample(key="k", width=100, height=100, sha256="0", caption=caption, experts={"objects": objects})
 
 
@@ -63,8 +82,10 @@ def test_ground_ties_synonyms_to_detected_boxes_only(ground):
 def test_proper_names_stay_in_the_phrase_and_aliases_still_apply(ground):
     sample = _sample("A Golden Retriever sleeps beside a tabby cat.", ["dog", "cat"])
     ground.process([Item(0, sample, b"")])
-    assert [(g.phrase, g.source) for g in sample.grounding] == [("Golden Retriever", "objects/0"),
-                                                                ("tabby cat", "objects/1")]
+    assert [(g.phrase, g.source) for g in sample.grounding] == [
+        ("Golden Retriever", "objects/0"),
+        ("tabby cat", "objects/1"),
+    ]
 
 
 def test_the_hallucination_check_counts_synonym_claims(ground):

@@ -6,16 +6,30 @@ from denseforge.stages import url_screen
 from denseforge.stages.url_screen import BlockedAddressError, guarded_opener, screen_url
 
 
-@pytest.mark.parametrize("url, reason", [
-    (None, "missing_url"), ("", "missing_url"), ("   ", "missing_url"), (float("nan"), "missing_url"),
-    (42, "invalid_url"), ("ftp://example.com/a.jpg", "unsupported_scheme"), ("file:///etc/passwd", "unsupported_scheme"),
-    ("javascript:alert(1)", "unsupported_scheme"), ("example.com/a.jpg", "unsupported_scheme"),
-    ("http://", "invalid_url"), ("http://exa mple.com/a.jpg", "invalid_url"), ("http://example.com:99999/a", "invalid_url"),
-    ("http://127.0.0.1/a.jpg", "private_address"), ("http://localhost:8000/a.jpg", "private_address"),
-    ("http://10.1.2.3/a.jpg", "private_address"), ("http://169.254.169.254/latest/meta-data", "private_address"),
-    ("http://[::1]/a.jpg", "private_address"), ("http://224.0.0.1/a.jpg", "private_address"),
-    ("http://[::ffff:192.168.0.1]/a.jpg", "private_address"),
-])
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        (None, "missing_url"),
+        ("", "missing_url"),
+        ("   ", "missing_url"),
+        (float("nan"), "missing_url"),
+        (42, "invalid_url"),
+        ("ftp://example.com/a.jpg", "unsupported_scheme"),
+        ("file:///etc/passwd", "unsupported_scheme"),
+        ("javascript:alert(1)", "unsupported_scheme"),
+        ("example.com/a.jpg", "unsupported_scheme"),
+        ("http://", "invalid_url"),
+        ("http://exa mple.com/a.jpg", "invalid_url"),
+        ("http://example.com:99999/a", "invalid_url"),
+        ("http://127.0.0.1/a.jpg", "private_address"),
+        ("http://localhost:8000/a.jpg", "private_address"),
+        ("http://10.1.2.3/a.jpg", "private_address"),
+        ("http://169.254.169.254/latest/meta-data", "private_address"),
+        ("http://[::1]/a.jpg", "private_address"),
+        ("http://224.0.0.1/a.jpg", "private_address"),
+        ("http://[::ffff:192.168.0.1]/a.jpg", "private_address"),
+    ],
+)
 def test_screen_rejects_with_reason(url, reason):
     result = screen_url(url)
     assert result is not None and result.reason == reason
@@ -54,8 +68,17 @@ def test_opener_caps_response_size(photo_server):
         opener.open(f"{photo_server.base_url}/img/coffee.jpg", timeout=5).read()
 
 
-@pytest.mark.parametrize("address", ["::7f00:1", "64:ff9b::7f00:1", "2002:7f00:1::", "::ffff:0:7f00:1",
-                                     "64:ff9b:1::a00:1", "2001:0:4136:e378:8000:63bf:80ff:fffe"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::7f00:1",
+        "64:ff9b::7f00:1",
+        "2002:7f00:1::",
+        "::ffff:0:7f00:1",
+        "64:ff9b:1::a00:1",
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",
+    ],
+)
 def test_ipv6_forms_that_embed_a_private_ipv4_are_private(address):
     # compatible, NAT64, 6to4, translated, local-use NAT64, Teredo (client 127.0.0.1)
     assert not url_screen.is_public_address(address)
@@ -82,6 +105,9 @@ def test_the_size_cap_holds_without_a_content_length(photo_server):
     opener = guarded_opener(allow_private=True, max_bytes=2048)
     with pytest.raises(url_screen.ResponseTooLargeError, match="too_large"):
         opener.open(f"{photo_server.base_url}/drip?bytes=1000&every=0&times=10", timeout=5).read()
-    body = guarded_opener(allow_private=True, max_bytes=2048).open(
-        f"{photo_server.base_url}/drip?bytes=1000&every=0&times=2", timeout=5).read()
+    body = (
+        guarded_opener(allow_private=True, max_bytes=2048)
+        .open(f"{photo_server.base_url}/drip?bytes=1000&every=0&times=2", timeout=5)
+        .read()
+    )
     assert body == b"\xff" * 2000

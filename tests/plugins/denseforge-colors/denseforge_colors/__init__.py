@@ -6,8 +6,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from denseforge.experts import Expert, ExpertInput, Resources
 from denseforge.stages import Rejection, Stage
 
-NAMED = {"red": (200, 30, 30), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 210, 50),
-         "white": (240, 240, 240), "black": (15, 15, 15), "gray": (128, 128, 128), "brown": (120, 80, 40)}
+NAMED = {
+    "red": (200, 30, 30),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (230, 210, 50),
+    "white": (240, 240, 240),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+    "brown": (120, 80, 40),
+}
 
 
 class ColorOptions(BaseModel):
@@ -30,7 +38,7 @@ class DominantColorExpert(Expert):
             small = item.image.convert("RGB").resize((32, 32))
             counts = dict.fromkeys(NAMED, 0)
             for pixel in small.getdata():
-                nearest = min(NAMED, key=lambda n: sum((a - b) ** 2 for a, b in zip(pixel, NAMED[n])))
+                nearest = min(NAMED, key=lambda n: sum((a - b) ** 2 for a, b in zip(pixel, NAMED[n], strict=True)))
                 counts[nearest] += 1
             ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.options.top_k]
             out.append([{"label": name, "score": round(n / 1024, 4)} for name, n in ranked if n])
