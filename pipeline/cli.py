@@ -26,14 +26,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = location(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}", config.storage.options)
     if args.dry_run:
         from denseforge.pipeline.adapter import chains
-        from denseforge.pipeline.ray_session import check_address, cluster_address
+        from denseforge.pipeline.ray_session import check_address, cluster_address, planned_resources
         from denseforge.pipeline.rundir import RunDir
-        from denseforge.pipeline.runner import check_stores, preflight
+        from denseforge.pipeline.runner import check_capacity, check_stores, preflight
 
         rd = RunDir(out)
         runs = preflight(config, rd)
-        check_address(cluster_address(args.address, config.ray), config.ray.connect_timeout_s)
+        address = cluster_address(args.address, config.ray)
+        check_address(address, config.ray.connect_timeout_s)
         check_stores(config, rd, fresh=True)
+        check_capacity(config, runs, planned_resources(address, config.ray))
         if runs:
             steps = [
                 c[0].instance
@@ -170,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<run.name>-<time>)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check what a run checks first (config, plugins, stores, the input is there, the worker pools "
+        "fit the cluster) and print the stages and the resolved config; create nothing",
+    )
     p.add_argument(
         "--allow-failed-units",
         action="store_true",

@@ -142,6 +142,22 @@ def cluster_address(address: str | None, cfg: RayConfig) -> str | None:
     return address or cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def planned_resources(address: str | None, cfg: RayConfig) -> dict[str, float]:
+    """The CPUs and GPUs a run would get, for `--dry-run`: a running cluster's totals (joined and
+    left; nothing is started there), else what the embedded cluster would see on this machine."""
+    if address:
+        import ray
+
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            return dict(ray.cluster_resources())
+        finally:
+            ray.shutdown()
+    import torch
+
+    return {"CPU": float(cfg.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
 def check_address(address: str | None, timeout_s: float) -> None:
     """An unreachable `--address` is one line within `timeout_s`, before anything is created
     (`ray.init` would retry for minutes). `auto` and `local` are Ray's to resolve."""

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,13 +236,16 @@ def write_units_batch(batch: pa.Table, rd: RunDir) -> pa.Table:
     return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.int64()), ("counts", pa.string())]))
 
 
-def check_capacity(runs: list[StageRun]) -> None:
-    """The model pools of one pass run at the same time: they must fit the cluster together (a
-    2-CPU cluster with four 1-CPU pools deadlocks instead of failing)."""
-    import ray
+def check_capacity(config: Config, runs: list[StageRun], cluster: Mapping[str, float]) -> None:
+    """The model pools of one pass run at the same time: they must fit the cluster (its `CPU` and
+    `GPU` totals) together; a 2-CPU cluster with four 1-CPU pools deadlocks instead of failing. The
+    embed pass and the process pass are checked each on its own."""
+    for one_pass in (embed_stages(config) if config.embed.enabled else [], runs):
+        _check_pass(one_pass, cluster)
 
+
+def _check_pass(runs: list[StageRun], cluster: Mapping[str, float]) -> None:
     pools = [r for r in runs if r.resources.concurrency is not None]
-    cluster = ray.cluster_resources()
     for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
         wanted = sum(getattr(r.resources, key) * r.resources.concurrency for r in pools)
         wanted += LIGHT_TASK_CPUS if resource == "CPU" else 0
@@ -525,8 +529,7 @@ def _execute(
     embed = embed_stages(config) if config.embed.enabled else []
     start = time.perf_counter()
     if not _finished(rd, config):  # a resume with nothing left to do loads no model
-        for one_pass in (embed, runs):  # the embed pass and the process pass each run their pools together
-            check_capacity(one_pass)
+        check_capacity(config, runs, ray.cluster_resources())
         check_setups(embed + runs, rd, progress)
         timings["setup_s"] = time.perf_counter() - start
     fresh = not rd.plan_file.exists()
@@ -563,6 +566,8 @@ def check_stores(config: Config, rd: RunDir, fresh: bool) -> None:
             expand_paths(inp.path, {".tar"}, config.storage.options)
         elif inp.kind == "table":
             expand_paths(inp.path, table_suffixes(inp.format), config.storage.options)
+        else:  # a folder of this machine, with at least one image
+            next(iter_folder_rows(inp.path, inp.follow_symlinks), None)
 
 
 def run(config: Config, out: UPath, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:

@@ -134,10 +134,28 @@ def test_embed_pools_that_cannot_fit_fail_before_any_download(tmp_path, photo_di
         f"ray: {{num_cpus: 2}}\ninput: {{kind: folder, path: {photo_dir}}}\n"
         "embed: {model: df-tiny-clip, weights: random, cpu_workers: 1, num_cpus: 1}\n"
     )
+    # --dry-run says so too, creating nothing (it used to pass, and the real run then failed)
+    proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"), "--dry-run", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "ask for 2.25 CPUs at once (embed-pixels 1x1, embed 1x1" in proc.stderr
+    assert not (tmp_path / "out").exists()
     proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"), check=False, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "ask for 2.25 CPUs at once (embed-pixels 1x1, embed 1x1" in proc.stderr and "lower them" in proc.stderr
     assert not list((tmp_path / "out").rglob("*.tar"))  # nothing was downloaded
+
+
+def test_dry_run_checks_that_the_input_is_there(tmp_path, photo_dir):
+    cfg = tmp_path / "c.yaml"
+    for path, why in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "holds no files ending in")):
+        cfg.write_text(f"input: {{kind: folder, path: {path}}}\nembed: {{enabled: false}}\ndedup: {{enabled: false}}\n")
+        proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"), "--dry-run", check=False)
+        assert proc.returncode == 2 and why in proc.stderr, proc.stderr
+        assert not (tmp_path / "out").exists()
+    cfg.write_text(
+        f"input: {{kind: folder, path: {photo_dir}}}\nembed: {{enabled: false}}\ndedup: {{enabled: false}}\n"
+    )
+    assert run_cli("run", str(cfg), "--out", str(tmp_path / "out"), "--dry-run").returncode == 0
 
 
 def test_folder_input_then_its_raw_shards_as_webdataset_input(tmp_path, photo_dir):
