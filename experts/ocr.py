@@ -27,13 +27,13 @@ class OcrOptions(BaseModel):
     limit_type: Literal["max", "min"] = Field(
         "max",
         description="PaddleOCR's default; rapidocr's own 736/min upsizes "
-        "a 640x480 photo and took 2.6x the time for the same text read",
+        "a 640x480 photo and takes longer for the same text read",
     )
     unclip_ratio: float = Field(
         1.2,
         gt=1,
         description="rapidocr: how far a detected text region is grown "
-        "into its box (PP-OCRv6's own 1.6 pads boxes to ~1.7x the text height)",
+        "into its box (PP-OCRv6's own 1.6 pads boxes well beyond the text height)",
     )
     line_gap: float = Field(
         1.2,

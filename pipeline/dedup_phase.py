@@ -146,8 +146,8 @@ SAMPLE_SPREAD = 4  # the training sample reads this many times the files its fra
 
 def _train_sample(files: list[UPath], fraction: float, seed: int) -> np.ndarray:
     """About `fraction` of all rows, from a seeded random subset of the units' files (each row of a
-    chosen file with probability fraction x files / chosen): at 10M rows the sample needs 4 % of
-    them, and reading every file to keep 4 % of it was most of the training time."""
+    chosen file with probability fraction x files / chosen): at scale the sample is a few percent
+    of the rows, and reading every file to keep so few of them was most of the training time."""
     chosen = len(files)
     if fraction * SAMPLE_SPREAD < 1:
         chosen = min(len(files), max(1, int(np.ceil(fraction * SAMPLE_SPREAD * len(files)))))

@@ -59,8 +59,8 @@ class DedupConfig(Settings):
     kmeans_iters: int = Field(
         10,
         ge=1,
-        description="border rows make up for rougher centroids: with them, 10 "
-        "iterations on a bounded sample kept recall >= 0.997 at 1M (bench dedup)",
+        description="k-means iterations; border rows make up for the rougher centroids of few "
+        "iterations (docs/benchmarks.md: bench dedup)",
     )
     max_points_per_centroid: int = Field(
         256, ge=1, description="k-means trains on at most k x this many points (FAISS default)"
@@ -85,8 +85,8 @@ class DedupConfig(Settings):
         ge=0,
         le=8,
         description="at most this many such clusters per row (and as many "
-        "coarse cells above 4,096 clusters): 2 kept planted-copy recall 0.9994 at 1M where "
-        "one kept 0.9937 (bench dedup)",
+        "coarse cells above 4,096 clusters): more finds more near-copies that straddle a border, "
+        "at the cost of more entries per row (docs/benchmarks.md: bench dedup)",
     )
     keep: KeepPolicy = "nearest_centroid"
     block_size: int = Field(2048, ge=16)
@@ -319,7 +319,7 @@ def assign_clusters(
     cell; border clusters are the next centroids of that cell within `border`, and the nearest
     centroid of each further coarse cell within `border` of the nearest cell. (Searching the union
     of a few cells instead gives two near-copies different answers whenever they probe different
-    cells: planted-copy recall 0.92 at 10M.)"""
+    cells, and loses them.)"""
     index = index if isinstance(index, CentroidIndex) else CentroidIndex(index)
     m = border_clusters if border > 0 else 0
     labels = np.empty(len(x), dtype=np.int64)
@@ -352,8 +352,7 @@ BF16_MARGIN = 2.0**-6
 
 def bf16_native() -> bool:
     """True where this process's CPU has bfloat16 dot-product instructions (decided where the work
-    runs): there torch's bfloat16 matmul is ~3.4x numpy's float32 one on a core (512 x 4,500 x 512:
-    5.8 against 20.1 ms)."""
+    runs): there torch's bfloat16 matmul is several times faster than numpy's float32 one."""
     import torch
 
     return bool(
@@ -377,7 +376,7 @@ def use_bf16(matmul: Literal["auto", "bfloat16", "float32"], cluster_sizes: np.n
 
 # bfloat16 products are computed on row and column counts rounded up to a multiple of this (zero
 # rows pad the end): on other shapes oneDNN's matmul is several times slower, and a cluster's last
-# step has a shape of its own (1M rows in 1,000 clusters: 5.1 s of products against 2.0 s)
+# step has a shape of its own
 BF16_SHAPE = 128
 
 
@@ -420,8 +419,8 @@ def greedy_duplicates(
     if not (bf16 and len(vectors) and thresholds):
         return _greedy(vectors, thresholds, block, active, 0.0, None)
     margin = BF16_MARGIN * float(np.einsum("ij,ij->i", vectors, vectors).max())
-    # numpy's BLAS threads spin between its calls and starve torch's: with two of each on two
-    # cores, 300k rows took 13.9 s against 1.6 s with one BLAS thread (float32: 1.8 s)
+    # numpy's BLAS threads spin between its calls and starve torch's: one BLAS thread while torch
+    # computes the products
     with _blas_threads().limit(limits=1, user_api="blas"):
         return _greedy(vectors, thresholds, block, active, margin, _bf16_products(vectors))
 
@@ -507,7 +506,7 @@ def _decide_in_step(
     place. A row whose earlier rows above t are all decided takes the most similar kept one (the
     lowest on a tie) unless the earlier steps' `best` is at least as similar; each round decides all
     such rows at once, so there are as many rounds as links in the longest chain of rows above t
-    (one Python iteration per row took ~20 % of a bfloat16 dedup at 1M)."""
+    (not one Python iteration per row)."""
     if not pending.size:  # most steps: no row of the step is above t with an earlier one
         return
     sources = np.flatnonzero(above.any(axis=1))  # the rows above t with a later row
@@ -527,15 +526,15 @@ def _decide_in_step(
 
 @functools.cache
 def _upper_triangle(size: int) -> np.ndarray:
-    """The (size, size) mask of pairs (i, j) with i < j; read-only, made once (~0.2 ms)."""
+    """The (size, size) mask of pairs (i, j) with i < j; read-only, made once per size."""
     mask = np.triu(np.ones((size, size), dtype=bool), k=1)
     mask.flags.writeable = False
     return mask
 
 
 def _pairs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The (row, col) indices of a 2-D mask's True entries, as np.nonzero gives them, ~40x faster
-    where they are few (512 x 512: 9 against 445 µs)."""
+    """The (row, col) indices of a 2-D mask's True entries, as np.nonzero gives them, much faster
+    where they are few."""
     return np.divmod(np.flatnonzero(mask), mask.shape[1])
 
 
