@@ -12,7 +12,8 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["denseforge", "denseforge.*"]),
     package_data={
-        "denseforge.stages": ["model_configs/*.json", "prompts/*.txt", "prompts/*.tsv"],
+        "denseforge": ["model_configs/*.json"],
+        "denseforge.stages": ["prompts/*.txt", "prompts/*.tsv"],
         "denseforge.experts": ["vocabularies/*.txt", "models/*.onnx", "models/NOTICE", "models/LICENSE.*"],
         "denseforge.configs": ["*.yaml"],
     },

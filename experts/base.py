@@ -18,7 +18,8 @@ from typing import Any, ClassVar, Generic
 from PIL import Image
 from pydantic import BaseModel
 
-from denseforge.stages.stage import NoOptions, OptionsT, Resources, validated_options
+from denseforge.observations import clip_box
+from denseforge.plugin import NoOptions, OptionsT, Resources, validated_options
 
 __all__ = ["Expert", "ExpertInput", "NoOptions", "Resources", "clip_box", "render_json"]
 
@@ -73,15 +74,3 @@ def render_json(observations: list[dict[str, Any]]) -> str:
     return "\n".join(
         json.dumps(json.dumps(o, ensure_ascii=False, sort_keys=True), ensure_ascii=False)[:300] for o in observations
     )
-
-
-def clip_box(box: list[float], width: int, height: int) -> list[float] | None:
-    """A box clipped to the image, or None when it is not finite or collapses to nothing."""
-    if len(box) != 4 or not all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in box):
-        return None
-    x0, y0, x1, y1 = box
-    x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
-    y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
-    if x1 - x0 <= 0 or y1 - y0 <= 0:
-        return None
-    return [round(float(x0), 2), round(float(y0), 2), round(float(x1), 2), round(float(y1), 2)]

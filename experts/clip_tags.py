@@ -9,7 +9,7 @@ from pydantic import Field
 
 from denseforge.errors import ConfigError
 from denseforge.experts.base import Expert, ExpertInput, Resources
-from denseforge.stages.embed import ClipModel, load_clip, pick_device
+from denseforge.models import ClipModel, load_clip, pick_device
 
 BUILTIN_VOCABULARIES = Path(__file__).parent / "vocabularies"
 

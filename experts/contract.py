@@ -19,7 +19,7 @@ from PIL import Image
 
 from denseforge.errors import DenseforgeError
 from denseforge.experts.base import Expert, ExpertInput, Resources
-from denseforge.stages.sample import KNOWN_KINDS
+from denseforge.observations import KNOWN_KINDS
 
 
 class ContractError(DenseforgeError):

@@ -71,7 +71,7 @@ class YoloExpert(Expert[YoloOptions]):
         if o.open_vocabulary:
             if type(self.model.model).__name__ != "WorldModel":
                 raise ModelLoadError(f"yolo: classes/classes_from need a YOLO-World model, {o.model!r} is not one")
-            from denseforge.stages.embed import ClipModel, load_clip
+            from denseforge.models import ClipModel, load_clip
 
             text_tower = ClipModel(
                 model=o.text_model, pretrained=o.text_pretrained, weights=o.text_weights, device="cpu", seed=o.seed

@@ -110,9 +110,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_experts(args: argparse.Namespace) -> int:
-    from denseforge.experts.registry import describe_experts
+    from denseforge.pipeline.flow import describe_plugins
 
-    rows = describe_experts()
+    rows = describe_plugins()
     cols = ("name", "kind", "consumes", "resources", "package")
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols))

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from upath import UPath
 
 from denseforge.errors import ConfigError
+from denseforge.plugin import PluginSpec, Settings
 from denseforge.stages.dedup import DedupConfig, SelectConfig
 from denseforge.stages.embed import EmbedConfig
 from denseforge.stages.fuse import FuseConfig
@@ -26,7 +27,6 @@ from denseforge.stages.ground import GroundConfig
 from denseforge.stages.ingest import IngestConfig
 from denseforge.stages.perceive import PerceiveConfig
 from denseforge.stages.qa import QaConfig
-from denseforge.stages.settings import Settings, group_field
 
 
 class RunConfig(Settings):
@@ -88,25 +88,15 @@ class InputConfig(Settings):
     follow_symlinks: bool = Field(False, description="folder input: read links that lead outside the folder")
 
 
-class StageSpec(Settings):
+class StageSpec(PluginSpec):
     """A stage from a plugin package (entry-point group `denseforge.stages`) placed in the flow."""
 
-    plugin: str
-    name: str | None = Field(None, description="instance name; defaults to the plugin name")
     after: str | None = Field(
         None,
         description="run after this stage (dedup, merge, fuse, ground, qa, an expert "
         "instance or another plugin stage); null: last, before write",
     )
-    options: dict[str, Any] = Field(default_factory=dict)
-    resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
     on_error: Literal["reject", "keep"] = "reject"
-    max_error_rate: float | None = Field(0.05, ge=0, le=1)
-    group: str | None = group_field()
-
-    @property
-    def instance(self) -> str:
-        return self.name or self.plugin
 
 
 class OutputConfig(Settings):

@@ -9,19 +9,20 @@
 
 from __future__ import annotations
 
-from denseforge.errors import ConfigError
-from denseforge.experts.registry import STAGE_GROUP, load_plugin
+from denseforge.errors import ConfigError, DenseforgeError
+from denseforge.experts.base import Expert
+from denseforge.observations import KNOWN_KINDS
 from denseforge.pipeline.adapter import StageRun, check_groups
 from denseforge.pipeline.config import Config, StageSpec
 from denseforge.pipeline.rundir import RunDir
+from denseforge.plugin import EXPERTS, STAGES, Resources, configure, entries, load_plugin
 from denseforge.stages.dedup import DecisionStage
 from denseforge.stages.embed import EmbedStage, PixelSpec, PixelStage
 from denseforge.stages.fuse import CaptionStage
 from denseforge.stages.ground import GroundStage
 from denseforge.stages.perceive import ExpertStage, MergeStage, plan_experts
 from denseforge.stages.qa import ClipScoreStage, QaStage
-from denseforge.stages.sample import KNOWN_KINDS
-from denseforge.stages.stage import Resources, Stage, configure
+from denseforge.stages.stage import Stage
 
 
 def light(stage: Stage, instance: str | None = None, max_error_rate: float | None = 0.05) -> StageRun:
@@ -112,8 +113,8 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
 
 def plugin_stage(spec: StageSpec, where: str) -> StageRun:
     """A stage from a plugin package, its options and resources checked against its own models."""
-    cls = load_plugin(STAGE_GROUP, spec.plugin, Stage)
-    options, resources = configure(cls, spec.options, spec.resources, where)
+    cls = load_plugin(STAGES, spec.plugin, Stage)
+    options, resources = configure(cls, spec, where)
     return StageRun(
         cls(options),
         spec.instance,
@@ -122,3 +123,42 @@ def plugin_stage(spec: StageSpec, where: str) -> StageRun:
         max_error_rate=spec.max_error_rate,
         group=spec.group,
     )
+
+
+def describe_plugins() -> list[dict[str, str]]:
+    """Name, kind, resources and package of every installed expert and plugin stage (for
+    `denseforge experts`)."""
+    rows = []
+    for group, base in ((EXPERTS, Expert), (STAGES, Stage)):
+        for name, entry in entries(group).items():
+            try:
+                cls = load_plugin(group, name, base)
+                r = cls.default_resources
+                if base is Expert:
+                    kind = cls.kind
+                    consumes = (
+                        ",".join(cls.consumes) or "-" if isinstance(cls.consumes, tuple) else "depends on options"
+                    )
+                else:
+                    kind, consumes = "stage", "-"
+                rows.append(
+                    {
+                        "name": name,
+                        "kind": kind,
+                        "consumes": consumes,
+                        "resources": f"gpus={r.num_gpus} cpus={r.num_cpus} batch={r.batch_size} "
+                        f"x{r.concurrency or 'tasks'}",
+                        "package": entry.package,
+                    }
+                )
+            except DenseforgeError as err:
+                rows.append(
+                    {
+                        "name": name,
+                        "kind": "?",
+                        "consumes": "?",
+                        "resources": f"unavailable: {err}",
+                        "package": entry.package,
+                    }
+                )
+    return rows

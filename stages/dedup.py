@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field, model_validator
 from upath import UPath
 
-from denseforge.stages.settings import Settings
+from denseforge.plugin import Settings
 from denseforge.stages.stage import Item, Rejection, Removal, Stage, Verdict
 
 KeepPolicy = Literal["nearest_centroid", "farthest_centroid", "largest_image", "first_key"]

@@ -26,10 +26,10 @@ from pydantic import Field, model_validator
 
 from denseforge.errors import ConfigError, ModelLoadError
 from denseforge.experts.base import Expert, render_json
+from denseforge.plugin import Settings
 from denseforge.stages.ground import GroundConfig, parse_ref_markup
 from denseforge.stages.regions import jpeg, select_views, top_regions
 from denseforge.stages.sample import Region, Sample
-from denseforge.stages.settings import Settings
 from denseforge.stages.stage import Item, Rejection, Stage, Verdict, WorkerSettings
 
 BUILTIN_PROMPT = Path(__file__).parent / "prompts" / "perception.txt"
@@ -319,7 +319,7 @@ class TransformersCaptioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from denseforge.stages.embed import pick_device
+        from denseforge.models import pick_device
 
         model = cfg.model
         self.prompt, self.renderers = prompt, renderers

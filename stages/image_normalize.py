@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
-from denseforge.stages.settings import Settings
+from denseforge.plugin import Settings
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop"]
 

@@ -18,28 +18,17 @@ from pydantic import Field, model_validator
 
 from denseforge.errors import ConfigError
 from denseforge.experts.base import Expert, ExpertInput, clip_box
-from denseforge.experts.registry import load_expert_class
-from denseforge.stages.sample import KNOWN_KINDS
-from denseforge.stages.settings import Settings, group_field
-from denseforge.stages.stage import Item, Resources, Stage, Verdict, configure
+from denseforge.observations import KNOWN_KINDS
+from denseforge.plugin import EXPERTS, PluginSpec, Settings, configure, load_plugin
+from denseforge.stages.stage import Item, Resources, Stage, Verdict
 
 STAGED = "@"  # staged outputs live under "kind@instance" until the merge stage
 
 
-class ExpertSpec(Settings):
+class ExpertSpec(PluginSpec):
     """One expert instance: a plugin, its options (checked against the plugin's own model), resources."""
 
-    plugin: str
-    name: str | None = Field(None, description="instance name; defaults to the plugin name")
-    options: dict[str, Any] = Field(default_factory=dict)
-    resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
     score_threshold: float = Field(0.0, ge=0, le=1, description="boxes below it are ignored when detectors merge")
-    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of images it may fail on; null: no limit")
-    group: str | None = group_field()
-
-    @property
-    def instance(self) -> str:
-        return self.name or self.plugin
 
 
 class PerceiveConfig(Settings):
@@ -62,10 +51,14 @@ class PerceiveConfig(Settings):
         return self
 
 
+def load_expert_class(name: str) -> type[Expert]:
+    return load_plugin(EXPERTS, name, Expert)
+
+
 def build_expert(spec: ExpertSpec, where: str) -> tuple[Expert, Resources]:
     """Instantiate a configured expert (no model loaded); config errors name the key path."""
     cls = load_expert_class(spec.plugin)
-    options, resources = configure(cls, spec.options, spec.resources, where)
+    options, resources = configure(cls, spec, where)
     return cls(options), resources
 
 

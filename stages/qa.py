@@ -14,10 +14,10 @@ from functools import lru_cache
 
 from pydantic import Field
 
-from denseforge.stages.embed import ClipModel, load_clip, pick_device
+from denseforge.models import ClipModel, load_clip, pick_device
+from denseforge.plugin import Settings
 from denseforge.stages.ground import plural
 from denseforge.stages.sample import QualityReport, Sample
-from denseforge.stages.settings import Settings
 from denseforge.stages.stage import Item, Rejection, Resources, Stage, Verdict
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")

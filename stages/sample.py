@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Box = list[float]
+from denseforge.observations import Box
 
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -29,27 +29,6 @@ def make_key(unit: int, position: int) -> str:
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ObjectObservation(_Record):
-    label: str
-    score: float
-    box: Box
-
-
-class OcrObservation(_Record):
-    text: str
-    score: float
-    box: Box
-    polygon: list[list[float]] = Field(default_factory=list)
-
-
-class TagObservation(_Record):
-    label: str
-    score: float
-
-
-KNOWN_KINDS: dict[str, type[BaseModel]] = {"objects": ObjectObservation, "ocr": OcrObservation, "tags": TagObservation}
 
 
 class Grounding(_Record):

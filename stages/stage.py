@@ -18,49 +18,13 @@ from __future__ import annotations
 import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from denseforge.errors import ConfigError
+from denseforge.plugin import NoOptions, OptionsT, Resources, validated_options
 from denseforge.stages.sample import Sample
-
-
-class Resources(BaseModel):
-    """What one worker of a stage (or expert) needs, and how many to run."""
-
-    model_config = ConfigDict(extra="forbid")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per worker; fractions share a GPU")
-    num_cpus: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1, description="items per call (halved on CUDA out-of-memory)")
-    concurrency: int | None = Field(
-        1, ge=1, description="workers kept alive with the model loaded; null: stateless tasks, as many as fit"
-    )
-    max_concurrency: int | None = Field(
-        None,
-        ge=1,
-        description="let the pool grow to this many workers while it is the bottleneck and CPUs "
-        "(GPUs) are free (Ray Data's autoscaling actor pool); null: fixed at concurrency",
-    )
-
-    @model_validator(mode="after")
-    def _pool_bounds(self) -> Resources:
-        if self.max_concurrency is not None:
-            if self.concurrency is None:
-                raise ValueError("max_concurrency sizes a worker pool; it needs concurrency (not null)")
-            if self.max_concurrency < self.concurrency:
-                raise ValueError(
-                    f"max_concurrency ({self.max_concurrency}) is below concurrency "
-                    f"({self.concurrency}), the pool's starting size"
-                )
-        return self
-
-    @property
-    def threads(self) -> int:
-        """Intra-op threads for this worker's model: its CPUs, rounded (at least one). Ray sets
-        OMP_NUM_THREADS to int(num_cpus), and ONNX Runtime takes every core unless told."""
-        return max(1, round(self.num_cpus))
 
 
 class WorkerSettings(BaseModel):
@@ -78,10 +42,6 @@ class WorkerSettings(BaseModel):
         return Resources(
             num_cpus=self.num_cpus, num_gpus=self.num_gpus, batch_size=self.batch_size, concurrency=self.concurrency
         )
-
-
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass
@@ -130,8 +90,6 @@ class Removal:
 
 Verdict = Rejection | Removal | BaseException | None
 
-OptionsT = TypeVar("OptionsT", bound=BaseModel)
-
 
 class Stage(ABC, Generic[OptionsT]):
     """Base class of every per-sample phase; subclass it, give it a `name`, implement `process`.
@@ -155,28 +113,3 @@ class Stage(ABC, Generic[OptionsT]):
     @abstractmethod
     def process(self, batch: list[Item]) -> list[Verdict]:
         """One verdict per item, in order; change `item.sample` in place to pass information on."""
-
-
-def validated_options(model: type[BaseModel], options: BaseModel | dict[str, Any] | None) -> Any:
-    """A plugin's options: the model given as is, or validated from a config entry."""
-    return options if isinstance(options, BaseModel) else model.model_validate(options or {})
-
-
-def configure(cls: Any, options: dict[str, Any], resources: dict[str, Any], where: str) -> tuple[BaseModel, Resources]:
-    """A plugin's options and resources from a config entry, checked against the plugin's own
-    models (`Options`, `default_resources`); errors name the config key path."""
-    try:
-        validated = cls.Options.model_validate(options)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(
-            f"{'.'.join([f'{where}.options', *map(str, first['loc'])])}: {first['msg']} "
-            f"(plugin {getattr(cls, 'name', cls.__name__)!r})"
-        ) from None
-    try:
-        merged = Resources.model_validate({**cls.default_resources.model_dump(), **resources})
-    except ValidationError as err:
-        first = err.errors()[0]
-        # a check across fields (max_concurrency vs concurrency) has no field of its own in `loc`
-        raise ConfigError(f"{'.'.join([f'{where}.resources', *map(str, first['loc'])])}: {first['msg']}") from None
-    return validated, merged

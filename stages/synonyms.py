@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from denseforge.errors import ModelLoadError
-from denseforge.stages.settings import Settings
+from denseforge.plugin import Settings
 
 PACKAGED = "packaged:all-MiniLM-L6-v2"
 # words that are never objects, so embedding them is wasted work (and a risk: "red" is 0.66 from orange)

@@ -119,7 +119,8 @@ def test_cpu_pixels_equal_open_clips_own_transform(settings):
     import open_clip
     import torch
 
-    from denseforge.stages.embed import MODEL_CONFIGS, pixel_spec, to_pixels
+    from denseforge.models import MODEL_CONFIGS
+    from denseforge.stages.embed import pixel_spec, to_pixels
 
     open_clip.add_model_config(MODEL_CONFIGS)
     _, _, preprocess = open_clip.create_model_and_transforms(settings.model, pretrained=None, load_weights=False)

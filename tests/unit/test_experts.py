@@ -7,11 +7,11 @@ from denseforge.experts import ContractError, Expert, ExpertInput, check_expert
 from denseforge.experts.clip_tags import ClipTagExpert, read_vocabulary
 from denseforge.experts.contract import sample_images
 from denseforge.experts.ocr import PaddleOcrExpert, RapidOcrExpert, join_words
-from denseforge.experts.registry import describe_experts, load_expert_class
 from denseforge.experts.yolo import YoloExpert
 from denseforge.pipeline.config import parse_config
 from denseforge.pipeline.demo import load_photo
-from denseforge.stages.perceive import iou, plan_experts
+from denseforge.pipeline.flow import describe_plugins
+from denseforge.stages.perceive import iou, load_expert_class, plan_experts
 
 TINY_TAGS = {"model": "df-tiny-clip", "weights": "random", "threshold": 0.0, "device": "cpu"}
 
@@ -191,7 +191,7 @@ def test_paddleocr_absent_is_a_clear_error():
 
 
 def test_registry_lists_builtins_and_rejects_unknown_names():
-    names = {row["name"]: row for row in describe_experts()}
+    names = {row["name"]: row for row in describe_plugins()}
     assert {"yolo", "rapidocr", "paddleocr", "clip-tags"} <= set(names)
     assert names["clip-tags"]["kind"] == "tags" and names["yolo"]["package"] == "denseforge"
     assert load_expert_class("rapidocr") is RapidOcrExpert

@@ -161,7 +161,7 @@ def test_qa_scores_and_reasons():
 def test_clip_score_is_the_mean_over_chunks_of_long_captions_and_gates():
     from PIL import Image
 
-    from denseforge.stages.embed import ClipModel
+    from denseforge.models import ClipModel
     from denseforge.stages.qa import ClipScoreStage
 
     stage = ClipScoreStage(ClipModel(model="df-tiny-clip", weights="random", device="cpu"))
