@@ -23,14 +23,14 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 
 from denseforge.errors import ConfigError
 from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.stages.sample import Reject, Sample
-from denseforge.stages.stage import Item, Rejection, Removal, Resources, Stage, Verdict
+from denseforge.stages.stage import Item, Rejection, Removal, StageRun, Verdict
 
 # a sink worker writes units as fast as a few CPUs' worth of model workers produce them
 CPUS_PER_SINK_WORKER = 8
@@ -47,20 +47,6 @@ ROW_SCHEMA = pa.schema(
         ("outputs", pa.binary()),
     ]
 )
-
-
-@dataclass
-class StageRun:
-    """A stage as the pipeline runs it: its instance name (in stats, errors and reject rows), its
-    resources, what happens to an item it fails on, the share of failures the run tolerates, and
-    the group whose worker it shares with the stages next to it (None: a worker of its own)."""
-
-    stage: Stage
-    instance: str
-    resources: Resources
-    on_error: Literal["reject", "keep"] = "reject"
-    max_error_rate: float | None = 0.05
-    group: str | None = None
 
 
 @functools.cache

@@ -11,23 +11,12 @@ from __future__ import annotations
 
 from denseforge.errors import ConfigError, DenseforgeError
 from denseforge.experts.base import Expert
-from denseforge.observations import KNOWN_KINDS
 from denseforge.pipeline.adapter import StageRun, check_groups
 from denseforge.pipeline.config import Config, StageSpec
 from denseforge.pipeline.rundir import RunDir
 from denseforge.plugin import EXPERTS, STAGES, Resources, configure, entries, load_plugin
-from denseforge.stages.dedup import DecisionStage
 from denseforge.stages.embed import EmbedStage, PixelSpec, PixelStage
-from denseforge.stages.fuse import CaptionStage
-from denseforge.stages.ground import GroundStage
-from denseforge.stages.perceive import ExpertStage, MergeStage, plan_experts
-from denseforge.stages.qa import ClipScoreStage, QaStage
-from denseforge.stages.stage import Stage
-
-
-def light(stage: Stage, instance: str | None = None, max_error_rate: float | None = 0.05) -> StageRun:
-    """A stage without a model: it runs in the next CPU worker of the flow, with the stage's default resources."""
-    return StageRun(stage, instance or stage.name, type(stage).default_resources, max_error_rate=max_error_rate)
+from denseforge.stages.stage import Flow, Stage
 
 
 def embed_stages(config: Config, spec: PixelSpec | None = None) -> list[StageRun]:
@@ -55,44 +44,20 @@ def describe_embed(config: Config, cpus: float) -> str:
     return f"embed: {feeders} CPU worker(s){auto} decode, hash and resize for {model}"
 
 
+# The built-in phases in flow order, each a stage registered under `denseforge.stages` (as a plugin
+# stage is) whose `plan` reads its own config section; plugin stages go where `stages[].after` says.
+FLOW = ("dedup", "experts", "merge", "fuse", "ground", "clip-score", "qa")
+
+
 def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
     """Every per-sample stage between load and write, in order (no model is loaded here)."""
+    flow = Flow(config, rd.decisions, rd.embed_rejects_file)
     runs: list[StageRun] = []
-    if config.dedup.enabled:
-        runs.append(light(DecisionStage(rd.decisions, rd.embed_rejects_file)))
-    renderers = {}
-    if config.perceive.enabled:
-        planned = plan_experts(config.perceive)
-        for planned_expert, expert, resources in planned:
-            runs.append(
-                StageRun(
-                    ExpertStage(expert, planned_expert.instance, resources),
-                    planned_expert.instance,
-                    resources,
-                    on_error=config.perceive.on_error,
-                    max_error_rate=planned_expert.max_error_rate,
-                    group=planned_expert.group,
-                )
-            )
-            if expert.kind not in KNOWN_KINDS:
-                renderers[expert.kind] = expert
-        untrained = frozenset(e.instance for e, expert, _ in planned if expert.untrained())
-        runs.append(light(MergeStage(config.perceive, untrained)))
-    if config.fuse.enabled:
-        caption = CaptionStage(config.fuse, config.ground, renderers)
-        runs.append(StageRun(caption, "fuse", config.fuse.resources, max_error_rate=config.fuse.max_error_rate))
-        if not caption.markup:
-            ground = GroundStage(config.ground)  # with synonyms a model to keep loaded (an actor), else tasks
-            resources = config.ground.resources if ground.matcher else Stage.default_resources
-            runs.append(StageRun(ground, "ground", resources, max_error_rate=config.ground.max_error_rate))
-        qa = config.qa
-        if qa.enabled:
-            if qa.clip is not None:
-                resources = Resources(num_cpus=0.25, num_gpus=qa.clip_num_gpus, batch_size=16, concurrency=1)
-                runs.append(
-                    StageRun(ClipScoreStage(qa.clip), "clip-score", resources, max_error_rate=qa.max_error_rate)
-                )
-            runs.append(light(QaStage(qa), max_error_rate=qa.max_error_rate))
+    for name in FLOW:
+        planned = load_plugin(STAGES, name, Stage).plan(flow)
+        if planned is None:
+            raise ConfigError(f"the flow's phase {name!r} is registered by a stage that does not plan itself")
+        runs += planned
     for i, spec in enumerate(config.stages):
         run = plugin_stage(spec, f"stages[{i}]")
         names = [r.instance for r in runs]
@@ -114,6 +79,8 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
 def plugin_stage(spec: StageSpec, where: str) -> StageRun:
     """A stage from a plugin package, its options and resources checked against its own models."""
     cls = load_plugin(STAGES, spec.plugin, Stage)
+    if spec.plugin in FLOW:
+        raise ConfigError(f"{where}.plugin: {spec.plugin!r} is a built-in phase; set it up in its own section")
     options, resources = configure(cls, spec, where)
     return StageRun(
         cls(options),

@@ -102,6 +102,7 @@ def start_ray(cfg: RayConfig, address: str | None) -> str | None:
     else:
         with _system_processes_offline() as proxies:
             ray.init(
+                address="local",  # a new embedded cluster even when `ray start` left one on this machine
                 num_cpus=cfg.num_cpus,
                 object_store_memory=cfg.object_store_memory,
                 runtime_env={"env_vars": {**env, **proxies}},

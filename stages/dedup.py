@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from upath import UPath
 
 from denseforge.plugin import Settings
-from denseforge.stages.stage import Item, Rejection, Removal, Stage, Verdict
+from denseforge.stages.stage import Flow, Item, Rejection, Removal, Stage, StageRun, Verdict
 
 KeepPolicy = Literal["nearest_centroid", "farthest_centroid", "largest_image", "first_key"]
 
@@ -893,6 +893,10 @@ class DecisionStage(Stage):
     def __init__(self, decisions: UPath | Path, embed_rejects: Callable[[int], UPath]):
         super().__init__()
         self.decisions, self.embed_rejects = decisions, embed_rejects
+
+    @classmethod
+    def plan(cls, flow: Flow) -> list[StageRun]:
+        return [StageRun.light(cls(flow.decisions, flow.embed_rejects))] if flow.config.dedup.enabled else []
 
     def _unit(self, unit: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         from denseforge.storage import read_parquet

@@ -30,7 +30,7 @@ from denseforge.plugin import Settings
 from denseforge.stages.ground import GroundConfig, parse_ref_markup
 from denseforge.stages.regions import jpeg, select_views, top_regions
 from denseforge.stages.sample import Region, Sample
-from denseforge.stages.stage import Item, Rejection, Stage, Verdict, WorkerSettings
+from denseforge.stages.stage import Flow, Item, Rejection, Stage, StageRun, Verdict, WorkerSettings
 
 BUILTIN_PROMPT = Path(__file__).parent / "prompts" / "perception.txt"
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
@@ -402,6 +402,16 @@ class CaptionStage(Stage[FuseConfig]):
         self.renderers = dict(renderers or {})
         if options.backend != "template":  # a missing or broken prompt file fails here, on the driver
             PromptTemplate.load(options.prompt_file, options.word_limit)
+
+    @classmethod
+    def plan(cls, flow: Flow) -> list[StageRun]:
+        """Hands on whether the caption carries its own grounding (then ground does not run)."""
+        cfg = flow.config.fuse
+        if not cfg.enabled:
+            return []
+        caption = cls(cfg, flow.config.ground, flow.handed_on.get("renderers", {}))
+        flow.handed_on["markup"] = caption.markup
+        return [StageRun(caption, cls.name, cfg.resources, max_error_rate=cfg.max_error_rate)]
 
     def setup(self) -> None:
         f = self.options

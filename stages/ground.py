@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from denseforge.stages.sample import Grounding
-from denseforge.stages.stage import Item, Stage, Verdict, WorkerSettings
+from denseforge.stages.stage import Flow, Item, Stage, StageRun, Verdict, WorkerSettings
 from denseforge.stages.synonyms import SynonymConfig, SynonymMatcher
 
 
@@ -237,6 +237,16 @@ class GroundStage(Stage[GroundConfig]):
         super().__init__(options)
         self.aliases = read_aliases(options.aliases)  # a bad alias file fails here, on the driver
         self.matcher = SynonymMatcher(options.synonyms) if options.synonyms.enabled else None
+
+    @classmethod
+    def plan(cls, flow: Flow) -> list[StageRun]:
+        """After the captioner, unless its caption carries its own grounding."""
+        cfg = flow.config.ground
+        if not flow.config.fuse.enabled or flow.handed_on.get("markup"):
+            return []
+        ground = cls(cfg)  # with synonyms a model to keep loaded (an actor), else tasks
+        resources = cfg.resources if ground.matcher else cls.default_resources
+        return [StageRun(ground, cls.name, resources, max_error_rate=cfg.max_error_rate)]
 
     def setup(self) -> None:
         if self.matcher is not None:

@@ -20,7 +20,7 @@ from denseforge.errors import ConfigError
 from denseforge.experts.base import Expert, ExpertInput, clip_box
 from denseforge.observations import KNOWN_KINDS
 from denseforge.plugin import EXPERTS, PluginSpec, Settings, configure, load_plugin
-from denseforge.stages.stage import Item, Resources, Stage, Verdict
+from denseforge.stages.stage import Flow, Item, Resources, Stage, StageRun, Verdict
 
 STAGED = "@"  # staged outputs live under "kind@instance" until the merge stage
 
@@ -137,6 +137,28 @@ class ExpertStage(Stage):
     def name(self) -> str:  # type: ignore[override]
         return self.instance
 
+    @classmethod
+    def plan(cls, flow: Flow) -> list[StageRun]:
+        """One run per configured expert, producers before consumers; hands on the experts whose
+        kind the captioner's prompt needs rendered, and those with random weights."""
+        cfg = flow.config.perceive
+        if not cfg.enabled:
+            return []
+        planned = plan_experts(cfg)
+        flow.handed_on["renderers"] = {e.kind: e for _, e, _ in planned if e.kind not in KNOWN_KINDS}
+        flow.handed_on["untrained"] = frozenset(spec.instance for spec, e, _ in planned if e.untrained())
+        return [
+            StageRun(
+                cls(expert, spec.instance, resources),
+                spec.instance,
+                resources,
+                on_error=cfg.on_error,
+                max_error_rate=spec.max_error_rate,
+                group=spec.group,
+            )
+            for spec, expert, resources in planned
+        ]
+
     def setup(self) -> None:
         self.expert.setup()
         self.expert_provenance = self.expert.provenance()
@@ -174,6 +196,11 @@ class MergeStage(Stage[PerceiveConfig]):
     def __init__(self, options: PerceiveConfig, untrained: frozenset[str] = frozenset()):
         super().__init__(options)
         self.untrained = untrained
+
+    @classmethod
+    def plan(cls, flow: Flow) -> list[StageRun]:
+        cfg = flow.config.perceive
+        return [StageRun.light(cls(cfg, flow.handed_on.get("untrained", frozenset())))] if cfg.enabled else []
 
     def process(self, batch: list[Item]) -> list[Verdict]:
         thresholds = {e.instance: e.score_threshold for e in self.options.experts}

@@ -18,7 +18,7 @@ from denseforge.models import ClipModel, load_clip, pick_device
 from denseforge.plugin import Settings
 from denseforge.stages.ground import plural
 from denseforge.stages.sample import QualityReport, Sample
-from denseforge.stages.stage import Item, Rejection, Resources, Stage, Verdict
+from denseforge.stages.stage import Flow, Item, Rejection, Resources, Stage, StageRun, Verdict
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 
@@ -130,6 +130,11 @@ class QaStage(Stage[QaConfig]):
     name = "qa"
     Options = QaConfig
 
+    @classmethod
+    def plan(cls, flow: Flow) -> list[StageRun]:
+        qa = flow.config.qa
+        return [StageRun.light(cls(qa), qa.max_error_rate)] if flow.config.fuse.enabled and qa.enabled else []
+
     def process(self, batch: list[Item]) -> list[Verdict]:
         verdicts: list[Verdict] = []
         for item in batch:
@@ -155,6 +160,15 @@ class ClipScoreStage(Stage[ClipModel]):
     name = "clip-score"
     Options = ClipModel
     default_resources = Resources(num_cpus=0.25, batch_size=16, concurrency=1)
+
+    @classmethod
+    def plan(cls, flow: Flow) -> list[StageRun]:
+        """Before qa, when qa has a CLIP model to score with."""
+        qa = flow.config.qa
+        if not (flow.config.fuse.enabled and qa.enabled and qa.clip is not None):
+            return []
+        resources = cls.default_resources.model_copy(update={"num_gpus": qa.clip_num_gpus})
+        return [StageRun(cls(qa.clip), cls.name, resources, max_error_rate=qa.max_error_rate)]
 
     def setup(self) -> None:
         import open_clip

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import io
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic
+from typing import Any, ClassVar, Generic, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -113,3 +114,40 @@ class Stage(ABC, Generic[OptionsT]):
     @abstractmethod
     def process(self, batch: list[Item]) -> list[Verdict]:
         """One verdict per item, in order; change `item.sample` in place to pass information on."""
+
+    @classmethod
+    def plan(cls, flow: Flow) -> list[StageRun] | None:
+        """A built-in phase: the runs of it its config section asks for (none when it is off), in
+        the place the flow gives its name. None (the default): a stage placed by a `stages:` entry."""
+        return None
+
+
+@dataclass
+class StageRun:
+    """A stage as the pipeline runs it: its instance name (in stats, errors and reject rows), its
+    resources, what happens to an item it fails on, the share of failures the run tolerates, and
+    the group whose worker it shares with the stages next to it (None: a worker of its own)."""
+
+    stage: Stage
+    instance: str
+    resources: Resources
+    on_error: Literal["reject", "keep"] = "reject"
+    max_error_rate: float | None = 0.05
+    group: str | None = None
+
+    @classmethod
+    def light(cls, stage: Stage, max_error_rate: float | None = 0.05) -> StageRun:
+        """A stage without a model: it runs in the next CPU worker of the flow, with its default resources."""
+        return cls(stage, stage.name, type(stage).default_resources, max_error_rate=max_error_rate)
+
+
+@dataclass
+class Flow:
+    """What the built-in phases are planned from, in flow order: the run's config (each phase reads
+    its own section), where dedup's decisions are, and what an earlier phase hands a later one
+    (the experts' renderers for the captioner, whether the caption carries its own grounding)."""
+
+    config: Any
+    decisions: Any
+    embed_rejects: Callable[[int], Any]
+    handed_on: dict[str, Any] = field(default_factory=dict)

@@ -279,5 +279,11 @@ def test_joining_an_existing_cluster_with_address(tmp_path, photo_server):
         out = tmp_path / "run"
         proc = run_cli("run", str(cfg), "--out", str(out), "--address", f"127.0.0.1:{port}")
         assert json.loads((out / "stats.json").read_text())["funnel"]["written"] == 1, proc.stderr
+        # without --address a run starts its own embedded cluster though one runs here (it used to
+        # join this one and fail: "When connecting to an existing cluster, num_cpus ... must not be provided")
+        alone = tmp_path / "alone.yaml"
+        alone.write_text(cfg.read_text() + "ray: {num_cpus: 2}\n")
+        proc = run_cli("run", str(alone), "--out", str(tmp_path / "alone"))
+        assert json.loads((tmp_path / "alone" / "stats.json").read_text())["funnel"]["written"] == 1, proc.stderr
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)

@@ -1,0 +1,73 @@
+"""The flow is data: built-in phases are stages registered as plugins are, each planning its own runs."""
+
+import pytest
+
+from denseforge.errors import ConfigError
+from denseforge.pipeline import flow
+from denseforge.pipeline.config import parse_config
+from denseforge.pipeline.rundir import RunDir
+from denseforge.plugin import STAGES, entries
+from denseforge.stages.sample import Sample
+from denseforge.stages.stage import Item, Stage, StageRun
+
+CONFIG = {
+    "input": {"path": "x"},
+    "dedup": {"enabled": False},
+    "embed": {"enabled": False},
+    "perceive": {"enabled": True, "experts": [{"plugin": "yolox"}]},
+    "fuse": {"enabled": True},
+    "qa": {"enabled": True, "min_words": 1},
+}
+
+
+def test_every_phase_of_the_flow_is_a_registered_stage_that_plans_itself(tmp_path):
+    registered = entries(STAGES)
+    assert set(flow.FLOW) <= set(registered)
+    runs = flow.build_stages(parse_config(CONFIG), RunDir(tmp_path / "run"))
+    assert [r.instance for r in runs] == ["yolox", "merge", "fuse", "ground", "qa"]
+    on = {**CONFIG, "embed": {"enabled": True}, "dedup": {"enabled": True}, "qa": {"enabled": False}}
+    assert [r.instance for r in flow.build_stages(parse_config(on), RunDir(tmp_path / "run"))] == [
+        "dedup",
+        "yolox",
+        "merge",
+        "fuse",
+        "ground",
+    ]
+
+
+def test_adding_a_built_in_phase_is_a_stage_class_its_registration_and_its_place(monkeypatch, tmp_path):
+    class Stamp(Stage):  # all that stages/stamp.py would hold
+        name = "stamp"
+
+        @classmethod
+        def plan(cls, flow):
+            return [StageRun.light(cls())] if flow.config.fuse.enabled else []
+
+        def process(self, batch):
+            for item in batch:
+                item.sample.provenance["stamp"] = item.sample.caption
+            return [None] * len(batch)
+
+    real = flow.load_plugin  # its entry point, `stamp = "denseforge.stages.stamp:Stamp"` in pyproject.toml
+    monkeypatch.setattr(
+        flow, "load_plugin", lambda group, name, base: Stamp if name == "stamp" else real(group, name, base)
+    )
+    at = flow.FLOW.index("ground") + 1  # its place in the flow
+    monkeypatch.setattr(flow, "FLOW", (*flow.FLOW[:at], "stamp", *flow.FLOW[at:]))
+    runs = flow.build_stages(parse_config(CONFIG), RunDir(tmp_path / "run"))
+    assert [r.instance for r in runs] == ["yolox", "merge", "fuse", "ground", "stamp", "qa"]
+    stamp = runs[4]
+    item = Item(0, Sample(key="k", url="u", width=8, height=8, sha256="0" * 64, caption="a cat"), b"")
+    assert stamp.stage.process([item]) == [None] and item.sample.provenance["stamp"] == "a cat"
+    assert [
+        r.instance for r in flow.build_stages(parse_config({**CONFIG, "fuse": {"enabled": False}}), RunDir(tmp_path))
+    ] == [
+        "yolox",
+        "merge",
+    ]
+
+
+def test_a_built_in_phase_is_not_placed_by_a_stages_entry(tmp_path):
+    config = parse_config({**CONFIG, "stages": [{"plugin": "qa", "after": "fuse"}]})
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.plugin: 'qa' is a built-in phase"):
+        flow.build_stages(config, RunDir(tmp_path / "run"))
