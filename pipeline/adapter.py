@@ -220,24 +220,10 @@ class StageWorker:
                     row["sample"] = item.sample.model_dump_json()
                     going_on.append((i, item))
                 else:
-                    row["reject"] = Reject(
-                        key=item.key,
-                        stage=run.instance,
-                        reason=run.stage.error_reason,
-                        detail=entry["m"],
-                        url=item.sample.url,
-                    ).model_dump_json()
-                    row["sample"], row["image"] = None, None
+                    _reject(row, item, run.instance, run.stage.error_reason, entry["m"])
             elif isinstance(verdict, Rejection):
                 entry["r"] = verdict.reason
-                row["reject"] = Reject(
-                    key=item.key,
-                    stage=verdict.stage or run.instance,
-                    reason=verdict.reason,
-                    detail=verdict.detail,
-                    url=item.sample.url,
-                ).model_dump_json()
-                row["sample"], row["image"] = None, None
+                _reject(row, item, verdict.stage or run.instance, verdict.reason, verdict.detail)
             elif isinstance(verdict, Removal):
                 entry["d"] = verdict.reason
                 row["removed"] = json.dumps(
@@ -255,18 +241,19 @@ class StageWorker:
                 going_on.append((i, item))
             else:
                 entry.update(f="TypeError", m=f"stage {run.instance} returned a {type(verdict).__name__} verdict")
-                row["reject"] = Reject(
-                    key=item.key,
-                    stage=run.instance,
-                    reason=run.stage.error_reason,
-                    detail=entry["m"],
-                    url=item.sample.url,
-                ).model_dump_json()
-                row["sample"], row["image"] = None, None
+                _reject(row, item, run.instance, run.stage.error_reason, entry["m"])
             if item.counts:
                 entry["c"] = item.counts
             self._trace(row, run, entry)
         return going_on
+
+
+def _reject(row: dict[str, Any], item: Item, stage: str, reason: str, detail: str) -> None:
+    """The row leaves the flow as a reject row (its sample and image dropped)."""
+    row["reject"] = Reject(
+        key=item.key, stage=stage, reason=reason, detail=detail, url=item.sample.url
+    ).model_dump_json()
+    row["sample"], row["image"] = None, None
 
 
 def run_stage_task(batch: pa.Table, runs: Sequence[StageRun], load: Step | None = None) -> pa.Table:

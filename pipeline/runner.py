@@ -38,8 +38,9 @@ from denseforge.errors import (
 from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages, count_traces
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.pipeline.config import Config
-from denseforge.pipeline.dedup_phase import run_dedup, run_embed
+from denseforge.pipeline.dedup_phase import run_dedup
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
+from denseforge.pipeline.embed_phase import run_embed
 from denseforge.pipeline.flow import build_stages, describe_embed, embed_stages
 from denseforge.pipeline.progress import Progress
 from denseforge.pipeline.ray_session import (

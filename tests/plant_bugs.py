@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]  # run from a scratch checkout: it ed
 BUGS = [
     (
         "pHash distance one above the threshold counts",
-        "stages/dedup.py",
+        "stages/dedup/decide.py",
         "t = 1.0 - 2.0 * (phash_max_distance + 0.5) / 64.0",
         "t = 1.0 - 2.0 * (phash_max_distance + 1.5) / 64.0",
     ),

@@ -7,6 +7,7 @@ from PIL import Image
 
 from denseforge.pipeline.demo import PHOTOS, load_photo
 from denseforge.stages import dedup as dd
+from denseforge.stages.dedup import semantic
 from denseforge.stages.embed import perceptual_hash
 from denseforge.stages.image_normalize import ImageNormalizer
 
@@ -88,13 +89,13 @@ def test_bf16_products_run_beside_one_blas_thread(planted, monkeypatch):
         return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
 
     seen = []
-    products = dd._bf16_products
+    products = semantic._bf16_products
 
     def watched(vectors):
         inner = products(vectors)
         return lambda *span: seen.append(blas_threads()) or inner(*span)
 
-    monkeypatch.setattr(dd, "_bf16_products", watched)
+    monkeypatch.setattr(semantic, "_bf16_products", watched)
     with threadpool_limits(limits=2, user_api="blas"):
         dd.greedy_duplicates(planted, [0.95], block=64, bf16=True)
         assert seen and all(threads == {1} for threads in seen)
@@ -116,7 +117,7 @@ def test_bf16_products_multiply_padded_shapes_and_return_the_span_asked_for():
 
     rng = np.random.default_rng(2)
     x = _unit(rng.normal(size=(301, 40)))
-    products = dd._bf16_products(x)
+    products = semantic._bf16_products(x)
     with Shapes():
         spans = [(0, 5, 0, 5), (128, 301, 0, 128), (256, 301, 100, 301), (300, 301, 0, 1)]
         got = [products(*span) for span in spans]
@@ -129,7 +130,7 @@ def test_bf16_products_multiply_padded_shapes_and_return_the_span_asked_for():
 def test_pairs_finds_what_nonzero_finds():
     rng = np.random.default_rng(3)
     for mask in (rng.random((7, 5)) > 0.7, np.zeros((4, 3), bool), (rng.random((9, 9)) > 0.5)[:6, 2:]):
-        for got, want in zip(dd._pairs(mask), np.nonzero(mask), strict=True):
+        for got, want in zip(semantic._pairs(mask), np.nonzero(mask), strict=True):
             np.testing.assert_array_equal(got, want)
 
 
@@ -138,7 +139,7 @@ def test_keep_best_takes_each_rows_most_similar_col_and_the_lowest_on_a_tie():
     arg = np.array([4, -1, 8])
     rows, cols = np.array([0, 0, 1, 1, 1, 2]), np.array([9, 7, 6, 3, 5, 2])
     sims = np.array([0.97, 0.98, 0.97, 0.97, 0.96, 0.98], dtype=np.float32)
-    dd._keep_best(best, arg, rows, cols, sims)
+    semantic._keep_best(best, arg, rows, cols, sims)
     np.testing.assert_array_equal(arg, [7, 3, 8])  # row 2 keeps its better earlier col
     np.testing.assert_allclose(best, [0.98, 0.97, 0.99])
 

@@ -1,0 +1,229 @@
+"""Spherical k-means with FAISS (flat, or two-level above `two_level_above` clusters) and the
+assignment of rows to their nearest centroid and border clusters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from denseforge.stages.dedup.config import DedupConfig
+
+
+def faiss_gpu_available() -> bool:
+    """True when this process has faiss-gpu and a visible GPU (decided where the work runs)."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def clusters_for(n: int, k: int | None, target_cluster_size: int) -> int:
+    """k from config, or derived from n; never more clusters than points."""
+    if n <= 0:
+        return 0
+    return max(1, min(n, k if k else round(n / target_cluster_size)))
+
+
+MIN_POINTS_PER_CENTROID = (
+    39  # FAISS's own floor: it warns below it, and such centroids are little more than sample points
+)
+
+
+def train_points(n: int, k: int, cfg: DedupConfig) -> int:
+    """How many of n embeddings k-means trains k centroids on: k x `max_points_per_centroid`, at
+    most `max_train_points`, but never fewer than 39 per centroid (k = 50,000 on the 65,536-point
+    cap would make every centroid from one or two points)."""
+    floor = k * min(MIN_POINTS_PER_CENTROID, cfg.max_points_per_centroid)
+    return min(n, max(floor, min(k * cfg.max_points_per_centroid, cfg.max_train_points)))
+
+
+def _flat_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool, mppc: int) -> np.ndarray:
+    import faiss
+
+    km = faiss.Kmeans(
+        sample.shape[1],
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=True,
+        gpu=use_gpu,
+        max_points_per_centroid=mppc,
+        verbose=False,
+    )
+    km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    if km.centroids is None:
+        raise RuntimeError("faiss.Kmeans trained no centroids")
+    return km.centroids.copy()
+
+
+def train_kmeans(
+    sample: np.ndarray,
+    k: int,
+    niter: int = 20,
+    seed: int = 0,
+    use_gpu: bool | None = None,
+    max_points_per_centroid: int = 256,
+    two_level_above: int = 4096,
+) -> CentroidIndex:
+    """Spherical k-means centroids (k, d), trained with FAISS on a sample of the embeddings.
+
+    Above `two_level_above` clusters, training is hierarchical: sqrt(k) coarse centroids, then each
+    coarse cell is split in proportion to its share of the sample. Cost grows as k^1.5 instead of
+    k², which is what keeps 50,000 clusters trainable; the index keeps both levels, and assignment
+    follows the same hierarchy (`assign_clusters`).
+    """
+    if use_gpu is None:
+        use_gpu = faiss_gpu_available()
+    k = min(k, len(sample))
+    if k <= two_level_above:
+        return CentroidIndex(_flat_kmeans(sample, k, niter, seed, bool(use_gpu), max_points_per_centroid))
+    k1 = int(np.ceil(np.sqrt(k)))
+    coarse = _flat_kmeans(sample, k1, niter, seed, bool(use_gpu), max_points_per_centroid)
+    labels = assign_clusters(sample, coarse)[0]
+    counts = np.bincount(labels, minlength=k1)
+    share = np.maximum(1, np.floor(k * counts / counts.sum()).astype(int))
+    share = np.minimum(share, np.maximum(counts, 1))
+    fine, cells, filled, start = [], [], [], 0
+    for c in range(k1):
+        members = sample[labels == c]
+        if len(members) == 0:
+            continue
+        fine.append(
+            members
+            if share[c] >= len(members)
+            else _flat_kmeans(members, int(share[c]), niter, seed + c, bool(use_gpu), max_points_per_centroid)
+        )
+        cells.append(np.arange(start, start + len(fine[-1])))
+        filled.append(c)
+        start += len(fine[-1])
+    centroids = np.concatenate(fine).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    return CentroidIndex(centroids, np.ascontiguousarray(coarse[filled]), cells)
+
+
+@dataclass
+class CentroidIndex:
+    """The trained centroids (k, d); for a hierarchy, also its coarse centroids and, per coarse
+    cell, the ids of the centroids trained inside it."""
+
+    centroids: np.ndarray
+    coarse: np.ndarray | None = None
+    cells: list[np.ndarray] = field(default_factory=list)
+    _search: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # FAISS reads the vectors' bytes as float32: float64 centroids would be silently misread
+        self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
+        if self.coarse is not None:
+            self.coarse = np.ascontiguousarray(self.coarse, dtype=np.float32)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # FAISS indexes do not pickle: a Ray task that receives the index builds its own search
+        return {**self.__dict__, "_search": None}
+
+    @property
+    def search(self) -> Any:
+        """What `assign_clusters` searches (a FAISS flat index, or `_CellSearch` for a hierarchy),
+        built on first use and kept: an assignment task calls it once per unit file, and at
+        k = 10⁶ each build copies 2 GB."""
+        if self._search is None:
+            if self.coarse is None:
+                import faiss
+
+                self._search = faiss.IndexFlatIP(self.centroids.shape[1])
+                self._search.add(self.centroids)
+            else:
+                self._search = _CellSearch(self)
+        return self._search
+
+    def __len__(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def cell_count(self) -> int:
+        """Coarse cells; without a hierarchy every cluster is its own cell."""
+        return len(self) if self.coarse is None else len(self.coarse)
+
+    def cell_of(self, clusters: np.ndarray) -> np.ndarray:
+        """The coarse cell of each of `clusters`."""
+        if self.coarse is None:
+            return clusters
+        cell = np.empty(len(self), dtype=np.int64)
+        for c, members in enumerate(self.cells):
+            cell[members] = c
+        return cell[clusters]
+
+
+def _groups(values: np.ndarray) -> list[np.ndarray]:
+    """The indices of each distinct value, in value order, each group in index order."""
+    order = np.argsort(values, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(values[order])) + 1) if len(order) else []
+
+
+class _CellSearch:
+    """Exact search inside given coarse cells: one FAISS flat index per cell, searched with all
+    the rows that ask for that cell at once, so FAISS multiplies them as one matrix. (An IVF's
+    `search_preassigned` scans cell by cell for each row without BLAS: at 10M rows it was half of
+    an assignment task.) Together they hold k vectors."""
+
+    def __init__(self, index: CentroidIndex):
+        import faiss
+
+        d = index.centroids.shape[1]
+        if index.coarse is None:
+            raise ValueError("a two-level index needs the coarse centroids of a hierarchy")
+        self.coarse = faiss.IndexFlatIP(d)
+        self.coarse.add(index.coarse)
+        self.ids = index.cells
+        self.flats = []
+        for members in index.cells:
+            flat = faiss.IndexFlatIP(d)
+            flat.add(np.ascontiguousarray(index.centroids[members]))
+            self.flats.append(flat)
+
+    def search(self, x: np.ndarray, cells: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's k nearest centroids inside its cell (`cells[i]`): similarities and global
+        ids, -1 where the cell has fewer than k."""
+        val = np.empty((len(x), k), dtype=np.float32)
+        idx = np.empty((len(x), k), dtype=np.int64)
+        for rows in _groups(cells):
+            cell = int(cells[rows[0]])
+            val[rows], local = self.flats[cell].search(np.ascontiguousarray(x[rows]), k)
+            idx[rows] = np.where(local >= 0, self.ids[cell][np.maximum(local, 0)], -1)
+        return val, idx
+
+
+def assign_clusters(
+    x: np.ndarray, index: np.ndarray | CentroidIndex, batch: int = 65536, border: float = 0.0, border_clusters: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row's cluster, its similarity to that centroid, and its border clusters ((n, m), -1
+    padded; (n, 2m) for a hierarchy): up to m = `border_clusters` more centroids within `border`
+    (cosine) of the nearest, where the row is deduplicated too, so that near-duplicates on either
+    side of a boundary meet.
+
+    A hierarchy is searched as it was trained: the nearest centroid inside the nearest coarse
+    cell; border clusters are the next centroids of that cell within `border`, and the nearest
+    centroid of each further coarse cell within `border` of the nearest cell. (Searching the union
+    of a few cells instead gives two near-copies different answers whenever they probe different
+    cells, and loses them.)"""
+    index = index if isinstance(index, CentroidIndex) else CentroidIndex(index)
+    m = border_clusters if border > 0 else 0
+    labels = np.empty(len(x), dtype=np.int64)
+    sims = np.empty(len(x), dtype=np.float32)
+    extra = np.full((len(x), m if index.coarse is None else 2 * m), -1, dtype=np.int64)
+    search = index.search
+    for s in range(0, len(x), batch):
+        xb = np.ascontiguousarray(x[s : s + batch], dtype=np.float32)
+        if index.coarse is None:
+            val, idx = search.search(xb, m + 1)  # fewer centroids than asked for: id -1
+        else:
+            cell_val, cell_idx = search.coarse.search(xb, m + 1)
+            val, idx = search.search(xb, cell_idx[:, 0], m + 1)
+            for r in range(1, m + 1):
+                near = np.flatnonzero((cell_idx[:, r] >= 0) & (cell_val[:, 0] - cell_val[:, r] <= border))
+                if near.size:
+                    extra[s + near, m + r - 1] = search.search(xb[near], cell_idx[near, r], 1)[1][:, 0]
+        labels[s : s + batch], sims[s : s + batch] = idx[:, 0], val[:, 0]
+        extra[s : s + batch, :m] = np.where((idx[:, 1:] >= 0) & (val[:, :1] - val[:, 1:] <= border), idx[:, 1:], -1)
+    return labels, sims, extra

@@ -1,0 +1,231 @@
+"""Every row's decision: per cluster (exact copies, perceptual, semantic), merged over the
+clusters a border row is in, `dup_of` followed to the row that stays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from denseforge.stages.dedup.clusters import _groups
+from denseforge.stages.dedup.config import EXACT, KEPT, NEAR, SEMANTIC, KeepPolicy
+from denseforge.stages.dedup.perceptual import phash_vectors, witnessed
+from denseforge.stages.dedup.semantic import confirmed_duplicates, greedy_duplicates
+
+
+@dataclass
+class ClusterResult:
+    """Per-row outcome for one cluster, in the caller's row order."""
+
+    reason: np.ndarray  # object array: "" for kept, else a removal reason
+    dup_of: np.ndarray  # int64 row index into the cluster, -1 if kept
+    rank: np.ndarray  # keep-priority rank inside the cluster (0 = best)
+    sweep_kept: dict[float, int] = field(default_factory=dict)
+
+
+def priority_order(keys: Sequence[str], centroid_sim: np.ndarray, area: np.ndarray, policy: KeepPolicy) -> np.ndarray:
+    """Row order in which items claim to be kept; ties broken by key for determinism."""
+    keys_arr = np.asarray(keys)
+    if policy == "nearest_centroid":
+        return np.lexsort((keys_arr, -centroid_sim))
+    if policy == "farthest_centroid":
+        return np.lexsort((keys_arr, centroid_sim))
+    if policy == "largest_image":
+        return np.lexsort((keys_arr, -area))
+    return np.argsort(keys_arr, kind="stable")
+
+
+def dedup_cluster(
+    keys: Sequence[str],
+    vectors: np.ndarray,
+    sha256: Sequence[str],
+    phash: np.ndarray,
+    centroid_sim: np.ndarray,
+    area: np.ndarray,
+    *,
+    epsilon: float | None,
+    phash_max_distance: int | None,
+    exact: bool = True,
+    policy: KeepPolicy = "nearest_centroid",
+    sweep: Sequence[float] = (),
+    block: int = 2048,
+    fingerprint: np.ndarray | None = None,
+    witness_max_fine_distance: int | None = 64,
+    witness_max_colour_difference: float | None = 0.6,
+    counted: np.ndarray | None = None,
+    bf16: bool = False,
+) -> ClusterResult:
+    """Exact, perceptual and semantic duplicates inside one cluster (see module doc). A pHash
+    match alone is not evidence of a copy (two signs with different words on the same background
+    hash 4 bits apart): with `fingerprint` rows, a second witness must confirm it. The sweep counts
+    the kept rows among `counted` (default all: border copies from a neighbouring cluster are not).
+    `bf16`: see `greedy_duplicates` (epsilon is its first threshold, decided on float32 similarities)."""
+    n = len(keys)
+    order = priority_order(keys, centroid_sim, area, policy)
+    counted = np.ones(n, dtype=bool) if counted is None else counted[order]
+    reason = np.full(n, KEPT, dtype=object)
+    dup = np.full(n, -1, dtype=np.int64)  # in priority positions
+    active = np.ones(n, dtype=bool)
+    if exact:
+        first: dict[str, int] = {}
+        for pos, row in enumerate(order):
+            holder = first.setdefault(sha256[row], pos)
+            if holder != pos:
+                reason[pos], dup[pos], active[pos] = EXACT, holder, False
+    if phash_max_distance is not None:
+        t = 1.0 - 2.0 * (phash_max_distance + 0.5) / 64.0
+        confirm = None
+        if fingerprint is not None:
+            prints = fingerprint[order]
+
+            def confirm(i: int, j: int) -> bool:
+                return witnessed(prints[i], prints[j], witness_max_fine_distance, witness_max_colour_difference)
+
+        near = confirmed_duplicates(phash_vectors(phash[order]), t, active, confirm, block)
+        hit = near >= 0
+        reason[hit], dup[hit], active[hit] = NEAR, near[hit], False
+    sweep_kept: dict[float, int] = {}
+    eps_list = ([epsilon] if epsilon is not None else []) + [e for e in sweep if e != epsilon]
+    if eps_list:
+        sem = greedy_duplicates(vectors[order], [1.0 - e for e in eps_list], block, active, bf16)
+        for e, d in zip(eps_list, sem, strict=True):
+            sweep_kept[e] = int((active & (d < 0) & counted).sum())
+        if epsilon is not None:
+            hit = sem[0] >= 0
+            reason[hit], dup[hit] = SEMANTIC, sem[0][hit]
+    else:
+        sweep_kept = {}
+    follow_to_kept(dup)
+    out_reason = np.empty(n, dtype=object)
+    out_dup = np.full(n, -1, dtype=np.int64)
+    rank = np.empty(n, dtype=np.int64)
+    out_reason[order] = reason
+    out_dup[order] = np.where(dup >= 0, order[np.maximum(dup, 0)], -1)
+    kept_positions = np.flatnonzero((reason == KEPT) & counted)  # a border copy ranks in its own cluster
+    rank[order] = n  # removed items rank last
+    rank[order[kept_positions]] = np.arange(len(kept_positions))
+    return ClusterResult(out_reason, out_dup, rank, sweep_kept)
+
+
+@dataclass
+class DedupResult:
+    """Per-row (or per-entry) outcome: reason ("" kept), dup_of row index (-1), rank in cluster."""
+
+    reason: np.ndarray
+    dup_of: np.ndarray
+    rank: np.ndarray
+    sweep_kept: dict[float, int]
+
+
+def border_entries(
+    rows: np.ndarray, labels: np.ndarray, extra: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, cluster, primary) per entry: every row in its own cluster, then each border row again
+    in each of its border clusters (`extra` >= 0, see `assign_clusters`)."""
+    more = [(rows[extra[rows, j] >= 0], j) for j in range(extra.shape[1])]
+    return (
+        np.concatenate([rows] + [r for r, _ in more]),
+        np.concatenate([labels[rows]] + [extra[r, j] for r, j in more]),
+        np.arange(len(rows) + sum(len(r) for r, _ in more)) < len(rows),
+    )
+
+
+def dedup_entries(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    primary: np.ndarray,
+    vectors: np.ndarray,
+    keys: Sequence[str] | np.ndarray,
+    sha256: Sequence[str] | np.ndarray,
+    phash: np.ndarray,
+    centroid_sim: np.ndarray,
+    area: np.ndarray,
+    fingerprint: np.ndarray | None = None,
+    **options,
+) -> DedupResult:
+    """`dedup_cluster` over every cluster. An entry puts row `rows[e]` in cluster `labels[e]`; a
+    border row has more, non-`primary` entries in its neighbouring clusters. Results are per
+    entry, dup_of as row indices; `merge_entries` turns them into one decision per row. The keep
+    priority uses each row's own (primary) centroid similarity in both clusters, so it is one order
+    over all rows and a dup_of always points to a row of higher priority. `vectors` may be stored as
+    float16: each cluster's rows are converted to float32 as it is deduplicated."""
+    reason = np.full(len(rows), KEPT, dtype=object)
+    dup_of = np.full(len(rows), -1, dtype=np.int64)
+    rank = np.full(len(rows), -1, dtype=np.int64)
+    sweep: dict[float, int] = {}
+    keys_arr, sha_arr = np.asarray(keys), np.asarray(sha256)
+    for group in _groups(labels):
+        idx = rows[group]
+        res = dedup_cluster(
+            keys_arr[idx],
+            vectors[idx].astype(np.float32, copy=False),
+            sha_arr[idx],
+            phash[idx],
+            centroid_sim[idx],
+            area[idx],
+            fingerprint=None if fingerprint is None else fingerprint[idx],
+            counted=primary[group],
+            **options,
+        )
+        reason[group], rank[group] = res.reason, res.rank
+        dup_of[group] = np.where(res.dup_of >= 0, idx[np.maximum(res.dup_of, 0)], -1)
+        for e, kept in res.sweep_kept.items():
+            sweep[e] = sweep.get(e, 0) + kept
+    return DedupResult(reason, dup_of, rank, sweep)
+
+
+def follow_to_kept(dup_of: np.ndarray) -> None:
+    """Point every duplicate (dup_of >= 0) at the end of its chain, the row that stays, in place.
+    dup_of points to higher priority, so chains end; each pass halves every chain left."""
+    while True:
+        hop = (dup_of >= 0) & (dup_of[np.maximum(dup_of, 0)] >= 0)
+        if not hop.any():
+            return
+        dup_of[hop] = dup_of[dup_of[hop]]
+
+
+def merge_entries(rows: np.ndarray, primary: np.ndarray, entries: DedupResult, n: int) -> DedupResult:
+    """One decision per row from its entries: removed where any entry removed it (the primary
+    entry's reason first; among border copies removed in several clusters, the lowest dup_of row,
+    so the decision does not depend on the order entries come in), ranked by its primary entry;
+    then every dup_of is followed to the row that finally stays (a border row kept in one cluster
+    may have been removed in the other)."""
+    reason = np.full(n, KEPT, dtype=object)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    rank = np.full(n, -1, dtype=np.int64)
+    for part in (~primary, primary):  # primary entries written last: their removal wins
+        removed = np.flatnonzero(part & (entries.reason != KEPT))
+        codes = np.unique(entries.reason[removed], return_inverse=True)[1]
+        removed = removed[np.lexsort((codes, entries.dup_of[removed], rows[removed]))]
+        removed = removed[np.r_[True, np.diff(rows[removed]) != 0]] if removed.size else removed
+        reason[rows[removed]], dup_of[rows[removed]] = entries.reason[removed], entries.dup_of[removed]
+    rank[rows[primary]] = entries.rank[primary]
+    follow_to_kept(dup_of)
+    return DedupResult(reason, dup_of, rank, entries.sweep_kept)
+
+
+def dedup_all(
+    labels: np.ndarray,
+    vectors: np.ndarray,
+    keys: Sequence[str] | np.ndarray,
+    sha256: Sequence[str] | np.ndarray,
+    phash: np.ndarray,
+    centroid_sim: np.ndarray,
+    area: np.ndarray,
+    candidates: np.ndarray | None = None,
+    fingerprint: np.ndarray | None = None,
+    extra: np.ndarray | None = None,
+    **options,
+) -> DedupResult:
+    """Every row's decision: its nearest cluster, and for border rows (`extra` >= 0, see
+    `assign_clusters`) its border clusters too. Rows outside `candidates` are left alone (reason ""
+    and rank -1): the caller has already removed them (prefilters)."""
+    n = len(labels)
+    rows = np.arange(n) if candidates is None else np.flatnonzero(candidates)
+    extra = np.full((n, 0), -1, dtype=np.int64) if extra is None else extra
+    rows, entry_labels, primary = border_entries(rows, labels, extra)
+    entries = dedup_entries(
+        rows, entry_labels, primary, vectors, keys, sha256, phash, centroid_sim, area, fingerprint, **options
+    )
+    return merge_entries(rows, primary, entries, n)
