@@ -86,7 +86,7 @@ ASSIGN_TASK_ROWS = 65_536  # an assignment task takes consecutive units up to ab
 
 def _assignment_tasks(files: list[UPath], rows: list[int]) -> list[list[UPath]]:
     """Consecutive units grouped into assignment tasks of about `ASSIGN_TASK_ROWS` rows: a task
-    writes one file per bucket, so at 10M rows a bucket task opens ~150 files, not 1,000 (~1 ms each)."""
+    writes one file per bucket, so a bucket task opens one file per task, not one per unit."""
     tasks: list[list[UPath]] = []
     size = ASSIGN_TASK_ROWS
     for file, count in zip(files, rows, strict=True):
@@ -105,7 +105,7 @@ def _assign_units(
     also deduplicated in its border clusters (`dd.border_entries`, with its own centroid
     similarity, the keep priority). A row goes once to each bucket it has entries in, its clusters
     there as a list (`_bucket_entries`), so a border cluster in its own cell costs no second copy
-    of its vector (at 10M planted rows, 1.6 of a row's 3.5 border clusters). One file per bucket,
+    of its vector. One file per bucket,
     named after the first unit. Returns the bytes it wrote."""
     pieces: dict[int, list[pa.Table]] = {}
     for file in files:
@@ -163,7 +163,7 @@ def _dedup_bucket(bucket_path: UPath, out_file: UPath, settings: dict[str, Any])
     """Every entry of one bucket decided (`dd.dedup_entries`), written as columns: a bucket holds
     hundreds of thousands of entries at 10M rows, so no Python object per entry. Only the entries
     the merge reads are written: every primary entry, and the border copies that were removed (a
-    kept border copy decides nothing); 4.5 entries per row at 10M become ~1.1."""
+    kept border copy decides nothing), about one per row."""
     files = list_files(bucket_path, ".arrow")
     table = pa.concat_tables([read_arrow(f) for f in files]) if files else None
     if table is None or not table.num_rows:
@@ -317,8 +317,8 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
             result = ray.get(done)
             sweep.update({float(e): v for e, v in result["sweep_kept"].items()})
             entries += result["entries"]
-            # its rows are decided: their shuffled copies go while other buckets run (at 10M,
-            # deleting all 30 GB after the last bucket left 15 s outside the steps), and the disk peak falls
+            # its rows are decided: their shuffled copies go while other buckets run (not all at the
+            # end, outside the steps), and the disk peak falls
             remove_tree(rd.bucket(running.pop(done)))
         bar.update(1)
         table = _merge_entries(pa.concat_tables([read_parquet(p) for p in parts if p.exists()]))

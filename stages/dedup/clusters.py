@@ -164,8 +164,8 @@ def _groups(values: np.ndarray) -> list[np.ndarray]:
 class _CellSearch:
     """Exact search inside given coarse cells: one FAISS flat index per cell, searched with all
     the rows that ask for that cell at once, so FAISS multiplies them as one matrix. (An IVF's
-    `search_preassigned` scans cell by cell for each row without BLAS: at 10M rows it was half of
-    an assignment task.) Together they hold k vectors."""
+    `search_preassigned` scans cell by cell for each row without BLAS, a large share of an
+    assignment task.) Together they hold k vectors."""
 
     def __init__(self, index: CentroidIndex):
         import faiss

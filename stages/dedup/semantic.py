@@ -26,8 +26,8 @@ def bf16_native() -> bool:
     )
 
 
-# Σ n² over a task's clusters that pays torch's import (~1 s, and ~1.2 GB RSS per worker: at 3M rows,
-# Σ n² ≈ 1e8 per task, bfloat16 saved 2 s of 28 and cost 2.4 GB; at 10M, 3e9, it halves the step)
+# Σ n² over a task's clusters that pays torch's import (a second and over a GB of RSS per worker):
+# below it float32 is cheaper overall (figures: docs/benchmarks.md)
 BF16_MIN_WORK = 3e8
 
 
