@@ -93,8 +93,8 @@ def plugin_stage(spec: StageSpec, where: str) -> StageRun:
 
 
 def describe_plugins() -> list[dict[str, str]]:
-    """Name, kind, resources and package of every installed expert and plugin stage (for
-    `denseforge experts`)."""
+    """Name, kind, resources and package of every installed expert and stage (built-in phases
+    included), for `denseforge experts`."""
     rows = []
     for group, base in ((EXPERTS, Expert), (STAGES, Stage)):
         for name, entry in entries(group).items():
@@ -107,16 +107,14 @@ def describe_plugins() -> list[dict[str, str]]:
                         ",".join(cls.consumes) or "-" if isinstance(cls.consumes, tuple) else "depends on options"
                     )
                 else:
-                    kind, consumes = "stage", "-"
+                    kind, consumes = ("phase" if name in FLOW else "stage"), "-"
+                resources = (
+                    "its config section's"
+                    if kind == "phase"
+                    else f"gpus={r.num_gpus} cpus={r.num_cpus} batch={r.batch_size} x{r.concurrency or 'tasks'}"
+                )
                 rows.append(
-                    {
-                        "name": name,
-                        "kind": kind,
-                        "consumes": consumes,
-                        "resources": f"gpus={r.num_gpus} cpus={r.num_cpus} batch={r.batch_size} "
-                        f"x{r.concurrency or 'tasks'}",
-                        "package": entry.package,
-                    }
+                    {"name": name, "kind": kind, "consumes": consumes, "resources": resources, "package": entry.package}
                 )
             except DenseforgeError as err:
                 rows.append(

@@ -23,6 +23,8 @@ CONFIG = {
 def test_every_phase_of_the_flow_is_a_registered_stage_that_plans_itself(tmp_path):
     registered = entries(STAGES)
     assert set(flow.FLOW) <= set(registered)
+    kinds = {row["name"]: row["kind"] for row in flow.describe_plugins()}  # `denseforge experts`
+    assert all(kinds[name] == "phase" for name in flow.FLOW) and kinds["yolox"] == "objects"
     runs = flow.build_stages(parse_config(CONFIG), RunDir(tmp_path / "run"))
     assert [r.instance for r in runs] == ["yolox", "merge", "fuse", "ground", "qa"]
     on = {**CONFIG, "embed": {"enabled": True}, "dedup": {"enabled": True}, "qa": {"enabled": False}}
