@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from denseforge.errors import ConfigError
+from denseforge.pipeline.accounting import TraceEntry
 from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.stages.sample import Reject, Sample
 from denseforge.stages.stage import Item, Rejection, Removal, StageRun, Verdict
@@ -149,13 +150,13 @@ class StageWorker:
             key=row["key"], stage=run.instance, reason=run.stage.error_reason, detail=detail
         ).model_dump_json()
         row["sample"], row["image"] = None, None
-        self._trace(row, run, {"s": 0.0, "f": type(exc).__name__, "m": detail})
+        self._trace(row, run, TraceEntry(0.0, failed=type(exc).__name__, message=detail))
 
     @staticmethod
-    def _trace(row: dict[str, Any], run: StageRun, entry: dict[str, Any]) -> None:
+    def _trace(row: dict[str, Any], run: StageRun, entry: TraceEntry) -> None:
         """Add this stage's entry to the row's trace (what the writer counts per stage)."""
         trace = json.loads(row["trace"]) if row.get("trace") else {}
-        trace[run.instance] = entry
+        trace[run.instance] = entry.to_json()
         row["trace"] = json.dumps(trace)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -204,7 +205,7 @@ class StageWorker:
         going_on: list[tuple[int, Item]] = []
         for (i, item), verdict in zip(live, verdicts, strict=True):
             row = rows[i]
-            entry: dict[str, Any] = {"s": round(share, 6), "n": node_name()}
+            entry = TraceEntry(round(share, 6), node_name())
             if verdict is None:
                 try:  # a value the stage left that is not JSON (a numpy scalar) fails this item only
                     sample_json = item.sample.model_dump_json()
@@ -212,20 +213,21 @@ class StageWorker:
                 except Exception as exc:  # noqa: BLE001
                     verdict = exc
             if isinstance(verdict, BaseException):
-                entry.update(f=type(verdict).__name__, m=describe(verdict))
+                message = describe(verdict)
+                entry.failed, entry.message = type(verdict).__name__, message
                 if run.on_error == "keep":  # the record as it came in, plus why this stage has no output
                     item.sample = Sample.model_validate_json(row["sample"])
-                    item.sample.errors[run.instance] = entry["m"]
+                    item.sample.errors[run.instance] = message
                     item.outputs = pickle.loads(row["outputs"]) if row.get("outputs") else {}
                     row["sample"] = item.sample.model_dump_json()
                     going_on.append((i, item))
                 else:
-                    _reject(row, item, run.instance, run.stage.error_reason, entry["m"])
+                    _reject(row, item, run.instance, run.stage.error_reason, message)
             elif isinstance(verdict, Rejection):
-                entry["r"] = verdict.reason
+                entry.rejected = verdict.reason
                 _reject(row, item, verdict.stage or run.instance, verdict.reason, verdict.detail)
             elif isinstance(verdict, Removal):
-                entry["d"] = verdict.reason
+                entry.removed = verdict.reason
                 row["removed"] = json.dumps(
                     {
                         "key": item.key,
@@ -240,10 +242,11 @@ class StageWorker:
                 row["sample"], row["outputs"] = sample_json, outputs
                 going_on.append((i, item))
             else:
-                entry.update(f="TypeError", m=f"stage {run.instance} returned a {type(verdict).__name__} verdict")
-                _reject(row, item, run.instance, run.stage.error_reason, entry["m"])
+                message = f"stage {run.instance} returned a {type(verdict).__name__} verdict"
+                entry.failed, entry.message = "TypeError", message
+                _reject(row, item, run.instance, run.stage.error_reason, message)
             if item.counts:
-                entry["c"] = item.counts
+                entry.counters = item.counts
             self._trace(row, run, entry)
         return going_on
 
@@ -376,69 +379,6 @@ def _light_task(ds, runs: list[StageRun], load: Step | None):
 
 
 # -- counting --------------------------------------------------------------------------------
-
-
-def count_traces(traces: Sequence[str | None]) -> dict[str, dict[str, Any]]:
-    """Per stage: items it saw, failures by exception type, rejects by reason, removals, busy
-    seconds, items and busy seconds per node, the first error message (for the one-line failure)
-    and the stage's own counters."""
-    out: dict[str, dict[str, Any]] = {}
-    for raw in traces:
-        for stage, entry in (json.loads(raw) if raw else {}).items():
-            c = out.setdefault(stage, new_counts())
-            c["items"] += 1
-            c["busy_s"] += entry.get("s", 0.0)
-            node = c["nodes"].setdefault(entry.get("n", "?"), {"items": 0, "busy_s": 0.0})
-            node["items"] += 1
-            node["busy_s"] += entry.get("s", 0.0)
-            if "f" in entry:
-                c["failed"][entry["f"]] = c["failed"].get(entry["f"], 0) + 1
-                c["first_error"] = c["first_error"] or entry.get("m")
-            if "r" in entry:
-                c["rejected"][entry["r"]] = c["rejected"].get(entry["r"], 0) + 1
-            if "d" in entry:
-                c["removed"] += 1
-            for name, n in entry.get("c", {}).items():
-                c["counters"][name] = c["counters"].get(name, 0) + n
-    for c in out.values():
-        c["busy_s"] = round(c["busy_s"], 4)
-        for node in c["nodes"].values():
-            node["busy_s"] = round(node["busy_s"], 4)
-    return out
-
-
-def new_counts() -> dict[str, Any]:
-    return {
-        "items": 0,
-        "failed": {},
-        "rejected": {},
-        "removed": 0,
-        "busy_s": 0.0,
-        "first_error": None,
-        "counters": {},
-        "nodes": {},
-    }
-
-
-def merge_counts(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]]) -> None:
-    """Add one unit's per-stage counts into a running total (in place)."""
-    for stage, c in part.items():
-        t = total.setdefault(stage, new_counts())
-        t["items"] += c["items"]
-        t["removed"] += c["removed"]
-        t["busy_s"] = round(t["busy_s"] + c["busy_s"], 4)
-        t["first_error"] = t["first_error"] or c["first_error"]
-        for field in ("failed", "rejected", "counters"):
-            for k, n in c.get(field, {}).items():
-                t[field][k] = t[field].get(k, 0) + n
-        for name, n in c.get("nodes", {}).items():
-            node = t["nodes"].setdefault(name, {"items": 0, "busy_s": 0.0})
-            node["items"] += n["items"]
-            node["busy_s"] = round(node["busy_s"] + n["busy_s"], 4)
-
-
-def failures(c: dict[str, Any]) -> int:
-    return sum(c["failed"].values())
 
 
 def setup_error(run: StageRun) -> str | None:

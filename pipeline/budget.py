@@ -8,10 +8,9 @@ failed on every item it was given fails it at the end whatever the counts (a dea
 
 from __future__ import annotations
 
-from typing import Any
-
 from denseforge.errors import StageFailedError
-from denseforge.pipeline.adapter import StageRun, failures, merge_counts
+from denseforge.pipeline.accounting import StageCounts, failures, merge_counts
+from denseforge.pipeline.adapter import StageRun
 from denseforge.pipeline.rundir import RunDir
 
 
@@ -19,7 +18,7 @@ class ErrorBudget:
     def __init__(self, runs: list[StageRun], min_items: int):
         self.limits = {r.instance: r.max_error_rate for r in runs}
         self.min_items = min_items
-        self.totals: dict[str, dict[str, Any]] = {}
+        self.totals: dict[str, StageCounts] = {}
 
     def load(self, rd: RunDir, units: int) -> None:
         """Start from the counts of the units earlier invocations finished."""
@@ -28,7 +27,7 @@ class ErrorBudget:
                 if unit < units:
                     self.add(counts.get("stages", {}))
 
-    def add(self, counts: dict[str, dict[str, Any]]) -> None:
+    def add(self, counts: dict[str, StageCounts]) -> None:
         merge_counts(self.totals, counts)
 
     def check(self, final: bool = False) -> None:

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from denseforge.pipeline.adapter import Step, add_stages, count_traces
+from denseforge.pipeline.accounting import count_traces
+from denseforge.pipeline.adapter import Step, add_stages
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.flow import embed_stages
 from denseforge.pipeline.progress import Progress

@@ -35,7 +35,8 @@ from denseforge.errors import (
     SetupError,
     StageFailedError,
 )
-from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages, count_traces
+from denseforge.pipeline.accounting import count_traces
+from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages
 from denseforge.pipeline.budget import ErrorBudget
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.dedup_phase import run_dedup

@@ -16,7 +16,7 @@ from upath import UPath
 
 from denseforge import __version__
 from denseforge.errors import DenseforgeError
-from denseforge.pipeline.adapter import failures, merge_counts
+from denseforge.pipeline.accounting import StageCounts, failures, merge_counts
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.report import render_report
 from denseforge.pipeline.rundir import RunDir
@@ -50,14 +50,18 @@ def versions() -> dict[str, str]:
 def stage_counts(rd: RunDir) -> dict[str, dict[str, Any]]:
     """Per stage (and expert instance): items, failures by type, rejects by reason, removals and
     busy seconds, summed over the embed and write markers of every finished unit."""
-    totals: dict[str, dict[str, Any]] = {}
+    totals: dict[str, StageCounts] = {}
     for phase in ("embed", "write"):
         for _, counts in rd.marker_counts(phase):
             merge_counts(totals, counts.get("stages", {}))
-    for c in totals.values():
-        c["failed_total"] = failures(c)
-        c["items_per_busy_s"] = round(c["items"] / c["busy_s"], 2) if c["busy_s"] > 0 else None
-    return totals
+    return {
+        stage: {
+            **c,
+            "failed_total": failures(c),
+            "items_per_busy_s": round(c["items"] / c["busy_s"], 2) if c["busy_s"] > 0 else None,
+        }
+        for stage, c in totals.items()
+    }
 
 
 def finalize_run(

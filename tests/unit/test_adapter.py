@@ -11,6 +11,7 @@ from PIL import Image
 
 from denseforge.errors import StageFailedError
 from denseforge.experts.base import Expert, Resources
+from denseforge.pipeline.accounting import count_traces, merge_counts
 from denseforge.pipeline.adapter import (
     ROW_SCHEMA,
     StageRun,
@@ -19,8 +20,6 @@ from denseforge.pipeline.adapter import (
     add_stages,
     call_isolated,
     chains,
-    count_traces,
-    merge_counts,
     run_stage_task,
 )
 from denseforge.pipeline.budget import ErrorBudget

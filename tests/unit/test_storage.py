@@ -263,7 +263,7 @@ def test_a_lost_node_while_units_keep_finishing_does_not_stop_the_run(two_nodes)
 
 
 def test_node_work_is_counted_per_stage_and_node():
-    from denseforge.pipeline.adapter import count_traces, merge_counts
+    from denseforge.pipeline.accounting import count_traces, merge_counts
 
     traces = [
         json.dumps({"yolo": {"s": 0.5, "n": "n1"}}),

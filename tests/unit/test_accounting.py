@@ -1,0 +1,40 @@
+import json
+
+from denseforge.pipeline.accounting import TraceEntry, count_traces, failures, merge_counts
+
+
+def test_a_trace_entry_round_trips_through_its_short_json_keys():
+    entry = TraceEntry(0.25, "node-a", failed="ValueError", message="bad", counters={"boxes_clipped": 2})
+    assert entry.to_json() == {"s": 0.25, "n": "node-a", "f": "ValueError", "m": "bad", "c": {"boxes_clipped": 2}}
+    assert TraceEntry.from_json(entry.to_json()) == entry
+    assert TraceEntry(0.5, "n").to_json() == {"s": 0.5, "n": "n"}
+
+
+def test_stage_counts_sum_the_entries_of_every_row_and_merge_across_units():
+    rows = [
+        {"qa": TraceEntry(0.1, "a").to_json()},
+        {"qa": TraceEntry(0.2, "a", rejected="too_short").to_json()},
+        {"qa": TraceEntry(0.3, "b", failed="KeyError", message="first").to_json()},
+        {
+            "qa": TraceEntry(0.4, "b", failed="KeyError", message="second").to_json(),
+            "dedup": TraceEntry(0.0, "b", removed="exact").to_json(),
+        },
+    ]
+    counts = count_traces([json.dumps(r) for r in rows] + [None])
+    qa = counts["qa"]
+    assert (qa["items"], qa["rejected"], qa["failed"], qa["first_error"]) == (
+        4,
+        {"too_short": 1},
+        {"KeyError": 2},
+        "first",
+    )
+    assert qa["nodes"] == {"a": {"items": 2, "busy_s": 0.3}, "b": {"items": 2, "busy_s": 0.7}} and qa["busy_s"] == 1.0
+    assert counts["dedup"]["removed"] == 1 and failures(qa) == 2
+    total: dict = {}
+    merge_counts(total, counts)
+    merge_counts(total, counts)
+    assert (
+        total["qa"]["items"] == 8
+        and total["qa"]["failed"] == {"KeyError": 4}
+        and total["qa"]["nodes"]["b"]["items"] == 4
+    )
