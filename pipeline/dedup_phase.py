@@ -159,7 +159,7 @@ def _fingerprints(table: pa.Table) -> np.ndarray | None:
     return np.frombuffer(b"".join(table.column("fingerprint").to_pylist()), dtype=np.uint8).reshape(table.num_rows, -1)
 
 
-def _dedup_bucket(bucket_path: UPath, out_file: UPath, settings: dict[str, Any]) -> dict[str, Any]:
+def _dedup_bucket(bucket_path: UPath, out_file: UPath, cfg: dd.DedupConfig, select: dd.SelectConfig) -> dict[str, Any]:
     """Every entry of one bucket decided (`dd.dedup_entries`), written as columns: a bucket holds
     hundreds of thousands of entries at 10M rows, so no Python object per entry. Only the entries
     the merge reads are written: every primary entry, and the border copies that were removed (a
@@ -173,29 +173,19 @@ def _dedup_bucket(bucket_path: UPath, out_file: UPath, settings: dict[str, Any])
     key = table.column("key").combine_chunks()
     sims = table.column("centroid_sim").to_numpy()
     width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
-    pre = dd.prefilter(width, height, settings["min_short_edge"], settings["max_aspect_ratio"])[rows]
+    pre = dd.prefilter(width, height, select.min_short_edge, select.max_aspect_ratio)[rows]
     entries = np.flatnonzero(pre == dd.KEPT)
-    result = dd.dedup_entries(
-        rows[entries],
-        cluster[entries],
-        primary[entries],
-        embeddings_matrix(table, dtype=None),
+    columns = dd.Rows.of(
         key.to_pylist(),
+        embeddings_matrix(table, dtype=None),
         table.column("sha256").to_pylist(),
         table.column("phash").to_numpy(),
         sims,
         width * height,
-        fingerprint=_fingerprints(table),
-        witness_max_fine_distance=settings["witness_max_fine_distance"],
-        witness_max_colour_difference=settings["witness_max_colour_difference"],
-        epsilon=settings["epsilon"],
-        phash_max_distance=settings["phash_max_distance"],
-        exact=settings["exact"],
-        policy=settings["keep"],
-        sweep=settings["sweep"],
-        block=settings["block"],
-        bf16=dd.use_bf16(settings["matmul"], np.unique(cluster[entries], return_counts=True)[1]),
+        _fingerprints(table),
     )
+    bf16 = dd.use_bf16(cfg.matmul, np.unique(cluster[entries], return_counts=True)[1])
+    result = dd.dedup_entries(rows[entries], cluster[entries], primary[entries], columns, cfg, bf16)
     reason, dup_of, rank = pre, np.full(len(rows), -1), np.full(len(rows), -1)
     reason[entries], dup_of[entries], rank[entries] = result.reason, result.dup_of, result.rank
     out = pa.table(
@@ -295,23 +285,10 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
             )
         )
         bar.update(1)
-        settings = {
-            "min_short_edge": sel.min_short_edge,
-            "max_aspect_ratio": sel.max_aspect_ratio,
-            "epsilon": cfg.epsilon,
-            "phash_max_distance": cfg.phash_max_distance,
-            "witness_max_fine_distance": cfg.witness_max_fine_distance,
-            "witness_max_colour_difference": cfg.witness_max_colour_difference,
-            "exact": cfg.exact,
-            "keep": cfg.keep,
-            "sweep": cfg.sweep,
-            "block": cfg.block_size,
-            "matmul": cfg.matmul,
-        }
         parts = [rd.bucket_part(b) for b in range(buckets)]
         ensure_dir(rd.bucket_parts)
         task = ray.remote(_dedup_bucket)
-        running = {task.remote(rd.bucket(b), p, settings): b for b, p in enumerate(parts)}
+        running = {task.remote(rd.bucket(b), p, cfg, sel): b for b, p in enumerate(parts)}
         while running:
             (done,), _ = ray.wait(list(running))
             result = ray.get(done)

@@ -22,11 +22,7 @@ from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.embed import embedding_table, pixel_spec, write_embeddings_file
 from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample
-from denseforge.storage import (
-    ensure_dir,
-    store_retries,
-    write_json_atomic,
-)
+from denseforge.storage import ensure_dir, store_retries, write_json_atomic
 
 
 def write_embeddings(batch: pa.Table, rd: RunDir, instances: set[str], storage_dtype: str) -> pa.Table:

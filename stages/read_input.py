@@ -47,12 +47,7 @@ TABLE_SUFFIXES = {
 }
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 UNIT_SCHEMA = pa.schema(
-    [
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("df_key", pa.string()),
-        ("df_source", pa.string()),
-    ]
+    [("url", pa.string()), ("caption", pa.string()), ("df_key", pa.string()), ("df_source", pa.string())]
 )
 
 

@@ -91,22 +91,9 @@ def _ours_dedup(
     start = time.perf_counter()
     bf16 = dd.use_bf16(cfg.matmul, np.bincount(np.concatenate([labels, extra[extra >= 0]])))
     keys = np.char.zfill(np.arange(n).astype(str), 9)
-    result = dd.dedup_all(
-        labels,
-        x,
-        keys,
-        keys,
-        np.zeros(n, np.int64),
-        sims,
-        np.ones(n),
-        extra=extra,
-        epsilon=cfg.epsilon,
-        phash_max_distance=None,
-        exact=False,
-        policy=cfg.keep,
-        block=cfg.block_size,
-        bf16=bf16,
-    )
+    semantic_only = cfg.model_copy(update={"phash_max_distance": None, "exact": False, "sweep": []})
+    rows = dd.Rows.of(keys, x, keys, np.zeros(n, np.int64), sims, np.ones(n))
+    result = dd.dedup_all(labels, rows, semantic_only, extra=extra, bf16=bf16)
     times["dedup_s"] = time.perf_counter() - start
     times["matmul"] = "bfloat16" if bf16 else "float32"
     times["clusters"] = k

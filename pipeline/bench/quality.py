@@ -350,21 +350,11 @@ def _dedup() -> dict[str, Any]:
     keys = [f"{i:04d}" for i in range(n)]
     phash = np.array([perceptual_hash(im) for im in images])
     prints = np.stack([np.frombuffer(fingerprint(im), np.uint8) for im in images])
-    cfg = dd.DedupConfig()
-    res = dd.dedup_cluster(
-        keys,
-        np.zeros((n, 1), np.float32),
-        [str(i) for i in range(n)],
-        phash,
-        np.zeros(n),
-        np.ones(n),
-        epsilon=None,
-        phash_max_distance=cfg.phash_max_distance,
-        policy="first_key",
-        fingerprint=prints,
-        witness_max_fine_distance=cfg.witness_max_fine_distance,
-        witness_max_colour_difference=cfg.witness_max_colour_difference,
+    cfg = dd.DedupConfig(epsilon=None, keep="first_key", sweep=[])  # the default pHash rules, nothing else
+    rows = dd.Rows.of(
+        keys, np.zeros((n, 1), np.float32), [str(i) for i in range(n)], phash, np.zeros(n), np.ones(n), prints
     )
+    res = dd.dedup_cluster(rows, cfg)
     variants = ["re-encoded", "resized 0.7", "colour 0.6", "brightness 1.1", "cropped 3%"]
     removed = [i for i in range(n) if res.reason[i]]
     right = [i for i in removed if group[res.dup_of[i]] == group[i]]

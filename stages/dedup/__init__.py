@@ -42,6 +42,7 @@ from denseforge.stages.dedup.config import (
 from denseforge.stages.dedup.decide import (
     ClusterResult,
     DedupResult,
+    Rows,
     border_entries,
     dedup_all,
     dedup_cluster,
@@ -64,6 +65,7 @@ from denseforge.stages.dedup.semantic import (
 from denseforge.stages.dedup.stage import DecisionStage
 
 __all__ = [
+    "Rows",
     "BAD_ASPECT",
     "BF16_MARGIN",
     "BF16_MIN_WORK",

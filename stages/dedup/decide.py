@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from denseforge.stages.dedup.clusters import _groups
-from denseforge.stages.dedup.config import EXACT, KEPT, NEAR, SEMANTIC, KeepPolicy
+from denseforge.stages.dedup.config import EXACT, KEPT, NEAR, SEMANTIC, DedupConfig, KeepPolicy
 from denseforge.stages.dedup.perceptual import phash_vectors, witnessed
 from denseforge.stages.dedup.semantic import confirmed_duplicates, greedy_duplicates
 
@@ -24,7 +24,9 @@ class ClusterResult:
     sweep_kept: dict[float, int] = field(default_factory=dict)
 
 
-def priority_order(keys: Sequence[str], centroid_sim: np.ndarray, area: np.ndarray, policy: KeepPolicy) -> np.ndarray:
+def priority_order(
+    keys: Sequence[str] | np.ndarray, centroid_sim: np.ndarray, area: np.ndarray, policy: KeepPolicy
+) -> np.ndarray:
     """Row order in which items claim to be kept; ties broken by key for determinism."""
     keys_arr = np.asarray(keys)
     if policy == "nearest_centroid":
@@ -36,62 +38,98 @@ def priority_order(keys: Sequence[str], centroid_sim: np.ndarray, area: np.ndarr
     return np.argsort(keys_arr, kind="stable")
 
 
+@dataclass(frozen=True)
+class Rows:
+    """The columns dedup decides rows by, one entry per row: key, embedding (float32, or float16 as
+    stored: converted cluster by cluster), sha256, 64-bit pHash, cosine to its centroid (the keep
+    priority), image area, and optionally the witness fingerprint (see `witnessed`)."""
+
+    keys: np.ndarray
+    vectors: np.ndarray
+    sha256: np.ndarray
+    phash: np.ndarray
+    centroid_sim: np.ndarray
+    area: np.ndarray
+    fingerprint: np.ndarray | None = None
+
+    @classmethod
+    def of(
+        cls,
+        keys: Sequence[str] | np.ndarray,
+        vectors: np.ndarray,
+        sha256: Sequence[str] | np.ndarray,
+        phash: Sequence[int] | np.ndarray,
+        centroid_sim: Sequence[float] | np.ndarray,
+        area: Sequence[float] | np.ndarray,
+        fingerprint: np.ndarray | None = None,
+    ) -> Rows:
+        return cls(
+            np.asarray(keys),
+            vectors,
+            np.asarray(sha256),
+            np.asarray(phash),
+            np.asarray(centroid_sim),
+            np.asarray(area),
+            fingerprint,
+        )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, idx: np.ndarray) -> Rows:
+        """The rows at `idx`, their vectors as float32."""
+        return Rows(
+            self.keys[idx],
+            self.vectors[idx].astype(np.float32, copy=False),
+            self.sha256[idx],
+            self.phash[idx],
+            self.centroid_sim[idx],
+            self.area[idx],
+            None if self.fingerprint is None else self.fingerprint[idx],
+        )
+
+
 def dedup_cluster(
-    keys: Sequence[str],
-    vectors: np.ndarray,
-    sha256: Sequence[str],
-    phash: np.ndarray,
-    centroid_sim: np.ndarray,
-    area: np.ndarray,
-    *,
-    epsilon: float | None,
-    phash_max_distance: int | None,
-    exact: bool = True,
-    policy: KeepPolicy = "nearest_centroid",
-    sweep: Sequence[float] = (),
-    block: int = 2048,
-    fingerprint: np.ndarray | None = None,
-    witness_max_fine_distance: int | None = 64,
-    witness_max_colour_difference: float | None = 0.6,
-    counted: np.ndarray | None = None,
-    bf16: bool = False,
+    rows: Rows, cfg: DedupConfig, *, counted: np.ndarray | None = None, bf16: bool = False
 ) -> ClusterResult:
-    """Exact, perceptual and semantic duplicates inside one cluster (see module doc). A pHash
-    match alone is not evidence of a copy (two signs with different words on the same background
-    hash 4 bits apart): with `fingerprint` rows, a second witness must confirm it. The sweep counts
-    the kept rows among `counted` (default all: border copies from a neighbouring cluster are not).
-    `bf16`: see `greedy_duplicates` (epsilon is its first threshold, decided on float32 similarities)."""
-    n = len(keys)
-    order = priority_order(keys, centroid_sim, area, policy)
+    """Exact, perceptual and semantic duplicates inside one cluster (see the package doc), by the
+    rules of `cfg` (epsilon and its sweep, phash_max_distance with its witnesses, exact, keep,
+    block_size). A pHash match alone is not evidence of a copy (two signs with different words on
+    the same background hash 4 bits apart): with a `fingerprint` column, a second witness must
+    confirm it. The sweep counts the kept rows among `counted` (default all: border copies from a
+    neighbouring cluster are not). `bf16`: see `greedy_duplicates` (epsilon is its first
+    threshold, decided on float32 similarities)."""
+    n = len(rows)
+    order = priority_order(rows.keys, rows.centroid_sim, rows.area, cfg.keep)
     counted = np.ones(n, dtype=bool) if counted is None else counted[order]
     reason = np.full(n, KEPT, dtype=object)
     dup = np.full(n, -1, dtype=np.int64)  # in priority positions
     active = np.ones(n, dtype=bool)
-    if exact:
+    if cfg.exact:
         first: dict[str, int] = {}
         for pos, row in enumerate(order):
-            holder = first.setdefault(sha256[row], pos)
+            holder = first.setdefault(rows.sha256[row], pos)
             if holder != pos:
                 reason[pos], dup[pos], active[pos] = EXACT, holder, False
-    if phash_max_distance is not None:
-        t = 1.0 - 2.0 * (phash_max_distance + 0.5) / 64.0
+    if cfg.phash_max_distance is not None:
+        t = 1.0 - 2.0 * (cfg.phash_max_distance + 0.5) / 64.0
         confirm = None
-        if fingerprint is not None:
-            prints = fingerprint[order]
+        if rows.fingerprint is not None:
+            prints = rows.fingerprint[order]
 
             def confirm(i: int, j: int) -> bool:
-                return witnessed(prints[i], prints[j], witness_max_fine_distance, witness_max_colour_difference)
+                return witnessed(prints[i], prints[j], cfg.witness_max_fine_distance, cfg.witness_max_colour_difference)
 
-        near = confirmed_duplicates(phash_vectors(phash[order]), t, active, confirm, block)
+        near = confirmed_duplicates(phash_vectors(rows.phash[order]), t, active, confirm, cfg.block_size)
         hit = near >= 0
         reason[hit], dup[hit], active[hit] = NEAR, near[hit], False
     sweep_kept: dict[float, int] = {}
-    eps_list = ([epsilon] if epsilon is not None else []) + [e for e in sweep if e != epsilon]
+    eps_list = ([cfg.epsilon] if cfg.epsilon is not None else []) + [e for e in cfg.sweep if e != cfg.epsilon]
     if eps_list:
-        sem = greedy_duplicates(vectors[order], [1.0 - e for e in eps_list], block, active, bf16)
+        sem = greedy_duplicates(rows.vectors[order], [1.0 - e for e in eps_list], cfg.block_size, active, bf16)
         for e, d in zip(eps_list, sem, strict=True):
             sweep_kept[e] = int((active & (d < 0) & counted).sum())
-        if epsilon is not None:
+        if cfg.epsilon is not None:
             hit = sem[0] >= 0
             reason[hit], dup[hit] = SEMANTIC, sem[0][hit]
     else:
@@ -132,42 +170,20 @@ def border_entries(
 
 
 def dedup_entries(
-    rows: np.ndarray,
-    labels: np.ndarray,
-    primary: np.ndarray,
-    vectors: np.ndarray,
-    keys: Sequence[str] | np.ndarray,
-    sha256: Sequence[str] | np.ndarray,
-    phash: np.ndarray,
-    centroid_sim: np.ndarray,
-    area: np.ndarray,
-    fingerprint: np.ndarray | None = None,
-    **options,
+    entries: np.ndarray, labels: np.ndarray, primary: np.ndarray, rows: Rows, cfg: DedupConfig, bf16: bool = False
 ) -> DedupResult:
-    """`dedup_cluster` over every cluster. An entry puts row `rows[e]` in cluster `labels[e]`; a
-    border row has more, non-`primary` entries in its neighbouring clusters. Results are per
-    entry, dup_of as row indices; `merge_entries` turns them into one decision per row. The keep
-    priority uses each row's own (primary) centroid similarity in both clusters, so it is one order
-    over all rows and a dup_of always points to a row of higher priority. `vectors` may be stored as
-    float16: each cluster's rows are converted to float32 as it is deduplicated."""
-    reason = np.full(len(rows), KEPT, dtype=object)
-    dup_of = np.full(len(rows), -1, dtype=np.int64)
-    rank = np.full(len(rows), -1, dtype=np.int64)
+    """`dedup_cluster` over every cluster. Entry `e` puts row `entries[e]` of `rows` in cluster
+    `labels[e]`; a border row has more, non-`primary` entries in its neighbouring clusters. Results
+    are per entry, dup_of as row indices; `merge_entries` turns them into one decision per row. The
+    keep priority uses each row's own (primary) centroid similarity in both clusters, so it is one
+    order over all rows and a dup_of always points to a row of higher priority."""
+    reason = np.full(len(entries), KEPT, dtype=object)
+    dup_of = np.full(len(entries), -1, dtype=np.int64)
+    rank = np.full(len(entries), -1, dtype=np.int64)
     sweep: dict[float, int] = {}
-    keys_arr, sha_arr = np.asarray(keys), np.asarray(sha256)
     for group in _groups(labels):
-        idx = rows[group]
-        res = dedup_cluster(
-            keys_arr[idx],
-            vectors[idx].astype(np.float32, copy=False),
-            sha_arr[idx],
-            phash[idx],
-            centroid_sim[idx],
-            area[idx],
-            fingerprint=None if fingerprint is None else fingerprint[idx],
-            counted=primary[group],
-            **options,
-        )
+        idx = entries[group]
+        res = dedup_cluster(rows.take(idx), cfg, counted=primary[group], bf16=bf16)
         reason[group], rank[group] = res.reason, res.rank
         dup_of[group] = np.where(res.dup_of >= 0, idx[np.maximum(res.dup_of, 0)], -1)
         for e, kept in res.sweep_kept.items():
@@ -207,25 +223,18 @@ def merge_entries(rows: np.ndarray, primary: np.ndarray, entries: DedupResult, n
 
 def dedup_all(
     labels: np.ndarray,
-    vectors: np.ndarray,
-    keys: Sequence[str] | np.ndarray,
-    sha256: Sequence[str] | np.ndarray,
-    phash: np.ndarray,
-    centroid_sim: np.ndarray,
-    area: np.ndarray,
+    rows: Rows,
+    cfg: DedupConfig,
+    *,
     candidates: np.ndarray | None = None,
-    fingerprint: np.ndarray | None = None,
     extra: np.ndarray | None = None,
-    **options,
+    bf16: bool = False,
 ) -> DedupResult:
     """Every row's decision: its nearest cluster, and for border rows (`extra` >= 0, see
     `assign_clusters`) its border clusters too. Rows outside `candidates` are left alone (reason ""
     and rank -1): the caller has already removed them (prefilters)."""
     n = len(labels)
-    rows = np.arange(n) if candidates is None else np.flatnonzero(candidates)
+    chosen = np.arange(n) if candidates is None else np.flatnonzero(candidates)
     extra = np.full((n, 0), -1, dtype=np.int64) if extra is None else extra
-    rows, entry_labels, primary = border_entries(rows, labels, extra)
-    entries = dedup_entries(
-        rows, entry_labels, primary, vectors, keys, sha256, phash, centroid_sim, area, fingerprint, **options
-    )
-    return merge_entries(rows, primary, entries, n)
+    entries, entry_labels, primary = border_entries(chosen, labels, extra)
+    return merge_entries(entries, primary, dedup_entries(entries, entry_labels, primary, rows, cfg, bf16), n)

@@ -12,6 +12,11 @@ from denseforge.stages.embed import perceptual_hash
 from denseforge.stages.image_normalize import ImageNormalizer
 
 
+def rules(**settings) -> dd.DedupConfig:
+    """Dedup's settings for a direct call: nothing swept unless asked (the config sweeps six epsilons)."""
+    return dd.DedupConfig(**{"sweep": [], **settings})
+
+
 def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
@@ -170,17 +175,8 @@ def test_semantic_dedup_finds_planted_pairs():
     x = np.concatenate([base, copies])
     keys = [f"{i:05d}" for i in range(len(x))]
     res = dd.dedup_cluster(
-        keys,
-        x,
-        keys,
-        np.arange(len(x)),
-        np.zeros(len(x)),
-        np.ones(len(x)),
-        epsilon=0.05,
-        phash_max_distance=None,
-        exact=True,
-        policy="first_key",
-        sweep=[0.01, 1.0],
+        dd.Rows.of(keys, x, keys, np.arange(len(x)), np.zeros(len(x)), np.ones(len(x))),
+        rules(epsilon=0.05, phash_max_distance=None, exact=True, keep="first_key", sweep=[0.01, 1.0]),
     )
     removed = np.flatnonzero(res.reason != "")
     assert sorted(removed) == list(range(200, 250))
@@ -192,15 +188,8 @@ def test_dup_of_points_at_the_item_that_stays():
     # a: kept; b: exact copy of c; c: semantic duplicate of a  ->  b.dup_of must be a
     x = _unit(np.array([[1, 0], [1, 0.05], [1, 0.05]], dtype=np.float32))
     res = dd.dedup_cluster(
-        ["a", "b", "c"],
-        x,
-        ["s1", "s2", "s2"],
-        np.array([1, 2, 3]),
-        np.array([0.9, 0.5, 0.8]),
-        np.ones(3),
-        epsilon=0.1,
-        phash_max_distance=None,
-        policy="nearest_centroid",
+        dd.Rows.of(["a", "b", "c"], x, ["s1", "s2", "s2"], [1, 2, 3], [0.9, 0.5, 0.8], np.ones(3)),
+        rules(epsilon=0.1, phash_max_distance=None, keep="nearest_centroid"),
     )
     assert list(res.reason) == ["", "exact_duplicate", "semantic_duplicate"]
     assert list(res.dup_of) == [-1, 0, 0]
@@ -213,15 +202,8 @@ def test_dup_of_points_at_the_item_that_stays():
 def test_keep_policies(policy, winner):
     x = _unit(np.ones((3, 4), dtype=np.float32))
     res = dd.dedup_cluster(
-        ["k0", "k1", "k2"],
-        x,
-        ["a", "b", "c"],
-        np.array([0, 1 << 40, 7]),
-        np.array([0.1, 0.9, 0.5]),
-        np.array([10, 20, 30]),
-        epsilon=0.01,
-        phash_max_distance=None,
-        policy=policy,
+        dd.Rows.of(["k0", "k1", "k2"], x, ["a", "b", "c"], [0, 1 << 40, 7], [0.1, 0.9, 0.5], [10, 20, 30]),
+        rules(epsilon=0.01, phash_max_distance=None, keep=policy),
     )
     assert [i for i in range(3) if res.reason[i] == ""] == [winner]
 
@@ -251,15 +233,10 @@ def test_planted_duplicates_among_real_photos_are_removed_and_distinct_photos_ke
     phash = np.array([perceptual_hash(Image.open(io.BytesIO(s)).convert("RGB")) for s in stored])
     sizes = np.array([Image.open(io.BytesIO(s)).size for s in stored])
     res = dd.dedup_cluster(
-        keys,
-        np.zeros((len(keys), 1), np.float32),
-        sha,
-        phash,
-        np.zeros(len(keys)),
-        sizes[:, 0] * sizes[:, 1],
-        epsilon=None,
-        phash_max_distance=4,
-        policy="first_key",
+        dd.Rows.of(
+            keys, np.zeros((len(keys), 1), np.float32), sha, phash, np.zeros(len(keys)), sizes[:, 0] * sizes[:, 1]
+        ),
+        rules(epsilon=None, phash_max_distance=4, keep="first_key"),
     )
     for j, (key, _, original) in enumerate(entries):
         if original is None:
@@ -322,17 +299,9 @@ def test_dedup_all_works_cluster_by_cluster_and_skips_non_candidates():
     candidates = np.array([True, True, True, False, True])
     res = dd.dedup_all(
         labels,
-        x,
-        keys,
-        keys,
-        np.arange(5),
-        np.zeros(5),
-        np.ones(5),
+        dd.Rows.of(keys, x, keys, np.arange(5), np.zeros(5), np.ones(5)),
+        rules(epsilon=0.01, phash_max_distance=None, keep="first_key", sweep=[0.01]),
         candidates=candidates,
-        epsilon=0.01,
-        phash_max_distance=None,
-        policy="first_key",
-        sweep=[0.01],
     )
     assert list(res.reason) == ["", "semantic_duplicate", "", "", ""]
     assert list(res.dup_of) == [-1, 0, -1, -1, -1]
@@ -354,10 +323,10 @@ def test_a_phash_match_needs_a_second_witness_no_false_merges_copies_still_caugh
     keys = [f"{i:04d}" for i in range(n)]
     phash = np.array([perceptual_hash(im) for im in images])
     prints = np.stack([np.frombuffer(fingerprint(im), np.uint8) for im in images])
-    common = dict(epsilon=None, phash_max_distance=6, policy="first_key")
+    cfg = rules(epsilon=None, phash_max_distance=6, keep="first_key")
     args = (keys, np.zeros((n, 1), np.float32), [str(i) for i in range(n)], phash, np.zeros(n), np.ones(n))
-    alone = dd.dedup_cluster(*args, **common)
-    witnessed = dd.dedup_cluster(*args, fingerprint=prints, **common)
+    alone = dd.dedup_cluster(dd.Rows.of(*args), cfg)
+    witnessed = dd.dedup_cluster(dd.Rows.of(*args, prints), cfg)
 
     def false_merges(res):
         return [(keys[i], keys[res.dup_of[i]]) for i in range(n) if res.reason[i] and group[res.dup_of[i]] != group[i]]
@@ -449,12 +418,11 @@ def test_a_duplicate_split_by_a_cluster_boundary_is_found_through_the_border_row
     x = _unit(np.array([[1, 0.97], [1, 1.0], [0, 1]], dtype=np.float32))  # rows 0 and 1: cosine 0.9998
     labels = np.array([0, 1, 1])
     keys = ["a", "b", "c"]
-    common = dict(epsilon=0.01, phash_max_distance=None, policy="first_key", sweep=[0.01])
-    alone = dd.dedup_all(labels, x, keys, keys, np.arange(3), np.zeros(3), np.ones(3), **common)
+    cfg = rules(epsilon=0.01, phash_max_distance=None, keep="first_key", sweep=[0.01])
+    rows = dd.Rows.of(keys, x, keys, np.arange(3), np.zeros(3), np.ones(3))
+    alone = dd.dedup_all(labels, rows, cfg)
     assert list(alone.reason) == ["", "", ""]
-    res = dd.dedup_all(
-        labels, x, keys, keys, np.arange(3), np.zeros(3), np.ones(3), extra=np.array([[1], [-1], [-1]]), **common
-    )
+    res = dd.dedup_all(labels, rows, cfg, extra=np.array([[1], [-1], [-1]]))
     assert list(res.reason) == ["", "semantic_duplicate", ""] and list(res.dup_of) == [-1, 0, -1]
     assert res.sweep_kept == {0.01: 2}  # the border copy of "a" is not counted twice
     assert list(res.rank) == [0, 3, 0]  # ranked in its own cluster, where the copy of "a" takes no place; removed: n
@@ -661,10 +629,10 @@ def test_entries_stored_as_float16_are_decided_as_their_float32_values(planted):
     n = len(half)
     rows, labels, primary = np.arange(n), np.arange(n) % 3, np.ones(n, bool)
     keys = [f"k{i:03d}" for i in range(n)]
-    args = (keys, keys, np.zeros(n, np.int64), np.zeros(n), np.ones(n))
-    options = {"epsilon": 0.1, "phash_max_distance": None, "exact": False, "block": 64}
-    got = dd.dedup_entries(rows, labels, primary, half, *args, **options)
-    want = dd.dedup_entries(rows, labels, primary, half.astype(np.float32), *args, **options)
+    cfg = rules(epsilon=0.1, phash_max_distance=None, exact=False, block_size=64)
+    columns = (np.zeros(n, np.int64), np.zeros(n), np.ones(n))
+    got = dd.dedup_entries(rows, labels, primary, dd.Rows.of(keys, half, keys, *columns), cfg)
+    want = dd.dedup_entries(rows, labels, primary, dd.Rows.of(keys, half.astype(np.float32), keys, *columns), cfg)
     assert (got.reason == want.reason).all() and (got.dup_of == want.dup_of).all() and (got.reason != "").sum() > 0
 
 
@@ -705,20 +673,17 @@ def test_a_bucket_writes_its_rows_and_removed_border_copies_only(tmp_path):
     )
     (tmp_path / "bucket").mkdir()
     write_arrow_atomic(tmp_path / "bucket" / "unit.arrow", table)
-    settings = {
-        "min_short_edge": 0,
-        "max_aspect_ratio": None,
-        "epsilon": 0.05,
-        "phash_max_distance": None,
-        "witness_max_fine_distance": None,
-        "witness_max_colour_difference": None,
-        "exact": False,
-        "keep": "nearest_centroid",
-        "sweep": [],
-        "block": 16,
-        "matmul": "float32",
-    }
-    result = _dedup_bucket(tmp_path / "bucket", tmp_path / "part.parquet", settings)
+    cfg = dd.DedupConfig(
+        epsilon=0.05,
+        phash_max_distance=None,
+        witness_max_fine_distance=None,
+        witness_max_colour_difference=None,
+        exact=False,
+        sweep=[],
+        block_size=16,
+        matmul="float32",
+    )
+    result = _dedup_bucket(tmp_path / "bucket", tmp_path / "part.parquet", cfg, dd.SelectConfig())
     part = pq.read_table(tmp_path / "part.parquet").to_pylist()
     assert result["entries"] == 4
     assert [(r["key"], r["primary"], r["reason"], r["dup_of"]) for r in part] == [
@@ -768,19 +733,16 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
             ),
         )
     _assign_units(files, index, rd, 3, 0.2, 2)  # one task, both units
-    settings = {
-        "min_short_edge": 0,
-        "max_aspect_ratio": None,
-        "epsilon": 0.05,
-        "phash_max_distance": None,
-        "witness_max_fine_distance": None,
-        "witness_max_colour_difference": None,
-        "exact": False,
-        "keep": "nearest_centroid",
-        "sweep": [],
-        "block": 64,
-        "matmul": "float32",
-    }
+    cfg = dd.DedupConfig(
+        epsilon=0.05,
+        phash_max_distance=None,
+        witness_max_fine_distance=None,
+        witness_max_colour_difference=None,
+        exact=False,
+        sweep=[],
+        block_size=64,
+        matmul="float32",
+    )
     parts, in_cell_pairs = [], 0
     for b in range(3):
         tables = [read_arrow(f) for f in sorted(rd.bucket(b).glob("*.arrow"))]
@@ -789,7 +751,7 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
             in_cell_pairs += sum(len(c) > 1 for c in t.column("clusters").to_pylist())
             rows, clusters, _ = _bucket_entries(t)
             assert set(index.cell_of(clusters) % 3) == {b}
-        _dedup_bucket(rd.bucket(b), tmp_path / f"part{b}.parquet", settings)
+        _dedup_bucket(rd.bucket(b), tmp_path / f"part{b}.parquet", cfg, dd.SelectConfig())
         parts.append(pq.read_table(tmp_path / f"part{b}.parquet"))
     assert in_cell_pairs > 0  # the case the list column is for occurs
 
@@ -798,17 +760,9 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
     labels, sims, extra = dd.assign_clusters(xq, index, border=0.2, border_clusters=2)
     ref = dd.dedup_all(
         labels,
-        xq,
-        keys,
-        keys,
-        np.zeros(len(x), np.int64),
-        sims,
-        np.full(len(x), 640 * 480),
+        dd.Rows.of(keys, xq, keys, np.zeros(len(x), np.int64), sims, np.full(len(x), 640 * 480)),
+        rules(epsilon=0.05, phash_max_distance=None, exact=False, block_size=64),
         extra=extra,
-        epsilon=0.05,
-        phash_max_distance=None,
-        exact=False,
-        block=64,
     )
     assert (ref.reason == dd.SEMANTIC).sum() >= 70 and (extra >= 0).any()
     assert [merged[k]["reason"] for k in keys] == list(ref.reason)

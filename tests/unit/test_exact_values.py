@@ -31,15 +31,10 @@ def _phash_pair(distance: int) -> np.ndarray:
 @pytest.mark.parametrize("distance, removed", [(3, True), (4, True), (5, False)])
 def test_phash_threshold_is_inclusive_and_one_bit_more_is_distinct(distance, removed):
     res = dd.dedup_cluster(
-        ["a", "b"],
-        np.zeros((2, 1), np.float32),
-        ["x", "y"],
-        _phash_pair(distance),
-        np.zeros(2),
-        np.ones(2),
-        epsilon=None,
-        phash_max_distance=4,
-        policy="first_key",
+        dd.Rows.of(
+            ["a", "b"], np.zeros((2, 1), np.float32), ["x", "y"], _phash_pair(distance), np.zeros(2), np.ones(2)
+        ),
+        dd.DedupConfig(epsilon=None, phash_max_distance=4, keep="first_key", sweep=[]),
     )
     assert (res.reason[1] == dd.NEAR) is removed and res.reason[0] == dd.KEPT
     assert res.dup_of[1] == (0 if removed else -1)
@@ -218,16 +213,9 @@ def test_two_level_dedup_keeps_the_recall_of_flat_assignment():
         labels, sims, extra = dd.assign_clusters(x, index, border=0.02, border_clusters=2)
         res = dd.dedup_all(
             labels,
-            x,
-            keys,
-            keys,
-            np.zeros(len(x), np.int64),
-            sims,
-            np.ones(len(x)),
+            dd.Rows.of(keys, x, keys, np.zeros(len(x), np.int64), sims, np.ones(len(x))),
+            dd.DedupConfig(epsilon=0.05, phash_max_distance=None, exact=False, sweep=[]),
             extra=extra,
-            epsilon=0.05,
-            phash_max_distance=None,
-            exact=False,
         )
         score = _score(res.reason, res.dup_of, group)
         assert score["precision"] == 1.0

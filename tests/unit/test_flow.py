@@ -63,10 +63,7 @@ def test_adding_a_built_in_phase_is_a_stage_class_its_registration_and_its_place
     assert stamp.stage.process([item]) == [None] and item.sample.provenance["stamp"] == "a cat"
     assert [
         r.instance for r in flow.build_stages(parse_config({**CONFIG, "fuse": {"enabled": False}}), RunDir(tmp_path))
-    ] == [
-        "yolox",
-        "merge",
-    ]
+    ] == ["yolox", "merge"]
 
 
 def test_a_built_in_phase_is_not_placed_by_a_stages_entry(tmp_path):
