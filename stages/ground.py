@@ -92,45 +92,10 @@ def read_aliases(spec: str | None) -> dict[str, str]:
 
 
 _MODIFIER = r"(?:(?:[A-Z][\w'-]*|\d[\w.-]*)\s+){1,3}"  # capitalised or numeric words: "Falcon 9 ", "Golden "
-DETERMINERS = {
-    "the",
-    "a",
-    "an",
-    "this",
-    "that",
-    "these",
-    "those",
-    "its",
-    "their",
-    "his",
-    "her",
-    "our",
-    "my",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "several",
-    "some",
-    "many",
-    "both",
-    "each",
-    "every",
-    "another",
-    "other",
-    "in",
-    "on",
-    "at",
-    "with",
-    "and",
-    "of",
-}
+DETERMINERS = frozenset(
+    "the a an this that these those its their his her our my one two three four five six seven eight nine ten "
+    "several some many both each every another other in on at with and of".split()
+)
 
 
 def ground_mentions(

@@ -276,23 +276,10 @@ def read_raw_unit(
         expected = dict(zip(table.column("df_key").to_pylist(), table.column("url").to_pylist(), strict=True))
     if state.get("failed"):
         for key, url in expected.items():
-            rows.append(
-                reject_row(
-                    unit, Reject(key=key, stage="ingest", reason="ingest_failed", detail=state["failed"], url=url)
-                )
-            )
+            rows.append(ingest_reject(unit, key, "ingest_failed", state["failed"], url))
         if unit_file is None:  # an input shard we could not read: its rows are unknown, the shard is one row
             rows.append(
-                reject_row(
-                    unit,
-                    Reject(
-                        key=make_key(unit, 0),
-                        stage="ingest",
-                        reason="unreadable_shard",
-                        detail=state["failed"],
-                        url=state.get("source_path"),
-                    ),
-                )
+                ingest_reject(unit, make_key(unit, 0), "unreadable_shard", state["failed"], state.get("source_path"))
             )
         return rows
     images = _read_tar_images(raw_dir / f"{name}.tar")
@@ -302,32 +289,12 @@ def read_raw_unit(
         seen.add(key)
         if meta["status"] != "success":
             reason = classify_failure(meta["status"], meta["error_message"])
-            rows.append(
-                reject_row(
-                    unit,
-                    Reject(
-                        key=key,
-                        stage="ingest",
-                        reason=reason,
-                        detail=_strip_tag(meta["error_message"]),
-                        url=meta["url"],
-                    ),
-                )
-            )
+            rows.append(ingest_reject(unit, key, reason, _strip_tag(meta["error_message"]), meta["url"]))
             continue
         image = images.get(meta["key"])
         if image is None:
             rows.append(
-                reject_row(
-                    unit,
-                    Reject(
-                        key=key,
-                        stage="ingest",
-                        reason="lost",
-                        detail="reported as downloaded but missing from the raw shard",
-                        url=meta["url"],
-                    ),
-                )
+                ingest_reject(unit, key, "lost", "reported as downloaded but missing from the raw shard", meta["url"])
             )
             continue
         sample = Sample(
@@ -344,18 +311,7 @@ def read_raw_unit(
         )
         rows.append(sample_row(unit, sample, image))
     for key in expected.keys() - seen:
-        rows.append(
-            reject_row(
-                unit,
-                Reject(
-                    key=key,
-                    stage="ingest",
-                    reason="lost",
-                    detail="img2dataset reported no status for this row",
-                    url=expected[key],
-                ),
-            )
-        )
+        rows.append(ingest_reject(unit, key, "lost", "img2dataset reported no status for this row", expected[key]))
     return rows
 
 
@@ -383,3 +339,8 @@ def sample_row(unit: int, sample: Sample, image: bytes) -> dict[str, Any]:
 def reject_row(unit: int, reject: Reject) -> dict[str, Any]:
     """A pipeline row carrying a rejection; later stages pass it through untouched."""
     return {"unit": unit, "key": reject.key, "image": None, "sample": None, "reject": reject.model_dump_json()}
+
+
+def ingest_reject(unit: int, key: str, reason: str, detail: str, url: str | None) -> dict[str, Any]:
+    """A row the ingest phase rejects, with its reason."""
+    return reject_row(unit, Reject(key=key, stage="ingest", reason=reason, detail=detail, url=url))

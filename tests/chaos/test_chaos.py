@@ -169,10 +169,8 @@ ray: {{num_cpus: 2}}
 input: {{kind: folder, path: {folder}}}
 embed: {{enabled: false}}
 dedup: {{enabled: false}}
-fuse:
-  enabled: true
-  backend: openai
-  openai: {{base_url: "{url}", model: m, timeout_s: 2, max_retries: 1, concurrency: 8}}
+fuse: {{enabled: true, backend: openai, openai: {{base_url: "{url}", model: m, timeout_s: 2, max_retries: 1,
+  concurrency: 8}}}}
 qa: {{enabled: true, min_words: 1, max_hallucination: 1.0}}
 """)
         proc = run_cli("run", str(cfg), "--out", str(tmp_path / "run"))

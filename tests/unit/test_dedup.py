@@ -11,6 +11,15 @@ from denseforge.stages.dedup import semantic
 from denseforge.stages.embed import perceptual_hash
 from denseforge.stages.image_normalize import ImageNormalizer
 
+SEMANTIC_ONLY = dict(
+    epsilon=0.05,
+    phash_max_distance=None,
+    witness_max_fine_distance=None,
+    witness_max_colour_difference=None,
+    exact=False,
+    matmul="float32",
+)
+
 
 def rules(**settings) -> dd.DedupConfig:
     """Dedup's settings for a direct call: nothing swept unless asked (the config sweeps six epsilons)."""
@@ -673,16 +682,7 @@ def test_a_bucket_writes_its_rows_and_removed_border_copies_only(tmp_path):
     )
     (tmp_path / "bucket").mkdir()
     write_arrow_atomic(tmp_path / "bucket" / "unit.arrow", table)
-    cfg = dd.DedupConfig(
-        epsilon=0.05,
-        phash_max_distance=None,
-        witness_max_fine_distance=None,
-        witness_max_colour_difference=None,
-        exact=False,
-        sweep=[],
-        block_size=16,
-        matmul="float32",
-    )
+    cfg = rules(**SEMANTIC_ONLY, block_size=16)
     result = _dedup_bucket(tmp_path / "bucket", tmp_path / "part.parquet", cfg, dd.SelectConfig())
     part = pq.read_table(tmp_path / "part.parquet").to_pylist()
     assert result["entries"] == 4
@@ -733,16 +733,7 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
             ),
         )
     _assign_units(files, index, rd, 3, 0.2, 2)  # one task, both units
-    cfg = dd.DedupConfig(
-        epsilon=0.05,
-        phash_max_distance=None,
-        witness_max_fine_distance=None,
-        witness_max_colour_difference=None,
-        exact=False,
-        sweep=[],
-        block_size=64,
-        matmul="float32",
-    )
+    cfg = rules(**SEMANTIC_ONLY, block_size=64)
     parts, in_cell_pairs = [], 0
     for b in range(3):
         tables = [read_arrow(f) for f in sorted(rd.bucket(b).glob("*.arrow"))]

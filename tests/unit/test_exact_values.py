@@ -14,7 +14,7 @@ from PIL import Image
 from denseforge.stages import dedup as dd
 from denseforge.stages import export as ex
 from denseforge.stages.dialects import Kosmos2
-from denseforge.stages.ground import ground_mentions
+from denseforge.stages.ground import DETERMINERS, ground_mentions
 from denseforge.stages.image_normalize import ImageNormalizer, ImageRejected
 from denseforge.stages.perceive import merge_detections
 from denseforge.stages.qa import QaConfig, assess
@@ -313,48 +313,7 @@ def test_plural_forms(noun, expected):
     assert plural(noun) == expected
 
 
-@pytest.mark.parametrize(
-    "word",
-    [
-        "the",
-        "a",
-        "an",
-        "this",
-        "that",
-        "these",
-        "those",
-        "its",
-        "their",
-        "his",
-        "her",
-        "our",
-        "my",
-        "one",
-        "two",
-        "three",
-        "four",
-        "five",
-        "six",
-        "seven",
-        "eight",
-        "nine",
-        "ten",
-        "several",
-        "some",
-        "many",
-        "both",
-        "each",
-        "every",
-        "another",
-        "other",
-        "in",
-        "on",
-        "at",
-        "with",
-        "and",
-        "of",
-    ],
-)
+@pytest.mark.parametrize("word", sorted(DETERMINERS))
 def test_a_capitalised_determiner_is_not_part_of_the_proper_name(word):
     caption = f"{word.capitalize()} Golden Retriever sleeps."
     experts = {"objects": [{"label": "dog", "score": 0.9, "box": [0, 0, 5, 5]}]}
