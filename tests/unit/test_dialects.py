@@ -280,6 +280,22 @@ def test_check_flags_a_convention_that_does_not_read_back(sample, tmp_path):
     assert Image.open(tmp_path / flagged[0]["picture"]).size == (640 * 2 + 8, 480)
 
 
+def test_check_reads_the_first_records_and_flags_one_that_lost_its_boxes(sample, tmp_path):
+    """Regression: `--check N` on a longer file, and a record with fewer boxes than it was made from,
+    raised instead of being checked (zip(strict=True))."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (640, 480), "grey").save(tmp_path / "images" / "a.jpg")
+    spec = ExportSpec("qwen2.5-vl")
+    turns = ex.turns(sample, spec.dialect(), ["refer"])
+    assert len(turns) >= 2
+    records = [ex.record("sharegpt", sample, "images/a.jpg", t, i) for i, t in enumerate(turns)]
+    records[0]["conversations"][1]["value"] = "nothing to see"  # its boxes are gone
+    target = tmp_path / "data.jsonl"
+    target.write_text("".join(json.dumps(r) + "\n" for r in records))
+    checked = check_records(spec, spec.dialect(), target, [(sample, "images/a.jpg", turns[0])], tmp_path)
+    assert len(checked) == 1 and not checked[0]["ok"]
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
