@@ -39,7 +39,7 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("embed.device is cuda but this worker sees no GPU")
+        raise ModelLoadError("device: cuda, but this worker sees no GPU (device: auto falls back to the CPU)")
     return requested
 
 

@@ -27,18 +27,6 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def group_field() -> Any:
-    """The `group` key of an expert and of a plugin stage."""
-    return Field(
-        None,
-        min_length=1,
-        description="stages with the same group, next to each other in the flow, share "
-        "one worker: one process (and CUDA context) for their models, each "
-        "image decoded once; the worker asks for the sum of their CPUs and "
-        "GPUs, and they need the same concurrency",
-    )
-
-
 class Resources(BaseModel):
     """What one worker of a stage (or expert) needs, and how many to run."""
 
@@ -90,7 +78,14 @@ class PluginSpec(Settings):
     options: dict[str, Any] = Field(default_factory=dict)
     resources: dict[str, Any] = Field(default_factory=dict, description="num_gpus, num_cpus, batch_size, concurrency")
     max_error_rate: float | None = Field(0.05, ge=0, le=1, description="share of items it may fail on; null: no limit")
-    group: str | None = group_field()
+    group: str | None = Field(
+        None,
+        min_length=1,
+        description="stages with the same group, next to each other in the flow, share "
+        "one worker: one process (and CUDA context) for their models, each "
+        "image decoded once; the worker asks for the sum of their CPUs and "
+        "GPUs, and they need the same concurrency",
+    )
 
     @property
     def instance(self) -> str:
@@ -108,18 +103,21 @@ def configure(cls: Any, spec: PluginSpec, where: str) -> tuple[BaseModel, Resour
     try:
         validated = cls.Options.model_validate(spec.options)
     except ValidationError as err:
-        first = err.errors()[0]
         raise ConfigError(
-            f"{'.'.join([f'{where}.options', *map(str, first['loc'])])}: {first['msg']} "
-            f"(plugin {getattr(cls, 'name', cls.__name__)!r})"
+            f"{_first_error(f'{where}.options', err)} (plugin {getattr(cls, 'name', cls.__name__)!r})"
         ) from None
     try:
         merged = Resources.model_validate({**cls.default_resources.model_dump(), **spec.resources})
     except ValidationError as err:
-        first = err.errors()[0]
-        # a check across fields (max_concurrency vs concurrency) has no field of its own in `loc`
-        raise ConfigError(f"{'.'.join([f'{where}.resources', *map(str, first['loc'])])}: {first['msg']}") from None
+        raise ConfigError(_first_error(f"{where}.resources", err)) from None
     return validated, merged
+
+
+def _first_error(key: str, err: ValidationError) -> str:
+    """`key.path.in.it: what is wrong` for a validation error's first problem (a check across
+    fields, such as max_concurrency against concurrency, has no field of its own in the path)."""
+    first = err.errors()[0]
+    return f"{'.'.join([key, *map(str, first['loc'])])}: {first['msg']}"
 
 
 @dataclass(frozen=True)

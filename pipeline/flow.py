@@ -78,9 +78,9 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
 
 def plugin_stage(spec: StageSpec, where: str) -> StageRun:
     """A stage from a plugin package, its options and resources checked against its own models."""
-    cls = load_plugin(STAGES, spec.plugin, Stage)
     if spec.plugin in FLOW:
         raise ConfigError(f"{where}.plugin: {spec.plugin!r} is a built-in phase; set it up in its own section")
+    cls = load_plugin(STAGES, spec.plugin, Stage)
     options, resources = configure(cls, spec, where)
     return StageRun(
         cls(options),
