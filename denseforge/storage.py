@@ -97,8 +97,9 @@ class _RetryCounter(logging.Handler):
 
 
 _RETRIES = _RetryCounter()
-for _name in ("s3fs", "botocore.retryhandler", "botocore.retries.standard"):  # in every process that
-    logging.getLogger(_name).addHandler(_RETRIES)  # touches a store
+# in every process that touches a store
+for _name in ("s3fs", "botocore.retryhandler", "botocore.retries.standard"):
+    logging.getLogger(_name).addHandler(_RETRIES)
     logging.getLogger(_name).setLevel(logging.DEBUG)
     logging.getLogger(_name).propagate = False  # counted here, not printed
 
