@@ -136,20 +136,25 @@ def entries(group: str) -> dict[str, PluginEntry]:
     return dict(sorted(found.items()))
 
 
-def load_plugin(group: str, name: str, base: type) -> Any:
-    """Import the class registered as `name` in `group`; a clear error if it is missing, fails to
-    import or is not a subclass of `base`."""
+def load_entry(group: str, entry: PluginEntry, base: type) -> Any:
+    """Import the class `entry` names (`module:attribute`); a clear error if it fails to import or
+    is not a subclass of `base`."""
     what = WHAT[group]
-    for ep in metadata.entry_points(group=group):
-        if ep.name == name:
-            try:
-                cls = ep.load()
-            except Exception as exc:  # noqa: BLE001 - a plugin's import failure, reported with its name
-                raise DenseforgeError(f"{what} plugin {name!r} ({ep.value}) failed to import: {exc}") from exc
-            if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise DenseforgeError(
-                    f"{what} plugin {name!r} ({ep.value}) is not a {base.__module__}.{base.__name__} subclass"
-                )
-            return cls
-    known = ", ".join(entries(group)) or "none"
-    raise ConfigError(f"no {what} plugin named {name!r} is installed (installed: {known})")
+    try:
+        cls = metadata.EntryPoint(entry.name, entry.target, group).load()
+    except Exception as exc:  # noqa: BLE001 - a plugin's import failure, reported with its name
+        raise DenseforgeError(f"{what} plugin {entry.name!r} ({entry.target}) failed to import: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise DenseforgeError(
+            f"{what} plugin {entry.name!r} ({entry.target}) is not a {base.__module__}.{base.__name__} subclass"
+        )
+    return cls
+
+
+def load_plugin(group: str, name: str, base: type) -> Any:
+    """Import the class installed as `name` in `group` (see `load_entry`)."""
+    installed = entries(group)
+    if name not in installed:
+        known = ", ".join(installed) or "none"
+        raise ConfigError(f"no {WHAT[group]} plugin named {name!r} is installed (installed: {known})")
+    return load_entry(group, installed[name], base)

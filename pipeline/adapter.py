@@ -35,19 +35,13 @@ from denseforge.stages.stage import Item, Rejection, Removal, StageRun, Verdict
 
 # a sink worker writes units as fast as a few CPUs' worth of model workers produce them
 CPUS_PER_SINK_WORKER = 8
-ROW_SCHEMA = pa.schema(
-    [
-        ("unit", pa.int64()),
-        ("unit_rows", pa.int64()),
-        ("key", pa.string()),
-        ("image", pa.binary()),
-        ("sample", pa.string()),
-        ("reject", pa.string()),
-        ("removed", pa.string()),
-        ("trace", pa.string()),
-        ("outputs", pa.binary()),
-    ]
-)
+# fmt: off
+ROW_SCHEMA = pa.schema([
+    ("unit", pa.int64()), ("unit_rows", pa.int64()), ("key", pa.string()), ("image", pa.binary()),
+    ("sample", pa.string()), ("reject", pa.string()), ("removed", pa.string()), ("trace", pa.string()),
+    ("outputs", pa.binary()),
+])
+# fmt: on
 
 
 @functools.cache

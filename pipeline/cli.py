@@ -167,32 +167,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="denseforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="start a run from a YAML config")
-    p.add_argument("config", help="a YAML file, or the name of a shipped config: demo, densefusion, laion")
-    p.add_argument("--out", help="run directory (default runs/<run.name>-<time>)")
-    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument(
+    run = sub.add_parser("run", help="start a run from a YAML config")
+    run.add_argument("config", help="a YAML file, or the name of a shipped config: demo, densefusion, laion")
+    run.add_argument("--out", help="run directory (default runs/<run.name>-<time>)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument(
         "--dry-run",
         action="store_true",
         help="check what a run checks first (config, plugins, stores, the input is there, the worker pools "
         "fit the cluster) and print the stages and the resolved config; create nothing",
     )
-    p.add_argument(
-        "--allow-failed-units",
-        action="store_true",
-        help="exit 0 even when some units failed to download (otherwise exit 3)",
-    )
-    p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("resume", help="finish a run that stopped (killed, crashed, interrupted)")
-    p.add_argument("dir")
-    p.add_argument("--address")
-    p.add_argument(
-        "--allow-failed-units",
-        action="store_true",
-        help="exit 0 even when some units still fail to download (otherwise exit 3)",
-    )
-    p.set_defaults(func=_cmd_resume)
+    run.set_defaults(func=_cmd_run)
+    resume = sub.add_parser("resume", help="finish a run that stopped (killed, crashed, interrupted)")
+    resume.add_argument("dir")
+    resume.set_defaults(func=_cmd_resume)
+    for p in (run, resume):
+        p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+        p.add_argument(
+            "--allow-failed-units",
+            action="store_true",
+            help="exit 0 even when some units failed to download (otherwise exit 3)",
+        )
     p = sub.add_parser("status", help="where a run is: phase, units, samples, throughput, ETA, failures, driver")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true", help="one JSON object (for schedulers and monitoring)")

@@ -32,17 +32,12 @@ from denseforge.storage import (
     write_table_atomic,
 )
 
-DECISION_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("unit", pa.int64()),
-        ("cluster", pa.int64()),
-        ("distance", pa.float32()),
-        ("rank", pa.int64()),
-        ("reason", pa.string()),
-        ("dup_of", pa.string()),
-    ]
-)
+# fmt: off
+DECISION_SCHEMA = pa.schema([
+    ("key", pa.string()), ("unit", pa.int64()), ("cluster", pa.int64()), ("distance", pa.float32()),
+    ("rank", pa.int64()), ("reason", pa.string()), ("dup_of", pa.string()),
+])
+# fmt: on
 # a bucket's decisions: one row per entry (a border row has one in each of its two clusters)
 ENTRY_SCHEMA = DECISION_SCHEMA.append(pa.field("primary", pa.bool_()))
 

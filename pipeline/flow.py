@@ -14,7 +14,7 @@ from denseforge.experts.base import Expert
 from denseforge.pipeline.adapter import StageRun, check_groups
 from denseforge.pipeline.config import Config, StageSpec
 from denseforge.pipeline.rundir import RunDir
-from denseforge.plugin import EXPERTS, STAGES, Resources, configure, entries, load_plugin
+from denseforge.plugin import EXPERTS, STAGES, PluginEntry, Resources, configure, entries, load_entry, load_plugin
 from denseforge.stages.embed import EmbedStage, PixelSpec, PixelStage
 from denseforge.stages.stage import Flow, Stage
 
@@ -44,17 +44,31 @@ def describe_embed(config: Config, cpus: float) -> str:
     return f"embed: {feeders} CPU worker(s){auto} decode, hash and resize for {model}"
 
 
-# The built-in phases in flow order, each a stage registered under `denseforge.stages` (as a plugin
-# stage is) whose `plan` reads its own config section; plugin stages go where `stages[].after` says.
-FLOW = ("dedup", "experts", "merge", "fuse", "ground", "clip-score", "qa")
+# The flow: the built-in phases in order, each a stage class (`module:attribute`, loaded as a plugin
+# stage's entry point is) whose `plan` reads its own config section. Adding a phase is its module
+# and its line here; plugin stages go where `stages[].after` says.
+FLOW = {
+    "dedup": "denseforge.stages.dedup:DecisionStage",
+    "experts": "denseforge.stages.perceive:ExpertStage",
+    "merge": "denseforge.stages.perceive:MergeStage",
+    "fuse": "denseforge.stages.fuse:CaptionStage",
+    "ground": "denseforge.stages.ground:GroundStage",
+    "clip-score": "denseforge.stages.qa:ClipScoreStage",
+    "qa": "denseforge.stages.qa:QaStage",
+}
+
+
+def phases() -> dict[str, PluginEntry]:
+    """The flow's phases as plugin entries of the package itself."""
+    return {name: PluginEntry(name, target, "denseforge") for name, target in FLOW.items()}
 
 
 def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
     """Every per-sample stage between load and write, in order (no model is loaded here)."""
     flow = Flow(config, rd.decisions, rd.embed_rejects_file)
     runs: list[StageRun] = []
-    for name in FLOW:
-        planned = load_plugin(STAGES, name, Stage).plan(flow)
+    for name, entry in phases().items():
+        planned = load_entry(STAGES, entry, Stage).plan(flow)
         if planned is None:
             raise ConfigError(f"the flow's phase {name!r} is registered by a stage that does not plan itself")
         runs += planned
@@ -96,10 +110,10 @@ def describe_plugins() -> list[dict[str, str]]:
     """Name, kind, resources and package of every installed expert and stage (built-in phases
     included), for `denseforge experts`."""
     rows = []
-    for group, base in ((EXPERTS, Expert), (STAGES, Stage)):
-        for name, entry in entries(group).items():
+    for group, base, found in ((EXPERTS, Expert, entries(EXPERTS)), (STAGES, Stage, phases() | entries(STAGES))):
+        for name, entry in found.items():
             try:
-                cls = load_plugin(group, name, base)
+                cls = load_entry(group, entry, base)
                 r = cls.default_resources
                 if base is Expert:
                     kind = cls.kind

@@ -323,15 +323,12 @@ def write_units(
     return plan
 
 
-REJECT_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("stage", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("url", pa.string()),
-    ]
-)
+# fmt: off
+REJECT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ("url", pa.string()),
+])
+# fmt: on
 
 
 def write_rejects(rows: list[dict[str, Any]], path: UPath) -> None:

@@ -22,18 +22,12 @@ from denseforge.stages.read_input import write_rejects
 from denseforge.stages.sample import Reject, Sample, safe_member_key
 from denseforge.storage import ensure_dir, remove, store_retries, write_json_atomic, write_parquet_atomic, writing
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("shard", pa.string()),
-        ("url", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("sha256", pa.string()),
-        ("cluster", pa.int64()),
-        ("scores", pa.string()),
-    ]
-)
+# fmt: off
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("url", pa.string()), ("width", pa.int32()),
+    ("height", pa.int32()), ("sha256", pa.string()), ("cluster", pa.int64()), ("scores", pa.string()),
+])
+# fmt: on
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,12 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from denseforge.pipeline.demo import LoopbackImageServer, load_photo  # noqa: E402
+from denseforge.stages.sample import Sample  # noqa: E402
+
+
+def blank_sample(**fields) -> Sample:
+    """A sample with placeholder identity (key "k", 100 × 100, sha256 "0") and the given fields."""
+    return Sample(**({"key": "k", "width": 100, "height": 100, "sha256": "0"} | fields))
 
 
 def jpeg_bytes(img: Image.Image, **kwargs) -> bytes:

@@ -21,6 +21,8 @@ from denseforge.stages.qa import QaConfig, assess
 from denseforge.stages.regions import select_views
 from denseforge.stages.sample import Grounding, Sample
 
+from ..conftest import blank_sample
+
 
 def _phash_pair(distance: int) -> np.ndarray:
     a = 0x0F0F_0F0F_0F0F_0F0F
@@ -41,13 +43,7 @@ def test_phash_threshold_is_inclusive_and_one_bit_more_is_distinct(distance, rem
 
 
 def test_qa_reasons_each_fire_on_their_own_and_box_validity_is_a_share():
-    s = Sample(
-        key="k",
-        width=100,
-        height=100,
-        sha256="0",
-        experts={"objects": [{"label": "dog", "score": 1, "box": [0, 0, 9, 9]}]},
-    )
+    s = blank_sample(experts={"objects": [{"label": "dog", "score": 1, "box": [0, 0, 9, 9]}]})
     s.caption = "a dog a dog a dog a dog a dog a dog"
     s.grounding = [
         Grounding(phrase="dog", span=(2, 5), box=[0, 0, 9, 9], source="objects/0"),
@@ -75,11 +71,9 @@ def test_our_own_pixel_limit_rejects_before_pillows():
 
 def test_kosmos_bins_on_both_axes_and_for_a_box_smaller_than_a_bin():
     # 640 x 480, 32 bins: a bin is 20 px wide and 15 px high
-    s = Sample(
-        key="k",
+    s = blank_sample(
         width=640,
         height=480,
-        sha256="0",
         caption="a dot here",
         grounding=[Grounding(phrase="dot", span=(2, 5), box=[45.0, 31.0, 52.0, 40.0], source="objects/0")],
     )

@@ -7,6 +7,8 @@ from denseforge.stages.dialects import dialect
 from denseforge.stages.ground import ground_mentions
 from denseforge.stages.sample import Sample
 
+from ..conftest import blank_sample
+
 
 def street(third: str = "car", phrase: str = "a red car") -> Sample:
     """Two dogs, a third object and a STOP sign on a 640 x 480 image, grounded."""
@@ -92,14 +94,12 @@ def test_refcoco_refs_tie_phrases_to_object_boxes(sample):
 
 def test_exported_coordinates_carry_no_float_noise():
     from denseforge.stages.export import coco_dataset, refcoco_refs
-    from denseforge.stages.sample import Grounding, Sample
+    from denseforge.stages.sample import Grounding
 
     box = [12.3, 0.1, 329.2, 25.7]  # 329.2 - 12.3 = 316.90000000000003 in floats
-    sample = Sample(
-        key="k",
+    sample = blank_sample(
         width=400,
         height=300,
-        sha256="0",
         caption="a dog",
         experts={"objects": [{"label": "dog", "score": 0.9, "box": box}]},
         grounding=[Grounding(phrase="dog", span=(2, 5), box=box, source="objects/0")],
@@ -178,11 +178,7 @@ def test_a_sample_without_a_caption_exports_no_caption_turn_and_empty_text():
 def test_kvg_entities_skip_ocr_and_the_bare_label_with_determiners_and_plurals():
     from denseforge.stages.sample import Grounding
 
-    s = Sample(
-        key="k",
-        width=100,
-        height=100,
-        sha256="0",
+    s = blank_sample(
         caption="STOP: the hot dogs and a Chicago hot dog",
         experts={
             "objects": [
@@ -219,11 +215,10 @@ def test_llava_record_is_exactly_llavas_layout():
 def test_coco_dataset_and_refcoco_refs_exactly_on_two_images():
     from denseforge.stages.sample import Grounding
 
-    a = Sample(
+    a = blank_sample(
         key="ka",
         width=40,
         height=30,
-        sha256="0",
         caption="A dog and STOP.",
         experts={
             "objects": [{"label": "dog", "score": 0.5, "box": [1, 2, 11, 22]}],
@@ -234,11 +229,10 @@ def test_coco_dataset_and_refcoco_refs_exactly_on_two_images():
             Grounding(phrase="STOP", span=(10, 14), box=[20, 2, 30, 8], source="ocr/0"),
         ],
     )
-    b = Sample(
+    b = blank_sample(
         key="kb",
         width=20,
         height=10,
-        sha256="0",
         caption=None,
         experts={"objects": [{"label": "dog", "score": 0.7, "box": [0, 0, 4, 5]}]},
         grounding=[Grounding(phrase="dog", span=(0, 3), box=[0, 0, 4, 5], source="objects/0")],
@@ -265,34 +259,18 @@ def test_coco_dataset_and_refcoco_refs_exactly_on_two_images():
         "categories": [{"id": 18, "name": "dog"}],
         "captions": [{"id": 1, "image_id": 1, "caption": "A dog and STOP."}],
     }
+    fields = ("ref_id", "image", "key", "bbox", "sentences", "span", "source")
+    dog = [{"sent": "dog"}]
     assert list(ex.refcoco_refs([(a, "a.jpg"), (b, "b.jpg")])) == [
-        {
-            "ref_id": 1,
-            "image": "a.jpg",
-            "key": "ka",
-            "bbox": [1, 2, 10, 20],
-            "sentences": [{"sent": "dog"}],
-            "span": [2, 5],
-            "source": "objects/0",
-        },
-        {
-            "ref_id": 2,
-            "image": "b.jpg",
-            "key": "kb",
-            "bbox": [0, 0, 4, 5],
-            "sentences": [{"sent": "dog"}],
-            "span": [0, 3],
-            "source": "objects/0",
-        },
+        dict(zip(fields, (1, "a.jpg", "ka", [1, 2, 10, 20], dog, [2, 5], "objects/0"), strict=True)),
+        dict(zip(fields, (2, "b.jpg", "kb", [0, 0, 4, 5], dog, [0, 3], "objects/0"), strict=True)),
     ]
 
 
 def test_coco_area_is_rounded_to_a_hundredth_too():
-    s = Sample(
-        key="k",
+    s = blank_sample(
         width=40,
         height=30,
-        sha256="0",
         experts={"objects": [{"label": "dog", "score": 0.5, "box": [1.234, 5.678, 10.111, 20.999]}]},
     )
     [ann] = ex.coco_dataset([(s, "k.jpg")])["annotations"]
@@ -302,11 +280,9 @@ def test_coco_area_is_rounded_to_a_hundredth_too():
 def test_refcoco_skips_an_ocr_grounding_and_goes_on_to_the_objects_after_it():
     from denseforge.stages.sample import Grounding
 
-    s = Sample(
-        key="k",
+    s = blank_sample(
         width=40,
         height=30,
-        sha256="0",
         caption="STOP by a dog",
         grounding=[
             Grounding(phrase="STOP", span=(0, 4), box=[0, 0, 4, 4], source="ocr/0"),

@@ -8,7 +8,7 @@ from denseforge.pipeline.config import parse_config
 from denseforge.pipeline.rundir import RunDir
 from denseforge.plugin import STAGES, entries
 from denseforge.stages.sample import Sample
-from denseforge.stages.stage import Item, Stage, StageRun
+from denseforge.stages.stage import Item
 
 CONFIG = {
     "input": {"path": "x"},
@@ -21,8 +21,7 @@ CONFIG = {
 
 
 def test_every_phase_of_the_flow_is_a_registered_stage_that_plans_itself(tmp_path):
-    registered = entries(STAGES)
-    assert set(flow.FLOW) <= set(registered)
+    assert not set(flow.FLOW) & set(entries(STAGES))  # the flow's phases are the package's, not plugins
     kinds = {row["name"]: row["kind"] for row in flow.describe_plugins()}  # `denseforge experts`
     assert all(kinds[name] == "phase" for name in flow.FLOW) and kinds["yolox"] == "objects"
     runs = flow.build_stages(parse_config(CONFIG), RunDir(tmp_path / "run"))
@@ -37,25 +36,30 @@ def test_every_phase_of_the_flow_is_a_registered_stage_that_plans_itself(tmp_pat
     ]
 
 
-def test_adding_a_built_in_phase_is_a_stage_class_its_registration_and_its_place(monkeypatch, tmp_path):
-    class Stamp(Stage):  # all that stages/stamp.py would hold
-        name = "stamp"
+STAMP = """
+from denseforge.stages.stage import Stage, StageRun
 
-        @classmethod
-        def plan(cls, flow):
-            return [StageRun.light(cls())] if flow.config.fuse.enabled else []
 
-        def process(self, batch):
-            for item in batch:
-                item.sample.provenance["stamp"] = item.sample.caption
-            return [None] * len(batch)
+class Stamp(Stage):
+    name = "stamp"
 
-    real = flow.load_plugin  # its entry point, `stamp = "denseforge.stages.stamp:Stamp"` in pyproject.toml
-    monkeypatch.setattr(
-        flow, "load_plugin", lambda group, name, base: Stamp if name == "stamp" else real(group, name, base)
-    )
-    at = flow.FLOW.index("ground") + 1  # its place in the flow
-    monkeypatch.setattr(flow, "FLOW", (*flow.FLOW[:at], "stamp", *flow.FLOW[at:]))
+    @classmethod
+    def plan(cls, flow):
+        return [StageRun.light(cls())] if flow.config.fuse.enabled else []
+
+    def process(self, batch):
+        for item in batch:
+            item.sample.provenance["stamp"] = item.sample.caption
+        return [None] * len(batch)
+"""
+
+
+def test_adding_a_built_in_phase_is_one_file_and_its_line_in_the_flow(monkeypatch, tmp_path):
+    (tmp_path / "stamp.py").write_text(STAMP)  # the file: what stages/stamp.py would hold
+    monkeypatch.syspath_prepend(str(tmp_path))
+    at = list(flow.FLOW).index("ground") + 1  # the entry: its line in FLOW, after ground
+    entries = list(flow.FLOW.items())
+    monkeypatch.setattr(flow, "FLOW", dict([*entries[:at], ("stamp", "stamp:Stamp"), *entries[at:]]))
     runs = flow.build_stages(parse_config(CONFIG), RunDir(tmp_path / "run"))
     assert [r.instance for r in runs] == ["yolox", "merge", "fuse", "ground", "stamp", "qa"]
     stamp = runs[4]
@@ -64,6 +68,9 @@ def test_adding_a_built_in_phase_is_a_stage_class_its_registration_and_its_place
     assert [
         r.instance for r in flow.build_stages(parse_config({**CONFIG, "fuse": {"enabled": False}}), RunDir(tmp_path))
     ] == ["yolox", "merge"]
+    assert {"name": "stamp", "kind": "phase"} in [
+        {k: row[k] for k in ("name", "kind")} for row in flow.describe_plugins()
+    ]
 
 
 def test_a_built_in_phase_is_not_placed_by_a_stages_entry(tmp_path):

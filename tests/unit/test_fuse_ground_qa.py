@@ -20,6 +20,8 @@ from denseforge.stages.qa import QaConfig, assess, repetition
 from denseforge.stages.sample import Sample
 from denseforge.stages.stage import Item
 
+from ..conftest import blank_sample
+
 
 def make_sample(alt_text="a dog on a street", **experts):
     base = {
@@ -358,17 +360,17 @@ def test_qa_settings_defaults_and_bounds_are_the_documented_ones():
         q.max_error_rate,
         q.clip_num_gpus,
     ) == (True, 5, 400, 0.3, 0.5, 0.5, 0.8, "builtin:objects", None, None, 0.05, 0.0)
-    edges = dict(
-        min_words=0,
-        max_words=1,
-        max_repetition=1.0,
-        max_hallucination=1.0,
-        min_ocr_fidelity=1.0,
-        ocr_min_score=1.0,
-        min_clip_score=-1.0,
-        max_error_rate=1.0,
-        clip_num_gpus=0.5,
-    )
+    edges = {
+        "min_words": 0,
+        "max_words": 1,
+        "max_repetition": 1.0,
+        "max_hallucination": 1.0,
+        "min_ocr_fidelity": 1.0,
+        "ocr_min_score": 1.0,
+        "min_clip_score": -1.0,
+        "max_error_rate": 1.0,
+        "clip_num_gpus": 0.5,
+    }
     assert QaConfig(max_error_rate=0.0).max_error_rate == 0.0
     assert all(getattr(QaConfig(**{k: v}), k) == v for k, v in edges.items())
     for key, bad in [
@@ -554,13 +556,8 @@ def test_ground_stage_without_a_caption_grounds_nothing_and_keeps_its_name():
 
     stage = GroundStage(GroundConfig(synonyms={"enabled": False}))
     assert (stage.name, GroundStage.Options) == ("ground", GroundConfig)
-    sample = Sample(
-        key="k",
-        width=10,
-        height=10,
-        sha256="0",
-        caption=None,
-        experts={"ocr": [{"text": "XX", "score": 1.0, "box": [0, 0, 1, 1]}]},
+    sample = blank_sample(
+        width=10, height=10, caption=None, experts={"ocr": [{"text": "XX", "score": 1.0, "box": [0, 0, 1, 1]}]}
     )
     assert stage.process([Item(0, sample, b"")]) == [None] and sample.grounding == []
 

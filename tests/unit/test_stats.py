@@ -14,6 +14,8 @@ from denseforge.pipeline.stats import finalize_run
 from denseforge.stages.sample import Reject, Sample
 from denseforge.stages.write import UnitFiles, write_unit
 
+from ..conftest import blank_sample
+
 STAGE = {
     "items": 4,
     "failed": {"ValueError": 1},
@@ -89,11 +91,10 @@ def test_hugging_face_datasets_loads_a_run_whose_samples_differ_in_shape(tmp_pat
     plain = [
         (Sample(key=f"00000000000{i}", width=8, height=6, sha256="0", caption="a red square"), image) for i in range(3)
     ]
-    rich = Sample(
+    rich = blank_sample(
         key="000000100000",
         width=8,
         height=6,
-        sha256="0",
         caption="a dog",
         source={"license": "cc-by"},
         experts={"objects": [{"label": "dog", "score": 0.5, "box": [0, 0, 4, 4]}], "colors": [{"label": "red"}]},
@@ -122,11 +123,10 @@ def test_the_report_escapes_everything_that_comes_from_the_data(tmp_path):
     hostile = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
     rd = RunDir(tmp_path)
     caption = f"a dog {hostile}"
-    sample = Sample(
+    sample = blank_sample(
         key="000000000000",
         width=40,
         height=30,
-        sha256="0",
         url=f"http://x/{hostile}",
         alt_text=hostile,
         caption=caption,
@@ -168,11 +168,10 @@ def test_a_list_with_no_common_type_is_written_and_typed_as_strings(tmp_path):
     from ..conftest import jpeg_bytes
 
     rd = RunDir(tmp_path)
-    sample = Sample(
+    sample = blank_sample(
         key="000000000000",
         width=4,
         height=4,
-        sha256="0",
         caption="a ball",
         experts={"tags": [{"label": "ball", "score": 0.9, "extra": ["sports ball", 0.74]}]},
         provenance={"plugin": {"pair": ["cup", 1, True]}},

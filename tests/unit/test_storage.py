@@ -12,27 +12,12 @@ import time
 import pyarrow as pa
 import pytest
 
+from denseforge import storage
 from denseforge.errors import ConfigError, InputError, Interrupted, NodeLostError, RunDirError, StorageError
 from denseforge.pipeline import rundir as rundir_module
 from denseforge.pipeline.config import dump_config, parse_config
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.read_input import expand_paths
-from denseforge.storage import (
-    append_text,
-    check_options,
-    check_store,
-    describe_store_error,
-    list_files,
-    location,
-    read_arrow,
-    read_json,
-    read_parquet,
-    remove_tree,
-    write_arrow_atomic,
-    write_json_atomic,
-    write_table_atomic,
-    writing,
-)
 
 from ..conftest import S3_BUCKET, run_cli
 
@@ -40,48 +25,48 @@ from ..conftest import S3_BUCKET, run_cli
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path):
     if request.param == "local":
-        return location(tmp_path / "store")
-    return location(request.getfixturevalue("bucket_url"))
+        return storage.location(tmp_path / "store")
+    return storage.location(request.getfixturevalue("bucket_url"))
 
 
 def test_json_parquet_and_arrow_files_round_trip(root):
-    write_json_atomic(root / "a" / "x.json", {"n": 1})
+    storage.write_json_atomic(root / "a" / "x.json", {"n": 1})
     table = pa.table({"key": ["b", "a"], "v": [1, 2]})
-    write_table_atomic(root / "a" / "t.parquet", table)
-    write_arrow_atomic(root / "a" / "t.arrow", table)
-    assert read_json(root / "a" / "x.json") == {"n": 1}
-    assert read_parquet(root / "a" / "t.parquet").equals(table)
-    assert read_parquet(root / "a" / "t.parquet", filters=[("key", "=", "a")]).column("v").to_pylist() == [2]
-    assert read_arrow(root / "a" / "t.arrow").equals(table)
-    assert [p.name for p in list_files(root / "a", ".json")] == ["x.json"]
-    assert list_files(root / "nothing-here", ".json") == []
-    append_text(root / "logs" / "driver.log", "one\n")
-    append_text(root / "logs" / "driver.log", "two\n")
+    storage.write_table_atomic(root / "a" / "t.parquet", table)
+    storage.write_arrow_atomic(root / "a" / "t.arrow", table)
+    assert storage.read_json(root / "a" / "x.json") == {"n": 1}
+    assert storage.read_parquet(root / "a" / "t.parquet").equals(table)
+    assert storage.read_parquet(root / "a" / "t.parquet", filters=[("key", "=", "a")]).column("v").to_pylist() == [2]
+    assert storage.read_arrow(root / "a" / "t.arrow").equals(table)
+    assert [p.name for p in storage.list_files(root / "a", ".json")] == ["x.json"]
+    assert storage.list_files(root / "nothing-here", ".json") == []
+    storage.append_text(root / "logs" / "driver.log", "one\n")
+    storage.append_text(root / "logs" / "driver.log", "two\n")
     assert (root / "logs" / "driver.log").read_text() == "one\ntwo\n"
-    remove_tree(root / "a")
-    assert list_files(root / "a", ".json") == []
+    storage.remove_tree(root / "a")
+    assert storage.list_files(root / "a", ".json") == []
 
 
 def test_a_writer_that_fails_leaves_no_file(root):
     target = root / "shard.tar"
     with pytest.raises(RuntimeError):
-        with writing(target) as handle:
+        with storage.writing(target) as handle:
             handle.write(b"x" * 10_000)
             raise RuntimeError("the worker died mid-file")
     assert not target.exists()
-    assert list_files(root, "") == []  # no temporary either
+    assert storage.list_files(root, "") == []  # no temporary either
 
 
 def test_markers_are_listed_in_unit_order_with_one_listing(root):
     rd = RunDir(root)
     for unit in (3, 0, 12):
-        write_json_atomic(rd.write_marker(unit), {"unit": unit})
+        storage.write_json_atomic(rd.write_marker(unit), {"unit": unit})
     assert [p.name for p in rd.markers("write")] == ["0000000.json", "0000003.json", "0000012.json"]
     assert rd.pending("write", 5) == [1, 2, 4]
 
 
 def test_the_object_store_lock_refuses_a_second_driver_and_expires(bucket_url, monkeypatch):
-    rd = RunDir(location(bucket_url))
+    rd = RunDir(storage.location(bucket_url))
     with rd.locked("run"):
         assert rd.holder()["command"] == "run"
         with pytest.raises(RunDirError, match="in use by a running driver"):
@@ -89,7 +74,7 @@ def test_the_object_store_lock_refuses_a_second_driver_and_expires(bucket_url, m
                 pass
     assert rd.holder() is None and not rd.lock_file.exists()
     # a driver killed while it held the lease: its lease stops being renewed and then expires
-    write_json_atomic(
+    storage.write_json_atomic(
         rd.lock_file,
         {
             "host": "h",
@@ -106,18 +91,18 @@ def test_the_object_store_lock_refuses_a_second_driver_and_expires(bucket_url, m
 
 def test_the_lease_is_renewed_while_the_driver_works(bucket_url, monkeypatch):
     monkeypatch.setattr(rundir_module, "LEASE_RENEW_S", 0.05)
-    rd = RunDir(location(bucket_url))
+    rd = RunDir(storage.location(bucket_url))
     with rd.locked("run"):
-        first = read_json(rd.lock_file)["renewed"]
+        first = storage.read_json(rd.lock_file)["renewed"]
         deadline = time.monotonic() + 20
-        while read_json(rd.lock_file)["renewed"] == first and time.monotonic() < deadline:
+        while storage.read_json(rd.lock_file)["renewed"] == first and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert read_json(rd.lock_file)["renewed"] > first
+        assert storage.read_json(rd.lock_file)["renewed"] > first
 
 
 def test_a_missing_bucket_is_one_line_naming_the_url(s3_server):
     with pytest.raises(StorageError, match=r"--out s3://no-such-bucket-here/run: the bucket does not exist"):
-        check_store(location("s3://no-such-bucket-here/run"), "--out")
+        storage.check_store(storage.location("s3://no-such-bucket-here/run"), "--out")
 
 
 @pytest.mark.parametrize(
@@ -133,15 +118,15 @@ def test_a_missing_bucket_is_one_line_naming_the_url(s3_server):
     ],
 )
 def test_store_errors_say_the_cause(message, cause):
-    assert cause in describe_store_error(RuntimeError(message))
+    assert cause in storage.describe_store_error(RuntimeError(message))
 
 
 def test_an_input_prefix_without_tables_is_an_input_error(bucket_url):
-    write_json_atomic(location(bucket_url) / "notes.json", {})
+    storage.write_json_atomic(storage.location(bucket_url) / "notes.json", {})
     with pytest.raises(InputError, match="holds no files ending in"):
         expand_paths(bucket_url, {".parquet"})
-    write_table_atomic(location(bucket_url) / "b.parquet", pa.table({"url": ["x"]}))
-    write_table_atomic(location(bucket_url) / "a.parquet", pa.table({"url": ["y"]}))
+    storage.write_table_atomic(storage.location(bucket_url) / "b.parquet", pa.table({"url": ["x"]}))
+    storage.write_table_atomic(storage.location(bucket_url) / "a.parquet", pa.table({"url": ["y"]}))
     assert [p.name for p in expand_paths(bucket_url, {".parquet"})] == ["a.parquet", "b.parquet"]
     assert [p.name for p in expand_paths(bucket_url + "/*.parquet", {".parquet"})] == ["a.parquet", "b.parquet"]
     with pytest.raises(InputError, match="does not exist"):
@@ -150,7 +135,7 @@ def test_an_input_prefix_without_tables_is_an_input_error(bucket_url):
 
 def test_a_literal_secret_in_storage_options_is_refused_and_a_reference_is_kept(monkeypatch):
     with pytest.raises(ConfigError, match="storage.options.secret: a secret is never written"):
-        check_options({"secret": "hunter2"})
+        storage.check_options({"secret": "hunter2"})
     with pytest.raises(ConfigError, match="client_kwargs.aws_secret_access_key"):
         parse_config(
             {
@@ -168,10 +153,10 @@ def test_a_literal_secret_in_storage_options_is_refused_and_a_reference_is_kept(
     )
     monkeypatch.setenv("DF_TEST_SECRET", "hunter2")
     assert "hunter2" not in dump_config(config) and "${DF_TEST_SECRET}" in dump_config(config)
-    assert location("s3://b/k", config.storage.options).storage_options["secret"] == "hunter2"
+    assert storage.location("s3://b/k", config.storage.options).storage_options["secret"] == "hunter2"
     monkeypatch.delenv("DF_TEST_SECRET")
     with pytest.raises(ConfigError, match="DF_TEST_SECRET"):
-        location("s3://b/k", config.storage.options)
+        storage.location("s3://b/k", config.storage.options)
 
 
 def test_the_cli_refuses_a_missing_bucket_and_an_unreachable_cluster_before_creating_anything(s3_server, tmp_path):
@@ -279,7 +264,7 @@ def test_node_work_is_counted_per_stage_and_node():
 
 
 def test_threads_do_not_see_a_half_written_object(bucket_url):
-    target = location(bucket_url) / "big.bin"
+    target = storage.location(bucket_url) / "big.bin"
     seen: list[bool] = []
     stop = threading.Event()
 
@@ -289,7 +274,7 @@ def test_threads_do_not_see_a_half_written_object(bucket_url):
 
     thread = threading.Thread(target=watch)
     thread.start()
-    with writing(target) as handle:
+    with storage.writing(target) as handle:
         for _ in range(12):
             handle.write(os.urandom(2**20))
     stop.set()
@@ -302,4 +287,4 @@ def test_a_truncated_json_file_is_one_line_naming_it(root):
 
     write_bytes(root / "run.json", b'{"state": "runn')
     with pytest.raises(StorageError, match=r"run.json is not valid JSON .*15 bytes.*cut short"):
-        read_json(root / "run.json")
+        storage.read_json(root / "run.json")
