@@ -61,7 +61,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from denseforge.pipeline.status import describe_run, run_status, watch
 
     root = location(args.dir)
-    if args.watch:
+    if args.watch is not None:
         watch(root, args.watch, args.json, sys.stdout)
     elif args.json:
         print(json.dumps(run_status(root), indent=1, sort_keys=True))
@@ -92,7 +92,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     name = args.format if args.layout == "sharegpt" else f"{args.format}-{args.layout}"
     default = Path(str(root / "export" / name)) if is_local(root) else Path("export", name).resolve()
     out = Path(args.out) if args.out else default
-    target, checked = export_run(root, spec, out, args.check)
+    target, checked = export_run(root, spec, out, args.check, args.allow_incomplete, args.overwrite)
     print(target)
     if checked:
         bad = [c for c in checked if not c["ok"]]
@@ -161,6 +161,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from denseforge.pipeline.export_run import FORMATS
     from denseforge.stages.export import LAYOUTS
@@ -193,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object (for schedulers and monitoring)")
     p.add_argument(
         "--watch",
-        type=float,
+        type=seconds,
         nargs="?",
         const=10.0,
         default=None,
@@ -234,12 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None, help="qwen2.5-vl: the processor's max_pixels (12845056)")
     p.add_argument(
         "--check",
-        type=int,
+        type=count,
         default=0,
         metavar="N",
-        help="read the first N records back from the exported text and draw them beside the original boxes",
+        help="dialects: read the first N records back from the exported text and draw them beside the original boxes",
     )
-    p.add_argument("--out", help="output folder (default DIR/export/FORMAT[-LAYOUT])")
+    p.add_argument("--out", help="output folder, empty or new (default DIR/export/FORMAT[-LAYOUT])")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="export a run that is not complete (failed, interrupted, units missing); export.json records it",
+    )
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)
@@ -298,11 +326,16 @@ def main(argv: list[str] | None = None) -> int:
 
     stop_cleanly_on_signals()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader that went away is a broken pipe here, not at exit
+        return code
     except DenseforgeError as err:
         close_open_bars()
         print(f"denseforge: error: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # `denseforge status DIR | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except OSError as err:  # before a run directory could log anything: read-only --out, a full disk
         close_open_bars()
         where = f" {err.filename}" if err.filename else ""

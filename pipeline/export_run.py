@@ -3,7 +3,9 @@ and `--check N`: read the first N records back as a trainer would."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from upath import UPath
 
+from denseforge import __version__
 from denseforge.errors import ConfigError, RunDirError
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import export as ex
@@ -24,6 +27,7 @@ from denseforge.stages.write import read_member
 from denseforge.storage import list_files, open_binary
 
 TABLES = ("llava", "coco", "refcoco")
+EXPORT_FILE = "export.json"
 FORMATS = TABLES + tuple(DIALECTS)
 
 
@@ -58,21 +62,47 @@ class ExportSpec:
         return f"{self.format}.jsonl" if self.layout == "sharegpt" else f"{self.format}.{self.layout}.jsonl"
 
 
-def iter_samples(rd: RunDir, images_to: Path | None) -> Iterator[tuple[Sample, str]]:
-    """(sample, image path relative to the export) for every written sample, in shard order."""
-    shards = list_files(rd.shards, ".tar")
-    if not rd.stats.exists():
-        raise RunDirError(f"{rd.root} has not finished (no stats.json); run `denseforge resume {rd.root}` first")
-    for shard in shards:
+def iter_samples(rd: RunDir, images_to: Path) -> Iterator[tuple[Sample, str]]:
+    """(sample, image path relative to the export) for every written sample, in shard order. An
+    image is named by the sha256 of its bytes, so exports of different runs cannot collide."""
+    for shard in list_files(rd.shards, ".tar"):
         with open_binary(shard) as source, tarfile.open(fileobj=source) as tar:
             members = {m.name: m for m in tar.getmembers()}
             for name in sorted(n for n in members if n.endswith(".json")):
                 sample = Sample.model_validate_json(read_member(tar, members[name]))
-                stem = name[:-5]
-                rel = f"images/{stem}.jpg"
-                if images_to is not None:
-                    (images_to / rel).write_bytes(read_member(tar, members[stem + ".jpg"]))
+                image = read_member(tar, members[name[:-5] + ".jpg"])
+                rel = f"images/{hashlib.sha256(image).hexdigest()}.jpg"
+                (images_to / rel).write_bytes(image)
                 yield sample, rel
+
+
+def check_exportable(rd: RunDir, allow_incomplete: bool) -> dict[str, Any]:
+    """The run's state; refused unless it is `complete` (or `allow_incomplete`): the shards of a
+    run that failed or stopped are not a dataset."""
+    if not rd.stats.exists():
+        raise RunDirError(f"{rd.root} has not finished (no stats.json); run `denseforge resume {rd.root}` first")
+    state = rd.read_state()
+    if state.get("state") != "complete" and not allow_incomplete:
+        why = f": {state['reason']}" if state.get("reason") else ""
+        raise RunDirError(
+            f"{rd.root} is {state.get('state', 'not complete')}{why}. Its shards are not a finished dataset; "
+            f"finish it with `denseforge resume {rd.root}`, or export it anyway with --allow-incomplete"
+        )
+    return state
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """An empty export folder: a non-empty `out` is refused, or with `overwrite` replaced when it
+    holds an earlier export (never a folder denseforge did not write)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"{out} is not empty; choose another --out, or --overwrite to replace the export there")
+        if not (out / EXPORT_FILE).exists():
+            raise RunDirError(
+                f"{out} holds files that are not a denseforge export ({EXPORT_FILE} missing); not replaced"
+            )
+        shutil.rmtree(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
 
 
 def _absent_entity(recent: list[str], sample: Sample) -> str | None:
@@ -86,13 +116,46 @@ def _absent_entity(recent: list[str], sample: Sample) -> str | None:
     return None
 
 
-def export_run(root: UPath | Path, spec: ExportSpec, out: Path, check: int = 0) -> tuple[Path, list[dict[str, Any]]]:
-    """Write `spec` under `out` (images in out/images); returns the main file and, with `check`,
-    the read-back check of the first `check` records (see `check_records`)."""
+def export_run(
+    root: UPath | Path,
+    spec: ExportSpec,
+    out: Path,
+    check: int = 0,
+    allow_incomplete: bool = False,
+    overwrite: bool = False,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Write `spec` under `out` (images in out/images) and `export.json` last (what was exported,
+    from which run in which state); returns the main file and, with `check`, the read-back check of
+    the first `check` records (see `check_records`)."""
+    if check < 0:
+        raise ConfigError(f"--check {check}: give how many records to read back (0 or more)")
+    if check and spec.format in TABLES:
+        raise ConfigError(
+            f"--check reads box text back in a model's dialect; {spec.format} holds boxes as numbers, "
+            f"so there is nothing to read back (choose one of {', '.join(DIALECTS)})"
+        )
     rd = RunDir(root)
     rd.load_config()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "images").mkdir(exist_ok=True)
+    state = check_exportable(rd, allow_incomplete)
+    prepare_out(out, overwrite)
+    target, checked = _write(rd, spec, out, check)
+    record = {
+        "run": str(root),
+        "state": state.get("state"),
+        "reason": state.get("reason"),
+        "allow_incomplete": allow_incomplete,
+        "format": spec.format,
+        "layout": spec.layout,
+        "tasks": list(spec.tasks),
+        "negatives": spec.negatives,
+        "file": target.name,
+        "denseforge": __version__,
+    }
+    (out / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return target, checked
+
+
+def _write(rd: RunDir, spec: ExportSpec, out: Path, check: int) -> tuple[Path, list[dict[str, Any]]]:
     samples = iter_samples(rd, out)
     if spec.format == "coco":
         target = out / "coco.json"

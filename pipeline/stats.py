@@ -23,7 +23,7 @@ from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.card import dataset_card, decode_type, merge_types
 from denseforge.stages.read_input import REJECT_SCHEMA
 from denseforge.stages.write import MANIFEST_SCHEMA
-from denseforge.storage import parquet_writer, read_json, read_parquet, write_bytes
+from denseforge.storage import list_files, parquet_writer, read_json, read_parquet, write_bytes
 
 
 def _merge(parts: list[UPath], target: UPath, schema) -> int:
@@ -92,6 +92,7 @@ def finalize_run(
     balanced = input_rows == written + rejected + removed == unit_rows
     ingest = [counts for _, counts in rd.marker_counts("ingest")]
     ingest_s = timings.get("ingest_s", 0.0)
+    failed_units = sum(1 for m in ingest if m.get("failed"))
     funnel = {
         "input_rows": input_rows,
         "written": written,
@@ -112,7 +113,7 @@ def finalize_run(
             "downloaded": sum(m.get("successes", 0) for m in ingest),
             "failed_to_download": sum(m.get("failed_to_download", 0) for m in ingest),
             "failed_to_resize": sum(m.get("failed_to_resize", 0) for m in ingest),
-            "failed_units": sum(1 for m in ingest if m.get("failed")),
+            "failed_units": failed_units,
             "images_per_s_this_session": (sum(m.get("successes", 0) for m in ingest) / ingest_s)
             if ingest_s > 0.5
             else None,
@@ -126,7 +127,16 @@ def finalize_run(
         "run": {"name": config.run.name, "seed": config.run.seed},
     }
     write_bytes(rd.report, render_report(rd, stats).encode())
-    write_bytes(rd.card, dataset_card(sample_type, config.run.name, funnel).encode())
+    shard_names = [shard.name for shard in list_files(rd.shards, ".tar")]
+    card = dataset_card(
+        sample_type,
+        config.run.name,
+        funnel,
+        shard_names,
+        "complete" if complete else "failed",
+        failed_units,
+    )
+    write_bytes(rd.card, card.encode())
     if complete and not balanced:
         raise DenseforgeError(
             f"the funnel does not balance: {input_rows} input rows vs {written} written + {rejected} rejected + "

@@ -81,8 +81,27 @@ def yaml_feature(dtype: pa.DataType) -> Any:
     return {"dtype": _SCALARS.get(dtype, "string")}
 
 
-def dataset_card(sample_type: pa.DataType, name: str, funnel: dict[str, Any], shards: str = "shards/*.tar") -> str:
-    """README.md with the YAML header `datasets` reads and a short card for people."""
+def shard_pattern(names: list[str]) -> str | None:
+    """A webdataset brace pattern for shard file names `0000000.tar` … when they run without a gap."""
+    stems = sorted(n.removesuffix(".tar") for n in names)
+    if not stems or not all(s.isdigit() for s in stems):
+        return None
+    first, last = int(stems[0]), int(stems[-1])
+    if last - first + 1 != len(stems):
+        return None
+    return f"{stems[0]}.tar" if first == last else f"{{{stems[0]}..{stems[-1]}}}.tar"
+
+
+def dataset_card(
+    sample_type: pa.DataType,
+    name: str,
+    funnel: dict[str, Any],
+    shard_names: list[str],
+    state: str = "complete",
+    failed_units: int = 0,
+) -> str:
+    """README.md with the YAML header `datasets` reads and a short card for people. A run that did
+    not complete says so first, in the card and its tags: its shards are not a finished dataset."""
     features = [
         {"name": "__key__", "dtype": "string"},
         {"name": "__url__", "dtype": "string"},
@@ -90,17 +109,38 @@ def dataset_card(sample_type: pa.DataType, name: str, funnel: dict[str, Any], sh
         {"name": "txt", "dtype": "string"},
         {"name": "json", **yaml_feature(sample_type)},
     ]
+    tags = ["denseforge", "dense-captions", "grounding", "webdataset"]
+    warning = ""
+    if state != "complete":
+        tags.append("incomplete-run")
+        warning = (
+            f"> **WARNING: this run did not complete ({state}).** Its shards are what was written before it "
+            "stopped, not a finished dataset: do not train on them. `run.json` says why; "
+            "`denseforge resume` finishes the run and rewrites this card.\n\n"
+        )
+    elif failed_units:
+        tags.append("failed-units")
+        warning = (
+            f"> **Note: {failed_units} input unit(s) failed to download**; their rows are `ingest/ingest_failed` "
+            "rejects, and `denseforge resume` retries them.\n\n"
+        )
     header = {
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": shards}]}],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],
         "dataset_info": {"features": features},
-        "tags": ["denseforge", "dense-captions", "grounding", "webdataset"],
+        "tags": tags,
     }
+    pattern = shard_pattern(shard_names)
+    read = "import webdataset as wds                 # or stream the shards directly\n"
+    if pattern:
+        read += f'shards = "path/to/this/run/shards/{pattern}"'
+    else:
+        read = "import glob\n" + read + 'shards = sorted(glob.glob("path/to/this/run/shards/*.tar"))'
     return f"""---
 {yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---
 
 # {name}
 
-Image-text pairs with dense captions and grounded phrases, built by denseforge:
+{warning}Image-text pairs with dense captions and grounded phrases, built by denseforge:
 {funnel["input_rows"]} input rows -> {funnel["written"]} written, {funnel["rejected"]} rejected
 (`rejects.parquet`, with the stage and reason), {funnel["removed"]} removed (`dedup/decisions.parquet`).
 `stats.json` has the full funnel, `report.html` a visual summary, `manifest.parquet` one row per sample.
@@ -110,12 +150,13 @@ expert observations, caption, grounding with character spans and pixel boxes, qa
 Boxes are absolute pixels `[x0, y0, x1, y1]` in the stored image; `caption[span[0]:span[1]] == phrase`.
 
 ```python
+# pip install datasets   (or denseforge's extra: pip install "denseforge[hf]")
 import datasets
 ds = datasets.load_dataset("path/to/this/run", split="train")   # the features come from this card
 print(ds[0]["json"]["grounding"])
 
-import webdataset as wds                                          # or stream the shards directly
-for sample in wds.WebDataset("path/to/this/run/shards/{{0000000..9999999}}.tar"):
+{read}
+for sample in wds.WebDataset(shards, shardshuffle=False):
     ...
 ```
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -63,6 +64,51 @@ def test_every_dialect_reads_back_to_the_demos_real_boxes(demo_run, tmp_path):
     refer = next(r for r in records if "-refer-" in r["id"])
     assert refer["objects"]["bbox_type"] == "real" and refer["messages"][0]["content"].count("<ref-object>") == 1
     assert (out / "export" / "qwen2.5-vl-llama-factory" / "dataset_info.json").exists()
+
+
+def test_the_cards_webdataset_snippet_reads_every_written_sample(demo_run):
+    """Regression: the card said shards/{0000000..9999999}.tar, which raises after the real shards."""
+    out, _ = demo_run
+    card = (out / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    stream = code[code.index("import webdataset") :].replace("path/to/this/run", str(out))
+    if "glob.glob" in stream:
+        stream = "import glob\n" + stream
+    seen: list[str] = []
+    exec(stream.replace("    ...", "    seen.append(sample['__key__'])"), {"seen": seen})
+    assert len(seen) == 10 and "9999999" not in card and 'pip install "denseforge[hf]"' in card
+
+
+def test_export_folders_are_not_mixed_and_flags_are_not_ignored(demo_run, tmp_path):
+    """A non-empty --out is refused (or replaced with --overwrite, only when it holds an export);
+    images are named by their content, so two runs' exports cannot overwrite each other's;
+    --check is refused for tables, and a negative count by the parser."""
+    out, _ = demo_run
+    first = tmp_path / "llava"
+    run_cli("export", str(out), "--format", "llava", "--out", str(first))
+    records = json.loads((first / "llava.json").read_text())
+    names = [r["image"] for r in records]
+    assert len(set(names)) == len(names) == len(list((first / "images").iterdir()))
+    for rec in records:  # images/<sha256 of the bytes>.jpg
+        digest = hashlib.sha256((first / rec["image"]).read_bytes()).hexdigest()
+        assert rec["image"] == f"images/{digest}.jpg"
+    (first / "images" / "stale.jpg").write_bytes(b"left from another export")
+    again = run_cli("export", str(out), "--format", "llava", "--out", str(first), check=False)
+    assert again.returncode != 0 and "is not empty; choose another --out, or --overwrite" in again.stderr
+    run_cli("export", str(out), "--format", "llava", "--out", str(first), "--overwrite")
+    assert not (first / "images" / "stale.jpg").exists() and json.loads((first / "llava.json").read_text()) == records
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("not an export")
+    kept = run_cli("export", str(out), "--format", "coco", "--out", str(stranger), "--overwrite", check=False)
+    assert kept.returncode != 0 and "not a denseforge export" in kept.stderr and (stranger / "notes.txt").exists()
+    for fmt in ("coco", "llava", "refcoco"):
+        proc = run_cli(
+            "export", str(out), "--format", fmt, "--out", str(tmp_path / f"c-{fmt}"), "--check", "3", check=False
+        )
+        assert proc.returncode != 0 and "nothing to read back" in proc.stderr, proc.stderr
+    proc = run_cli("export", str(out), "--format", "internvl", "--check", "-3", check=False)
+    assert proc.returncode == 2 and "is not a whole number of 0 or more" in proc.stderr
 
 
 def _chromium() -> str | None:

@@ -150,6 +150,25 @@ output: {{samples_per_shard: 2}}
     stats = json.loads((out / "stats.json").read_text())  # a failed run still writes what it has
     assert stats["complete"] is False and stats["stages"]["colors"]["failed"] == {"ValueError": 3}
     assert not list((out / "shards" / "_done").glob("*.json"))  # units written while it failed are redone
+    card = (out / "README.md").read_text()  # the card says it first, and tags it
+    assert "WARNING: this run did not complete (failed)" in card and "- incomplete-run" in card
+    refused = run_cli("export", str(out), "--format", "qwen2.5-vl", "--check", "5", check=False)
+    assert refused.returncode != 0 and not (out / "export").exists(), refused.stderr
+    assert f"{out} is failed: stage 'colors' failed on every item" in refused.stderr
+    assert "--allow-incomplete" in refused.stderr and "Traceback" not in refused.stderr
+    run_cli("export", str(out), "--format", "llava", "--allow-incomplete")
+    record = json.loads((out / "export" / "llava" / "export.json").read_text())
+    assert (record["state"], record["allow_incomplete"], record["file"]) == ("failed", True, "llava.json")
+    for bad in ("-1", "0", "x"):  # a period that is not one is refused, not a traceback or no watch at all
+        proc = run_cli("status", str(out), "--watch", bad, check=False)
+        assert proc.returncode == 2 and "is not a number of seconds above 0" in proc.stderr, proc.stderr
+    reader = subprocess.Popen(  # `status DIR | head -0`: the reader goes away before the output comes
+        [sys.executable, "-m", "denseforge.pipeline.cli", "status", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    reader.stdout.close()
+    assert reader.wait(timeout=120) == 141 and reader.stderr.read() == b""
 
 
 def test_a_failing_setup_stops_the_run_before_any_download(tmp_path, photo_dir):

@@ -183,3 +183,20 @@ def test_a_list_with_no_common_type_is_written_and_typed_as_strings(tmp_path):
     well_typed = {"a": [1, 2.5], "b": {"c": [{"d": "x"}, {"d": None}]}, "e": [], "f": True, "g": None}
     assert value_type(well_typed) == pa.array([well_typed]).type  # as Arrow infers it, where it can
     assert json_type([{"a": 1}, {"a": 0.5, "b": "x"}]) == pa.struct([("a", pa.float64()), ("b", pa.string())])
+
+
+def test_the_cards_shard_pattern_is_the_real_range_or_a_glob():
+    import pyarrow as pa
+
+    from denseforge.stages.card import dataset_card, shard_pattern
+
+    assert shard_pattern(["0000001.tar", "0000000.tar", "0000002.tar"]) == "{0000000..0000002}.tar"
+    assert shard_pattern(["0000003.tar"]) == "0000003.tar"
+    assert shard_pattern(["0000000.tar", "0000002.tar"]) is None and shard_pattern([]) is None
+    funnel = {"input_rows": 3, "written": 2, "rejected": 1, "removed": 0}
+    gap = dataset_card(pa.null(), "r", funnel, ["0000000.tar", "0000002.tar"])
+    assert 'sorted(glob.glob("path/to/this/run/shards/*.tar"))' in gap and "WARNING" not in gap
+    failed = dataset_card(pa.null(), "r", funnel, ["0000000.tar"], state="failed")
+    assert "WARNING: this run did not complete (failed)" in failed and "- incomplete-run" in failed
+    partial = dataset_card(pa.null(), "r", funnel, ["0000000.tar"], failed_units=2)
+    assert "2 input unit(s) failed to download" in partial and "- failed-units" in partial
