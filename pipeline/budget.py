@@ -8,10 +8,13 @@ failed on every item it was given fails it at the end whatever the counts (a dea
 
 from __future__ import annotations
 
+from collections import Counter
+
 from denseforge.errors import StageFailedError
 from denseforge.pipeline.accounting import StageCounts, failures, merge_counts
 from denseforge.pipeline.adapter import StageRun
 from denseforge.pipeline.rundir import RunDir
+from denseforge.stages.ingest import classify_failure
 
 
 class ErrorBudget:
@@ -45,3 +48,27 @@ class ErrorBudget:
                     else f"failed on every item it was given ({items})"
                 )
                 raise StageFailedError(stage, f"stage {stage!r} {why}; first error: {c['first_error']}")
+
+
+def check_ingest(rd: RunDir, max_error_rate: float, min_items: int) -> None:
+    """Fail the run when too many downloaded rows gave no image: past `ingest.max_error_rate` after
+    `min_items` rows, or every row (units that failed as a whole count apart: exit 3)."""
+    rows = images = 0
+    reasons: Counter[str] = Counter()
+    for _, counts in rd.marker_counts("ingest"):
+        rows += counts.get("count", 0)
+        images += counts.get("successes", 0)
+        for message, n in counts.get("status_dict", {}).items():
+            if message != "success":
+                reasons[classify_failure("failed_to_download", message)] += n
+    failed = rows - images
+    if not rows or not failed:
+        return
+    if failed == rows or (rows >= min_items and failed / rows > max_error_rate):
+        common = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(3))
+        raise StageFailedError(
+            "ingest",
+            f"ingest: {failed} of {rows} rows ({failed / rows:.0%}) gave no image (most often: {common}); "
+            f"ingest.max_error_rate is {max_error_rate}. Check the URLs and the network, or raise "
+            "ingest.max_error_rate for an old URL list",
+        )

@@ -37,7 +37,7 @@ from denseforge.errors import (
 )
 from denseforge.pipeline.accounting import count_traces
 from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages
-from denseforge.pipeline.budget import ErrorBudget
+from denseforge.pipeline.budget import ErrorBudget, check_ingest
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.dedup_phase import run_dedup
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
@@ -546,6 +546,7 @@ def _execute(
     budget = ErrorBudget(embed + runs, config.run.error_rate_min_items)
     budget.load(rd, plan.units)
     redid["ingest_units"] = timed("ingest_s", lambda: run_ingest(config, rd, plan, progress))
+    check_ingest(rd, config.ingest.max_error_rate, config.run.error_rate_min_items)
     if embed:
         redid["embed_units"] = timed("embed_s", lambda: run_embed(config, rd, plan.units, progress, load_units, budget))
         budget.check()

@@ -15,7 +15,7 @@ import pyarrow as pa
 from upath import UPath
 
 from denseforge import __version__
-from denseforge.errors import DenseforgeError
+from denseforge.errors import DenseforgeError, RunFailedError
 from denseforge.pipeline.accounting import StageCounts, failures, merge_counts
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.report import render_report
@@ -141,5 +141,11 @@ def finalize_run(
         raise DenseforgeError(
             f"the funnel does not balance: {input_rows} input rows vs {written} written + {rejected} rejected + "
             f"{removed} removed ({unit_rows} rows seen by the writer); stats.json and rejects.parquet hold the detail"
+        )
+    if complete and input_rows and not written:
+        common = ", ".join(f"{reason} {n}" for reason, n in by_reason.most_common(3))
+        raise RunFailedError(
+            f"the run wrote nothing: all {input_rows} input rows were rejected or removed (most often: {common}); "
+            "rejects.parquet has each row's stage and reason"
         )
     return stats

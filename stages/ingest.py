@@ -60,6 +60,13 @@ class IngestConfig(ImageNormalizer):
         False, description="allow loopback/private/link-local targets (local mirrors, the demo)"
     )
     user_agent_token: str | None = "denseforge"
+    max_error_rate: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="share of the downloaded rows that may give no image (dead links, HTTP errors, files that "
+        "are not images) before the run fails; web-scale URL lists lose many links as they age",
+    )
 
 
 def unit_name(unit: int) -> str:

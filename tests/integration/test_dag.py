@@ -287,3 +287,33 @@ def test_joining_an_existing_cluster_with_address(tmp_path, photo_server):
         assert json.loads((tmp_path / "alone" / "stats.json").read_text())["funnel"]["written"] == 1, proc.stderr
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_a_run_that_writes_nothing_fails_in_one_line(tmp_path, photo_dir):
+    """Regression: every row refused at connect was a 'complete' run with 0 written and exit 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "dead.parquet"
+    pq.write_table(pa.table({"url": [f"http://127.0.0.1:1/{i}.jpg" for i in range(30)], "caption": ["x"] * 30}), table)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"ray: {{num_cpus: 2}}\ninput: {{path: {table}}}\ningest: {{allow_private_addresses: true, timeout_s: 2}}\n"
+        "embed: {enabled: false}\ndedup: {enabled: false}\n"
+    )
+    out = tmp_path / "run"
+    proc = run_cli("run", str(cfg), "--out", str(out), check=False)
+    assert proc.returncode == 1, proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("denseforge: error:")]
+    assert "ingest: 30 of 30 rows (100%) gave no image (most often: connection_refused 30)" in line, line
+    assert json.loads((out / "run.json").read_text())["state"] == "failed"
+    assert not (out / "shards" / "_done").exists() or not list((out / "shards" / "_done").iterdir())
+    # rows that all downloaded, then all rejected: a run that wrote nothing is not a success either
+    cfg.write_text(
+        f"ray: {{num_cpus: 2}}\ninput: {{kind: folder, path: {photo_dir}}}\nembed: {{enabled: false}}\n"
+        "dedup: {enabled: false}\nfuse: {enabled: true, backend: template}\nqa: {enabled: true, min_words: 390}\n"
+    )
+    proc = run_cli("run", str(cfg), "--out", str(tmp_path / "run2"), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "the run wrote nothing: all " in proc.stderr and "(most often: qa/too_short" in proc.stderr, proc.stderr
+    assert "WARNING: this run did not complete" in (tmp_path / "run2" / "README.md").read_text()

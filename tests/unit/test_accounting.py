@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from denseforge.pipeline.accounting import TraceEntry, count_traces, failures, merge_counts
 
 
@@ -38,3 +40,32 @@ def test_stage_counts_sum_the_entries_of_every_row_and_merge_across_units():
         and total["qa"]["failed"] == {"KeyError": 4}
         and total["qa"]["nodes"]["b"]["items"] == 4
     )
+
+
+def test_the_ingest_budget_fails_past_its_rate_after_enough_rows_or_when_nothing_downloaded(tmp_path):
+    from denseforge.errors import StageFailedError
+    from denseforge.pipeline.budget import check_ingest
+    from denseforge.pipeline.rundir import RunDir
+    from denseforge.storage import write_json_atomic
+
+    rd = RunDir(tmp_path)
+    rd.raw.mkdir(parents=True)
+
+    def units(*pairs):
+        for unit, (rows, images) in enumerate(pairs):
+            status = {"success": images, "HTTP Error 404: Not Found": rows - images}
+            write_json_atomic(rd.ingest_marker(unit), {"count": rows, "successes": images, "status_dict": status})
+
+    units((10, 1), (10, 1))  # 90 % of 20 rows gave no image: past 0.8
+    with pytest.raises(
+        StageFailedError, match=r"ingest: 18 of 20 rows \(90%\) gave no image \(most often: http_404 18\)"
+    ):
+        check_ingest(rd, 0.8, 20)
+    check_ingest(rd, 0.95, 20)  # within a raised budget
+    check_ingest(rd, 0.8, 21)  # too few rows to judge a rate
+    units((10, 0), (10, 0))  # ... but nothing at all is never within budget
+    with pytest.raises(StageFailedError, match="20 of 20 rows"):
+        check_ingest(rd, 1.0, 1000)
+    write_json_atomic(rd.ingest_marker(2), {"unit": 2, "failed": "worker died", "count": 0})
+    units((10, 10), (10, 10))  # a unit that failed as a whole is counted apart (exit 3), not here
+    check_ingest(rd, 0.0, 1)
