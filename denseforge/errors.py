@@ -5,6 +5,12 @@ traceback and exits non-zero.
 """
 
 
+def shorten(value: object, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters, for messages that quote what a user gave."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}… ({len(text)} chars)"
+
+
 class DenseforgeError(Exception):
     """Base class of every error denseforge raises deliberately; the CLI exits with `exit_code`."""
 

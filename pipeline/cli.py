@@ -53,7 +53,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from denseforge.pipeline.runner import resume
 
-    resume(location(args.dir), args.address, args.allow_failed_units)
+    resume(location(args.dir), args.address, args.allow_failed_units, args.redo_changed)
     return 0
 
 
@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     resume = sub.add_parser("resume", help="finish a run that stopped (killed, crashed, interrupted)")
     resume.add_argument("dir")
+    resume.add_argument(
+        "--redo-changed",
+        action="store_true",
+        help="config.yaml changed what is written since the run started: redo the phases it affects for every unit",
+    )
     resume.set_defaults(func=_cmd_resume)
     for p in (run, resume):
         p.add_argument("--address", help="join this Ray cluster instead of starting a local one")

@@ -243,6 +243,39 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+# Settings that change how a run goes, not what it writes: a resume may change them freely.
+HOW_KEYS = re.compile(
+    r"^(ray|storage)\.|^run\.(name|error_rate_min_items)$|\.(concurrency|num_cpus|num_gpus|batch_size|max_error_rate)$"
+    r"|^ingest\.(processes|threads|timeout_s|download_deadline_s|retries|unit_retries|user_agent_token)$"
+    r"|^embed\.cpu_workers$|^fuse\.openai\.(timeout_s|max_retries|concurrency|check_server|api_key_env)$"
+)
+
+
+def data_settings(config: Config) -> dict[str, Any]:
+    """Every setting that decides what a run writes, by dotted key (a list of plugin entries is one
+    value, without their resources and error budgets)."""
+    found: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else k)
+        elif not HOW_KEYS.search(key):
+            if isinstance(value, list) and value and all(isinstance(v, dict) and "plugin" in v for v in value):
+                value = [
+                    {k: v for k, v in entry.items() if k not in ("resources", "max_error_rate")} for entry in value
+                ]
+            found[key] = value
+
+    walk(config.model_dump(mode="json"), "")
+    return found
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """key: (before, now) for every data setting that differs."""
+    return {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
+
+
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if getattr(annotation, "__args__", None) is None else None
     text = text or str(annotation)

@@ -25,7 +25,7 @@ from upath import UPath
 
 from denseforge import __version__
 from denseforge.errors import RunDirError, StorageError
-from denseforge.pipeline.config import Config, dump_config, load_config
+from denseforge.pipeline.config import Config, data_settings, dump_config, load_config
 from denseforge.storage import (
     ensure_dir,
     is_local,
@@ -219,7 +219,9 @@ class RunDir:
             raise RunDirError(f"{self.root} exists and is not empty; choose another --out")
         ensure_dir(self.root)
         write_bytes(self.config_file, dump_config(config).encode())
-        write_json_atomic(self.run_file, {"denseforge": __version__, "state": "running"})
+        # the settings that decide what is written: a resume checks them (runner.resume)
+        state = {"denseforge": __version__, "state": "running", "settings": data_settings(config)}
+        write_json_atomic(self.run_file, state)
 
     def load_config(self) -> Config:
         if not self.run_file.exists() or not self.config_file.exists():

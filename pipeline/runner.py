@@ -34,11 +34,12 @@ from denseforge.errors import (
     RunFailedError,
     SetupError,
     StageFailedError,
+    shorten,
 )
 from denseforge.pipeline.accounting import count_traces
 from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages
 from denseforge.pipeline.budget import ErrorBudget, check_ingest
-from denseforge.pipeline.config import Config
+from denseforge.pipeline.config import Config, changed_settings, data_settings
 from denseforge.pipeline.dedup_phase import run_dedup
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
 from denseforge.pipeline.embed_phase import run_embed
@@ -584,9 +585,12 @@ def run(config: Config, out: UPath, address: str | None = None, allow_failed_uni
         return execute(rd, config, runs, "run", address, allow_failed_units)
 
 
-def resume(root: UPath, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:
+def resume(
+    root: UPath, address: str | None = None, allow_failed_units: bool = False, redo_changed: bool = False
+) -> dict[str, Any]:
     """Finish a run that stopped for any reason; finished units are kept, the rest (and units
-    whose download failed) redone."""
+    whose download failed) redone. Settings that decide what is written must be those the run
+    started with, or (`redo_changed`) the phases they affect are redone for every unit."""
     rd = RunDir(root)
     check_store(rd.root, "run directory")
     config = rd.load_config()
@@ -594,4 +598,51 @@ def resume(root: UPath, address: str | None = None, allow_failed_units: bool = F
     runs = preflight(config, rd)
     check_address(cluster_address(address, config.ray), config.ray.connect_timeout_s)
     with rd.locked("resume"):
+        before = rd.read_state().get("settings")
+        now = data_settings(config)
+        changed = changed_settings(before, now) if before is not None else {}
+        if changed:
+            redo_settings(rd, changed, redo_changed)
+            rd.update_state(settings=now)
         return execute(rd, config, runs, "resume", address, allow_failed_units)
+
+
+# The phases in order, and the first each setting affects by its key's start (the rest: process).
+PHASES = ("input", "ingest", "embed", "dedup", "process")
+FIRST_PHASE = {
+    "input.": "input",
+    "demo.": "input",
+    "output.samples_per_shard": "input",
+    "ingest.": "ingest",
+    "embed.": "embed",
+    "run.seed": "embed",
+    "dedup.": "dedup",
+    "select.": "dedup",
+}
+
+
+def redo_settings(rd: RunDir, changed: dict[str, tuple[Any, Any]], redo: bool) -> None:
+    """Refuse a resume whose data settings changed, naming them; with `redo`, drop the completion
+    markers of the first phase they affect and of every phase after it, so those are redone whole."""
+    first = min(
+        (next((p for k, p in FIRST_PHASE.items() if key.startswith(k)), "process") for key in changed), key=PHASES.index
+    )
+    what = "; ".join(f"{key}: {shorten(a, 30)} -> {shorten(b, 30)}" for key, (a, b) in list(changed.items())[:5])
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    if first == "input":
+        raise ConfigError(f"{rd.config_file} changed what the run reads ({what}{more}); start a new run for that")
+    if not redo:
+        raise ConfigError(
+            f"{rd.config_file} changed since the run started ({what}{more}): units finished under the old "
+            f"settings would not match the new. Put the old values back, or `denseforge resume {rd.root} "
+            f"--redo-changed` to redo the {first} phase and those after it for every unit"
+        )
+    phases = PHASES[PHASES.index(first) :]
+    stale = [
+        *(rd.markers("ingest") if "ingest" in phases else []),
+        *(rd.markers("embed") if "embed" in phases else []),
+        *([rd.dedup_summary] if "dedup" in phases else []),
+        *rd.markers("write"),
+    ]
+    for marker in stale:
+        remove(marker)

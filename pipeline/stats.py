@@ -129,12 +129,7 @@ def finalize_run(
     write_bytes(rd.report, render_report(rd, stats).encode())
     shard_names = [shard.name for shard in list_files(rd.shards, ".tar")]
     card = dataset_card(
-        sample_type,
-        config.run.name,
-        funnel,
-        shard_names,
-        "complete" if complete else "failed",
-        failed_units,
+        sample_type, config.run.name, funnel, shard_names, "complete" if complete else "failed", failed_units
     )
     write_bytes(rd.card, card.encode())
     if complete and not balanced:

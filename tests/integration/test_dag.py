@@ -317,3 +317,45 @@ def test_a_run_that_writes_nothing_fails_in_one_line(tmp_path, photo_dir):
     assert proc.returncode == 1, proc.stderr
     assert "the run wrote nothing: all " in proc.stderr and "(most often: qa/too_short" in proc.stderr, proc.stderr
     assert "WARNING: this run did not complete" in (tmp_path / "run2" / "README.md").read_text()
+
+
+def test_a_resume_with_changed_settings_is_refused_or_redoes_what_they_affect(tmp_path, photo_dir):
+    """Regression: qa.min_words edited in config.yaml, one unit's outputs deleted, resume: the redone
+    unit was judged by the new rule and the others by the old, while the run claimed the new one."""
+    import tarfile
+
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"ray: {{num_cpus: 2}}\ninput: {{kind: folder, path: {photo_dir}}}\nembed: {{enabled: false}}\n"
+        "dedup: {enabled: false}\nperceive: {enabled: true, experts: [{plugin: yolox}]}\n"
+        "fuse: {enabled: true, backend: template}\nqa: {enabled: true, min_words: 1}\noutput: {samples_per_shard: 2}\n"
+    )
+    out = tmp_path / "run"
+    run_cli("run", str(cfg), "--out", str(out))
+    before = pq.read_table(out / "manifest.parquet").num_rows
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["qa"]["min_words"] = 3  # "An image." (a photo with nothing detected) is now too short
+    config["ray"]["num_cpus"] = 2.0  # how the run goes, not what it writes: free to change
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    next((out / "shards" / "_done").glob("*.json")).unlink()
+    proc = run_cli("resume", str(out), check=False)
+    assert proc.returncode == 2, proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("denseforge: error:")]
+    assert "changed since the run started (qa.min_words: 1 -> 3)" in line and "--redo-changed" in line, line
+    assert json.loads((out / "run.json").read_text())["state"] == "complete"  # nothing was touched
+    run_cli("resume", str(out), "--redo-changed")
+    state = json.loads((out / "run.json").read_text())
+    assert state["settings"]["qa.min_words"] == 3 and state["history"][-1]["redid"]["write_units"] == 3
+    captions = []
+    for shard in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            captions += [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+    short = [r for r in pq.read_table(out / "rejects.parquet").to_pylist() if r["reason"] == "too_short"]
+    assert captions and all(len(c.split()) >= 3 for c in captions)  # every unit judged by the new rule
+    assert short and len(captions) + len(short) == before  # what the old rule wrote: now written or too short
+    config["input"]["path"] = "elsewhere"  # what the run reads: never redone in place
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = run_cli("resume", str(out), "--redo-changed", check=False)
+    assert proc.returncode == 2 and "changed what the run reads (input.path:" in proc.stderr, proc.stderr
