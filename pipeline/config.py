@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from upath import UPath
 
-from denseforge.errors import ConfigError
+from denseforge.errors import ConfigError, shorten
 from denseforge.plugin import PluginSpec, Settings
 from denseforge.stages.dedup import DedupConfig, SelectConfig
 from denseforge.stages.embed import EmbedConfig
@@ -169,9 +169,40 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {path}: required key is missing")
         else:
             got = e.get("input")
-            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            shown = shorten(got) if not isinstance(got, dict) else "a mapping"
             lines.append(f"  {path}: {e['msg']} (got {shown})")
     return "\n".join(lines)
+
+
+# More values than any real config holds: YAML aliases that expand past it are refused at load time
+# (nine levels of nine aliases are 9**9 values that a validator or a dump would walk).
+MAX_VALUES = 100_000
+
+
+def check_size(data: Any, source: str) -> Any:
+    """`data` as loaded, refused when its aliases expand to more than MAX_VALUES values (counted
+    through shared nodes once each, so the check itself stays cheap)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # a node that contains itself counts once
+            children = node.values() if isinstance(node, dict) else node
+            total = 1
+            for child in children:
+                total += size(child)
+                if total > MAX_VALUES:
+                    break
+            sizes[id(node)] = total
+        return sizes[id(node)]
+
+    if size(data) > MAX_VALUES:
+        raise ConfigError(
+            f"{source}: its YAML aliases expand to more than {MAX_VALUES} values; write the values out instead"
+        )
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -184,9 +215,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not keys:
             raise ConfigError(f"--set {item!r}: empty key")
         try:
-            value = yaml.safe_load(raw)
+            value = check_size(yaml.safe_load(raw), f"--set {dotted}")
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"--set {dotted}: value {shorten(raw)} is not valid YAML: {exc}") from exc
         node: Any = data
         for i, k in enumerate(keys):
             key: Any = k
@@ -226,7 +257,7 @@ def load_config(path: str | Path | UPath, overrides: list[str] | None = None) ->
     except OSError as exc:
         raise ConfigError(f"cannot read config {where}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = check_size(yaml.safe_load(text), str(where)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -124,6 +124,12 @@ def test_bad_config_fails_before_anything_runs(tmp_path):
     proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and "no expert plugin named 'no-such-expert'" in proc.stderr
     assert not (tmp_path / "out").exists()
+    from ..unit.test_config import _alias_levels  # a YAML alias bomb: one line, at once
+
+    cfg.write_text(_alias_levels(9, "run: {name").replace("run: {name: *l8\n", "run: {name: *l8}\n"))
+    proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"), check=False, timeout=60)
+    assert proc.returncode == 2 and "aliases expand to more than 100000 values" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_embed_pools_that_cannot_fit_fail_before_any_download(tmp_path, photo_dir):

@@ -91,3 +91,32 @@ def test_shipped_configs_validate():
     root = Path(__file__).resolve().parents[2] / "configs"
     for path in sorted(root.glob("*.yaml")):
         load_config(path, ["input.path=x.parquet"] if "demo" not in path.name else [])
+
+
+def _alias_levels(levels: int, under: str) -> str:
+    """A YAML 'billion laughs': each level is nine aliases of the one before, `under` names the last."""
+    lines = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for n in range(1, levels):
+        lines.append(f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]")
+    return "\n".join(lines) + f"\n{under}: *l{levels - 1}\ninput: {{path: x}}\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_load_time_and_values_are_quoted_short(tmp_path):
+    """Regression: nine levels of nine aliases under run.name — the validator's message repr'd the
+    expanded value (killed at 120 s, 1.3 GB)."""
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_levels(9, "run: {name").replace("run: {name: *l8\n", "run: {name: *l8}\n"))
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases expand to more than 100000 values"):
+        load_config(bomb)
+    assert time.perf_counter() - start < 10  # refused, not expanded
+    small = tmp_path / "small.yaml"  # 9**3 values: loads, and the type error quotes it cut short
+    small.write_text(_alias_levels(3, "run: {name").replace("run: {name: *l2\n", "run: {name: *l2}\n"))
+    with pytest.raises(ConfigError) as err:
+        load_config(small)
+    line = next(x for x in str(err.value).splitlines() if "run.name" in x)
+    assert len(line) < 200 and "chars)" in line, line
+    with pytest.raises(ConfigError, match="--set run.name: its YAML aliases expand"):
+        apply_overrides({}, ["run.name=" + _alias_levels(9, "z")])
