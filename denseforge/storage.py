@@ -237,7 +237,8 @@ def _json(path: UPath | Path, data: bytes) -> Any:
     except ValueError as exc:
         raise StorageError(
             f"{url(path)} is not valid JSON ({exc}; {len(data)} bytes): it was cut short or is not "
-            "denseforge's; restore or delete it"
+            "denseforge's. Restore it; a unit's completion marker (raw/, embeddings/, shards/_done/) or "
+            "stats.json may be deleted instead, and `denseforge resume` redoes what it recorded"
         ) from None
 
 

@@ -135,7 +135,7 @@ def export_run(
             f"so there is nothing to read back (choose one of {', '.join(DIALECTS)})"
         )
     rd = RunDir(root)
-    rd.load_config()
+    rd.check_run()
     state = check_exportable(rd, allow_incomplete)
     prepare_out(out, overwrite)
     target, checked = _write(rd, spec, out, check)

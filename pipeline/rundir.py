@@ -223,9 +223,13 @@ class RunDir:
         state = {"denseforge": __version__, "state": "running", "settings": data_settings(config)}
         write_json_atomic(self.run_file, state)
 
-    def load_config(self) -> Config:
+    def check_run(self) -> None:
+        """Refuse a directory that does not hold a run (reads neither file)."""
         if not self.run_file.exists() or not self.config_file.exists():
             raise RunDirError(f"{self.root} is not a denseforge run directory (no run.json/config.yaml)")
+
+    def load_config(self) -> Config:
+        self.check_run()
         return load_config(self.config_file)
 
     @contextmanager

@@ -72,7 +72,7 @@ def show(root: UPath, key: str, out: Path | None = None) -> UPath | Path:
     """Render `key` to a PNG: `out`, else DIR/show/KEY.png for a local run, else ./KEY.png (a run
     in an object store is read, never written, by `show`)."""
     rd = RunDir(root)
-    rd.load_config()
+    rd.check_run()
     sample, image = load_sample(rd, key)
     target: UPath | Path = out or (
         rd.root / "show" / f"{key}.png" if is_local(rd.root) else Path(f"{key}.png").resolve()

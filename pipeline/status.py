@@ -32,7 +32,7 @@ def _recent(markers: list[UPath], now: float) -> int:
 def run_status(root: UPath) -> dict[str, Any]:
     """The run's state as one JSON-able dict (what `status --json` prints)."""
     rd = RunDir(root)
-    rd.load_config()  # raises RunDirError for a foreign directory
+    rd.check_run()
     state = rd.read_state()
     holder = rd.holder()
     out: dict[str, Any] = {

@@ -79,6 +79,33 @@ def test_the_cards_webdataset_snippet_reads_every_written_sample(demo_run):
     assert len(seen) == 10 and "9999999" not in card and 'pip install "denseforge[hf]"' in card
 
 
+def test_truncated_run_files_are_one_line_naming_the_file(demo_run, tmp_path):
+    """Regression: a truncated run.json, stats.json or marker made `status` and `resume` print a
+    JSONDecodeError traceback; an empty config.yaml hid the run's state behind a config error."""
+    import shutil
+
+    src, _ = demo_run
+    cut = {}
+    for name in ("run.json", "stats.json", "raw/0000000.ingested.json", "shards/_done/0000000.json"):
+        cut[name] = out = tmp_path / name.replace("/", "_")
+        shutil.copytree(src, out, ignore=shutil.ignore_patterns("export"))
+        (out / name).write_bytes((out / name).read_bytes()[:20])
+    for name in ("run.json", "stats.json", "shards/_done/0000000.json"):  # what status reads
+        proc = run_cli("status", str(cut[name]), check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{cut[name] / name} is not valid JSON" in proc.stderr and "cut short" in proc.stderr
+    for name in ("raw/0000000.ingested.json", "shards/_done/0000000.json"):  # what resume reads
+        proc = run_cli("resume", str(cut[name]), check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{cut[name] / name} is not valid JSON" in proc.stderr
+    out = cut[name]
+    (out / name).unlink()  # as the message says: resume redoes the unit
+    run_cli("resume", str(out))
+    (out / "config.yaml").write_text("")
+    status = run_cli("status", str(out)).stdout
+    assert status.startswith(f"run {out}: complete"), status
+
+
 def test_export_folders_are_not_mixed_and_flags_are_not_ignored(demo_run, tmp_path):
     """A non-empty --out is refused (or replaced with --overwrite, only when it holds an export);
     images are named by their content, so two runs' exports cannot overwrite each other's;
