@@ -318,6 +318,8 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     }
     for e in sorted(sweep):
         progress.note(f"epsilon sweep: epsilon={e:<5} keeps {sweep[e]} of {n} embedded images")
+    if config.embed.weights == "random":
+        progress.note("epsilon sweep: the embeddings come from random weights (embed.weights), so it means nothing")
     write_json_atomic(summary_file, summary)
     for path in scratch:  # the shuffle: ~3 copies of the embeddings, of no use once decided
         remove_tree(path)

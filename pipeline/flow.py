@@ -16,6 +16,7 @@ from denseforge.pipeline.config import Config, StageSpec
 from denseforge.pipeline.rundir import RunDir
 from denseforge.plugin import EXPERTS, STAGES, PluginEntry, Resources, configure, entries, load_entry, load_plugin
 from denseforge.stages.embed import EmbedStage, PixelSpec, PixelStage
+from denseforge.stages.perceive import plan_experts
 from denseforge.stages.stage import Flow, Stage
 
 
@@ -88,6 +89,20 @@ def build_stages(config: Config, rd: RunDir) -> list[StageRun]:
             )
     check_groups(runs)
     return runs
+
+
+def untrained_models(config: Config) -> list[str]:
+    """The models of this config that have random weights (plumbing tests, the demo): the report,
+    the dataset card and the epsilon sweep say so, since their outputs carry no meaning."""
+    found = []
+    if config.embed.enabled and config.embed.weights == "random":
+        found.append(f"embed ({config.embed.model})")
+    if config.perceive.enabled:
+        found += [f"expert {spec.instance}" for spec, expert, _ in plan_experts(config.perceive) if expert.untrained()]
+    clip = config.qa.clip
+    if config.fuse.enabled and config.qa.enabled and clip is not None and clip.weights == "random":
+        found.append(f"qa.clip ({clip.model})")
+    return found
 
 
 def plugin_stage(spec: StageSpec, where: str) -> StageRun:

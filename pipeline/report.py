@@ -82,7 +82,10 @@ def charts(stats: dict[str, Any], scores: list[dict[str, float]]) -> list[tuple[
         ax.set_xlabel("epsilon (duplicate when cosine > 1 - epsilon)")
         ax.set_ylabel("images kept")
         ax.set_xscale("log")
-        out.append(("Epsilon sweep", _svg(fig)))
+        random = any(m.startswith("embed ") for m in stats.get("untrained", []))
+        if random:
+            ax.set_title("random embedding weights: these counts carry no meaning", fontsize=8, color="#b00")
+        out.append(("Epsilon sweep" + (" (random embedding weights)" if random else ""), _svg(fig)))
     names = sorted({k for s in scores for k in s})
     if names:
         fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.0), squeeze=False)
@@ -249,6 +252,17 @@ def examples(rd: RunDir) -> str:
     return "\n".join(parts) or "<p>Nothing was rejected or removed.</p>"
 
 
+def random_line(untrained: list[str]) -> str:
+    """One visible line naming the models with random weights, or nothing."""
+    if not untrained:
+        return ""
+    return (
+        f"<p style='background:#fde8e8;padding:6px 10px;border-left:4px solid #b00'><b>Random weights: "
+        f"{esc(', '.join(untrained))}.</b> Their outputs carry no meaning (a plumbing test or the demo); they never "
+        "reach a caption, grounding or the quality gate.</p>\n"
+    )
+
+
 def render_report(rd: RunDir, stats: dict[str, Any]) -> str:
     """The whole page, self-contained."""
     f = stats["funnel"]
@@ -280,6 +294,7 @@ def render_report(rd: RunDir, stats: dict[str, Any]) -> str:
 .caption{{font-size:14px}}.meta{{font-size:12px;color:#555}}mark{{color:inherit}}pre{{font-size:11px;white-space:pre-wrap}}
 .chart svg{{max-width:100%;height:auto}}</style></head><body>
 <h1>denseforge run: {esc(stats["run"]["name"])}{"" if stats["complete"] else " (failed, incomplete)"}</h1>
+{random_line(stats.get("untrained", []))}
 <p>{f["input_rows"]} input rows → {f["written"]} written, {f["rejected"]} rejected, {f["removed"]} removed
 {("(" + removed + ")") if removed else ""} · balanced: {f["balanced"]}</p>
 {figures}

@@ -18,6 +18,7 @@ from denseforge import __version__
 from denseforge.errors import DenseforgeError, RunFailedError
 from denseforge.pipeline.accounting import StageCounts, failures, merge_counts
 from denseforge.pipeline.config import Config
+from denseforge.pipeline.flow import untrained_models
 from denseforge.pipeline.report import render_report
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages.card import dataset_card, decode_type, merge_types
@@ -125,6 +126,7 @@ def finalize_run(
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "versions": versions(),
         "run": {"name": config.run.name, "seed": config.run.seed},
+        "untrained": untrained_models(config),
     }
     write_bytes(rd.report, render_report(rd, stats).encode())
     shard_names = [shard.name for shard in list_files(rd.shards, ".tar")]

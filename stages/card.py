@@ -99,6 +99,7 @@ def dataset_card(
     shard_names: list[str],
     state: str = "complete",
     failed_units: int = 0,
+    untrained: list[str] | None = None,
 ) -> str:
     """README.md with the YAML header `datasets` reads and a short card for people. A run that did
     not complete says so first, in the card and its tags: its shards are not a finished dataset."""
@@ -123,6 +124,12 @@ def dataset_card(
         warning = (
             f"> **Note: {failed_units} input unit(s) failed to download**; their rows are `ingest/ingest_failed` "
             "rejects, and `denseforge resume` retries them.\n\n"
+        )
+    if untrained:
+        tags.append("random-weights")
+        warning += (
+            f"> **Random weights: {', '.join(untrained)}.** Their outputs carry no meaning (a plumbing test or "
+            "the demo); they never reach a caption, grounding or the quality gate.\n\n"
         )
     header = {
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],

@@ -31,6 +31,38 @@ class ExpertSpec(PluginSpec):
     score_threshold: float = Field(0.0, ge=0, le=1, description="boxes below it are ignored when detectors merge")
 
 
+class OcrGate(Settings):
+    """Which OCR lines count as evidence. A recogniser reads something into many photos without
+    text: a stray digit or glyph, scored low, or a short line over much of the image. Lines that
+    fail are kept out of the sample (counted per reason in the merge stage's counters)."""
+
+    min_score: float = Field(0.8, ge=0, le=1, description="a line scored below this is dropped")
+    single_char_min_score: float = Field(
+        0.95, ge=0, le=1, description="a line of one character (the commonest misread) needs at least this score"
+    )
+    short_max_area: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="a line of at most 3 characters whose box covers more than this share of the image is dropped",
+    )
+
+    def reason(self, line: dict[str, Any], width: int, height: int) -> str | None:
+        """Why `line` is not evidence, or None when it is."""
+        text = "".join(str(line.get("text", "")).split())
+        score = float(line.get("score", 1.0))
+        if not text:
+            return "ocr_empty"
+        if score < self.min_score:
+            return "ocr_low_score"
+        if len(text) == 1 and score < self.single_char_min_score:
+            return "ocr_single_char"
+        x0, y0, x1, y1 = line.get("box") or (0, 0, 0, 0)
+        if len(text) <= 3 and (x1 - x0) * (y1 - y0) > self.short_max_area * width * height:
+            return "ocr_implausible_box"
+        return None
+
+
 class PerceiveConfig(Settings):
     enabled: bool = False
     experts: list[ExpertSpec] = Field(default_factory=list)
@@ -39,6 +71,7 @@ class PerceiveConfig(Settings):
     )
     merge_iou: float = Field(0.65, gt=0, le=1, description="IoU at which boxes of several detectors agree")
     merge_min_votes: int = Field(1, ge=1, description="detectors that must agree on a box (GranD: 2)")
+    ocr_gate: OcrGate = OcrGate()
 
     @model_validator(mode="after")
     def _unique_names(self) -> PerceiveConfig:
@@ -186,7 +219,8 @@ class ExpertStage(Stage):
 
 class MergeStage(Stage[PerceiveConfig]):
     """Merge staged outputs per kind: detectors by IoU voting, the rest concatenated (tagged with
-    their source when several experts share a kind); per-expert score thresholds apply. Experts
+    their source when several experts share a kind); per-expert score thresholds apply, and OCR
+    lines pass `ocr_gate`. Experts
     with random weights (`untrained`) fed their consumers already; here their observations are
     left out of the sample's evidence, and its provenance says how many."""
 
@@ -229,8 +263,21 @@ class MergeStage(Stage[PerceiveConfig]):
                         for obs in found
                         if obs.get("score", 1.0) >= thresholds.get(name, 0.0)
                     ]
+            if "ocr" in merged:
+                merged["ocr"] = self.gate_ocr(item, merged["ocr"])
             item.sample.experts = merged
         return [None] * len(batch)
+
+    def gate_ocr(self, item: Item, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The lines that pass `ocr_gate`; the others counted by reason in the item's counters."""
+        kept = []
+        for line in lines:
+            why = self.options.ocr_gate.reason(line, item.sample.width, item.sample.height)
+            if why is None:
+                kept.append(line)
+            else:
+                item.counts[why] = item.counts.get(why, 0) + 1
+        return kept
 
 
 def sanitize(

@@ -21,6 +21,11 @@ def demo_run(tmp_path_factory):
 
 def test_the_demo_captions_what_yolox_really_saw(demo_run):
     out, proc = demo_run
+    # its random-weight models are named where their outputs show (regression: only in provenance)
+    named = "Random weights: embed (df-tiny-clip), expert tagger."
+    assert named in (out / "report.html").read_text() and named in (out / "README.md").read_text()
+    assert "random embedding weights: these counts carry no meaning" in (out / "report.html").read_text()
+    assert "epsilon sweep: the embeddings come from random weights" in proc.stderr
     assert "33 input rows" in proc.stderr and "balanced: True" in proc.stderr
     # every planted copy found: the coffee variants as pHash copies (regression: with dedup.border
     # at 0.02 one of them sat across the clusters' boundary and was kept: 11 written, 9 removed)

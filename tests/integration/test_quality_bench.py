@@ -22,3 +22,8 @@ def test_bench_quality_meets_its_goals(tmp_path):
         r["detection"]["recall_at_iou_0.5"] >= 0.8
     )  # YOLOX-Nano as measured: misses the spoon, a tie, a cut-off person
     assert r["captions"]["captions_with_the_planted_instruction"] == 0 and r["captions"]["coverage"] == 1.0
+    # text-free photos: OCR really invents lines there (the demo's "8" and "K"), none passes the gate,
+    # and the gate keeps every rendered line that was read verbatim
+    assert r["text_free"]["lines_read"] >= 2 and r["text_free"]["lines_past_gate"] == 0, r["text_free"]
+    assert {"astronaut/stored", "coffee/stored"} <= {line["photo"] for line in r["text_free"]["read"]}
+    assert r["ocr"]["verbatim_past_gate"] == r["ocr"]["verbatim"]

@@ -77,3 +77,25 @@ def test_a_built_in_phase_is_not_placed_by_a_stages_entry(tmp_path):
     config = parse_config({**CONFIG, "stages": [{"plugin": "qa", "after": "fuse"}]})
     with pytest.raises(ConfigError, match=r"stages\[0\]\.plugin: 'qa' is a built-in phase"):
         flow.build_stages(config, RunDir(tmp_path / "run"))
+
+
+def test_the_models_with_random_weights_are_named_for_the_report_card_and_sweep():
+    config = parse_config(
+        {
+            **CONFIG,
+            "embed": {"enabled": True, "model": "df-tiny-clip", "weights": "random"},
+            "perceive": {
+                "enabled": True,
+                "experts": [
+                    {"plugin": "yolox"},
+                    {
+                        "plugin": "clip-tags",
+                        "name": "tagger",
+                        "options": {"model": "df-tiny-clip", "weights": "random"},
+                    },
+                ],
+            },
+        }
+    )
+    assert flow.untrained_models(config) == ["embed (df-tiny-clip)", "expert tagger"]
+    assert flow.untrained_models(parse_config(CONFIG)) == []  # real YOLOX weights, embed off

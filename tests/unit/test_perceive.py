@@ -291,14 +291,14 @@ def test_merge_applies_each_instances_threshold_and_names_sources_only_when_seve
     items[0].sample.experts = {
         "tags@a": [{"label": "x", "score": 0.4}, {"label": "y", "score": 0.5}],
         "tags@b": [{"label": "z", "score": 0.1}],
-        "ocr@c": [{"text": "hi", "score": 0.1}],
+        "ocr@c": [{"text": "hi", "score": 0.9}],
         "tags@r": [{"label": "noise", "score": 0.9}],
     }
     assert (MergeStage.name, MergeStage.Options) == ("merge", PerceiveConfig)
     assert MergeStage(cfg, untrained=frozenset({"r"})).process(items) == [None]
     assert items[0].sample.experts == {
         "tags": [{"label": "y", "score": 0.5, "source": "a"}, {"label": "z", "score": 0.1, "source": "b"}],
-        "ocr": [{"text": "hi", "score": 0.1}],
+        "ocr": [{"text": "hi", "score": 0.9}],
     }
     assert items[0].sample.provenance["experts"]["r"] == {
         "excluded": "random weights: 1 observation(s) kept out of the evidence"
@@ -315,3 +315,29 @@ def test_merge_votes_when_two_detectors_saw_objects_and_passes_one_detector_thro
     MergeStage(PerceiveConfig(merge_min_votes=2)).process(items)
     assert items[0].sample.experts == {"objects": [{**dog, "sources": ["a", "b"]}]}
     assert items[1].sample.experts == {"objects": [dog]}  # one detector: its boxes as they are
+
+
+def test_the_ocr_gate_keeps_misreads_of_text_free_photos_out_of_the_evidence():
+    """Regression: the demo's coffee photo read "8" (0.60, a box over ~80 % of the image) and the
+    astronaut "K" (0.74); both reached the caption as visible text."""
+    from denseforge.stages.perceive import MergeStage, PerceiveConfig
+
+    items = _items(1)
+    w, h = items[0].sample.width, items[0].sample.height
+    lines = [
+        {"text": "8", "score": 0.60, "box": [0.05 * w, 0, 0.9 * w, h]},  # low score
+        {"text": "K", "score": 0.74, "box": [0, 0, 0.05 * w, 0.06 * h]},  # low score
+        {"text": "字", "score": 0.9, "box": [0, 0, 0.05 * w, 0.05 * h]},  # one character, not sure enough
+        {"text": "OK", "score": 0.99, "box": [0, 0, 0.8 * w, 0.5 * h]},  # two letters over 40 % of the image
+        {"text": "8", "score": 0.98, "box": [0, 0, 0.05 * w, 0.05 * h]},  # a confident small digit: kept
+        {"text": "Open 24 hours", "score": 0.99, "box": [0, 0, 0.9 * w, 0.5 * h]},  # a real sign: kept
+    ]
+    items[0].sample.experts = {"ocr": lines}
+    assert MergeStage(PerceiveConfig(experts=[{"plugin": "rapidocr"}])).process(items) == [None]
+    assert [line["text"] for line in items[0].sample.experts["ocr"]] == ["8", "Open 24 hours"]
+    assert items[0].counts == {"ocr_low_score": 2, "ocr_single_char": 1, "ocr_implausible_box": 1}
+    loose = PerceiveConfig(experts=[{"plugin": "rapidocr"}], ocr_gate={"min_score": 0.5, "short_max_area": 1})
+    items = _items(1)
+    items[0].sample.experts = {"ocr": lines[:2]}
+    MergeStage(loose).process(items)  # configurable: one character still needs 0.95
+    assert items[0].sample.experts["ocr"] == [] and items[0].counts == {"ocr_single_char": 2}
