@@ -193,7 +193,8 @@ def compose_template_caption(sample: Sample) -> str:
         listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + f" and {named[-1]}"
         sentences.append(f"The image shows {listed}.")
         largest = max(objects, key=lambda o: (o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]))
-        sentences.append(f"The largest {largest['label']} is {_where(largest['box'], sample.width, sample.height)}.")
+        which = "The largest" if counts[largest["label"]] > 1 else "The"  # "largest" only among several
+        sentences.append(f"{which} {largest['label']} is {_where(largest['box'], sample.width, sample.height)}.")
     text = [o["text"] for o in sample.experts.get("ocr", []) if o.get("text", "").strip()]
     if text:
         quoted = " and ".join(f'"{t}"' for t in text[:6])

@@ -595,3 +595,27 @@ def test_region_captions_with_the_transformers_backend_are_refused_at_config_tim
     with pytest.raises(ValidationError, match="region_top_k"):
         FuseConfig(backend="transformers", region_top_k=2)
     assert FuseConfig(backend="openai", region_top_k=2).region_top_k == 2
+
+
+def test_template_sentences_are_true_of_what_was_seen():
+    """Regression: 'The largest person is in the centre' with one person; 'the largest dining
+    table' for one table."""
+    from denseforge.stages.fuse import compose_template_caption
+
+    one = make_sample(objects=[{"label": "person", "score": 0.9, "box": [30, 20, 70, 90]}], ocr=[], tags=[])
+    assert compose_template_caption(one) == "The image shows a person. The person is in the centre."
+    cup_and_table = [
+        {"label": "cup", "score": 0.9, "box": [40, 40, 50, 50]},
+        {"label": "dining table", "score": 0.8, "box": [0, 30, 100, 100]},
+    ]
+    caption = compose_template_caption(make_sample(objects=cup_and_table, ocr=[], tags=[]))
+    assert "The dining table is at the bottom centre." in caption and "largest" not in caption
+    two = compose_template_caption(make_sample(ocr=[], tags=[]))  # two dogs and a car: the car is largest
+    assert "The image shows two dogs and a car. The car is at the bottom centre." in two
+    dogs = [
+        {"label": "dog", "score": 0.9, "box": [0, 0, 20, 20]},
+        {"label": "dog", "score": 0.9, "box": [50, 50, 90, 90]},
+    ]
+    assert "The largest dog is at the bottom right." in compose_template_caption(
+        make_sample(objects=dogs, ocr=[], tags=[])
+    )
