@@ -40,31 +40,60 @@ def load_sample(rd: RunDir, key: str) -> tuple[Sample, bytes]:
     return sample, image
 
 
+def place_labels(
+    anchors: list[tuple[float, float]], size: tuple[int, int], bounds: tuple[int, int]
+) -> list[tuple[int, int]]:
+    """Top-left corners for labels of `size`, one per anchor (a box's top-left corner): just above
+    the box, else inside it, else stepped down, so that no two labels overlap while there is room."""
+    w, h = size
+    placed: list[tuple[int, int]] = []
+
+    def free(x: int, y: int) -> bool:
+        return all(x >= px + w or px >= x + w or y >= py + h or py >= y + h for px, py in placed)
+
+    for ax, ay in anchors:
+        x = min(max(0, int(ax)), max(0, bounds[0] - w))
+        tries = [int(ay) - h, int(ay)] + [int(ay) + k * h for k in range(1, bounds[1] // max(1, h) + 1)]
+        spots = [(x, min(max(0, y), max(0, bounds[1] - h))) for y in tries]
+        spots += [(sx, sy) for sy in range(0, max(1, bounds[1] - h + 1), h) for sx in range(0, bounds[0] - w + 1, w)]
+        placed.append(next((spot for spot in spots if free(*spot)), spots[0]))
+    return placed
+
+
 def render_sample(sample: Sample, image: bytes, width: int = 900) -> Image.Image:
-    """The image with object boxes (red) and OCR boxes (blue), the caption underneath."""
+    """The image with numbered object boxes (red) and OCR boxes (blue), each number on a filled tag
+    so it reads on any photo; under it a legend (number, label or text, score), the caption and
+    the grounded phrases."""
     picture = Image.open(io.BytesIO(image)).convert("RGB")
-    draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default(size=max(12, picture.width // 45))
-    for kind, colour in COLOURS.items():
-        for obs in sample.experts.get(kind, []):
-            draw.rectangle(obs["box"], outline=colour, width=max(2, picture.width // 250))
-            label = obs.get("label") or obs.get("text", "")
-            draw.text(
-                (obs["box"][0] + 3, obs["box"][1] + 2), f"{label} {obs.get('score', 1.0):.2f}", fill=colour, font=font
-            )
     scale = width / picture.width
     picture = picture.resize((width, max(1, round(picture.height * scale))))
+    draw = ImageDraw.Draw(picture)
+    tag_font = ImageFont.load_default(size=14)
+    found = [(kind, obs) for kind in COLOURS for obs in sample.experts.get(kind, []) if obs.get("box")]
+    tag_w = round(draw.textlength(str(len(found)), font=tag_font)) + 8  # the widest number
+    spots = place_labels([(o["box"][0] * scale, o["box"][1] * scale) for _, o in found], (tag_w, 18), picture.size)
+    for kind, obs in found:  # every box first, so no box is drawn over a tag
+        draw.rectangle([v * scale for v in obs["box"]], outline=COLOURS[kind], width=2)
+    for i, ((kind, _), (x, y)) in enumerate(zip(found, spots, strict=True)):
+        draw.rectangle([x, y, x + tag_w - 1, y + 17], fill=COLOURS[kind], outline=(255, 255, 255))
+        draw.text((x + 4, y + 1), str(i + 1), fill=(255, 255, 255), font=tag_font)
     body = ImageFont.load_default(size=16)
+    legend = [
+        (COLOURS[kind], f"{i + 1}  {obs.get('label') or obs.get('text', '')}  {obs.get('score', 1.0):.2f}  ({kind})")
+        for i, (kind, obs) in enumerate(found)
+    ]
     lines = (
-        textwrap.wrap(sample.caption or "(no caption)", width=100)
-        + [""]
-        + [f"{g.phrase!r} -> {g.source}" for g in sample.grounding[:12]]
+        legend
+        + [((20, 20, 20), "")]
+        + [((20, 20, 20), line) for line in textwrap.wrap(sample.caption or "(no caption)", width=100)]
+        + [((20, 20, 20), "")]
+        + [((20, 20, 20), f"{g.phrase!r} -> {g.source}") for g in sample.grounding[:12]]
     )
     canvas = Image.new("RGB", (width, picture.height + 22 * len(lines) + 20), "white")
     canvas.paste(picture, (0, 0))
     text = ImageDraw.Draw(canvas)
-    for i, line in enumerate(lines):
-        text.text((10, picture.height + 10 + 22 * i), line, fill=(20, 20, 20), font=body)
+    for i, (colour, line) in enumerate(lines):
+        text.text((10, picture.height + 10 + 22 * i), line, fill=colour, font=body)
     return canvas
 
 
