@@ -97,7 +97,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if checked:
         bad = [c for c in checked if not c["ok"]]
         print(
-            f"check: {len(checked) - len(bad)} of {len(checked)} records read back within half a unit of "
+            f"check: {len(checked) - len(bad)} of {len(checked)} records read back within the tolerance of "
             f"{spec.dialect().name}; pictures in {out / 'check'}",
             file=sys.stderr,
         )

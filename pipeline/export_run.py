@@ -196,7 +196,7 @@ def check_records(
 ) -> list[dict[str, Any]]:
     """Read the first records back from `target` as a trainer would — the exported text alone,
     parsed in the dialect and mapped to pixels — and compare with the boxes they were made from:
-    each coordinate within half a unit of the dialect. Draws out/check/ID.png: the original boxes
+    each coordinate within the dialect's tolerance. Draws out/check/ID.png: the original boxes
     (left) beside the read-back ones (right); writes out/check/check.json."""
     (out / "check").mkdir(exist_ok=True)
     results = []
@@ -217,7 +217,7 @@ def check_records(
                 for e, g in zip(expected, back, strict=False)  # a record with boxes missing is flagged below
             ]
             worst = max(errors, default=0.0)
-            ok = len(back) == len(expected) and worst <= 0.5 + 1e-6
+            ok = len(back) == len(expected) and worst <= d.tolerance + 1e-6
             picture = out / "check" / f"{rec['id']}.png"
             _draw_pair(out / path, expected, back, picture)
             results.append(

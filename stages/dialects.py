@@ -42,6 +42,8 @@ class Dialect:
     """The base: relative 0-1000 coordinates, rounded to the nearest unit (error <= half a unit)."""
 
     name: ClassVar[str]
+    # how far (in units) a read-back coordinate may be from the box it was made from
+    tolerance: ClassVar[float] = 0.5
     caption_prompt: ClassVar[str] = "Describe this image in detail, and give the box of every object you mention."
 
     # -- coordinates --------------------------------------------------------------------------
@@ -191,6 +193,7 @@ class Qwen25VL(_JsonAnswers):
     max_pixels: int = 28 * 28 * 16384
     factor: int = 28
     name: ClassVar[str] = "qwen2.5-vl"
+    tolerance: ClassVar[float] = 1.0  # the clamp to side - 1 moves a border edge by up to one unit
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after Qwen2-VL's `smart_resize` (same rounding as the processor's)."""
@@ -210,13 +213,27 @@ class Qwen25VL(_JsonAnswers):
         w, h = self.resized(width, height)
         return w / width, h / height, 0.0, 0.0
 
+    def quantize(self, value, top):
+        """Qwen's own `convert_to_qwen25vl_format`: rounded, then clamped to [0, side - 1], so an
+        edge at the image's border reads back one unit inside it."""
+        return max(0, min(round(top) - 1, round(value)))
+
 
 class Qwen3VL(_JsonAnswers):
     name = "qwen3-vl"
 
 
 class InternVL(Dialect):
+    """InternVL's own conversion truncates (`int(x / w * 1000)`); read back at the middle of the
+    unit the truncation kept, so the error stays within half a unit."""
+
     name = "internvl"
+
+    def quantize(self, value, top):
+        return max(0, min(round(top), math.floor(value)))
+
+    def decode(self, values, width, height):
+        return [min(v + 0.5, 1000) * (width, height)[i % 2] / 1000 for i, v in enumerate(values)]
     _REF = re.compile(r"<ref>(.*?)</ref>(?:<box>(.*?)</box>)?", re.DOTALL)
 
     def box_text(self, values):
