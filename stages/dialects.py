@@ -228,13 +228,13 @@ class InternVL(Dialect):
     unit the truncation kept, so the error stays within half a unit."""
 
     name = "internvl"
+    _REF = re.compile(r"<ref>(.*?)</ref>(?:<box>(.*?)</box>)?", re.DOTALL)
 
     def quantize(self, value, top):
         return max(0, min(round(top), math.floor(value)))
 
     def decode(self, values, width, height):
         return [min(v + 0.5, 1000) * (width, height)[i % 2] / 1000 for i, v in enumerate(values)]
-    _REF = re.compile(r"<ref>(.*?)</ref>(?:<box>(.*?)</box>)?", re.DOTALL)
 
     def box_text(self, values):
         return f"<box>[{json.dumps(list(values))}]</box>"
