@@ -259,13 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-pixels", type=int, default=None, help="qwen2.5-vl: the processor's min_pixels (3136)")
     p.add_argument("--max-pixels", type=int, default=None, help="qwen2.5-vl: the processor's max_pixels (12845056)")
-    p.add_argument(
-        "--check",
-        type=count,
-        default=0,
-        metavar="N",
-        help="dialects: read the first N records back from the exported text and draw them beside the original boxes",
-    )
+    p.add_argument("--check", type=count, default=0, metavar="N", help="dialects: read N records back, draw them")
     p.add_argument("--out", help="output folder, empty or new (default DIR/export/FORMAT[-LAYOUT])")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.add_argument(

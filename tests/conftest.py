@@ -23,6 +23,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from denseforge.pipeline.demo import LoopbackImageServer, load_photo  # noqa: E402
@@ -66,6 +67,13 @@ def run_cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.
     if check and proc.returncode != 0:
         raise AssertionError(f"denseforge {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def config_file(tmp: Path, name: str = "c.yaml", **sections) -> Path:
+    """A run config from its sections (`ray={"num_cpus": 2}`, `input=...`), written as YAML."""
+    path = tmp / name
+    path.write_text(yaml.safe_dump(sections))
+    return path
 
 
 def every_phase_config(tmp: Path, table, name: str = "c.yaml", **ray: float) -> Path:

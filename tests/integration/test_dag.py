@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from ..conftest import run_cli
+from ..conftest import config_file, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -302,11 +302,9 @@ def test_a_run_that_writes_nothing_fails_in_one_line(tmp_path, photo_dir):
 
     table = tmp_path / "dead.parquet"
     pq.write_table(pa.table({"url": [f"http://127.0.0.1:1/{i}.jpg" for i in range(30)], "caption": ["x"] * 30}), table)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        f"ray: {{num_cpus: 2}}\ninput: {{path: {table}}}\ningest: {{allow_private_addresses: true, timeout_s: 2}}\n"
-        "embed: {enabled: false}\ndedup: {enabled: false}\n"
-    )
+    off = {"enabled": False}
+    ingest = {"allow_private_addresses": True, "timeout_s": 2}
+    cfg = config_file(tmp_path, ray={"num_cpus": 2}, input={"path": str(table)}, ingest=ingest, embed=off, dedup=off)
     out = tmp_path / "run"
     proc = run_cli("run", str(cfg), "--out", str(out), check=False)
     assert proc.returncode == 1, proc.stderr
@@ -315,10 +313,9 @@ def test_a_run_that_writes_nothing_fails_in_one_line(tmp_path, photo_dir):
     assert json.loads((out / "run.json").read_text())["state"] == "failed"
     assert not (out / "shards" / "_done").exists() or not list((out / "shards" / "_done").iterdir())
     # rows that all downloaded, then all rejected: a run that wrote nothing is not a success either
-    cfg.write_text(
-        f"ray: {{num_cpus: 2}}\ninput: {{kind: folder, path: {photo_dir}}}\nembed: {{enabled: false}}\n"
-        "dedup: {enabled: false}\nfuse: {enabled: true, backend: template}\nqa: {enabled: true, min_words: 390}\n"
-    )
+    folder = {"kind": "folder", "path": str(photo_dir)}
+    fuse, qa = {"enabled": True, "backend": "template"}, {"enabled": True, "min_words": 390}
+    cfg = config_file(tmp_path, ray={"num_cpus": 2}, input=folder, embed=off, dedup=off, fuse=fuse, qa=qa)
     proc = run_cli("run", str(cfg), "--out", str(tmp_path / "run2"), check=False)
     assert proc.returncode == 1, proc.stderr
     assert "the run wrote nothing: all " in proc.stderr and "(most often: qa/too_short" in proc.stderr, proc.stderr
