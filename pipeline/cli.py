@@ -142,8 +142,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.name == "embed":
         options = {"images": args.images or 256, "batch_size": args.batch_size, "model": args.model}
     elif args.name == "dedup":
+        from denseforge.pipeline.bench.dedup import Corpus
+
         options = {
             "sizes": tuple(args.sizes),
+            "corpus": Corpus(kind=args.corpus),
             "epsilon": args.epsilon,
             "baseline_n": args.baseline_n,
             "pipeline": args.pipeline,
@@ -300,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="K",
         help="dedup: instead, assignment of --sizes[0] rows to a two-level index of K centroids",
+    )
+    p.add_argument(
+        "--corpus",
+        choices=["isotropic", "hierarchical"],
+        default="isotropic",
+        help="dedup: topics drawn independently (the worst case), or inside broad topics as real embeddings are",
     )
     p.add_argument("--store", help="io: an object-store URL to measure (default: a loopback S3 server)")
     p.add_argument("--gpu", action="store_true", help="experts: share one GPU between the experts in equal fractions")

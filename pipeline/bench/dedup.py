@@ -4,8 +4,9 @@ time and peak memory of our dedup, against a brute-force baseline at a size it c
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -16,17 +17,58 @@ if TYPE_CHECKING:
     from denseforge.stages.dedup import DedupConfig
 
 
-def planted_embeddings(
-    n: int, dim: int = 512, dup_fraction: float = 0.1, topics: int | None = None, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """n L2-normalised vectors: topic-structured originals (intra-topic cosine ~0.5) and planted
-    near-copies (cosine ~0.98 to their original). Returns (vectors, group id per row)."""
-    rng = np.random.default_rng(seed)
-    copies = int(n * dup_fraction)
+@dataclass(frozen=True)
+class Corpus:
+    """A planted-duplicate embedding corpus. `isotropic`: topic centres drawn independently (the
+    worst case for a two-level index: its coarse cells mean nothing). `hierarchical`: topics inside
+    broad topics, as real CLIP embeddings are (what two-level indexes rely on). Stated cosines
+    (in high dimension): a copy to its original ~0.98, an original to its topic centre ~0.71, a
+    hierarchical topic to its broad topic `topic_to_broad`."""
+
+    kind: Literal["isotropic", "hierarchical"] = "isotropic"
+    dim: int = 512
+    seed: int = 0
+    dup_fraction: float = 0.1
+    rows_per_topic: int = 200
+    topics_per_broad: int = 50
+    topic_to_broad: float = 0.8
+
+    def describe(self) -> dict[str, Any]:
+        """The corpus's parameters, for the bench's JSON."""
+        out: dict[str, Any] = {
+            "corpus": self.kind,
+            "dim": self.dim,
+            "seed": self.seed,
+            "dup_fraction": self.dup_fraction,
+            "rows_per_topic": self.rows_per_topic,
+            "cosine": {"copy_to_original": 0.98, "original_to_topic": 0.71},
+        }
+        if self.kind == "hierarchical":
+            out["topics_per_broad"] = self.topics_per_broad
+            out["cosine"]["topic_to_broad"] = self.topic_to_broad
+        return out
+
+    def centres(self, rng: np.random.Generator, topics: int) -> np.ndarray:
+        """`topics` topic centres of norm ~sqrt(dim)."""
+        if self.kind == "isotropic":
+            return rng.standard_normal((topics, self.dim), dtype=np.float32)
+        broad = rng.standard_normal((max(1, -(-topics // self.topics_per_broad)), self.dim), dtype=np.float32)
+        spread = float(np.sqrt(1 / self.topic_to_broad**2 - 1))
+        fine = (
+            broad[rng.integers(0, len(broad), topics)]
+            + rng.standard_normal((topics, self.dim), dtype=np.float32) * spread
+        )
+        return _unit(fine) * np.float32(np.sqrt(self.dim))
+
+
+def planted_embeddings(n: int, corpus: Corpus = Corpus(), topics: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """n L2-normalised vectors of `corpus`: originals around its topic centres and planted
+    near-copies. Returns (vectors, group id per row)."""
+    rng = np.random.default_rng(corpus.seed)
+    copies = int(n * corpus.dup_fraction)
     originals = n - copies
-    topics = topics or max(1, n // 200)
-    centers = rng.standard_normal((topics, dim), dtype=np.float32)
-    x = np.empty((n, dim), dtype=np.float32)
+    centers = corpus.centres(rng, topics or max(1, n // corpus.rows_per_topic))
+    x = np.empty((n, corpus.dim), dtype=np.float32)
     for s in range(0, originals, 65536):
         x[s : min(originals, s + 65536)] = _originals(rng, centers, min(originals, s + 65536) - s)
     group = np.empty(n, dtype=np.int64)
@@ -41,7 +83,7 @@ def planted_embeddings(
 
 
 def _originals(rng: np.random.Generator, centers: np.ndarray, count: int) -> np.ndarray:
-    """`count` L2-normalised rows around random topic centres (intra-topic cosine ~0.5)."""
+    """`count` L2-normalised rows around random topic centres (cosine ~0.71 to their centre)."""
     return _unit(
         centers[rng.integers(0, len(centers), count)] + rng.standard_normal((count, centers.shape[1]), dtype=np.float32)
     )
@@ -121,11 +163,10 @@ def _naive_dedup(x: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]
 
 def bench_dedup(
     sizes: tuple[int, ...] = (100_000, 1_000_000),
-    dim: int = 512,
+    corpus: Corpus = Corpus(),
     epsilon: float = 0.05,
     cluster_size: int = 1000,
     baseline_n: int = 20_000,
-    seed: int = 0,
     pipeline: int = 0,
     assign: int = 0,
     overrides: tuple[str, ...] = (),
@@ -136,16 +177,16 @@ def bench_dedup(
     `assign` > 0: assignment of `sizes[0]` rows to that many centroids (`bench_assign`).
     `overrides` (`--set key=value`) change the config of either dedup, e.g. dedup.matmul=float32."""
     if pipeline:
-        return bench_dedup_pipeline(pipeline, dim, epsilon, seed=seed, overrides=overrides)
+        return bench_dedup_pipeline(pipeline, corpus, epsilon, overrides=overrides)
     if assign:
-        return bench_assign(assign, sizes[0], dim, seed=seed)
+        return bench_assign(assign, sizes[0], corpus.dim, seed=corpus.seed)
     from denseforge.pipeline.config import apply_overrides, parse_config
 
     raw = {"input": {"kind": "table", "path": "unused.parquet"}, "dedup": {"epsilon": epsilon}}
     cfg = parse_config(apply_overrides(raw, list(overrides))).dedup
     results: dict[str, Any] = {
         "benchmark": "dedup",
-        "dim": dim,
+        **corpus.describe(),
         "epsilon": cfg.epsilon,
         "cluster_size": cluster_size,
         "overrides": list(overrides),
@@ -153,10 +194,10 @@ def bench_dedup(
         "sizes": {},
     }
     for n in sizes:
-        x, group = planted_embeddings(n, dim, seed=seed)
+        x, group = planted_embeddings(n, corpus)
         with TreeMemory() as mem:
             start = time.perf_counter()
-            reason, dup_of, times = _ours_dedup(x, cfg, cluster_size, seed)
+            reason, dup_of, times = _ours_dedup(x, cfg, cluster_size, corpus.seed)
             wall = time.perf_counter() - start
         results["sizes"][str(n)] = {
             "seconds": round(wall, 2),
@@ -172,13 +213,13 @@ def bench_dedup(
             "n_ratio": b / a,
             "time_ratio": round(results["sizes"][str(b)]["seconds"] / results["sizes"][str(a)]["seconds"], 2),
         }
-    x, group = planted_embeddings(baseline_n, dim, seed=seed + 1)
+    x, group = planted_embeddings(baseline_n, replace(corpus, seed=corpus.seed + 1))
     start = time.perf_counter()
     reason, dup_of = _naive_dedup(x, epsilon)
     naive_s = time.perf_counter() - start
     naive_score = _score(reason, dup_of, group)
     start = time.perf_counter()
-    reason, dup_of, _ = _ours_dedup(x, cfg, cluster_size, seed)
+    reason, dup_of, _ = _ours_dedup(x, cfg, cluster_size, corpus.seed)
     ours_s = time.perf_counter() - start
     results["baseline"] = {
         "n": baseline_n,
@@ -198,7 +239,7 @@ def _faiss_gpu() -> bool:
     return faiss_gpu_available()
 
 
-def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup_fraction: float = 0.1) -> np.ndarray:
+def write_planted_units(rd, n: int, corpus: Corpus, unit_rows: int) -> np.ndarray:
     """n planted embeddings written as the embed pass writes them (one float16 embeddings file per
     unit of `unit_rows`; each unit's near-copies are of its own originals), streaming: memory holds
     one unit, each with its completion marker. Returns the group id of every row (rows are keyed by
@@ -208,14 +249,14 @@ def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup
     from denseforge.stages.embed import embedding_table, write_embeddings_file
     from denseforge.storage import write_json_atomic
 
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((max(1, n // 200), dim), dtype=np.float32)
+    rng = np.random.default_rng(corpus.seed)
+    centers = corpus.centres(rng, max(1, n // corpus.rows_per_topic))
     group = np.empty(n, dtype=np.int64)
     rd.embeddings.mkdir(parents=True, exist_ok=True)
     for unit, start in enumerate(range(0, n, unit_rows)):
         rows = min(unit_rows, n - start)
-        originals = rows - int(rows * dup_fraction)
-        x = np.empty((rows, dim), dtype=np.float32)
+        originals = rows - int(rows * corpus.dup_fraction)
+        x = np.empty((rows, corpus.dim), dtype=np.float32)
         x[:originals] = _originals(rng, centers, originals)
         source = rng.integers(0, originals, rows - originals)
         x[originals:] = _near_copies(rng, x[source])
@@ -235,11 +276,10 @@ def write_planted_units(rd, n: int, dim: int, unit_rows: int, seed: int = 0, dup
 
 def bench_dedup_pipeline(
     n: int,
-    dim: int = 512,
+    corpus: Corpus = Corpus(),
     epsilon: float = 0.05,
     unit_rows: int = 10_000,
     buckets: int = 64,
-    seed: int = 0,
     overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The run's own dedup phase (`run_dedup`: k-means on a sample, assignment and the bucket
@@ -273,7 +313,7 @@ def bench_dedup_pipeline(
         rd = RunDir(root / "run")
         rd.create(config)
         start = time.perf_counter()
-        group = write_planted_units(rd, n, dim, unit_rows, seed)
+        group = write_planted_units(rd, n, corpus, unit_rows)
         generate_s = time.perf_counter() - start
         units = -(-n // unit_rows)
         embeddings_mib = sum(f.stat().st_size for f in rd.embeddings.glob("*.parquet")) / 2**20
@@ -297,7 +337,7 @@ def bench_dedup_pipeline(
     return {
         "benchmark": "dedup-pipeline",
         "n": n,
-        "dim": dim,
+        **corpus.describe(),
         "epsilon": epsilon,
         "overrides": list(overrides),
         "matmul": config.dedup.matmul,

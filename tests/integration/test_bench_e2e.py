@@ -27,9 +27,9 @@ def test_bench_e2e_reports_every_phase_of_a_balanced_run(tmp_path):
 
 def test_bench_dedup_pipeline_runs_the_ray_dedup_phase_on_float16_unit_files():
     """The out-of-core path at a size a test affords: every planted copy found, nothing else."""
-    from denseforge.pipeline.bench.dedup import bench_dedup_pipeline
+    from denseforge.pipeline.bench.dedup import Corpus, bench_dedup_pipeline
 
-    r = bench_dedup_pipeline(20_000, dim=64, unit_rows=5_000, buckets=4)
+    r = bench_dedup_pipeline(20_000, Corpus(dim=64), unit_rows=5_000, buckets=4)
     assert (r["units"], r["clusters"], r["planted"]) == (4, 20, 2_000)
     assert 20_000 * 64 * 2 < r["embeddings_mib"] * 2**20 < 20_000 * 64 * 4  # float16 vectors (+ keys, hashes)
     assert r["precision"] == 1.0 and r["recall"] >= 0.99
@@ -46,7 +46,7 @@ def test_a_dedup_retried_after_a_cut_short_attempt_ignores_its_leftovers(tmp_pat
     import pyarrow as pa
     import ray
 
-    from denseforge.pipeline.bench.dedup import _StepTimes, write_planted_units
+    from denseforge.pipeline.bench.dedup import Corpus, _StepTimes, write_planted_units
     from denseforge.pipeline.config import parse_config
     from denseforge.pipeline.dedup_phase import run_dedup
     from denseforge.pipeline.ray_session import start_ray
@@ -73,7 +73,7 @@ def test_a_dedup_retried_after_a_cut_short_attempt_ignores_its_leftovers(tmp_pat
     runs = [RunDir(tmp_path / name) for name in ("clean", "retried")]
     for rd, config in zip(runs, configs, strict=True):
         rd.create(config)
-        write_planted_units(rd, 3_000, 32, 1_000, seed=2, dup_fraction=0.5)  # copies of copies: border
+        write_planted_units(rd, 3_000, Corpus(dim=32, seed=2, dup_fraction=0.5), 1_000)  # copies of copies: border
         # rows removed in two clusters as copies of different rows
     stale = pa.table({"key": ["000000000001"] * 2, "cluster": [0, 1]})  # an old layout's columns
     for bucket, unit in (

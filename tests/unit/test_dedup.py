@@ -610,10 +610,10 @@ def test_the_in_memory_bench_takes_the_config_and_screens_as_a_bucket_task_does(
     """`bench dedup --set dedup.matmul=...` reaches the in-memory run (it was float32 whatever was
     set); both products decide the same planted copies, and a key outside the config is an error."""
     from denseforge.errors import ConfigError
-    from denseforge.pipeline.bench.dedup import bench_dedup
+    from denseforge.pipeline.bench.dedup import Corpus, bench_dedup
 
     runs = {
-        m: bench_dedup(sizes=(3000,), dim=32, baseline_n=300, overrides=(f"dedup.matmul={m}",))
+        m: bench_dedup(sizes=(3000,), corpus=Corpus(dim=32), baseline_n=300, overrides=(f"dedup.matmul={m}",))
         for m in ("float32", "bfloat16")
     }
     for m, r in runs.items():
@@ -622,7 +622,7 @@ def test_the_in_memory_bench_takes_the_config_and_screens_as_a_bucket_task_does(
     assert (a["removed"], a["recall"], a["precision"]) == (b["removed"], b["recall"], b["precision"])
     assert a["planted"] == 300 and a["recall"] >= 0.99
     with pytest.raises(ConfigError):
-        bench_dedup(sizes=(3000,), dim=32, baseline_n=300, overrides=("dedup.no_such_key=1",))
+        bench_dedup(sizes=(3000,), corpus=Corpus(dim=32), baseline_n=300, overrides=("dedup.no_such_key=1",))
 
 
 def test_a_task_screens_in_bf16_when_asked_or_when_its_clusters_pay_for_torch():
@@ -772,3 +772,30 @@ def test_assignment_tasks_group_consecutive_units_to_about_the_task_size(monkeyp
         ["5.parquet"],
     ]
     assert dedup_phase._assignment_tasks([], []) == []
+
+
+ISOTROPIC_4000_256_SEED3 = "f570287487e5d4af"  # the generator's vectors before the corpus had kinds
+
+
+def test_the_hierarchical_corpus_has_its_stated_cosines_and_the_isotropic_one_is_unchanged():
+    from denseforge.pipeline.bench.dedup import Corpus, planted_embeddings
+
+    flat = Corpus(dim=256, seed=3)
+    x, group = planted_embeddings(4_000, flat)
+    assert hashlib.sha256(x.tobytes()).hexdigest()[:16] == ISOTROPIC_4000_256_SEED3  # the figures stay comparable
+    deep = Corpus("hierarchical", dim=256, seed=3, topics_per_broad=10)
+    rng = np.random.default_rng(0)
+    centres = deep.centres(rng, 200)
+    assert np.allclose(np.linalg.norm(centres, axis=1), 16.0, atol=1e-3)  # norm sqrt(dim)
+    unit = centres / 16.0
+    cos = unit @ unit.T
+    close = np.sort(cos, axis=1)[:, -2]  # each topic's nearest other topic: a sibling in its broad topic
+    assert 0.5 < float(np.median(close)) < 0.8 and float(np.median(cos)) < 0.1  # siblings ~0.64, strangers ~0
+    y, g = planted_embeddings(4_000, deep)
+    copies = np.flatnonzero(np.bincount(g)[g] > 1)
+    first = {}
+    for i in copies:
+        first.setdefault(g[i], i)
+    pairs = [(i, first[g[i]]) for i in copies if first[g[i]] != i]
+    assert 0.97 < float(np.median([y[a] @ y[b] for a, b in pairs])) < 0.99  # a copy to its original ~0.98
+    assert deep.describe()["cosine"] == {"copy_to_original": 0.98, "original_to_topic": 0.71, "topic_to_broad": 0.8}

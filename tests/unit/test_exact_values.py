@@ -197,9 +197,9 @@ def test_two_level_dedup_keeps_the_recall_of_flat_assignment():
     nearest coarse cells; two near-copies probing different cells got different clusters and
     planted-copy recall fell to 0.92 at 10M (0.991 here). Searched as trained, cell by cell with
     border cells, it keeps the flat path's recall."""
-    from denseforge.pipeline.bench.dedup import _score, planted_embeddings
+    from denseforge.pipeline.bench.dedup import Corpus, _score, planted_embeddings
 
-    x, group = planted_embeddings(50_000, 512, seed=1, topics=1000)
+    x, group = planted_embeddings(50_000, Corpus(seed=1), topics=1000)
     keys = np.char.zfill(np.arange(len(x)).astype(str), 9)
     recall = {}
     for path, above in (("flat", 10**9), ("two-level", 100)):  # 1,000 clusters: 32 coarse cells
