@@ -603,6 +603,7 @@ def resume(
         changed = changed_settings(before, now) if before is not None else {}
         if changed:
             redo_settings(rd, changed, redo_changed)
+        if changed or before is None:  # a run started before settings were recorded: from now on
             rd.update_state(settings=now)
         return execute(rd, config, runs, "resume", address, allow_failed_units)
 
