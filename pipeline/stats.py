@@ -94,6 +94,7 @@ def finalize_run(
     ingest = [counts for _, counts in rd.marker_counts("ingest")]
     ingest_s = timings.get("ingest_s", 0.0)
     failed_units = sum(1 for m in ingest if m.get("failed"))
+    untrained = untrained_models(config)
     funnel = {
         "input_rows": input_rows,
         "written": written,
@@ -126,13 +127,12 @@ def finalize_run(
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "versions": versions(),
         "run": {"name": config.run.name, "seed": config.run.seed},
-        "untrained": untrained_models(config),
+        "untrained": untrained,
     }
     write_bytes(rd.report, render_report(rd, stats).encode())
     shard_names = [shard.name for shard in list_files(rd.shards, ".tar")]
-    card = dataset_card(
-        sample_type, config.run.name, funnel, shard_names, "complete" if complete else "failed", failed_units
-    )
+    state = "complete" if complete else "failed"
+    card = dataset_card(sample_type, config.run.name, funnel, shard_names, state, failed_units, untrained)
     write_bytes(rd.card, card.encode())
     if complete and not balanced:
         raise DenseforgeError(

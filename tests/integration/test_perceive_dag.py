@@ -209,9 +209,11 @@ stages: [{{plugin: min-caption-words, name: gate, after: ground, options: {{min_
         "# stages, in order: colors, merge, fuse, ground, gate, qa"
         in run_cli("run", str(cfg), "--out", str(out), "--dry-run").stdout
     )
-    run_cli("run", str(cfg), "--out", str(out))
+    proc = run_cli("run", str(cfg), "--out", str(out), check=False)
+    # the template caption of an image no expert described is "An image." (2 words): the gate rejects
+    # every one, and a run that wrote nothing fails, naming why
+    assert proc.returncode == 1 and "the run wrote nothing: all 3 input rows" in proc.stderr, proc.stderr
     stats = json.loads((out / "stats.json").read_text())
-    # the template caption of an image no expert described is "An image." (2 words): the gate rejects it
     assert stats["funnel"]["rejected_by_reason"] == {"gate/caption_too_short": 3}
     assert stats["stages"]["gate"]["rejected"] == {"caption_too_short": 3} and "qa" not in stats["stages"]
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
