@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from denseforge.pipeline.rundir import RunDir
+from denseforge.stages.card import random_weights_line
 from denseforge.stages.sample import Sample, safe_member_key
 from denseforge.stages.write import read_member
 from denseforge.storage import open_binary, read_parquet
@@ -256,11 +257,8 @@ def random_line(untrained: list[str]) -> str:
     """One visible line naming the models with random weights, or nothing."""
     if not untrained:
         return ""
-    return (
-        f"<p style='background:#fde8e8;padding:6px 10px;border-left:4px solid #b00'><b>Random weights: "
-        f"{esc(', '.join(untrained))}.</b> Their outputs carry no meaning (a plumbing test or the demo); they never "
-        "reach a caption, grounding or the quality gate.</p>\n"
-    )
+    style = "background:#fde8e8;padding:6px 10px;border-left:4px solid #b00"
+    return f"<p style='{style}'><b>{esc(random_weights_line(untrained))}</b></p>\n"
 
 
 def render_report(rd: RunDir, stats: dict[str, Any]) -> str:

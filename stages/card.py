@@ -92,6 +92,12 @@ def shard_pattern(names: list[str]) -> str | None:
     return f"{stems[0]}.tar" if first == last else f"{{{stems[0]}..{stems[-1]}}}.tar"
 
 
+def random_weights_line(untrained: list[str]) -> str:
+    """The one line the card and the report show when models of the run have random weights (an
+    embedder's decide dedup, so the line does not say what they never reach)."""
+    return f"Random weights: {', '.join(untrained)}. Their outputs carry no meaning (a plumbing test or the demo)."
+
+
 def dataset_card(
     sample_type: pa.DataType,
     name: str,
@@ -127,10 +133,7 @@ def dataset_card(
         )
     if untrained:
         tags.append("random-weights")
-        warning += (
-            f"> **Random weights: {', '.join(untrained)}.** Their outputs carry no meaning (a plumbing test or "
-            "the demo); they never reach a caption, grounding or the quality gate.\n\n"
-        )
+        warning += f"> **{random_weights_line(untrained)}**\n\n"
     header = {
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],
         "dataset_info": {"features": features},
