@@ -145,6 +145,7 @@ def describe_run(root: UPath) -> str:
             parts.append(f"rejected {sum(c['rejected'].values())}")
         if c["removed"]:
             parts.append(f"removed {c['removed']}")
+        parts += [f"{k} {v}" for k, v in sorted(c.get("counters", {}).items())]  # e.g. OCR lines dropped
         lines.append(f"  stage {name}: {', '.join(parts)}")
     if "funnel" in s:
         f = s["funnel"]

@@ -26,6 +26,8 @@ def test_the_demo_captions_what_yolox_really_saw(demo_run):
     assert named in (out / "report.html").read_text() and named in (out / "README.md").read_text()
     assert "random embedding weights: these counts carry no meaning" in (out / "report.html").read_text()
     assert "epsilon sweep: the embeddings come from random weights" in proc.stderr
+    # the OCR misreads of the stored astronaut ("K") and coffee ("8") photos are dropped, and counted
+    assert "stage merge: 17 items, ocr_low_score 2" in run_cli("status", str(out)).stdout
     assert "33 input rows" in proc.stderr and "balanced: True" in proc.stderr
     # every planted copy found: the coffee variants as pHash copies (regression: with dedup.border
     # at 0.02 one of them sat across the clusters' boundary and was kept: 11 written, 9 removed)
