@@ -315,6 +315,29 @@ def remove_tree(path: UPath | Path) -> None:
         pass
 
 
+def copy_tree(source: UPath | Path, target: UPath | Path, skip: tuple[str, ...] = ()) -> int:
+    """Copy the finished files under `source` to `target` (hard links where both are on one local
+    disk; no folder whose name is in `skip`); returns how many. The source is only read."""
+    copied = 0
+    children: list[UPath | Path] = sorted(source.iterdir(), key=lambda p: p.name) if source.exists() else []
+    for path in children:
+        if path.name.startswith(".") or path.name in skip:
+            continue
+        if path.is_dir():
+            copied += copy_tree(path, target / path.name, skip)
+            continue
+        if is_local(path) and is_local(target):
+            Path(str(target)).mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(str(path), str(target / path.name))
+            except OSError:  # another disk, or links not allowed: a copy
+                shutil.copyfile(str(path), str(target / path.name))
+        else:
+            write_bytes(target / path.name, read_bytes(path))
+        copied += 1
+    return copied
+
+
 def append_text(path: UPath | Path, text: str) -> None:
     """Add to a small text file (a log): in place on local disk; rewritten whole on an object
     store, which has no append."""

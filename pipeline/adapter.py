@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from denseforge.errors import ConfigError
 from denseforge.pipeline.accounting import TraceEntry
+from denseforge.pipeline.cache import OutputCache
 from denseforge.pipeline.ray_session import LIGHT_TASK_CPUS
 from denseforge.stages.sample import Reject, Sample
 from denseforge.stages.stage import Item, Rejection, Removal, StageRun, Verdict
@@ -110,11 +111,22 @@ class StageWorker:
     A record is parsed once and an image decoded once per block, whatever the chain's length; each
     stage keeps its own batch size, trace entry and failure policy."""
 
-    def __init__(self, *runs: StageRun, load: Step | None = None, sink: Step | None = None):
-        self.runs, self.load, self.sink = runs, load, sink
-        for run in runs:
-            run.stage.setup()
+    def __init__(
+        self, *runs: StageRun, load: Step | None = None, sink: Step | None = None, cache: OutputCache | None = None
+    ):
+        self.runs, self.load, self.sink, self.cache = runs, load, sink, cache
+        # a cached stage loads its model on its first miss: a worker whose items all come from
+        # the cache never loads it
+        self.ready = [False] * len(runs)
+        for position, run in enumerate(runs):
+            if cache is None or not run.stage.cached:
+                self._setup(position)
         self.batch_sizes = [run.resources.batch_size for run in runs]
+
+    def _setup(self, position: int) -> None:
+        if not self.ready[position]:
+            self.runs[position].stage.setup()
+            self.ready[position] = True
 
     def _shrink(self, position: int) -> None:
         self.batch_sizes[position] = max(1, self.batch_sizes[position] // 2)
@@ -126,6 +138,7 @@ class StageWorker:
             pass
 
     def _verdicts(self, position: int, items: list[Item]) -> list[Verdict]:
+        self._setup(position)
         process = self.runs[position].stage.process
         out: list[Verdict] = []
         start = 0
@@ -194,7 +207,11 @@ class StageWorker:
         run = self.runs[position]
         for _, item in live:
             item.counts = {}
-        verdicts = self._verdicts(position, [item for _, item in live])
+        items = [item for _, item in live]
+        if self.cache is not None and run.stage.cached:
+            verdicts = self.cache.verdicts(run, items, lambda batch: self._verdicts(position, batch))
+        else:
+            verdicts = self._verdicts(position, items)
         share = (time.perf_counter() - began) / len(live) if live else 0.0
         going_on: list[tuple[int, Item]] = []
         for (i, item), verdict in zip(live, verdicts, strict=True):
@@ -253,10 +270,12 @@ def _reject(row: dict[str, Any], item: Item, stage: str, reason: str, detail: st
     row["sample"], row["image"] = None, None
 
 
-def run_stage_task(batch: pa.Table, runs: Sequence[StageRun], load: Step | None = None) -> pa.Table:
+def run_stage_task(
+    batch: pa.Table, runs: Sequence[StageRun], load: Step | None = None, cache: OutputCache | None = None
+) -> pa.Table:
     """Stages without a model to keep, as a Ray Data task: set up, run, done (only where no CPU
     worker can take them: light stages that ask for a GPU, or just before a GPU worker)."""
-    return StageWorker(*runs, load=load)(batch)
+    return StageWorker(*runs, load=load, cache=cache)(batch)
 
 
 def chains(runs: Sequence[StageRun]) -> list[list[StageRun]]:
@@ -301,9 +320,12 @@ def _light(chain: Sequence[StageRun]) -> bool:
     return all(r.resources.concurrency is None and not r.resources.num_gpus for r in chain)
 
 
-def add_stages(ds, runs: Sequence[StageRun], load: Step | None = None, sink: Step | None = None):
+def add_stages(
+    ds, runs: Sequence[StageRun], load: Step | None = None, sink: Step | None = None, cache: OutputCache | None = None
+):
     """Append a pass to a Ray Data stream of blocks (one unit each): `load` (unit ids to pipeline
-    rows), the stages, and `sink` (rows to one row of counts per unit).
+    rows), the stages, and `sink` (rows to one row of counts per unit). Stages that are `cached`
+    go through `cache`.
 
     Light stages run in the worker of the CPU model stage after them, or in the sink's; `load` runs
     in the first worker. Ray ends an idle task worker after a second on a node whose actors
@@ -328,10 +350,10 @@ def add_stages(ds, runs: Sequence[StageRun], load: Step | None = None, sink: Ste
             num_gpus=sum(c.resources.num_gpus for c in chain),
         )
         if common["num_gpus"] and (light or load):  # before a GPU worker: as a task
-            ds = _light_task(ds, light, load)
+            ds = _light_task(ds, light, load, cache)
             light, load = [], None
         if r.concurrency is None:  # a light stage that asks for a GPU: a task of its own
-            ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": chain}, **common)
+            ds = ds.map_batches(run_stage_task, fn_kwargs={"runs": chain, "cache": cache}, **common)
         else:
             if r.max_concurrency is None:
                 pool = ray.data.ActorPoolStrategy(size=r.concurrency)
@@ -340,7 +362,7 @@ def add_stages(ds, runs: Sequence[StageRun], load: Step | None = None, sink: Ste
             ds = ds.map_batches(
                 StageWorker,
                 fn_constructor_args=(*light, *chain),
-                fn_constructor_kwargs={"load": load},
+                fn_constructor_kwargs={"load": load, "cache": cache},
                 compute=pool,
                 **common,
             )
@@ -351,21 +373,21 @@ def add_stages(ds, runs: Sequence[StageRun], load: Step | None = None, sink: Ste
         ds = ds.map_batches(
             StageWorker,
             fn_constructor_args=tuple(light),
-            fn_constructor_kwargs={"load": load, "sink": sink},
+            fn_constructor_kwargs={"load": load, "sink": sink, "cache": cache},
             compute=pool,
             batch_size=None,
             batch_format="pyarrow",
             num_cpus=0,
         )
     elif light or load:
-        ds = _light_task(ds, light, load)
+        ds = _light_task(ds, light, load, cache)
     return ds
 
 
-def _light_task(ds, runs: list[StageRun], load: Step | None):
+def _light_task(ds, runs: list[StageRun], load: Step | None, cache: OutputCache | None):
     return ds.map_batches(
         run_stage_task,
-        fn_kwargs={"runs": runs, "load": load},
+        fn_kwargs={"runs": runs, "load": load, "cache": cache},
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=LIGHT_TASK_CPUS,

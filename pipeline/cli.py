@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from denseforge.errors import DenseforgeError, Interrupted
+from denseforge.errors import ConfigError, DenseforgeError, Interrupted
 from denseforge.storage import is_local, location
 
 
@@ -46,7 +46,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"# stages, in order: {', '.join(steps)}")
         print(dump_config(config), end="")
         return 0
+    if args.source:
+        from denseforge.pipeline.runner import derive
+
+        if not args.out:
+            raise ConfigError("--from needs --out: the new run's directory (the earlier run is never changed)")
+        derive(config, out, location(args.source), args.address, args.allow_failed_units)
+        return 0
     run(config, out, args.address, args.allow_failed_units)
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.cache import check_root, prune, usage
+
+    root = location(args.dir)
+    if (root / "run.json").exists():  # a run directory: the cache it used
+        from denseforge.pipeline.rundir import RunDir
+
+        rd = RunDir(root)
+        root = rd.cache_root(rd.load_config())
+    check_root(root)
+    if args.action == "prune":
+        if args.max_gb is None and args.stage is None:
+            raise ConfigError(
+                "cache prune: say what to delete: --max-gb N (least recently used first) and/or --stage NAME"
+            )
+        n, size = prune(root, None if args.max_gb is None else int(args.max_gb * 2**30), args.stage)
+        print(f"deleted {n} entries, {size / 2**20:.1f} MiB, from {root}")
+        return 0
+    rows = usage(root)
+    if args.json:
+        print(json.dumps({"cache": str(root), "stages": rows}, indent=1))
+        return 0
+    for row in rows:
+        print(f"{row['stage']:<24} {row['entries']:>9} entries {row['bytes'] / 2**20:>10.1f} MiB  {row['folder']}")
+    total = sum(r["bytes"] for r in rows)
+    print(f"{'total':<24} {sum(r['entries'] for r in rows):>9} entries {total / 2**20:>10.1f} MiB  {root}")
     return 0
 
 
@@ -135,6 +171,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         options = {"samples": args.images or 256}
     elif args.name == "quality":
         options = {}
+    elif args.name == "derive":
+        options = {"images": args.images or 1000}
     elif args.name == "e2e":
         options = {"images": args.images or 1000, "overrides": tuple(args.set)}
     elif args.name == "io":
@@ -201,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check what a run checks first (config, plugins, stores, the input is there, the worker pools "
         "fit the cluster) and print the stages and the resolved config; create nothing",
+    )
+    run.add_argument(
+        "--from",
+        dest="source",
+        metavar="RUN_DIR",
+        help="derive the new run (--out) from a finished one: its downloads, the phases the config leaves "
+        "as they were and its cache of model outputs are reused; only what changed is computed",
     )
     run.set_defaults(func=_cmd_run)
     resume = sub.add_parser("resume", help="finish a run that stopped (killed, crashed, interrupted)")
@@ -271,16 +316,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a run that is not complete (failed, interrupted, units missing); export.json records it",
     )
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("cache", help="the cache of model outputs: its size per stage (du), or delete entries (prune)")
+    p.add_argument("action", choices=["du", "prune"])
+    p.add_argument("dir", help="a run directory (the cache it uses) or a cache folder (cache.path)")
+    p.add_argument("--max-gb", type=float, default=None, help="prune: delete least recently used entries beyond this")
+    p.add_argument("--stage", help="prune: delete every entry of this stage (an expert instance, fuse, clip-score)")
+    p.add_argument("--json", action="store_true", help="du: one JSON object")
+    p.set_defaults(func=_cmd_cache)
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)
     p = sub.add_parser("bench", help="benchmarks, JSON out")
-    p.add_argument("name", choices=["ingest", "dedup", "embed", "e2e", "experts", "fuse", "quality", "io"])
+    p.add_argument("name", choices=["ingest", "dedup", "embed", "e2e", "derive", "experts", "fuse", "quality", "io"])
     p.add_argument(
         "--images",
         type=int,
         default=None,
         help="ingest: corpus size (1000); embed: images (256); experts: images (96); fuse: samples (256); "
-        "io: the whole run's images, 0 for files only (1000)",
+        "io: the whole run's images, 0 for files only (1000); derive: images (1000)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="embed: images per forward pass (64)")
     p.add_argument("--model", default="ViT-B-32", help="embed: open_clip architecture, random weights (ViT-B-32)")

@@ -27,6 +27,7 @@ from denseforge.stages.ground import GroundConfig
 from denseforge.stages.ingest import IngestConfig
 from denseforge.stages.perceive import PerceiveConfig
 from denseforge.stages.qa import QaConfig
+from denseforge.stages.stage import RUN_OPTIONS
 
 
 class RunConfig(Settings):
@@ -76,6 +77,20 @@ class StorageConfig(Settings):
         return self
 
 
+class CacheConfig(Settings):
+    """The cache of model stages' outputs (experts, the captioner, CLIP scores): an output is
+    reused wherever the stage's settings and what it read are the same, by a resume, a run derived
+    with `--from`, or any run given the same `path`."""
+
+    enabled: bool = True
+    path: str | None = Field(
+        None, description="a folder or object-store URL several runs may share; null: the run's cache/ folder"
+    )
+    max_gb: float | None = Field(
+        None, gt=0, description="after a run, the least recently used entries beyond this are deleted; null: no bound"
+    )
+
+
 class InputConfig(Settings):
     kind: Literal["table", "folder", "webdataset"] = "table"
     path: str | None = Field(None, description="file, directory or glob; the demo makes its own")
@@ -115,6 +130,7 @@ class Config(Settings):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+    cache: CacheConfig = CacheConfig()
     input: InputConfig = InputConfig()
     ingest: IngestConfig = IngestConfig()
     embed: EmbedConfig = EmbedConfig()
@@ -276,9 +292,8 @@ def dump_config(config: Config) -> str:
 
 # Settings that change how a run goes, not what it writes: a resume may change them freely.
 HOW_KEYS = re.compile(
-    r"^(ray|storage)\.|^run\.(name|error_rate_min_items)$|\.(concurrency|num_cpus|num_gpus|batch_size|max_error_rate)$"
-    r"|^ingest\.(processes|threads|timeout_s|download_deadline_s|retries|unit_retries|user_agent_token)$"
-    r"|^embed\.cpu_workers$|^fuse\.openai\.(timeout_s|max_retries|concurrency|check_server|api_key_env)$"
+    rf"^(ray|storage|cache)\.|^run\.(name|error_rate_min_items)$|\.({RUN_OPTIONS})$"
+    r"|^ingest\.(processes|threads|download_deadline_s|retries|unit_retries|user_agent_token)$|^embed\.cpu_workers$"
 )
 
 

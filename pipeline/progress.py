@@ -89,6 +89,13 @@ def format_summary(stats: dict[str, Any], root: UPath | Path, example: str | Non
                 f"stage {name}: failed on {c['failed_total']} of {c['items']} items ({kinds}); "
                 f"first error: {c['first_error']}"
             )
+    cache = stats.get("cache") or {}
+    if cache.get("stages"):
+        per_stage = ", ".join(f"{name} {c['hits']}/{c['hits'] + c['misses']}" for name, c in cache["stages"].items())
+        corrupt = f"; {cache['corrupt']} corrupt entries recomputed" if cache["corrupt"] else ""
+        lines.append(
+            f"cache: {cache['hits']} of {cache['hits'] + cache['misses']} model outputs reused ({per_stage}){corrupt}"
+        )
     if stats.get("storage", {}).get("retries"):
         lines.append(f"store: {stats['storage']['retries']} request(s) retried (throttling, dropped connections)")
     lines.append(f"shards, manifest.parquet, rejects.parquet, stats.json, report.html in {root}")

@@ -261,6 +261,18 @@ def random_line(untrained: list[str]) -> str:
     return f"<p style='{style}'><b>{esc(random_weights_line(untrained))}</b></p>\n"
 
 
+def cache_line(cache: dict[str, Any]) -> str:
+    """What the cache of stage outputs saved: hits and misses per cached stage, and the run this
+    one was derived from."""
+    if not cache.get("stages"):
+        return ""
+    per_stage = ", ".join(f"{esc(n)} {c['hits']} hits / {c['misses']} computed" for n, c in cache["stages"].items())
+    source = cache.get("derived_from") or {}
+    derived = f"; derived from {esc(source['run'])} (reused: {esc(', '.join(source['reused']))})" if source else ""
+    corrupt = f"; {cache['corrupt']} corrupt entries recomputed" if cache["corrupt"] else ""
+    return f"<h2>Cache</h2><p>{per_stage}{corrupt}{derived}</p>\n"
+
+
 def render_report(rd: RunDir, stats: dict[str, Any]) -> str:
     """The whole page, self-contained."""
     f = stats["funnel"]
@@ -298,6 +310,7 @@ def render_report(rd: RunDir, stats: dict[str, Any]) -> str:
 {figures}
 <h2>Stages</h2><table><tr><th>stage</th><th>items</th><th>failed</th><th>by type</th><th>rejected</th>
 <th>removed</th><th>busy s</th><th>first error</th></tr>{stage_rows}</table>
+{cache_line(stats.get("cache") or {})}
 <h2>Work per node</h2><table><tr><th>stage</th><th>node</th><th>items</th><th>busy s</th></tr>{node_rows}</table>
 <h2>Gallery ({min(len(keys), GALLERY)} of {len(keys)} written samples)</h2>
 {gallery(rd, keys)}

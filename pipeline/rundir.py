@@ -138,6 +138,15 @@ class RunDir:
         return self.shards / "_parts"
 
     @property
+    def cache(self) -> UPath:
+        """The run's own cache of stage outputs (used unless `cache.path` names a shared one)."""
+        return self.root / "cache"
+
+    def cache_root(self, config: Config) -> UPath:
+        """Where this run's cache of stage outputs is: `cache.path`, or the run's own folder."""
+        return location(config.cache.path, config.storage.options) if config.cache.path else self.cache
+
+    @property
     def lock_file(self) -> UPath:
         return self.root / "run.lock"
 

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from upath import UPath
 
+from denseforge import __version__
 from denseforge.errors import (
     ConfigError,
     DenseforgeError,
@@ -39,6 +40,7 @@ from denseforge.errors import (
 from denseforge.pipeline.accounting import count_traces
 from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages
 from denseforge.pipeline.budget import ErrorBudget, check_ingest
+from denseforge.pipeline.cache import OutputCache, prune
 from denseforge.pipeline.config import Config, changed_settings, data_settings
 from denseforge.pipeline.dedup_phase import run_dedup
 from denseforge.pipeline.demo import LoopbackImageServer, build_demo_corpus
@@ -64,6 +66,7 @@ from denseforge.stages.write import UnitFiles, write_unit
 from denseforge.storage import (
     append_text,
     check_store,
+    copy_tree,
     ensure_dir,
     is_local,
     location,
@@ -71,6 +74,7 @@ from denseforge.storage import (
     read_json,
     remove,
     scratch_dir,
+    url,
     write_json_atomic,
 )
 
@@ -293,7 +297,13 @@ def check_setups(runs: list[StageRun], rd: RunDir, progress: Progress) -> None:
 
 
 def run_process(
-    config: Config, rd: RunDir, plan: Plan, runs: list[StageRun], progress: Progress, budget: ErrorBudget
+    config: Config,
+    rd: RunDir,
+    plan: Plan,
+    runs: list[StageRun],
+    progress: Progress,
+    budget: ErrorBudget,
+    cache: OutputCache | None = None,
 ) -> int:
     """Stream every unfinished unit through the stages into the shards; the error budget is
     checked as each unit is written. Returns how many units it wrote."""
@@ -306,7 +316,11 @@ def run_process(
         return 0
     ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
     ds = add_stages(
-        ds, runs, load=Step(load_units, {"rd": rd, "kind": plan.kind}), sink=Step(write_units_batch, {"rd": rd})
+        ds,
+        runs,
+        load=Step(load_units, {"rd": rd, "kind": plan.kind}),
+        sink=Step(write_units_batch, {"rd": rd}),
+        cache=cache,
     )
     for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in result.to_pylist():
@@ -554,8 +568,21 @@ def _execute(
     if config.dedup.enabled:
         redid["dedup"] = not rd.dedup_summary.exists()
         timed("dedup_s", lambda: redid["dedup"] and run_dedup(config, rd, plan.units, progress))
-    redid["write_units"] = timed("process_s", lambda: run_process(config, rd, plan, runs, progress, budget))
+    cache = output_cache(config, rd)
+    redid["write_units"] = timed("process_s", lambda: run_process(config, rd, plan, runs, progress, budget, cache))
     budget.check(final=True)
+    if cache is not None and config.cache.max_gb is not None:
+        prune(cache.root, int(config.cache.max_gb * 2**30))
+
+
+def output_cache(config: Config, rd: RunDir) -> OutputCache | None:
+    """The cache model stages go through: the run's own (or `cache.path`), and for a run derived
+    with `--from` the cache of the run it comes from, read only."""
+    if not config.cache.enabled:
+        return None
+    source = rd.read_state().get("derived_from") or {}
+    also = tuple(location(c, config.storage.options) for c in source.get("caches", []))
+    return OutputCache(rd.cache_root(config), url(rd.root), also)
 
 
 def check_stores(config: Config, rd: RunDir, fresh: bool) -> None:
@@ -622,19 +649,30 @@ FIRST_PHASE = {
 }
 
 
+def first_phase(changed: Mapping[str, Any]) -> str:
+    """The first phase the changed settings affect (process when none is named)."""
+    return min(
+        (next((p for k, p in FIRST_PHASE.items() if key.startswith(k)), "process") for key in changed),
+        key=PHASES.index,
+        default="process",
+    )
+
+
+def describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
+    what = "; ".join(f"{key}: {shorten(a, 30)} -> {shorten(b, 30)}" for key, (a, b) in list(changed.items())[:5])
+    return what + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+
+
 def redo_settings(rd: RunDir, changed: dict[str, tuple[Any, Any]], redo: bool) -> None:
     """Refuse a resume whose data settings changed, naming them; with `redo`, drop the completion
     markers of the first phase they affect and of every phase after it, so those are redone whole."""
-    first = min(
-        (next((p for k, p in FIRST_PHASE.items() if key.startswith(k)), "process") for key in changed), key=PHASES.index
-    )
-    what = "; ".join(f"{key}: {shorten(a, 30)} -> {shorten(b, 30)}" for key, (a, b) in list(changed.items())[:5])
-    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    first = first_phase(changed)
+    what = describe_changes(changed)
     if first == "input":
-        raise ConfigError(f"{rd.config_file} changed what the run reads ({what}{more}); start a new run for that")
+        raise ConfigError(f"{rd.config_file} changed what the run reads ({what}); start a new run for that")
     if not redo:
         raise ConfigError(
-            f"{rd.config_file} changed since the run started ({what}{more}): units finished under the old "
+            f"{rd.config_file} changed since the run started ({what}): units finished under the old "
             f"settings would not match the new. Put the old values back, or `denseforge resume {rd.root} "
             f"--redo-changed` to redo the {first} phase and those after it for every unit"
         )
@@ -647,3 +685,60 @@ def redo_settings(rd: RunDir, changed: dict[str, tuple[Any, Any]], redo: bool) -
     ]
     for marker in stale:
         remove(marker)
+
+
+# Settings that name the embedding model: embeddings of different models are never compared
+EMBEDDING_MODEL = ("embed.model", "embed.pretrained", "embed.checkpoint", "embed.weights", "embed.seed")
+
+
+def derive(
+    config: Config, out: UPath, source: UPath, address: str | None = None, allow_failed_units: bool = False
+) -> dict[str, Any]:
+    """A new run in `out` from an earlier one's downloaded images, the phases its settings leave
+    as they were (copied, the earlier run only read) and its cache of stage outputs: only what the
+    changed settings affect is computed again."""
+    src = RunDir(location(source, config.storage.options))
+    check_store(src.root, "--from")
+    src.check_run()
+    state = src.read_state()
+    where = f"--from {url(src.root)}"
+    if state.get("denseforge") != __version__ or state.get("settings") is None:
+        raise ConfigError(
+            f"{where}: made by denseforge {state.get('denseforge', 'before 0.1')}, this is {__version__}; "
+            "its files may not mean what this version reads. Start a new run without --from"
+        )
+    if state.get("state") not in ("complete", "complete_with_failed_units"):
+        raise ConfigError(
+            f"{where}: that run is {state.get('state')}; finish it first (`denseforge resume {src.root}`)"
+        )
+    changed = changed_settings(state["settings"], data_settings(config))
+    model = {k: v for k, v in changed.items() if k in EMBEDDING_MODEL}
+    if model:
+        raise ConfigError(
+            f"{where}: a different embedding model ({describe_changes(model)}); its embeddings and "
+            "dedup decisions cannot be reused or compared. Start a new run without --from"
+        )
+    first = first_phase(changed)
+    if first in ("input", "ingest"):
+        raise ConfigError(
+            f"{where}: this config changes what is read or downloaded ({describe_changes(changed)}), and "
+            "--from reuses that run's downloads. Put those settings back, or start a new run without --from"
+        )
+    rd = RunDir(location(out, config.storage.options))
+    runs = preflight(config, rd)
+    check_address(cluster_address(address, config.ray), config.ray.connect_timeout_s)
+    check_store(rd.root, "--out")
+    rd.create(config)
+    reused = ["input", "ingest", *PHASES[PHASES.index("embed") : PHASES.index(first)]]
+    with rd.locked("run"):
+        for folder, phase in ((src.units, "input"), (src.raw, "ingest"), (src.embeddings, "embed")):
+            if phase in reused:
+                copy_tree(folder, rd.root / folder.name)
+        if "dedup" in reused and src.dedup_summary.exists():
+            copy_tree(src.dedup, rd.dedup, skip=(src.buckets.name, src.bucket_parts.name))
+        caches = [url(src.cache_root(src.load_config()))]
+        rd.update_state(
+            derived_from={"run": url(src.root), "reused": reused, "changed": sorted(changed), "caches": caches},
+            demo_port=state.get("demo_port"),
+        )
+        return execute(rd, config, runs, "run --from", address, allow_failed_units)

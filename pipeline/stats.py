@@ -21,6 +21,7 @@ from denseforge.pipeline.config import Config
 from denseforge.pipeline.flow import untrained_models
 from denseforge.pipeline.report import render_report
 from denseforge.pipeline.rundir import RunDir
+from denseforge.pipeline.cache import CORRUPT, HIT, MISS
 from denseforge.stages.card import dataset_card, decode_type, merge_types
 from denseforge.stages.read_input import REJECT_SCHEMA
 from denseforge.stages.write import MANIFEST_SCHEMA
@@ -65,12 +66,29 @@ def stage_counts(rd: RunDir) -> dict[str, dict[str, Any]]:
     }
 
 
+def cache_counts(stages: dict[str, dict[str, Any]], derived_from: dict[str, Any] | None) -> dict[str, Any]:
+    """The cache of stage outputs: per cached stage its hits, misses (outputs computed) and
+    corrupt entries met (recomputed), their totals, and the run this one was derived from."""
+    by_stage = {
+        name: {
+            "hits": c["counters"].get(HIT, 0),
+            "misses": c["counters"].get(MISS, 0),
+            "corrupt": c["counters"].get(CORRUPT, 0),
+        }
+        for name, c in stages.items()
+        if HIT in c["counters"] or MISS in c["counters"]
+    }
+    totals = {k: sum(s[k] for s in by_stage.values()) for k in ("hits", "misses", "corrupt")}
+    return {**totals, "stages": by_stage, "derived_from": derived_from}
+
+
 def finalize_run(
     rd: RunDir, config: Config, planned_rows: int | None, timings: dict[str, float], complete: bool = True
 ) -> dict[str, Any]:
     """Merge parts, compute the funnel and per-stage counts, write report.html; returns the stats
     dict. An incomplete run (one that failed) gets the same files without the balance check."""
     done = rd.marker_counts("write")
+    stages = stage_counts(rd)
     written = _merge([rd.manifest_part(unit) for unit, _ in done], rd.manifest, MANIFEST_SCHEMA)
     rejected = _merge([rd.rejects_part(unit) for unit, _ in done], rd.rejects, REJECT_SCHEMA)
     by_reason: Counter[str] = Counter()
@@ -109,7 +127,7 @@ def finalize_run(
         "funnel": funnel,
         "complete": complete,
         "units": len(done),
-        "stages": stage_counts(rd),
+        "stages": stages,
         "dedup": read_json(rd.dedup_summary) if rd.dedup_summary.exists() else None,
         "ingest": {
             "downloaded": sum(m.get("successes", 0) for m in ingest),
@@ -128,6 +146,7 @@ def finalize_run(
         "versions": versions(),
         "run": {"name": config.run.name, "seed": config.run.seed},
         "untrained": untrained,
+        "cache": cache_counts(stages, rd.read_state().get("derived_from")),
     }
     write_bytes(rd.report, render_report(rd, stats).encode())
     shard_names = [shard.name for shard in list_files(rd.shards, ".tar")]

@@ -394,6 +394,7 @@ class CaptionStage(Stage[FuseConfig]):
     name = "fuse"
     error_reason = "captioner_error"
     Options = FuseConfig
+    cached = True
 
     def __init__(
         self, options: FuseConfig, ground: GroundConfig | None = None, renderers: Mapping[str, Expert] | None = None
@@ -403,6 +404,20 @@ class CaptionStage(Stage[FuseConfig]):
         self.renderers = dict(renderers or {})
         if options.backend != "template":  # a missing or broken prompt file fails here, on the driver
             PromptTemplate.load(options.prompt_file, options.word_limit)
+
+    def fingerprint(self) -> str:
+        """Its settings, the prompt's text (a prompt file edited in place is a new prompt) and
+        whether it asks for markup."""
+        f = self.options
+        prompt = "" if f.backend == "template" else PromptTemplate.load(f.prompt_file, f.word_limit).text
+        return f"{super().fingerprint()}:markup={self.markup}:{prompt}"
+
+    def cache_input(self, item: Item) -> Any:
+        """The record, less kinds no expert found anything of (the prompt and the template skip
+        them): an added expert that sees nothing in an image leaves its caption as it was."""
+        record = super().cache_input(item)
+        record["experts"] = {kind: found for kind, found in record["experts"].items() if found}
+        return record
 
     @classmethod
     def plan(cls, flow: Flow) -> list[StageRun]:

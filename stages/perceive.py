@@ -20,7 +20,7 @@ from denseforge.errors import ConfigError
 from denseforge.experts.base import Expert, ExpertInput, clip_box
 from denseforge.observations import KNOWN_KINDS
 from denseforge.plugin import EXPERTS, PluginSpec, Settings, configure, load_plugin
-from denseforge.stages.stage import Flow, Item, Resources, Stage, StageRun, Verdict
+from denseforge.stages.stage import Flow, Item, Resources, Stage, StageRun, Verdict, settings_fingerprint
 
 STAGED = "@"  # staged outputs live under "kind@instance" until the merge stage
 
@@ -159,6 +159,7 @@ class ExpertStage(Stage):
     """One expert instance as a stage: its model loads in `setup()`, once per worker."""
 
     error_reason = "expert_error"
+    cached = True
 
     def __init__(self, expert: Expert, instance: str, resources: Resources | None = None):
         super().__init__()
@@ -191,6 +192,15 @@ class ExpertStage(Stage):
             )
             for spec, expert, resources in planned
         ]
+
+    def fingerprint(self) -> str:
+        cls = type(self.expert)
+        return f"{cls.__module__}.{cls.__qualname__}:{settings_fingerprint(self.expert.options)}"
+
+    def cache_input(self, item: Item) -> Any:
+        """An expert sees the image and the kinds it consumes, nothing else of the record."""
+        seen = observations_by_kind(item.sample.experts)
+        return {"image": item.sample.sha256, "seen": {kind: seen.get(kind, []) for kind in self.expert.consumes}}
 
     def setup(self) -> None:
         self.expert.setup()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from functools import lru_cache
+from typing import Any
 
 from pydantic import Field
 
@@ -160,6 +161,11 @@ class ClipScoreStage(Stage[ClipModel]):
     name = "clip-score"
     Options = ClipModel
     default_resources = Resources(num_cpus=0.25, batch_size=16, concurrency=1)
+    cached = True
+
+    def cache_input(self, item: Item) -> Any:
+        """The score reads the image and the caption only."""
+        return {"image": item.sample.sha256, "caption": item.sample.caption}
 
     @classmethod
     def plan(cls, flow: Flow) -> list[StageRun]:

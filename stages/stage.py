@@ -15,7 +15,10 @@ under `stages:` places them in the flow.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +29,31 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from denseforge.plugin import NoOptions, OptionsT, Resources, validated_options
 from denseforge.stages.sample import Sample
+
+
+# Setting names that change how a stage runs, not what it outputs (its workers, retries, where its
+# server is): a resume may change them, and they are not part of a stage's cache fingerprint.
+RUN_OPTIONS = (
+    "concurrency|num_cpus|num_gpus|batch_size|max_error_rate|timeout_s|max_retries|check_server|api_key_env|base_url"
+)
+_RUN_OPTION = re.compile(rf"^(resources|{RUN_OPTIONS})$")
+# Provenance entries no stage reads (who produced what, what came from the cache): not part of the
+# record a cached stage's output is keyed by
+UNREAD_PROVENANCE = ("experts", "cache")
+
+
+def settings_fingerprint(settings: BaseModel | dict[str, Any]) -> str:
+    """Canonical JSON of the settings that decide a stage's output (run options left out)."""
+
+    def data(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: data(v) for k, v in value.items() if not _RUN_OPTION.match(k)}
+        if isinstance(value, list):
+            return [data(v) for v in value]
+        return value
+
+    dumped = settings.model_dump(mode="json") if isinstance(settings, BaseModel) else settings
+    return json.dumps(data(dumped), sort_keys=True, separators=(",", ":"))
 
 
 class WorkerSettings(BaseModel):
@@ -104,9 +132,30 @@ class Stage(ABC, Generic[OptionsT]):
     default_resources: ClassVar[Resources] = Resources(num_cpus=0.25, batch_size=64, concurrency=None)
     error_reason: ClassVar[str] = "stage_error"
     Options: ClassVar[type[BaseModel]] = NoOptions
+    # True: its outputs are kept in the run's cache of stage outputs and reused wherever its
+    # fingerprint and its input are the same (a stage that calls a model; it must be deterministic)
+    cached: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel | dict[str, Any] | None = None):
         self.options: OptionsT = validated_options(self.Options, options)
+
+    def fingerprint(self) -> str:
+        """What decides this stage's output besides its input: its class and its settings (a stage
+        whose output depends on more, e.g. a prompt file's text, adds that)."""
+        cls = type(self)
+        return f"{cls.__module__}.{cls.__qualname__}:{settings_fingerprint(self.options)}"
+
+    def cache_input(self, item: Item) -> Any:
+        """What of the item this stage's output depends on (JSON): the whole record by default,
+        but for the provenance no stage reads; a stage that reads less says so (an expert: the
+        image and the kinds it consumes)."""
+        record = item.sample.model_dump(mode="json")
+        record["provenance"] = {k: v for k, v in record["provenance"].items() if k not in UNREAD_PROVENANCE}
+        return record
+
+    def cache_key(self, item: Item) -> str:
+        blob = json.dumps(self.cache_input(item), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def setup(self) -> None:
         """Load models and open files; called once per worker before the first batch."""
