@@ -51,9 +51,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         if not args.out:
             raise ConfigError("--from needs --out: the new run's directory (the earlier run is never changed)")
+        if args.against:
+            raise ConfigError("--from and --against: derive the run first, then grow it in a run of its own")
         derive(config, out, location(args.source), args.address, args.allow_failed_units)
         return 0
-    run(config, out, args.address, args.allow_failed_units)
+    run(config, out, args.address, args.allow_failed_units, [location(a) for a in args.against])
     return 0
 
 
@@ -190,6 +192,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             "pipeline": args.pipeline,
             "assign": args.assign,
             "overrides": tuple(args.set),
+            "against": args.against_rows,
         }
     else:
         options = {"images": args.images or 96, "gpu": args.gpu}
@@ -246,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="derive the new run (--out) from a finished one: its downloads, the phases the config leaves "
         "as they were and its cache of model outputs are reused; only what changed is computed",
+    )
+    run.add_argument(
+        "--against",
+        nargs="+",
+        default=[],
+        metavar="RUN_DIR",
+        help="grow a dataset: remove from this run's input the copies (exact, perceptual, semantic) of images "
+        "earlier runs wrote; dup_of names the run and key. The earlier runs are only read",
     )
     run.set_defaults(func=_cmd_run)
     resume = sub.add_parser("resume", help="finish a run that stopped (killed, crashed, interrupted)")
@@ -355,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="K",
         help="dedup: instead, assignment of --sizes[0] rows to a two-level index of K centroids",
+    )
+    p.add_argument(
+        "--against",
+        dest="against_rows",
+        type=count,
+        default=0,
+        metavar="M",
+        help="dedup, with --pipeline N: run --against an earlier run of M images, N new rows of which 10%% copy them",
     )
     p.add_argument(
         "--corpus",

@@ -19,14 +19,16 @@ from denseforge.pipeline.config import Config
 from denseforge.pipeline.progress import Progress
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
-from denseforge.stages.embed import embeddings_matrix
+from denseforge.stages.embed import embeddings_matrix, write_embeddings_file
 from denseforge.storage import (
     ensure_dir,
     list_files,
+    location,
     read_arrow,
     read_json,
     read_parquet,
     remove_tree,
+    url,
     write_arrow_atomic,
     write_json_atomic,
     write_table_atomic,
@@ -40,6 +42,36 @@ DECISION_SCHEMA = pa.schema([
 # fmt: on
 # a bucket's decisions: one row per entry (a border row has one in each of its two clusters)
 ENTRY_SCHEMA = DECISION_SCHEMA.append(pa.field("primary", pa.bool_()))
+
+
+EARLIER = "#"  # an earlier run's image in this run's dedup is keyed "<run>#<key>" (run --against)
+
+
+def earlier_files(rd: RunDir, runs: list[str], options: dict[str, Any]) -> tuple[list[UPath], list[int]]:
+    """The written images of earlier runs (`run --against`) as embeddings files of this run's
+    dedup, keyed `<run>#<key>` with unit -1; returns the files and their rows. The earlier runs
+    are only read."""
+    files, rows = [], []
+    ensure_dir(rd.against)
+    for i, source in enumerate(runs):
+        earlier = RunDir(location(source, options))
+        written = read_parquet(earlier.manifest, columns=["key"]).column("key")
+        for file in list_files(earlier.embeddings, ".parquet"):
+            if file.name.endswith(".rejects.parquet"):
+                continue
+            table = read_parquet(file).replace_schema_metadata(None)
+            table = table.filter(pc.is_in(table.column("key"), value_set=written))
+            if not table.num_rows:
+                continue
+            keys = pc.binary_join_element_wise(pa.scalar(url(earlier.root)), table.column("key"), EARLIER)
+            table = table.set_column(table.schema.get_field_index("key"), "key", keys)
+            units = pa.array(np.full(table.num_rows, -1), pa.int64())
+            table = table.set_column(table.schema.get_field_index("unit"), "unit", units)
+            target = rd.against / f"{i:03d}-{file.name}"
+            write_embeddings_file(target, table)
+            files.append(target)
+            rows.append(table.num_rows)
+    return files, rows
 
 
 SAMPLE_SPREAD = 4  # the training sample reads this many times the files its fraction needs
@@ -160,12 +192,13 @@ def _dedup_bucket(bucket_path: UPath, out_file: UPath, cfg: dd.DedupConfig, sele
     the merge reads are written: every primary entry, and the border copies that were removed (a
     kept border copy decides nothing), about one per row."""
     files = list_files(bucket_path, ".arrow")
-    table = pa.concat_tables([read_arrow(f) for f in files]) if files else None
+    table = pa.concat_tables([read_arrow(f) for f in files], promote_options="default") if files else None
     if table is None or not table.num_rows:
         write_table_atomic(out_file, ENTRY_SCHEMA.empty_table())
         return {"entries": 0, "sweep_kept": {}}
     rows, cluster, primary = _bucket_entries(table)
     key = table.column("key").combine_chunks()
+    earlier = pc.match_substring(key, EARLIER).to_numpy(zero_copy_only=False)
     sims = table.column("centroid_sim").to_numpy()
     width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
     pre = dd.prefilter(width, height, select.min_short_edge, select.max_aspect_ratio)[rows]
@@ -178,9 +211,12 @@ def _dedup_bucket(bucket_path: UPath, out_file: UPath, cfg: dd.DedupConfig, sele
         sims,
         width * height,
         _fingerprints(table),
+        earlier if earlier.any() else None,
     )
     bf16 = dd.use_bf16(cfg.matmul, np.unique(cluster[entries], return_counts=True)[1])
-    result = dd.dedup_entries(rows[entries], cluster[entries], primary[entries], columns, cfg, bf16)
+    # an earlier run's rows count in no sweep or rank: they are decided elsewhere
+    counted = primary[entries] & ~earlier[rows[entries]]
+    result = dd.dedup_entries(rows[entries], cluster[entries], counted, columns, cfg, bf16)
     reason, dup_of, rank = pre, np.full(len(rows), -1), np.full(len(rows), -1)
     reason[entries], dup_of[entries], rank[entries] = result.reason, result.dup_of, result.rank
     out = pa.table(
@@ -195,7 +231,7 @@ def _dedup_bucket(bucket_path: UPath, out_file: UPath, cfg: dd.DedupConfig, sele
             "primary": pa.array(primary),
         }
     ).cast(ENTRY_SCHEMA)
-    write_table_atomic(out_file, out.filter(pa.array(primary | (reason != dd.KEPT))))
+    write_table_atomic(out_file, out.filter(pa.array((primary | (reason != dd.KEPT)) & ~earlier[rows])))
     return {"entries": len(rows), "sweep_kept": {str(k): v for k, v in result.sweep_kept.items()}}
 
 
@@ -215,16 +251,20 @@ def _merge_entries(table: pa.Table) -> pa.Table:
     primary = is_primary.to_numpy()
     result = table.filter(is_primary).drop_columns(["primary"]).sort_by("key")
     keys = result.column("key").combine_chunks()
+    # an earlier run's images (run --against) are rows after this run's, kept, with no entries
+    earlier = pc.unique(table.filter(pc.match_substring(pc.fill_null(table.column("dup_of"), ""), EARLIER))["dup_of"])
+    every = pa.concat_arrays([keys, earlier.combine_chunks() if isinstance(earlier, pa.ChunkedArray) else earlier])
     row = pc.index_in(table.column("key"), value_set=keys).to_numpy()
-    dup_row = pc.fill_null(pc.index_in(table.column("dup_of"), value_set=keys), -1).to_numpy()
+    dup_row = pc.fill_null(pc.index_in(table.column("dup_of"), value_set=every), -1).to_numpy()
     entries = dd.DedupResult(
         _strings(table.column("reason")), dup_row.astype(np.int64), table.column("rank").to_numpy(), {}
     )
-    merged = dd.merge_entries(row.astype(np.int64), primary, entries, len(keys))
+    merged = dd.merge_entries(row.astype(np.int64), primary, entries, len(every))
+    n = len(keys)
     columns = {
-        "reason": pa.array(merged.reason, pa.string()),
-        "rank": pa.array(merged.rank),
-        "dup_of": keys.take(pa.array(merged.dup_of, mask=merged.dup_of < 0)),
+        "reason": pa.array(merged.reason[:n], pa.string()),
+        "rank": pa.array(merged.rank[:n]),
+        "dup_of": every.take(pa.array(merged.dup_of[:n], mask=merged.dup_of[:n] < 0)),
     }
     for name, column in columns.items():
         result = result.set_column(result.schema.get_field_index(name), name, column)
@@ -250,9 +290,13 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     ensure_dir(out)
     sweep: Counter[float] = Counter()
     entries = shuffle_bytes = 0
-    scratch = (rd.buckets, rd.bucket_parts)
+    scratch = (rd.buckets, rd.bucket_parts, rd.against)
     for path in scratch:  # what an attempt cut short left behind would be read as entries of this one
         remove_tree(path)
+    against = rd.read_state().get("against", [])
+    earlier, earlier_rows = earlier_files(rd, against, config.storage.options) if n and against else ([], [])
+    if earlier:
+        progress.note(f"dedup: against {sum(earlier_rows)} kept images of {len(against)} earlier run(s)")
     if n:
         fraction = dd.train_points(n, k, cfg) / n
         train = ray.remote(num_gpus=cfg.num_gpus)(_train)
@@ -275,7 +319,7 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
             ray.get(
                 [
                     assign.remote(group, ref, rd, buckets, cfg.border, cfg.border_clusters)
-                    for group in _assignment_tasks(files, rows)
+                    for group in _assignment_tasks(files + earlier, rows + earlier_rows)
                 ]
             )
         )
@@ -303,8 +347,10 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         write_table_atomic(decisions, DECISION_SCHEMA.append(pa.field("kept", pa.bool_())).empty_table())
         index = dd.CentroidIndex(np.zeros((0, 0)))
     bar.close()
-    counts = pc.value_counts(read_parquet(decisions, columns=["reason"]).column("reason")).to_pylist()
+    decided = read_parquet(decisions, columns=["reason", "dup_of"])
+    counts = pc.value_counts(decided.column("reason")).to_pylist()
     reasons = {c["values"]: c["counts"] for c in counts if c["values"]}
+    of_earlier = pc.sum(pc.match_substring(pc.fill_null(decided.column("dup_of"), ""), EARLIER)).as_py() or 0
     summary = {
         "embedded": n,
         "clusters": len(index),
@@ -313,6 +359,7 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         "epsilon": cfg.epsilon,
         "keep": cfg.keep,
         "removed_by_reason": dict(sorted(reasons.items())),
+        "against": {"runs": against, "kept_images": sum(earlier_rows), "removed_as_their_copies": of_earlier},
         "epsilon_sweep": {str(e): sweep[e] for e in sorted(sweep)},
         "epsilon_sweep_note": "images each epsilon would keep after exact/perceptual dedup and prefilters",
     }

@@ -120,6 +120,11 @@ class RunDir:
         return self.dedup / "summary.json"
 
     @property
+    def against(self) -> UPath:
+        """The kept images of the runs given to `run --against`, as embeddings files (scratch)."""
+        return self.dedup / "against"
+
+    @property
     def buckets(self) -> UPath:
         return self.dedup / "buckets"
 

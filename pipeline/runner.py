@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -601,13 +601,25 @@ def check_stores(config: Config, rd: RunDir, fresh: bool) -> None:
             next(iter_folder_rows(inp.path, inp.follow_symlinks), None)
 
 
-def run(config: Config, out: UPath, address: str | None = None, allow_failed_units: bool = False) -> dict[str, Any]:
-    """Start a new run in `out` (a local folder or an object-store URL)."""
+def run(
+    config: Config,
+    out: UPath,
+    address: str | None = None,
+    allow_failed_units: bool = False,
+    against: Sequence[UPath] = (),
+) -> dict[str, Any]:
+    """Start a new run in `out` (a local folder or an object-store URL); its input is
+    deduplicated against the written images of the runs in `against`, which are only read."""
     rd = RunDir(location(out, config.storage.options))
     runs = preflight(config, rd)
+    if against and not (config.embed.enabled and config.dedup.enabled):
+        raise ConfigError("--against deduplicates against earlier runs' embeddings: it needs embed and dedup enabled")
+    earlier = [url(check_earlier(config, RunDir(location(a, config.storage.options)), "--against")) for a in against]
     check_address(cluster_address(address, config.ray), config.ray.connect_timeout_s)
     check_stores(config, rd, fresh=True)
     rd.create(config)
+    if earlier:
+        rd.update_state(against=earlier)
     with rd.locked("run"):
         return execute(rd, config, runs, "run", address, allow_failed_units)
 
@@ -691,6 +703,32 @@ def redo_settings(rd: RunDir, changed: dict[str, tuple[Any, Any]], redo: bool) -
 EMBEDDING_MODEL = ("embed.model", "embed.pretrained", "embed.checkpoint", "embed.weights", "embed.seed")
 
 
+def check_earlier(config: Config, earlier: RunDir, flag: str) -> UPath:
+    """An earlier run this one reads (`--from`, `--against`): finished, by this version, with the
+    same embedding model (embeddings of different models are never compared). Returns its root."""
+    check_store(earlier.root, flag)
+    earlier.check_run()
+    state = earlier.read_state()
+    where = f"{flag} {url(earlier.root)}"
+    if state.get("denseforge") != __version__ or state.get("settings") is None:
+        raise ConfigError(
+            f"{where}: made by denseforge {state.get('denseforge', 'before 0.1')}, this is {__version__}; "
+            f"its files may not mean what this version reads. Start a new run without {flag}"
+        )
+    if state.get("state") not in ("complete", "complete_with_failed_units"):
+        raise ConfigError(
+            f"{where}: that run is {state.get('state')}; finish it first (`denseforge resume {earlier.root}`)"
+        )
+    changed = changed_settings(state["settings"], data_settings(config))
+    model = {k: v for k, v in changed.items() if k in EMBEDDING_MODEL}
+    if model:
+        raise ConfigError(
+            f"{where}: a different embedding model ({describe_changes(model)}); its embeddings cannot be "
+            f"reused or compared with this run's. Start a new run without {flag}"
+        )
+    return earlier.root
+
+
 def derive(
     config: Config, out: UPath, source: UPath, address: str | None = None, allow_failed_units: bool = False
 ) -> dict[str, Any]:
@@ -698,26 +736,10 @@ def derive(
     as they were (copied, the earlier run only read) and its cache of stage outputs: only what the
     changed settings affect is computed again."""
     src = RunDir(location(source, config.storage.options))
-    check_store(src.root, "--from")
-    src.check_run()
-    state = src.read_state()
+    check_earlier(config, src, "--from")
     where = f"--from {url(src.root)}"
-    if state.get("denseforge") != __version__ or state.get("settings") is None:
-        raise ConfigError(
-            f"{where}: made by denseforge {state.get('denseforge', 'before 0.1')}, this is {__version__}; "
-            "its files may not mean what this version reads. Start a new run without --from"
-        )
-    if state.get("state") not in ("complete", "complete_with_failed_units"):
-        raise ConfigError(
-            f"{where}: that run is {state.get('state')}; finish it first (`denseforge resume {src.root}`)"
-        )
+    state = src.read_state()
     changed = changed_settings(state["settings"], data_settings(config))
-    model = {k: v for k, v in changed.items() if k in EMBEDDING_MODEL}
-    if model:
-        raise ConfigError(
-            f"{where}: a different embedding model ({describe_changes(model)}); its embeddings and "
-            "dedup decisions cannot be reused or compared. Start a new run without --from"
-        )
     first = first_phase(changed)
     if first in ("input", "ingest"):
         raise ConfigError(
@@ -739,6 +761,7 @@ def derive(
         caches = [url(src.cache_root(src.load_config()))]
         rd.update_state(
             derived_from={"run": url(src.root), "reused": reused, "changed": sorted(changed), "caches": caches},
+            against=state.get("against", []),
             demo_port=state.get("demo_port"),
         )
         return execute(rd, config, runs, "run --from", address, allow_failed_units)

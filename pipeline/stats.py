@@ -6,6 +6,8 @@ fails loudly; that is a bug, never a rounding matter.
 
 from __future__ import annotations
 
+import json
+
 import platform
 from collections import Counter
 from importlib import metadata
@@ -28,12 +30,14 @@ from denseforge.stages.write import MANIFEST_SCHEMA
 from denseforge.storage import list_files, parquet_writer, read_json, read_parquet, write_bytes
 
 
-def _merge(parts: list[UPath], target: UPath, schema) -> int:
+def _merge(parts: list[UPath], target: UPath, schema, metadata: dict[str, str] | None = None) -> int:
     """Concatenate parquet parts in order, streaming (one part in memory at a time)."""
     rows = 0
-    with parquet_writer(target, schema) as writer:
+    with parquet_writer(target, schema.with_metadata(metadata) if metadata else schema) as writer:
         for part in parts:
             table = read_parquet(part, schema=schema)
+            if metadata:
+                table = table.replace_schema_metadata(metadata)
             rows += table.num_rows
             writer.write_table(table)
     return rows
@@ -66,6 +70,15 @@ def stage_counts(rd: RunDir) -> dict[str, dict[str, Any]]:
     }
 
 
+def run_lineage(rd: RunDir) -> dict[str, Any]:
+    """Where a run's data comes from besides its input: the run it was derived from (`--from`)
+    and the earlier runs its input was deduplicated against (`--against`); in the manifest's
+    metadata (`denseforge.lineage`) and stats.json."""
+    state = rd.read_state()
+    derived = state.get("derived_from") or {}
+    return {"derived_from": derived.get("run"), "against": state.get("against", [])}
+
+
 def cache_counts(stages: dict[str, dict[str, Any]], derived_from: dict[str, Any] | None) -> dict[str, Any]:
     """The cache of stage outputs: per cached stage its hits, misses (outputs computed) and
     corrupt entries met (recomputed), their totals, and the run this one was derived from."""
@@ -89,7 +102,8 @@ def finalize_run(
     dict. An incomplete run (one that failed) gets the same files without the balance check."""
     done = rd.marker_counts("write")
     stages = stage_counts(rd)
-    written = _merge([rd.manifest_part(unit) for unit, _ in done], rd.manifest, MANIFEST_SCHEMA)
+    lineage = {"denseforge.lineage": json.dumps(run_lineage(rd), sort_keys=True)}
+    written = _merge([rd.manifest_part(unit) for unit, _ in done], rd.manifest, MANIFEST_SCHEMA, lineage)
     rejected = _merge([rd.rejects_part(unit) for unit, _ in done], rd.rejects, REJECT_SCHEMA)
     by_reason: Counter[str] = Counter()
     by_stage: Counter[str] = Counter()
@@ -147,6 +161,7 @@ def finalize_run(
         "run": {"name": config.run.name, "seed": config.run.seed},
         "untrained": untrained,
         "cache": cache_counts(stages, rd.read_state().get("derived_from")),
+        "lineage": run_lineage(rd),
     }
     write_bytes(rd.report, render_report(rd, stats).encode())
     shard_names = [shard.name for shard in list_files(rd.shards, ".tar")]

@@ -170,12 +170,15 @@ def bench_dedup(
     pipeline: int = 0,
     assign: int = 0,
     overrides: tuple[str, ...] = (),
+    against: int = 0,
 ) -> dict[str, Any]:
     """Wall time, peak RSS, precision/recall of planted duplicates, and speed-up against the naive
     baseline at the largest n it can do (`baseline_n`), measured in the same run. `pipeline` > 0:
     the run's own dedup phase on that many embeddings on disk instead (`bench_dedup_pipeline`);
     `assign` > 0: assignment of `sizes[0]` rows to that many centroids (`bench_assign`).
     `overrides` (`--set key=value`) change the config of either dedup, e.g. dedup.matmul=float32."""
+    if pipeline and against:
+        return bench_dedup_against(pipeline, against, corpus, epsilon, overrides=overrides)
     if pipeline:
         return bench_dedup_pipeline(pipeline, corpus, epsilon, overrides=overrides)
     if assign:
@@ -244,11 +247,6 @@ def write_planted_units(rd, n: int, corpus: Corpus, unit_rows: int) -> np.ndarra
     unit of `unit_rows`; each unit's near-copies are of its own originals), streaming: memory holds
     one unit, each with its completion marker. Returns the group id of every row (rows are keyed by
     their index)."""
-    import pyarrow as pa
-
-    from denseforge.stages.embed import embedding_table, write_embeddings_file
-    from denseforge.storage import write_json_atomic
-
     rng = np.random.default_rng(corpus.seed)
     centers = corpus.centres(rng, max(1, n // corpus.rows_per_topic))
     group = np.empty(n, dtype=np.int64)
@@ -262,16 +260,147 @@ def write_planted_units(rd, n: int, corpus: Corpus, unit_rows: int) -> np.ndarra
         x[originals:] = _near_copies(rng, x[source])
         group[start : start + originals] = np.arange(start, start + originals)
         group[start + originals : start + rows] = start + source
-        keys = [f"{i:012d}" for i in range(start, start + rows)]
-        extra = {
-            "sha256": pa.array(keys),
-            "phash": pa.array(np.zeros(rows, dtype=np.int64)),
-            "width": pa.array(np.full(rows, 640)),
-            "height": pa.array(np.full(rows, 480)),
-        }
-        write_embeddings_file(rd.embeddings_file(unit), embedding_table(keys, [unit] * rows, x, extra, dtype="float16"))
-        write_json_atomic(rd.embed_marker(unit), {"unit": unit, "embedded": rows, "failed": 0, "stages": {}})
+        _write_unit(rd, unit, start, x)
     return group
+
+
+def _write_unit(rd, unit: int, start: int, x: np.ndarray) -> None:
+    """Rows `x` as unit `unit`'s float16 embeddings file and its marker, keyed by their index from
+    `start`; the sha256 column is the key (no exact copies), pHash 0 (no perceptual check)."""
+    import pyarrow as pa
+
+    from denseforge.stages.embed import embedding_table, write_embeddings_file
+    from denseforge.storage import write_json_atomic
+
+    rows = len(x)
+    keys = [f"{i:012d}" for i in range(start, start + rows)]
+    extra = {
+        "sha256": pa.array(keys),
+        "phash": pa.array(np.zeros(rows, dtype=np.int64)),
+        "width": pa.array(np.full(rows, 640)),
+        "height": pa.array(np.full(rows, 480)),
+    }
+    write_embeddings_file(rd.embeddings_file(unit), embedding_table(keys, [unit] * rows, x, extra, dtype="float16"))
+    write_json_atomic(rd.embed_marker(unit), {"unit": unit, "embedded": rows, "failed": 0, "stages": {}})
+
+
+def bench_dedup_against(
+    n: int,
+    earlier: int,
+    corpus: Corpus = Corpus(),
+    epsilon: float = 0.05,
+    cross_fraction: float = 0.1,
+    unit_rows: int = 10_000,
+    overrides: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """`run --against` measured: an earlier run that wrote `earlier` planted originals, and a new
+    input of n rows of which `cross_fraction` are near-copies of the earlier run's images and
+    `corpus.dup_fraction` near-copies of its own originals. The run's dedup phase on the new input
+    alone, then against the earlier run, one after the other in one Ray session: the time ratio,
+    and precision and recall of every planted copy (cross-run copies apart)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from denseforge.pipeline.config import apply_overrides, parse_config
+    from denseforge.pipeline.dedup_phase import EARLIER
+    from denseforge.pipeline.ray_session import start_ray
+    from denseforge.pipeline.rundir import RunDir
+    from denseforge.storage import write_table_atomic
+
+    cores = os.cpu_count() or 1
+    rng = np.random.default_rng(corpus.seed)
+    centers = corpus.centres(rng, max(1, (n + earlier) // corpus.rows_per_topic))
+    with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
+        root = Path(tmp)
+        raw = {
+            "input": {"kind": "table", "path": str(root / "unused.parquet")},
+            "ray": {"num_cpus": cores},
+            "embed": {"storage_dtype": "float16"},
+            "dedup": {"epsilon": epsilon, "exact": False, "phash_max_distance": None, "sweep": []},
+        }
+        config = parse_config(apply_overrides(raw, list(overrides)))
+        old = RunDir(root / "earlier")
+        old.create(config)
+        old_x = np.empty((earlier, corpus.dim), dtype=np.float32)
+        for unit, start in enumerate(range(0, earlier, unit_rows)):
+            old_x[start : start + unit_rows] = _originals(rng, centers, min(unit_rows, earlier - start))
+            _write_unit(old, unit, start, old_x[start : start + unit_rows])
+        keys = pa.array([f"{i:012d}" for i in range(earlier)])
+        write_table_atomic(old.manifest, pa.table({"key": keys}))
+        old.update_state(state="complete")
+        # the new input: its originals, near-copies of them, near-copies of the earlier run's images
+        cross, own = int(n * cross_fraction), int(n * corpus.dup_fraction)
+        originals = n - cross - own
+        x = np.empty((n, corpus.dim), dtype=np.float32)
+        x[:originals] = _originals(rng, centers, originals)
+        source = rng.integers(0, originals, own)
+        x[originals : originals + own] = _near_copies(rng, x[source])
+        earlier_source = rng.integers(0, earlier, cross)
+        x[originals + own :] = _near_copies(rng, old_x[earlier_source])
+        group = np.r_[earlier + np.arange(originals), earlier + source, earlier_source]
+        perm = rng.permutation(n)
+        x, group = x[perm], group[perm]
+        del old_x
+        results: dict[str, Any] = {}
+        start_ray(config.ray, None)
+        try:
+            for name, against in (("alone", []), ("against", [str(old.root)])):
+                rd = RunDir(root / name)
+                rd.create(config)
+                rd.update_state(against=against)
+                for unit, start in enumerate(range(0, n, unit_rows)):
+                    _write_unit(rd, unit, start, x[start : start + unit_rows])
+                summary, wall, mem, _ = _timed_dedup(config, rd, -(-n // unit_rows))
+                table = pq.read_table(rd.decisions, columns=["key", "reason", "dup_of"])
+                row = np.asarray(table.column("key").to_pylist(), dtype=np.int64)
+                reason = np.empty(n, dtype=object)
+                reason[row] = table.column("reason").to_pylist()
+                found = np.full(n, -1, dtype=np.int64)  # the group of what each removed row names
+                names = table.column("dup_of").to_pylist()
+                found[row] = [
+                    -1 if d is None else int(d.rsplit(EARLIER, 1)[1]) if EARLIER in d else group[int(d)] for d in names
+                ]
+                removed = reason != ""
+                is_cross = group < earlier
+                # a copy: every row of a cross-run group, and all but one row of a new original's group
+                _, first = np.unique(group, return_index=True)
+                planted = {"all": is_cross | ~np.isin(np.arange(n), first), "cross_run": is_cross}
+                true = removed & (found == group)
+                results[name] = {
+                    "seconds": round(wall, 2),
+                    "peak_rss_mib": round(mem.peak / 2**20, 1),
+                    "clusters": summary["clusters"],
+                    "removed": int(removed.sum()),
+                    "precision": round(true.sum() / max(removed.sum(), 1), 4),
+                    **{
+                        f"recall_{what}": round((true & mask).sum() / max(mask.sum(), 1), 4)
+                        for what, mask in planted.items()
+                    },
+                    "against": summary["against"],
+                }
+        finally:
+            ray.shutdown()
+    return {
+        "benchmark": "dedup-against",
+        "n": n,
+        "earlier": earlier,
+        "cross_fraction": cross_fraction,
+        **corpus.describe(),
+        "epsilon": epsilon,
+        "overrides": list(overrides),
+        "cores": cores,
+        **results,
+        "against_over_alone": round(results["against"]["seconds"] / results["alone"]["seconds"], 3),
+        "goal": {"against_over_alone": 1.2, "precision": 1.0, "recall_cross_run": 0.99},
+        "note": "alone: the new input's dedup phase by itself, where cross-run copies cannot be found "
+        "(its recall_all counts them as missed); against: the same input against the earlier run",
+    }
+
 
 
 def bench_dedup_pipeline(
@@ -295,7 +424,6 @@ def bench_dedup_pipeline(
     import ray
 
     from denseforge.pipeline.config import apply_overrides, parse_config
-    from denseforge.pipeline.dedup_phase import run_dedup
     from denseforge.pipeline.ray_session import start_ray
     from denseforge.pipeline.rundir import RunDir
     from denseforge.stages.dedup import bf16_native
@@ -318,12 +446,8 @@ def bench_dedup_pipeline(
         units = -(-n // unit_rows)
         embeddings_mib = sum(f.stat().st_size for f in rd.embeddings.glob("*.parquet")) / 2**20
         start_ray(config.ray, None)
-        progress = _StepTimes()
         try:
-            with TreeMemory() as mem:
-                start = time.perf_counter()
-                summary = run_dedup(config, rd, units, cast("Progress", progress))  # the same calls, timed
-                wall = time.perf_counter() - start
+            summary, wall, mem, progress = _timed_dedup(config, rd, units)
         finally:
             ray.shutdown()
         table = pq.read_table(rd.decisions, columns=["key", "reason", "dup_of"])
@@ -332,7 +456,7 @@ def bench_dedup_pipeline(
         reason[row] = table.column("reason").to_pylist()
         dup_of = np.full(n, -1, dtype=np.int64)
         dup_of[row] = [int(d) if d is not None else -1 for d in table.column("dup_of").to_pylist()]
-    marks = [start, *progress.marks]
+    marks = [progress.start, *progress.marks]
     names = ("train", "assign_and_shuffle", "bucket_dedup", "merge_and_select")
     return {
         "benchmark": "dedup-pipeline",
@@ -362,10 +486,23 @@ def bench_dedup_pipeline(
     }
 
 
+def _timed_dedup(config, rd, units: int) -> tuple[dict[str, Any], float, TreeMemory, _StepTimes]:
+    """The run's dedup phase on `rd` (Ray started): its summary, seconds, memory and step times."""
+    from denseforge.pipeline.dedup_phase import run_dedup
+
+    progress = _StepTimes()
+    with TreeMemory() as mem:
+        progress.start = time.perf_counter()
+        summary = run_dedup(config, rd, units, cast("Progress", progress))  # the same calls, timed
+        wall = time.perf_counter() - progress.start
+    return summary, wall, mem, progress
+
+
 class _StepTimes:
     """Stands in for the run's progress display and notes when each dedup step ends."""
 
     def __init__(self):
+        self.start = 0.0
         self.marks: list[float] = []
 
     def phase(self, name: str, total: int, done: int = 0, unit: str = "it") -> _StepTimes:

@@ -42,7 +42,8 @@ def priority_order(
 class Rows:
     """The columns dedup decides rows by, one entry per row: key, embedding (float32, or float16 as
     stored: converted cluster by cluster), sha256, 64-bit pHash, cosine to its centroid (the keep
-    priority), image area, and optionally the witness fingerprint (see `witnessed`)."""
+    priority), image area, and optionally the witness fingerprint (see `witnessed`) and which rows
+    are kept images of earlier runs (`run --against`: they claim first, and are never decided)."""
 
     keys: np.ndarray
     vectors: np.ndarray
@@ -51,6 +52,7 @@ class Rows:
     centroid_sim: np.ndarray
     area: np.ndarray
     fingerprint: np.ndarray | None = None
+    earlier: np.ndarray | None = None
 
     @classmethod
     def of(
@@ -62,6 +64,7 @@ class Rows:
         centroid_sim: Sequence[float] | np.ndarray,
         area: Sequence[float] | np.ndarray,
         fingerprint: np.ndarray | None = None,
+        earlier: np.ndarray | None = None,
     ) -> Rows:
         return cls(
             np.asarray(keys),
@@ -71,6 +74,7 @@ class Rows:
             np.asarray(centroid_sim),
             np.asarray(area),
             fingerprint,
+            earlier,
         )
 
     def __len__(self) -> int:
@@ -86,6 +90,7 @@ class Rows:
             self.centroid_sim[idx],
             self.area[idx],
             None if self.fingerprint is None else self.fingerprint[idx],
+            None if self.earlier is None else self.earlier[idx],
         )
 
 
@@ -101,6 +106,8 @@ def dedup_cluster(
     threshold, decided on float32 similarities)."""
     n = len(rows)
     order = priority_order(rows.keys, rows.centroid_sim, rows.area, cfg.keep)
+    if rows.earlier is not None:  # an earlier run's image claims first: a new row is its copy, never the reverse
+        order = order[np.argsort(~rows.earlier[order], kind="stable")]
     counted = np.ones(n, dtype=bool) if counted is None else counted[order]
     reason = np.full(n, KEPT, dtype=object)
     dup = np.full(n, -1, dtype=np.int64)  # in priority positions

@@ -1,5 +1,6 @@
-"""Runs derived with `--from` on the real DAG: what is reused, what is called again (the captioner's
-calls counted by a stub server), and what is refused."""
+"""Runs that build on earlier ones, on the real DAG: derived with `--from` (what is reused, what is
+called again: the captioner's calls counted by a stub server, what is refused) and grown with
+`--against` (copies of what earlier runs wrote removed from the new input only)."""
 
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
 
     # refused before any work, exit 2, one line: another embedding model, a changed download, an unfinished run
     for flags, expected in (
-        (["--set", "embed.model=df-tiny-clip-512"], "a different embedding model (embed.model: 'df-tiny-clip' -> 'df-tiny-clip-512')"),
+        (["--set", "embed.model=df-tiny-clip-512"], "model (embed.model: 'df-tiny-clip' -> 'df-tiny-clip-512')"),
         (["--set", "ingest.image_size=256"], "changes what is read or downloaded (ingest.image_size: "),
     ):
         proc = run_cli("run", str(cfg), "--from", str(original), "--out", str(tmp_path / "no"), *flags, check=False)
@@ -153,3 +154,71 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
     pruned = run_cli("cache", "prune", str(added), "--stage", "colors").stdout
     assert pruned.startswith("deleted 4 entries")
     assert "fuse" in run_cli("cache", "du", str(added)).stdout
+
+
+def test_a_run_against_earlier_runs_removes_only_the_copies_of_what_they_wrote(tmp_path, photo_dir):
+    from PIL import Image
+
+    from ..conftest import jpeg_bytes
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    for name in ("coffee", "chelsea"):
+        (first / f"{name}.jpg").write_bytes((photo_dir / f"{name}.jpg").read_bytes())
+    (second / "coffee_again.jpg").write_bytes((photo_dir / "coffee.jpg").read_bytes())  # the same bytes
+    chelsea = Image.open(photo_dir / "chelsea.jpg")
+    (second / "chelsea_smaller.jpg").write_bytes(
+        jpeg_bytes(chelsea.resize((chelsea.width // 2, chelsea.height // 2)), quality=70)
+    )
+    for name in ("astronaut", "rocket"):
+        (second / f"{name}.jpg").write_bytes((photo_dir / f"{name}.jpg").read_bytes())
+    config = """
+ray: {num_cpus: 2}
+input: {kind: folder, path: %s}
+embed: {model: df-tiny-clip, weights: random, batch_size: 8}
+dedup: {epsilon: null, clusters: 1, phash_max_distance: 6, keep: largest_image}
+"""
+    earlier = tmp_path / "earlier"
+    run_cli("run", str(_config(tmp_path, "a.yaml", config % first)), "--out", str(earlier))
+    before = _files(earlier)
+    grown = tmp_path / "grown"
+    proc = run_cli(
+        "run", str(_config(tmp_path, "b.yaml", config % second)), "--out", str(grown), "--against", str(earlier)
+    )
+    assert "dedup: against 2 kept images of 1 earlier run(s)" in proc.stderr
+    stats = json.loads((grown / "stats.json").read_text())
+    f = stats["funnel"]
+    assert (f["input_rows"], f["written"], f["removed"]) == (4, 2, 2)
+    assert f["removed_by_reason"] == {"dedup/exact_duplicate": 1, "dedup/near_duplicate": 1}
+    assert stats["dedup"]["against"] == {"runs": [str(earlier)], "kept_images": 2, "removed_as_their_copies": 2}
+    removed = {
+        r["key"]: r["dup_of"] for r in pq.read_table(grown / "dedup" / "decisions.parquet").to_pylist() if r["reason"]
+    }
+    assert sorted(removed.values()) == sorted(f"{earlier}#{key}" for key in _written(earlier))
+    written = _written(grown)
+    assert sorted(Path(meta["source"]["path"]).name for meta in written.values()) == ["astronaut.jpg", "rocket.jpg"]
+    assert stats["lineage"] == {"derived_from": None, "against": [str(earlier)]}
+    lineage = pq.read_schema(grown / "manifest.parquet").metadata[b"denseforge.lineage"]
+    assert json.loads(lineage)["against"] == [str(earlier)]
+    assert _files(earlier) == before  # the earlier run was only read
+
+    proc = run_cli(
+        "run",
+        str(_config(tmp_path, "b.yaml", config % second)),
+        "--out",
+        str(tmp_path / "no"),
+        "--against",
+        str(earlier),
+        "--set",
+        "embed.model=df-tiny-clip-512",
+        check=False,
+    )
+    assert proc.returncode == 2 and "--against" in proc.stderr and "embedding model" in proc.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def _config(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path

@@ -799,3 +799,64 @@ def test_the_hierarchical_corpus_has_its_stated_cosines_and_the_isotropic_one_is
     pairs = [(i, first[g[i]]) for i in copies if first[g[i]] != i]
     assert 0.97 < float(np.median([y[a] @ y[b] for a, b in pairs])) < 0.99  # a copy to its original ~0.98
     assert deep.describe()["cosine"] == {"copy_to_original": 0.98, "original_to_topic": 0.71, "topic_to_broad": 0.8}
+
+
+def test_an_earlier_runs_image_claims_first_and_a_new_copy_points_at_it():
+    """run --against: whatever the keep policy says, the earlier run's image stays (it is written
+    already) and the new copy is removed as its duplicate; ranks count only this run's rows."""
+    x = _unit(np.array([[1, 0], [1, 0.01], [0, 1]], dtype=np.float32))
+    rows = dd.Rows.of(
+        ["old#k", "n1", "n2"],
+        x,
+        ["s0", "s1", "s2"],
+        [0, 1 << 40, 7],
+        [0.1, 0.9, 0.5],
+        [10, 99, 30],
+        earlier=np.array([True, False, False]),
+    )
+    res = dd.dedup_entries(
+        np.arange(3),
+        np.zeros(3, np.int64),
+        np.array([False, True, True]),
+        rows,
+        rules(epsilon=0.05, phash_max_distance=None, keep="largest_image"),
+    )
+    assert list(res.reason) == ["", dd.SEMANTIC, ""] and list(res.dup_of) == [-1, 0, -1]
+    assert res.rank[2] == 0  # the earlier image takes no rank of this run's
+    alone = dd.Rows.of(rows.keys, rows.vectors, rows.sha256, rows.phash, rows.centroid_sim, rows.area)
+    without = dd.dedup_cluster(alone, rules(epsilon=0.05, phash_max_distance=None, keep="largest_image"))
+    assert list(without.reason) == [dd.SEMANTIC, "", ""]  # alone, the larger new image would have won
+
+
+def test_a_copy_of_an_earlier_runs_image_keeps_its_dup_of_through_the_merge():
+    import pyarrow as pa
+
+    from denseforge.pipeline.dedup_phase import ENTRY_SCHEMA, _merge_entries
+
+    def entry(key, reason="", dup_of=None, primary=True, cluster=1):
+        return {
+            "key": key,
+            "unit": 0,
+            "cluster": cluster,
+            "distance": 0.1,
+            "rank": 0 if not reason else 9,
+            "reason": reason,
+            "dup_of": dup_of,
+            "primary": primary,
+        }
+
+    table = pa.Table.from_pylist(
+        [
+            entry("a", dd.EXACT, "/runs/old#000000000003"),
+            entry("b", dd.NEAR, "a"),  # a copy of a copy: followed to the earlier image
+            entry("c"),
+            entry("c", dd.SEMANTIC, "/runs/old#000000000007", primary=False, cluster=2),  # removed as a border copy
+        ],
+        schema=ENTRY_SCHEMA,
+    )
+    merged = {r["key"]: (r["reason"], r["dup_of"]) for r in _merge_entries(table).to_pylist()}
+    assert merged == {
+        "a": (dd.EXACT, "/runs/old#000000000003"),
+        "b": (dd.NEAR, "/runs/old#000000000003"),
+        "c": (dd.SEMANTIC, "/runs/old#000000000007"),
+    }
