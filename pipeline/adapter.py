@@ -112,9 +112,14 @@ class StageWorker:
     stage keeps its own batch size, trace entry and failure policy."""
 
     def __init__(
-        self, *runs: StageRun, load: Step | None = None, sink: Step | None = None, cache: OutputCache | None = None
+        self,
+        *runs: StageRun,
+        load: Step | None = None,
+        sink: Step | None = None,
+        cache: OutputCache | None = None,
+        replay: bool = False,
     ):
-        self.runs, self.load, self.sink, self.cache = runs, load, sink, cache
+        self.runs, self.load, self.sink, self.cache, self.replay = runs, load, sink, cache, replay
         # a cached stage loads its model on its first miss: a worker whose items all come from
         # the cache never loads it
         self.ready = [False] * len(runs)
@@ -209,7 +214,8 @@ class StageWorker:
             item.counts = {}
         items = [item for _, item in live]
         if self.cache is not None and run.stage.cached:
-            verdicts = self.cache.verdicts(run, items, lambda batch: self._verdicts(position, batch))
+            compute = _missed if self.replay else (lambda batch: self._verdicts(position, batch))
+            verdicts = self.cache.verdicts(run, items, compute)
         else:
             verdicts = self._verdicts(position, items)
         share = (time.perf_counter() - began) / len(live) if live else 0.0
@@ -268,6 +274,39 @@ def _reject(row: dict[str, Any], item: Item, stage: str, reason: str, detail: st
         key=item.key, stage=stage, reason=reason, detail=detail, url=item.sample.url
     ).model_dump_json()
     row["sample"], row["image"] = None, None
+
+
+class CacheMiss(Exception):
+    """A replay met an item the cache does not hold: its unit goes to the pass that computes."""
+
+
+def _missed(items: list[Item]) -> list[Verdict]:
+    raise CacheMiss(items[0].key)
+
+
+def replayable(runs: Sequence[StageRun], cache: OutputCache | None) -> bool:
+    """Whether a replay can finish units: every model stage is cached and has entries (a light
+    stage runs where it is)."""
+    models = [r for r in runs if r.stage.cached or not _light([r])]
+    return cache is not None and bool(models) and all(r.stage.cached and cache.has_entries(r) for r in models)
+
+
+def replay_units(batch: pa.Table, runs: Sequence[StageRun], load: Step, sink: Step, cache: OutputCache) -> pa.Table:
+    """Units whose every model output is in the cache, written in one light task (their light
+    stages run, no model loads, no worker pool starts); a unit with one miss is left, empty, for
+    the pass that computes."""
+    worker = StageWorker(*runs, load=load, sink=sink, cache=cache, replay=True)
+    done = []
+    for unit in batch.column("unit").to_pylist():
+        try:
+            done.append(worker(pa.table({"unit": pa.array([unit], pa.int64())})))
+        except CacheMiss:
+            continue
+    return (
+        pa.concat_tables(done)
+        if done
+        else pa.table({"unit": pa.array([], pa.int64()), "counts": pa.array([], pa.string())})
+    )
 
 
 def run_stage_task(

@@ -83,14 +83,24 @@ class OutputCache:
     also: tuple[UPath, ...] = ()
     _folders: dict[str, str] = field(default_factory=dict, repr=False)
 
+    def has_entries(self, run: StageRun) -> bool:
+        """Whether any layer holds entries of this stage with its current fingerprint."""
+        name = self.folder_name(run)
+        return any((root / name).exists() for root in (self.root, *self.also))
+
+    @staticmethod
+    def folder_name(run: StageRun) -> str:
+        digest = hashlib.sha256(run.stage.fingerprint().encode()).hexdigest()[:12]
+        return f"{safe_member_key(run.instance)}-{digest}"
+
     def folder(self, run: StageRun) -> str:
         """The stage's folder name; its stage.json is written on first use."""
         if run.instance not in self._folders:
-            fingerprint = run.stage.fingerprint()
-            name = f"{safe_member_key(run.instance)}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}"
+            name = self.folder_name(run)
             about = self.root / name / "stage.json"
             if not about.exists():
-                write_bytes(about, json.dumps({"stage": run.instance, "fingerprint": fingerprint}, indent=1).encode())
+                about_stage = {"stage": run.instance, "fingerprint": run.stage.fingerprint()}
+                write_bytes(about, json.dumps(about_stage, indent=1).encode())
             self._folders[run.instance] = name
         return self._folders[run.instance]
 

@@ -38,7 +38,7 @@ from denseforge.errors import (
     shorten,
 )
 from denseforge.pipeline.accounting import count_traces
-from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages
+from denseforge.pipeline.adapter import ROW_SCHEMA, StageRun, Step, add_stages, replay_units, replayable
 from denseforge.pipeline.budget import ErrorBudget, check_ingest
 from denseforge.pipeline.cache import OutputCache, prune
 from denseforge.pipeline.config import Config, changed_settings, data_settings
@@ -314,22 +314,42 @@ def run_process(
     if not pending:
         bar.close()
         return 0
-    ds = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=len(pending))
-    ds = add_stages(
-        ds,
-        runs,
-        load=Step(load_units, {"rd": rd, "kind": plan.kind}),
-        sink=Step(write_units_batch, {"rd": rd}),
-        cache=cache,
-    )
+    load = Step(load_units, {"rd": rd, "kind": plan.kind})
+    sink = Step(write_units_batch, {"rd": rd})
+    if replayable(runs, cache):  # first the units the cache holds whole: no worker pool for them
+        # one task per CPU, each through its share of the units: a replay is light Python work,
+        # and a task per unit started more worker processes than the work took
+        tasks = max(1, min(len(pending), int(ray.cluster_resources().get("CPU", 1))))
+        units = ray.data.from_items([{"unit": u} for u in pending], override_num_blocks=tasks)
+        replay = units.map_batches(
+            replay_units,  # type: ignore[arg-type]  # its keyword arguments come in fn_kwargs
+            fn_kwargs={"runs": runs, "load": load, "sink": sink, "cache": cache},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=1,
+        )
+        _count_units(replay, bar, budget)
+        left = rd.pending("write", plan.units)
+        progress.note(f"cache: {len(pending) - len(left)} of {len(pending)} unit(s) replayed whole from the cache")
+        if not left:
+            bar.close()
+            return len(pending)
+    else:
+        left = pending
+    ds = ray.data.from_items([{"unit": u} for u in left], override_num_blocks=len(left))
+    _count_units(add_stages(ds, runs, load=load, sink=sink, cache=cache), bar, budget)
+    bar.close()
+    return len(pending)
+
+
+def _count_units(ds, bar, budget: ErrorBudget) -> None:
+    """Consume a pass: each written unit's counts to the progress bar and the error budget."""
     for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in result.to_pylist():
             counts = json.loads(row["counts"])
             bar.update(1, written=counts["written"], rejected=counts["rejected"], removed=counts["removed"])
             budget.add(counts["stages"])
             budget.check()
-    bar.close()
-    return len(pending)
 
 
 # -- the whole run ---------------------------------------------------------------------------
@@ -758,7 +778,8 @@ def derive(
                 copy_tree(folder, rd.root / folder.name)
         if "dedup" in reused and src.dedup_summary.exists():
             copy_tree(src.dedup, rd.dedup, skip=(src.buckets.name, src.bucket_parts.name))
-        caches = [url(src.cache_root(src.load_config()))]
+        # the earlier run's cache, and those it read itself (a run derived from a derived run)
+        caches = [url(src.cache_root(src.load_config())), *(state.get("derived_from") or {}).get("caches", [])]
         rd.update_state(
             derived_from={"run": url(src.root), "reused": reused, "changed": sorted(changed), "caches": caches},
             against=state.get("against", []),

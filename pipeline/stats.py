@@ -7,7 +7,6 @@ fails loudly; that is a bug, never a rounding matter.
 from __future__ import annotations
 
 import json
-
 import platform
 from collections import Counter
 from importlib import metadata
@@ -19,11 +18,11 @@ from upath import UPath
 from denseforge import __version__
 from denseforge.errors import DenseforgeError, RunFailedError
 from denseforge.pipeline.accounting import StageCounts, failures, merge_counts
+from denseforge.pipeline.cache import CORRUPT, HIT, MISS
 from denseforge.pipeline.config import Config
 from denseforge.pipeline.flow import untrained_models
 from denseforge.pipeline.report import render_report
 from denseforge.pipeline.rundir import RunDir
-from denseforge.pipeline.cache import CORRUPT, HIT, MISS
 from denseforge.stages.card import dataset_card, decode_type, merge_types
 from denseforge.stages.read_input import REJECT_SCHEMA
 from denseforge.stages.write import MANIFEST_SCHEMA
@@ -70,11 +69,10 @@ def stage_counts(rd: RunDir) -> dict[str, dict[str, Any]]:
     }
 
 
-def run_lineage(rd: RunDir) -> dict[str, Any]:
+def run_lineage(state: dict[str, Any]) -> dict[str, Any]:
     """Where a run's data comes from besides its input: the run it was derived from (`--from`)
     and the earlier runs its input was deduplicated against (`--against`); in the manifest's
-    metadata (`denseforge.lineage`) and stats.json."""
-    state = rd.read_state()
+    metadata (`denseforge.lineage`) and stats.json. `state`: the run's run.json."""
     derived = state.get("derived_from") or {}
     return {"derived_from": derived.get("run"), "against": state.get("against", [])}
 
@@ -102,7 +100,8 @@ def finalize_run(
     dict. An incomplete run (one that failed) gets the same files without the balance check."""
     done = rd.marker_counts("write")
     stages = stage_counts(rd)
-    lineage = {"denseforge.lineage": json.dumps(run_lineage(rd), sort_keys=True)}
+    state = rd.read_state() if rd.run_file.exists() else {}
+    lineage = {"denseforge.lineage": json.dumps(run_lineage(state), sort_keys=True)}
     written = _merge([rd.manifest_part(unit) for unit, _ in done], rd.manifest, MANIFEST_SCHEMA, lineage)
     rejected = _merge([rd.rejects_part(unit) for unit, _ in done], rd.rejects, REJECT_SCHEMA)
     by_reason: Counter[str] = Counter()
@@ -160,13 +159,13 @@ def finalize_run(
         "versions": versions(),
         "run": {"name": config.run.name, "seed": config.run.seed},
         "untrained": untrained,
-        "cache": cache_counts(stages, rd.read_state().get("derived_from")),
-        "lineage": run_lineage(rd),
+        "cache": cache_counts(stages, state.get("derived_from")),
+        "lineage": run_lineage(state),
     }
     write_bytes(rd.report, render_report(rd, stats).encode())
     shard_names = [shard.name for shard in list_files(rd.shards, ".tar")]
-    state = "complete" if complete else "failed"
-    card = dataset_card(sample_type, config.run.name, funnel, shard_names, state, failed_units, untrained)
+    outcome = "complete" if complete else "failed"
+    card = dataset_card(sample_type, config.run.name, funnel, shard_names, outcome, failed_units, untrained)
     write_bytes(rd.card, card.encode())
     if complete and not balanced:
         raise DenseforgeError(

@@ -9,6 +9,7 @@ markup. Every entry satisfies `caption[span[0]:span[1]] == phrase`.
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from typing import Any, Literal
@@ -197,11 +198,16 @@ class GroundStage(Stage[GroundConfig]):
 
     name = "ground"
     Options = GroundConfig
+    cached = True  # with synonyms it calls a sentence-embedding model
 
     def __init__(self, options: GroundConfig):
         super().__init__(options)
         self.aliases = read_aliases(options.aliases)  # a bad alias file fails here, on the driver
         self.matcher = SynonymMatcher(options.synonyms) if options.synonyms.enabled else None
+
+    def fingerprint(self) -> str:
+        """Its settings and the aliases as read (an alias file edited in place is new aliases)."""
+        return f"{super().fingerprint()}:{json.dumps(self.aliases, sort_keys=True)}"
 
     @classmethod
     def plan(cls, flow: Flow) -> list[StageRun]:

@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from denseforge.plugin import NoOptions, OptionsT, Resources, validated_options
 from denseforge.stages.sample import Sample
 
-
 # Setting names that change how a stage runs, not what it outputs (its workers, retries, where its
 # server is): a resume may change them, and they are not part of a stage's cache fingerprint.
 RUN_OPTIONS = (

@@ -402,7 +402,6 @@ def bench_dedup_against(
     }
 
 
-
 def bench_dedup_pipeline(
     n: int,
     corpus: Corpus = Corpus(),

@@ -408,10 +408,12 @@ def test_light_stages_run_in_the_next_cpu_worker_and_the_sink_never_before_a_gpu
 
     assert [fn for fn, _ in ops] == [StageWorker, run_stage_task, StageWorker, StageWorker]
     assert [names(op) for op in ops] == [["a", "cpu-model"], ["b"], ["gpu-model"], ["c", "d"]]
-    assert ops[0][1]["fn_constructor_kwargs"] == {"load": load} and ops[0][1]["num_cpus"] == 0.5
+    assert ops[0][1]["fn_constructor_kwargs"] == {"load": load, "cache": None} and ops[0][1]["num_cpus"] == 0.5
     assert ops[1][1]["fn_kwargs"]["load"] is None
-    assert ops[2][1]["num_gpus"] == 1.0 and ops[2][1]["fn_constructor_kwargs"] == {"load": None}
-    assert ops[3][1]["fn_constructor_kwargs"] == {"load": None, "sink": sink} and ops[3][1]["num_cpus"] == 0
+    assert ops[2][1]["num_gpus"] == 1.0 and ops[2][1]["fn_constructor_kwargs"] == {"load": None, "cache": None}
+    assert (
+        ops[3][1]["fn_constructor_kwargs"] == {"load": None, "sink": sink, "cache": None} and ops[3][1]["num_cpus"] == 0
+    )
     # a flow of light stages only: load, the stages and the sink in one worker
     [(fn, kw)] = add_stages(RecordedStream(), [run("a"), run("b")], load=load, sink=sink).ops
-    assert fn is StageWorker and kw["fn_constructor_kwargs"] == {"load": load, "sink": sink}
+    assert fn is StageWorker and kw["fn_constructor_kwargs"] == {"load": load, "sink": sink, "cache": None}
