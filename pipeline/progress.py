@@ -96,6 +96,9 @@ def format_summary(stats: dict[str, Any], root: UPath | Path, example: str | Non
         lines.append(
             f"cache: {cache['hits']} of {cache['hits'] + cache['misses']} model outputs reused ({per_stage}){corrupt}"
         )
+    source = cache.get("derived_from")
+    if source:
+        lines.append(f"derived from {source['run']}: reused its {', '.join(source['reused'])} (nothing downloaded)")
     if stats.get("storage", {}).get("retries"):
         lines.append(f"store: {stats['storage']['retries']} request(s) retried (throttling, dropped connections)")
     lines.append(f"shards, manifest.parquet, rejects.parquet, stats.json, report.html in {root}")

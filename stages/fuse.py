@@ -413,11 +413,8 @@ class CaptionStage(Stage[FuseConfig]):
         return f"{super().fingerprint()}:markup={self.markup}:{prompt}"
 
     def cache_input(self, item: Item) -> Any:
-        """The record, less kinds no expert found anything of (the prompt and the template skip
-        them): an added expert that sees nothing in an image leaves its caption as it was."""
-        record = super().cache_input(item)
-        record["experts"] = {kind: found for kind, found in record["experts"].items() if found}
-        return record
+        """The prompt and the template skip kinds with nothing found."""
+        return self.evidence_input(item)
 
     @classmethod
     def plan(cls, flow: Flow) -> list[StageRun]:

@@ -205,6 +205,10 @@ class GroundStage(Stage[GroundConfig]):
         self.aliases = read_aliases(options.aliases)  # a bad alias file fails here, on the driver
         self.matcher = SynonymMatcher(options.synonyms) if options.synonyms.enabled else None
 
+    def cache_input(self, item: Item) -> Any:
+        """Grounding reads the boxes and lines found, never an empty kind."""
+        return self.evidence_input(item)
+
     def fingerprint(self) -> str:
         """Its settings and the aliases as read (an alias file edited in place is new aliases)."""
         return f"{super().fingerprint()}:{json.dumps(self.aliases, sort_keys=True)}"

@@ -152,6 +152,14 @@ class Stage(ABC, Generic[OptionsT]):
         record["provenance"] = {k: v for k, v in record["provenance"].items() if k not in UNREAD_PROVENANCE}
         return record
 
+    def evidence_input(self, item: Item) -> Any:
+        """`cache_input` for a stage that reads the evidence as the captioner's prompt does: expert
+        kinds with nothing found are left out, so an added expert that sees nothing in an image
+        leaves the image's key as it was."""
+        record = Stage.cache_input(self, item)
+        record["experts"] = {kind: found for kind, found in record["experts"].items() if found}
+        return record
+
     def cache_key(self, item: Item) -> str:
         blob = json.dumps(self.cache_input(item), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()

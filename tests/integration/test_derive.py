@@ -74,6 +74,7 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
         assert stats["cache"]["stages"] == {
             "yolox": {"hits": 0, "misses": 4, "corrupt": 0},
             "fuse": {"hits": 0, "misses": 4, "corrupt": 0},
+            "ground": {"hits": 0, "misses": 4, "corrupt": 0},
         }
 
         # only qa changed: no expert and no captioner call; the same captions
@@ -84,16 +85,23 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
         assert stats["cache"]["stages"] == {
             "yolox": {"hits": 4, "misses": 0, "corrupt": 0},
             "fuse": {"hits": 4, "misses": 0, "corrupt": 0},
+            "ground": {"hits": 4, "misses": 0, "corrupt": 0},
         }
         assert stats["cache"]["derived_from"]["reused"] == ["input", "ingest", "embed", "dedup"]
-        assert "cache: 8 of 8 model outputs reused" in proc.stderr
+        assert "cache: 12 of 12 model outputs reused" in proc.stderr
+        assert f"derived from {original}: reused its input, ingest, embed, dedup" in proc.stderr
+        assert "cache: 1 of 1 unit(s) replayed whole from the cache" in proc.stderr  # no worker pool started
         assert stats["timings"].keys() >= {"process_s"} and "ingest_s" not in stats["timings"]  # nothing downloaded
         # "Two dogs and a car." has 5 words: every sample still passes, with the original's caption
         a, b = _written(original), _written(qa)
         assert a.keys() == b.keys() and len(a) == 4
         for key, meta in b.items():
             assert meta["caption"] == a[key]["caption"] == "Two dogs and a car."
-            assert meta["provenance"]["cache"] == {"yolox": str(original), "fuse": str(original)}
+            assert meta["provenance"]["cache"] == {
+                "yolox": str(original),
+                "fuse": str(original),
+                "ground": str(original),
+            }
             assert "cache" not in a[key]["provenance"]
         status = run_cli("status", str(qa)).stdout
         assert "cache_hits 4" in status
@@ -123,6 +131,7 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
         assert stages == {
             "yolox": {"hits": 4, "misses": 0, "corrupt": 0},
             "fuse": {"hits": 0, "misses": 4, "corrupt": 0},
+            "ground": {"hits": 4, "misses": 0, "corrupt": 0},  # the stub answers with the same caption
         }
         assert len(stub.requests_seen) == 12
         assert "Describe this picture" in json.dumps(stub.requests_seen[-1])
@@ -150,7 +159,7 @@ qa: {{enabled: true, min_words: 3, min_ocr_fidelity: 0.0, max_hallucination: 1.0
 
     # du and prune
     du = json.loads(run_cli("cache", "du", str(added), "--json").stdout)
-    assert {row["stage"]: row["entries"] for row in du["stages"]} == {"colors": 4, "fuse": 4}  # its own entries
+    assert {row["stage"]: row["entries"] for row in du["stages"]} == {"colors": 4, "fuse": 4, "ground": 4}  # its own
     pruned = run_cli("cache", "prune", str(added), "--stage", "colors").stdout
     assert pruned.startswith("deleted 4 entries")
     assert "fuse" in run_cli("cache", "du", str(added)).stdout

@@ -262,3 +262,33 @@ def test_an_image_stays_out_of_the_key_but_its_hash_is_in(tmp_path):
     assert stage.cache_key(a) == stage.cache_key(b)
     b.sample.sha256 = "b" * 64
     assert stage.cache_key(a) != stage.cache_key(b)
+
+
+def test_a_replay_writes_the_units_the_cache_holds_whole_and_leaves_the_rest(tmp_path):
+    import pyarrow as pa
+
+    from denseforge.pipeline.adapter import Step, replay_units, replayable
+
+    cache = OutputCache(tmp_path / "cache", origin="run-a")
+    run = StageRun(Counting(), "counting", Resources(batch_size=4, concurrency=1))
+    assert not replayable([run], cache)  # nothing cached yet: no replay pass
+    StageWorker(run, cache=cache)(_rows(3))
+    assert replayable([run], cache) and not replayable([run], None)
+    Counting.setups, Counting.seen = 0, []
+
+    def load(batch: pa.Table) -> pa.Table:
+        unit = batch.column("unit")[0].as_py()
+        return (
+            _rows(3 if unit == 0 else 5)
+            .drop_columns(["unit"])
+            .add_column(0, "unit", pa.array([unit] * (3 if unit == 0 else 5)))
+        )
+
+    def sink(batch: pa.Table) -> pa.Table:
+        traces = [json.loads(t) for t in batch.column("trace").to_pylist()]
+        return pa.table({"unit": batch.column("unit")[:1], "counts": [json.dumps(traces)]})
+
+    out = replay_units(pa.table({"unit": pa.array([0, 1], pa.int64())}), [run], Step(load, {}), Step(sink, {}), cache)
+    assert out.column("unit").to_pylist() == [0]  # unit 1 holds k3 and k4, which the cache does not
+    assert [t["counting"]["c"] for t in json.loads(out.column("counts")[0].as_py())] == [{HIT: 1, "words": 2}] * 3
+    assert Counting.setups == 0 and Counting.seen == []  # no model loaded, nothing computed
