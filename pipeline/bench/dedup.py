@@ -284,17 +284,28 @@ def _write_unit(rd, unit: int, start: int, x: np.ndarray) -> None:
     write_json_atomic(rd.embed_marker(unit), {"unit": unit, "embedded": rows, "failed": 0, "stages": {}})
 
 
+def _pipeline_config(cores: int, epsilon: float, overrides: tuple[str, ...]):
+    """The config of the dedup phase benches: float16 embeddings, semantic dedup only."""
+    from denseforge.pipeline.config import apply_overrides, parse_config
+
+    raw = {
+        "input": {"kind": "table", "path": "unused.parquet"},
+        "ray": {"num_cpus": cores},
+        "embed": {"storage_dtype": "float16"},
+        "dedup": {"epsilon": epsilon, "exact": False, "phash_max_distance": None, "sweep": []},
+    }
+    return parse_config(apply_overrides(raw, list(overrides)))
+
+
+CROSS_FRACTION = 0.1  # bench dedup --against: the share of the new rows that copy an earlier run's images
+UNIT_ROWS = 10_000  # the dedup benches' rows per unit file
+
+
 def bench_dedup_against(
-    n: int,
-    earlier: int,
-    corpus: Corpus = Corpus(),
-    epsilon: float = 0.05,
-    cross_fraction: float = 0.1,
-    unit_rows: int = 10_000,
-    overrides: tuple[str, ...] = (),
+    n: int, earlier: int, corpus: Corpus = Corpus(), epsilon: float = 0.05, overrides: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """`run --against` measured: an earlier run that wrote `earlier` planted originals, and a new
-    input of n rows of which `cross_fraction` are near-copies of the earlier run's images and
+    input of n rows of which `CROSS_FRACTION` are near-copies of the earlier run's images and
     `corpus.dup_fraction` near-copies of its own originals. The run's dedup phase on the new input
     alone, then against the earlier run, one after the other in one Ray session: the time ratio,
     and precision and recall of every planted copy (cross-run copies apart)."""
@@ -306,7 +317,6 @@ def bench_dedup_against(
     import pyarrow.parquet as pq
     import ray
 
-    from denseforge.pipeline.config import apply_overrides, parse_config
     from denseforge.pipeline.dedup_phase import EARLIER
     from denseforge.pipeline.ray_session import start_ray
     from denseforge.pipeline.rundir import RunDir
@@ -317,24 +327,18 @@ def bench_dedup_against(
     centers = corpus.centres(rng, max(1, (n + earlier) // corpus.rows_per_topic))
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
         root = Path(tmp)
-        raw = {
-            "input": {"kind": "table", "path": str(root / "unused.parquet")},
-            "ray": {"num_cpus": cores},
-            "embed": {"storage_dtype": "float16"},
-            "dedup": {"epsilon": epsilon, "exact": False, "phash_max_distance": None, "sweep": []},
-        }
-        config = parse_config(apply_overrides(raw, list(overrides)))
+        config = _pipeline_config(cores, epsilon, overrides)
         old = RunDir(root / "earlier")
         old.create(config)
         old_x = np.empty((earlier, corpus.dim), dtype=np.float32)
-        for unit, start in enumerate(range(0, earlier, unit_rows)):
-            old_x[start : start + unit_rows] = _originals(rng, centers, min(unit_rows, earlier - start))
-            _write_unit(old, unit, start, old_x[start : start + unit_rows])
+        for unit, start in enumerate(range(0, earlier, UNIT_ROWS)):
+            old_x[start : start + UNIT_ROWS] = _originals(rng, centers, min(UNIT_ROWS, earlier - start))
+            _write_unit(old, unit, start, old_x[start : start + UNIT_ROWS])
         keys = pa.array([f"{i:012d}" for i in range(earlier)])
         write_table_atomic(old.manifest, pa.table({"key": keys}))
         old.update_state(state="complete")
         # the new input: its originals, near-copies of them, near-copies of the earlier run's images
-        cross, own = int(n * cross_fraction), int(n * corpus.dup_fraction)
+        cross, own = int(n * CROSS_FRACTION), int(n * corpus.dup_fraction)
         originals = n - cross - own
         x = np.empty((n, corpus.dim), dtype=np.float32)
         x[:originals] = _originals(rng, centers, originals)
@@ -353,9 +357,9 @@ def bench_dedup_against(
                 rd = RunDir(root / name)
                 rd.create(config)
                 rd.update_state(against=against)
-                for unit, start in enumerate(range(0, n, unit_rows)):
-                    _write_unit(rd, unit, start, x[start : start + unit_rows])
-                summary, wall, mem, _ = _timed_dedup(config, rd, -(-n // unit_rows))
+                for unit, start in enumerate(range(0, n, UNIT_ROWS)):
+                    _write_unit(rd, unit, start, x[start : start + UNIT_ROWS])
+                summary, wall, mem, _ = _timed_dedup(config, rd, -(-n // UNIT_ROWS))
                 table = pq.read_table(rd.decisions, columns=["key", "reason", "dup_of"])
                 row = np.asarray(table.column("key").to_pylist(), dtype=np.int64)
                 reason = np.empty(n, dtype=object)
@@ -378,7 +382,9 @@ def bench_dedup_against(
                     "clusters": summary["clusters"],
                     "removed": int(removed.sum()),
                     "precision": round(true.sum() / max(removed.sum(), 1), 4),
-                    **{f"recall_{what}": round(found_copies[what] / max(count, 1), 4) for what, count in copies.items()},
+                    **{
+                        f"recall_{what}": round(found_copies[what] / max(count, 1), 4) for what, count in copies.items()
+                    },
                     "against": summary["against"],
                 }
         finally:
@@ -387,7 +393,7 @@ def bench_dedup_against(
         "benchmark": "dedup-against",
         "n": n,
         "earlier": earlier,
-        "cross_fraction": cross_fraction,
+        "cross_fraction": CROSS_FRACTION,
         **corpus.describe(),
         "epsilon": epsilon,
         "overrides": list(overrides),
@@ -404,7 +410,7 @@ def bench_dedup_pipeline(
     n: int,
     corpus: Corpus = Corpus(),
     epsilon: float = 0.05,
-    unit_rows: int = 10_000,
+    unit_rows: int = UNIT_ROWS,
     buckets: int = 64,
     overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
@@ -420,7 +426,6 @@ def bench_dedup_pipeline(
     import pyarrow.parquet as pq
     import ray
 
-    from denseforge.pipeline.config import apply_overrides, parse_config
     from denseforge.pipeline.ray_session import start_ray
     from denseforge.pipeline.rundir import RunDir
     from denseforge.stages.dedup import bf16_native
@@ -428,13 +433,7 @@ def bench_dedup_pipeline(
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="denseforge-bench-") as tmp:
         root = Path(tmp)
-        raw = {
-            "input": {"kind": "table", "path": str(root / "unused.parquet")},
-            "ray": {"num_cpus": cores},
-            "embed": {"storage_dtype": "float16"},
-            "dedup": {"epsilon": epsilon, "exact": False, "phash_max_distance": None, "sweep": [], "buckets": buckets},
-        }
-        config = parse_config(apply_overrides(raw, list(overrides)))
+        config = _pipeline_config(cores, epsilon, (f"dedup.buckets={buckets}", *overrides))
         rd = RunDir(root / "run")
         rd.create(config)
         start = time.perf_counter()

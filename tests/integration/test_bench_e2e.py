@@ -39,6 +39,31 @@ def test_bench_dedup_pipeline_runs_the_ray_dedup_phase_on_float16_unit_files():
     assert set(r["step_peak_rss_mib"]) == steps and max(r["step_peak_rss_mib"].values()) <= r["peak_rss_mib"]
 
 
+def test_bench_derive_measures_the_derived_runs_against_their_originals(tmp_path):
+    out = tmp_path / "derive.json"
+    run_cli("bench", "derive", "--images", "6", "--json", str(out), timeout=900)
+    r = json.loads(out.read_text())
+    assert set(r["process_s"]) == {"original", "qa_changed", "without_expert", "expert_added", "expert_alone"}
+    qa = r["cache"]["qa_changed"]
+    assert qa and all(s["misses"] == 0 and s["hits"] > 0 for s in qa.values())  # no model called
+    added = r["cache"]["expert_added"]
+    assert added["rapidocr"]["hits"] == 0 and added["yolox"]["misses"] == added["tagger"]["misses"] == 0
+    assert r["qa_changed_vs_original"] < 1 and r["expert_added_vs_expert_alone"] > 0
+
+
+def test_bench_dedup_against_finds_the_copies_of_an_earlier_runs_images(tmp_path):
+    out = tmp_path / "against.json"
+    run_cli("bench", "dedup", "--pipeline", "20000", "--against", "5000", "--json", str(out), timeout=600)
+    r = json.loads(out.read_text())
+    assert (r["n"], r["earlier"], r["cross_fraction"]) == (20_000, 5_000, 0.1)
+    alone, against = r["alone"], r["against"]
+    assert alone["precision"] == against["precision"] == 1.0
+    assert against["recall_cross_run"] >= 0.99 and against["recall_all"] >= 0.99
+    assert alone["recall_cross_run"] < 0.5  # alone it sees only the copies that have a sibling in the new input
+    assert against["against"]["kept_images"] == 5_000 and against["against"]["removed_as_their_copies"] >= 1_980
+    assert r["against_over_alone"] > 0
+
+
 def test_a_dedup_retried_after_a_cut_short_attempt_ignores_its_leftovers(tmp_path):
     """Bucket files an earlier attempt left (another layout, or a bucket this attempt does not
     use) are not read as entries of this one, and the shuffle is removed once decided. The
