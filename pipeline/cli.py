@@ -14,15 +14,10 @@ from denseforge.storage import is_local, location
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from denseforge.configs import shipped
-    from denseforge.pipeline.config import dump_config, load_config
+    from denseforge.pipeline.config import dump_config
     from denseforge.pipeline.runner import run
 
-    source = Path(args.config)
-    builtin = shipped(args.config)
-    if not source.exists() and builtin is not None:
-        source = builtin  # `denseforge run demo`: a config that ships in the package
-    config = load_config(source, args.set)
+    config = _load(args.config, args.set)
     out = location(args.out or f"runs/{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}", config.storage.options)
     if args.dry_run:
         from denseforge.pipeline.adapter import chains
@@ -57,6 +52,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     run(config, out, args.address, args.allow_failed_units, [location(a) for a in args.against])
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from denseforge.pipeline.bench import stdout_to_stderr
+    from denseforge.pipeline.plan import load_cluster, make_plan, summary
+
+    cluster = load_cluster(args.cluster)
+    config = _load(args.config, args.set)
+    with stdout_to_stderr():
+        result = make_plan(config, args.pilot, args.target, cluster)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(summary(result))
+    return 0
+
+
+def _load(name: str, overrides: list[str]):
+    """A config file, or the name of a shipped one, with `--set` overrides."""
+    from denseforge.configs import shipped
+    from denseforge.pipeline.config import load_config
+
+    source = Path(name)
+    builtin = shipped(name)
+    if not source.exists() and builtin is not None:
+        source = builtin  # `denseforge run demo`: a config that ships in the package
+    return load_config(source, overrides)
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
@@ -175,6 +197,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         options = {}
     elif args.name == "derive":
         options = {"images": args.images or 1000}
+    elif args.name == "plan":
+        options = {"images": args.images or 2000, "pilot": args.pilot or 200}
     elif args.name == "e2e":
         options = {"images": args.images or 1000, "overrides": tuple(args.set)}
     elif args.name == "io":
@@ -203,6 +227,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         Path(args.json).write_text(text + "\n")
     print(text)
     return 0
+
+
+def rows(text: str) -> int:
+    """An argparse type: a number of rows, at least 1, in any float notation (1e9)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of rows, at least 1 (e.g. 2000 or 1e9)")
+    return int(value)
 
 
 def count(text: str) -> int:
@@ -334,17 +369,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="prune: delete every entry of this stage (an expert instance, fuse, clip-score)")
     p.add_argument("--json", action="store_true", help="du: one JSON object")
     p.set_defaults(func=_cmd_cache)
+    p = sub.add_parser("plan", help="project a run's time, node-hours, cost and disk from pilot runs on your input")
+    p.add_argument("config", help="a YAML file, or the name of a shipped config")
+    p.add_argument("--pilot", type=count, required=True, metavar="N", help="pilot runs on the first N/4 and N rows")
+    p.add_argument("--target", type=rows, required=True, metavar="M", help="input rows to project for, e.g. 1e9")
+    p.add_argument("--cluster", metavar="FILE", help="YAML: nodes, cpus_per_node, gpus_per_node, price_per_node_hour")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--json", help="also write the whole plan (pilots, per-phase figures, assumptions) here")
+    p.set_defaults(func=_cmd_plan)
     p = sub.add_parser("experts", help="list installed expert plugins")
     p.set_defaults(func=_cmd_experts)
     p = sub.add_parser("bench", help="benchmarks, JSON out")
-    p.add_argument("name", choices=["ingest", "dedup", "embed", "e2e", "derive", "experts", "fuse", "quality", "io"])
+    p.add_argument(
+        "name", choices=["ingest", "dedup", "embed", "e2e", "derive", "plan", "experts", "fuse", "quality", "io"]
+    )
     p.add_argument(
         "--images",
         type=int,
         default=None,
         help="ingest: corpus size (1000); embed: images (256); experts: images (96); fuse: samples (256); "
-        "io: the whole run's images, 0 for files only (1000); derive: images (1000)",
+        "io: the whole run's images, 0 for files only (1000); derive: images (1000); plan: the real run (2000)",
     )
+    p.add_argument("--pilot", type=count, default=None, help="plan: the pilot's rows (200)")
     p.add_argument("--batch-size", type=int, default=64, help="embed: images per forward pass (64)")
     p.add_argument("--model", default="ViT-B-32", help="embed: open_clip architecture, random weights (ViT-B-32)")
     p.add_argument("--processes", type=int, default=2, help="ingest: shards at once")

@@ -101,6 +101,9 @@ class InputConfig(Settings):
         None, description="extra source columns carried into the sample JSON; None = all"
     )
     follow_symlinks: bool = Field(False, description="folder input: read links that lead outside the folder")
+    limit: int | None = Field(
+        None, ge=1, description="tables and folders: read only the first N rows (a pilot, `denseforge plan`)"
+    )
 
 
 class StageSpec(PluginSpec):

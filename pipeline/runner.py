@@ -10,6 +10,7 @@ unit (`RunDir`), so `resume` redoes exactly the units that were not finished.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -100,6 +101,8 @@ def plan_units(config: Config, rd: RunDir) -> Plan:
     spp = config.output.samples_per_shard
     options = config.storage.options
     if inp.kind == "webdataset":
+        if inp.limit is not None:
+            raise ConfigError("input.limit reads the first rows of a table or folder; webdataset shards are read whole")
         tars = [str(p) for p in expand_paths(inp.path, {".tar"}, options)]
         plan = Plan("webdataset", len(tars), None, tars)
     else:
@@ -108,6 +111,8 @@ def plan_units(config: Config, rd: RunDir) -> Plan:
             rows = iter_table_rows(inp.path, inp.format, inp.url_col, inp.caption_col, inp.keep_cols, options)
         else:
             rows = iter_folder_rows(inp.path, inp.follow_symlinks)
+        if inp.limit is not None:
+            rows = itertools.islice(rows, inp.limit)
         result = write_units(rows, rd.units, spp, config.ingest.allow_private_addresses, inp.kind == "folder")
         plan = Plan(inp.kind, result.units, result.rows)
     ensure_dir(rd.units)

@@ -67,6 +67,10 @@ def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
         from denseforge.pipeline.bench.e2e import bench_e2e
 
         return bench_e2e(**kwargs)
+    if name == "plan":
+        from denseforge.pipeline.bench.plan import bench_plan
+
+        return bench_plan(**kwargs)
     if name == "derive":
         from denseforge.pipeline.bench.derive import bench_derive
 
