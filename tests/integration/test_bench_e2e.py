@@ -51,6 +51,17 @@ def test_bench_derive_measures_the_derived_runs_against_their_originals(tmp_path
     assert r["qa_changed_vs_original"] < 1 and r["expert_added_vs_expert_alone"] > 0
 
 
+def test_bench_plan_projects_a_run_from_its_pilots_and_then_measures_it(tmp_path):
+    out = tmp_path / "plan.json"
+    run_cli("bench", "plan", "--images", "24", "--pilot", "12", "--json", str(out), timeout=900)
+    r = json.loads(out.read_text())
+    assert [p["rows"] for p in r["pilots"]] == [3, 12]
+    assert r["wall_s"]["projected"] > 0 and r["wall_s"]["measured"] > 0
+    assert r["disk_bytes"]["measured"] > 24 * 1000  # the photos alone are more
+    assert abs(r["disk_error"]) < 0.5  # disk is nearly linear in the rows, even from tiny pilots
+    assert set(r["parts_s"]) == {"ray_init", "setup", "plan", "ingest", "embed", "dedup", "process"}
+
+
 def test_bench_dedup_against_finds_the_copies_of_an_earlier_runs_images(tmp_path):
     out = tmp_path / "against.json"
     run_cli("bench", "dedup", "--pipeline", "20000", "--against", "5000", "--json", str(out), timeout=600)
