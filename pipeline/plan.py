@@ -66,6 +66,7 @@ def pilot(config: Config, rows: int, out: Path) -> dict[str, Any]:
 
     cfg = config.model_copy(deep=True)
     cfg.input.limit = rows
+    cfg.cache.path = None  # its own cache: a shared one's hits would time work the target run must do
     start = time.perf_counter()
     stats = run(cfg, location(out), allow_failed_units=True)
     wall = time.perf_counter() - start
