@@ -373,6 +373,18 @@ def staged(folder: UPath | Path, scratch: str | None = None) -> Iterator[Path]:
         shutil.rmtree(local, ignore_errors=True)
 
 
+def publish(local: Path, target: UPath | Path) -> None:
+    """A finished local file becomes `target`: renamed on local disk, uploaded (streamed) to an
+    object store and removed here."""
+    if is_local(target):
+        Path(str(target)).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local, str(target))
+        return
+    fs, key = _store(target)
+    fs.put_file(str(local), key)
+    local.unlink(missing_ok=True)
+
+
 def open_binary(path: UPath | Path) -> IO[bytes]:
     """A seekable binary reader (ranged reads on an object store)."""
     if is_local(path):

@@ -1,13 +1,22 @@
-"""The dedup phase on Ray: a global step that waits for every embedding and holds at scale: k-means is trained on a
-bounded sample, units are assigned to clusters in parallel tasks that also shuffle rows into
-buckets (whole coarse cells), and each bucket is deduplicated cluster by cluster in its own task.
-Only key columns (no vectors) come back to the driver for the merge and the balanced selection;
-the shuffle is scratch, cleared before a dedup starts and deleted bucket by bucket once decided.
+"""The dedup phase on Ray: a global step that waits for every embedding and holds at scale, with
+nothing on the driver but counts and the index. k-means is trained on a bounded sample read by
+parallel tasks (above `two_level_above` clusters the fine level per coarse cell, in parallel
+tasks); one shuffler actor per node holds the index once and appends every row it assigns to that
+node's file of each bucket (buckets hold whole coarse cells); each bucket is deduplicated cluster
+by cluster in its own task, which sends its entries to the merge partitions of their rows
+(`dedup_merge`); the partitions merge, follow dup_of chains across one another and select.
+The shuffle is scratch, cleared before a dedup starts and deleted bucket by bucket once decided.
 """
 
 from __future__ import annotations
 
+import itertools
+import shutil
+import tempfile
+import threading
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,36 +24,42 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from upath import UPath
 
+from denseforge.errors import RunFailedError
 from denseforge.pipeline.config import Config
+from denseforge.pipeline.dedup_merge import (
+    EARLIER,
+    ENTRY_SCHEMA,
+    FINAL_SCHEMA,
+    chain_answers,
+    chain_apply,
+    chain_requests,
+    clusters_at,
+    merge_partition,
+    partition_of,
+    rank_counts,
+    select_partition,
+    target_cut,
+)
 from denseforge.pipeline.progress import Progress
 from denseforge.pipeline.rundir import RunDir
 from denseforge.stages import dedup as dd
 from denseforge.stages.embed import embeddings_matrix, write_embeddings_file
 from denseforge.storage import (
     ensure_dir,
+    is_local,
     list_files,
     location,
+    parquet_writer,
+    publish,
     read_arrow,
     read_json,
     read_parquet,
     remove_tree,
+    scratch_dir,
     url,
-    write_arrow_atomic,
     write_json_atomic,
     write_table_atomic,
 )
-
-# fmt: off
-DECISION_SCHEMA = pa.schema([
-    ("key", pa.string()), ("unit", pa.int64()), ("cluster", pa.int64()), ("distance", pa.float32()),
-    ("rank", pa.int64()), ("reason", pa.string()), ("dup_of", pa.string()),
-])
-# fmt: on
-# a bucket's decisions: one row per entry (a border row has one in each of its two clusters)
-ENTRY_SCHEMA = DECISION_SCHEMA.append(pa.field("primary", pa.bool_()))
-
-
-EARLIER = "#"  # an earlier run's image in this run's dedup is keyed "<run>#<key>" (run --against)
 
 
 def earlier_files(rd: RunDir, runs: list[str], options: dict[str, Any]) -> tuple[list[UPath], list[int]]:
@@ -75,73 +90,158 @@ def earlier_files(rd: RunDir, runs: list[str], options: dict[str, Any]) -> tuple
 
 
 SAMPLE_SPREAD = 4  # the training sample reads this many times the files its fraction needs
+SAMPLE_TASK_FILES = 16  # a sampling task reads at most this many files
 
 
-def _train_sample(files: list[UPath], fraction: float, seed: int) -> np.ndarray:
-    """About `fraction` of all rows, from a seeded random subset of the units' files (each row of a
-    chosen file with probability fraction x files / chosen): at scale the sample is a few percent
-    of the rows, and reading every file to keep so few of them was most of the training time."""
+def _sample_plan(files: list[UPath], fraction: float, seed: int) -> tuple[list[int], float]:
+    """Which files the training sample reads (a seeded random subset) and at what rate it keeps
+    their rows (about `fraction` of all rows): at scale the sample is a few percent of the rows,
+    and reading every file to keep so few of them was most of the training time."""
     chosen = len(files)
     if fraction * SAMPLE_SPREAD < 1:
         chosen = min(len(files), max(1, int(np.ceil(fraction * SAMPLE_SPREAD * len(files)))))
     picked = (
-        sorted(np.random.default_rng(seed).choice(len(files), size=chosen, replace=False))
+        sorted(int(i) for i in np.random.default_rng(seed).choice(len(files), size=chosen, replace=False))
         if chosen < len(files)
-        else range(len(files))
+        else list(range(len(files)))
     )
-    rate = fraction * len(files) / chosen
+    return picked, fraction * len(files) / max(chosen, 1)
+
+
+def _sample_part(files: list[UPath], picked: list[int], rate: float, seed: int, coarse_rate: float) -> tuple:
+    """The sample's rows from some of its files (each row with probability `rate`, seeded by its
+    file), and the part of them (`coarse_rate`) the coarse level trains on."""
     parts = []
-    for i in picked:
-        x = embeddings_matrix(read_parquet(files[i], columns=["embedding"]))
+    for i, file in zip(picked, files, strict=True):
+        x = embeddings_matrix(read_parquet(file, columns=["embedding"]))
         if len(x):
-            pick = np.random.default_rng(seed + int(i)).random(len(x)) < rate
-            parts.append(x[pick])
+            parts.append(x[np.random.default_rng(seed + i).random(len(x)) < rate])
+    sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return sample, sample[np.random.default_rng(seed + len(picked)).random(len(sample)) < coarse_rate]
+
+
+def _concat(parts: tuple[np.ndarray, ...]) -> np.ndarray:
+    parts = tuple(p for p in parts if p.size)
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def _train(
-    files: list[UPath], k: int, fraction: float, seed: int, niter: int, mppc: int, use_gpu: bool | None
-) -> dd.CentroidIndex:
-    sample = _train_sample(files, fraction, seed)
+def _train_flat(k: int, niter: int, seed: int, use_gpu: bool | None, mppc: int, *parts: np.ndarray) -> dd.CentroidIndex:
+    """k centroids in one task (flat below `two_level_above`) on the whole sample."""
+    sample = _concat(parts)
     return dd.train_kmeans(
         sample, min(k, len(sample)), niter=niter, seed=seed, use_gpu=use_gpu, max_points_per_centroid=mppc
     )
 
 
-ASSIGN_TASK_ROWS = 65_536  # an assignment task takes consecutive units up to about this many rows
+def _train_coarse(k: int, niter: int, seed: int, use_gpu: bool | None, mppc: int, *parts: np.ndarray) -> np.ndarray:
+    """The coarse level, on its bounded part of the sample."""
+    sample = _concat(parts)
+    return dd.flat_kmeans(sample, min(k, len(sample)), niter, seed, bool(use_gpu), mppc)
 
 
-def _assignment_tasks(files: list[UPath], rows: list[int]) -> list[list[UPath]]:
-    """Consecutive units grouped into assignment tasks of about `ASSIGN_TASK_ROWS` rows: a task
-    writes one file per bucket, so a bucket task opens one file per task, not one per unit."""
-    tasks: list[list[UPath]] = []
+def _route(part: np.ndarray, coarse: np.ndarray, groups: int) -> list[Any]:
+    """A sample part's rows by coarse cell: their count per cell, then per fine-training task
+    (cell % groups) its rows and their cells."""
+    cells = dd.assign_clusters(part, coarse)[0] if len(part) else np.zeros(0, np.int64)
+    out: list[Any] = [np.bincount(cells, minlength=len(coarse))]
+    for g in range(groups):
+        mine = cells % groups == g
+        out.append((cells[mine], part[mine]))
+    return out
+
+
+def _train_cells(
+    cells: list[int], shares: list[int], niter: int, seed: int, use_gpu: bool | None, mppc: int, *routed: tuple
+) -> list[tuple[int, np.ndarray]]:
+    """The fine centroids of some coarse cells, each trained on the sample's rows in that cell."""
+    labels = np.concatenate([r[0] for r in routed]) if routed else np.zeros(0, np.int64)
+    x = _concat(tuple(r[1] for r in routed))
+    return [
+        (c, dd.train_cell(x[labels == c], share, niter, seed + c, use_gpu, mppc))
+        for c, share in zip(cells, shares, strict=True)
+    ]
+
+
+def train_index(files: list[UPath], n: int, k: int, seed: int, cfg: dd.DedupConfig, cpus: int) -> dd.CentroidIndex:
+    """The centroid index, trained on about `dd.train_points` rows sampled by parallel tasks;
+    above `two_level_above` clusters the coarse level first (on its bounded share of the sample),
+    then the fine level of each coarse cell in parallel tasks on the sample's rows of the cell."""
+    import ray
+
+    fraction = dd.train_points(n, k, cfg) / n
+    picked, rate = _sample_plan(files, fraction, seed)
+    two_level = k > dd.TWO_LEVEL_ABOVE
+    coarse_k = int(np.ceil(np.sqrt(k))) if two_level else 0
+    coarse_rate = min(1.0, coarse_k * cfg.max_points_per_centroid / max(1.0, fraction * n))
+    use_gpu = cfg.num_gpus > 0 or None
+    remote: Any = ray.remote  # tasks of several returns, which Ray's annotations do not follow
+    sample = remote(num_returns=2)(_sample_part)
+    parts = [
+        sample.remote([files[i] for i in chunk], chunk, rate, seed, coarse_rate)
+        for chunk in (picked[s : s + SAMPLE_TASK_FILES] for s in range(0, len(picked), SAMPLE_TASK_FILES))
+    ]
+    niter, mppc = cfg.kmeans_iters, cfg.max_points_per_centroid
+    if not two_level:
+        flat = remote(num_gpus=cfg.num_gpus)(_train_flat)
+        return ray.get(flat.remote(k, niter, seed, use_gpu, mppc, *(p[0] for p in parts)))
+    coarse = ray.get(
+        remote(num_gpus=cfg.num_gpus)(_train_coarse).remote(
+            coarse_k, niter, seed, use_gpu, mppc, *(p[1] for p in parts)
+        )
+    )
+    groups = max(1, min(len(coarse), 4 * cpus))
+    route = remote(num_returns=groups + 1)(_route)
+    routed = [route.remote(p[0], coarse, groups) for p in parts]
+    counts = np.sum(ray.get([r[0] for r in routed]), axis=0)
+    shares = dd.fine_shares(counts, k)
+    fine = remote(num_gpus=cfg.num_gpus / groups)(_train_cells)
+    tasks = []
+    for g in range(groups):
+        cells = [c for c in range(g, len(coarse), groups) if counts[c]]
+        if cells:
+            tasks.append(
+                fine.remote(
+                    cells, [int(shares[c]) for c in cells], niter, seed, use_gpu, mppc, *(r[g + 1] for r in routed)
+                )
+            )
+    trained = dict(pair for done in ray.get(tasks) for pair in done)
+    return dd.CentroidIndex.of_cells(coarse, trained)
+
+
+ASSIGN_TASK_ROWS = 65_536  # an assignment call takes consecutive units up to about this many rows
+
+
+def _assignment_tasks(files: list[UPath], rows: list[int]) -> list[list[tuple[int, UPath]]]:
+    """Consecutive units (with their place in the run's order) grouped into calls of about
+    `ASSIGN_TASK_ROWS` rows."""
+    tasks: list[list[tuple[int, UPath]]] = []
     size = ASSIGN_TASK_ROWS
-    for file, count in zip(files, rows, strict=True):
+    for i, (file, count) in enumerate(zip(files, rows, strict=True)):
         if size >= ASSIGN_TASK_ROWS:
             tasks.append([])
             size = 0
-        tasks[-1].append(file)
+        tasks[-1].append((i, file))
         size += count
     return tasks
 
 
-def _assign_units(
-    files: list[UPath], index: dd.CentroidIndex, rd: RunDir, buckets: int, border: float, border_clusters: int
-) -> int:
+def _assign_pieces(
+    files: list[tuple[int, UPath]], index: dd.CentroidIndex, buckets: int, border: float, border_clusters: int
+) -> dict[int, list[pa.Table]]:
     """Rows to the buckets of their clusters, a bucket holding whole coarse cells: a border row is
     also deduplicated in its border clusters (`dd.border_entries`, with its own centroid
     similarity, the keep priority). A row goes once to each bucket it has entries in, its clusters
     there as a list (`_bucket_entries`), so a border cluster in its own cell costs no second copy
-    of its vector. One file per bucket,
-    named after the first unit. Returns the bytes it wrote."""
+    of its vector; `home` is the bucket of its own cluster (where its decision is merged)."""
     pieces: dict[int, list[pa.Table]] = {}
-    for file in files:
+    for _, file in files:
         table = read_parquet(file).replace_schema_metadata(None)
         if table.num_rows == 0:
             continue
         labels, sims, extra = dd.assign_clusters(
             embeddings_matrix(table), index, border=border, border_clusters=border_clusters
         )
+        home = index.cell_of(labels) % buckets
         rows, clusters, primary = dd.border_entries(np.arange(table.num_rows), labels, extra)
         bucket_of = index.cell_of(clusters) % buckets
         order = np.lexsort((np.arange(len(rows)), rows, bucket_of))  # by bucket, then row, its own cluster first
@@ -158,13 +258,148 @@ def _assign_units(
                 )
                 .append_column("centroid_sim", pa.array(sims[rows[first]]))
                 .append_column("primary", pa.array(primary[first]))
+                .append_column("home", pa.array(home[rows[first]]))
             )
-    written = 0
-    for bucket, tables in pieces.items():
-        target = rd.bucket(bucket) / f"{files[0].stem}.arrow"
-        ensure_dir(target.parent)
-        written += write_arrow_atomic(target, pa.concat_tables(tables))
-    return written
+    return pieces
+
+
+class Shuffler:
+    """One per node: the index, built once and searched by every assignment on the node (at
+    k = 10⁶ a copy is 2 GB), and one file per bucket (per schema) that all of them append to, so
+    the shuffle makes nodes x buckets files, not tasks x buckets. The files are written on this
+    node (beside the bucket on local disk, else in its scratch folder) and published whole by
+    `finish`, as `<bucket>/<name>-<n>.arrow`; a shuffler that dies publishes nothing the bucket
+    tasks read (`dedup_phase` names the finished ones)."""
+
+    def __init__(
+        self, index: dd.CentroidIndex, rd: RunDir, buckets: int, border: float, border_clusters: int, name: str
+    ):
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # each concurrent call is one core's work
+        self.index, self.rd, self.buckets, self.name = index, rd, buckets, name
+        self.border, self.border_clusters = border, border_clusters
+        _ = self.index.search  # built once, here, before calls come
+        self.lock = threading.Lock()
+        self.files: dict[tuple[int, pa.Schema], tuple[Path, UPath, Any, Any]] = {}
+        self.staging = (
+            None if is_local(rd.buckets) else Path(tempfile.mkdtemp(prefix=f"denseforge-{name}-", dir=scratch_dir()))
+        )
+
+    def assign(self, files: list[tuple[int, UPath]]) -> int:
+        """Assigns the rows of `files` and appends them to this node's bucket files; returns rows."""
+        pieces = _assign_pieces(files, self.index, self.buckets, self.border, self.border_clusters)
+        with self.lock:
+            for bucket, tables in pieces.items():
+                table = pa.concat_tables(tables)
+                self._writer(bucket, table.schema).write_table(table)
+        return sum(t.num_rows for tables in pieces.values() for t in tables)
+
+    def _writer(self, bucket: int, schema: pa.Schema) -> Any:
+        if (bucket, schema) not in self.files:
+            number = sum(b == bucket for b, _ in self.files)  # another schema (an earlier run's files)
+            target = self.rd.bucket(bucket) / f"{self.name}-{number}.arrow"
+            local = (
+                Path(str(target.parent)) / f".{target.name}.tmp"
+                if self.staging is None
+                else self.staging / f"{bucket:05d}-{target.name}"
+            )
+            local.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(local, "wb")  # noqa: SIM115 - open until `finish`
+            self.files[(bucket, schema)] = (local, target, handle, pa.ipc.new_file(handle, schema))
+        return self.files[(bucket, schema)][3]
+
+    def finish(self) -> int:
+        """Closes and publishes this node's bucket files; returns their bytes."""
+        written = 0
+        with self.lock:
+            for local, target, handle, writer in self.files.values():
+                writer.close()
+                handle.close()
+                written += local.stat().st_size
+                publish(local, target)
+            self.files.clear()
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        return written
+
+
+SHUFFLER_LOSSES = 3  # shufflers lost (their node gone) before the dedup phase gives up
+
+
+def _shuffle(
+    tasks: list[list[tuple[int, UPath]]], index: Any, rd: RunDir, buckets: int, cfg: dd.DedupConfig
+) -> tuple[int, list[str]]:
+    """Every assignment call run on the shufflers, one per node with CPUs, each fed calls as it
+    finishes them; a shuffler lost with its node is replaced and all of its calls are made again.
+    Returns the bytes written and the names of the shufflers whose files count."""
+    import ray
+    from ray.exceptions import RayActorError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor = ray.remote(Shuffler)
+    nodes = [(n["NodeID"], int(n["Resources"].get("CPU", 0))) for n in ray.nodes() if n.get("Alive")]
+    nodes = [(node, cpus) for node, cpus in nodes if cpus > 0] or [(None, 1)]
+    shufflers: dict[str, Any] = {}
+    slots: dict[str, int] = {}
+    given: dict[str, list[int]] = {}
+    numbers = itertools.count()
+
+    def start(node: str | None, cpus: int) -> None:
+        name = f"s{next(numbers):04d}"
+        placed = {} if node is None else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+        shufflers[name] = actor.options(num_cpus=cpus, max_concurrency=cpus, **placed).remote(
+            index, rd, buckets, cfg.border, cfg.border_clusters, name
+        )
+        slots[name], given[name] = cpus, []
+
+    for node, cpus in nodes:
+        start(node, cpus)
+    queue, lost, written = list(range(len(tasks))), 0, 0
+    running: dict[Any, tuple[str, int]] = {}
+    finished: list[str] = []
+    while queue or running or len(finished) < len(shufflers):
+        for name in list(shufflers):
+            busy = sum(n == name for n, _ in running.values())
+            while queue and busy < slots[name] + 1:
+                task = queue.pop(0)
+                running[shufflers[name].assign.remote(tasks[task])] = (name, task)
+                given[name].append(task)
+                busy += 1
+        if not running:
+            done = [(name, shufflers[name].finish.remote()) for name in shufflers if name not in finished]
+            for name, ref in done:
+                try:
+                    written += ray.get(ref)
+                    finished.append(name)
+                except RayActorError:
+                    lost = _replace(name, shufflers, slots, given, queue, finished, lost, start)
+            continue
+        (ref,), _ = ray.wait(list(running))
+        name, task = running.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError:
+            lost = _replace(name, shufflers, slots, given, queue, finished, lost, start)
+            for other in [r for r, (n, _) in running.items() if n == name]:
+                running.pop(other)
+    for handle in shufflers.values():
+        ray.kill(handle)
+    return written, finished
+
+
+def _replace(name, shufflers, slots, given, queue, finished, lost, start) -> int:
+    """A shuffler's node is gone: its calls go back in the queue for a new one, placed anywhere."""
+    lost += 1
+    if lost > SHUFFLER_LOSSES:
+        raise RunFailedError(
+            f"dedup lost {lost} shufflers (their Ray nodes); check the cluster's nodes, then `denseforge resume`"
+        )
+    queue[:0] = sorted(given.pop(name))
+    cpus = slots.pop(name)
+    shufflers.pop(name)
+    start(None, cpus)
+    return lost
 
 
 def _bucket_entries(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -186,15 +421,23 @@ def _fingerprints(table: pa.Table) -> np.ndarray | None:
     return np.frombuffer(b"".join(table.column("fingerprint").to_pylist()), dtype=np.uint8).reshape(table.num_rows, -1)
 
 
-def _dedup_bucket(bucket_path: UPath, out_file: UPath, cfg: dd.DedupConfig, select: dd.SelectConfig) -> dict[str, Any]:
-    """Every entry of one bucket decided (`dd.dedup_entries`), written as columns: a bucket holds
-    hundreds of thousands of entries at 10M rows, so no Python object per entry. Only the entries
-    the merge reads are written: every primary entry, and the border copies that were removed (a
-    kept border copy decides nothing), about one per row."""
-    files = list_files(bucket_path, ".arrow")
+def _dedup_bucket(
+    bucket_path: UPath,
+    shufflers: list[str],
+    parts: UPath,
+    bucket: int,
+    partitions: int,
+    cfg: dd.DedupConfig,
+    select: dd.SelectConfig,
+) -> dict[str, Any]:
+    """Every entry of one bucket decided (`dd.dedup_entries`), as columns: a bucket holds hundreds
+    of thousands of entries at 10M rows, so no Python object per entry. Only the entries the merge
+    reads are written, each to its row's merge partition (`parts/<partition>/<bucket>.parquet`):
+    every primary entry, and the border copies that were removed (a kept border copy decides
+    nothing), about one per row. Only the files of `shufflers` (those that finished) are read."""
+    files = [f for f in list_files(bucket_path, ".arrow") if f.name.rsplit("-", 1)[0] in shufflers]
     table = pa.concat_tables([read_arrow(f) for f in files], promote_options="default") if files else None
     if table is None or not table.num_rows:
-        write_table_atomic(out_file, ENTRY_SCHEMA.empty_table())
         return {"entries": 0, "sweep_kept": {}}
     rows, cluster, primary = _bucket_entries(table)
     key = table.column("key").combine_chunks()
@@ -219,6 +462,7 @@ def _dedup_bucket(bucket_path: UPath, out_file: UPath, cfg: dd.DedupConfig, sele
     result = dd.dedup_entries(rows[entries], cluster[entries], counted, columns, cfg, bf16)
     reason, dup_of, rank = pre, np.full(len(rows), -1), np.full(len(rows), -1)
     reason[entries], dup_of[entries], rank[entries] = result.reason, result.dup_of, result.rank
+    home = table.column("home").to_numpy()
     out = pa.table(
         {
             "key": key.take(pa.array(rows)),
@@ -229,46 +473,73 @@ def _dedup_bucket(bucket_path: UPath, out_file: UPath, cfg: dd.DedupConfig, sele
             "reason": pa.array(reason, pa.string()),
             "dup_of": key.take(pa.array(dup_of, mask=dup_of < 0)),
             "primary": pa.array(primary),
+            "home": pa.array(home[rows]),
+            "dup_home": pa.array(
+                np.where((dup_of >= 0) & ~earlier[np.maximum(dup_of, 0)], home[np.maximum(dup_of, 0)], -1)
+            ),
         }
     ).cast(ENTRY_SCHEMA)
-    write_table_atomic(out_file, out.filter(pa.array((primary | (reason != dd.KEPT)) & ~earlier[rows])))
+    out = out.filter(pa.array((primary | (reason != dd.KEPT)) & ~earlier[rows]))
+    where = partition_of(out.column("home").to_numpy(), partitions)
+    for partition in np.unique(where):
+        write_table_atomic(
+            parts / f"{partition:05d}" / f"{bucket:05d}.parquet", out.filter(pa.array(where == partition))
+        )
     return {"entries": len(rows), "sweep_kept": {str(k): v for k, v in result.sweep_kept.items()}}
 
 
-def _strings(column: pa.ChunkedArray) -> np.ndarray:
-    """A string column with few distinct values (reasons) as an object array that shares one Python
-    string per value, where `to_pylist` makes a string object for each of millions of entries."""
-    values = pc.unique(column)
-    return np.asarray(values.to_pylist(), dtype=object)[pc.index_in(column, value_set=values).to_numpy()]
+BUCKETS_PER_PARTITION = 8  # merge partitions: one per this many buckets
 
 
-def _merge_entries(table: pa.Table) -> pa.Table:
-    """One decision per key from the buckets' entries (`dd.merge_entries`), on its primary row,
-    sorted by key. Every row has exactly one primary entry, so the primary entries' keys are the
-    rows (in key order, so that a row's index does not depend on the order the buckets' parts come
-    in); the others find theirs by hash (`index_in`), not by Python objects."""
-    is_primary = table.column("primary")
-    primary = is_primary.to_numpy()
-    result = table.filter(is_primary).drop_columns(["primary"]).sort_by("key")
-    keys = result.column("key").combine_chunks()
-    # an earlier run's images (run --against) are rows after this run's, kept, with no entries
-    earlier = pc.unique(table.filter(pc.match_substring(pc.fill_null(table.column("dup_of"), ""), EARLIER))["dup_of"])
-    every = pa.concat_arrays([keys, earlier.combine_chunks() if isinstance(earlier, pa.ChunkedArray) else earlier])
-    row = pc.index_in(table.column("key"), value_set=keys).to_numpy()
-    dup_row = pc.fill_null(pc.index_in(table.column("dup_of"), value_set=every), -1).to_numpy()
-    entries = dd.DedupResult(
-        _strings(table.column("reason")), dup_row.astype(np.int64), table.column("rank").to_numpy(), {}
+def _merge_and_select(rd: RunDir, partitions: int, sel: dd.SelectConfig, in_process: bool = False) -> dict[str, Any]:
+    """The partitions merged (`merge_partition`), their dup_of chains followed across partitions
+    in rounds until none changes, the selection cut found from counts and applied, and the
+    partitions' decisions streamed into one file, partition by partition. Returns the counts by
+    reason and of copies of earlier runs' images. Each step is a Ray task per partition, or, with
+    `in_process`, a call here (tests)."""
+    if in_process:
+
+        def task(fn: Any, returns: int = 1) -> Any:
+            return SimpleNamespace(remote=fn)
+
+        def get(refs: Any) -> Any:
+            return refs
+    else:
+        import ray
+
+        def task(fn: Any, returns: int = 1) -> Any:
+            return ray.remote(num_returns=returns)(fn)
+
+        def get(refs: Any) -> Any:
+            return ray.get(refs)
+
+    merge, ask, answer, apply = (
+        task(merge_partition),
+        task(chain_requests, partitions),
+        task(chain_answers, partitions),
+        task(chain_apply),
     )
-    merged = dd.merge_entries(row.astype(np.int64), primary, entries, len(every))
-    n = len(keys)
-    columns = {
-        "reason": pa.array(merged.reason[:n], pa.string()),
-        "rank": pa.array(merged.rank[:n]),
-        "dup_of": every.take(pa.array(merged.dup_of[:n], mask=merged.dup_of[:n] < 0)),
-    }
-    for name, column in columns.items():
-        result = result.set_column(result.schema.get_field_index(name), name, column)
-    return result
+    merged = [rd.bucket_parts / f"merged-{p:05d}.parquet" for p in range(partitions)]
+    get([merge.remote(list_files(rd.bucket_parts / f"{p:05d}", ".parquet"), merged[p]) for p in range(partitions)])
+    while partitions > 1:
+        asked = [ask.remote(m, p, partitions) for p, m in enumerate(merged)]
+        answers = [answer.remote(m, *(refs[p] for refs in asked)) for p, m in enumerate(merged)]
+        if not sum(get([apply.remote(m, *(a[p] for a in answers)) for p, m in enumerate(merged)])):
+            break
+    counts = get([task(rank_counts).remote(m, sel.per_cluster) for m in merged])
+    cut = target_cut(counts, sel.target_total)
+    if cut is not None:
+        at = np.sort(np.concatenate(get([task(clusters_at).remote(m, cut[0], sel.per_cluster) for m in merged])))
+        cut = (cut[0], int(at[cut[1] - 1]))
+    finals = [rd.bucket_parts / f"final-{p:05d}.parquet" for p in range(partitions)]
+    done = get([task(select_partition).remote(m, f, sel.per_cluster, cut) for m, f in zip(merged, finals, strict=True)])
+    with parquet_writer(rd.decisions, FINAL_SCHEMA) as writer:
+        for final in finals:
+            writer.write_table(read_parquet(final))
+    reasons: Counter[str] = Counter()
+    for part in done:
+        reasons.update(part["reasons"])
+    return {"reasons": dict(reasons), "of_earlier": sum(part["of_earlier"] for part in done)}
 
 
 def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -> dict[str, Any]:
@@ -286,10 +557,11 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     n = sum(rows)
     k = dd.clusters_for(n, cfg.clusters, cfg.target_cluster_size)
     bar = progress.phase("dedup", total=4, unit="step")
-    decisions = rd.decisions
     ensure_dir(out)
     sweep: Counter[float] = Counter()
     entries = shuffle_bytes = 0
+    clusters = 0
+    decided: dict[str, Any] = {"reasons": {}, "of_earlier": 0}
     scratch = (rd.buckets, rd.bucket_parts, rd.against)
     for path in scratch:  # what an attempt cut short left behind would be read as entries of this one
         remove_tree(path)
@@ -298,36 +570,24 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     if earlier:
         progress.note(f"dedup: against {sum(earlier_rows)} kept images of {len(against)} earlier run(s)")
     if n:
-        fraction = dd.train_points(n, k, cfg) / n
-        train = ray.remote(num_gpus=cfg.num_gpus)(_train)
-        index = ray.get(
-            train.remote(
-                files,
-                k,
-                fraction,
-                config.run.seed,
-                cfg.kmeans_iters,
-                cfg.max_points_per_centroid,
-                cfg.num_gpus > 0 or None,
-            )
-        )
-        bar.update(1, clusters=len(index))
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        index = train_index(files, n, k, config.run.seed, cfg, cpus)
+        clusters = len(index)
+        bar.update(1, clusters=clusters)
         buckets = min(cfg.buckets, index.cell_count)
         ref = ray.put(index)
-        assign = ray.remote(_assign_units)
-        shuffle_bytes = sum(
-            ray.get(
-                [
-                    assign.remote(group, ref, rd, buckets, cfg.border, cfg.border_clusters)
-                    for group in _assignment_tasks(files + earlier, rows + earlier_rows)
-                ]
-            )
+        del index  # the shufflers and nothing else hold it from here
+        shuffle_bytes, shufflers = _shuffle(
+            _assignment_tasks(files + earlier, rows + earlier_rows), ref, rd, buckets, cfg
         )
+        del ref
         bar.update(1)
-        parts = [rd.bucket_part(b) for b in range(buckets)]
+        partitions = max(1, -(-buckets // BUCKETS_PER_PARTITION))
         ensure_dir(rd.bucket_parts)
         task = ray.remote(_dedup_bucket)
-        running = {task.remote(rd.bucket(b), p, cfg, sel): b for b, p in enumerate(parts)}
+        running = {
+            task.remote(rd.bucket(b), shufflers, rd.bucket_parts, b, partitions, cfg, sel): b for b in range(buckets)
+        }
         while running:
             (done,), _ = ray.wait(list(running))
             result = ray.get(done)
@@ -337,29 +597,24 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
             # end, outside the steps), and the disk peak falls
             remove_tree(rd.bucket(running.pop(done)))
         bar.update(1)
-        table = _merge_entries(pa.concat_tables([read_parquet(p) for p in parts if p.exists()]))
-        table = _select(table, sel.per_cluster, sel.target_total)
-        kept = pc.equal(table.column("reason"), dd.KEPT)
-        table = table.append_column("kept", kept)
-        write_table_atomic(decisions, table)
+        decided = _merge_and_select(rd, partitions, sel)
         bar.update(1)
     else:
-        write_table_atomic(decisions, DECISION_SCHEMA.append(pa.field("kept", pa.bool_())).empty_table())
-        index = dd.CentroidIndex(np.zeros((0, 0)))
+        write_table_atomic(rd.decisions, FINAL_SCHEMA.empty_table())
     bar.close()
-    decided = read_parquet(decisions, columns=["reason", "dup_of"])
-    counts = pc.value_counts(decided.column("reason")).to_pylist()
-    reasons = {c["values"]: c["counts"] for c in counts if c["values"]}
-    of_earlier = pc.sum(pc.match_substring(pc.fill_null(decided.column("dup_of"), ""), EARLIER)).as_py() or 0
     summary = {
         "embedded": n,
-        "clusters": len(index),
+        "clusters": clusters,
         "entries": entries,
         "shuffle_bytes": shuffle_bytes,
         "epsilon": cfg.epsilon,
         "keep": cfg.keep,
-        "removed_by_reason": dict(sorted(reasons.items())),
-        "against": {"runs": against, "kept_images": sum(earlier_rows), "removed_as_their_copies": of_earlier},
+        "removed_by_reason": dict(sorted(decided["reasons"].items())),
+        "against": {
+            "runs": against,
+            "kept_images": sum(earlier_rows),
+            "removed_as_their_copies": decided["of_earlier"],
+        },
         "epsilon_sweep": {str(e): sweep[e] for e in sorted(sweep)},
         "epsilon_sweep_note": "images each epsilon would keep after exact/perceptual dedup and prefilters",
     }
@@ -371,21 +626,3 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     for path in scratch:  # the shuffle: ~3 copies of the embeddings, of no use once decided
         remove_tree(path)
     return summary
-
-
-def _select(table: pa.Table, per_cluster: int | None, target_total: int | None) -> pa.Table:
-    reason = _strings(table.column("reason"))
-    kept = reason == dd.KEPT
-    if (per_cluster is None and target_total is None) or not kept.any():
-        return table
-    idx = np.flatnonzero(kept)
-    key_rank = None if target_total is None else pc.rank(table.column("key"), "ascending").to_numpy()[idx]
-    chosen = dd.select_balanced(
-        table.column("cluster").to_numpy()[idx],
-        table.column("rank").to_numpy()[idx],
-        key_rank,
-        per_cluster,
-        target_total,
-    )
-    reason[idx[~chosen]] = dd.NOT_SELECTED
-    return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))

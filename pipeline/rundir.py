@@ -135,9 +135,6 @@ class RunDir:
     def bucket_parts(self) -> UPath:
         return self.dedup / "parts"
 
-    def bucket_part(self, index: int) -> UPath:
-        return self.bucket_parts / f"{index:05d}.parquet"
-
     @property
     def parts(self) -> UPath:
         return self.shards / "_parts"

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 from denseforge.stages.dedup.clusters import (
     MIN_POINTS_PER_CENTROID,
+    TWO_LEVEL_ABOVE,
     CentroidIndex,
     assign_clusters,
     clusters_for,
     faiss_gpu_available,
+    fine_shares,
+    flat_kmeans,
+    train_cell,
     train_kmeans,
     train_points,
 )
@@ -65,6 +69,10 @@ from denseforge.stages.dedup.semantic import (
 from denseforge.stages.dedup.stage import DecisionStage
 
 __all__ = [
+    "TWO_LEVEL_ABOVE",
+    "fine_shares",
+    "flat_kmeans",
+    "train_cell",
     "Rows",
     "BAD_ASPECT",
     "BF16_MARGIN",

@@ -38,7 +38,11 @@ def train_points(n: int, k: int, cfg: DedupConfig) -> int:
     return min(n, max(floor, min(k * cfg.max_points_per_centroid, cfg.max_train_points)))
 
 
-def _flat_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool, mppc: int) -> np.ndarray:
+TWO_LEVEL_ABOVE = 4096  # above this many clusters, k-means and the index are two-level
+
+
+def flat_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool, mppc: int) -> np.ndarray:
+    """k spherical k-means centroids of `sample` (FAISS; at most `mppc` points per centroid)."""
     import faiss
 
     km = faiss.Kmeans(
@@ -57,6 +61,21 @@ def _flat_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, use_gpu: boo
     return km.centroids.copy()
 
 
+def fine_shares(counts: np.ndarray, k: int) -> np.ndarray:
+    """How many of the k fine centroids each coarse cell trains: its share of the sample's rows
+    (`counts` per cell), at least one, at most its rows."""
+    share = np.maximum(1, np.floor(k * counts / max(1, counts.sum())).astype(int))
+    return np.minimum(share, np.maximum(counts, 1))
+
+
+def train_cell(members: np.ndarray, share: int, niter: int, seed: int, use_gpu: bool | None, mppc: int) -> np.ndarray:
+    """One coarse cell's fine centroids, from the sample's rows in it (the rows themselves when
+    it has no more rows than centroids)."""
+    if share >= len(members):
+        return np.ascontiguousarray(members, dtype=np.float32)
+    return flat_kmeans(members, share, niter, seed, bool(use_gpu), mppc)
+
+
 def train_kmeans(
     sample: np.ndarray,
     k: int,
@@ -64,42 +83,30 @@ def train_kmeans(
     seed: int = 0,
     use_gpu: bool | None = None,
     max_points_per_centroid: int = 256,
-    two_level_above: int = 4096,
+    two_level_above: int = TWO_LEVEL_ABOVE,
 ) -> CentroidIndex:
     """Spherical k-means centroids (k, d), trained with FAISS on a sample of the embeddings.
 
     Above `two_level_above` clusters, training is hierarchical: sqrt(k) coarse centroids, then each
     coarse cell is split in proportion to its share of the sample. Cost grows as k^1.5 instead of
     k², which is what keeps 50,000 clusters trainable; the index keeps both levels, and assignment
-    follows the same hierarchy (`assign_clusters`).
-    """
+    follows the same hierarchy (`assign_clusters`). The run's dedup phase trains the same way in
+    parallel tasks (`dedup_phase.train_index`)."""
     if use_gpu is None:
         use_gpu = faiss_gpu_available()
     k = min(k, len(sample))
     if k <= two_level_above:
-        return CentroidIndex(_flat_kmeans(sample, k, niter, seed, bool(use_gpu), max_points_per_centroid))
-    k1 = int(np.ceil(np.sqrt(k)))
-    coarse = _flat_kmeans(sample, k1, niter, seed, bool(use_gpu), max_points_per_centroid)
+        return CentroidIndex(flat_kmeans(sample, k, niter, seed, bool(use_gpu), max_points_per_centroid))
+    coarse = flat_kmeans(sample, int(np.ceil(np.sqrt(k))), niter, seed, bool(use_gpu), max_points_per_centroid)
     labels = assign_clusters(sample, coarse)[0]
-    counts = np.bincount(labels, minlength=k1)
-    share = np.maximum(1, np.floor(k * counts / counts.sum()).astype(int))
-    share = np.minimum(share, np.maximum(counts, 1))
-    fine, cells, filled, start = [], [], [], 0
-    for c in range(k1):
-        members = sample[labels == c]
-        if len(members) == 0:
-            continue
-        fine.append(
-            members
-            if share[c] >= len(members)
-            else _flat_kmeans(members, int(share[c]), niter, seed + c, bool(use_gpu), max_points_per_centroid)
-        )
-        cells.append(np.arange(start, start + len(fine[-1])))
-        filled.append(c)
-        start += len(fine[-1])
-    centroids = np.concatenate(fine).astype(np.float32)
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    return CentroidIndex(centroids, np.ascontiguousarray(coarse[filled]), cells)
+    counts = np.bincount(labels, minlength=len(coarse))
+    shares = fine_shares(counts, k)
+    fine = {
+        c: train_cell(sample[labels == c], int(shares[c]), niter, seed + c, use_gpu, max_points_per_centroid)
+        for c in range(len(coarse))
+        if counts[c]
+    }
+    return CentroidIndex.of_cells(coarse, fine)
 
 
 @dataclass
@@ -111,6 +118,17 @@ class CentroidIndex:
     coarse: np.ndarray | None = None
     cells: list[np.ndarray] = field(default_factory=list)
     _search: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def of_cells(cls, coarse: np.ndarray, fine: dict[int, np.ndarray]) -> CentroidIndex:
+        """A two-level index from the coarse centroids and each non-empty cell's fine centroids."""
+        cells, start = [], 0
+        for c in sorted(fine):
+            cells.append(np.arange(start, start + len(fine[c])))
+            start += len(fine[c])
+        centroids = np.concatenate([fine[c] for c in sorted(fine)]).astype(np.float32)
+        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+        return cls(centroids, np.ascontiguousarray(coarse[sorted(fine)]), cells)
 
     def __post_init__(self) -> None:
         # FAISS reads the vectors' bytes as float32: float64 centroids would be silently misread

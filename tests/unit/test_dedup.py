@@ -478,69 +478,98 @@ def test_merge_entries_decides_the_same_whatever_order_the_entries_come_in():
         assert list(merged.reason) == [dd.SEMANTIC, "", ""] and list(merged.dup_of) == [1, -1, -1]
 
 
-def test_bucket_entries_merge_into_one_decision_per_key_on_its_primary_row():
-    """What the dedup phase does with its buckets' entries: key "x" is kept as a border copy in
-    cluster 5 (removing "z") but removed in its own cluster 7 as a copy of "y"."""
+def _entry(key, cluster=1, reason="", dup_of=None, primary=True, rank=None, home=0, dup_home=-1, unit=0):
+    """One entry of a bucket's part, as `_dedup_bucket` writes it."""
+    rank = (0 if not reason else 9) if rank is None else rank
+    return dict(
+        key=key,
+        unit=unit,
+        cluster=cluster,
+        distance=0.1,
+        rank=rank,
+        reason=reason,
+        dup_of=dup_of,
+        primary=primary,
+        home=home,
+        dup_home=dup_home if dup_of is not None else -1,
+    )
+
+
+def _merge(root, by_partition, sel=None):
+    """The phase's merge and selection, in this process, over entries given per merge partition
+    (and per bucket inside it); returns the decisions by key, in file order."""
     import pyarrow as pa
 
-    from denseforge.pipeline.dedup_phase import ENTRY_SCHEMA, _merge_entries
+    from denseforge.pipeline.dedup_merge import ENTRY_SCHEMA
+    from denseforge.pipeline.dedup_phase import _merge_and_select
+    from denseforge.pipeline.rundir import RunDir
+    from denseforge.storage import read_parquet, write_table_atomic
 
-    bucket_7 = pa.Table.from_pylist(
-        [
-            {
-                "key": "x",
-                "unit": 0,
-                "cluster": 7,
-                "distance": 0.1,
-                "rank": 3,
-                "reason": dd.SEMANTIC,
-                "dup_of": "y",
-                "primary": True,
-            },
-            {
-                "key": "y",
-                "unit": 0,
-                "cluster": 7,
-                "distance": 0.0,
-                "rank": 0,
-                "reason": "",
-                "dup_of": None,
-                "primary": True,
-            },
-        ],
-        schema=ENTRY_SCHEMA,
-    )
-    bucket_5 = pa.Table.from_pylist(
-        [
-            {
-                "key": "x",
-                "unit": 0,
-                "cluster": 5,
-                "distance": 0.1,
-                "rank": 0,
-                "reason": "",
-                "dup_of": None,
-                "primary": False,
-            },
-            {
-                "key": "z",
-                "unit": 1,
-                "cluster": 5,
-                "distance": 0.2,
-                "rank": 2,
-                "reason": dd.NEAR,
-                "dup_of": "x",
-                "primary": True,
-            },
-        ],
-        schema=ENTRY_SCHEMA,
-    )
-    entries = pa.concat_tables([bucket_7, bucket_5])  # as the phase reads its bucket parts: one chunk each
-    merged = {r["key"]: r for r in _merge_entries(entries).to_pylist()}
-    assert set(merged) == {"x", "y", "z"} and "primary" not in merged["x"]
+    rd = RunDir(root / "run")
+    for p, buckets in enumerate(by_partition):
+        for b, entries in enumerate(buckets):
+            write_table_atomic(
+                rd.bucket_parts / f"{p:05d}" / f"{b:05d}.parquet", pa.Table.from_pylist(entries, schema=ENTRY_SCHEMA)
+            )
+    counts = _merge_and_select(rd, len(by_partition), sel or dd.SelectConfig(), in_process=True)
+    rows = read_parquet(rd.decisions).to_pylist()
+    return {r["key"]: r for r in rows}, counts, [r["key"] for r in rows]
+
+
+def test_bucket_entries_merge_into_one_decision_per_key_on_its_primary_row(tmp_path):
+    """What the dedup phase does with its buckets' entries: key "x" is kept as a border copy in
+    cluster 5 (removing "z") but removed in its own cluster 7 as a copy of "y"."""
+    bucket_7 = [_entry("x", 7, dd.SEMANTIC, "y", rank=3), _entry("y", 7, rank=0)]
+    bucket_5 = [_entry("x", 5, primary=False, rank=0), _entry("z", 5, dd.NEAR, "x", rank=2, unit=1)]
+    merged, counts, _ = _merge(tmp_path, [[bucket_7, bucket_5]])
+    assert set(merged) == {"x", "y", "z"} and "primary" not in merged["x"] and "dup_home" not in merged["x"]
     assert (merged["x"]["cluster"], merged["x"]["reason"], merged["x"]["dup_of"]) == (7, dd.SEMANTIC, "y")
     assert (merged["z"]["reason"], merged["z"]["dup_of"], merged["z"]["unit"]) == (dd.NEAR, "y", 1)
-    assert (merged["y"]["reason"], merged["y"]["dup_of"], merged["y"]["rank"]) == ("", None, 0)
+    assert (merged["y"]["reason"], merged["y"]["dup_of"], merged["y"]["rank"], merged["y"]["kept"]) == (
+        "",
+        None,
+        0,
+        True,
+    )
+    assert counts == {"reasons": {dd.SEMANTIC: 1, dd.NEAR: 1}, "of_earlier": 0}
+
+
+def test_a_dup_of_chain_through_other_partitions_is_followed_to_what_stays(tmp_path):
+    """Partition 0 holds "a" (a copy of "b"), partition 1 "b", kept in its own cluster but removed
+    as a border copy of "c", partition 2 "c", removed in its own cluster as a copy of "d" (kept,
+    also in partition 2): "a" and "b" end at "d", over two rounds of the chain exchange."""
+    p0 = [[_entry("a", 1, dd.SEMANTIC, "b", home=0, dup_home=1)]]
+    p1 = [[_entry("b", 1, home=1, rank=0)], [_entry("b", 2, dd.SEMANTIC, "c", primary=False, home=1, dup_home=2)]]
+    p2 = [[_entry("c", 3, dd.EXACT, "d", home=2, dup_home=2), _entry("d", 3, home=2, rank=0)]]
+    merged, counts, order = _merge(tmp_path, [p0, p1, p2])
+    assert {k: (r["reason"], r["dup_of"]) for k, r in merged.items()} == {
+        "a": (dd.SEMANTIC, "d"),
+        "b": (dd.SEMANTIC, "d"),
+        "c": (dd.EXACT, "d"),
+        "d": ("", None),
+    }
+    assert order == ["a", "b", "c", "d"]  # partition by partition, by key inside each
+    one = _merge(tmp_path / "one", [[*p0, *p1, *p2]])[0]  # one partition: the same decisions
+    assert {k: r["dup_of"] for k, r in one.items()} == {k: r["dup_of"] for k, r in merged.items()}
+
+
+def test_the_partitioned_selection_chooses_what_select_balanced_chooses_on_all_rows(tmp_path):
+    """per_cluster and target_total, cut from counts across partitions, against the one-process
+    rule on every row: clusters 0-5 spread over three partitions, ranks 0..n-1 per cluster."""
+    rng = np.random.default_rng(2)
+    rows, by_partition = [], [[[]] for _ in range(3)]
+    for cluster in range(6):
+        for rank in range(int(rng.integers(1, 9))):
+            key = f"c{cluster}-{rank}"
+            rows.append((key, cluster, rank))
+            by_partition[cluster % 3][0].append(_entry(key, cluster, rank=rank, home=cluster % 3))
+    cluster, rank = np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
+    for per_cluster, target in [(3, None), (None, 11), (4, 9), (2, 100), (None, 1)]:
+        sel = dd.SelectConfig(per_cluster=per_cluster, target_total=target)
+        merged, counts, _ = _merge(tmp_path / f"{per_cluster}-{target}", by_partition, sel)
+        want = dd.select_balanced(cluster, rank, [r[0] for r in rows], per_cluster, target)
+        assert [merged[r[0]]["kept"] for r in rows] == list(want), (per_cluster, target)
+        assert counts["reasons"].get(dd.NOT_SELECTED, 0) == int((~want).sum())
 
 
 def test_the_training_sample_reads_a_seeded_subset_of_the_files(tmp_path):
@@ -548,7 +577,7 @@ def test_the_training_sample_reads_a_seeded_subset_of_the_files(tmp_path):
     (not all of them), and small runs still sample every file."""
     import pyarrow.parquet as pq
 
-    from denseforge.pipeline.dedup_phase import _train_sample
+    from denseforge.pipeline.dedup_phase import _sample_part, _sample_plan
     from denseforge.stages.embed import embedding_table
 
     files = []
@@ -556,12 +585,62 @@ def test_the_training_sample_reads_a_seeded_subset_of_the_files(tmp_path):
         x = np.full((100, 4), float(u), dtype=np.float32)  # a row says which file it came from
         files.append(str(tmp_path / f"{u}.parquet"))
         pq.write_table(embedding_table([f"{u}-{i}" for i in range(100)], [u] * 100, x, {}), files[-1])
-    sample = _train_sample(files, 0.05, seed=3)
-    assert len(set(sample[:, 0])) == 8  # ceil(0.05 x 4 x 40) files
-    assert 120 <= len(sample) <= 280  # about 0.05 x 4,000 rows
-    np.testing.assert_array_equal(sample, _train_sample(files, 0.05, seed=3))  # seeded
-    assert set(_train_sample(files, 0.05, seed=4)[:, 0]) != set(sample[:, 0])
-    assert len(set(_train_sample(files, 0.3, seed=3)[:, 0])) == 40  # 0.3 x 4 >= 1: every file
+
+    def sample(fraction, seed, coarse_rate=1.0):
+        picked, rate = _sample_plan(files, fraction, seed)
+        parts = [
+            _sample_part([files[i] for i in picked[s : s + 3]], picked[s : s + 3], rate, seed, coarse_rate)
+            for s in range(0, len(picked), 3)
+        ]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    x, coarse = sample(0.05, 3)
+    assert len(set(x[:, 0])) == 8  # ceil(0.05 x 4 x 40) files
+    assert 120 <= len(x) <= 280  # about 0.05 x 4,000 rows
+    np.testing.assert_array_equal(x, sample(0.05, 3)[0])  # seeded
+    np.testing.assert_array_equal(x, coarse)  # the coarse part of a sample: all of it at rate 1
+    assert set(sample(0.05, 4)[0][:, 0]) != set(x[:, 0])
+    assert len(set(sample(0.3, 3)[0][:, 0])) == 40  # 0.3 x 4 >= 1: every file
+    assert 0 < len(sample(0.3, 3, coarse_rate=0.25)[1]) < 0.5 * len(sample(0.3, 3)[1])  # bounded coarse share
+
+
+def test_the_phase_trains_the_index_in_parallel_tasks_as_train_kmeans_does_in_one_process(tmp_path):
+    """Above `two_level_above` the coarse level trains on its share of the sample, then each
+    coarse cell's fine level in its own task: as many centroids as asked, each inside the cell it
+    was trained in, and the same assignment quality as the in-process hierarchy."""
+    import pyarrow as pa
+    import ray
+
+    from denseforge.pipeline.dedup_phase import train_index
+    from denseforge.stages.embed import embedding_table, write_embeddings_file
+
+    rng = np.random.default_rng(1)
+    x = _unit(rng.normal(size=(6000, 16)) + np.repeat(rng.normal(size=(30, 16)) * 3, 200, axis=0))
+    files = []
+    for u in range(6):
+        files.append(tmp_path / f"{u:05d}.parquet")
+        write_embeddings_file(
+            files[-1],
+            embedding_table(
+                [str(i) for i in range(1000)],
+                [u] * 1000,
+                x[u * 1000 : (u + 1) * 1000],
+                {"sha256": pa.array(["s"] * 1000)},
+            ),
+        )
+    cfg = dd.DedupConfig(kmeans_iters=8)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        flat = train_index(files, len(x), 50, 0, cfg, cpus=2)
+        two = train_index(files, len(x), 5000, 0, cfg, cpus=2)  # 71 coarse cells, 4 x 2 fine tasks
+    finally:
+        ray.shutdown()
+    assert flat.coarse is None and len(flat) == 50
+    assert two.coarse is not None and len(two.coarse) == len(two.cells) <= 71 and 4000 < len(two) <= 5000
+    assert sorted(np.concatenate(two.cells)) == list(range(len(two)))
+    labels, sims, _ = dd.assign_clusters(x, two)
+    assert float(np.median(sims)) > 0.6  # rows sit close to a fine centroid
+    assert np.isin(two.cell_of(labels), np.arange(len(two.coarse))).all()
 
 
 def test_bucket_files_are_arrow_ipc_written_atomically_and_read_memory_mapped(tmp_path):
@@ -679,17 +758,23 @@ def test_a_bucket_writes_its_rows_and_removed_border_copies_only(tmp_path):
         table.append_column("clusters", pa.array([[3], [3], [3], [5]]))
         .append_column("centroid_sim", pa.array([0.9, 0.8, 0.7, 0.1], pa.float32()))
         .append_column("primary", pa.array([True, False, True, False]))
+        .append_column("home", pa.array([0, 1, 0, 3]))
     )
     (tmp_path / "bucket").mkdir()
-    write_arrow_atomic(tmp_path / "bucket" / "unit.arrow", table)
+    write_arrow_atomic(tmp_path / "bucket" / "s0001-0.arrow", table)
+    write_arrow_atomic(tmp_path / "bucket" / "s0000-0.arrow", table)  # a lost shuffler's file: not read
     cfg = rules(**SEMANTIC_ONLY, block_size=16)
-    result = _dedup_bucket(tmp_path / "bucket", tmp_path / "part.parquet", cfg, dd.SelectConfig())
-    part = pq.read_table(tmp_path / "part.parquet").to_pylist()
+    result = _dedup_bucket(tmp_path / "bucket", ["s0001"], tmp_path / "parts", 0, 2, cfg, dd.SelectConfig())
     assert result["entries"] == 4
-    assert [(r["key"], r["primary"], r["reason"], r["dup_of"]) for r in part] == [
-        ("a", True, "", None),
-        ("b", False, dd.SEMANTIC, "a"),
-        ("c", True, "", None),
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["00000", "00001"]  # partition: home % 2
+    part = pq.read_table(tmp_path / "parts" / "00000" / "00000.parquet").to_pylist()
+    assert [(r["key"], r["primary"], r["reason"], r["dup_of"], r["home"]) for r in part] == [
+        ("a", True, "", None, 0),
+        ("c", True, "", None, 0),
+    ]
+    part = pq.read_table(tmp_path / "parts" / "00001" / "00000.parquet").to_pylist()
+    assert [(r["key"], r["primary"], r["reason"], r["dup_of"], r["dup_home"]) for r in part] == [
+        ("b", False, dd.SEMANTIC, "a", 0)  # sent to its own row's partition, naming where "a" lives
     ]
 
 
@@ -699,12 +784,11 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
     and in other cells; a row travels once to each bucket it has entries in (its in-cell border
     clusters ride in the same bucket row)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from denseforge.pipeline.dedup_phase import _assign_units, _bucket_entries, _dedup_bucket, _merge_entries
+    from denseforge.pipeline.dedup_phase import Shuffler, _bucket_entries, _dedup_bucket, _merge_and_select
     from denseforge.pipeline.rundir import RunDir
     from denseforge.stages.embed import embedding_table, embeddings_matrix, write_embeddings_file
-    from denseforge.storage import read_arrow
+    from denseforge.storage import read_arrow, read_parquet
 
     rng = np.random.default_rng(5)
     base = _unit(rng.normal(size=(400, 16)) + np.repeat(rng.normal(size=(8, 16)) * 2, 50, axis=0))
@@ -732,21 +816,23 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
                 },
             ),
         )
-    _assign_units(files, index, rd, 3, 0.2, 2)  # one task, both units
+    shuffler = Shuffler(index, rd, 3, 0.2, 2, "s0000")  # one node's: two calls, one file per bucket
+    assert shuffler.assign([(0, files[0])]) + shuffler.assign([(1, files[1])]) > len(x)
+    assert shuffler.finish() > 0 and not list(rd.buckets.rglob(".*"))  # no staging file left
     cfg = rules(**SEMANTIC_ONLY, block_size=64)
-    parts, in_cell_pairs = [], 0
+    in_cell_pairs = 0
     for b in range(3):
-        tables = [read_arrow(f) for f in sorted(rd.bucket(b).glob("*.arrow"))]
-        for t in tables:
-            assert len(set(t.column("key").to_pylist())) == t.num_rows  # once per bucket
-            in_cell_pairs += sum(len(c) > 1 for c in t.column("clusters").to_pylist())
-            rows, clusters, _ = _bucket_entries(t)
-            assert set(index.cell_of(clusters) % 3) == {b}
-        _dedup_bucket(rd.bucket(b), tmp_path / f"part{b}.parquet", cfg, dd.SelectConfig())
-        parts.append(pq.read_table(tmp_path / f"part{b}.parquet"))
+        assert [f.name for f in rd.bucket(b).iterdir()] == ["s0000-0.arrow"]
+        t = read_arrow(rd.bucket(b) / "s0000-0.arrow")
+        assert len(set(t.column("key").to_pylist())) == t.num_rows  # once per bucket
+        in_cell_pairs += sum(len(c) > 1 for c in t.column("clusters").to_pylist())
+        rows, clusters, _ = _bucket_entries(t)
+        assert set(index.cell_of(clusters) % 3) == {b}
+        _dedup_bucket(rd.bucket(b), ["s0000"], rd.bucket_parts, b, 2, cfg, dd.SelectConfig())
     assert in_cell_pairs > 0  # the case the list column is for occurs
 
-    merged = {r["key"]: r for r in _merge_entries(pa.concat_tables(parts)).to_pylist()}
+    _merge_and_select(rd, 2, dd.SelectConfig(), in_process=True)
+    merged = {r["key"]: r for r in read_parquet(rd.decisions).to_pylist()}
     xq = embeddings_matrix(embedding_table(keys, [0] * len(x), x, {}))  # the float16 vectors the phase stores
     labels, sims, extra = dd.assign_clusters(xq, index, border=0.2, border_clusters=2)
     ref = dd.dedup_all(
@@ -767,9 +853,9 @@ def test_assignment_tasks_group_consecutive_units_to_about_the_task_size(monkeyp
     monkeypatch.setattr(dedup_phase, "ASSIGN_TASK_ROWS", 25)
     files = [f"{u}.parquet" for u in range(6)]
     assert dedup_phase._assignment_tasks(files, [10, 10, 10, 0, 30, 5]) == [
-        ["0.parquet", "1.parquet", "2.parquet"],
-        ["3.parquet", "4.parquet"],
-        ["5.parquet"],
+        [(0, "0.parquet"), (1, "1.parquet"), (2, "2.parquet")],
+        [(3, "3.parquet"), (4, "4.parquet")],
+        [(5, "5.parquet")],
     ]
     assert dedup_phase._assignment_tasks([], []) == []
 
@@ -828,35 +914,18 @@ def test_an_earlier_runs_image_claims_first_and_a_new_copy_points_at_it():
     assert list(without.reason) == [dd.SEMANTIC, "", ""]  # alone, the larger new image would have won
 
 
-def test_a_copy_of_an_earlier_runs_image_keeps_its_dup_of_through_the_merge():
-    import pyarrow as pa
-
-    from denseforge.pipeline.dedup_phase import ENTRY_SCHEMA, _merge_entries
-
-    def entry(key, reason="", dup_of=None, primary=True, cluster=1):
-        return {
-            "key": key,
-            "unit": 0,
-            "cluster": cluster,
-            "distance": 0.1,
-            "rank": 0 if not reason else 9,
-            "reason": reason,
-            "dup_of": dup_of,
-            "primary": primary,
-        }
-
-    table = pa.Table.from_pylist(
-        [
-            entry("a", dd.EXACT, "/runs/old#000000000003"),
-            entry("b", dd.NEAR, "a"),  # a copy of a copy: followed to the earlier image
-            entry("c"),
-            entry("c", dd.SEMANTIC, "/runs/old#000000000007", primary=False, cluster=2),  # removed as a border copy
-        ],
-        schema=ENTRY_SCHEMA,
-    )
-    merged = {r["key"]: (r["reason"], r["dup_of"]) for r in _merge_entries(table).to_pylist()}
-    assert merged == {
-        "a": (dd.EXACT, "/runs/old#000000000003"),
-        "b": (dd.NEAR, "/runs/old#000000000003"),
+def test_a_copy_of_an_earlier_runs_image_keeps_its_dup_of_through_the_merge(tmp_path):
+    old = "/runs/old#000000000003"
+    entries = [
+        _entry("a", 1, dd.EXACT, old),
+        _entry("b", 1, dd.NEAR, "a", dup_home=0),  # a copy of a copy: followed to the earlier image
+        _entry("c", 1),
+        _entry("c", 2, dd.SEMANTIC, "/runs/old#000000000007", primary=False),  # removed as a border copy
+    ]
+    merged, counts, _ = _merge(tmp_path, [[entries]])
+    assert {k: (r["reason"], r["dup_of"]) for k, r in merged.items()} == {
+        "a": (dd.EXACT, old),
+        "b": (dd.NEAR, old),
         "c": (dd.SEMANTIC, "/runs/old#000000000007"),
     }
+    assert counts["of_earlier"] == 3
