@@ -113,7 +113,7 @@ def _sample_part(files: list[UPath], picked: list[int], rate: float, seed: int, 
     file), and the part of them (`coarse_rate`) the coarse level trains on."""
     parts = []
     for i, file in zip(picked, files, strict=True):
-        x = embeddings_matrix(read_parquet(file, columns=["embedding"]))
+        x = embeddings_matrix(read_parquet(file, columns=["embedding"]), dtype=None)  # as stored: float16 halves it
         if len(x):
             parts.append(x[np.random.default_rng(seed + i).random(len(x)) < rate])
     sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
@@ -309,9 +309,9 @@ class Shuffler:
             self.files[(bucket, schema)] = (local, target, handle, pa.ipc.new_file(handle, schema))
         return self.files[(bucket, schema)][3]
 
-    def finish(self) -> int:
-        """Closes and publishes this node's bucket files; returns their bytes."""
-        written = 0
+    def finish(self) -> tuple[int, int]:
+        """Closes and publishes this node's bucket files; returns their bytes and number."""
+        written, files = 0, len(self.files)
         with self.lock:
             for local, target, handle, writer in self.files.values():
                 writer.close()
@@ -321,7 +321,7 @@ class Shuffler:
             self.files.clear()
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
-        return written
+        return written, files
 
 
 SHUFFLER_LOSSES = 3  # shufflers lost (their node gone) before the dedup phase gives up
@@ -329,10 +329,10 @@ SHUFFLER_LOSSES = 3  # shufflers lost (their node gone) before the dedup phase g
 
 def _shuffle(
     tasks: list[list[tuple[int, UPath]]], index: Any, rd: RunDir, buckets: int, cfg: dd.DedupConfig
-) -> tuple[int, list[str]]:
+) -> tuple[int, int, list[str]]:
     """Every assignment call run on the shufflers, one per node with CPUs, each fed calls as it
     finishes them; a shuffler lost with its node is replaced and all of its calls are made again.
-    Returns the bytes written and the names of the shufflers whose files count."""
+    Returns the bytes and files written and the names of the shufflers whose files count."""
     import ray
     from ray.exceptions import RayActorError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -355,7 +355,7 @@ def _shuffle(
 
     for node, cpus in nodes:
         start(node, cpus)
-    queue, lost, written = list(range(len(tasks))), 0, 0
+    queue, lost, written, published = list(range(len(tasks))), 0, 0, 0
     running: dict[Any, tuple[str, int]] = {}
     finished: list[str] = []
     while queue or running or len(finished) < len(shufflers):
@@ -370,7 +370,8 @@ def _shuffle(
             done = [(name, shufflers[name].finish.remote()) for name in shufflers if name not in finished]
             for name, ref in done:
                 try:
-                    written += ray.get(ref)
+                    size, count = ray.get(ref)
+                    written, published = written + size, published + count
                     finished.append(name)
                 except RayActorError:
                     lost = _replace(name, shufflers, slots, given, queue, finished, lost, start)
@@ -385,7 +386,7 @@ def _shuffle(
                 running.pop(other)
     for handle in shufflers.values():
         ray.kill(handle)
-    return written, finished
+    return written, published, finished
 
 
 def _replace(name, shufflers, slots, given, queue, finished, lost, start) -> int:
@@ -521,7 +522,9 @@ def _merge_and_select(rd: RunDir, partitions: int, sel: dd.SelectConfig, in_proc
     )
     merged = [rd.bucket_parts / f"merged-{p:05d}.parquet" for p in range(partitions)]
     get([merge.remote(list_files(rd.bucket_parts / f"{p:05d}", ".parquet"), merged[p]) for p in range(partitions)])
+    rounds = 0
     while partitions > 1:
+        rounds += 1
         asked = [ask.remote(m, p, partitions) for p, m in enumerate(merged)]
         answers = [answer.remote(m, *(refs[p] for refs in asked)) for p, m in enumerate(merged)]
         if not sum(get([apply.remote(m, *(a[p] for a in answers)) for p, m in enumerate(merged)])):
@@ -539,7 +542,7 @@ def _merge_and_select(rd: RunDir, partitions: int, sel: dd.SelectConfig, in_proc
     reasons: Counter[str] = Counter()
     for part in done:
         reasons.update(part["reasons"])
-    return {"reasons": dict(reasons), "of_earlier": sum(part["of_earlier"] for part in done)}
+    return {"reasons": dict(reasons), "of_earlier": sum(part["of_earlier"] for part in done), "rounds": rounds}
 
 
 def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -> dict[str, Any]:
@@ -559,8 +562,7 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
     bar = progress.phase("dedup", total=4, unit="step")
     ensure_dir(out)
     sweep: Counter[float] = Counter()
-    entries = shuffle_bytes = 0
-    clusters = 0
+    entries = shuffle_bytes = shuffle_files = partitions = clusters = 0
     decided: dict[str, Any] = {"reasons": {}, "of_earlier": 0}
     scratch = (rd.buckets, rd.bucket_parts, rd.against)
     for path in scratch:  # what an attempt cut short left behind would be read as entries of this one
@@ -577,7 +579,7 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         buckets = min(cfg.buckets, index.cell_count)
         ref = ray.put(index)
         del index  # the shufflers and nothing else hold it from here
-        shuffle_bytes, shufflers = _shuffle(
+        shuffle_bytes, shuffle_files, shufflers = _shuffle(
             _assignment_tasks(files + earlier, rows + earlier_rows), ref, rd, buckets, cfg
         )
         del ref
@@ -607,6 +609,9 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         "clusters": clusters,
         "entries": entries,
         "shuffle_bytes": shuffle_bytes,
+        "shuffle_files": shuffle_files,
+        "merge_partitions": partitions,
+        "chain_rounds": decided.get("rounds", 0),
         "epsilon": cfg.epsilon,
         "keep": cfg.keep,
         "removed_by_reason": dict(sorted(decided["reasons"].items())),

@@ -477,6 +477,10 @@ def bench_dedup_pipeline(
         },
         "embeddings_mib": round(embeddings_mib, 1),
         "shuffle_mib": round(summary["shuffle_bytes"] / 2**20, 1),
+        "shuffle_files": summary["shuffle_files"],
+        "merge_partitions": summary["merge_partitions"],
+        "chain_rounds": summary["chain_rounds"],
+        "index_mib": round(summary["clusters"] * corpus.dim * 4 / 2**20, 1),
         "entries_per_row": round(summary["entries"] / n, 3),
         **_score(reason, dup_of, group),
     }

@@ -818,7 +818,9 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
         )
     shuffler = Shuffler(index, rd, 3, 0.2, 2, "s0000")  # one node's: two calls, one file per bucket
     assert shuffler.assign([(0, files[0])]) + shuffler.assign([(1, files[1])]) > len(x)
-    assert shuffler.finish() > 0 and not list(rd.buckets.rglob(".*"))  # no staging file left
+    assert shuffler.finish() == (sum(f.stat().st_size for f in rd.buckets.rglob("*.arrow")), 3) and not list(
+        rd.buckets.rglob(".*")
+    )  # no staging file left
     cfg = rules(**SEMANTIC_ONLY, block_size=64)
     in_cell_pairs = 0
     for b in range(3):
