@@ -531,7 +531,7 @@ def test_bucket_entries_merge_into_one_decision_per_key_on_its_primary_row(tmp_p
         0,
         True,
     )
-    assert counts == {"reasons": {dd.SEMANTIC: 1, dd.NEAR: 1}, "of_earlier": 0}
+    assert counts == {"reasons": {dd.SEMANTIC: 1, dd.NEAR: 1}, "of_earlier": 0, "rounds": 0}
 
 
 def test_a_dup_of_chain_through_other_partitions_is_followed_to_what_stays(tmp_path):
@@ -542,6 +542,7 @@ def test_a_dup_of_chain_through_other_partitions_is_followed_to_what_stays(tmp_p
     p1 = [[_entry("b", 1, home=1, rank=0)], [_entry("b", 2, dd.SEMANTIC, "c", primary=False, home=1, dup_home=2)]]
     p2 = [[_entry("c", 3, dd.EXACT, "d", home=2, dup_home=2), _entry("d", 3, home=2, rank=0)]]
     merged, counts, order = _merge(tmp_path, [p0, p1, p2])
+    assert counts["rounds"] == 3  # two rounds move a chain on (a to c, b to d; then a to d), the third finds none
     assert {k: (r["reason"], r["dup_of"]) for k, r in merged.items()} == {
         "a": (dd.SEMANTIC, "d"),
         "b": (dd.SEMANTIC, "d"),
