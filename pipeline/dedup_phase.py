@@ -233,15 +233,14 @@ def _assign_pieces(
     similarity, the keep priority). A row goes once to each bucket it has entries in, its clusters
     there as a list (`_bucket_entries`), so a border cluster in its own cell costs no second copy
     of its vector; `home` is the bucket of its own cluster (where its decision is merged)."""
-    if not files:
-        return {}
     # one search for the whole call: at k = 10⁶ a unit file's rows put ~10 rows in each coarse
-    # cell, a call's ~65 (FAISS multiplies a cell's rows as one matrix)
-    table = pa.concat_tables(
-        [read_parquet(file).replace_schema_metadata(None) for _, file in files], promote_options="default"
-    )
-    if table.num_rows == 0:
+    # cell, a call's ~65 (FAISS multiplies a cell's rows as one matrix). An empty unit's file is
+    # left out: its embedding column's type is not the fixed-size list of the others.
+    tables = [read_parquet(file).replace_schema_metadata(None) for _, file in files]
+    tables = [table for table in tables if table.num_rows]
+    if not tables:
         return {}
+    table = pa.concat_tables(tables, promote_options="default")
     labels, sims, extra = dd.assign_clusters(
         embeddings_matrix(table), index, border=border, border_clusters=border_clusters
     )

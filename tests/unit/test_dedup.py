@@ -817,8 +817,10 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
                 },
             ),
         )
+    empty = tmp_path / "empty.parquet"  # a unit whose images all failed: its column type differs
+    write_embeddings_file(empty, embedding_table([], [], np.zeros((0, 16), np.float32), {}))
     shuffler = Shuffler(index, rd, 3, 0.2, 2, "s0000")  # one node's: two calls, one file per bucket
-    assert shuffler.assign([(0, files[0])]) + shuffler.assign([(1, files[1])]) > len(x)
+    assert shuffler.assign([(0, files[0]), (2, empty)]) + shuffler.assign([(1, files[1])]) > len(x)
     assert shuffler.finish() == (sum(f.stat().st_size for f in rd.buckets.rglob("*.arrow")), 3) and not list(
         rd.buckets.rglob(".*")
     )  # no staging file left
