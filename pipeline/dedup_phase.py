@@ -351,7 +351,8 @@ def _shuffle(
     def start(node: str | None, cpus: int) -> None:
         name = f"s{next(numbers):04d}"
         placed = {} if node is None else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
-        shufflers[name] = actor.options(num_cpus=cpus, max_concurrency=cpus, **placed).remote(
+        # one CPU reserved (a node busy elsewhere still gets its shuffler), one call per CPU at once
+        shufflers[name] = actor.options(num_cpus=1, max_concurrency=cpus, **placed).remote(
             index, rd, buckets, cfg.border, cfg.border_clusters, name
         )
         slots[name], given[name] = cpus, []

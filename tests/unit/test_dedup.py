@@ -852,6 +852,79 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
     assert [merged[k]["cluster"] for k in keys] == list(labels)
 
 
+def _planted_units(tmp_path, units=2, rows=240):
+    """Embeddings files of planted near-copies (their keys, vectors, the files)."""
+    import pyarrow as pa
+
+    from denseforge.stages.embed import embedding_table, write_embeddings_file
+
+    rng = np.random.default_rng(5)
+    n = units * rows
+    base = _unit(
+        rng.normal(size=(n - n // 6, 16)) + np.repeat(rng.normal(size=(8, 16)) * 2, n - n // 6, axis=0)[: n - n // 6]
+    )
+    x = np.concatenate([base, _unit(base[: n // 6] + rng.normal(scale=0.03, size=(n // 6, 16)))])
+    x = x[rng.permutation(len(x))]
+    keys = [f"{i:04d}" for i in range(len(x))]
+    files = []
+    for unit in range(units):
+        files.append(tmp_path / f"{unit:05d}.parquet")
+        part = slice(unit * rows, (unit + 1) * rows)
+        extra = {"sha256": pa.array(keys[part]), "phash": pa.array([0] * rows)}
+        extra |= {"width": pa.array([640] * rows), "height": pa.array([480] * rows)}
+        write_embeddings_file(files[-1], embedding_table(keys[part], [unit] * rows, x[part], extra))
+    return keys, x, files
+
+
+class _DiesOnce:
+    """Stands in for `Shuffler`: its first call anywhere kills its process, as a lost node would."""
+
+    def __init__(self, index, rd, *args):
+        from denseforge.pipeline.dedup_phase import Shuffler
+
+        self.inner, self.marker = Shuffler(index, rd, *args), rd.root / "died"
+
+    def assign(self, files):
+        import os
+
+        if not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return self.inner.assign(files)
+
+    def finish(self):
+        return self.inner.finish()
+
+
+def test_a_lost_shuffler_is_replaced_and_every_one_of_its_calls_made_again(tmp_path, monkeypatch):
+    """A node lost in the shuffle: its shuffler's calls go to a new one, and the bucket tasks read
+    only the files of shufflers that finished, so every row is in its buckets exactly once."""
+    import ray
+
+    from denseforge.pipeline import dedup_phase
+    from denseforge.pipeline.rundir import RunDir
+    from denseforge.storage import read_arrow
+
+    keys, x, files = _planted_units(tmp_path, units=4, rows=100)
+    index = dd.train_kmeans(x, 12, niter=5, seed=0)
+    monkeypatch.setattr(dedup_phase, "ASSIGN_TASK_ROWS", 100)  # a call per unit
+    tasks = dedup_phase._assignment_tasks(files, [100] * 4)
+    rd = RunDir(tmp_path / "run")
+    rd.root.mkdir()
+    monkeypatch.setattr(dedup_phase, "Shuffler", _DiesOnce)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        written, count, names = dedup_phase._shuffle(tasks, ray.put(index), rd, 3, dd.DedupConfig(border=0.0))
+    finally:
+        ray.shutdown()
+    assert (rd.root / "died").exists() and names == ["s0001"] and count == 3
+    shipped = [
+        k for b in range(3) for f in rd.bucket(b).glob("*.arrow") for k in read_arrow(f).column("key").to_pylist()
+    ]
+    assert sorted(shipped) == sorted(keys)  # border 0: each row in exactly one bucket, none lost, none twice
+    assert all(f.name.startswith("s0001-") for f in rd.buckets.rglob("*.arrow"))
+
+
 def test_assignment_tasks_group_consecutive_units_to_about_the_task_size(monkeypatch):
     from denseforge.pipeline import dedup_phase
 
