@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
-import threading
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -211,22 +210,21 @@ def train_index(files: list[UPath], n: int, k: int, seed: int, cfg: dd.DedupConf
 ASSIGN_TASK_ROWS = 65_536  # an assignment call takes consecutive units up to about this many rows
 
 
-def _assignment_tasks(files: list[UPath], rows: list[int]) -> list[list[tuple[int, UPath]]]:
-    """Consecutive units (with their place in the run's order) grouped into calls of about
-    `ASSIGN_TASK_ROWS` rows."""
-    tasks: list[list[tuple[int, UPath]]] = []
+def _assignment_tasks(files: list[UPath], rows: list[int]) -> list[list[UPath]]:
+    """Consecutive units grouped into calls of about `ASSIGN_TASK_ROWS` rows."""
+    tasks: list[list[UPath]] = []
     size = ASSIGN_TASK_ROWS
-    for i, (file, count) in enumerate(zip(files, rows, strict=True)):
+    for file, count in zip(files, rows, strict=True):
         if size >= ASSIGN_TASK_ROWS:
             tasks.append([])
             size = 0
-        tasks[-1].append((i, file))
+        tasks[-1].append(file)
         size += count
     return tasks
 
 
 def _assign_pieces(
-    files: list[tuple[int, UPath]], index: dd.CentroidIndex, buckets: int, border: float, border_clusters: int
+    files: list[UPath], index: dd.CentroidIndex, buckets: int, border: float, border_clusters: int
 ) -> dict[int, pa.Table]:
     """Rows to the buckets of their clusters, a bucket holding whole coarse cells: a border row is
     also deduplicated in its border clusters (`dd.border_entries`, with its own centroid
@@ -236,7 +234,7 @@ def _assign_pieces(
     # one search for the whole call: at k = 10⁶ a unit file's rows put ~10 rows in each coarse
     # cell, a call's ~65 (FAISS multiplies a cell's rows as one matrix). An empty unit's file is
     # left out: its embedding column's type is not the fixed-size list of the others.
-    tables = [read_parquet(file).replace_schema_metadata(None) for _, file in files]
+    tables = [read_parquet(file).replace_schema_metadata(None) for file in files]
     tables = [table for table in tables if table.num_rows]
     if not tables:
         return {}
@@ -267,35 +265,34 @@ def _assign_pieces(
     return pieces
 
 
-class Shuffler:
-    """One per node: the index, built once and searched by every assignment on the node (at
-    k = 10⁶ a copy is 2 GB), and one file per bucket (per schema) that all of them append to, so
-    the shuffle makes nodes x buckets files, not tasks x buckets. The files are written on this
-    node (beside the bucket on local disk, else in its scratch folder) and published whole by
-    `finish`, as `<bucket>/<name>-<n>.arrow`; a shuffler that dies publishes nothing the bucket
-    tasks read (`dedup_phase` names the finished ones)."""
+def _assign_task(
+    files: list[UPath], index: dd.CentroidIndex, buckets: int, border: float, border_clusters: int
+) -> tuple:
+    """An assignment call as a Ray task: the node it ran on (whose writer takes its rows) and its
+    rows by bucket. The index comes from the node's object store, searched where it lies."""
+    import ray
 
-    def __init__(
-        self, index: dd.CentroidIndex, rd: RunDir, buckets: int, border: float, border_clusters: int, name: str
-    ):
-        import faiss
+    return ray.get_runtime_context().get_node_id(), _assign_pieces(files, index, buckets, border, border_clusters)
 
-        faiss.omp_set_num_threads(1)  # each concurrent call is one core's work
-        self.index, self.rd, self.buckets, self.name = index, rd, buckets, name
-        self.border, self.border_clusters = border, border_clusters
-        _ = self.index.search  # built once, here, before calls come
-        self.lock = threading.Lock()
+
+class NodeWriter:
+    """One per node: appends the rows of every assignment task that ran on the node to the node's
+    one file of each bucket (per schema), so the shuffle makes nodes x buckets files, not
+    tasks x buckets. The files are written on this node (beside the bucket on local disk, else in
+    its scratch folder) and published whole by `finish`, as `<bucket>/<name>-<n>.arrow`; a writer
+    that dies publishes nothing the bucket tasks read (`_Shuffle` names the finished ones)."""
+
+    def __init__(self, rd: RunDir, name: str):
+        self.rd, self.name = rd, name
         self.files: dict[tuple[int, pa.Schema], tuple[Path, UPath, Any, Any]] = {}
         self.staging = (
             None if is_local(rd.buckets) else Path(tempfile.mkdtemp(prefix=f"denseforge-{name}-", dir=scratch_dir()))
         )
 
-    def assign(self, files: list[tuple[int, UPath]]) -> int:
-        """Assigns the rows of `files` and appends them to this node's bucket files; returns rows."""
-        pieces = _assign_pieces(files, self.index, self.buckets, self.border, self.border_clusters)
-        with self.lock:
-            for bucket, table in pieces.items():
-                self._writer(bucket, table.schema).write_table(table)
+    def append(self, pieces: dict[int, pa.Table]) -> int:
+        """Appends one task's rows to this node's bucket files; returns how many."""
+        for bucket, table in pieces.items():
+            self._writer(bucket, table.schema).write_table(table)
         return sum(table.num_rows for table in pieces.values())
 
     def _writer(self, bucket: int, schema: pa.Schema) -> Any:
@@ -315,96 +312,121 @@ class Shuffler:
     def finish(self) -> tuple[int, int]:
         """Closes and publishes this node's bucket files; returns their bytes and number."""
         written, files = 0, len(self.files)
-        with self.lock:
-            for local, target, handle, writer in self.files.values():
-                writer.close()
-                handle.close()
-                written += local.stat().st_size
-                publish(local, target)
-            self.files.clear()
+        for local, target, handle, writer in self.files.values():
+            writer.close()
+            handle.close()
+            written += local.stat().st_size
+            publish(local, target)
+        self.files.clear()
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
         return written, files
 
 
-SHUFFLER_LOSSES = 3  # shufflers lost (their node gone) before the dedup phase gives up
+WRITER_LOSSES = 3  # node writers lost (their node gone) before the dedup phase gives up
 
 
-def _shuffle(
-    tasks: list[list[tuple[int, UPath]]], index: Any, rd: RunDir, buckets: int, cfg: dd.DedupConfig
-) -> tuple[int, int, list[str]]:
-    """Every assignment call run on the shufflers, one per node with CPUs, each fed calls as it
-    finishes them; a shuffler lost with its node is replaced and all of its calls are made again.
-    Returns the bytes and files written and the names of the shufflers whose files count."""
-    import ray
-    from ray.exceptions import RayActorError
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+class _Shuffle:
+    """The driver's side of the shuffle: assignment tasks (retried by Ray where a node is lost)
+    hand their rows to the writer of the node they ran on; a writer lost with its node is
+    replaced, and every task whose rows it held runs again."""
 
-    actor = ray.remote(Shuffler)
-    nodes = [(n["NodeID"], int(n["Resources"].get("CPU", 0))) for n in ray.nodes() if n.get("Alive")]
-    nodes = [(node, cpus) for node, cpus in nodes if cpus > 0] or [(None, 1)]
-    shufflers: dict[str, Any] = {}
-    slots: dict[str, int] = {}
-    given: dict[str, list[int]] = {}
-    numbers = itertools.count()
+    def __init__(self, tasks: list[list[UPath]], index: Any, rd: RunDir, buckets: int, cfg: dd.DedupConfig):
+        import ray
 
-    def start(node: str | None, cpus: int) -> None:
-        name = f"s{next(numbers):04d}"
-        placed = {} if node is None else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
-        # one CPU reserved (a node busy elsewhere still gets its shuffler), one call per CPU at once
-        shufflers[name] = actor.options(num_cpus=1, max_concurrency=cpus, **placed).remote(
-            index, rd, buckets, cfg.border, cfg.border_clusters, name
-        )
-        slots[name], given[name] = cpus, []
+        self.tasks, self.rd = tasks, rd
+        remote: Any = ray.remote  # a task of two returns, which Ray's annotations do not follow
+        self.assign = remote(num_returns=2)(_assign_task)
+        self.args = (index, buckets, cfg.border, cfg.border_clusters)
+        self.actor = remote(num_cpus=0)(NodeWriter)
+        self.numbers = itertools.count()
+        self.writers: dict[str, tuple[str | None, Any]] = {}  # name -> (node, handle)
+        self.held: dict[str, list[int]] = {}  # writer -> the tasks whose rows it holds
+        self.lost = self.written = self.files = 0
+        self.finished: list[str] = []  # writers whose files are published: they take no more rows
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+        for node in nodes or [None]:
+            self._start(node)
+        self.limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    for node, cpus in nodes:
-        start(node, cpus)
-    queue, lost, written, published = list(range(len(tasks))), 0, 0, 0
-    running: dict[Any, tuple[str, int]] = {}
-    finished: list[str] = []
-    while queue or running or len(finished) < len(shufflers):
-        for name in list(shufflers):
-            busy = sum(n == name for n, _ in running.values())
-            while queue and busy < slots[name] + 1:
+    def _start(self, node: str | None) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        name = f"w{next(self.numbers):04d}"
+        placed = {} if node is None else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+        self.writers[name] = (node, self.actor.options(**placed).remote(self.rd, name))
+        self.held[name] = []
+
+    def _writer_for(self, node: str) -> str:
+        """The open writer on `node`, or (none there now) the first open one."""
+        open_ = sorted(name for name in self.writers if name not in self.finished)
+        on_node = [name for name in open_ if self.writers[name][0] == node]
+        return on_node[0] if on_node else open_[0]
+
+    def _replace(self, name: str, queue: list[int]) -> None:
+        """A writer's node is gone: the tasks whose rows it held go back in the queue."""
+        self.lost += 1
+        if self.lost > WRITER_LOSSES:
+            raise RunFailedError(
+                f"dedup lost {self.lost} shuffle writers (their Ray nodes); check the cluster's nodes, then "
+                "`denseforge resume`"
+            )
+        queue[:0] = sorted(self.held.pop(name))
+        self.writers.pop(name)
+        self._start(None)
+
+    def run(self) -> tuple[int, int, list[str]]:
+        """Every task's rows written; returns the bytes and files written and the names of the
+        writers whose files count."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        queue = list(range(len(self.tasks)))
+        placing: dict[Any, tuple[int, Any]] = {}  # a task's node ref -> (task, its rows' ref)
+        appending: dict[Any, tuple[str, int]] = {}  # a writer's ack -> (writer, task)
+        while True:
+            while queue and len(placing) + len(appending) < self.limit:
                 task = queue.pop(0)
-                running[shufflers[name].assign.remote(tasks[task])] = (name, task)
-                given[name].append(task)
-                busy += 1
-        if not running:
-            done = [(name, shufflers[name].finish.remote()) for name in shufflers if name not in finished]
-            for name, ref in done:
-                try:
-                    size, count = ray.get(ref)
-                    written, published = written + size, published + count
-                    finished.append(name)
-                except RayActorError:
-                    lost = _replace(name, shufflers, slots, given, queue, finished, lost, start)
-            continue
-        (ref,), _ = ray.wait(list(running))
-        name, task = running.pop(ref)
-        try:
-            ray.get(ref)
-        except RayActorError:
-            lost = _replace(name, shufflers, slots, given, queue, finished, lost, start)
-            for other in [r for r, (n, _) in running.items() if n == name]:
-                running.pop(other)
-    for handle in shufflers.values():
-        ray.kill(handle)
-    return written, published, finished
+                node_ref, rows_ref = self.assign.remote(self.tasks[task], *self.args)
+                placing[node_ref] = (task, rows_ref)
+            if not placing and not appending:
+                self._finish(queue)
+                if not queue:
+                    break
+                continue
+            (ready,), _ = ray.wait(list(placing) + list(appending))
+            if ready in placing:
+                task, rows_ref = placing.pop(ready)
+                name = self._writer_for(ray.get(ready))
+                appending[self.writers[name][1].append.remote(rows_ref)] = (name, task)
+                self.held[name].append(task)
+                continue
+            name, task = appending.pop(ready)
+            try:
+                ray.get(ready)
+            except RayActorError:
+                if name in self.writers:
+                    self._replace(name, queue)
+        for _, handle in self.writers.values():
+            ray.kill(handle)
+        return self.written, self.files, self.finished
 
+    def _finish(self, queue: list[int]) -> None:
+        """Every open writer publishes its files; the tasks of one lost meanwhile go back in the
+        queue, for its replacement."""
+        import ray
+        from ray.exceptions import RayActorError
 
-def _replace(name, shufflers, slots, given, queue, finished, lost, start) -> int:
-    """A shuffler's node is gone: its calls go back in the queue for a new one, placed anywhere."""
-    lost += 1
-    if lost > SHUFFLER_LOSSES:
-        raise RunFailedError(
-            f"dedup lost {lost} shufflers (their Ray nodes); check the cluster's nodes, then `denseforge resume`"
-        )
-    queue[:0] = sorted(given.pop(name))
-    cpus = slots.pop(name)
-    shufflers.pop(name)
-    start(None, cpus)
-    return lost
+        closing = [
+            (name, handle.finish.remote()) for name, (_, handle) in self.writers.items() if name not in self.finished
+        ]
+        for name, ref in closing:
+            try:
+                size, count = ray.get(ref)
+                self.written, self.files = self.written + size, self.files + count
+                self.finished.append(name)
+            except RayActorError:
+                self._replace(name, queue)
 
 
 def _bucket_entries(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -428,7 +450,7 @@ def _fingerprints(table: pa.Table) -> np.ndarray | None:
 
 def _dedup_bucket(
     bucket_path: UPath,
-    shufflers: list[str],
+    writers: list[str],
     parts: UPath,
     bucket: int,
     partitions: int,
@@ -439,8 +461,8 @@ def _dedup_bucket(
     of thousands of entries at 10M rows, so no Python object per entry. Only the entries the merge
     reads are written, each to its row's merge partition (`parts/<partition>/<bucket>.parquet`):
     every primary entry, and the border copies that were removed (a kept border copy decides
-    nothing), about one per row. Only the files of `shufflers` (those that finished) are read."""
-    files = [f for f in list_files(bucket_path, ".arrow") if f.name.rsplit("-", 1)[0] in shufflers]
+    nothing), about one per row. Only the files of `writers` (those that finished) are read."""
+    files = [f for f in list_files(bucket_path, ".arrow") if f.name.rsplit("-", 1)[0] in writers]
     table = pa.concat_tables([read_arrow(f) for f in files], promote_options="default") if files else None
     if table is None or not table.num_rows:
         return {"entries": 0, "sweep_kept": {}}
@@ -582,17 +604,17 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         bar.update(1, clusters=clusters)
         buckets = min(cfg.buckets, index.cell_count)
         ref = ray.put(index)
-        del index  # the shufflers and nothing else hold it from here
-        shuffle_bytes, shuffle_files, shufflers = _shuffle(
+        del index  # the assignment tasks read it from their node's object store
+        shuffle_bytes, shuffle_files, writers = _Shuffle(
             _assignment_tasks(files + earlier, rows + earlier_rows), ref, rd, buckets, cfg
-        )
+        ).run()
         del ref
         bar.update(1)
         partitions = max(1, -(-buckets // BUCKETS_PER_PARTITION))
         ensure_dir(rd.bucket_parts)
         task = ray.remote(_dedup_bucket)
         running = {
-            task.remote(rd.bucket(b), shufflers, rd.bucket_parts, b, partitions, cfg, sel): b for b in range(buckets)
+            task.remote(rd.bucket(b), writers, rd.bucket_parts, b, partitions, cfg, sel): b for b in range(buckets)
         }
         while running:
             (done,), _ = ray.wait(list(running))

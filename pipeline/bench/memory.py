@@ -38,15 +38,32 @@ def descendants(pid: int, table: dict[int, tuple[int, int, int]] | None = None) 
     return found
 
 
+PSS_EVERY = 10  # samples between two readings of PSS
+
+
+def _pss(pid: int) -> int:
+    """A process's proportional set size (bytes): pages it shares with others (Ray's object store)
+    count in part, so a tree's PSS sums to the memory it really holds, where RSS counts a shared
+    page in every process that maps it."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class TreeMemory:
-    """Peak summed RSS (bytes) of a process and its descendants, and their CPU seconds over time
-    (`cpu_between`, `peak_between`): each process counts with the most CPU it was seen to have used, so one that
-    exits keeps its share (what it did after the last sample, < `interval_s`, is missed)."""
+    """Peak summed RSS (bytes) of a process and its descendants (and their summed PSS,
+    `peak_pss`), and their CPU seconds over time (`cpu_between`, `peak_between`): each process
+    counts with the most CPU it was seen to have used, so one that exits keeps its share (what it
+    did after the last sample, < `interval_s`, is missed)."""
 
     def __init__(self, interval_s: float = 0.1):
         import os
 
-        self.interval_s, self.peak = interval_s, 0
+        self.interval_s, self.peak, self.peak_pss = interval_s, 0, 0
         self._ticks = os.sysconf("SC_CLK_TCK")
         self._cpu: dict[int, int] = {}
         self.samples: list[tuple[float, float, int]] = []  # (perf_counter, CPU seconds so far, summed RSS)
@@ -61,6 +78,8 @@ class TreeMemory:
         tree = [me] + [pid for pid in descendants(me, table) if pid in table]
         rss = sum(table[pid][1] for pid in tree)
         self.peak = max(self.peak, rss)
+        if len(self.samples) % PSS_EVERY == 0:  # PSS walks every mapped page: not at every sample
+            self.peak_pss = max(self.peak_pss, sum(_pss(pid) for pid in tree))
         for pid in tree:
             self._cpu[pid] = max(self._cpu.get(pid, 0), table[pid][2])
         self.samples.append((time.perf_counter(), sum(self._cpu.values()) / self._ticks, rss))

@@ -142,17 +142,12 @@ class CentroidIndex:
 
     @property
     def search(self) -> Any:
-        """What `assign_clusters` searches (a FAISS flat index, or `_CellSearch` for a hierarchy),
-        built on first use and kept: an assignment task calls it once per unit file, and at
-        k = 10⁶ each build copies 2 GB."""
+        """What `assign_clusters` searches (`_FlatSearch`, or `_CellSearch` for a hierarchy), made
+        on first use and kept. Both search the centroids where they lie, without copying them: in
+        a Ray task they are read-only views of the node's object store, one copy per node however
+        many processes search it (a FAISS index copies them: 2 GB at k = 10⁶, per process)."""
         if self._search is None:
-            if self.coarse is None:
-                import faiss
-
-                self._search = faiss.IndexFlatIP(self.centroids.shape[1])
-                self._search.add(self.centroids)
-            else:
-                self._search = _CellSearch(self)
+            self._search = _FlatSearch(self.centroids) if self.coarse is None else _CellSearch(self)
         return self._search
 
     def __len__(self) -> int:
@@ -179,26 +174,34 @@ def _groups(values: np.ndarray) -> list[np.ndarray]:
     return np.split(order, np.flatnonzero(np.diff(values[order])) + 1) if len(order) else []
 
 
-class _CellSearch:
-    """Exact search inside given coarse cells: one FAISS flat index per cell, searched with all
-    the rows that ask for that cell at once, so FAISS multiplies them as one matrix. (An IVF's
-    `search_preassigned` scans cell by cell for each row without BLAS, a large share of an
-    assignment task.) Together they hold k vectors."""
+class _FlatSearch:
+    """Exact inner-product search over rows of centroids, in place (`faiss.knn`: the BLAS product
+    a FAISS flat index runs, without an index that copies the vectors)."""
 
-    def __init__(self, index: CentroidIndex):
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's k nearest: similarities and ids, -1 beyond the vectors there are."""
         import faiss
 
-        d = index.centroids.shape[1]
+        if len(self.vectors) == 0:
+            return np.full((len(x), k), np.finfo(np.float32).min), np.full((len(x), k), -1, np.int64)
+        return faiss.knn(np.ascontiguousarray(x, dtype=np.float32), self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+class _CellSearch:
+    """Exact search inside given coarse cells, each cell's centroids searched with all the rows
+    that ask for that cell at once, so FAISS multiplies them as one matrix. (An IVF's
+    `search_preassigned` scans cell by cell for each row without BLAS, a large share of an
+    assignment task.) A cell's centroids are one slice of the index (`of_cells` trains them so)."""
+
+    def __init__(self, index: CentroidIndex):
         if index.coarse is None:
             raise ValueError("a two-level index needs the coarse centroids of a hierarchy")
-        self.coarse = faiss.IndexFlatIP(d)
-        self.coarse.add(index.coarse)
+        self.coarse = _FlatSearch(index.coarse)
         self.ids = index.cells
-        self.flats = []
-        for members in index.cells:
-            flat = faiss.IndexFlatIP(d)
-            flat.add(np.ascontiguousarray(index.centroids[members]))
-            self.flats.append(flat)
+        self.flats = [_FlatSearch(index.centroids[_rows(members)]) for members in index.cells]
 
     def search(self, x: np.ndarray, cells: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Each row's k nearest centroids inside its cell (`cells[i]`): similarities and global
@@ -207,9 +210,16 @@ class _CellSearch:
         idx = np.empty((len(x), k), dtype=np.int64)
         for rows in _groups(cells):
             cell = int(cells[rows[0]])
-            val[rows], local = self.flats[cell].search(np.ascontiguousarray(x[rows]), k)
+            val[rows], local = self.flats[cell].search(x[rows], k)
             idx[rows] = np.where(local >= 0, self.ids[cell][np.maximum(local, 0)], -1)
         return val, idx
+
+
+def _rows(members: np.ndarray) -> slice | np.ndarray:
+    """A cell's centroid ids as a slice where they are consecutive (a view, no copy)."""
+    if len(members) and members[-1] - members[0] == len(members) - 1 and (np.diff(members) == 1).all():
+        return slice(int(members[0]), int(members[-1]) + 1)
+    return members
 
 
 def assign_clusters(

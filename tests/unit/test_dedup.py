@@ -657,8 +657,8 @@ def test_bucket_files_are_arrow_ipc_written_atomically_and_read_memory_mapped(tm
 
 
 def test_an_index_builds_its_search_once_and_pickles_without_it():
-    """An assignment task assigns unit file after unit file with one index: its FAISS search is
-    built once (2 GB at k = 10⁶), and a pickled index (into a Ray task) builds its own."""
+    """An index makes its search once and searches its centroids in place; a pickled index (into
+    a Ray task) makes its own, with the same answers."""
     import pickle
 
     rng = np.random.default_rng(4)
@@ -680,7 +680,7 @@ def test_bench_assign_times_the_two_level_search_against_the_flat_one():
 
     r = bench_assign(400, rows=3000, dim=512, baseline_rows=500)
     assert (r["clusters"], r["coarse_cells"], r["rows"]) == (400, 20, 3000)
-    assert r["index_mib"] == round(2 * 400 * 512 * 4 / 2**20, 1)  # float32, held twice (numpy and FAISS)
+    assert r["index_mib"] == round(400 * 512 * 4 / 2**20, 1)  # float32, searched in place
     assert r["baseline"]["same_nearest"] >= 0.9  # the nearest cell's nearest centroid is mostly the global nearest
     assert 1.0 < r["entries_per_row"] <= 5.0  # at most 2 border centroids + 2 border cells
     assert 0.1 < r["median_centroid_sim"] < 0.5 and r["rows_per_s"] > 0 and r["baseline"]["speedup"] > 0
@@ -786,7 +786,13 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
     clusters ride in the same bucket row)."""
     import pyarrow as pa
 
-    from denseforge.pipeline.dedup_phase import Shuffler, _bucket_entries, _dedup_bucket, _merge_and_select
+    from denseforge.pipeline.dedup_phase import (
+        NodeWriter,
+        _assign_pieces,
+        _bucket_entries,
+        _dedup_bucket,
+        _merge_and_select,
+    )
     from denseforge.pipeline.rundir import RunDir
     from denseforge.stages.embed import embedding_table, embeddings_matrix, write_embeddings_file
     from denseforge.storage import read_arrow, read_parquet
@@ -819,21 +825,22 @@ def test_the_phase_decides_as_dedup_all_and_ships_a_row_once_per_bucket(tmp_path
         )
     empty = tmp_path / "empty.parquet"  # a unit whose images all failed: its column type differs
     write_embeddings_file(empty, embedding_table([], [], np.zeros((0, 16), np.float32), {}))
-    shuffler = Shuffler(index, rd, 3, 0.2, 2, "s0000")  # one node's: two calls, one file per bucket
-    assert shuffler.assign([(0, files[0]), (2, empty)]) + shuffler.assign([(1, files[1])]) > len(x)
-    assert shuffler.finish() == (sum(f.stat().st_size for f in rd.buckets.rglob("*.arrow")), 3) and not list(
-        rd.buckets.rglob(".*")
-    )  # no staging file left
+    writer = NodeWriter(rd, "w0000")  # one node's: two tasks' rows, one file per bucket
+    calls = ([files[0], empty], [files[1]])
+    assert sum(writer.append(_assign_pieces(call, index, 3, 0.2, 2)) for call in calls) > len(x)
+    written = writer.finish()
+    assert written == (sum(f.stat().st_size for f in rd.buckets.rglob("*.arrow")), 3)
+    assert not list(rd.buckets.rglob(".*"))  # no staging file left
     cfg = rules(**SEMANTIC_ONLY, block_size=64)
     in_cell_pairs = 0
     for b in range(3):
-        assert [f.name for f in rd.bucket(b).iterdir()] == ["s0000-0.arrow"]
-        t = read_arrow(rd.bucket(b) / "s0000-0.arrow")
+        assert [f.name for f in rd.bucket(b).iterdir()] == ["w0000-0.arrow"]
+        t = read_arrow(rd.bucket(b) / "w0000-0.arrow")
         assert len(set(t.column("key").to_pylist())) == t.num_rows  # once per bucket
         in_cell_pairs += sum(len(c) > 1 for c in t.column("clusters").to_pylist())
         rows, clusters, _ = _bucket_entries(t)
         assert set(index.cell_of(clusters) % 3) == {b}
-        _dedup_bucket(rd.bucket(b), ["s0000"], rd.bucket_parts, b, 2, cfg, dd.SelectConfig())
+        _dedup_bucket(rd.bucket(b), ["w0000"], rd.bucket_parts, b, 2, cfg, dd.SelectConfig())
     assert in_cell_pairs > 0  # the case the list column is for occurs
 
     _merge_and_select(rd, 2, dd.SelectConfig(), in_process=True)
@@ -876,28 +883,29 @@ def _planted_units(tmp_path, units=2, rows=240):
 
 
 class _DiesOnce:
-    """Stands in for `Shuffler`: its first call anywhere kills its process, as a lost node would."""
+    """Stands in for `NodeWriter`: its first append anywhere kills its process, as a lost node would."""
 
-    def __init__(self, index, rd, *args):
-        from denseforge.pipeline.dedup_phase import Shuffler
+    def __init__(self, rd, name):
+        from denseforge.pipeline.dedup_phase import NodeWriter
 
-        self.inner, self.marker = Shuffler(index, rd, *args), rd.root / "died"
+        self.inner, self.marker = NodeWriter(rd, name), rd.root / "died"
 
-    def assign(self, files):
+    def append(self, pieces):
         import os
 
         if not self.marker.exists():
             self.marker.touch()
             os._exit(1)
-        return self.inner.assign(files)
+        return self.inner.append(pieces)
 
     def finish(self):
         return self.inner.finish()
 
 
-def test_a_lost_shuffler_is_replaced_and_every_one_of_its_calls_made_again(tmp_path, monkeypatch):
-    """A node lost in the shuffle: its shuffler's calls go to a new one, and the bucket tasks read
-    only the files of shufflers that finished, so every row is in its buckets exactly once."""
+def test_a_lost_node_writer_is_replaced_and_every_task_it_held_runs_again(tmp_path, monkeypatch):
+    """A node lost in the shuffle: the tasks whose rows its writer held run again for a new one,
+    and the bucket tasks read only the files of writers that finished, so every row is in its
+    buckets exactly once."""
     import ray
 
     from denseforge.pipeline import dedup_phase
@@ -906,20 +914,21 @@ def test_a_lost_shuffler_is_replaced_and_every_one_of_its_calls_made_again(tmp_p
 
     keys, x, files = _planted_units(tmp_path, units=4, rows=100)
     index = dd.train_kmeans(x, 12, niter=5, seed=0)
-    monkeypatch.setattr(dedup_phase, "ASSIGN_TASK_ROWS", 100)  # a call per unit
+    monkeypatch.setattr(dedup_phase, "ASSIGN_TASK_ROWS", 100)  # a task per unit
     tasks = dedup_phase._assignment_tasks(files, [100] * 4)
     rd = RunDir(tmp_path / "run")
     rd.root.mkdir()
-    monkeypatch.setattr(dedup_phase, "Shuffler", _DiesOnce)
+    monkeypatch.setattr(dedup_phase, "NodeWriter", _DiesOnce)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        written, count, names = dedup_phase._shuffle(tasks, ray.put(index), rd, 3, dd.DedupConfig(border=0.0))
+        shuffle = dedup_phase._Shuffle(tasks, ray.put(index), rd, 3, dd.DedupConfig(border=0.0))
+        written, count, names = shuffle.run()
     finally:
         ray.shutdown()
-    assert (rd.root / "died").exists() and names == ["s0001"] and count == 3
+    assert (rd.root / "died").exists() and names == ["w0001"] and count == 3 and shuffle.lost == 1
     shipped = [k for f in rd.buckets.rglob("*.arrow") for k in read_arrow(f).column("key").to_pylist()]
     assert sorted(shipped) == sorted(keys)  # border 0: each row in exactly one bucket, none lost, none twice
-    assert all(f.name.startswith("s0001-") for f in rd.buckets.rglob("*.arrow"))
+    assert written == sum(f.stat().st_size for f in rd.buckets.rglob("*.arrow"))
 
 
 def test_assignment_tasks_group_consecutive_units_to_about_the_task_size(monkeypatch):
@@ -928,9 +937,9 @@ def test_assignment_tasks_group_consecutive_units_to_about_the_task_size(monkeyp
     monkeypatch.setattr(dedup_phase, "ASSIGN_TASK_ROWS", 25)
     files = [f"{u}.parquet" for u in range(6)]
     assert dedup_phase._assignment_tasks(files, [10, 10, 10, 0, 30, 5]) == [
-        [(0, "0.parquet"), (1, "1.parquet"), (2, "2.parquet")],
-        [(3, "3.parquet"), (4, "4.parquet")],
-        [(5, "5.parquet")],
+        ["0.parquet", "1.parquet", "2.parquet"],
+        ["3.parquet", "4.parquet"],
+        ["5.parquet"],
     ]
     assert dedup_phase._assignment_tasks([], []) == []
 
