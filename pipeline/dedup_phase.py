@@ -238,7 +238,7 @@ def _assign_pieces(
     tables = [table for table in tables if table.num_rows]
     if not tables:
         return {}
-    table = pa.concat_tables(tables, promote_options="default")
+    table = pa.concat_tables(tables, promote_options="default").combine_chunks()  # `take` on chunks is slow
     labels, sims, extra = dd.assign_clusters(
         embeddings_matrix(table), index, border=border, border_clusters=border_clusters
     )
@@ -329,15 +329,15 @@ WRITER_LOSSES = 3  # node writers lost (their node gone) before the dedup phase 
 class _Shuffle:
     """The driver's side of the shuffle: assignment tasks (retried by Ray where a node is lost)
     hand their rows to the writer of the node they ran on; a writer lost with its node is
-    replaced, and every task whose rows it held runs again."""
+    replaced, and every task whose rows it held runs again. The writers start when it is made
+    (before the index is trained: their start-up is not the shuffle's), the tasks in `run`."""
 
-    def __init__(self, tasks: list[list[UPath]], index: Any, rd: RunDir, buckets: int, cfg: dd.DedupConfig):
+    def __init__(self, rd: RunDir):
         import ray
 
-        self.tasks, self.rd = tasks, rd
+        self.rd = rd
         remote: Any = ray.remote  # a task of two returns, which Ray's annotations do not follow
         self.assign = remote(num_returns=2)(_assign_task)
-        self.args = (index, buckets, cfg.border, cfg.border_clusters)
         self.actor = remote(num_cpus=0)(NodeWriter)
         self.numbers = itertools.count()
         self.writers: dict[str, tuple[str | None, Any]] = {}  # name -> (node, handle)
@@ -375,19 +375,23 @@ class _Shuffle:
         self.writers.pop(name)
         self._start(None)
 
-    def run(self) -> tuple[int, int, list[str]]:
+    def run(
+        self, tasks: list[list[UPath]], index: Any, buckets: int, cfg: dd.DedupConfig
+    ) -> tuple[int, int, list[str]]:
         """Every task's rows written; returns the bytes and files written and the names of the
         writers whose files count."""
         import ray
         from ray.exceptions import RayActorError
 
-        queue = list(range(len(self.tasks)))
+        args = (index, buckets, cfg.border, cfg.border_clusters)
+        queue = list(range(len(tasks)))
         placing: dict[Any, tuple[int, Any]] = {}  # a task's node ref -> (task, its rows' ref)
         appending: dict[Any, tuple[str, int]] = {}  # a writer's ack -> (writer, task)
         while True:
-            while queue and len(placing) + len(appending) < self.limit:
+            # tasks never wait for a busy writer; its backlog (rows in the object store) is bounded too
+            while queue and len(placing) < self.limit and len(appending) < self.limit:
                 task = queue.pop(0)
-                node_ref, rows_ref = self.assign.remote(self.tasks[task], *self.args)
+                node_ref, rows_ref = self.assign.remote(tasks[task], *args)
                 placing[node_ref] = (task, rows_ref)
             if not placing and not appending:
                 self._finish(queue)
@@ -599,15 +603,15 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         progress.note(f"dedup: against {sum(earlier_rows)} kept images of {len(against)} earlier run(s)")
     if n:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        shuffle = _Shuffle(rd)
         index = train_index(files, n, k, config.run.seed, cfg, cpus)
         clusters = len(index)
         bar.update(1, clusters=clusters)
         buckets = min(cfg.buckets, index.cell_count)
         ref = ray.put(index)
         del index  # the assignment tasks read it from their node's object store
-        shuffle_bytes, shuffle_files, writers = _Shuffle(
-            _assignment_tasks(files + earlier, rows + earlier_rows), ref, rd, buckets, cfg
-        ).run()
+        tasks = _assignment_tasks(files + earlier, rows + earlier_rows)
+        shuffle_bytes, shuffle_files, writers = shuffle.run(tasks, ref, buckets, cfg)
         del ref
         bar.update(1)
         partitions = max(1, -(-buckets // BUCKETS_PER_PARTITION))

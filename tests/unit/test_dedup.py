@@ -921,8 +921,8 @@ def test_a_lost_node_writer_is_replaced_and_every_task_it_held_runs_again(tmp_pa
     monkeypatch.setattr(dedup_phase, "NodeWriter", _DiesOnce)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        shuffle = dedup_phase._Shuffle(tasks, ray.put(index), rd, 3, dd.DedupConfig(border=0.0))
-        written, count, names = shuffle.run()
+        shuffle = dedup_phase._Shuffle(rd)
+        written, count, names = shuffle.run(tasks, ray.put(index), 3, dd.DedupConfig(border=0.0))
     finally:
         ray.shutdown()
     assert (rd.root / "died").exists() and names == ["w0001"] and count == 3 and shuffle.lost == 1
