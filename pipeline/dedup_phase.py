@@ -519,7 +519,7 @@ def _dedup_bucket(
     return {"entries": len(rows), "sweep_kept": {str(k): v for k, v in result.sweep_kept.items()}}
 
 
-BUCKETS_PER_PARTITION = 8  # merge partitions: one per this many buckets
+PARTITION_ROWS = 4_000_000  # a merge partition holds about this many rows' decisions (~0.5 GB)
 
 
 def _merge_and_select(rd: RunDir, partitions: int, sel: dd.SelectConfig, in_process: bool = False) -> dict[str, Any]:
@@ -614,7 +614,7 @@ def run_dedup(config: Config, rd: RunDir, plan_units: int, progress: Progress) -
         shuffle_bytes, shuffle_files, writers = shuffle.run(tasks, ref, buckets, cfg)
         del ref
         bar.update(1)
-        partitions = max(1, -(-buckets // BUCKETS_PER_PARTITION))
+        partitions = min(buckets, max(1, -(-(n + sum(earlier_rows)) // PARTITION_ROWS)))
         ensure_dir(rd.bucket_parts)
         task = ray.remote(_dedup_bucket)
         running = {

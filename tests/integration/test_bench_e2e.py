@@ -39,17 +39,21 @@ def test_bench_dedup_pipeline_runs_the_ray_dedup_phase_on_float16_unit_files():
     assert set(r["step_peak_rss_mib"]) == steps and max(r["step_peak_rss_mib"].values()) <= r["peak_rss_mib"]
 
 
-def test_the_dedup_phase_at_scale_shape_one_file_per_node_and_bucket_and_partitioned_merge():
+def test_the_dedup_phase_at_scale_shape_one_file_per_node_and_bucket_and_partitioned_merge(monkeypatch):
     """The 10⁹ path's shape at a test's size: a two-level index trained per coarse cell in tasks,
-    one shuffler on this one node (a file per bucket, however many assignment calls), the merge
-    in two partitions that follow dup_of chains across each other; every planted copy found."""
+    one writer on this one node (a file per bucket, however many assignment tasks), the merge in
+    four partitions (of 5,000 rows here, of millions in a run) that follow dup_of chains across
+    each other; every planted copy found."""
+    from denseforge.pipeline import dedup_phase
     from denseforge.pipeline.bench.dedup import Corpus, bench_dedup_pipeline
+
+    monkeypatch.setattr(dedup_phase, "PARTITION_ROWS", 5_000)
 
     r = bench_dedup_pipeline(
         20_000, Corpus("hierarchical", dim=64), unit_rows=1_000, buckets=16, overrides=("dedup.clusters=5000",)
     )
     assert r["units"] == 20 and 4_096 < r["clusters"] <= 5_000  # two levels: ~71 cells
-    assert r["shuffle_files"] == 16 and r["merge_partitions"] == 2 and r["chain_rounds"] >= 1
+    assert r["shuffle_files"] == 16 and r["merge_partitions"] == 4 and r["chain_rounds"] >= 1
     assert r["precision"] == 1.0 and r["recall"] >= 0.99
 
 
