@@ -38,7 +38,7 @@ def descendants(pid: int, table: dict[int, tuple[int, int, int]] | None = None) 
     return found
 
 
-PSS_EVERY = 50  # samples between two readings of PSS: it walks every mapped page (~0.3 s a reading at 10⁶ centroids)
+PSS_EVERY = 50  # samples between two readings of PSS: a reading walks every page each process maps
 
 
 def _pss(pid: int) -> int:
